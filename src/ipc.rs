@@ -1,0 +1,350 @@
+//! IPC between the supervisor and its workers: typed ids, the frames each side
+//! sends, and the length-prefixed `postcard` codec that carries them over a local
+//! socket.
+//!
+//! Frames are `[u32 big-endian length][postcard body]`. The codec is a pair of pure
+//! functions ([`encode`], [`decode`]) plus a `tokio_util` adapter ([`IpcCodec`]).
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use bytes::{Buf, BufMut, BytesMut};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// Version of the frame definitions below. The supervisor and a worker exchange it
+/// in their first frames and refuse to talk on a mismatch. Bump it on any change to
+/// [`ToWorker`] or [`FromWorker`].
+pub const IPC_VERSION: u32 = 1;
+
+/// Largest IPC frame body accepted. A snapshot of a full room (1000 shapes with
+/// bounded fields) is far below this; anything larger is corruption.
+pub const MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
+
+const LEN_PREFIX: usize = 4;
+
+/// A room, named by the `roomId` claim of its members' tokens.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RoomId(pub String);
+
+/// One client connection, unique for the life of a supervisor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ConnId(pub u64);
+
+/// A worker slot in the supervisor's pool (stable across respawns of its process).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct WorkerId(pub u32);
+
+impl fmt::Display for RoomId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "c{}", self.0)
+    }
+}
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "w{}", self.0)
+    }
+}
+
+/// Supervisor -> worker.
+///
+/// `Hello` must stay the first variant with the version as its first field, so that
+/// a mismatched peer can still decode it and refuse with a clear error.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ToWorker {
+    Hello {
+        ipc_version: u32,
+        worker_id: WorkerId,
+    },
+    /// Create the room's state. `id_seed` is random per room instance; with the
+    /// frame sequence numbers it makes shape ids unique and reproducible on replay.
+    OpenRoom { room: RoomId, id_seed: u64 },
+    /// A room event, stamped by the supervisor.
+    Event(Stamped),
+    /// Every member has left: free the room.
+    CloseRoom { room: RoomId },
+}
+
+/// A room event with everything the worker needs to apply it deterministically:
+/// the room's state is a pure function of its `OpenRoom` and its stamped events.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stamped {
+    pub room: RoomId,
+    /// Per-room sequence number, strictly increasing in the order frames are sent.
+    pub seq: u64,
+    /// Wall-clock time of the event, milliseconds since the Unix epoch.
+    pub time_ms: i64,
+    pub event: RoomEvent,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum RoomEvent {
+    /// An authenticated connection asks to join.
+    Join { conn: ConnId, user_id: String },
+    /// The connection has closed (whether or not it was admitted).
+    Leave { conn: ConnId },
+    /// A text frame from the client, uninterpreted by the supervisor.
+    Message { conn: ConnId, text: String },
+}
+
+/// Worker -> supervisor. `Hello` first, as for [`ToWorker`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum FromWorker {
+    Hello {
+        ipc_version: u32,
+        pid: u32,
+        /// The nonce the supervisor passed in the worker's environment, proving the
+        /// peer on the socket is the process it spawned.
+        nonce: u64,
+    },
+    JoinAccepted {
+        room: RoomId,
+        conn: ConnId,
+    },
+    JoinRejected {
+        room: RoomId,
+        conn: ConnId,
+        reason: JoinRejection,
+    },
+    /// The room's full snapshot, encoded once as the JSON text every member gets.
+    Snapshot {
+        room: RoomId,
+        json: String,
+    },
+    /// The room has been freed after a `CloseRoom`.
+    RoomClosed {
+        room: RoomId,
+    },
+}
+
+/// Why a join was refused; the supervisor closes the connection with code 1008.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinRejection {
+    RoomFull,
+    DuplicateUser,
+}
+
+impl JoinRejection {
+    /// The close reason the clients know (PROTOCOL.md §2).
+    pub fn close_reason(self) -> &'static str {
+        match self {
+            JoinRejection::RoomFull => crate::protocol::REASON_ROOM_FULL,
+            JoinRejection::DuplicateUser => crate::protocol::REASON_DUPLICATE_USER,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("IPC frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
+    TooLarge(usize),
+    #[error("malformed IPC frame: {0}")]
+    Malformed(#[from] postcard::Error),
+    #[error("IPC socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Appends one frame holding `msg` to `dst`.
+pub fn encode<T: Serialize>(msg: &T, dst: &mut BytesMut) -> Result<(), CodecError> {
+    let start = dst.len();
+    dst.put_u32(0); // patched below once the body length is known
+    let mut body = postcard::to_extend(msg, std::mem::take(dst))?;
+    let len = body.len() - start - LEN_PREFIX;
+    if len > MAX_FRAME_LEN {
+        body.truncate(start);
+        *dst = body;
+        return Err(CodecError::TooLarge(len));
+    }
+    body[start..start + LEN_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+    *dst = body;
+    Ok(())
+}
+
+/// Takes one complete frame off the front of `src`, or returns `Ok(None)` (and
+/// leaves `src` untouched) when more bytes are needed.
+pub fn decode<T: DeserializeOwned>(src: &mut BytesMut) -> Result<Option<T>, CodecError> {
+    if src.len() < LEN_PREFIX {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes(src[..LEN_PREFIX].try_into().expect("4 bytes")) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(CodecError::TooLarge(len));
+    }
+    if src.len() < LEN_PREFIX + len {
+        src.reserve(LEN_PREFIX + len - src.len());
+        return Ok(None);
+    }
+    src.advance(LEN_PREFIX);
+    let body = src.split_to(len);
+    let (msg, rest) = postcard::take_from_bytes(&body)?;
+    if !rest.is_empty() {
+        return Err(CodecError::Malformed(
+            postcard::Error::DeserializeBadEncoding,
+        ));
+    }
+    Ok(Some(msg))
+}
+
+/// `tokio_util` codec reading `In` frames and writing `Out` frames.
+pub struct IpcCodec<In, Out>(PhantomData<fn(Out) -> In>);
+
+impl<In, Out> IpcCodec<In, Out> {
+    pub fn new() -> Self {
+        IpcCodec(PhantomData)
+    }
+}
+
+impl<In, Out> Default for IpcCodec<In, Out> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<In: DeserializeOwned, Out> tokio_util::codec::Decoder for IpcCodec<In, Out> {
+    type Item = In;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, CodecError> {
+        decode(src)
+    }
+}
+
+impl<In, Out: Serialize> tokio_util::codec::Encoder<Out> for IpcCodec<In, Out> {
+    type Error = CodecError;
+
+    fn encode(&mut self, msg: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
+        encode(&msg, dst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<ToWorker> {
+        vec![
+            ToWorker::Hello {
+                ipc_version: IPC_VERSION,
+                worker_id: WorkerId(3),
+            },
+            ToWorker::OpenRoom {
+                room: RoomId("room-1".into()),
+                id_seed: u64::MAX - 7,
+            },
+            ToWorker::Event(Stamped {
+                room: RoomId("room-1".into()),
+                seq: 42,
+                time_ms: 1_704_110_400_000,
+                event: RoomEvent::Message {
+                    conn: ConnId(9),
+                    text: r#"{"type":"cursor_move","x":1,"y":2} ünïcödé"#.into(),
+                },
+            }),
+            ToWorker::CloseRoom {
+                room: RoomId("room-1".into()),
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trip_of_several_frames_in_one_buffer() {
+        let mut buf = BytesMut::new();
+        for msg in sample() {
+            encode(&msg, &mut buf).unwrap();
+        }
+        let mut decoded = Vec::new();
+        while let Some(msg) = decode::<ToWorker>(&mut buf).unwrap() {
+            decoded.push(msg);
+        }
+        assert_eq!(decoded, sample());
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn length_prefix_is_big_endian_body_length() {
+        let mut buf = BytesMut::new();
+        let msg = FromWorker::RoomClosed {
+            room: RoomId("ab".into()),
+        };
+        encode(&msg, &mut buf).unwrap();
+        // variant index 4, string length 2, "ab"
+        assert_eq!(&buf[..], &[0, 0, 0, 4, 4, 2, b'a', b'b']);
+    }
+
+    #[test]
+    fn truncated_input_waits_for_more_bytes_at_every_cut() {
+        let mut full = BytesMut::new();
+        for msg in sample() {
+            encode(&msg, &mut full).unwrap();
+        }
+        let first_len = {
+            let mut one = BytesMut::new();
+            encode(&sample()[0], &mut one).unwrap();
+            one.len()
+        };
+        for cut in 0..first_len {
+            let mut partial = BytesMut::from(&full[..cut]);
+            assert!(
+                decode::<ToWorker>(&mut partial).unwrap().is_none(),
+                "cut {cut}"
+            );
+            assert_eq!(partial.len(), cut, "nothing consumed at cut {cut}");
+        }
+    }
+
+    #[test]
+    fn oversized_length_prefix_is_rejected_without_buffering() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(MAX_FRAME_LEN as u32 + 1);
+        assert!(matches!(
+            decode::<ToWorker>(&mut buf),
+            Err(CodecError::TooLarge(n)) if n == MAX_FRAME_LEN + 1
+        ));
+    }
+
+    #[test]
+    fn garbage_body_is_a_decode_error() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(3);
+        buf.put_slice(&[0xff, 0xff, 0xff]); // variant index out of range
+        assert!(matches!(
+            decode::<ToWorker>(&mut buf),
+            Err(CodecError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn trailing_bytes_inside_a_frame_are_rejected() {
+        let mut one = BytesMut::new();
+        encode(
+            &ToWorker::CloseRoom {
+                room: RoomId("r".into()),
+            },
+            &mut one,
+        )
+        .unwrap();
+        let body = one.split_off(LEN_PREFIX);
+        let mut buf = BytesMut::new();
+        buf.put_u32(body.len() as u32 + 1);
+        buf.put_slice(&body);
+        buf.put_u8(0);
+        assert!(matches!(
+            decode::<ToWorker>(&mut buf),
+            Err(CodecError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn invalid_utf8_in_a_string_is_rejected() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(3);
+        buf.put_slice(&[3, 1, 0xc3]); // CloseRoom, room of 1 byte: a lone UTF-8 lead byte
+        assert!(decode::<ToWorker>(&mut buf).is_err());
+    }
+}

@@ -1,0 +1,32 @@
+//! The one binary: runs the supervisor, or (when the supervisor re-executes it) a
+//! room worker.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use session_server::config::{Cli, Mode};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+
+    let result = match cli.mode {
+        Some(Mode::Worker(args)) => session_server::worker::main(args),
+        None => match cli.serve.validate() {
+            Ok(config) => session_server::supervisor::main(config),
+            Err(e) => {
+                eprintln!("session-server: configuration error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The client protocol (PROTOCOL.md §1–4): limits, close codes, the messages
+//! clients send, and the JSON building blocks of the snapshots they receive,
+//! written exactly as the Node.js reference writes them.
+
+use serde::Deserialize;
+
+/// Members per room; the 101st connection is closed with [`CLOSE_POLICY`].
+pub const MAX_MEMBERS_PER_ROOM: usize = 100;
+/// Shapes per room; creates beyond this are ignored.
+pub const MAX_SHAPES_PER_ROOM: usize = 1000;
+
+/// WebSocket close code "policy violation", used for a full room and a duplicate user.
+pub const CLOSE_POLICY: u16 = 1008;
+/// WebSocket close code "going away", sent when the server shuts down.
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// WebSocket close code "internal error", sent when a room is lost.
+pub const CLOSE_INTERNAL_ERROR: u16 = 1011;
+
+pub const REASON_ROOM_FULL: &str = "Room is full";
+pub const REASON_DUPLICATE_USER: &str = "Duplicate user";
+
+pub const DEFAULT_FILL: &str = "#3b82f6";
+pub const DEFAULT_STROKE: &str = "#1d4ed8";
+
+/// The shape types clients draw; any other `shapeType` is invalid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShapeType {
+    Rectangle,
+    Oval,
+    Text,
+    Line,
+    Arrow,
+}
+
+impl ShapeType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShapeType::Rectangle => "rectangle",
+            ShapeType::Oval => "oval",
+            ShapeType::Text => "text",
+            ShapeType::Line => "line",
+            ShapeType::Arrow => "arrow",
+        }
+    }
+}
+
+/// A client -> server text frame. Unknown fields are ignored; `id`, `userId` and
+/// `timestamp` are not fields here, so a client cannot choose them.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(
+    tag = "type",
+    rename_all = "snake_case",
+    rename_all_fields = "camelCase"
+)]
+pub enum ClientMessage {
+    CursorMove {
+        x: f64,
+        y: f64,
+    },
+    ShapeCreate {
+        shape_type: ShapeType,
+        x: f64,
+        y: f64,
+        width: f64,
+        height: f64,
+        text: Option<String>,
+        fill: Option<String>,
+        stroke: Option<String>,
+    },
+    ShapeUpdate {
+        shape_id: String,
+        #[serde(flatten)]
+        changes: ShapeChanges,
+    },
+    ShapeDelete {
+        shape_id: String,
+    },
+}
+
+/// The fields a `shape_update` may carry; only those present change.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct ShapeChanges {
+    pub x: Option<f64>,
+    pub y: Option<f64>,
+    pub width: Option<f64>,
+    pub height: Option<f64>,
+    pub rotation: Option<f64>,
+    pub text: Option<String>,
+    pub fill: Option<String>,
+    pub stroke: Option<String>,
+}
+
+/// Why a client frame was ignored (logged and counted, never sent to the client:
+/// existing clients parse every server message as a snapshot).
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidMessage {
+    #[error("not a valid message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("number is not finite")]
+    NotFinite,
+}
+
+impl ClientMessage {
+    /// Parses and validates one text frame.
+    pub fn parse(text: &str) -> Result<ClientMessage, InvalidMessage> {
+        let msg: ClientMessage = serde_json::from_str(text)?;
+        // serde_json already refuses 1e309; this keeps the rule explicit.
+        if msg.numbers().all(f64::is_finite) {
+            Ok(msg)
+        } else {
+            Err(InvalidMessage::NotFinite)
+        }
+    }
+
+    fn numbers(&self) -> impl Iterator<Item = f64> {
+        let list: Vec<f64> = match self {
+            ClientMessage::CursorMove { x, y } => vec![*x, *y],
+            ClientMessage::ShapeCreate {
+                x,
+                y,
+                width,
+                height,
+                ..
+            } => vec![*x, *y, *width, *height],
+            ClientMessage::ShapeUpdate { changes: c, .. } => {
+                [c.x, c.y, c.width, c.height, c.rotation]
+                    .into_iter()
+                    .flatten()
+                    .collect()
+            }
+            ClientMessage::ShapeDelete { .. } => vec![],
+        };
+        list.into_iter()
+    }
+}
+
+/// Appends `x` as JavaScript's `Number.prototype.toString` writes it: `100`, not
+/// `100.0`; `1e+21`; `1e-7`; `0` for negative zero.
+pub fn push_js_number(out: &mut String, x: f64) {
+    use std::fmt::Write;
+    if x == 0.0 {
+        out.push('0');
+        return;
+    }
+    if !x.is_finite() {
+        // Never stored (input is validated); JSON.stringify writes these as null.
+        out.push_str("null");
+        return;
+    }
+    if x < 0.0 {
+        out.push('-');
+    }
+    // Rust's `{:e}` gives the shortest round-trip digits, like JavaScript.
+    let sci = format!("{:e}", x.abs());
+    let (mantissa, exp) = sci.split_once('e').expect("LowerExp has an exponent");
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let k = digits.len() as i32;
+    let n = exp.parse::<i32>().expect("integer exponent") + 1;
+    if k <= n && n <= 21 {
+        out.push_str(&digits);
+        out.extend(std::iter::repeat_n('0', (n - k) as usize));
+    } else if 0 < n && n <= 21 {
+        out.push_str(&digits[..n as usize]);
+        out.push('.');
+        out.push_str(&digits[n as usize..]);
+    } else if -6 < n && n <= 0 {
+        out.push_str("0.");
+        out.extend(std::iter::repeat_n('0', (-n) as usize));
+        out.push_str(&digits);
+    } else {
+        out.push_str(&digits[..1]);
+        if k > 1 {
+            out.push('.');
+            out.push_str(&digits[1..]);
+        }
+        let e = n - 1;
+        let _ = write!(out, "e{}{}", if e >= 0 { '+' } else { '-' }, e.abs());
+    }
+}
+
+/// Appends `s` as a JSON string, escaped as `JSON.stringify` escapes it.
+pub fn push_json_string(out: &mut String, s: &str) {
+    use std::fmt::Write;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Appends a timestamp as a JSON string in JavaScript's `toISOString()` form:
+/// `"2024-01-01T12:00:00.000Z"`.
+pub fn push_json_timestamp(out: &mut String, time_ms: i64) {
+    use std::fmt::Write;
+    let t = chrono::DateTime::from_timestamp_millis(time_ms).unwrap_or_default();
+    let _ = write!(out, "\"{}\"", t.format("%Y-%m-%dT%H:%M:%S%.3fZ"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn js(x: f64) -> String {
+        let mut s = String::new();
+        push_js_number(&mut s, x);
+        s
+    }
+
+    #[test]
+    fn numbers_are_written_as_javascript_writes_them() {
+        let cases: &[(f64, &str)] = &[
+            (100.0, "100"),
+            (-0.0, "0"),
+            (1.5, "1.5"),
+            (-12.25, "-12.25"),
+            (0.1 + 0.2, "0.30000000000000004"),
+            (1e21, "1e+21"),
+            (1.5e21, "1.5e+21"),
+            (123456789012345680000.0, "123456789012345680000"),
+            (1e-6, "0.000001"),
+            (1e-7, "1e-7"),
+            (1.25e-7, "1.25e-7"),
+            (5e-324, "5e-324"),
+            (f64::MAX, "1.7976931348623157e+308"),
+            (0.5, "0.5"),
+            (123.456, "123.456"),
+        ];
+        for (x, want) in cases {
+            assert_eq!(js(*x), *want, "{x:?}");
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped_as_json_stringify_does() {
+        let mut s = String::new();
+        push_json_string(&mut s, "a\"b\\c\n\t\u{1}\u{7f}é\u{2028}");
+        assert_eq!(s, "\"a\\\"b\\\\c\\n\\t\\u0001\u{7f}é\u{2028}\"");
+    }
+
+    #[test]
+    fn timestamps_have_milliseconds_and_z() {
+        let mut s = String::new();
+        push_json_timestamp(&mut s, 1_704_110_400_000);
+        assert_eq!(s, "\"2024-01-01T12:00:00.000Z\"");
+        s.clear();
+        push_json_timestamp(&mut s, 1_704_110_400_007);
+        assert_eq!(s, "\"2024-01-01T12:00:00.007Z\"");
+    }
+
+    #[test]
+    fn parses_each_message_type() {
+        assert_eq!(
+            ClientMessage::parse(r##"{"type":"cursor_move","x":1,"y":-2.5,"extra":true}"##)
+                .unwrap(),
+            ClientMessage::CursorMove { x: 1.0, y: -2.5 }
+        );
+        assert_eq!(
+            ClientMessage::parse(
+                r##"{"type":"shape_create","shapeType":"oval","x":1,"y":2,"width":3,"height":4,"id":"mine","fill":"red"}"##
+            )
+            .unwrap(),
+            ClientMessage::ShapeCreate {
+                shape_type: ShapeType::Oval,
+                x: 1.0,
+                y: 2.0,
+                width: 3.0,
+                height: 4.0,
+                text: None,
+                fill: Some("red".into()),
+                stroke: None,
+            }
+        );
+        assert_eq!(
+            ClientMessage::parse(r##"{"type":"shape_update","shapeId":"s1","x":5,"rotation":45}"##)
+                .unwrap(),
+            ClientMessage::ShapeUpdate {
+                shape_id: "s1".into(),
+                changes: ShapeChanges {
+                    x: Some(5.0),
+                    rotation: Some(45.0),
+                    ..Default::default()
+                }
+            }
+        );
+        assert_eq!(
+            ClientMessage::parse(r##"{"type":"shape_delete","shapeId":"s1"}"##).unwrap(),
+            ClientMessage::ShapeDelete {
+                shape_id: "s1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_invalid_messages() {
+        for text in [
+            "not json",
+            "[]",
+            r##"{"x":1,"y":2}"##,
+            r##"{"type":"teleport","x":1,"y":2}"##,
+            r##"{"type":"cursor_move","x":1}"##,
+            r##"{"type":"cursor_move","x":"1","y":2}"##,
+            r##"{"type":"cursor_move","x":1e309,"y":2}"##,
+            r##"{"type":"shape_create","shapeType":"star","x":1,"y":2,"width":3,"height":4}"##,
+            r##"{"type":"shape_create","shapeType":"oval","x":1,"y":2,"width":3}"##,
+            r##"{"type":"shape_create","shapeType":"oval","x":1,"y":2,"width":3,"height":4,"text":5}"##,
+            r##"{"type":"shape_update","x":1}"##,
+            r##"{"type":"shape_update","shapeId":7}"##,
+            r##"{"type":"shape_update","shapeId":"s","width":"wide"}"##,
+            r##"{"type":"shape_delete"}"##,
+        ] {
+            assert!(ClientMessage::parse(text).is_err(), "{text}");
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Client authentication: the JWT in `?token=` (PROTOCOL.md §1). Errors say why a
+//! token was refused; neither they nor the logs ever contain the token.
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::ipc::RoomId;
+
+/// Clock skew tolerated on `exp` and `nbf`, between the backend that mints tokens
+/// and this server.
+const JWT_LEEWAY_SECS: u64 = 30;
+
+#[derive(Deserialize)]
+struct Claims {
+    #[serde(rename = "userId")]
+    user_id: String,
+    #[serde(rename = "roomId")]
+    room_id: String,
+    #[serde(default)]
+    host: Option<String>,
+}
+
+/// Who a verified connection is, and which room it is for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    pub user_id: String,
+    pub room: RoomId,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token in the query string")]
+    MissingToken,
+    #[error("invalid token: {0}")]
+    Invalid(#[from] jsonwebtoken::errors::Error),
+    #[error("token has an empty userId or roomId")]
+    EmptyClaim,
+    #[error("token has no host claim")]
+    MissingHostClaim,
+    #[error("token was issued for another host")]
+    HostMismatch,
+}
+
+pub struct Authenticator {
+    key: DecodingKey,
+    validation: Validation,
+    require_host_claim: bool,
+}
+
+impl Authenticator {
+    pub fn new(secret: &str, require_host_claim: bool) -> Authenticator {
+        // HS256 only: `none` and every other algorithm are refused by the header check.
+        let mut validation = Validation::new(Algorithm::HS256);
+        // The backend's tokens carry only `iat`; `exp`/`nbf` are checked when present.
+        validation.required_spec_claims.clear();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.leeway = JWT_LEEWAY_SECS;
+        Authenticator {
+            key: DecodingKey::from_secret(secret.as_bytes()),
+            validation,
+            require_host_claim,
+        }
+    }
+
+    /// Verifies `token` for a request that carried `host_header`.
+    pub fn verify(
+        &self,
+        token: Option<&str>,
+        host_header: Option<&str>,
+    ) -> Result<Identity, AuthError> {
+        let token = token
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::MissingToken)?;
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?.claims;
+        if claims.user_id.is_empty() || claims.room_id.is_empty() {
+            return Err(AuthError::EmptyClaim);
+        }
+        match claims.host {
+            Some(host) if Some(host.as_str()) != host_header => {
+                return Err(AuthError::HostMismatch);
+            }
+            None if self.require_host_claim => return Err(AuthError::MissingHostClaim),
+            _ => {}
+        }
+        Ok(Identity {
+            user_id: claims.user_id,
+            room: RoomId(claims.room_id),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    use serde_json::json;
+
+    const SECRET: &str = "test-secret";
+
+    fn token(claims: serde_json::Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    }
+
+    #[test]
+    fn accepts_backend_token_with_only_iat() {
+        let auth = Authenticator::new(SECRET, true);
+        let t = token(json!({"userId":"u1","roomId":"r1","host":"h:1","iat":now()}));
+        assert_eq!(
+            auth.verify(Some(&t), Some("h:1")).unwrap(),
+            Identity {
+                user_id: "u1".into(),
+                room: RoomId("r1".into())
+            }
+        );
+    }
+
+    #[test]
+    fn host_claim_rules() {
+        let strict = Authenticator::new(SECRET, true);
+        let lenient = Authenticator::new(SECRET, false);
+        let no_host = token(json!({"userId":"u","roomId":"r"}));
+        let other_host = token(json!({"userId":"u","roomId":"r","host":"evil:1"}));
+        assert!(matches!(
+            strict.verify(Some(&no_host), Some("h:1")),
+            Err(AuthError::MissingHostClaim)
+        ));
+        assert!(lenient.verify(Some(&no_host), Some("h:1")).is_ok());
+        assert!(matches!(
+            lenient.verify(Some(&other_host), Some("h:1")),
+            Err(AuthError::HostMismatch)
+        ));
+    }
+
+    #[test]
+    fn exp_and_nbf_are_enforced_when_present() {
+        let auth = Authenticator::new(SECRET, false);
+        let expired = token(json!({"userId":"u","roomId":"r","exp":now() - 3600}));
+        let future = token(json!({"userId":"u","roomId":"r","nbf":now() + 3600}));
+        let valid = token(json!({"userId":"u","roomId":"r","exp":now() + 3600,"nbf":now() - 10}));
+        assert!(auth.verify(Some(&expired), None).is_err());
+        assert!(auth.verify(Some(&future), None).is_err());
+        assert!(auth.verify(Some(&valid), None).is_ok());
+    }
+
+    #[test]
+    fn rejects_wrong_secret_alg_none_and_missing_claims() {
+        let auth = Authenticator::new(SECRET, false);
+        let wrong = encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"userId":"u","roomId":"r"}),
+            &EncodingKey::from_secret(b"other"),
+        )
+        .unwrap();
+        assert!(auth.verify(Some(&wrong), None).is_err());
+        // {"alg":"none","typ":"JWT"} . {"userId":"u","roomId":"r"} . (no signature)
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJ1c2VySWQiOiJ1Iiwicm9vbUlkIjoiciJ9.";
+        assert!(auth.verify(Some(none), None).is_err());
+        let hs512 = encode(
+            &Header::new(Algorithm::HS512),
+            &json!({"userId":"u","roomId":"r"}),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert!(auth.verify(Some(&hs512), None).is_err());
+        assert!(
+            auth.verify(Some(&token(json!({"roomId":"r"}))), None)
+                .is_err()
+        );
+        assert!(matches!(
+            auth.verify(Some(&token(json!({"userId":"","roomId":"r"}))), None),
+            Err(AuthError::EmptyClaim)
+        ));
+        assert!(matches!(
+            auth.verify(None, None),
+            Err(AuthError::MissingToken)
+        ));
+    }
+}

@@ -1,0 +1,188 @@
+//! The supervisor's HTTP side (hyper 1): the WebSocket upgrade on `/`, with
+//! authentication and room placement done before the `101` so that refusals are
+//! plain HTTP statuses, plus `/healthz` and `/status`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{
+    CONNECTION, CONTENT_TYPE, HOST, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
+    SEC_WEBSOCKET_VERSION, UPGRADE,
+};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::{debug, info, warn};
+
+use super::registry::CONN_COMMANDS;
+use super::{Shared, session};
+use crate::ipc::ConnId;
+
+/// Largest client message and frame. The biggest legitimate message is a shape
+/// with its text; 64 KiB leaves ample room and bounds what one client can make the
+/// server buffer.
+const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+
+type Body = Full<Bytes>;
+
+/// Serves one TCP connection (HTTP/1.1, upgradable to a WebSocket).
+pub async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(route(req, shared)) }
+    });
+    if let Err(e) = http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
+        .await
+    {
+        debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") => websocket(req, shared),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/status") => status(&shared),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut res = Response::new(Full::new(body.into()));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+fn status(shared: &Shared) -> Response<Body> {
+    let rooms = shared.registry.rooms_by_worker();
+    let workers: Vec<serde_json::Value> = shared
+        .pool
+        .slots()
+        .iter()
+        .zip(rooms)
+        .map(|(slot, rooms)| {
+            serde_json::json!({
+                "id": slot.id.0,
+                "pid": slot.pid(),
+                "restarts": slot.restarts(),
+                "rooms": rooms.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let body = serde_json::json!({ "workers": workers }).to_string();
+    let mut res = text(StatusCode::OK, body);
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
+    let has_token = |name, token: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    has_token(CONNECTION, "upgrade")
+        && has_token(UPGRADE, "websocket")
+        && req
+            .headers()
+            .get(SEC_WEBSOCKET_VERSION)
+            .is_some_and(|v| v == "13")
+        && req.headers().contains_key(SEC_WEBSOCKET_KEY)
+}
+
+fn token_param(req: &Request<Incoming>) -> Option<String> {
+    let query = req.uri().query()?;
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
+}
+
+fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
+    if !is_websocket_upgrade(&req) {
+        let mut res = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint takes WebSocket connections: ws://HOST/?token=JWT\n",
+        );
+        res.headers_mut()
+            .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return res;
+    }
+    if shared.stop.is_cancelled() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n");
+    }
+    let host = req.headers().get(HOST).and_then(|h| h.to_str().ok());
+    let identity = match shared.auth.verify(token_param(&req).as_deref(), host) {
+        Ok(identity) => identity,
+        Err(e) => {
+            info!(reason = %e, "connection refused (401)");
+            return text(StatusCode::UNAUTHORIZED, "unauthorized\n");
+        }
+    };
+    let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
+    let (commands_tx, commands) = mpsc::channel(CONN_COMMANDS);
+    let entry = match shared.registry.register(&identity.room, conn, commands_tx) {
+        Ok(entry) => entry,
+        Err(e) => {
+            warn!(room = %identity.room, "connection refused (503): {e}");
+            return text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"));
+        }
+    };
+    let key = req.headers().get(SEC_WEBSOCKET_KEY).expect("checked above");
+    let accept = derive_accept_key(key.as_bytes());
+
+    let task_shared = shared.clone();
+    shared.sessions.spawn(async move {
+        let shared = task_shared;
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let config = WebSocketConfig::default()
+                    .max_message_size(Some(MAX_CLIENT_MESSAGE))
+                    .max_frame_size(Some(MAX_CLIENT_MESSAGE));
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                session::run(shared, socket, entry, conn, identity, commands).await;
+            }
+            Err(e) => {
+                debug!(error = %e, "upgrade failed");
+                let queue = &shared.pool.slot(entry.worker).queue;
+                shared.registry.leave(&entry, queue, conn, false).await;
+            }
+        }
+    });
+
+    let mut res = Response::new(Full::new(Bytes::new()));
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = res.headers_mut();
+    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(
+        SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+    );
+    res
+}

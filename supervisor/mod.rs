@@ -1,0 +1,134 @@
+//! The supervisor: one process that owns every client connection. It
+//! authenticates upgrades, places rooms on workers, forwards client frames to the
+//! owning worker, fans the worker's snapshots out, and keeps the worker processes
+//! running. It never interprets room state.
+
+pub mod auth;
+pub mod http;
+pub mod pool;
+pub mod registry;
+pub mod session;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use auth::Authenticator;
+use pool::WorkerPool;
+use registry::Registry;
+
+/// On shutdown, sessions get this long to send their close frames.
+const SESSION_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// State shared by every connection task.
+pub struct Shared {
+    pub config: Config,
+    pub auth: Authenticator,
+    pub registry: Arc<Registry>,
+    pub pool: WorkerPool,
+    /// Source of connection ids.
+    pub next_conn: AtomicU64,
+    /// Every WebSocket session, so shutdown can wait for their close frames.
+    pub sessions: TaskTracker,
+    /// Cancelled when the server begins to shut down.
+    pub stop: CancellationToken,
+}
+
+/// Entry point: binds the port, handles signals, runs the server.
+pub fn main(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = TcpListener::bind((config.bind, config.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", config.bind, config.port))?;
+        let stop = CancellationToken::new();
+        tokio::spawn(watch_signals(stop.clone()));
+        run(config, listener, stop).await
+    })
+}
+
+/// SIGTERM or SIGINT starts a graceful stop; a second one exits at once.
+async fn watch_signals(stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+    stop.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    warn!("second signal: exiting now");
+    std::process::exit(130);
+}
+
+/// Runs the server on `listener` until `stop` is cancelled.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let registry = Arc::new(Registry::new(config.workers, config.rooms_per_worker));
+    let pool = WorkerPool::start(config.workers, registry.clone(), stop.clone()).await?;
+    info!(
+        workers = config.workers,
+        rooms_per_worker = config.rooms_per_worker,
+        require_host_claim = config.require_host_claim,
+        "workers started"
+    );
+    let shared = Arc::new(Shared {
+        auth: Authenticator::new(&config.jwt_secret, config.require_host_claim),
+        config,
+        registry,
+        pool,
+        next_conn: AtomicU64::new(1),
+        sessions: TaskTracker::new(),
+        stop: stop.clone(),
+    });
+
+    let port = listener.local_addr()?.port();
+    info!("Listening on *:{port}");
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(http::serve_connection(stream, shared.clone()));
+                }
+                Err(e) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    shared.sessions.close();
+    if tokio::time::timeout(SESSION_CLOSE_GRACE, shared.sessions.wait())
+        .await
+        .is_err()
+    {
+        warn!("some sessions did not close in time");
+    }
+    shared.pool.wait_stopped().await;
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,337 @@
+//! The worker pool: spawns each worker process (this same executable, in worker
+//! mode), checks its IPC handshake, carries frames both ways, and replaces the
+//! process when it ends.
+//!
+//! Each worker slot has one queue that outlives its processes, so sessions keep a
+//! valid sender across a respawn.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use futures_util::{SinkExt, StreamExt};
+use interprocess::local_socket::tokio::Stream as LocalStream;
+use interprocess::local_socket::traits::tokio::Listener as _;
+use interprocess::local_socket::{GenericNamespaced, ListenerOptions, ToNsName};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use super::registry::Registry;
+use crate::config::WORKER_NONCE_ENV;
+use crate::ipc::{FromWorker, IPC_VERSION, IpcCodec, ToWorker, WorkerId};
+
+/// Frames queued per worker before senders wait. Large enough to absorb bursts
+/// from many rooms; when full, each session waits (backpressure on its client).
+const WORKER_QUEUE: usize = 8192;
+/// Frames written per batch before flushing the socket.
+const WRITE_BATCH: usize = 512;
+/// A worker must connect and answer the hello within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// On shutdown, a worker whose socket is closed must exit within this, or is killed.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Respawn delays: doubled after each quick failure, so a crash loop is throttled.
+const MIN_RESPAWN_DELAY: Duration = Duration::from_millis(50);
+const MAX_RESPAWN_DELAY: Duration = Duration::from_secs(5);
+/// A worker that ran this long before failing resets the respawn delay.
+const STABLE_RUN: Duration = Duration::from_secs(30);
+
+type Reader = FramedRead<tokio::io::ReadHalf<LocalStream>, IpcCodec<FromWorker, ToWorker>>;
+type Writer = FramedWrite<tokio::io::WriteHalf<LocalStream>, IpcCodec<FromWorker, ToWorker>>;
+
+/// One worker position in the pool.
+pub struct WorkerSlot {
+    pub id: WorkerId,
+    /// Frames for this worker's rooms.
+    pub queue: mpsc::Sender<ToWorker>,
+    /// Pid of the running process, 0 while none runs.
+    pid: AtomicU32,
+    /// Processes started after the first one.
+    restarts: AtomicU64,
+}
+
+impl WorkerSlot {
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.pid.load(Ordering::Relaxed)).filter(|&p| p != 0)
+    }
+
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+}
+
+pub struct WorkerPool {
+    slots: Vec<Arc<WorkerSlot>>,
+    tasks: TaskTracker,
+}
+
+impl WorkerPool {
+    /// Starts `count` workers and waits until each has completed its handshake.
+    pub async fn start(
+        count: usize,
+        registry: Arc<Registry>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<WorkerPool> {
+        let tasks = TaskTracker::new();
+        let mut slots = Vec::with_capacity(count);
+        let mut ready = Vec::with_capacity(count);
+        for i in 0..count {
+            let (queue, frames) = mpsc::channel(WORKER_QUEUE);
+            let slot = Arc::new(WorkerSlot {
+                id: WorkerId(i as u32),
+                queue,
+                pid: AtomicU32::new(0),
+                restarts: AtomicU64::new(0),
+            });
+            let (ready_tx, ready_rx) = oneshot::channel();
+            tasks.spawn(supervise(
+                slot.clone(),
+                frames,
+                registry.clone(),
+                stop.clone(),
+                ready_tx,
+            ));
+            slots.push(slot);
+            ready.push(ready_rx);
+        }
+        tasks.close();
+        for (i, ready) in ready.into_iter().enumerate() {
+            match ready.await {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => return Err(anyhow!("worker w{i} failed to start: {why}")),
+                Err(_) => return Err(anyhow!("worker w{i} failed to start")),
+            }
+        }
+        Ok(WorkerPool { slots, tasks })
+    }
+
+    pub fn slot(&self, id: WorkerId) -> &WorkerSlot {
+        &self.slots[id.0 as usize]
+    }
+
+    pub fn slots(&self) -> &[Arc<WorkerSlot>] {
+        &self.slots
+    }
+
+    /// Waits for every worker process to have exited (after `stop` was cancelled).
+    pub async fn wait_stopped(&self) {
+        self.tasks.wait().await;
+    }
+}
+
+/// Runs one slot: start a worker, serve it until it ends, start the next.
+async fn supervise(
+    slot: Arc<WorkerSlot>,
+    mut frames: mpsc::Receiver<ToWorker>,
+    registry: Arc<Registry>,
+    stop: CancellationToken,
+    ready: oneshot::Sender<Result<(), String>>,
+) {
+    let mut ready = Some(ready);
+    let mut delay = MIN_RESPAWN_DELAY;
+    loop {
+        let started = Instant::now();
+        let ended = run_worker(&slot, &mut frames, &registry, &stop, &mut ready).await;
+        slot.pid.store(0, Ordering::Relaxed);
+        if stop.is_cancelled() {
+            info!(worker = %slot.id, "{ended}");
+            return;
+        }
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(Err(ended));
+            return;
+        }
+        let lost = registry.worker_lost(slot.id);
+        error!(worker = %slot.id, rooms_lost = ?lost, "worker failed ({ended}); starting a replacement");
+        if started.elapsed() > STABLE_RUN {
+            delay = MIN_RESPAWN_DELAY;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancelled() => return,
+        }
+        delay = (delay * 2).min(MAX_RESPAWN_DELAY);
+        slot.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Path of the running executable. `/proc/self/exe` names the image this process
+/// runs even if the file was replaced since (a new build), so workers are always
+/// the same build as their supervisor.
+fn own_executable() -> std::io::Result<std::path::PathBuf> {
+    let proc_exe = std::path::Path::new("/proc/self/exe");
+    if proc_exe.exists() {
+        Ok(proc_exe.to_path_buf())
+    } else {
+        std::env::current_exe()
+    }
+}
+
+/// Starts one worker process and serves it until it ends; returns how it ended.
+async fn run_worker(
+    slot: &WorkerSlot,
+    frames: &mut mpsc::Receiver<ToWorker>,
+    registry: &Registry,
+    stop: &CancellationToken,
+    ready: &mut Option<oneshot::Sender<Result<(), String>>>,
+) -> String {
+    let (mut child, stream, nonce) = match spawn_and_connect(slot.id).await {
+        Ok(started) => started,
+        Err(e) => return format!("{e:#}"),
+    };
+    let pid = child.id().unwrap_or(0);
+    let (read_half, write_half) = tokio::io::split(stream);
+    let mut reader: Reader = FramedRead::new(read_half, IpcCodec::new());
+    let mut writer: Writer = FramedWrite::new(write_half, IpcCodec::new());
+
+    if let Err(e) = handshake(slot.id, &mut reader, &mut writer, nonce).await {
+        let _ = child.start_kill();
+        let status = child.wait().await;
+        return format!("handshake with pid {pid} failed: {e:#} (process {status:?})");
+    }
+    slot.pid.store(pid, Ordering::Relaxed);
+    info!(worker = %slot.id, pid, "worker ready");
+    if let Some(ready) = ready.take() {
+        let _ = ready.send(Ok(()));
+    }
+
+    let ended = tokio::select! {
+        why = write_frames(frames, &mut writer) => why,
+        why = read_frames(&mut reader, registry, slot.id) => why,
+        status = child.wait() => format!("pid {pid} exited: {}", describe(status)),
+        _ = stop.cancelled() => {
+            // Closing the socket tells the worker to exit.
+            drop(writer);
+            drop(reader);
+            match tokio::time::timeout(EXIT_TIMEOUT, child.wait()).await {
+                Ok(status) => return format!("pid {pid} stopped: {}", describe(status)),
+                Err(_) => {
+                    warn!(worker = %slot.id, pid, "worker did not exit in time; killing it");
+                    "killed after shutdown timeout".to_owned()
+                }
+            }
+        }
+    };
+    // Whatever ended first, make sure the process is gone and reaped.
+    let _ = child.start_kill();
+    let status = child.wait().await;
+    format!("{ended}; process {}", describe(status))
+}
+
+fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
+    match status {
+        Ok(status) => status.to_string(),
+        Err(e) => format!("status unknown: {e}"),
+    }
+}
+
+async fn spawn_and_connect(id: WorkerId) -> anyhow::Result<(Child, LocalStream, u64)> {
+    let name = format!(
+        "session-server.{}.{}.{:016x}.sock",
+        std::process::id(),
+        id.0,
+        rand::random::<u64>()
+    );
+    let listener = ListenerOptions::new()
+        .name(name.as_str().to_ns_name::<GenericNamespaced>()?)
+        .create_tokio()
+        .with_context(|| format!("creating IPC socket {name}"))?;
+    let nonce = rand::random::<u64>();
+    let mut child = Command::new(own_executable()?)
+        .arg("worker")
+        .arg("--ipc")
+        .arg(&name)
+        .arg("--worker-id")
+        .arg(id.0.to_string())
+        .env(WORKER_NONCE_ENV, nonce.to_string())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning worker process")?;
+    let stream = tokio::select! {
+        accepted = listener.accept() => accepted.context("accepting worker connection")?,
+        status = child.wait() => anyhow::bail!("worker exited before connecting: {}", describe(status)),
+        _ = tokio::time::sleep(HANDSHAKE_TIMEOUT) => anyhow::bail!("worker did not connect within {HANDSHAKE_TIMEOUT:?}"),
+    };
+    Ok((child, stream, nonce))
+}
+
+/// Exchanges hellos: same IPC version, and the peer is the process we spawned.
+async fn handshake(
+    id: WorkerId,
+    reader: &mut Reader,
+    writer: &mut Writer,
+    nonce: u64,
+) -> anyhow::Result<()> {
+    writer
+        .send(ToWorker::Hello {
+            ipc_version: IPC_VERSION,
+            worker_id: id,
+        })
+        .await?;
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next())
+        .await
+        .context("no hello from worker")?;
+    match hello {
+        Some(Ok(FromWorker::Hello {
+            ipc_version,
+            nonce: theirs,
+            ..
+        })) => {
+            anyhow::ensure!(
+                ipc_version == IPC_VERSION,
+                "worker speaks IPC version {ipc_version}, supervisor speaks {IPC_VERSION}"
+            );
+            anyhow::ensure!(
+                theirs == nonce,
+                "peer is not the spawned worker (wrong nonce)"
+            );
+            Ok(())
+        }
+        Some(Ok(other)) => anyhow::bail!("expected hello, got {other:?}"),
+        Some(Err(e)) => Err(e.into()),
+        None => anyhow::bail!("worker closed the socket during the handshake"),
+    }
+}
+
+/// Moves queued frames to the worker, batching whatever is queued into one write.
+async fn write_frames(frames: &mut mpsc::Receiver<ToWorker>, writer: &mut Writer) -> String {
+    while let Some(frame) = frames.recv().await {
+        if let Err(e) = writer.feed(frame).await {
+            return format!("IPC write failed: {e}");
+        }
+        for _ in 1..WRITE_BATCH {
+            let Ok(frame) = frames.try_recv() else { break };
+            if let Err(e) = writer.feed(frame).await {
+                return format!("IPC write failed: {e}");
+            }
+        }
+        if let Err(e) = writer.flush().await {
+            return format!("IPC write failed: {e}");
+        }
+    }
+    "frame queue closed".to_owned()
+}
+
+/// Routes the worker's replies to the rooms' connections.
+async fn read_frames(reader: &mut Reader, registry: &Registry, worker: WorkerId) -> String {
+    while let Some(frame) = reader.next().await {
+        match frame {
+            Ok(FromWorker::Snapshot { room, json }) => {
+                registry.publish(&room, Message::text(json));
+            }
+            Ok(FromWorker::JoinAccepted { room, conn }) => registry.admit(&room, conn),
+            Ok(FromWorker::JoinRejected { room, conn, reason }) => {
+                registry.reject(&room, conn, reason)
+            }
+            Ok(FromWorker::RoomClosed { room }) => registry.room_closed(&room, worker),
+            Ok(FromWorker::Hello { .. }) => warn!(%worker, "unexpected second hello from worker"),
+            Err(e) => return format!("IPC read failed: {e}"),
+        }
+    }
+    "IPC socket closed by worker".to_owned()
+}

@@ -1,0 +1,457 @@
+//! Room placement and lifecycle, as the supervisor sees it: which worker owns each
+//! room, which connections are in it, and the stamping of every frame forwarded to
+//! the worker. It never looks inside room state.
+//!
+//! Ordering: every frame for a room is stamped and queued to its worker while the
+//! room's lock is held, so sequence numbers follow queue order, and `OpenRoom` /
+//! `CloseRoom` are decided together with the joins and leaves they depend on.
+//! Queue slots are reserved *before* taking the lock (reserving may wait), so no
+//! lock is ever held across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::ipc::{ConnId, JoinRejection, RoomEvent, RoomId, Stamped, ToWorker, WorkerId};
+use crate::protocol::{CLOSE_INTERNAL_ERROR, CLOSE_POLICY};
+
+/// The newest snapshot of a room, shared by all its members (one encoding, one
+/// allocation; each member clones a reference).
+pub type SnapshotCell = Option<Message>;
+
+/// What the supervisor tells a connection's session about its membership.
+#[derive(Debug)]
+pub enum ConnCommand {
+    /// The worker admitted the join: from now on, send the room's snapshots.
+    Admitted(watch::Receiver<SnapshotCell>),
+    /// Close the connection with this code and reason.
+    Close { code: u16, reason: &'static str },
+}
+
+/// Capacity of a connection's command channel: it receives at most an admission
+/// and a close or two in its life, so it is never full.
+pub const CONN_COMMANDS: usize = 4;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PlacementError {
+    #[error("no capacity for a new room: every worker holds its maximum of {0} rooms")]
+    AllWorkersFull(usize),
+}
+
+/// The room's worker has gone (process failed or server stopping).
+#[derive(Debug, thiserror::Error)]
+#[error("the room's worker is gone")]
+pub struct RoomLost;
+
+pub struct Registry {
+    inner: Mutex<Inner>,
+    rooms_per_worker: usize,
+}
+
+struct Inner {
+    rooms: HashMap<RoomId, Arc<RoomEntry>>,
+    /// Rooms placed on each worker (open or still closing).
+    load: Vec<usize>,
+}
+
+/// A room placed on a worker. Lives from its first connection until every
+/// connection has gone and the worker has confirmed the room is freed.
+pub struct RoomEntry {
+    pub id: RoomId,
+    pub worker: WorkerId,
+    snapshots: watch::Sender<SnapshotCell>,
+    state: Mutex<RoomState>,
+}
+
+#[derive(Default)]
+struct RoomState {
+    /// Connections registered for the room (joined or about to), with their
+    /// command channels.
+    conns: HashMap<ConnId, mpsc::Sender<ConnCommand>>,
+    /// Joins sent to the worker and not yet followed by a leave.
+    joined: usize,
+    /// An `OpenRoom` was sent and no `CloseRoom` since.
+    open: bool,
+    /// `CloseRoom`s sent and not yet confirmed by the worker.
+    closing: usize,
+    /// Last sequence number stamped for this room.
+    last_seq: u64,
+    /// The worker holding the room failed; the entry is no longer in the map.
+    lost: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock leaves consistent data here (every update is a
+    // few assignments); keep serving rather than cascading the panic.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl RoomState {
+    fn stamp(&mut self, room: &RoomId, event: RoomEvent) -> ToWorker {
+        self.last_seq += 1;
+        ToWorker::Event(Stamped {
+            room: room.clone(),
+            seq: self.last_seq,
+            time_ms: now_ms(),
+            event,
+        })
+    }
+}
+
+impl Registry {
+    pub fn new(workers: usize, rooms_per_worker: usize) -> Registry {
+        Registry {
+            inner: Mutex::new(Inner {
+                rooms: HashMap::new(),
+                load: vec![0; workers],
+            }),
+            rooms_per_worker,
+        }
+    }
+
+    /// Registers a connection for `room`, placing the room on the least loaded
+    /// worker with capacity if it is not placed yet. Called before the WebSocket
+    /// upgrade, so a refusal can still be an HTTP status.
+    pub fn register(
+        &self,
+        room: &RoomId,
+        conn: ConnId,
+        commands: mpsc::Sender<ConnCommand>,
+    ) -> Result<Arc<RoomEntry>, PlacementError> {
+        let mut inner = lock(&self.inner);
+        if let Some(entry) = inner.rooms.get(room) {
+            lock(&entry.state).conns.insert(conn, commands);
+            return Ok(entry.clone());
+        }
+        let worker = (0..inner.load.len())
+            .filter(|&w| inner.load[w] < self.rooms_per_worker)
+            .min_by_key(|&w| inner.load[w])
+            .ok_or(PlacementError::AllWorkersFull(self.rooms_per_worker))?;
+        inner.load[worker] += 1;
+        let entry = Arc::new(RoomEntry {
+            id: room.clone(),
+            worker: WorkerId(worker as u32),
+            snapshots: watch::Sender::new(None),
+            state: Mutex::new(RoomState::default()),
+        });
+        lock(&entry.state).conns.insert(conn, commands);
+        inner.rooms.insert(room.clone(), entry.clone());
+        Ok(entry)
+    }
+
+    /// Sends the connection's join to the room's worker, opening the room there
+    /// first if it is not open.
+    pub async fn join(
+        &self,
+        entry: &RoomEntry,
+        worker: &mpsc::Sender<ToWorker>,
+        conn: ConnId,
+        user_id: String,
+    ) -> Result<(), RoomLost> {
+        let mut permits = worker.reserve_many(2).await.map_err(|_| RoomLost)?;
+        let mut state = lock(&entry.state);
+        if state.lost {
+            return Err(RoomLost);
+        }
+        if !state.open {
+            state.open = true;
+            let id_seed = rand::random::<u64>();
+            let open = ToWorker::OpenRoom {
+                room: entry.id.clone(),
+                id_seed,
+            };
+            permits.next().expect("reserved").send(open);
+        }
+        let join = state.stamp(&entry.id, RoomEvent::Join { conn, user_id });
+        state.joined += 1;
+        permits.next().expect("reserved").send(join);
+        Ok(())
+    }
+
+    /// Forwards a client's text frame to the room's worker. Waits while the
+    /// worker's queue is full (backpressure on this client only).
+    pub async fn forward(
+        &self,
+        entry: &RoomEntry,
+        worker: &mpsc::Sender<ToWorker>,
+        conn: ConnId,
+        text: String,
+    ) -> Result<(), RoomLost> {
+        let permit = worker.reserve().await.map_err(|_| RoomLost)?;
+        let mut state = lock(&entry.state);
+        if state.lost {
+            return Err(RoomLost);
+        }
+        permit.send(state.stamp(&entry.id, RoomEvent::Message { conn, text }));
+        Ok(())
+    }
+
+    /// Removes a connection from its room. If it had joined, the worker is told,
+    /// and the last leave closes the room on the worker.
+    pub async fn leave(
+        &self,
+        entry: &Arc<RoomEntry>,
+        worker: &mpsc::Sender<ToWorker>,
+        conn: ConnId,
+        joined: bool,
+    ) {
+        let permits = if joined {
+            worker.reserve_many(2).await.ok()
+        } else {
+            None
+        };
+        let mut inner = lock(&self.inner);
+        let mut state = lock(&entry.state);
+        state.conns.remove(&conn);
+        if let (true, false, Some(mut permits)) = (joined, state.lost, permits) {
+            let leave = state.stamp(&entry.id, RoomEvent::Leave { conn });
+            permits.next().expect("reserved").send(leave);
+            state.joined -= 1;
+            if state.joined == 0 && state.open {
+                state.open = false;
+                state.closing += 1;
+                let close = ToWorker::CloseRoom {
+                    room: entry.id.clone(),
+                };
+                permits.next().expect("reserved").send(close);
+            }
+        }
+        remove_if_done(&mut inner, entry, &state);
+    }
+
+    /// The worker admitted `conn`: subscribe it to the room's snapshots. Called in
+    /// IPC order, so the subscription precedes the snapshot that shows the join.
+    pub fn admit(&self, room: &RoomId, conn: ConnId) {
+        if let Some((entry, commands)) = self.conn_commands(room, conn) {
+            let _ = commands.try_send(ConnCommand::Admitted(entry.snapshots.subscribe()));
+        }
+    }
+
+    /// The worker refused `conn`: close it with 1008 and the reason.
+    pub fn reject(&self, room: &RoomId, conn: ConnId, reason: JoinRejection) {
+        if let Some((_, commands)) = self.conn_commands(room, conn) {
+            let _ = commands.try_send(ConnCommand::Close {
+                code: CLOSE_POLICY,
+                reason: reason.close_reason(),
+            });
+        }
+    }
+
+    fn conn_commands(
+        &self,
+        room: &RoomId,
+        conn: ConnId,
+    ) -> Option<(Arc<RoomEntry>, mpsc::Sender<ConnCommand>)> {
+        let entry = lock(&self.inner).rooms.get(room)?.clone();
+        let commands = lock(&entry.state).conns.get(&conn)?.clone();
+        Some((entry, commands))
+    }
+
+    /// Publishes the room's newest snapshot to its members.
+    pub fn publish(&self, room: &RoomId, snapshot: Message) {
+        let entry = lock(&self.inner).rooms.get(room).cloned();
+        if let Some(entry) = entry {
+            entry.snapshots.send_replace(Some(snapshot));
+        }
+    }
+
+    /// The worker confirmed that it freed the room.
+    pub fn room_closed(&self, room: &RoomId, worker: WorkerId) {
+        let mut inner = lock(&self.inner);
+        let Some(entry) = inner.rooms.get(room).cloned() else {
+            return;
+        };
+        if entry.worker != worker {
+            return;
+        }
+        let mut state = lock(&entry.state);
+        state.closing = state.closing.saturating_sub(1);
+        remove_if_done(&mut inner, &entry, &state);
+    }
+
+    /// The worker's process ended: its rooms are gone. Their connections are
+    /// closed with 1011 and the worker's capacity is free again. Returns the ids of
+    /// the rooms lost.
+    pub fn worker_lost(&self, worker: WorkerId) -> Vec<RoomId> {
+        let mut inner = lock(&self.inner);
+        let lost: Vec<RoomId> = inner
+            .rooms
+            .values()
+            .filter(|e| e.worker == worker)
+            .map(|e| e.id.clone())
+            .collect();
+        for room in &lost {
+            let entry = inner.rooms.remove(room).expect("listed above");
+            let mut state = lock(&entry.state);
+            state.lost = true;
+            for commands in state.conns.values() {
+                let _ = commands.try_send(ConnCommand::Close {
+                    code: CLOSE_INTERNAL_ERROR,
+                    reason: "Room lost: its worker failed",
+                });
+            }
+        }
+        inner.load[worker.0 as usize] = 0;
+        lost
+    }
+
+    /// Rooms per worker, sorted, for the status endpoint.
+    pub fn rooms_by_worker(&self) -> Vec<Vec<RoomId>> {
+        let inner = lock(&self.inner);
+        let mut by_worker = vec![Vec::new(); inner.load.len()];
+        for entry in inner.rooms.values() {
+            by_worker[entry.worker.0 as usize].push(entry.id.clone());
+        }
+        for rooms in &mut by_worker {
+            rooms.sort();
+        }
+        by_worker
+    }
+}
+
+/// Drops the entry once nothing refers to the room any more: no connection, not
+/// open on the worker, no close awaiting confirmation.
+fn remove_if_done(inner: &mut Inner, entry: &Arc<RoomEntry>, state: &RoomState) {
+    if state.lost || !state.conns.is_empty() || state.open || state.closing > 0 {
+        return;
+    }
+    let is_current = inner
+        .rooms
+        .get(&entry.id)
+        .is_some_and(|current| Arc::ptr_eq(current, entry));
+    if is_current {
+        inner.rooms.remove(&entry.id);
+        inner.load[entry.worker.0 as usize] -= 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room(name: &str) -> RoomId {
+        RoomId(name.into())
+    }
+
+    fn commands() -> (mpsc::Sender<ConnCommand>, mpsc::Receiver<ConnCommand>) {
+        mpsc::channel(CONN_COMMANDS)
+    }
+
+    #[test]
+    fn rooms_spread_over_workers_and_refuse_when_full() {
+        let registry = Registry::new(2, 2);
+        let workers: Vec<WorkerId> = ["a", "b", "c", "d"]
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                registry
+                    .register(&room(r), ConnId(i as u64), commands().0)
+                    .unwrap()
+                    .worker
+            })
+            .collect();
+        assert_eq!(
+            workers,
+            [WorkerId(0), WorkerId(1), WorkerId(0), WorkerId(1)]
+        );
+        // An existing room still takes connections; a new one does not fit.
+        assert_eq!(
+            registry
+                .register(&room("a"), ConnId(9), commands().0)
+                .unwrap()
+                .worker,
+            WorkerId(0)
+        );
+        assert_eq!(
+            registry
+                .register(&room("e"), ConnId(10), commands().0)
+                .err(),
+            Some(PlacementError::AllWorkersFull(2))
+        );
+    }
+
+    #[tokio::test]
+    async fn lifecycle_frames_are_ordered_and_room_freed_after_confirmation() {
+        let registry = Registry::new(1, 1);
+        let (tx, mut rx) = mpsc::channel(16);
+        let entry = registry
+            .register(&room("a"), ConnId(1), commands().0)
+            .unwrap();
+        registry
+            .join(&entry, &tx, ConnId(1), "u".into())
+            .await
+            .unwrap();
+        registry
+            .forward(&entry, &tx, ConnId(1), "hi".into())
+            .await
+            .unwrap();
+        registry.leave(&entry, &tx, ConnId(1), true).await;
+
+        let mut frames = Vec::new();
+        while let Ok(f) = rx.try_recv() {
+            frames.push(f);
+        }
+        assert!(matches!(&frames[0], ToWorker::OpenRoom { room: r, .. } if r.0 == "a"));
+        let seqs: Vec<u64> = frames
+            .iter()
+            .filter_map(|f| match f {
+                ToWorker::Event(s) => Some(s.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        assert!(matches!(&frames[4], ToWorker::CloseRoom { room: r } if r.0 == "a"));
+        assert_eq!(frames.len(), 5);
+
+        // Until the worker confirms, the room still counts against its worker.
+        assert_eq!(
+            registry.register(&room("b"), ConnId(2), commands().0).err(),
+            Some(PlacementError::AllWorkersFull(1))
+        );
+        registry.room_closed(&room("a"), WorkerId(0));
+        assert!(
+            registry
+                .register(&room("b"), ConnId(3), commands().0)
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn worker_loss_closes_members_with_1011_and_frees_capacity() {
+        let registry = Registry::new(1, 1);
+        let (tx, _rx) = mpsc::channel(16);
+        let (ctx, mut crx) = commands();
+        let entry = registry.register(&room("a"), ConnId(1), ctx).unwrap();
+        registry
+            .join(&entry, &tx, ConnId(1), "u".into())
+            .await
+            .unwrap();
+        assert_eq!(registry.worker_lost(WorkerId(0)), vec![room("a")]);
+        assert!(matches!(
+            crx.try_recv(),
+            Ok(ConnCommand::Close { code: 1011, .. })
+        ));
+        assert!(
+            registry
+                .forward(&entry, &tx, ConnId(1), "x".into())
+                .await
+                .is_err()
+        );
+        registry.leave(&entry, &tx, ConnId(1), true).await;
+        assert!(
+            registry
+                .register(&room("b"), ConnId(2), commands().0)
+                .is_ok()
+        );
+    }
+}

@@ -1,0 +1,180 @@
+//! One client's WebSocket session, after the upgrade: join the room, forward the
+//! client's frames to the room's worker, send the room's newest snapshot whenever
+//! it changes, ping when idle, and leave when either side ends.
+//!
+//! Reading and writing run in one task under one `select!`, so their fates are
+//! tied: whichever ends, the session ends.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tracing::{Instrument, debug, info, info_span};
+
+use super::Shared;
+use super::auth::Identity;
+use super::registry::{ConnCommand, RoomEntry, SnapshotCell};
+use crate::ipc::ConnId;
+use crate::protocol::{CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR};
+
+/// A send that cannot complete in this time means the client is not reading at
+/// all; it is dropped. (A slow client only ever gets the newest snapshot, so it
+/// never builds a backlog.)
+const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long to wait for the client's answer to our close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// WebSocket close code for a message over the size limit.
+const CLOSE_TOO_BIG: u16 = 1009;
+
+pub type ClientSocket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Why the session ended, and what close frame (if any) the client gets.
+enum End {
+    /// The client closed or vanished; nothing more to send.
+    ClientGone,
+    /// Close the connection with this code and reason.
+    Close(u16, &'static str),
+}
+
+pub async fn run(
+    shared: Arc<Shared>,
+    socket: ClientSocket,
+    entry: Arc<RoomEntry>,
+    conn: ConnId,
+    identity: Identity,
+    commands: mpsc::Receiver<ConnCommand>,
+) {
+    let span = info_span!("session", room = %entry.id, user = %identity.user_id, %conn, worker = %entry.worker);
+    async move {
+        let started = Instant::now();
+        let queue = &shared.pool.slot(entry.worker).queue;
+        let joined = shared
+            .registry
+            .join(&entry, queue, conn, identity.user_id)
+            .await
+            .is_ok();
+        let (mut sink, mut stream) = socket.split();
+        let end = if joined {
+            serve(&shared, &entry, conn, &mut sink, &mut stream, commands).await
+        } else {
+            End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable")
+        };
+        if let End::Close(code, reason) = end {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            };
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                if sink.send(Message::Close(Some(frame))).await.is_ok() {
+                    // Let the client answer so it sees a clean close handshake.
+                    while let Some(Ok(_)) = stream.next().await {}
+                }
+            })
+            .await;
+        }
+        shared.registry.leave(&entry, queue, conn, joined).await;
+        let how = match end {
+            End::ClientGone => "client gone".to_owned(),
+            End::Close(code, reason) => format!("closed {code} {reason}"),
+        };
+        info!(
+            seconds = started.elapsed().as_secs(),
+            "session ended: {how}"
+        );
+    }
+    .instrument(span)
+    .await
+}
+
+type Sink = futures_util::stream::SplitSink<ClientSocket, Message>;
+type Stream = futures_util::stream::SplitStream<ClientSocket>;
+
+async fn serve(
+    shared: &Shared,
+    entry: &RoomEntry,
+    conn: ConnId,
+    sink: &mut Sink,
+    stream: &mut Stream,
+    mut commands: mpsc::Receiver<ConnCommand>,
+) -> End {
+    let queue = &shared.pool.slot(entry.worker).queue;
+    let ping_every = shared.config.ping_interval;
+    let mut ping = tokio::time::interval(ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    // Set once the worker admits the join; until then nothing is sent.
+    let mut snapshots: Option<watch::Receiver<SnapshotCell>> = None;
+
+    loop {
+        tokio::select! {
+            _ = shared.stop.cancelled() => return End::Close(CLOSE_GOING_AWAY, "Server shutting down"),
+            command = commands.recv() => match command {
+                Some(ConnCommand::Admitted(rx)) => snapshots = Some(rx),
+                Some(ConnCommand::Close { code, reason }) => return End::Close(code, reason),
+                None => return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable"),
+            },
+            changed = async { snapshots.as_mut().expect("guarded").changed().await }, if snapshots.is_some() => {
+                if changed.is_err() {
+                    return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable");
+                }
+                let snapshot = snapshots.as_mut().expect("guarded").borrow_and_update().clone();
+                if let Some(snapshot) = snapshot {
+                    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(snapshot)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            debug!(error = %e, "write failed");
+                            return End::ClientGone;
+                        }
+                        Err(_) => {
+                            info!("client not reading for {WRITE_TIMEOUT:?}; dropping it");
+                            return End::ClientGone;
+                        }
+                    }
+                }
+            }
+            frame = stream.next() => {
+                last_heard = Instant::now();
+                match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        let text = String::from(text.as_str());
+                        if shared.registry.forward(entry, queue, conn, text).await.is_err() {
+                            return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable");
+                        }
+                    }
+                    Some(Ok(Message::Binary(bytes))) => {
+                        debug!(len = bytes.len(), "binary frame ignored (the protocol is text)");
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                    Some(Ok(Message::Close(_))) | None => return End::ClientGone,
+                    Some(Err(WsError::Capacity(e))) => {
+                        info!(error = %e, "client frame over the size limit");
+                        return End::Close(CLOSE_TOO_BIG, "Message too big");
+                    }
+                    Some(Err(e)) => {
+                        debug!(error = %e, "read failed");
+                        return End::ClientGone;
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                let silent = last_heard.elapsed();
+                if silent >= 2 * ping_every {
+                    info!(silent_ms = silent.as_millis() as u64, "client silent; dropping it");
+                    return End::ClientGone;
+                }
+                if silent >= ping_every
+                    && tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Ping(Default::default()))).await.is_err()
+                {
+                    return End::ClientGone;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! A room's state machine: members, cursors and shapes, changed only by stamped
+//! events. No I/O and no clock: applying the same events to the same opening state
+//! always gives the same room (ids and timestamps included), which is what lets a
+//! crashed worker's rooms be rebuilt by replay.
+
+use indexmap::IndexMap;
+
+use crate::ipc::{ConnId, JoinRejection, RoomEvent, RoomId, Stamped};
+use crate::protocol::{
+    ClientMessage, DEFAULT_FILL, DEFAULT_STROKE, InvalidMessage, MAX_MEMBERS_PER_ROOM,
+    MAX_SHAPES_PER_ROOM, ShapeChanges, ShapeType, push_js_number, push_json_string,
+    push_json_timestamp,
+};
+
+/// What applying one event did.
+#[derive(Debug, PartialEq)]
+pub enum Effect {
+    /// A join was admitted; the state changed.
+    Joined,
+    /// A join was refused; the state did not change.
+    Rejected(JoinRejection),
+    /// The state changed; members need a new snapshot.
+    Changed,
+    /// Nothing changed, for the reason given.
+    Ignored(Ignored),
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Ignored {
+    /// A frame or leave from a connection that is not a member (refused or gone).
+    NotAMember,
+    Invalid(String),
+    UnknownShape,
+    ShapeLimit,
+}
+
+impl From<InvalidMessage> for Ignored {
+    fn from(e: InvalidMessage) -> Self {
+        Ignored::Invalid(e.to_string())
+    }
+}
+
+struct Member {
+    conn: ConnId,
+    user_id: String,
+}
+
+struct Cursor {
+    x: f64,
+    y: f64,
+    time_ms: i64,
+}
+
+/// A shape and its JSON encoding, kept so that a snapshot re-encodes only shapes
+/// that changed since the last one.
+struct Shape {
+    kind: ShapeType,
+    x: f64,
+    y: f64,
+    width: f64,
+    height: f64,
+    rotation: f64,
+    user_id: String,
+    time_ms: i64,
+    text: Option<String>,
+    fill: String,
+    stroke: String,
+    json: String,
+}
+
+pub struct Room {
+    id: RoomId,
+    id_seed: u64,
+    /// In join order.
+    members: Vec<Member>,
+    /// By user id, in first-move order.
+    cursors: IndexMap<String, Cursor>,
+    /// By shape id, in creation order.
+    shapes: IndexMap<String, Shape>,
+}
+
+impl Room {
+    pub fn new(id: RoomId, id_seed: u64) -> Room {
+        Room {
+            id,
+            id_seed,
+            members: Vec::new(),
+            cursors: IndexMap::new(),
+            shapes: IndexMap::new(),
+        }
+    }
+
+    pub fn id(&self) -> &RoomId {
+        &self.id
+    }
+
+    pub fn member_count(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn apply(&mut self, stamped: &Stamped) -> Effect {
+        match &stamped.event {
+            RoomEvent::Join { conn, user_id } => self.join(*conn, user_id),
+            RoomEvent::Leave { conn } => self.leave(*conn),
+            RoomEvent::Message { conn, text } => {
+                let Some(user_id) = self.user_of(*conn) else {
+                    return Effect::Ignored(Ignored::NotAMember);
+                };
+                let user_id = user_id.to_owned();
+                match ClientMessage::parse(text) {
+                    Ok(msg) => self.handle(&user_id, msg, stamped),
+                    Err(e) => Effect::Ignored(e.into()),
+                }
+            }
+        }
+    }
+
+    fn user_of(&self, conn: ConnId) -> Option<&str> {
+        self.members
+            .iter()
+            .find(|m| m.conn == conn)
+            .map(|m| m.user_id.as_str())
+    }
+
+    fn join(&mut self, conn: ConnId, user_id: &str) -> Effect {
+        if self.members.iter().any(|m| m.user_id == user_id) {
+            return Effect::Rejected(JoinRejection::DuplicateUser);
+        }
+        if self.members.len() >= MAX_MEMBERS_PER_ROOM {
+            return Effect::Rejected(JoinRejection::RoomFull);
+        }
+        self.members.push(Member {
+            conn,
+            user_id: user_id.to_owned(),
+        });
+        Effect::Joined
+    }
+
+    fn leave(&mut self, conn: ConnId) -> Effect {
+        let Some(pos) = self.members.iter().position(|m| m.conn == conn) else {
+            return Effect::Ignored(Ignored::NotAMember);
+        };
+        let member = self.members.remove(pos);
+        self.cursors.shift_remove(&member.user_id);
+        Effect::Changed
+    }
+
+    fn handle(&mut self, user_id: &str, msg: ClientMessage, stamped: &Stamped) -> Effect {
+        match msg {
+            ClientMessage::CursorMove { x, y } => {
+                let cursor = Cursor {
+                    x,
+                    y,
+                    time_ms: stamped.time_ms,
+                };
+                self.cursors.insert(user_id.to_owned(), cursor);
+                Effect::Changed
+            }
+            ClientMessage::ShapeCreate {
+                shape_type,
+                x,
+                y,
+                width,
+                height,
+                text,
+                fill,
+                stroke,
+            } => {
+                if self.shapes.len() >= MAX_SHAPES_PER_ROOM {
+                    return Effect::Ignored(Ignored::ShapeLimit);
+                }
+                let id = self.shape_id(stamped.seq);
+                let mut shape = Shape {
+                    kind: shape_type,
+                    x,
+                    y,
+                    width,
+                    height,
+                    rotation: 0.0,
+                    user_id: user_id.to_owned(),
+                    time_ms: stamped.time_ms,
+                    text,
+                    // As the reference's `fill || default`: an empty string is absent.
+                    fill: non_empty_or(fill, DEFAULT_FILL),
+                    stroke: non_empty_or(stroke, DEFAULT_STROKE),
+                    json: String::new(),
+                };
+                shape.encode(&id);
+                self.shapes.insert(id, shape);
+                Effect::Changed
+            }
+            ClientMessage::ShapeUpdate { shape_id, changes } => {
+                let Some(shape) = self.shapes.get_mut(&shape_id) else {
+                    return Effect::Ignored(Ignored::UnknownShape);
+                };
+                shape.update(changes, stamped.time_ms);
+                shape.encode(&shape_id);
+                Effect::Changed
+            }
+            ClientMessage::ShapeDelete { shape_id } => {
+                if self.shapes.shift_remove(&shape_id).is_some() {
+                    Effect::Changed
+                } else {
+                    Effect::Ignored(Ignored::UnknownShape)
+                }
+            }
+        }
+    }
+
+    /// A shape id unique across room instances (random seed) and within one
+    /// (sequence numbers never repeat), and reproducible on replay.
+    fn shape_id(&self, seq: u64) -> String {
+        format!("{:x}-{:x}", self.id_seed, seq)
+    }
+
+    /// The snapshot every member gets, as JSON text.
+    pub fn snapshot_json(&self) -> String {
+        let shapes_len: usize = self.shapes.values().map(|s| s.json.len() + 1).sum();
+        let mut out = String::with_capacity(64 + shapes_len + 96 * self.cursors.len());
+        out.push_str("{\"connectedUsers\":[");
+        for (i, member) in self.members.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_json_string(&mut out, &member.user_id);
+        }
+        out.push_str("],\"cursors\":[");
+        for (i, (user_id, cursor)) in self.cursors.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str("{\"userId\":");
+            push_json_string(&mut out, user_id);
+            out.push_str(",\"x\":");
+            push_js_number(&mut out, cursor.x);
+            out.push_str(",\"y\":");
+            push_js_number(&mut out, cursor.y);
+            out.push_str(",\"timestamp\":");
+            push_json_timestamp(&mut out, cursor.time_ms);
+            out.push('}');
+        }
+        out.push_str("],\"shapes\":[");
+        for (i, shape) in self.shapes.values().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&shape.json);
+        }
+        out.push_str("]}");
+        out
+    }
+}
+
+fn non_empty_or(value: Option<String>, default: &str) -> String {
+    value
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+impl Shape {
+    fn update(&mut self, changes: ShapeChanges, time_ms: i64) {
+        let ShapeChanges {
+            x,
+            y,
+            width,
+            height,
+            rotation,
+            text,
+            fill,
+            stroke,
+        } = changes;
+        self.x = x.unwrap_or(self.x);
+        self.y = y.unwrap_or(self.y);
+        self.width = width.unwrap_or(self.width);
+        self.height = height.unwrap_or(self.height);
+        self.rotation = rotation.unwrap_or(self.rotation);
+        if text.is_some() {
+            self.text = text;
+        }
+        self.fill = fill.unwrap_or_else(|| std::mem::take(&mut self.fill));
+        self.stroke = stroke.unwrap_or_else(|| std::mem::take(&mut self.stroke));
+        self.time_ms = time_ms;
+    }
+
+    /// Encodes the shape with the reference's field order.
+    fn encode(&mut self, id: &str) {
+        let out = &mut self.json;
+        out.clear();
+        out.push_str("{\"id\":");
+        push_json_string(out, id);
+        out.push_str(",\"type\":");
+        push_json_string(out, self.kind.as_str());
+        for (name, value) in [
+            ("x", self.x),
+            ("y", self.y),
+            ("width", self.width),
+            ("height", self.height),
+        ] {
+            out.push_str(",\"");
+            out.push_str(name);
+            out.push_str("\":");
+            push_js_number(out, value);
+        }
+        out.push_str(",\"userId\":");
+        push_json_string(out, &self.user_id);
+        out.push_str(",\"timestamp\":");
+        push_json_timestamp(out, self.time_ms);
+        if let Some(text) = &self.text {
+            out.push_str(",\"text\":");
+            push_json_string(out, text);
+        }
+        out.push_str(",\"fill\":");
+        push_json_string(out, &self.fill);
+        out.push_str(",\"stroke\":");
+        push_json_string(out, &self.stroke);
+        out.push_str(",\"rotation\":");
+        push_js_number(out, self.rotation);
+        out.push('}');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_704_110_400_000; // 2024-01-01T12:00:00.000Z
+
+    struct Script {
+        room: Room,
+        seq: u64,
+    }
+
+    impl Script {
+        fn new() -> Script {
+            Script {
+                room: Room::new(RoomId("r".into()), 0xab),
+                seq: 0,
+            }
+        }
+
+        fn apply(&mut self, event: RoomEvent) -> Effect {
+            self.seq += 1;
+            let stamped = Stamped {
+                room: RoomId("r".into()),
+                seq: self.seq,
+                time_ms: T0 + self.seq as i64,
+                event,
+            };
+            self.room.apply(&stamped)
+        }
+
+        fn join(&mut self, conn: u64, user: &str) -> Effect {
+            self.apply(RoomEvent::Join {
+                conn: ConnId(conn),
+                user_id: user.into(),
+            })
+        }
+
+        fn send(&mut self, conn: u64, text: &str) -> Effect {
+            self.apply(RoomEvent::Message {
+                conn: ConnId(conn),
+                text: text.into(),
+            })
+        }
+
+        fn snapshot(&self) -> String {
+            self.room.snapshot_json()
+        }
+    }
+
+    #[test]
+    fn snapshot_after_a_sequence_of_messages_is_exact() {
+        let mut s = Script::new();
+        assert_eq!(s.join(1, "alice"), Effect::Joined); // seq 1
+        assert_eq!(s.join(2, "bob"), Effect::Joined); // seq 2
+        assert_eq!(
+            s.send(2, r##"{"type":"cursor_move","x":10,"y":20.5}"##), // seq 3
+            Effect::Changed
+        );
+        assert_eq!(
+            s.send(1, r##"{"type":"cursor_move","x":1,"y":2}"##), // seq 4
+            Effect::Changed
+        );
+        s.send(
+            1,
+            r##"{"type":"shape_create","shapeType":"rectangle","x":100,"y":200,"width":150,"height":100,"text":"Hello World"}"##,
+        ); // seq 5 -> id ab-5
+        s.send(
+            2,
+            r##"{"type":"shape_create","shapeType":"line","x":0,"y":0,"width":1.5,"height":-2,"fill":"#000","stroke":""}"##,
+        ); // seq 6 -> id ab-6
+        s.send(
+            1,
+            r##"{"type":"shape_update","shapeId":"ab-5","x":150,"rotation":45}"##,
+        ); // seq 7
+        s.send(2, r##"{"type":"cursor_move","x":11,"y":21}"##); // seq 8: bob's cursor stays first
+        assert_eq!(
+            s.snapshot(),
+            concat!(
+                r##"{"connectedUsers":["alice","bob"],"##,
+                r##""cursors":[{"userId":"bob","x":11,"y":21,"timestamp":"2024-01-01T12:00:00.008Z"},"##,
+                r##"{"userId":"alice","x":1,"y":2,"timestamp":"2024-01-01T12:00:00.004Z"}],"##,
+                r##""shapes":[{"id":"ab-5","type":"rectangle","x":150,"y":200,"width":150,"height":100,"userId":"alice","timestamp":"2024-01-01T12:00:00.007Z","text":"Hello World","fill":"#3b82f6","stroke":"#1d4ed8","rotation":45},"##,
+                r##"{"id":"ab-6","type":"line","x":0,"y":0,"width":1.5,"height":-2,"userId":"bob","timestamp":"2024-01-01T12:00:00.006Z","fill":"#000","stroke":"#1d4ed8","rotation":0}]}"##
+            )
+        );
+    }
+
+    #[test]
+    fn leave_removes_member_and_cursor_but_keeps_shapes() {
+        let mut s = Script::new();
+        s.join(1, "alice");
+        s.join(2, "bob");
+        s.send(1, r##"{"type":"cursor_move","x":1,"y":2}"##);
+        s.send(
+            1,
+            r##"{"type":"shape_create","shapeType":"oval","x":1,"y":2,"width":3,"height":4}"##,
+        );
+        assert_eq!(
+            s.apply(RoomEvent::Leave { conn: ConnId(1) }),
+            Effect::Changed
+        );
+        let snap: serde_json::Value = serde_json::from_str(&s.snapshot()).unwrap();
+        assert_eq!(snap["connectedUsers"], serde_json::json!(["bob"]));
+        assert_eq!(snap["cursors"], serde_json::json!([]));
+        assert_eq!(snap["shapes"].as_array().unwrap().len(), 1);
+        assert_eq!(s.room.member_count(), 1);
+    }
+
+    #[test]
+    fn duplicate_user_is_rejected_and_original_kept() {
+        let mut s = Script::new();
+        s.join(1, "alice");
+        assert_eq!(
+            s.join(2, "alice"),
+            Effect::Rejected(JoinRejection::DuplicateUser)
+        );
+        // The rejected connection's leave must not remove the original member.
+        assert_eq!(
+            s.apply(RoomEvent::Leave { conn: ConnId(2) }),
+            Effect::Ignored(Ignored::NotAMember)
+        );
+        // Nor can it send anything.
+        assert_eq!(
+            s.send(2, r##"{"type":"cursor_move","x":1,"y":2}"##),
+            Effect::Ignored(Ignored::NotAMember)
+        );
+        assert_eq!(
+            s.snapshot(),
+            r##"{"connectedUsers":["alice"],"cursors":[],"shapes":[]}"##
+        );
+        // Once the first connection has left, the user can join again.
+        s.apply(RoomEvent::Leave { conn: ConnId(1) });
+        assert_eq!(s.join(3, "alice"), Effect::Joined);
+    }
+
+    #[test]
+    fn room_admits_one_hundred_members() {
+        let mut s = Script::new();
+        for i in 0..100 {
+            assert_eq!(s.join(i, &format!("u{i}")), Effect::Joined);
+        }
+        assert_eq!(
+            s.join(100, "u100"),
+            Effect::Rejected(JoinRejection::RoomFull)
+        );
+        assert_eq!(s.room.member_count(), 100);
+    }
+
+    #[test]
+    fn shape_limit_is_one_thousand() {
+        let mut s = Script::new();
+        s.join(1, "a");
+        let create =
+            r##"{"type":"shape_create","shapeType":"text","x":1,"y":2,"width":3,"height":4}"##;
+        for _ in 0..1000 {
+            assert_eq!(s.send(1, create), Effect::Changed);
+        }
+        assert_eq!(s.send(1, create), Effect::Ignored(Ignored::ShapeLimit));
+        // Deleting one makes room for one more.
+        let first_id = s.room.shapes.keys().next().unwrap().clone();
+        s.send(
+            1,
+            &format!(r##"{{"type":"shape_delete","shapeId":"{first_id}"}}"##),
+        );
+        assert_eq!(s.send(1, create), Effect::Changed);
+        assert_eq!(s.room.shapes.len(), 1000);
+    }
+
+    #[test]
+    fn invalid_frames_change_nothing() {
+        let mut s = Script::new();
+        s.join(1, "a");
+        s.send(
+            1,
+            r##"{"type":"shape_create","shapeType":"oval","x":1,"y":2,"width":3,"height":4}"##,
+        );
+        let before = s.snapshot();
+        for text in [
+            "garbage",
+            r##"{"type":"shape_update","shapeId":"nope","x":1}"##,
+            r##"{"type":"shape_delete","shapeId":"nope"}"##,
+            r##"{"type":"shape_update","shapeId":"ab-2","x":"1"}"##,
+            r##"{"type":"cursor_move","x":1e999,"y":0}"##,
+        ] {
+            assert!(matches!(s.send(1, text), Effect::Ignored(_)), "{text}");
+        }
+        assert_eq!(s.snapshot(), before);
+    }
+
+    #[test]
+    fn update_changes_only_present_fields() {
+        let mut s = Script::new();
+        s.join(1, "a");
+        s.send(
+            1,
+            r##"{"type":"shape_create","shapeType":"text","x":1,"y":2,"width":3,"height":4,"text":"hi","fill":"#111","stroke":"#222"}"##,
+        );
+        s.send(
+            1,
+            r##"{"type":"shape_update","shapeId":"ab-2","y":9,"id":"evil","userId":"evil"}"##,
+        );
+        let snap: serde_json::Value = serde_json::from_str(&s.snapshot()).unwrap();
+        assert_eq!(
+            snap["shapes"][0],
+            serde_json::json!({"id":"ab-2","type":"text","x":1,"y":9,"width":3,"height":4,
+                "userId":"a","timestamp":"2024-01-01T12:00:00.003Z","text":"hi",
+                "fill":"#111","stroke":"#222","rotation":0})
+        );
+    }
+
+    #[test]
+    fn same_events_give_the_same_room() {
+        let run = || {
+            let mut s = Script::new();
+            s.join(1, "a");
+            s.send(
+                1,
+                r##"{"type":"shape_create","shapeType":"arrow","x":1,"y":2,"width":3,"height":4}"##,
+            );
+            s.send(1, r##"{"type":"cursor_move","x":5,"y":6}"##);
+            s.snapshot()
+        };
+        assert_eq!(run(), run());
+    }
+}
