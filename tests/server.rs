@@ -1,0 +1,593 @@
+//! End-to-end tests: the real binary (a supervisor and its worker processes) and
+//! real WebSocket clients, one test per rule of PROTOCOL.md §1–4 plus the
+//! architecture's promises (placement, capacity, slow readers, pings, shutdown).
+
+mod util;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use util::*;
+
+fn rect(x: f64) -> Value {
+    json!({"type":"shape_create","shapeType":"rectangle","x":x,"y":200,"width":150,"height":100})
+}
+
+// ---- §1 Connection ----------------------------------------------------------
+
+#[tokio::test]
+async fn valid_token_joins_and_receives_the_exact_first_snapshot() {
+    let server = Server::start(&[]);
+    let mut alice = server
+        .connect(&server.url(&server.token("alice", "r1")))
+        .await;
+    assert_eq!(
+        alice.next_text().await,
+        r#"{"connectedUsers":["alice"],"cursors":[],"shapes":[]}"#
+    );
+}
+
+#[tokio::test]
+async fn token_is_found_among_other_query_parameters() {
+    let server = Server::start(&[]);
+    let token = server.token("alice", "r1");
+    let url = format!("ws://{}/?v=1&token={token}&x=2", server.host());
+    let mut alice = server.connect(&url).await;
+    assert_eq!(users(&alice.next_snapshot().await), ["alice"]);
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_401_before_the_upgrade() {
+    let server = Server::start(&[]);
+    let host = server.host();
+    let good = server.token("alice", "r1");
+    let mut tampered = good.clone();
+    tampered.pop();
+    tampered.push(if good.ends_with('A') { 'B' } else { 'A' });
+    let cases: Vec<(&str, String)> = vec![
+        ("bad signature", tampered),
+        (
+            "wrong secret",
+            sign_with(
+                json!({"userId":"a","roomId":"r1","host":host}),
+                "not-the-secret",
+            ),
+        ),
+        (
+            // {"alg":"none","typ":"JWT"}.{"userId":"a","roomId":"r1"}.
+            "alg none",
+            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJ1c2VySWQiOiJhIiwicm9vbUlkIjoicjEifQ.".into(),
+        ),
+        (
+            "expired",
+            sign(json!({"userId":"a","roomId":"r1","host":host,"exp":now() - 3600})),
+        ),
+        (
+            "not yet valid",
+            sign(json!({"userId":"a","roomId":"r1","host":host,"nbf":now() + 3600})),
+        ),
+        (
+            "wrong host",
+            sign(json!({"userId":"a","roomId":"r1","host":"other.example:8000"})),
+        ),
+        ("missing host", sign(json!({"userId":"a","roomId":"r1"}))),
+        ("missing userId", sign(json!({"roomId":"r1","host":host}))),
+        ("missing roomId", sign(json!({"userId":"a","host":host}))),
+        ("not a JWT", "hello".into()),
+    ];
+    for (what, token) in &cases {
+        let status = server.try_connect(&server.url(token)).await.err();
+        assert_eq!(status, Some(401), "{what}");
+    }
+    let no_token = format!("ws://{host}/");
+    assert_eq!(
+        server.try_connect(&no_token).await.err(),
+        Some(401),
+        "no token"
+    );
+    // Tokens never reach the logs.
+    let logs = server.logs();
+    for (what, token) in &cases {
+        let signature = token.rsplit('.').next().unwrap();
+        if signature.len() > 8 {
+            assert!(!logs.contains(signature), "{what}: token in logs");
+        }
+    }
+    assert!(logs.contains("connection refused (401)"));
+}
+
+#[tokio::test]
+async fn expiring_token_still_valid_is_accepted() {
+    let server = Server::start(&[]);
+    let token = sign(json!({"userId":"a","roomId":"r1","host":server.host(),"exp":now() + 3600}));
+    let mut client = server.connect(&server.url(&token)).await;
+    assert_eq!(users(&client.next_snapshot().await), ["a"]);
+}
+
+#[tokio::test]
+async fn host_claim_can_be_made_optional_but_is_still_checked_when_present() {
+    let server = Server::start(&["--require-host-claim", "false"]);
+    let no_host = sign(json!({"userId":"a","roomId":"r1"}));
+    let mut client = server.connect(&server.url(&no_host)).await;
+    assert_eq!(users(&client.next_snapshot().await), ["a"]);
+    let wrong_host = sign(json!({"userId":"b","roomId":"r1","host":"elsewhere:1"}));
+    assert_eq!(
+        server.try_connect(&server.url(&wrong_host)).await.err(),
+        Some(401)
+    );
+}
+
+#[tokio::test]
+async fn plain_http_gets_clear_statuses() {
+    let server = Server::start(&[]);
+    let (code, body) = server
+        .get(&format!("/?token={}", server.token("a", "r")))
+        .await;
+    assert_eq!(code, 426);
+    assert!(body.contains("WebSocket"));
+    assert_eq!(server.get("/healthz").await, (200, "ok\n".to_owned()));
+    assert_eq!(server.get("/nope").await.0, 404);
+}
+
+// ---- §2 Rooms and membership ------------------------------------------------
+
+#[tokio::test]
+async fn the_101st_member_is_closed_with_room_is_full() {
+    let server = Server::start(&[]);
+    let mut members = Vec::new();
+    for i in 0..100 {
+        members.push(server.join(&format!("u{i}"), "big").await);
+    }
+    let mut extra = server
+        .connect(&server.url(&server.token("u100", "big")))
+        .await;
+    assert_eq!(
+        extra.closed().await,
+        Closed::Frame(1008, "Room is full".into())
+    );
+    // The room is intact: the first member still sees all 100 and can act.
+    let snap = members[0].sync("u0", 7.0).await;
+    assert_eq!(users(&snap).len(), 100);
+    assert!(!users(&snap).contains(&"u100".to_owned()));
+}
+
+#[tokio::test]
+async fn a_duplicate_user_is_closed_and_the_original_untouched() {
+    let server = Server::start(&[]);
+    let mut alice = server.join("alice", "r1").await;
+    let mut alice2 = server
+        .connect(&server.url(&server.token("alice", "r1")))
+        .await;
+    assert_eq!(
+        alice2.closed().await,
+        Closed::Frame(1008, "Duplicate user".into())
+    );
+    // The original still receives snapshots: bob's join reaches her.
+    let _bob = server.join("bob", "r1").await;
+    let snap = alice.until(|s| users(s) == ["alice", "bob"]).await;
+    assert_eq!(users(&snap), ["alice", "bob"]);
+    let snap = alice.sync("alice", 3.0).await;
+    assert_eq!(users(&snap), ["alice", "bob"]);
+    // Once the first connection has closed, the user can join again.
+    alice.close().await;
+    let mut again = server
+        .connect(&server.url(&server.token("alice", "r1")))
+        .await;
+    let snap = again
+        .until(|s| users(s).contains(&"alice".to_owned()))
+        .await;
+    assert_eq!(users(&snap), ["bob", "alice"]);
+}
+
+#[tokio::test]
+async fn the_same_user_may_be_in_two_rooms() {
+    let server = Server::start(&[]);
+    let mut in_one = server.join("alice", "r1").await;
+    let mut in_two = server.join("alice", "r2").await;
+    assert_eq!(users(&in_one.sync("alice", 1.0).await), ["alice"]);
+    assert_eq!(users(&in_two.sync("alice", 2.0).await), ["alice"]);
+}
+
+#[tokio::test]
+async fn join_and_leave_broadcast_and_leaving_removes_the_cursor() {
+    let server = Server::start(&[]);
+    let mut alice = server.join("alice", "r1").await;
+    let mut bob = server.join("bob", "r1").await;
+    assert_eq!(
+        users(&alice.until(|s| users(s).len() == 2).await),
+        ["alice", "bob"]
+    );
+    bob.sync("bob", 5.0).await;
+    let snap = alice
+        .until(|s| s["cursors"].as_array().unwrap().len() == 1)
+        .await;
+    assert_eq!(snap["cursors"][0]["userId"], "bob");
+    bob.close().await;
+    let snap = alice.until(|s| users(s) == ["alice"]).await;
+    assert_eq!(snap["cursors"], json!([]));
+}
+
+#[tokio::test]
+async fn rooms_are_isolated() {
+    let server = Server::start(&[]);
+    let mut a = server.join("alice", "room-a").await;
+    let mut b = server.join("bob", "room-b").await;
+    a.send(rect(1.0)).await;
+    let snap_a = a.sync("alice", 1.0).await;
+    assert_eq!(shapes(&snap_a).len(), 1);
+    let snap_b = b.sync("bob", 2.0).await;
+    assert_eq!(users(&snap_b), ["bob"]);
+    assert_eq!(shapes(&snap_b).len(), 0);
+    assert_eq!(snap_b["cursors"].as_array().unwrap().len(), 1);
+}
+
+// ---- §3 Client -> server messages -------------------------------------------
+
+#[tokio::test]
+async fn shape_create_assigns_id_user_timestamp_and_defaults() {
+    let server = Server::start(&[]);
+    let mut alice = server.join("alice", "r1").await;
+    alice
+        .send(
+            json!({"type":"shape_create","shapeType":"rectangle","x":100,"y":200,
+            "width":150,"height":100,"text":"Hello World",
+            "id":"chosen","userId":"mallory","timestamp":"1999-01-01T00:00:00.000Z"}),
+        )
+        .await;
+    alice
+        .send(
+            json!({"type":"shape_create","shapeType":"oval","x":1.5,"y":-2,"width":3,"height":4,
+            "fill":"#ef4444","stroke":"#dc2626"}),
+        )
+        .await;
+    let snap = alice.until(|s| shapes(s).len() == 2).await;
+    let first = &shapes(&snap)[0];
+    let id = first["id"].as_str().unwrap();
+    let ts = first["timestamp"].as_str().unwrap();
+    assert_ne!(id, "chosen");
+    assert_ne!(ts, "1999-01-01T00:00:00.000Z");
+    assert_eq!(
+        first,
+        &json!({"id":id,"type":"rectangle","x":100,"y":200,"width":150,"height":100,
+            "userId":"alice","timestamp":ts,"text":"Hello World",
+            "fill":"#3b82f6","stroke":"#1d4ed8","rotation":0})
+    );
+    let second = &shapes(&snap)[1];
+    assert_ne!(second["id"], first["id"]);
+    assert_eq!(second["fill"], "#ef4444");
+    assert_eq!(second["stroke"], "#dc2626");
+    assert_eq!(second["type"], "oval");
+    assert!(second.get("text").is_none());
+}
+
+#[tokio::test]
+async fn shape_update_changes_only_present_fields_and_refreshes_timestamp() {
+    let server = Server::start(&[]);
+    let mut alice = server.join("alice", "r1").await;
+    alice
+        .send(
+            json!({"type":"shape_create","shapeType":"text","x":10,"y":20,"width":30,"height":40,
+            "text":"hi","fill":"#111111","stroke":"#222222"}),
+        )
+        .await;
+    let created = alice.until(|s| shapes(s).len() == 1).await;
+    let shape = shapes(&created)[0].clone();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    alice
+        .send(json!({"type":"shape_update","shapeId":shape["id"],"x":15,"rotation":45,"userId":"mallory"}))
+        .await;
+    let updated = alice.until(|s| shapes(s)[0]["x"] == 15).await;
+    let mut expected = shape.clone();
+    expected["x"] = json!(15);
+    expected["rotation"] = json!(45);
+    let new_ts = shapes(&updated)[0]["timestamp"].clone();
+    assert!(new_ts.as_str().unwrap() > shape["timestamp"].as_str().unwrap());
+    expected["timestamp"] = new_ts;
+    assert_eq!(shapes(&updated)[0], expected);
+}
+
+#[tokio::test]
+async fn any_member_may_update_and_delete_any_shape() {
+    let server = Server::start(&[]);
+    let mut alice = server.join("alice", "r1").await;
+    let mut bob = server.join("bob", "r1").await;
+    alice.send(rect(1.0)).await;
+    alice.send(rect(2.0)).await;
+    let snap = bob.until(|s| shapes(s).len() == 2).await;
+    let (first, second) = (
+        shapes(&snap)[0]["id"].clone(),
+        shapes(&snap)[1]["id"].clone(),
+    );
+    bob.send(json!({"type":"shape_update","shapeId":second,"fill":"#000000"}))
+        .await;
+    bob.send(json!({"type":"shape_delete","shapeId":first}))
+        .await;
+    let snap = alice
+        .until(|s| shapes(s).len() == 1 && shapes(s)[0]["fill"] == "#000000")
+        .await;
+    assert_eq!(shapes(&snap)[0]["id"], second);
+    assert_eq!(shapes(&snap)[0]["userId"], "alice");
+}
+
+#[tokio::test]
+async fn invalid_frames_are_ignored_and_the_connection_stays_usable() {
+    let server = Server::start(&[]);
+    let mut alice = server.join("alice", "r1").await;
+    alice.send(rect(1.0)).await;
+    let before = alice.sync("alice", 1.0).await;
+    let id = shapes(&before)[0]["id"].clone();
+    for bad in [
+        "not json".to_owned(),
+        "[1,2]".into(),
+        r#"{"type":"teleport","x":1,"y":1}"#.into(),
+        r#"{"type":"cursor_move","x":1}"#.into(),
+        r#"{"type":"cursor_move","x":"5","y":5}"#.into(),
+        r#"{"type":"cursor_move","x":1e309,"y":5}"#.into(),
+        r#"{"type":"shape_create","shapeType":"star","x":1,"y":2,"width":3,"height":4}"#.into(),
+        r#"{"type":"shape_create","shapeType":"oval","x":1,"y":2,"width":3}"#.into(),
+        r#"{"type":"shape_create","shapeType":"oval","x":1,"y":2,"width":3,"height":4,"fill":7}"#
+            .into(),
+        r#"{"type":"shape_update","shapeId":"no-such-shape","x":9}"#.into(),
+        format!(r#"{{"type":"shape_update","shapeId":{id},"x":"9"}}"#),
+        r#"{"type":"shape_delete","shapeId":"no-such-shape"}"#.into(),
+        r#"{"type":"shape_delete"}"#.into(),
+    ] {
+        alice.send_text(&bad).await;
+    }
+    alice.send_raw(Message::binary(vec![1u8, 2, 3])).await;
+    let after = alice.sync("alice", 1.0).await;
+    assert_eq!(after["shapes"], before["shapes"]);
+    assert_eq!(users(&after), ["alice"]);
+}
+
+#[tokio::test]
+async fn a_room_holds_at_most_1000_shapes() {
+    let server = Server::start(&[]);
+    let mut alice = server.join("alice", "r1").await;
+    for i in 0..1005 {
+        alice.send(rect(i as f64)).await;
+    }
+    let snap = alice.sync("alice", -1.0).await;
+    assert_eq!(shapes(&snap).len(), 1000);
+    assert_eq!(shapes(&snap)[999]["x"], 999);
+}
+
+// ---- §4 Server -> client messages -------------------------------------------
+
+#[tokio::test]
+async fn snapshot_order_is_join_first_move_and_creation_order() {
+    let server = Server::start(&[]);
+    let mut carol = server.join("carol", "r1").await;
+    let mut alice = server.join("alice", "r1").await;
+    let mut bob = server.join("bob", "r1").await;
+    bob.sync("bob", 1.0).await;
+    carol.sync("carol", 2.0).await;
+    alice.sync("alice", 3.0).await;
+    bob.send(rect(10.0)).await;
+    bob.sync("bob", 4.0).await; // moves again: bob's cursor keeps its place
+    alice.send(rect(20.0)).await;
+    alice.sync("alice", 5.0).await;
+    carol.send(rect(30.0)).await;
+    let snap = carol.sync("carol", 6.0).await;
+    assert_eq!(users(&snap), ["carol", "alice", "bob"]);
+    let cursor_users: Vec<&str> = snap["cursors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["userId"].as_str().unwrap())
+        .collect();
+    assert_eq!(cursor_users, ["bob", "carol", "alice"]);
+    let xs: Vec<i64> = shapes(&snap)
+        .iter()
+        .map(|s| s["x"].as_i64().unwrap())
+        .collect();
+    assert_eq!(xs, [10, 20, 30]);
+}
+
+#[tokio::test]
+async fn timestamps_are_iso_milliseconds_and_numbers_read_as_javascript() {
+    let server = Server::start(&[]);
+    let mut alice = server.join("alice", "r1").await;
+    alice
+        .send(json!({"type":"shape_create","shapeType":"line","x":100,"y":0.5,"width":1e21,"height":-0.0000001}))
+        .await;
+    alice
+        .send(json!({"type":"cursor_move","x":100.0,"y":2.25}))
+        .await;
+    let text = loop {
+        let text = alice.next_text().await;
+        if text.contains("\"cursors\":[{") {
+            break text;
+        }
+    };
+    assert!(
+        text.contains(r#""x":100,"y":0.5,"width":1e+21,"height":-1e-7,"#),
+        "{text}"
+    );
+    assert!(text.contains(r#""x":100,"y":2.25,"#), "{text}");
+    let snap: Value = serde_json::from_str(&text).unwrap();
+    for ts in [
+        &snap["cursors"][0]["timestamp"],
+        &snap["shapes"][0]["timestamp"],
+    ] {
+        let ts = ts.as_str().unwrap();
+        // 2026-11-25T20:00:00.123Z
+        assert_eq!(ts.len(), 24, "{ts}");
+        assert_eq!(&ts[10..11], "T");
+        assert_eq!(&ts[19..20], ".");
+        assert!(ts.ends_with('Z'));
+        assert!(ts[20..23].chars().all(|c| c.is_ascii_digit()));
+    }
+}
+
+// ---- Architecture -----------------------------------------------------------
+
+#[tokio::test]
+async fn rooms_are_spread_over_separate_worker_processes() {
+    let server = Server::start(&[]);
+    let _a = server.join("alice", "room-a").await;
+    let _b = server.join("bob", "room-b").await;
+    let status = server.status().await;
+    let workers = status["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2);
+    let pids: Vec<u32> = workers
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap() as u32)
+        .collect();
+    assert_ne!(pids[0], pids[1]);
+    for pid in &pids {
+        assert_ne!(*pid, server.pid());
+        assert!(process_exists(*pid), "worker {pid} is a live process");
+    }
+    let mut rooms: Vec<&str> = workers
+        .iter()
+        .map(|w| {
+            assert_eq!(w["rooms"].as_array().unwrap().len(), 1, "{status}");
+            w["rooms"][0].as_str().unwrap()
+        })
+        .collect();
+    rooms.sort();
+    assert_eq!(rooms, ["room-a", "room-b"]);
+}
+
+#[tokio::test]
+async fn new_rooms_are_refused_with_503_when_every_worker_is_full() {
+    let server = Server::start_raw(
+        &["--workers", "2", "--rooms-per-worker", "1"],
+        &[("JWT_SECRET", SECRET)],
+    );
+    let a = server.join("alice", "room-a").await;
+    let _b = server.join("bob", "room-b").await;
+    let refused = server
+        .try_connect(&server.url(&server.token("carol", "room-c")))
+        .await;
+    assert_eq!(refused.err(), Some(503));
+    // An existing room still takes members.
+    let _a2 = server.join("dave", "room-a").await;
+    // Once a room is empty and freed, its capacity is available again.
+    a.close().await;
+    drop(_a2);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        match server
+            .try_connect(&server.url(&server.token("carol", "room-c")))
+            .await
+        {
+            Ok(mut c) => {
+                assert_eq!(users(&c.next_snapshot().await), ["carol"]);
+                break;
+            }
+            Err(503) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(code) => panic!("still refused with {code}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reader_that_stalls_never_delays_the_others_and_ends_with_the_newest() {
+    let server = Server::start(&[]);
+    let mut stalled = server.join("stalled", "r1").await;
+    let mut active = server.join("active", "r1").await;
+    // Each snapshot carries ~1000 shapes' worth of text, so the stalled client's
+    // socket buffers fill quickly while it reads nothing.
+    for i in 0..300 {
+        active
+            .send(
+                json!({"type":"shape_create","shapeType":"text","x":i,"y":0,"width":1,"height":1,
+                "text":"x".repeat(200)}),
+            )
+            .await;
+    }
+    for i in 0..200 {
+        active.send(json!({"type":"cursor_move","x":i,"y":i})).await;
+    }
+    let last = active.sync("active", 9999.0).await;
+    assert_eq!(shapes(&last).len(), 300);
+    // Now the stalled client reads: it may skip snapshots, but ends with the newest.
+    let got = stalled.until(|s| *s == last).await;
+    assert_eq!(got, last);
+}
+
+#[tokio::test]
+async fn idle_clients_are_pinged_and_silent_ones_dropped() {
+    let server = Server::start(&["--ping-interval-ms", "200"]);
+    let mut watcher = server.join("watcher", "r1").await;
+    // A client that never reads never answers pings.
+    let silent = server.join("silent", "r1").await;
+    watcher.until(|s| users(s) == ["watcher", "silent"]).await;
+    let snap = watcher.until(|s| users(s) == ["watcher"]).await;
+    assert_eq!(users(&snap), ["watcher"]);
+    // The watcher, idle but reading (so answering pings), is still connected.
+    assert_eq!(watcher.read_for(Duration::from_millis(1000)).await, 0);
+    assert_eq!(users(&watcher.sync("watcher", 1.0).await), ["watcher"]);
+    drop(silent);
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
+    let mut server = Server::start(&[]);
+    let mut alice = server.join("alice", "r1").await;
+    let worker_pids: Vec<u32> = server.status().await["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap() as u32)
+        .collect();
+    server.signal("TERM");
+    assert_eq!(
+        alice.closed().await,
+        Closed::Frame(1001, "Server shutting down".into())
+    );
+    assert_eq!(server.wait_exit(PATIENCE), Some(0));
+    for pid in worker_pids {
+        assert!(!process_exists(pid), "worker {pid} outlived the supervisor");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_worker_is_replaced_and_new_rooms_work() {
+    let server = Server::start_raw(&["--workers", "1"], &[("JWT_SECRET", SECRET)]);
+    let mut alice = server.join("alice", "r1").await;
+    let old_pid = server.status().await["workers"][0]["pid"].as_u64().unwrap() as u32;
+    send_signal(old_pid, "KILL");
+    // Until crash recovery lands, members of the lost room are told with 1011.
+    assert_eq!(
+        alice.closed().await,
+        Closed::Frame(1011, "Room lost: its worker failed".into())
+    );
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let new_pid = loop {
+        let status = server.status().await;
+        if let Some(pid) = status["workers"][0]["pid"]
+            .as_u64()
+            .filter(|&p| p as u32 != old_pid)
+        {
+            assert_eq!(status["workers"][0]["restarts"], 1);
+            break pid as u32;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no replacement worker"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(process_exists(new_pid));
+    let mut bob = server.join("bob", "r1").await;
+    assert_eq!(users(&bob.sync("bob", 1.0).await), ["bob"]);
+    assert!(server.logs().contains("worker failed"));
+}
+
+#[test]
+fn missing_jwt_secret_stops_start_up_with_one_clear_line() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))
+        .args(["--port", "0", "--bind", "127.0.0.1"])
+        .env_remove("JWT_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("JWT_SECRET is required"), "{stderr}");
+}

@@ -1,0 +1,370 @@
+//! Test harness: starts the real `session-server` binary on a free loopback port,
+//! keeps its logs (printed if the test fails), talks to it with real WebSocket
+//! clients, and kills it (by pid) when dropped.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+
+pub const SECRET: &str = "integration-test-secret";
+/// Upper bound for anything the tests wait for; they normally take milliseconds.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub struct Server {
+    child: Option<Child>,
+    pub port: u16,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts the server with `--workers 2` and the given extra flags.
+    pub fn start(extra: &[&str]) -> Server {
+        let mut args = vec!["--workers", "2"];
+        args.extend_from_slice(extra);
+        Server::start_raw(&args, &[("JWT_SECRET", SECRET)])
+    }
+
+    /// Starts the server with exactly these flags and environment.
+    pub fn start_raw(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_session-server"));
+        cmd.args(["--port", "0", "--bind", "127.0.0.1"])
+            .args(args)
+            .env_remove("JWT_SECRET")
+            .env_remove("PORT")
+            .env("LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn session-server");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (port_tx, port_rx) = mpsc::channel();
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let logs = logs.clone();
+            let port_tx = port_tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if let Some(rest) = line.split("Listening on *:").nth(1) {
+                        let port: u16 = rest.trim().parse().expect("port in listening line");
+                        let _ = port_tx.send(port);
+                    }
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        let mut server = Server {
+            child: Some(child),
+            port: 0,
+            logs,
+        };
+        match port_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(port) => server.port = port,
+            Err(_) => panic!("server did not start; logs:\n{}", server.logs()),
+        }
+        server
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// A token for `user` in `room`, with the `host` claim this server expects.
+    pub fn token(&self, user: &str, room: &str) -> String {
+        sign(json!({"userId": user, "roomId": room, "host": self.host(), "iat": now()}))
+    }
+
+    pub fn url(&self, token: &str) -> String {
+        format!("ws://{}/?token={token}", self.host())
+    }
+
+    /// Connects `user` to `room` and waits for the first snapshot.
+    pub async fn join(&self, user: &str, room: &str) -> Client {
+        let mut client = self.connect(&self.url(&self.token(user, room))).await;
+        client.next_snapshot().await;
+        client
+    }
+
+    pub async fn connect(&self, url: &str) -> Client {
+        match self.try_connect(url).await {
+            Ok(client) => client,
+            Err(e) => panic!("connect failed: {e}\nlogs:\n{}", self.logs()),
+        }
+    }
+
+    /// Connects, returning the HTTP status on a refused upgrade.
+    pub async fn try_connect(&self, url: &str) -> Result<Client, u16> {
+        match tokio::time::timeout(PATIENCE, connect_async(url)).await {
+            Ok(Ok((ws, _))) => Ok(Client { ws, last: None }),
+            Ok(Err(WsError::Http(response))) => Err(response.status().as_u16()),
+            Ok(Err(e)) => panic!("unexpected connect error: {e}"),
+            Err(_) => panic!("connect timed out"),
+        }
+    }
+
+    /// A plain HTTP/1.1 GET; returns status and body.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(self.host()).await.unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.host()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        tokio::time::timeout(PATIENCE, stream.read_to_string(&mut response))
+            .await
+            .expect("HTTP response in time")
+            .unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    pub async fn status(&self) -> Value {
+        let (code, body) = self.get("/status").await;
+        assert_eq!(code, 200);
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Sends a signal to the server process (by pid).
+    pub fn signal(&self, name: &str) {
+        send_signal(self.pid(), name);
+    }
+
+    /// Waits for the server process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit; logs:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- server logs ----\n{}\n---------------------",
+                self.logs()
+            );
+        }
+    }
+}
+
+pub fn send_signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+pub fn process_exists(pid: u32) -> bool {
+    // A zombie still has a /proc entry; look at its state.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+pub fn sign(claims: Value) -> String {
+    sign_with(claims, SECRET)
+}
+
+pub fn sign_with(claims: Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The last snapshot received, as text.
+    pub last: Option<String>,
+}
+
+/// How a connection ended, as the client saw it.
+#[derive(Debug, PartialEq)]
+pub enum Closed {
+    /// A close frame with this code and reason.
+    Frame(u16, String),
+    /// The connection ended without a close frame.
+    Dropped,
+}
+
+impl Client {
+    pub async fn send(&mut self, msg: Value) {
+        self.send_text(&msg.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, msg: Message) {
+        self.ws.send(msg).await.unwrap();
+    }
+
+    /// The next snapshot, as raw text. Panics on close or after [`PATIENCE`].
+    pub async fn next_text(&mut self) -> String {
+        loop {
+            let msg = tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("snapshot in time")
+                .expect("connection open")
+                .expect("no websocket error");
+            match msg {
+                Message::Text(t) => {
+                    self.last = Some(t.to_string());
+                    return t.to_string();
+                }
+                Message::Close(frame) => panic!("unexpected close: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    pub async fn next_snapshot(&mut self) -> Value {
+        serde_json::from_str(&self.next_text().await).expect("snapshot is JSON")
+    }
+
+    /// Reads snapshots until one satisfies `pred`; returns it.
+    pub async fn until(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "no matching snapshot; last: {:?}",
+                self.last
+            );
+            let snap = self.next_snapshot().await;
+            if pred(&snap) {
+                return snap;
+            }
+        }
+    }
+
+    /// Moves this client's cursor to a marker position and waits for the snapshot
+    /// showing it: every frame sent before has then been applied.
+    pub async fn sync(&mut self, user: &str, marker: f64) -> Value {
+        self.send(json!({"type":"cursor_move","x":marker,"y":marker}))
+            .await;
+        self.until(|s| {
+            s["cursors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["userId"] == user && c["x"] == marker)
+        })
+        .await
+    }
+
+    /// Reads until the connection ends; returns how.
+    pub async fn closed(&mut self) -> Closed {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.ws.next()).await {
+                Err(_) => panic!("connection still open after {PATIENCE:?}"),
+                Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                    return Closed::Frame(frame.code.into(), frame.reason.to_string());
+                }
+                Ok(Some(Ok(Message::Close(None)))) | Ok(None) | Ok(Some(Err(_))) => {
+                    return Closed::Dropped;
+                }
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// Stays connected and reading (so answering pings) for `duration`; returns
+    /// the snapshots received meanwhile. Panics if the connection ends.
+    pub async fn read_for(&mut self, duration: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + duration;
+        let mut snapshots = 0;
+        while let Ok(msg) = tokio::time::timeout_at(deadline, self.ws.next()).await {
+            match msg {
+                Some(Ok(Message::Text(_))) => snapshots += 1,
+                Some(Ok(Message::Close(frame))) => panic!("unexpected close: {frame:?}"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("connection failed: {e}"),
+                None => panic!("connection ended"),
+            }
+        }
+        snapshots
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        // Drain until the server's answer so the close is complete.
+        let _ = tokio::time::timeout(PATIENCE, async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+}
+
+/// Users of a snapshot, in order.
+pub fn users(snap: &Value) -> Vec<String> {
+    snap["connectedUsers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap().to_owned())
+        .collect()
+}
+
+pub fn shapes(snap: &Value) -> &Vec<Value> {
+    snap["shapes"].as_array().unwrap()
+}
