@@ -81,6 +81,8 @@ pub struct Config {
     pub jwt_secret: String,
     pub require_host_claim: bool,
     pub ping_interval: Duration,
+    /// Accepted for compatibility; persistence is not implemented yet.
+    pub backend_url: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -123,6 +125,7 @@ impl ServeArgs {
             jwt_secret,
             require_host_claim: self.require_host_claim,
             ping_interval: Duration::from_millis(self.ping_interval_ms),
+            backend_url: self.backend_url,
         })
     }
 }

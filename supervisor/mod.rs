@@ -85,6 +85,16 @@ pub async fn run(
     listener: TcpListener,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    if let Some(url) = &config.backend_url {
+        warn!(
+            backend_url = %url,
+            "BACKEND_URL is set but persistence is not implemented in this build: shapes live in memory while a room is open"
+        );
+    } else {
+        warn!(
+            "persistence is not implemented in this build: shapes live in memory while a room is open"
+        );
+    }
     let registry = Arc::new(Registry::new(config.workers, config.rooms_per_worker));
     let pool = WorkerPool::start(config.workers, registry.clone(), stop.clone()).await?;
     info!(
