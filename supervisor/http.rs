@@ -16,7 +16,7 @@ use hyper::header::{
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
@@ -27,6 +27,10 @@ use tracing::{debug, info, warn};
 use super::registry::CONN_COMMANDS;
 use super::{Shared, session};
 use crate::ipc::ConnId;
+
+/// A client must send its request headers within this (bounds idle and
+/// slow-header connections that never become sessions).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Largest client message and frame. The biggest legitimate message is a shape
 /// with its text; 64 KiB leaves ample room and bounds what one client can make the
@@ -43,6 +47,8 @@ pub async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
         async move { Ok::<_, Infallible>(route(req, shared)) }
     });
     if let Err(e) = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await

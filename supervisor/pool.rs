@@ -242,7 +242,10 @@ async fn spawn_and_connect(id: WorkerId) -> anyhow::Result<(Child, LocalStream, 
         .create_tokio()
         .with_context(|| format!("creating IPC socket {name}"))?;
     let nonce = rand::random::<u64>();
+    // argv[0] is the executable's real path, so `ps` shows what runs.
+    let shown_name = std::env::current_exe().unwrap_or_else(|_| "session-server".into());
     let mut child = Command::new(own_executable()?)
+        .arg0(shown_name)
         .arg("worker")
         .arg("--ipc")
         .arg(&name)
@@ -334,4 +337,96 @@ async fn read_frames(reader: &mut Reader, registry: &Registry, worker: WorkerId)
         }
     }
     "IPC socket closed by worker".to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connected pair of local sockets, as supervisor (reader, writer) and the
+    /// fake worker's (reader, writer).
+    async fn socket_pair() -> (
+        (Reader, Writer),
+        (
+            FramedRead<tokio::io::ReadHalf<LocalStream>, IpcCodec<ToWorker, FromWorker>>,
+            FramedWrite<tokio::io::WriteHalf<LocalStream>, IpcCodec<ToWorker, FromWorker>>,
+        ),
+    ) {
+        use interprocess::local_socket::traits::tokio::Stream as _;
+        let name = format!("session-server-test.{}.sock", rand::random::<u64>());
+        let listener = ListenerOptions::new()
+            .name(name.as_str().to_ns_name::<GenericNamespaced>().unwrap())
+            .create_tokio()
+            .unwrap();
+        let ns_name = name.as_str().to_ns_name::<GenericNamespaced>().unwrap();
+        let (accepted, connected) = tokio::join!(listener.accept(), LocalStream::connect(ns_name));
+        let (sr, sw) = tokio::io::split(accepted.unwrap());
+        let (wr, ww) = tokio::io::split(connected.unwrap());
+        (
+            (
+                FramedRead::new(sr, IpcCodec::new()),
+                FramedWrite::new(sw, IpcCodec::new()),
+            ),
+            (
+                FramedRead::new(wr, IpcCodec::new()),
+                FramedWrite::new(ww, IpcCodec::new()),
+            ),
+        )
+    }
+
+    async fn handshake_with(reply: FromWorker) -> anyhow::Result<()> {
+        let ((mut reader, mut writer), (mut w_reader, mut w_writer)) = socket_pair().await;
+        let fake_worker = async move {
+            let hello = w_reader.next().await.unwrap().unwrap();
+            assert_eq!(
+                hello,
+                ToWorker::Hello {
+                    ipc_version: IPC_VERSION,
+                    worker_id: WorkerId(4)
+                }
+            );
+            w_writer.send(reply).await.unwrap();
+            (w_reader, w_writer)
+        };
+        let (result, _keep_open) = tokio::join!(
+            handshake(WorkerId(4), &mut reader, &mut writer, 99),
+            fake_worker
+        );
+        result
+    }
+
+    #[tokio::test]
+    async fn handshake_accepts_the_spawned_worker() {
+        let reply = FromWorker::Hello {
+            ipc_version: IPC_VERSION,
+            pid: 1,
+            nonce: 99,
+        };
+        handshake_with(reply).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn handshake_refuses_another_ipc_version() {
+        let reply = FromWorker::Hello {
+            ipc_version: IPC_VERSION + 1,
+            pid: 1,
+            nonce: 99,
+        };
+        let err = handshake_with(reply).await.unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("worker speaks IPC version {}", IPC_VERSION + 1)),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn handshake_refuses_a_peer_without_the_nonce() {
+        let reply = FromWorker::Hello {
+            ipc_version: IPC_VERSION,
+            pid: 1,
+            nonce: 98,
+        };
+        let err = handshake_with(reply).await.unwrap_err().to_string();
+        assert!(err.contains("wrong nonce"), "{err}");
+    }
 }

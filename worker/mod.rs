@@ -36,14 +36,19 @@ type Reader = FramedRead<tokio::io::ReadHalf<LocalStream>, IpcCodec<ToWorker, Fr
 type Writer = FramedWrite<tokio::io::WriteHalf<LocalStream>, IpcCodec<ToWorker, FromWorker>>;
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    let worker_id = args.worker_id();
-    let span = tracing::info_span!("worker", id = %worker_id, pid = std::process::id());
-    let _enter = span.enter();
-
     let nonce: u64 = std::env::var(WORKER_NONCE_ENV)
         .ok()
         .and_then(|v| v.parse().ok())
         .context("worker started without its handshake nonce (it is started by the supervisor, not by hand)")?;
+    serve(args, nonce).await
+}
+
+/// Connects to the supervisor, checks its hello, then applies frames until the
+/// socket closes.
+async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
+    let worker_id = args.worker_id();
+    let span = tracing::info_span!("worker", id = %worker_id, pid = std::process::id());
+    let _enter = span.enter();
     let name = args.ipc.as_str().to_ns_name::<GenericNamespaced>()?;
     let stream = LocalStream::connect(name)
         .await
@@ -127,7 +132,8 @@ impl WorkerState {
             }
             ToWorker::Event(stamped) => {
                 let Some(room) = self.rooms.get_mut(&stamped.room) else {
-                    warn!(room = %stamped.room, seq = stamped.seq, "event for a room this worker does not hold");
+                    // Left over in the queue from a worker that failed; dropped.
+                    debug!(room = %stamped.room, seq = stamped.seq, "event for a room this worker does not hold");
                     return;
                 };
                 let conn = match &stamped.event {
@@ -176,5 +182,44 @@ impl WorkerState {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipc::WorkerId;
+    use interprocess::local_socket::ListenerOptions;
+    use interprocess::local_socket::traits::tokio::Listener as _;
+
+    /// A worker refuses to run for a supervisor that speaks another IPC version.
+    #[tokio::test]
+    async fn worker_refuses_a_supervisor_with_another_ipc_version() {
+        let name = format!("session-server-test.{}.sock", rand::random::<u64>());
+        let listener = ListenerOptions::new()
+            .name(name.as_str().to_ns_name::<GenericNamespaced>().unwrap())
+            .create_tokio()
+            .unwrap();
+        let args = WorkerArgs {
+            ipc: name,
+            worker_id: 0,
+        };
+        let worker = tokio::spawn(serve(args, 7));
+        let stream = listener.accept().await.unwrap();
+        let (_, write_half) = tokio::io::split(stream);
+        let mut writer = FramedWrite::new(write_half, IpcCodec::<FromWorker, ToWorker>::new());
+        writer
+            .send(ToWorker::Hello {
+                ipc_version: IPC_VERSION + 1,
+                worker_id: WorkerId(0),
+            })
+            .await
+            .unwrap();
+        let err = worker.await.unwrap().unwrap_err().to_string();
+        assert!(err.contains("refusing to run"), "{err}");
+        assert!(
+            err.contains(&format!("IPC version {}", IPC_VERSION + 1)),
+            "{err}"
+        );
     }
 }
