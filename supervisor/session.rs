@@ -169,7 +169,11 @@ async fn serve(
                     info!(silent_ms = silent.as_millis() as u64, "client silent; dropping it");
                     return End::ClientGone;
                 }
-                if silent >= ping_every
+                // Half an interval, not a whole one: the pong to the previous ping
+                // arrives just after that tick, so at this tick the client has been
+                // silent for a little less than an interval, and must be pinged
+                // again to be heard before the next tick's check.
+                if silent >= ping_every / 2
                     && tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Ping(Default::default()))).await.is_err()
                 {
                     return End::ClientGone;

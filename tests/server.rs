@@ -513,7 +513,7 @@ async fn a_reader_that_stalls_never_delays_the_others_and_ends_with_the_newest()
 
 #[tokio::test]
 async fn idle_clients_are_pinged_and_silent_ones_dropped() {
-    let server = Server::start(&["--ping-interval-ms", "200"]);
+    let server = Server::start(&["--ping-interval-ms", "500"]);
     let mut watcher = server.join("watcher", "r1").await;
     // A client that never reads never answers pings.
     let silent = server.join("silent", "r1").await;
@@ -521,7 +521,7 @@ async fn idle_clients_are_pinged_and_silent_ones_dropped() {
     let snap = watcher.until(|s| users(s) == ["watcher"]).await;
     assert_eq!(users(&snap), ["watcher"]);
     // The watcher, idle but reading (so answering pings), is still connected.
-    assert_eq!(watcher.read_for(Duration::from_millis(1000)).await, 0);
+    assert_eq!(watcher.read_for(Duration::from_millis(2000)).await, 0);
     assert_eq!(users(&watcher.sync("watcher", 1.0).await), ["watcher"]);
     drop(silent);
 }
