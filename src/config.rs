@@ -1,10 +1,13 @@
 //! Configuration: command-line flags with environment fallbacks, turned once into
 //! a validated [`Config`] (bad configuration stops start-up with one clear line).
 
+use std::fmt;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
 
 use crate::ipc::WorkerId;
 
@@ -51,10 +54,29 @@ pub struct ServeArgs {
     /// intervals is dropped.
     #[arg(long, env = "PING_INTERVAL_MS", default_value_t = 30_000)]
     pub ping_interval_ms: u64,
-    /// Board persistence service. Not implemented in this build: shapes are kept
-    /// in memory while a room is open.
+    /// Board persistence service (PROTOCOL.md §5). Unset: the embedded store.
     #[arg(long, env = "BACKEND_URL")]
     pub backend_url: Option<String>,
+    /// Secret that signs requests to the backend; required with a backend.
+    #[arg(long, env = "SESSION_SERVER_SECRET", hide_env_values = true)]
+    pub session_server_secret: Option<String>,
+    /// Folder of the embedded store (used when no backend is set).
+    #[arg(long, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Save a room once it has been quiet this long after a shape change.
+    #[arg(long, env = "PERSIST_DEBOUNCE_MS", default_value_t = 2_000)]
+    pub persist_debounce_ms: u64,
+    /// Save a room at the latest this long after its first unsaved change.
+    #[arg(long, env = "PERSIST_MAX_WAIT_MS", default_value_t = 10_000)]
+    pub persist_max_wait_ms: u64,
+    /// How long members of a new room wait for its shapes to load before they are
+    /// admitted to a degraded room (the load keeps retrying; nothing is saved until
+    /// it succeeds).
+    #[arg(long, env = "LOAD_WAIT_MS", default_value_t = 5_000)]
+    pub load_wait_ms: u64,
+    /// On SIGTERM, time allowed to save every room with unsaved changes.
+    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
 }
 
 /// Flags of a worker process, set by the supervisor that spawns it.
@@ -81,9 +103,52 @@ pub struct Config {
     pub jwt_secret: String,
     pub require_host_claim: bool,
     pub ping_interval: Duration,
-    /// Accepted for compatibility; persistence is not implemented yet.
-    pub backend_url: Option<String>,
+    pub shutdown_grace: Duration,
+    /// What workers need to persist rooms; sent to each worker at its handshake.
+    pub persistence: PersistSettings,
 }
+
+/// A secret that never shows in logs or `Debug` output.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Where boards are persisted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StoreConfig {
+    /// The HTTP backend of PROTOCOL.md §5.
+    Backend { url: String, secret: Secret },
+    /// The embedded SQLite store, one file.
+    Embedded { path: PathBuf },
+}
+
+impl fmt::Display for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreConfig::Backend { url, .. } => write!(f, "HTTP backend at {url}"),
+            StoreConfig::Embedded { path } => {
+                write!(f, "embedded SQLite store at {}", path.display())
+            }
+        }
+    }
+}
+
+/// The persistence policy, shared by every worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistSettings {
+    pub store: StoreConfig,
+    pub debounce_ms: u64,
+    pub max_wait_ms: u64,
+    pub load_wait_ms: u64,
+}
+
+/// File name of the embedded store inside `--data-dir`.
+pub const EMBEDDED_STORE_FILE: &str = "boards.sqlite3";
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConfigError {
@@ -95,6 +160,14 @@ pub enum ConfigError {
     NoRooms,
     #[error("--ping-interval-ms must be at least 10")]
     PingTooShort,
+    #[error(
+        "SESSION_SERVER_SECRET is required when BACKEND_URL is set: it signs the requests to the backend"
+    )]
+    MissingBackendSecret,
+    #[error("BACKEND_URL must start with http:// or https://, got {0:?}")]
+    BadBackendUrl(String),
+    #[error("--persist-max-wait-ms must be at least --persist-debounce-ms")]
+    MaxWaitBelowDebounce,
 }
 
 impl ServeArgs {
@@ -117,6 +190,27 @@ impl ServeArgs {
         if self.ping_interval_ms < 10 {
             return Err(ConfigError::PingTooShort);
         }
+        let store = match self.backend_url.filter(|u| !u.is_empty()) {
+            Some(url) => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(ConfigError::BadBackendUrl(url));
+                }
+                let secret = self
+                    .session_server_secret
+                    .filter(|s| !s.is_empty())
+                    .ok_or(ConfigError::MissingBackendSecret)?;
+                StoreConfig::Backend {
+                    url: url.trim_end_matches('/').to_owned(),
+                    secret: Secret(secret),
+                }
+            }
+            None => StoreConfig::Embedded {
+                path: self.data_dir.join(EMBEDDED_STORE_FILE),
+            },
+        };
+        if self.persist_max_wait_ms < self.persist_debounce_ms {
+            return Err(ConfigError::MaxWaitBelowDebounce);
+        }
         Ok(Config {
             port: self.port,
             bind: self.bind,
@@ -125,7 +219,13 @@ impl ServeArgs {
             jwt_secret,
             require_host_claim: self.require_host_claim,
             ping_interval: Duration::from_millis(self.ping_interval_ms),
-            backend_url: self.backend_url,
+            shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+            persistence: PersistSettings {
+                store,
+                debounce_ms: self.persist_debounce_ms,
+                max_wait_ms: self.persist_max_wait_ms,
+                load_wait_ms: self.load_wait_ms,
+            },
         })
     }
 }
@@ -173,6 +273,44 @@ mod tests {
         assert_eq!(config.rooms_per_worker, 7);
         assert_eq!(config.jwt_secret, "s");
         assert!(!config.require_host_claim);
+    }
+
+    #[test]
+    fn backend_needs_its_secret_and_an_http_url() {
+        let mut serve = parse(&["--jwt-secret", "s"]).serve;
+        serve.backend_url = Some("http://localhost:3000/".into());
+        serve.session_server_secret = None;
+        assert_eq!(
+            serve.clone().validate().unwrap_err(),
+            ConfigError::MissingBackendSecret
+        );
+        serve.session_server_secret = Some("b".into());
+        let config = serve.clone().validate().unwrap();
+        assert_eq!(
+            config.persistence.store,
+            StoreConfig::Backend {
+                url: "http://localhost:3000".into(),
+                secret: Secret("b".into())
+            }
+        );
+        assert!(!format!("{:?}", config.persistence).contains("\"b\""));
+        serve.backend_url = Some("localhost:3000".into());
+        assert!(matches!(
+            serve.validate().unwrap_err(),
+            ConfigError::BadBackendUrl(_)
+        ));
+    }
+
+    #[test]
+    fn without_backend_the_embedded_store_is_used() {
+        let mut serve = parse(&["--jwt-secret", "s", "--data-dir", "/tmp/x"]).serve;
+        serve.backend_url = None;
+        assert_eq!(
+            serve.validate().unwrap().persistence.store,
+            StoreConfig::Embedded {
+                path: "/tmp/x/boards.sqlite3".into()
+            }
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 /// Version of the frame definitions below. The supervisor and a worker exchange it
 /// in their first frames and refuse to talk on a mismatch. Bump it on any change to
 /// [`ToWorker`] or [`FromWorker`].
-pub const IPC_VERSION: u32 = 1;
+pub const IPC_VERSION: u32 = 2;
 
 /// Largest IPC frame body accepted. A snapshot of a full room (1000 shapes with
 /// bounded fields) is far below this; anything larger is corruption.
@@ -67,8 +67,14 @@ pub enum ToWorker {
     OpenRoom { room: RoomId, id_seed: u64 },
     /// A room event, stamped by the supervisor.
     Event(Stamped),
-    /// Every member has left: free the room.
+    /// Every member has left: save the room if needed, then free it. Answered by
+    /// `RoomClosed`, or by `CloseCancelled` if an `OpenRoom` comes first.
     CloseRoom { room: RoomId },
+    /// Sent once, right after a successful hello: how to persist rooms.
+    Configure(crate::config::PersistSettings),
+    /// The server is stopping: save every room with unsaved changes within
+    /// `grace_ms`, then answer `Drained`.
+    Drain { grace_ms: u64 },
 }
 
 /// A room event with everything the worker needs to apply it deterministically:
@@ -120,6 +126,20 @@ pub enum FromWorker {
     /// The room has been freed after a `CloseRoom`.
     RoomClosed {
         room: RoomId,
+    },
+    /// The room's shapes up to and including frame `seq` are in the store.
+    Saved {
+        room: RoomId,
+        seq: u64,
+    },
+    /// A `CloseRoom` was overtaken by an `OpenRoom`: the room stays.
+    CloseCancelled {
+        room: RoomId,
+    },
+    /// Answer to `Drain`: rooms saved meanwhile, and rooms left with unsaved changes.
+    Drained {
+        saved: u32,
+        unsaved: Vec<RoomId>,
     },
 }
 

@@ -17,9 +17,9 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, StoreConfig};
 use auth::Authenticator;
 use pool::WorkerPool;
 use registry::Registry;
@@ -37,8 +37,10 @@ pub struct Shared {
     pub next_conn: AtomicU64,
     /// Every WebSocket session, so shutdown can wait for their close frames.
     pub sessions: TaskTracker,
-    /// Cancelled when the server begins to shut down.
+    /// Cancelled when the server begins to shut down: no new connections.
     pub stop: CancellationToken,
+    /// Cancelled once rooms are saved on shutdown: sessions close with 1001.
+    pub close_sessions: CancellationToken,
 }
 
 /// Entry point: binds the port, handles signals, runs the server.
@@ -85,18 +87,17 @@ pub async fn run(
     listener: TcpListener,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    if let Some(url) = &config.backend_url {
-        warn!(
-            backend_url = %url,
-            "BACKEND_URL is set but persistence is not implemented in this build: shapes live in memory while a room is open"
-        );
-    } else {
-        warn!(
-            "persistence is not implemented in this build: shapes live in memory while a room is open"
-        );
-    }
+    check_store(&config.persistence.store)?;
+    info!(store = %config.persistence.store, "persistence");
     let registry = Arc::new(Registry::new(config.workers, config.rooms_per_worker));
-    let pool = WorkerPool::start(config.workers, registry.clone(), stop.clone()).await?;
+    let stop_workers = CancellationToken::new();
+    let pool = WorkerPool::start(
+        config.workers,
+        config.persistence.clone(),
+        registry.clone(),
+        stop_workers.clone(),
+    )
+    .await?;
     info!(
         workers = config.workers,
         rooms_per_worker = config.rooms_per_worker,
@@ -111,6 +112,7 @@ pub async fn run(
         next_conn: AtomicU64::new(1),
         sessions: TaskTracker::new(),
         stop: stop.clone(),
+        close_sessions: CancellationToken::new(),
     });
 
     let port = listener.local_addr()?.port();
@@ -131,6 +133,34 @@ pub async fn run(
         }
     }
     drop(listener);
+
+    // Save first, while clients are still connected; then say goodbye.
+    let grace = shared.config.shutdown_grace;
+    info!(
+        grace_ms = grace.as_millis() as u64,
+        "saving rooms before exit"
+    );
+    let reports = shared.pool.drain(grace).await;
+    let saved: u32 = reports.iter().flat_map(|(_, r)| r).map(|r| r.saved).sum();
+    let unsaved: Vec<String> = reports
+        .iter()
+        .flat_map(|(_, r)| {
+            r.iter()
+                .flat_map(|r| r.unsaved.iter().map(|room| room.0.clone()))
+        })
+        .collect();
+    let silent: Vec<String> = reports
+        .iter()
+        .filter(|(_, r)| r.is_none())
+        .map(|(id, _)| id.to_string())
+        .collect();
+    if unsaved.is_empty() && silent.is_empty() {
+        info!(saved, "shutdown: every room saved");
+    } else {
+        error!(saved, ?unsaved, workers_not_answering = ?silent, "shutdown: some rooms could not be saved");
+    }
+
+    shared.close_sessions.cancel();
     shared.sessions.close();
     if tokio::time::timeout(SESSION_CLOSE_GRACE, shared.sessions.wait())
         .await
@@ -138,7 +168,17 @@ pub async fn run(
     {
         warn!("some sessions did not close in time");
     }
+    stop_workers.cancel();
     shared.pool.wait_stopped().await;
     info!("stopped");
+    Ok(())
+}
+
+/// Fails start-up with a clear message if the embedded store cannot be opened
+/// (the backend is checked by use: it may legitimately be down at start).
+fn check_store(store: &StoreConfig) -> anyhow::Result<()> {
+    if let StoreConfig::Embedded { path } = store {
+        crate::worker::store::sqlite::SqliteStore::open(path)?;
+    }
     Ok(())
 }

@@ -5,8 +5,8 @@
 //! Each worker slot has one queue that outlives its processes, so sessions keep a
 //! valid sender across a respawn.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
@@ -23,8 +23,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::registry::Registry;
-use crate::config::WORKER_NONCE_ENV;
-use crate::ipc::{FromWorker, IPC_VERSION, IpcCodec, ToWorker, WorkerId};
+use crate::config::{PersistSettings, WORKER_NONCE_ENV};
+use crate::ipc::{FromWorker, IPC_VERSION, IpcCodec, RoomId, ToWorker, WorkerId};
 
 /// Frames queued per worker before senders wait. Large enough to absorb bursts
 /// from many rooms; when full, each session waits (backpressure on its client).
@@ -38,6 +38,8 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Respawn delays: doubled after each quick failure, so a crash loop is throttled.
 const MIN_RESPAWN_DELAY: Duration = Duration::from_millis(50);
 const MAX_RESPAWN_DELAY: Duration = Duration::from_secs(5);
+/// Beyond the drain grace, time allowed for the workers' answers to arrive.
+const DRAIN_ANSWER_MARGIN: Duration = Duration::from_secs(1);
 /// A worker that ran this long before failing resets the respawn delay.
 const STABLE_RUN: Duration = Duration::from_secs(30);
 
@@ -53,6 +55,17 @@ pub struct WorkerSlot {
     pid: AtomicU32,
     /// Processes started after the first one.
     restarts: AtomicU64,
+    /// Where the answer to a `Drain` goes.
+    drained: Mutex<Option<oneshot::Sender<DrainReport>>>,
+}
+
+/// A worker's answer to a drain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DrainReport {
+    /// Saves that succeeded during the drain.
+    pub saved: u32,
+    /// Rooms still holding unsaved changes when the drain ended.
+    pub unsaved: Vec<RoomId>,
 }
 
 impl WorkerSlot {
@@ -74,6 +87,7 @@ impl WorkerPool {
     /// Starts `count` workers and waits until each has completed its handshake.
     pub async fn start(
         count: usize,
+        settings: PersistSettings,
         registry: Arc<Registry>,
         stop: CancellationToken,
     ) -> anyhow::Result<WorkerPool> {
@@ -87,11 +101,13 @@ impl WorkerPool {
                 queue,
                 pid: AtomicU32::new(0),
                 restarts: AtomicU64::new(0),
+                drained: Mutex::new(None),
             });
             let (ready_tx, ready_rx) = oneshot::channel();
             tasks.spawn(supervise(
                 slot.clone(),
                 frames,
+                settings.clone(),
                 registry.clone(),
                 stop.clone(),
                 ready_tx,
@@ -118,6 +134,35 @@ impl WorkerPool {
         &self.slots
     }
 
+    /// Asks every worker to save its unsaved rooms within `grace`; returns each
+    /// worker's report (`None`: no answer in time).
+    pub async fn drain(&self, grace: Duration) -> Vec<(WorkerId, Option<DrainReport>)> {
+        let deadline = tokio::time::Instant::now() + grace + DRAIN_ANSWER_MARGIN;
+        let mut answers = Vec::new();
+        for slot in &self.slots {
+            let (tx, rx) = oneshot::channel();
+            *slot.drained.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+            let drain = ToWorker::Drain {
+                grace_ms: grace.as_millis() as u64,
+            };
+            let sent = tokio::time::timeout_at(deadline, slot.queue.send(drain)).await;
+            answers.push((slot.id, rx, matches!(sent, Ok(Ok(())))));
+        }
+        let mut reports = Vec::new();
+        for (id, rx, sent) in answers {
+            let report = if sent {
+                tokio::time::timeout_at(deadline, rx)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            } else {
+                None
+            };
+            reports.push((id, report));
+        }
+        reports
+    }
+
     /// Waits for every worker process to have exited (after `stop` was cancelled).
     pub async fn wait_stopped(&self) {
         self.tasks.wait().await;
@@ -128,6 +173,7 @@ impl WorkerPool {
 async fn supervise(
     slot: Arc<WorkerSlot>,
     mut frames: mpsc::Receiver<ToWorker>,
+    settings: PersistSettings,
     registry: Arc<Registry>,
     stop: CancellationToken,
     ready: oneshot::Sender<Result<(), String>>,
@@ -136,7 +182,7 @@ async fn supervise(
     let mut delay = MIN_RESPAWN_DELAY;
     loop {
         let started = Instant::now();
-        let ended = run_worker(&slot, &mut frames, &registry, &stop, &mut ready).await;
+        let ended = run_worker(&slot, &mut frames, &settings, &registry, &stop, &mut ready).await;
         slot.pid.store(0, Ordering::Relaxed);
         if stop.is_cancelled() {
             info!(worker = %slot.id, "{ended}");
@@ -176,6 +222,7 @@ fn own_executable() -> std::io::Result<std::path::PathBuf> {
 async fn run_worker(
     slot: &WorkerSlot,
     frames: &mut mpsc::Receiver<ToWorker>,
+    settings: &PersistSettings,
     registry: &Registry,
     stop: &CancellationToken,
     ready: &mut Option<oneshot::Sender<Result<(), String>>>,
@@ -189,7 +236,14 @@ async fn run_worker(
     let mut reader: Reader = FramedRead::new(read_half, IpcCodec::new());
     let mut writer: Writer = FramedWrite::new(write_half, IpcCodec::new());
 
-    if let Err(e) = handshake(slot.id, &mut reader, &mut writer, nonce).await {
+    let handshake = async {
+        handshake(slot.id, &mut reader, &mut writer, nonce).await?;
+        writer
+            .send(ToWorker::Configure(settings.clone()))
+            .await
+            .context("sending settings")
+    };
+    if let Err(e) = handshake.await {
         let _ = child.start_kill();
         let status = child.wait().await;
         return format!("handshake with pid {pid} failed: {e:#} (process {status:?})");
@@ -202,7 +256,7 @@ async fn run_worker(
 
     let ended = tokio::select! {
         why = write_frames(frames, &mut writer) => why,
-        why = read_frames(&mut reader, registry, slot.id) => why,
+        why = read_frames(&mut reader, registry, slot) => why,
         status = child.wait() => format!("pid {pid} exited: {}", describe(status)),
         _ = stop.cancelled() => {
             // Closing the socket tells the worker to exit.
@@ -321,7 +375,8 @@ async fn write_frames(frames: &mut mpsc::Receiver<ToWorker>, writer: &mut Writer
 }
 
 /// Routes the worker's replies to the rooms' connections.
-async fn read_frames(reader: &mut Reader, registry: &Registry, worker: WorkerId) -> String {
+async fn read_frames(reader: &mut Reader, registry: &Registry, slot: &WorkerSlot) -> String {
+    let worker = slot.id;
     while let Some(frame) = reader.next().await {
         match frame {
             Ok(FromWorker::Snapshot { room, json }) => {
@@ -331,7 +386,22 @@ async fn read_frames(reader: &mut Reader, registry: &Registry, worker: WorkerId)
             Ok(FromWorker::JoinRejected { room, conn, reason }) => {
                 registry.reject(&room, conn, reason)
             }
-            Ok(FromWorker::RoomClosed { room }) => registry.room_closed(&room, worker),
+            Ok(FromWorker::RoomClosed { room } | FromWorker::CloseCancelled { room }) => {
+                registry.close_resolved(&room, worker)
+            }
+            Ok(FromWorker::Saved { room, seq }) => {
+                tracing::debug!(%worker, %room, seq, "room saved");
+            }
+            Ok(FromWorker::Drained { saved, unsaved }) => {
+                let answer = slot
+                    .drained
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                if let Some(answer) = answer {
+                    let _ = answer.send(DrainReport { saved, unsaved });
+                }
+            }
             Ok(FromWorker::Hello { .. }) => warn!(%worker, "unexpected second hello from worker"),
             Err(e) => return format!("IPC read failed: {e}"),
         }

@@ -265,8 +265,9 @@ impl Registry {
         }
     }
 
-    /// The worker confirmed that it freed the room.
-    pub fn room_closed(&self, room: &RoomId, worker: WorkerId) {
+    /// The worker answered a `CloseRoom`: the room is freed (`RoomClosed`), or
+    /// stays because it was reopened first (`CloseCancelled`).
+    pub fn close_resolved(&self, room: &RoomId, worker: WorkerId) {
         let mut inner = lock(&self.inner);
         let Some(entry) = inner.rooms.get(room).cloned() else {
             return;
@@ -418,7 +419,7 @@ mod tests {
             registry.register(&room("b"), ConnId(2), commands().0).err(),
             Some(PlacementError::AllWorkersFull(1))
         );
-        registry.room_closed(&room("a"), WorkerId(0));
+        registry.close_resolved(&room("a"), WorkerId(0));
         assert!(
             registry
                 .register(&room("b"), ConnId(3), commands().0)

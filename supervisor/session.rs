@@ -114,7 +114,7 @@ async fn serve(
 
     loop {
         tokio::select! {
-            _ = shared.stop.cancelled() => return End::Close(CLOSE_GOING_AWAY, "Server shutting down"),
+            _ = shared.close_sessions.cancelled() => return End::Close(CLOSE_GOING_AWAY, "Server shutting down"),
             command = commands.recv() => match command {
                 Some(ConnCommand::Admitted(rx)) => snapshots = Some(rx),
                 Some(ConnCommand::Close { code, reason }) => return End::Close(code, reason),

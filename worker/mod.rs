@@ -3,29 +3,41 @@
 //! them, and answers with join verdicts and snapshots. It exits when the socket
 //! closes, so it never outlives its supervisor.
 
+pub mod core;
+pub mod persist;
 pub mod room;
+pub mod store;
 
-use std::collections::HashMap;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use indexmap::IndexSet;
 use interprocess::local_socket::tokio::Stream as LocalStream;
 use interprocess::local_socket::{GenericNamespaced, ToNsName, traits::tokio::Stream as _};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::config::{WORKER_NONCE_ENV, WorkerArgs};
-use crate::ipc::{FromWorker, IPC_VERSION, IpcCodec, RoomId, ToWorker};
-use room::{Effect, Ignored, Room};
+use crate::ipc::{FromWorker, IPC_VERSION, IpcCodec, ToWorker};
+use core::{StoreResult, WorkerCore};
 
 /// Frames applied before pending snapshots are encoded and sent. Batching lets a
 /// burst of events produce one snapshot per room; the bound keeps latency low.
 const MAX_BATCH: usize = 256;
+/// Store results queued for the loop; each room has at most one load and one
+/// save running, so this is rarely reached (tasks wait when it is).
+const RESULTS_QUEUE: usize = 1024;
+/// When the supervisor's socket closes without a drain (the supervisor died),
+/// unsaved rooms get this long to be saved before the worker exits: short, so
+/// workers never linger after their supervisor.
+const ORPHAN_SAVE_GRACE: Duration = Duration::from_millis(500);
 
 /// Entry point of `session-server worker`.
 pub fn main(args: WorkerArgs) -> anyhow::Result<()> {
-    // One thread per worker: workers are the unit of parallelism.
+    // One thread per worker: workers are the unit of parallelism. (The embedded
+    // store's blocking calls run on tokio's blocking pool.)
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -49,6 +61,7 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
     let worker_id = args.worker_id();
     let span = tracing::info_span!("worker", id = %worker_id, pid = std::process::id());
     let _enter = span.enter();
+
     let name = args.ipc.as_str().to_ns_name::<GenericNamespaced>()?;
     let stream = LocalStream::connect(name)
         .await
@@ -71,117 +84,57 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
             nonce,
         })
         .await?;
+    let settings = match reader.next().await {
+        Some(Ok(ToWorker::Configure(settings))) => settings,
+        other => bail!("expected the supervisor's settings, got {other:?}"),
+    };
+    let store = store::open(&settings.store)?;
     info!("worker ready");
 
-    let mut state = WorkerState::default();
+    let (results_tx, mut results) = mpsc::channel::<StoreResult>(RESULTS_QUEUE);
+    let mut core = WorkerCore::new(store, &settings, results_tx);
+    let mut connected = true;
     loop {
-        let first = match reader.next().await {
-            Some(frame) => frame.context("reading from supervisor")?,
-            None => {
-                info!(
-                    rooms = state.rooms.len(),
-                    "supervisor closed the socket; exiting"
-                );
-                return Ok(());
-            }
-        };
-        state.handle(first);
-        for _ in 1..MAX_BATCH {
-            match reader.next().now_or_never() {
-                Some(Some(frame)) => state.handle(frame.context("reading from supervisor")?),
-                _ => break,
-            }
-        }
-        for msg in state.drain_output() {
-            writer.feed(msg).await?;
-        }
-        writer.flush().await?;
-    }
-}
-
-/// Everything a worker holds, changed only by [`WorkerState::handle`].
-#[derive(Default)]
-struct WorkerState {
-    rooms: HashMap<RoomId, Room>,
-    /// Replies produced by the current batch, in order.
-    replies: Vec<FromWorker>,
-    /// Rooms changed by the current batch; each gets one snapshot after it.
-    dirty: IndexSet<RoomId>,
-    /// Client frames ignored as invalid, since start (logged at debug).
-    ignored_frames: u64,
-}
-
-impl WorkerState {
-    fn handle(&mut self, frame: ToWorker) {
-        match frame {
-            ToWorker::Hello { .. } => warn!("unexpected second hello from supervisor"),
-            ToWorker::OpenRoom { room, id_seed } => {
-                debug!(%room, "room opened");
-                if self.rooms.contains_key(&room) {
-                    warn!(%room, "room opened twice; keeping its state");
-                } else {
-                    self.rooms.insert(room.clone(), Room::new(room, id_seed));
-                }
-            }
-            ToWorker::CloseRoom { room } => {
-                if let Some(r) = self.rooms.remove(&room) {
-                    debug!(%room, members = r.member_count(), "room closed");
-                }
-                self.dirty.shift_remove(&room);
-                self.replies.push(FromWorker::RoomClosed { room });
-            }
-            ToWorker::Event(stamped) => {
-                let Some(room) = self.rooms.get_mut(&stamped.room) else {
-                    // Left over in the queue from a worker that failed; dropped.
-                    debug!(room = %stamped.room, seq = stamped.seq, "event for a room this worker does not hold");
-                    return;
-                };
-                let conn = match &stamped.event {
-                    crate::ipc::RoomEvent::Join { conn, .. }
-                    | crate::ipc::RoomEvent::Leave { conn }
-                    | crate::ipc::RoomEvent::Message { conn, .. } => *conn,
-                };
-                match room.apply(&stamped) {
-                    Effect::Joined => {
-                        self.replies.push(FromWorker::JoinAccepted {
-                            room: stamped.room.clone(),
-                            conn,
-                        });
-                        self.dirty.insert(stamped.room);
-                    }
-                    Effect::Rejected(reason) => {
-                        info!(room = %stamped.room, %conn, ?reason, "join refused");
-                        self.replies.push(FromWorker::JoinRejected {
-                            room: stamped.room,
-                            conn,
-                            reason,
-                        });
-                    }
-                    Effect::Changed => {
-                        self.dirty.insert(stamped.room);
-                    }
-                    Effect::Ignored(Ignored::NotAMember) => {}
-                    Effect::Ignored(why) => {
-                        self.ignored_frames += 1;
-                        debug!(room = %stamped.room, %conn, ?why, total = self.ignored_frames, "client frame ignored");
+        let deadline = core.next_deadline();
+        tokio::select! {
+            frame = reader.next(), if connected => match frame {
+                Some(frame) => {
+                    core.handle(frame.context("reading from supervisor")?, Instant::now());
+                    for _ in 1..MAX_BATCH {
+                        match reader.next().now_or_never() {
+                            Some(Some(frame)) => {
+                                core.handle(frame.context("reading from supervisor")?, Instant::now())
+                            }
+                            _ => break,
+                        }
                     }
                 }
-            }
+                None => {
+                    connected = false;
+                    info!(rooms = core.room_count(), "supervisor closed the socket; saving what is unsaved, then exiting");
+                    core.start_drain(Instant::now() + ORPHAN_SAVE_GRACE);
+                }
+            },
+            Some(result) = results.recv() => core.on_result(result, Instant::now()),
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
         }
-    }
-
-    /// The batch's replies followed by one snapshot per changed room.
-    fn drain_output(&mut self) -> Vec<FromWorker> {
-        let mut out = std::mem::take(&mut self.replies);
-        for room_id in self.dirty.drain(..) {
-            if let Some(room) = self.rooms.get(&room_id) {
-                out.push(FromWorker::Snapshot {
-                    json: room.snapshot_json(),
-                    room: room_id,
-                });
+        core.tick(Instant::now());
+        let output = core.take_output();
+        if connected {
+            for msg in output {
+                writer.feed(msg).await?;
             }
+            writer.flush().await?;
+        } else if core.drained() {
+            for msg in output {
+                if let FromWorker::Drained { unsaved, .. } = msg
+                    && !unsaved.is_empty()
+                {
+                    tracing::error!(?unsaved, "exiting with unsaved rooms");
+                }
+            }
+            return Ok(());
         }
-        out
     }
 }
 

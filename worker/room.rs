@@ -19,8 +19,10 @@ pub enum Effect {
     Joined,
     /// A join was refused; the state did not change.
     Rejected(JoinRejection),
-    /// The state changed; members need a new snapshot.
-    Changed,
+    /// Members or cursors changed; members need a new snapshot.
+    Presence,
+    /// Shapes changed: members need a new snapshot and the room needs saving.
+    Shapes,
     /// Nothing changed, for the reason given.
     Ignored(Ignored),
 }
@@ -31,6 +33,8 @@ pub enum Ignored {
     NotAMember,
     Invalid(String),
     UnknownShape,
+    /// An update to a stored shape kept verbatim (see [`Shape`]).
+    OpaqueShape,
     ShapeLimit,
 }
 
@@ -54,6 +58,14 @@ struct Cursor {
 /// A shape and its JSON encoding, kept so that a snapshot re-encodes only shapes
 /// that changed since the last one.
 struct Shape {
+    /// `None` for a stored shape this server does not understand (unknown type or
+    /// fields): it is kept verbatim, shown and saved as it was, and can be deleted
+    /// but not updated. Nothing stored is ever dropped.
+    fields: Option<ShapeFields>,
+    json: String,
+}
+
+struct ShapeFields {
     kind: ShapeType,
     x: f64,
     y: f64,
@@ -65,7 +77,6 @@ struct Shape {
     text: Option<String>,
     fill: String,
     stroke: String,
-    json: String,
 }
 
 pub struct Room {
@@ -75,8 +86,10 @@ pub struct Room {
     members: Vec<Member>,
     /// By user id, in first-move order.
     cursors: IndexMap<String, Cursor>,
-    /// By shape id, in creation order.
+    /// By shape id, in creation order (stored shapes first).
     shapes: IndexMap<String, Shape>,
+    /// Sequence number of the last event applied.
+    last_seq: u64,
 }
 
 impl Room {
@@ -87,7 +100,54 @@ impl Room {
             members: Vec::new(),
             cursors: IndexMap::new(),
             shapes: IndexMap::new(),
+            last_seq: 0,
         }
+    }
+
+    /// Sequence number of the last event applied.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Puts the stored shapes before the room's current ones (which were drawn
+    /// while the load was pending). Returns how many were kept verbatim.
+    pub fn merge_stored(&mut self, stored: Vec<serde_json::Value>) -> usize {
+        let mut merged = IndexMap::with_capacity(stored.len() + self.shapes.len());
+        let mut opaque = 0;
+        for (index, value) in stored.into_iter().enumerate() {
+            let (mut id, mut shape) = Shape::from_stored(value, index);
+            if merged.contains_key(&id) || self.shapes.contains_key(&id) {
+                // Two stored shapes with one id: keep both, the second verbatim.
+                id = format!("{id}~{index}");
+                shape.fields = None;
+            }
+            if shape.fields.is_none() {
+                opaque += 1;
+            }
+            merged.insert(id, shape);
+        }
+        merged.extend(self.shapes.drain(..));
+        self.shapes = merged;
+        opaque
+    }
+
+    /// The shapes as the JSON array the store keeps.
+    pub fn shapes_json(&self) -> String {
+        let len: usize = self.shapes.values().map(|s| s.json.len() + 1).sum();
+        let mut out = String::with_capacity(len + 2);
+        out.push('[');
+        for (i, shape) in self.shapes.values().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&shape.json);
+        }
+        out.push(']');
+        out
+    }
+
+    pub fn shape_count(&self) -> usize {
+        self.shapes.len()
     }
 
     pub fn id(&self) -> &RoomId {
@@ -99,6 +159,7 @@ impl Room {
     }
 
     pub fn apply(&mut self, stamped: &Stamped) -> Effect {
+        self.last_seq = stamped.seq;
         match &stamped.event {
             RoomEvent::Join { conn, user_id } => self.join(*conn, user_id),
             RoomEvent::Leave { conn } => self.leave(*conn),
@@ -142,7 +203,7 @@ impl Room {
         };
         let member = self.members.remove(pos);
         self.cursors.shift_remove(&member.user_id);
-        Effect::Changed
+        Effect::Presence
     }
 
     fn handle(&mut self, user_id: &str, msg: ClientMessage, stamped: &Stamped) -> Effect {
@@ -154,7 +215,7 @@ impl Room {
                     time_ms: stamped.time_ms,
                 };
                 self.cursors.insert(user_id.to_owned(), cursor);
-                Effect::Changed
+                Effect::Presence
             }
             ClientMessage::ShapeCreate {
                 shape_type,
@@ -170,7 +231,7 @@ impl Room {
                     return Effect::Ignored(Ignored::ShapeLimit);
                 }
                 let id = self.shape_id(stamped.seq);
-                let mut shape = Shape {
+                let fields = ShapeFields {
                     kind: shape_type,
                     x,
                     y,
@@ -183,23 +244,25 @@ impl Room {
                     // As the reference's `fill || default`: an empty string is absent.
                     fill: non_empty_or(fill, DEFAULT_FILL),
                     stroke: non_empty_or(stroke, DEFAULT_STROKE),
-                    json: String::new(),
                 };
-                shape.encode(&id);
+                let shape = Shape::new(&id, fields);
                 self.shapes.insert(id, shape);
-                Effect::Changed
+                Effect::Shapes
             }
             ClientMessage::ShapeUpdate { shape_id, changes } => {
                 let Some(shape) = self.shapes.get_mut(&shape_id) else {
                     return Effect::Ignored(Ignored::UnknownShape);
                 };
-                shape.update(changes, stamped.time_ms);
-                shape.encode(&shape_id);
-                Effect::Changed
+                let Some(fields) = &mut shape.fields else {
+                    return Effect::Ignored(Ignored::OpaqueShape);
+                };
+                fields.update(changes, stamped.time_ms);
+                fields.encode(&shape_id, &mut shape.json);
+                Effect::Shapes
             }
             ClientMessage::ShapeDelete { shape_id } => {
                 if self.shapes.shift_remove(&shape_id).is_some() {
-                    Effect::Changed
+                    Effect::Shapes
                 } else {
                     Effect::Ignored(Ignored::UnknownShape)
                 }
@@ -257,7 +320,87 @@ fn non_empty_or(value: Option<String>, default: &str) -> String {
         .unwrap_or_else(|| default.to_owned())
 }
 
+/// The keys of a shape this server understands (PROTOCOL.md §4).
+const SHAPE_KEYS: [&str; 12] = [
+    "id",
+    "type",
+    "x",
+    "y",
+    "width",
+    "height",
+    "userId",
+    "timestamp",
+    "text",
+    "fill",
+    "stroke",
+    "rotation",
+];
+
 impl Shape {
+    fn new(id: &str, fields: ShapeFields) -> Shape {
+        let mut json = String::new();
+        fields.encode(id, &mut json);
+        Shape {
+            fields: Some(fields),
+            json,
+        }
+    }
+
+    /// A shape read from the store: understood if it has exactly the known
+    /// fields with the right types, otherwise kept verbatim.
+    fn from_stored(value: serde_json::Value, index: usize) -> (String, Shape) {
+        if let Some((id, fields)) = ShapeFields::parse_stored(&value) {
+            let shape = Shape::new(&id, fields);
+            return (id, shape);
+        }
+        let id = value["id"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("stored-{index}"));
+        let shape = Shape {
+            fields: None,
+            json: value.to_string(),
+        };
+        (id, shape)
+    }
+}
+
+impl ShapeFields {
+    fn parse_stored(value: &serde_json::Value) -> Option<(String, ShapeFields)> {
+        use serde::Deserialize;
+        let obj = value.as_object()?;
+        if obj.keys().any(|k| !SHAPE_KEYS.contains(&k.as_str())) {
+            return None;
+        }
+        let num = |key: &str| obj.get(key)?.as_f64();
+        let string = |key: &str| obj.get(key)?.as_str().map(str::to_owned);
+        let timestamp = chrono::DateTime::parse_from_rfc3339(obj.get("timestamp")?.as_str()?)
+            .ok()?
+            .timestamp_millis();
+        let text = match obj.get("text") {
+            None => None,
+            Some(serde_json::Value::String(t)) => Some(t.clone()),
+            Some(_) => return None,
+        };
+        let fields = ShapeFields {
+            kind: ShapeType::deserialize(obj.get("type")?).ok()?,
+            x: num("x")?,
+            y: num("y")?,
+            width: num("width")?,
+            height: num("height")?,
+            rotation: match obj.get("rotation") {
+                None => 0.0,
+                Some(r) => r.as_f64()?,
+            },
+            user_id: string("userId")?,
+            time_ms: timestamp,
+            text,
+            fill: string("fill")?,
+            stroke: string("stroke")?,
+        };
+        Some((string("id")?, fields))
+    }
+
     fn update(&mut self, changes: ShapeChanges, time_ms: i64) {
         let ShapeChanges {
             x,
@@ -283,8 +426,7 @@ impl Shape {
     }
 
     /// Encodes the shape with the reference's field order.
-    fn encode(&mut self, id: &str) {
-        let out = &mut self.json;
+    fn encode(&self, id: &str, out: &mut String) {
         out.clear();
         out.push_str("{\"id\":");
         push_json_string(out, id);
@@ -375,11 +517,11 @@ mod tests {
         assert_eq!(s.join(2, "bob"), Effect::Joined); // seq 2
         assert_eq!(
             s.send(2, r##"{"type":"cursor_move","x":10,"y":20.5}"##), // seq 3
-            Effect::Changed
+            Effect::Presence
         );
         assert_eq!(
             s.send(1, r##"{"type":"cursor_move","x":1,"y":2}"##), // seq 4
-            Effect::Changed
+            Effect::Presence
         );
         s.send(
             1,
@@ -418,7 +560,7 @@ mod tests {
         );
         assert_eq!(
             s.apply(RoomEvent::Leave { conn: ConnId(1) }),
-            Effect::Changed
+            Effect::Presence
         );
         let snap: serde_json::Value = serde_json::from_str(&s.snapshot()).unwrap();
         assert_eq!(snap["connectedUsers"], serde_json::json!(["bob"]));
@@ -474,7 +616,7 @@ mod tests {
         let create =
             r##"{"type":"shape_create","shapeType":"text","x":1,"y":2,"width":3,"height":4}"##;
         for _ in 0..1000 {
-            assert_eq!(s.send(1, create), Effect::Changed);
+            assert_eq!(s.send(1, create), Effect::Shapes);
         }
         assert_eq!(s.send(1, create), Effect::Ignored(Ignored::ShapeLimit));
         // Deleting one makes room for one more.
@@ -483,7 +625,7 @@ mod tests {
             1,
             &format!(r##"{{"type":"shape_delete","shapeId":"{first_id}"}}"##),
         );
-        assert_eq!(s.send(1, create), Effect::Changed);
+        assert_eq!(s.send(1, create), Effect::Shapes);
         assert_eq!(s.room.shapes.len(), 1000);
     }
 

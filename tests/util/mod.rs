@@ -24,6 +24,22 @@ pub struct Server {
     child: Option<Child>,
     pub port: u16,
     logs: Arc<Mutex<Vec<String>>>,
+    /// The embedded store's folder, unless the test passed its own.
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+/// A fresh folder under the system temp dir.
+pub fn temp_dir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "session-server-test-{what}-{}-{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 impl Server {
@@ -37,10 +53,20 @@ impl Server {
     /// Starts the server with exactly these flags and environment.
     pub fn start_raw(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_session-server"));
-        cmd.args(["--port", "0", "--bind", "127.0.0.1"])
-            .args(args)
+        cmd.args(["--port", "0", "--bind", "127.0.0.1"]);
+        let data_dir = if args.contains(&"--data-dir") {
+            None
+        } else {
+            let dir = temp_dir("data");
+            cmd.arg("--data-dir").arg(&dir);
+            Some(dir)
+        };
+        cmd.args(args)
             .env_remove("JWT_SECRET")
             .env_remove("PORT")
+            .env_remove("BACKEND_URL")
+            .env_remove("SESSION_SERVER_SECRET")
+            .env_remove("DATA_DIR")
             .env("LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -71,6 +97,7 @@ impl Server {
             child: Some(child),
             port: 0,
             logs,
+            data_dir,
         };
         match port_rx.recv_timeout(Duration::from_secs(30)) {
             Ok(port) => server.port = port,

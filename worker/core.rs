@@ -1,0 +1,487 @@
+//! The worker's logic without its socket: rooms, their loads and saves, and the
+//! replies they produce. The IPC loop (`mod.rs`) feeds it frames, store results
+//! and clock ticks, and sends what it outputs; tests drive it the same way with a
+//! fake store and a paused clock.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use indexmap::IndexSet;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::persist::{LoadRetry, Policy, SaveState};
+use super::room::{Effect, Ignored, Room};
+use super::store::{BoardId, BoardStore, LoadedBoard, SaveOutcome, StoreError};
+use crate::config::PersistSettings;
+use crate::ipc::{FromWorker, RoomEvent, RoomId, Stamped, ToWorker};
+
+/// Events held per room while its load is pending. Past this, members are
+/// admitted at once (degraded) rather than buffering without bound.
+const MAX_HELD_EVENTS: usize = 10_000;
+
+/// The outcome of a store task, sent back to the loop.
+#[derive(Debug)]
+pub enum StoreResult {
+    Loaded {
+        room: RoomId,
+        instance: u64,
+        result: Result<LoadedBoard, StoreError>,
+    },
+    Saved {
+        room: RoomId,
+        instance: u64,
+        /// Last frame covered by the save.
+        seq: u64,
+        result: Result<SaveOutcome, StoreError>,
+    },
+}
+
+enum Load {
+    /// Members wait: their events are held until the load ends or `admit_at`.
+    Waiting {
+        admit_at: Instant,
+        held: VecDeque<Stamped>,
+    },
+    /// Admitted without the stored shapes; nothing is saved until the load
+    /// succeeds, then stored and new shapes are merged.
+    Degraded,
+    Done,
+}
+
+struct RoomSlot {
+    room: Room,
+    /// Distinguishes this room from an earlier one of the same id, so late store
+    /// results of a freed room are ignored.
+    instance: u64,
+    load: Load,
+    load_in_flight: bool,
+    load_retry_at: Option<Instant>,
+    load_retry: LoadRetry,
+    load_failures: u32,
+    board: Option<BoardId>,
+    save: SaveState,
+    /// Every member has left: free the room once nothing is unsaved.
+    closing: bool,
+    warned_no_board: bool,
+}
+
+struct Drain {
+    deadline: Instant,
+    saved: u32,
+    answered: bool,
+}
+
+pub struct WorkerCore {
+    store: Arc<dyn BoardStore>,
+    policy: Policy,
+    load_wait: Duration,
+    rooms: HashMap<RoomId, RoomSlot>,
+    next_instance: u64,
+    results: mpsc::Sender<StoreResult>,
+    /// Replies produced since the last `take_output`, in order.
+    replies: Vec<FromWorker>,
+    /// Rooms whose snapshot changed since the last `take_output`.
+    dirty: IndexSet<RoomId>,
+    /// Client frames ignored as invalid, since start.
+    ignored_frames: u64,
+    drain: Option<Drain>,
+}
+
+impl WorkerCore {
+    pub fn new(
+        store: Arc<dyn BoardStore>,
+        settings: &PersistSettings,
+        results: mpsc::Sender<StoreResult>,
+    ) -> WorkerCore {
+        WorkerCore {
+            store,
+            policy: Policy {
+                debounce: Duration::from_millis(settings.debounce_ms),
+                max_wait: Duration::from_millis(settings.max_wait_ms),
+            },
+            load_wait: Duration::from_millis(settings.load_wait_ms),
+            rooms: HashMap::new(),
+            next_instance: 0,
+            results,
+            replies: Vec::new(),
+            dirty: IndexSet::new(),
+            ignored_frames: 0,
+            drain: None,
+        }
+    }
+
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub fn handle(&mut self, frame: ToWorker, now: Instant) {
+        match frame {
+            ToWorker::Hello { .. } | ToWorker::Configure(_) => {
+                warn!("unexpected handshake frame after the handshake")
+            }
+            ToWorker::OpenRoom { room, id_seed } => self.open(room, id_seed, now),
+            ToWorker::Event(stamped) => {
+                let Some(slot) = self.rooms.get_mut(&stamped.room) else {
+                    // Left over in the queue from a worker that failed; dropped.
+                    debug!(room = %stamped.room, seq = stamped.seq, "event for a room this worker does not hold");
+                    return;
+                };
+                if let Load::Waiting { held, .. } = &mut slot.load {
+                    if held.len() < MAX_HELD_EVENTS {
+                        held.push_back(stamped);
+                        return;
+                    }
+                    let room = stamped.room.clone();
+                    warn!(%room, "too many events held while loading; admitting members now");
+                    self.admit_degraded(&room, now);
+                }
+                self.apply(stamped, now);
+            }
+            ToWorker::CloseRoom { room } => {
+                if let Some(slot) = self.rooms.get_mut(&room) {
+                    slot.closing = true;
+                    slot.save.urgent = true;
+                } else {
+                    self.replies.push(FromWorker::RoomClosed { room });
+                }
+            }
+            ToWorker::Drain { grace_ms } => {
+                self.start_drain(now + Duration::from_millis(grace_ms));
+            }
+        }
+    }
+
+    fn open(&mut self, room: RoomId, id_seed: u64, now: Instant) {
+        if let Some(slot) = self.rooms.get_mut(&room) {
+            if slot.closing {
+                debug!(%room, "room reopened before it was freed");
+                slot.closing = false;
+                slot.save.urgent = self.drain.is_some();
+                self.replies.push(FromWorker::CloseCancelled { room });
+            } else {
+                warn!(%room, "room opened twice; keeping its state");
+            }
+            return;
+        }
+        self.next_instance += 1;
+        let mut slot = RoomSlot {
+            room: Room::new(room.clone(), id_seed),
+            instance: self.next_instance,
+            load: Load::Waiting {
+                admit_at: now + self.load_wait,
+                held: VecDeque::new(),
+            },
+            load_in_flight: false,
+            load_retry_at: None,
+            load_retry: LoadRetry::default(),
+            load_failures: 0,
+            board: None,
+            save: SaveState::default(),
+            closing: false,
+            warned_no_board: false,
+        };
+        slot.save.urgent = self.drain.is_some();
+        self.start_load(&mut slot);
+        self.rooms.insert(room, slot);
+    }
+
+    fn start_load(&self, slot: &mut RoomSlot) {
+        slot.load_in_flight = true;
+        slot.load_retry_at = None;
+        let room = slot.room.id().clone();
+        let instance = slot.instance;
+        let load = self.store.load(room.clone());
+        let results = self.results.clone();
+        tokio::spawn(async move {
+            let result = load.await;
+            let _ = results
+                .send(StoreResult::Loaded {
+                    room,
+                    instance,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    fn start_save(&self, slot: &mut RoomSlot) {
+        slot.save.begin();
+        let room = slot.room.id().clone();
+        let instance = slot.instance;
+        let seq = slot.room.last_seq();
+        let save = self
+            .store
+            .save(room.clone(), slot.board.clone(), slot.room.shapes_json());
+        let results = self.results.clone();
+        tokio::spawn(async move {
+            let result = save.await;
+            let _ = results
+                .send(StoreResult::Saved {
+                    room,
+                    instance,
+                    seq,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    /// Applies one event to a room that is not waiting for its load.
+    fn apply(&mut self, stamped: Stamped, now: Instant) {
+        let Some(slot) = self.rooms.get_mut(&stamped.room) else {
+            return;
+        };
+        let conn = match &stamped.event {
+            RoomEvent::Join { conn, .. }
+            | RoomEvent::Leave { conn }
+            | RoomEvent::Message { conn, .. } => *conn,
+        };
+        match slot.room.apply(&stamped) {
+            Effect::Joined => {
+                self.replies.push(FromWorker::JoinAccepted {
+                    room: stamped.room.clone(),
+                    conn,
+                });
+                self.dirty.insert(stamped.room);
+            }
+            Effect::Rejected(reason) => {
+                info!(room = %stamped.room, %conn, ?reason, "join refused");
+                self.replies.push(FromWorker::JoinRejected {
+                    room: stamped.room,
+                    conn,
+                    reason,
+                });
+            }
+            Effect::Presence => {
+                self.dirty.insert(stamped.room);
+            }
+            Effect::Shapes => {
+                slot.save.changed(now);
+                self.dirty.insert(stamped.room);
+            }
+            Effect::Ignored(Ignored::NotAMember) => {}
+            Effect::Ignored(why) => {
+                self.ignored_frames += 1;
+                debug!(room = %stamped.room, %conn, ?why, total = self.ignored_frames, "client frame ignored");
+            }
+        }
+    }
+
+    /// Ends a room's wait for its load: apply the held events to the room as it
+    /// is (empty, or merged with the stored shapes if the load just succeeded).
+    fn release_held(&mut self, room: &RoomId, next: Load, now: Instant) {
+        let Some(slot) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let held = match std::mem::replace(&mut slot.load, next) {
+            Load::Waiting { held, .. } => held,
+            _ => VecDeque::new(),
+        };
+        for stamped in held {
+            self.apply(stamped, now);
+        }
+    }
+
+    fn admit_degraded(&mut self, room: &RoomId, now: Instant) {
+        self.release_held(room, Load::Degraded, now);
+    }
+
+    pub fn on_result(&mut self, result: StoreResult, now: Instant) {
+        match result {
+            StoreResult::Loaded {
+                room,
+                instance,
+                result,
+            } => {
+                let Some(slot) = self.rooms.get_mut(&room).filter(|s| s.instance == instance)
+                else {
+                    return;
+                };
+                slot.load_in_flight = false;
+                match result {
+                    Ok(board) => {
+                        let count = board.shapes.len();
+                        let opaque = slot.room.merge_stored(board.shapes);
+                        slot.board = board.board;
+                        let was_degraded = matches!(slot.load, Load::Degraded);
+                        if was_degraded {
+                            info!(%room, stored = count, failures = slot.load_failures, "board loaded late; stored shapes merged before the new ones");
+                        } else {
+                            debug!(%room, shapes = count, "board loaded");
+                        }
+                        if opaque > 0 {
+                            warn!(%room, opaque, "stored shapes not understood; kept verbatim");
+                        }
+                        self.dirty.insert(room.clone());
+                        self.release_held(&room, Load::Done, now);
+                    }
+                    Err(e) => {
+                        slot.load_failures += 1;
+                        let delay = slot.load_retry.after_failure();
+                        slot.load_retry_at = Some(now + delay);
+                        warn!(%room, error = %e, failures = slot.load_failures, retry_in_ms = delay.as_millis() as u64, "loading the board failed; retrying");
+                    }
+                }
+            }
+            StoreResult::Saved {
+                room,
+                instance,
+                seq,
+                result,
+            } => {
+                let Some(slot) = self.rooms.get_mut(&room).filter(|s| s.instance == instance)
+                else {
+                    return;
+                };
+                match result {
+                    Ok(SaveOutcome::Saved { board }) => {
+                        slot.board = Some(board);
+                        slot.save.succeeded();
+                        slot.warned_no_board = false;
+                        debug!(%room, seq, shapes = slot.room.shape_count(), "saved");
+                        if let Some(drain) = &mut self.drain {
+                            drain.saved += 1;
+                        }
+                        self.replies.push(FromWorker::Saved { room, seq });
+                    }
+                    Ok(SaveOutcome::NoBoard) => {
+                        slot.save.failed(now);
+                        if !slot.warned_no_board {
+                            slot.warned_no_board = true;
+                            warn!(%room, "the backend has no board for this room; keeping its shapes in memory and trying again on later saves");
+                        }
+                    }
+                    Err(e) => {
+                        slot.save.failed(now);
+                        warn!(%room, error = %e, "saving the board failed; will retry");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts what is due at `now`: admissions, load retries, saves; frees closed
+    /// rooms that have nothing left to save; answers a finished drain.
+    pub fn tick(&mut self, now: Instant) {
+        let ids: Vec<RoomId> = self.rooms.keys().cloned().collect();
+        for id in ids {
+            let admit =
+                matches!(&self.rooms[&id].load, Load::Waiting { admit_at, .. } if *admit_at <= now);
+            if admit {
+                let slot = &self.rooms[&id];
+                warn!(room = %id, failures = slot.load_failures, "board not loaded in time; admitting members to a degraded room (drawing works; nothing is saved until the load succeeds)");
+                self.admit_degraded(&id, now);
+            }
+            let mut slot = self.rooms.remove(&id).expect("listed above");
+            let loaded = matches!(slot.load, Load::Done);
+            if !loaded && !slot.load_in_flight && slot.load_retry_at.is_some_and(|at| at <= now) {
+                self.start_load(&mut slot);
+            }
+            if loaded && slot.save.due_at(&self.policy).is_some_and(|at| at <= now) {
+                self.start_save(&mut slot);
+            }
+            // A room still waiting for its load may hold events (shapes among
+            // them): it is freed only once they have been applied and saved.
+            let waiting = matches!(slot.load, Load::Waiting { .. });
+            if slot.closing && !slot.save.is_dirty() && !waiting {
+                debug!(room = %id, "room freed");
+                self.dirty.shift_remove(&id);
+                self.replies.push(FromWorker::RoomClosed { room: id });
+                continue;
+            }
+            self.rooms.insert(id, slot);
+        }
+        self.answer_drain(now);
+    }
+
+    /// Saves every room with unsaved changes as soon as possible, and answers
+    /// `Drained` when all are saved or at `deadline`.
+    pub fn start_drain(&mut self, deadline: Instant) {
+        self.drain = Some(Drain {
+            deadline,
+            saved: 0,
+            answered: false,
+        });
+        for slot in self.rooms.values_mut() {
+            slot.save.urgent = true;
+        }
+    }
+
+    fn answer_drain(&mut self, now: Instant) {
+        let Some(drain) = &mut self.drain else {
+            return;
+        };
+        if drain.answered {
+            return;
+        }
+        let mut unsaved: Vec<RoomId> = self
+            .rooms
+            .iter()
+            .filter(|(_, slot)| {
+                slot.save.is_dirty()
+                    || matches!(&slot.load, Load::Waiting { held, .. } if !held.is_empty())
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        if unsaved.is_empty() || now >= drain.deadline {
+            unsaved.sort();
+            drain.answered = true;
+            self.replies.push(FromWorker::Drained {
+                saved: drain.saved,
+                unsaved,
+            });
+        }
+    }
+
+    /// True once a drain has been answered.
+    pub fn drained(&self) -> bool {
+        self.drain.as_ref().is_some_and(|d| d.answered)
+    }
+
+    /// The next instant at which `tick` has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let rooms = self.rooms.values().flat_map(|slot| {
+            let admit = match &slot.load {
+                Load::Waiting { admit_at, .. } => Some(*admit_at),
+                _ => None,
+            };
+            let retry = if slot.load_in_flight {
+                None
+            } else {
+                slot.load_retry_at
+            };
+            let save = match slot.load {
+                Load::Done => slot.save.due_at(&self.policy),
+                _ => None,
+            };
+            [admit, retry, save]
+        });
+        let drain = self
+            .drain
+            .as_ref()
+            .filter(|d| !d.answered)
+            .map(|d| d.deadline);
+        rooms.chain([drain]).flatten().min()
+    }
+
+    /// The replies since the last call, then one snapshot per changed room.
+    pub fn take_output(&mut self) -> Vec<FromWorker> {
+        let mut out = std::mem::take(&mut self.replies);
+        for room_id in self.dirty.drain(..) {
+            let Some(slot) = self.rooms.get(&room_id) else {
+                continue;
+            };
+            if matches!(slot.load, Load::Waiting { .. }) {
+                continue; // no snapshot before the stored shapes are in
+            }
+            out.push(FromWorker::Snapshot {
+                json: slot.room.snapshot_json(),
+                room: room_id,
+            });
+        }
+        out
+    }
+}

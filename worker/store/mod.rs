@@ -1,0 +1,73 @@
+//! Board persistence: one trait, two stores. The HTTP backend of PROTOCOL.md §5
+//! when `BACKEND_URL` is set, the embedded SQLite store otherwise.
+
+pub mod http;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+
+use crate::config::StoreConfig;
+use crate::ipc::RoomId;
+
+/// How the store names a board (the backend's board id; the room id in the
+/// embedded store). Kept from the load so saves need no lookup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BoardId(pub String);
+
+/// A board as read from the store.
+#[derive(Debug, Default, PartialEq)]
+pub struct LoadedBoard {
+    /// `None`: no board exists for the room (start empty).
+    pub board: Option<BoardId>,
+    /// The stored shapes, in order, as JSON objects.
+    pub shapes: Vec<serde_json::Value>,
+}
+
+/// What a save did.
+#[derive(Debug, PartialEq)]
+pub enum SaveOutcome {
+    Saved {
+        board: BoardId,
+    },
+    /// There is still no board for the room: nothing was written.
+    NoBoard,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("backend request failed: {0}")]
+    Request(#[from] reqwest::Error),
+    #[error("backend answered {status} to {what}")]
+    Status { status: u16, what: &'static str },
+    #[error("backend sent a malformed board: {0}")]
+    Malformed(String),
+    #[error("embedded store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("embedded store task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// A place boards are loaded from and saved to. Futures are `'static` so a
+/// worker can run them as tasks beside its frame loop.
+pub trait BoardStore: Send + Sync {
+    fn load(&self, room: RoomId) -> BoxFuture<'static, Result<LoadedBoard, StoreError>>;
+
+    /// Writes `shapes_json` (a JSON array) as the room's shapes. `board` is the id
+    /// from the load, or `None` if there was no board then (look again).
+    fn save(
+        &self,
+        room: RoomId,
+        board: Option<BoardId>,
+        shapes_json: String,
+    ) -> BoxFuture<'static, Result<SaveOutcome, StoreError>>;
+}
+
+/// Opens the configured store.
+pub fn open(config: &StoreConfig) -> anyhow::Result<Arc<dyn BoardStore>> {
+    Ok(match config {
+        StoreConfig::Backend { url, secret } => Arc::new(http::HttpStore::new(url, &secret.0)?),
+        StoreConfig::Embedded { path } => Arc::new(sqlite::SqliteStore::open(path)?),
+    })
+}
