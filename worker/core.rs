@@ -485,3 +485,337 @@ impl WorkerCore {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StoreConfig;
+    use crate::ipc::ConnId;
+    use futures_util::FutureExt;
+    use futures_util::future::BoxFuture;
+    use serde_json::{Value, json};
+    use std::sync::Mutex;
+
+    /// A store in memory: loads can be made to fail, saves take `save_delay`.
+    #[derive(Default)]
+    struct FakeState {
+        stored: HashMap<RoomId, Vec<Value>>,
+        failing_loads: bool,
+        save_delay: Duration,
+        saves: Vec<(Instant, RoomId, Value)>,
+    }
+
+    #[derive(Clone, Default)]
+    struct FakeStore(Arc<Mutex<FakeState>>);
+
+    impl BoardStore for FakeStore {
+        fn load(&self, room: RoomId) -> BoxFuture<'static, Result<LoadedBoard, StoreError>> {
+            let state = self.0.clone();
+            async move {
+                let state = state.lock().unwrap();
+                if state.failing_loads {
+                    return Err(StoreError::Status {
+                        status: 500,
+                        what: "the board lookup",
+                    });
+                }
+                Ok(LoadedBoard {
+                    board: Some(BoardId(room.0.clone())),
+                    shapes: state.stored.get(&room).cloned().unwrap_or_default(),
+                })
+            }
+            .boxed()
+        }
+
+        fn save(
+            &self,
+            room: RoomId,
+            _board: Option<BoardId>,
+            shapes_json: String,
+        ) -> BoxFuture<'static, Result<SaveOutcome, StoreError>> {
+            let state = self.0.clone();
+            async move {
+                let delay = state.lock().unwrap().save_delay;
+                tokio::time::sleep(delay).await;
+                let shapes: Value = serde_json::from_str(&shapes_json).unwrap();
+                let mut state = state.lock().unwrap();
+                state
+                    .saves
+                    .push((Instant::now(), room.clone(), shapes.clone()));
+                state
+                    .stored
+                    .insert(room.clone(), shapes.as_array().unwrap().clone());
+                Ok(SaveOutcome::Saved {
+                    board: BoardId(room.0),
+                })
+            }
+            .boxed()
+        }
+    }
+
+    struct Harness {
+        core: WorkerCore,
+        results: mpsc::Receiver<StoreResult>,
+        store: FakeStore,
+        seq: u64,
+        output: Vec<FromWorker>,
+    }
+
+    const ROOM: &str = "r";
+
+    fn room() -> RoomId {
+        RoomId(ROOM.into())
+    }
+
+    impl Harness {
+        fn new(store: FakeStore) -> Harness {
+            let settings = PersistSettings {
+                store: StoreConfig::Embedded {
+                    path: "/unused".into(),
+                },
+                debounce_ms: 2000,
+                max_wait_ms: 10_000,
+                load_wait_ms: 5000,
+            };
+            let (tx, results) = mpsc::channel(16);
+            Harness {
+                core: WorkerCore::new(Arc::new(store.clone()), &settings, tx),
+                results,
+                store,
+                seq: 0,
+                output: Vec::new(),
+            }
+        }
+
+        fn frame(&mut self, frame: ToWorker) {
+            self.core.handle(frame, Instant::now());
+            self.core.tick(Instant::now());
+            self.output.extend(self.core.take_output());
+        }
+
+        fn event(&mut self, event: RoomEvent) {
+            self.seq += 1;
+            let stamped = Stamped {
+                room: room(),
+                seq: self.seq,
+                time_ms: 1_704_110_400_000 + self.seq as i64,
+                event,
+            };
+            self.frame(ToWorker::Event(stamped));
+        }
+
+        fn create(&mut self, x: i64) {
+            self.event(RoomEvent::Message {
+                conn: ConnId(1),
+                text: json!({"type":"shape_create","shapeType":"oval","x":x,"y":0,"width":1,"height":1})
+                    .to_string(),
+            });
+        }
+
+        /// Runs the loop (store results, timers) until `until`.
+        async fn run_until(&mut self, until: Instant) {
+            loop {
+                let deadline = self.core.next_deadline().map_or(until, |d| d.min(until));
+                tokio::select! {
+                    Some(result) = self.results.recv() => self.core.on_result(result, Instant::now()),
+                    _ = tokio::time::sleep_until(deadline) => {}
+                }
+                self.core.tick(Instant::now());
+                self.output.extend(self.core.take_output());
+                if Instant::now() >= until {
+                    return;
+                }
+            }
+        }
+
+        fn snapshots(&self) -> Vec<Value> {
+            self.output
+                .iter()
+                .filter_map(|m| match m {
+                    FromWorker::Snapshot { json, .. } => Some(serde_json::from_str(json).unwrap()),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn saves(&self) -> Vec<(Instant, Value)> {
+            let state = self.store.0.lock().unwrap();
+            state
+                .saves
+                .iter()
+                .map(|(t, _, s)| (*t, s.clone()))
+                .collect()
+        }
+    }
+
+    fn xs(shapes: &Value) -> Vec<i64> {
+        shapes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["x"].as_i64().unwrap())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_join_waits_for_the_load_and_sees_the_stored_shapes() {
+        let store = FakeStore::default();
+        let stored = json!({"id":"old","type":"oval","x":7,"y":0,"width":1,"height":1,"userId":"u",
+            "timestamp":"2024-01-01T12:00:00.000Z","fill":"#000","stroke":"#fff","rotation":0});
+        store
+            .0
+            .lock()
+            .unwrap()
+            .stored
+            .insert(room(), vec![stored.clone()]);
+        let mut h = Harness::new(store);
+        h.frame(ToWorker::OpenRoom {
+            room: room(),
+            id_seed: 1,
+        });
+        h.event(RoomEvent::Join {
+            conn: ConnId(1),
+            user_id: "a".into(),
+        });
+        assert!(h.output.is_empty(), "nothing before the load");
+        h.run_until(Instant::now() + Duration::from_millis(10))
+            .await;
+        assert!(matches!(h.output[0], FromWorker::JoinAccepted { .. }));
+        let snaps = h.snapshots();
+        assert_eq!(snaps.len(), 1);
+        assert_eq!(snaps[0]["shapes"], json!([stored]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_during_a_save_is_written_by_the_next_save() {
+        let store = FakeStore::default();
+        store.0.lock().unwrap().save_delay = Duration::from_secs(1);
+        let mut h = Harness::new(store);
+        let t0 = Instant::now();
+        h.frame(ToWorker::OpenRoom {
+            room: room(),
+            id_seed: 1,
+        });
+        h.event(RoomEvent::Join {
+            conn: ConnId(1),
+            user_id: "a".into(),
+        });
+        h.run_until(t0 + Duration::from_millis(1)).await;
+        h.create(1);
+        // The save starts at 2 s and takes 1 s; a change lands in the middle.
+        h.run_until(t0 + Duration::from_millis(2500)).await;
+        h.create(2);
+        h.run_until(t0 + Duration::from_secs(20)).await;
+        let saves = h.saves();
+        assert_eq!(saves.len(), 2);
+        assert_eq!(xs(&saves[0].1), [1]);
+        assert_eq!(saves[0].0 - t0, Duration::from_millis(3001));
+        assert_eq!(xs(&saves[1].1), [1, 2]);
+        // Second save: debounce from the change at 2.5 s, started once the first ended.
+        assert_eq!(saves[1].0 - t0, Duration::from_millis(5500));
+        let reported: Vec<u64> = h
+            .output
+            .iter()
+            .filter_map(|m| match m {
+                FromWorker::Saved { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reported, [2, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closing_room_saves_then_is_freed_and_can_be_reopened_before() {
+        let mut h = Harness::new(FakeStore::default());
+        let t0 = Instant::now();
+        h.frame(ToWorker::OpenRoom {
+            room: room(),
+            id_seed: 1,
+        });
+        h.event(RoomEvent::Join {
+            conn: ConnId(1),
+            user_id: "a".into(),
+        });
+        h.run_until(t0 + Duration::from_millis(1)).await;
+        h.create(1);
+        h.event(RoomEvent::Leave { conn: ConnId(1) });
+        h.frame(ToWorker::CloseRoom { room: room() });
+        // Reopened before the save ended: the close is cancelled, state kept.
+        h.frame(ToWorker::OpenRoom {
+            room: room(),
+            id_seed: 2,
+        });
+        assert!(
+            h.output
+                .iter()
+                .any(|m| matches!(m, FromWorker::CloseCancelled { .. }))
+        );
+        h.frame(ToWorker::CloseRoom { room: room() });
+        h.run_until(t0 + Duration::from_millis(50)).await;
+        assert_eq!(h.saves().len(), 1, "saved at once, not after the debounce");
+        assert_eq!(xs(&h.saves()[0].1), [1]);
+        assert!(matches!(
+            h.output.last(),
+            Some(FromWorker::RoomClosed { .. })
+        ));
+        assert_eq!(h.core.room_count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_load_admits_members_degraded_then_merges_stored_first() {
+        let store = FakeStore::default();
+        {
+            let mut state = store.0.lock().unwrap();
+            state.failing_loads = true;
+            let old = json!({"id":"old","type":"oval","x":7,"y":0,"width":1,"height":1,"userId":"u",
+                "timestamp":"2024-01-01T12:00:00.000Z","fill":"#000","stroke":"#fff","rotation":0});
+            state.stored.insert(room(), vec![old]);
+        }
+        let mut h = Harness::new(store.clone());
+        let t0 = Instant::now();
+        h.frame(ToWorker::OpenRoom {
+            room: room(),
+            id_seed: 1,
+        });
+        h.event(RoomEvent::Join {
+            conn: ConnId(1),
+            user_id: "a".into(),
+        });
+        h.run_until(t0 + Duration::from_millis(4900)).await;
+        assert!(h.output.is_empty(), "still waiting");
+        h.run_until(t0 + Duration::from_millis(5000)).await;
+        assert_eq!(h.snapshots().len(), 1, "admitted at the bound");
+        assert_eq!(h.snapshots()[0]["shapes"], json!([]));
+        h.create(1);
+        h.run_until(t0 + Duration::from_secs(30)).await;
+        assert!(h.saves().is_empty(), "nothing saved while the load fails");
+        store.0.lock().unwrap().failing_loads = false;
+        h.run_until(t0 + Duration::from_secs(40)).await;
+        let last = h.snapshots().pop().unwrap();
+        assert_eq!(xs(&last["shapes"]), [7, 1]);
+        assert_eq!(xs(&h.saves().last().unwrap().1), [7, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_saves_everything_at_once_and_answers() {
+        let mut h = Harness::new(FakeStore::default());
+        let t0 = Instant::now();
+        h.frame(ToWorker::OpenRoom {
+            room: room(),
+            id_seed: 1,
+        });
+        h.event(RoomEvent::Join {
+            conn: ConnId(1),
+            user_id: "a".into(),
+        });
+        h.run_until(t0 + Duration::from_millis(1)).await;
+        h.create(1);
+        h.frame(ToWorker::Drain { grace_ms: 1000 });
+        h.run_until(t0 + Duration::from_millis(20)).await;
+        assert_eq!(h.saves().len(), 1);
+        assert!(h.output.iter().any(|m| matches!(
+            m,
+            FromWorker::Drained { saved: 1, unsaved } if unsaved.is_empty()
+        )));
+    }
+}

@@ -685,4 +685,48 @@ mod tests {
         };
         assert_eq!(run(), run());
     }
+
+    #[test]
+    fn stored_shapes_come_first_and_unknown_ones_are_kept_verbatim() {
+        let mut s = Script::new();
+        s.join(1, "a");
+        s.send(
+            1,
+            r##"{"type":"shape_create","shapeType":"oval","x":1,"y":2,"width":3,"height":4}"##,
+        );
+        let known = serde_json::json!({"id":"k","type":"text","x":1.5,"y":2,"width":3,"height":4,
+            "userId":"u","timestamp":"2024-01-01T12:00:00.000Z","text":"t","fill":"#000","stroke":"#fff","rotation":0});
+        let extra_field = serde_json::json!({"id":"z","type":"oval","x":1,"y":2,"width":3,"height":4,
+            "userId":"u","timestamp":"2024-01-01T12:00:00.000Z","fill":"#000","stroke":"#fff","rotation":0,"zIndex":3});
+        let unknown_type = serde_json::json!({"id":"star","type":"star","points":5});
+        let opaque = s.room.merge_stored(vec![
+            known.clone(),
+            extra_field.clone(),
+            unknown_type.clone(),
+            known.clone(),
+        ]);
+        assert_eq!(opaque, 3, "extra field, unknown type, duplicate id");
+        let saved: serde_json::Value = serde_json::from_str(&s.room.shapes_json()).unwrap();
+        let shapes = saved.as_array().unwrap();
+        assert_eq!(shapes.len(), 5);
+        assert_eq!(shapes[0], known);
+        assert_eq!(shapes[1], extra_field);
+        assert_eq!(shapes[2], unknown_type);
+        assert_eq!(shapes[3], known);
+        assert_eq!(shapes[4]["id"], "ab-2");
+        // Verbatim shapes can be deleted, not updated; understood ones can be updated.
+        assert_eq!(
+            s.send(1, r##"{"type":"shape_update","shapeId":"star","x":1}"##),
+            Effect::Ignored(Ignored::OpaqueShape)
+        );
+        assert_eq!(
+            s.send(1, r##"{"type":"shape_update","shapeId":"k","x":9}"##),
+            Effect::Shapes
+        );
+        assert_eq!(
+            s.send(1, r##"{"type":"shape_delete","shapeId":"star"}"##),
+            Effect::Shapes
+        );
+        assert_eq!(s.room.shape_count(), 4);
+    }
 }
