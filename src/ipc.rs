@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 /// Version of the frame definitions below. The supervisor and a worker exchange it
 /// in their first frames and refuse to talk on a mismatch. Bump it on any change to
 /// [`ToWorker`] or [`FromWorker`].
-pub const IPC_VERSION: u32 = 2;
+pub const IPC_VERSION: u32 = 3;
 
 /// Largest IPC frame body accepted. A snapshot of a full room (1000 shapes with
 /// bounded fields) is far below this; anything larger is corruption.
@@ -75,6 +75,19 @@ pub enum ToWorker {
     /// The server is stopping: save every room with unsaved changes within
     /// `grace_ms`, then answer `Drained`.
     Drain { grace_ms: u64 },
+    /// Re-create a room lost with a failed worker: from `image` (a checkpoint this
+    /// worker type produced) if there is one, else from the store. The room's
+    /// journal (events after the checkpoint) follows as ordinary `Event`s.
+    RestoreRoom {
+        room: RoomId,
+        id_seed: u64,
+        image: Option<Vec<u8>>,
+    },
+    /// Answer `Synced` once every frame sent before this one for the room has
+    /// been applied (used to attribute a crash to the room being restored).
+    Sync { room: RoomId, token: u64 },
+    /// Send a `Checkpoint` of the room now (its journal is getting long).
+    CheckpointRequest { room: RoomId },
 }
 
 /// A room event with everything the worker needs to apply it deterministically:
@@ -140,6 +153,18 @@ pub enum FromWorker {
     Drained {
         saved: u32,
         unsaved: Vec<RoomId>,
+    },
+    /// The room's full state as of frame `seq`, opaque to the supervisor: with the
+    /// events after `seq` it rebuilds the room exactly on another worker.
+    Checkpoint {
+        room: RoomId,
+        seq: u64,
+        image: Vec<u8>,
+    },
+    /// Answer to `Sync`.
+    Synced {
+        room: RoomId,
+        token: u64,
     },
 }
 

@@ -5,6 +5,7 @@
 //! Each worker slot has one queue that outlives its processes, so sessions keep a
 //! valid sender across a respawn.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use super::registry::Registry;
+use super::registry::{POISON_CRASHES, POISON_WINDOW, Registry, RoomEntry};
 use crate::config::{PersistSettings, WORKER_NONCE_ENV};
-use crate::ipc::{FromWorker, IPC_VERSION, IpcCodec, RoomId, ToWorker, WorkerId};
+use crate::ipc::{CodecError, FromWorker, IPC_VERSION, IpcCodec, RoomId, ToWorker, WorkerId};
 
 /// Frames queued per worker before senders wait. Large enough to absorb bursts
 /// from many rooms; when full, each session waits (backpressure on its client).
@@ -40,6 +41,8 @@ const MIN_RESPAWN_DELAY: Duration = Duration::from_millis(50);
 const MAX_RESPAWN_DELAY: Duration = Duration::from_secs(5);
 /// Beyond the drain grace, time allowed for the workers' answers to arrive.
 const DRAIN_ANSWER_MARGIN: Duration = Duration::from_secs(1);
+/// Beyond the load wait, how long a restoring room may take to answer.
+const RESTORE_ANSWER_MARGIN: Duration = Duration::from_secs(2);
 /// A worker that ran this long before failing resets the respawn delay.
 const STABLE_RUN: Duration = Duration::from_secs(30);
 
@@ -169,7 +172,37 @@ impl WorkerPool {
     }
 }
 
-/// Runs one slot: start a worker, serve it until it ends, start the next.
+/// How a worker process ended.
+struct Ended {
+    how: String,
+    /// The room being restored when it ended: the crash is attributed to it.
+    restoring: Option<RoomId>,
+}
+
+impl Ended {
+    fn plain(how: String) -> Ended {
+        Ended {
+            how,
+            restoring: None,
+        }
+    }
+}
+
+/// The room a frame is for, if any.
+fn room_of(frame: &ToWorker) -> Option<&RoomId> {
+    match frame {
+        ToWorker::OpenRoom { room, .. }
+        | ToWorker::CloseRoom { room }
+        | ToWorker::RestoreRoom { room, .. }
+        | ToWorker::Sync { room, .. }
+        | ToWorker::CheckpointRequest { room } => Some(room),
+        ToWorker::Event(stamped) => Some(&stamped.room),
+        ToWorker::Hello { .. } | ToWorker::Configure(_) | ToWorker::Drain { .. } => None,
+    }
+}
+
+/// Runs one slot: start a worker, serve it until it ends, then start a
+/// replacement and restore the rooms the failed one held.
 async fn supervise(
     slot: Arc<WorkerSlot>,
     mut frames: mpsc::Receiver<ToWorker>,
@@ -180,20 +213,48 @@ async fn supervise(
 ) {
     let mut ready = Some(ready);
     let mut delay = MIN_RESPAWN_DELAY;
+    // Rooms to restore on the next process, and frames to send it after them.
+    let mut restore: Vec<Arc<RoomEntry>> = Vec::new();
+    let mut carry: Vec<ToWorker> = Vec::new();
     loop {
         let started = Instant::now();
-        let ended = run_worker(&slot, &mut frames, &settings, &registry, &stop, &mut ready).await;
+        let mut serve = Serve {
+            slot: &slot,
+            frames: &mut frames,
+            settings: &settings,
+            registry: &registry,
+            stop: &stop,
+            ready: &mut ready,
+            restore: &mut restore,
+            carry: &mut carry,
+        };
+        let ended = serve.run().await;
         slot.pid.store(0, Ordering::Relaxed);
         if stop.is_cancelled() {
-            info!(worker = %slot.id, "{ended}");
+            info!(worker = %slot.id, "{}", ended.how);
             return;
         }
         if let Some(ready) = ready.take() {
-            let _ = ready.send(Err(ended));
+            let _ = ready.send(Err(ended.how));
             return;
         }
-        let lost = registry.worker_lost(slot.id);
-        error!(worker = %slot.id, rooms_lost = ?lost, "worker failed ({ended}); starting a replacement");
+        if let Some(room) = &ended.restoring {
+            if registry.blame(room) {
+                error!(worker = %slot.id, %room, "room closed for its members (1011): it crashed {POISON_CRASHES} workers within {POISON_WINDOW:?}");
+            } else {
+                warn!(worker = %slot.id, %room, "worker crash attributed to the room it was restoring");
+            }
+        }
+        restore = registry.worker_failed(slot.id);
+        let restoring: HashSet<&RoomId> = restore.iter().map(|e| &e.id).collect();
+        // Frames queued for the dead process: those of its rooms are in their
+        // journals and will be replayed; keep the others (rooms placed since).
+        while let Ok(frame) = frames.try_recv() {
+            carry.push(frame);
+        }
+        carry.retain(|f| !room_of(f).is_some_and(|r| restoring.contains(r)));
+        let rooms: Vec<&str> = restore.iter().map(|e| e.id.0.as_str()).collect();
+        error!(worker = %slot.id, rooms = ?rooms, "worker failed ({}); restoring its rooms on a replacement", ended.how);
         if started.elapsed() > STABLE_RUN {
             delay = MIN_RESPAWN_DELAY;
         }
@@ -204,6 +265,18 @@ async fn supervise(
         delay = (delay * 2).min(MAX_RESPAWN_DELAY);
         slot.restarts.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// One worker process's life, with what it needs from its slot.
+struct Serve<'a> {
+    slot: &'a WorkerSlot,
+    frames: &'a mut mpsc::Receiver<ToWorker>,
+    settings: &'a PersistSettings,
+    registry: &'a Registry,
+    stop: &'a CancellationToken,
+    ready: &'a mut Option<oneshot::Sender<Result<(), String>>>,
+    restore: &'a mut Vec<Arc<RoomEntry>>,
+    carry: &'a mut Vec<ToWorker>,
 }
 
 /// Path of the running executable. `/proc/self/exe` names the image this process
@@ -218,63 +291,161 @@ fn own_executable() -> std::io::Result<std::path::PathBuf> {
     }
 }
 
-/// Starts one worker process and serves it until it ends; returns how it ended.
-async fn run_worker(
-    slot: &WorkerSlot,
-    frames: &mut mpsc::Receiver<ToWorker>,
-    settings: &PersistSettings,
-    registry: &Registry,
-    stop: &CancellationToken,
-    ready: &mut Option<oneshot::Sender<Result<(), String>>>,
-) -> String {
-    let (mut child, stream, nonce) = match spawn_and_connect(slot.id).await {
-        Ok(started) => started,
-        Err(e) => return format!("{e:#}"),
-    };
-    let pid = child.id().unwrap_or(0);
-    let (read_half, write_half) = tokio::io::split(stream);
-    let mut reader: Reader = FramedRead::new(read_half, IpcCodec::new());
-    let mut writer: Writer = FramedWrite::new(write_half, IpcCodec::new());
+impl Serve<'_> {
+    /// Starts one worker process, restores the rooms it inherits, and serves it
+    /// until it ends; returns how it ended.
+    async fn run(&mut self) -> Ended {
+        let slot = self.slot;
+        let (mut child, stream, nonce) = match spawn_and_connect(slot.id).await {
+            Ok(started) => started,
+            Err(e) => return Ended::plain(format!("{e:#}")),
+        };
+        let pid = child.id().unwrap_or(0);
+        let (read_half, write_half) = tokio::io::split(stream);
+        let mut reader: Reader = FramedRead::new(read_half, IpcCodec::new());
+        let mut writer: Writer = FramedWrite::new(write_half, IpcCodec::new());
 
-    let handshake = async {
-        handshake(slot.id, &mut reader, &mut writer, nonce).await?;
-        writer
-            .send(ToWorker::Configure(settings.clone()))
-            .await
-            .context("sending settings")
-    };
-    if let Err(e) = handshake.await {
-        let _ = child.start_kill();
-        let status = child.wait().await;
-        return format!("handshake with pid {pid} failed: {e:#} (process {status:?})");
-    }
-    slot.pid.store(pid, Ordering::Relaxed);
-    info!(worker = %slot.id, pid, "worker ready");
-    if let Some(ready) = ready.take() {
-        let _ = ready.send(Ok(()));
-    }
+        let handshake = async {
+            handshake(slot.id, &mut reader, &mut writer, nonce).await?;
+            writer
+                .send(ToWorker::Configure(self.settings.clone()))
+                .await
+                .context("sending settings")
+        };
+        if let Err(e) = handshake.await {
+            let _ = child.start_kill();
+            let status = child.wait().await;
+            return Ended::plain(format!(
+                "handshake with pid {pid} failed: {e:#} (process {status:?})"
+            ));
+        }
+        slot.pid.store(pid, Ordering::Relaxed);
+        info!(worker = %slot.id, pid, "worker ready");
+        if let Some(ready) = self.ready.take() {
+            let _ = ready.send(Ok(()));
+        }
 
-    let ended = tokio::select! {
-        why = write_frames(frames, &mut writer) => why,
-        why = read_frames(&mut reader, registry, slot) => why,
-        status = child.wait() => format!("pid {pid} exited: {}", describe(status)),
-        _ = stop.cancelled() => {
-            // Closing the socket tells the worker to exit.
-            drop(writer);
-            drop(reader);
-            match tokio::time::timeout(EXIT_TIMEOUT, child.wait()).await {
-                Ok(status) => return format!("pid {pid} stopped: {}", describe(status)),
-                Err(_) => {
-                    warn!(worker = %slot.id, pid, "worker did not exit in time; killing it");
-                    "killed after shutdown timeout".to_owned()
+        if let Err(ended) = self.restore_rooms(&mut reader, &mut writer).await {
+            let _ = child.start_kill();
+            let status = child.wait().await;
+            return Ended {
+                how: format!("{}; pid {pid} exit status: {}", ended.how, describe(status)),
+                restoring: ended.restoring,
+            };
+        }
+
+        let ended = tokio::select! {
+            why = write_frames(self.frames, &mut writer) => why,
+            why = read_frames(&mut reader, self.registry, slot) => why,
+            _ = child.wait() => "process exited".to_owned(),
+            _ = self.stop.cancelled() => {
+                // Closing the socket tells the worker to exit.
+                drop(writer);
+                drop(reader);
+                match tokio::time::timeout(EXIT_TIMEOUT, child.wait()).await {
+                    Ok(status) => return Ended::plain(format!("pid {pid} stopped: {}", describe(status))),
+                    Err(_) => {
+                        warn!(worker = %slot.id, pid, "worker did not exit in time; killing it");
+                        "killed after shutdown timeout".to_owned()
+                    }
                 }
             }
+        };
+        // Whatever ended first, make sure the process is gone and reaped.
+        let _ = child.start_kill();
+        let status = child.wait().await;
+        Ended::plain(format!(
+            "{ended}; pid {pid} exit status: {}",
+            describe(status)
+        ))
+    }
+
+    /// Restores the inherited rooms one at a time (so a crash is attributed to
+    /// the room being restored), then sends the frames carried over.
+    async fn restore_rooms(
+        &mut self,
+        reader: &mut Reader,
+        writer: &mut Writer,
+    ) -> Result<(), Ended> {
+        let count = self.restore.len();
+        if count == 0 && self.carry.is_empty() {
+            return Ok(());
         }
+        let started = Instant::now();
+        // A room restored from the store (no checkpoint yet) answers after its load.
+        let wait = Duration::from_millis(self.settings.load_wait_ms) + RESTORE_ANSWER_MARGIN;
+        while let Some(entry) = self.restore.first().cloned() {
+            restore_room(&entry, reader, writer, self.registry, self.slot, wait)
+                .await
+                .map_err(|how| Ended {
+                    how,
+                    restoring: Some(entry.id.clone()),
+                })?;
+            self.restore.remove(0);
+        }
+        let write_failed = |e: CodecError| Ended::plain(format!("IPC write failed: {e}"));
+        for frame in self.carry.drain(..) {
+            writer.feed(frame).await.map_err(write_failed)?;
+        }
+        writer.flush().await.map_err(write_failed)?;
+        if count > 0 {
+            info!(worker = %self.slot.id, rooms = count, ms = started.elapsed().as_millis() as u64, "rooms restored");
+        }
+        Ok(())
+    }
+}
+
+/// Sends a room's checkpoint and journal, waits until the worker has applied
+/// them, then sends what arrived meanwhile and lets events flow directly again.
+async fn restore_room(
+    entry: &RoomEntry,
+    reader: &mut Reader,
+    writer: &mut Writer,
+    registry: &Registry,
+    slot: &WorkerSlot,
+    wait: Duration,
+) -> Result<(), String> {
+    let Some(frames) = registry.restore_frames(entry) else {
+        return Ok(()); // closed meanwhile
     };
-    // Whatever ended first, make sure the process is gone and reaped.
-    let _ = child.start_kill();
-    let status = child.wait().await;
-    format!("{ended}; process {}", describe(status))
+    let room = &entry.id;
+    let write_failed = |e: CodecError| format!("IPC write failed while restoring room {room}: {e}");
+    for frame in frames {
+        writer.feed(frame).await.map_err(write_failed)?;
+    }
+    let token = rand::random::<u64>();
+    writer
+        .send(ToWorker::Sync {
+            room: room.clone(),
+            token,
+        })
+        .await
+        .map_err(write_failed)?;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, reader.next()).await {
+            Err(_) => {
+                warn!(%room, "no answer while restoring (its load may be slow); going on");
+                break;
+            }
+            Ok(None) => return Err(format!("worker ended while restoring room {room}")),
+            Ok(Some(Err(e))) => {
+                return Err(format!("IPC read failed while restoring room {room}: {e}"));
+            }
+            Ok(Some(Ok(FromWorker::Synced { token: t, .. }))) if t == token => break,
+            Ok(Some(Ok(msg))) => dispatch(msg, registry, slot),
+        }
+    }
+    loop {
+        let (frames, done) = registry.finish_restore(entry);
+        for frame in frames {
+            writer.feed(frame).await.map_err(write_failed)?;
+        }
+        writer.flush().await.map_err(write_failed)?;
+        if done {
+            return Ok(());
+        }
+    }
 }
 
 fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
@@ -374,39 +545,47 @@ async fn write_frames(frames: &mut mpsc::Receiver<ToWorker>, writer: &mut Writer
     "frame queue closed".to_owned()
 }
 
-/// Routes the worker's replies to the rooms' connections.
+/// Routes the worker's replies until the socket ends.
 async fn read_frames(reader: &mut Reader, registry: &Registry, slot: &WorkerSlot) -> String {
-    let worker = slot.id;
     while let Some(frame) = reader.next().await {
         match frame {
-            Ok(FromWorker::Snapshot { room, json }) => {
-                registry.publish(&room, Message::text(json));
-            }
-            Ok(FromWorker::JoinAccepted { room, conn }) => registry.admit(&room, conn),
-            Ok(FromWorker::JoinRejected { room, conn, reason }) => {
-                registry.reject(&room, conn, reason)
-            }
-            Ok(FromWorker::RoomClosed { room } | FromWorker::CloseCancelled { room }) => {
-                registry.close_resolved(&room, worker)
-            }
-            Ok(FromWorker::Saved { room, seq }) => {
-                tracing::debug!(%worker, %room, seq, "room saved");
-            }
-            Ok(FromWorker::Drained { saved, unsaved }) => {
-                let answer = slot
-                    .drained
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take();
-                if let Some(answer) = answer {
-                    let _ = answer.send(DrainReport { saved, unsaved });
-                }
-            }
-            Ok(FromWorker::Hello { .. }) => warn!(%worker, "unexpected second hello from worker"),
+            Ok(msg) => dispatch(msg, registry, slot),
             Err(e) => return format!("IPC read failed: {e}"),
         }
     }
     "IPC socket closed by worker".to_owned()
+}
+
+/// Routes one reply of the worker to the rooms' connections and state.
+fn dispatch(msg: FromWorker, registry: &Registry, slot: &WorkerSlot) {
+    let worker = slot.id;
+    match msg {
+        FromWorker::Snapshot { room, json } => registry.publish(&room, Message::text(json)),
+        FromWorker::JoinAccepted { room, conn } => registry.admit(&room, conn),
+        FromWorker::JoinRejected { room, conn, reason } => registry.reject(&room, conn, reason),
+        FromWorker::RoomClosed { room } | FromWorker::CloseCancelled { room } => {
+            registry.close_resolved(&room, worker)
+        }
+        FromWorker::Saved { room, seq } => {
+            tracing::debug!(%worker, %room, seq, "room saved");
+        }
+        FromWorker::Checkpoint { room, seq, image } => {
+            registry.checkpoint(&room, worker, seq, image)
+        }
+        FromWorker::Drained { saved, unsaved } => {
+            let answer = slot
+                .drained
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(answer) = answer {
+                let _ = answer.send(DrainReport { saved, unsaved });
+            }
+        }
+        // A late answer to a restore that stopped waiting.
+        FromWorker::Synced { .. } => {}
+        FromWorker::Hello { .. } => warn!(%worker, "unexpected second hello from worker"),
+    }
 }
 
 #[cfg(test)]

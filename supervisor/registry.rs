@@ -8,9 +8,9 @@
 //! Queue slots are reserved *before* taking the lock (reserving may wait), so no
 //! lock is ever held across an `.await`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
@@ -30,6 +30,17 @@ pub enum ConnCommand {
     /// Close the connection with this code and reason.
     Close { code: u16, reason: &'static str },
 }
+
+/// Journal length at which the worker is asked for a checkpoint (then again at
+/// every multiple), so a room with no shape changes (no saves) still has a short
+/// journal.
+const CHECKPOINT_EVERY: usize = 1000;
+/// Journal length past which a room can no longer be restored exactly; its
+/// journal is dropped and, if its worker fails, its members are closed (1011).
+const JOURNAL_MAX: usize = 50_000;
+/// A room blamed for this many worker crashes within [`POISON_WINDOW`] is closed.
+pub const POISON_CRASHES: usize = 3;
+pub const POISON_WINDOW: Duration = Duration::from_secs(60);
 
 /// Capacity of a connection's command channel: it receives at most an admission
 /// and a close or two in its life, so it is never full.
@@ -79,8 +90,25 @@ struct RoomState {
     closing: usize,
     /// Last sequence number stamped for this room.
     last_seq: u64,
-    /// The worker holding the room failed; the entry is no longer in the map.
+    /// The room is gone (closed after repeated crashes, or not restorable); the
+    /// entry is no longer in the map.
     lost: bool,
+    /// Seed of the room's current instance on its worker.
+    id_seed: u64,
+    /// The worker's latest checkpoint: (last frame it covers, opaque image).
+    checkpoint: Option<(u64, Vec<u8>)>,
+    /// Every event stamped after the checkpoint, in order: with the checkpoint
+    /// it rebuilds the room exactly if its worker fails.
+    journal: VecDeque<Stamped>,
+    /// The journal outgrew [`JOURNAL_MAX`]; the room cannot be restored exactly.
+    journal_overflow: bool,
+    /// The room's worker failed and the room is not restored yet: events are
+    /// journaled but not sent.
+    restoring: bool,
+    /// Last journaled seq already sent to the replacement during a restore.
+    restore_sent: u64,
+    /// Worker crashes attributed to this room.
+    blames: Vec<Instant>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -97,14 +125,40 @@ fn now_ms() -> i64 {
 }
 
 impl RoomState {
+    /// Stamps an event and records it in the journal.
     fn stamp(&mut self, room: &RoomId, event: RoomEvent) -> ToWorker {
         self.last_seq += 1;
-        ToWorker::Event(Stamped {
+        let stamped = Stamped {
             room: room.clone(),
             seq: self.last_seq,
             time_ms: now_ms(),
             event,
-        })
+        };
+        if !self.journal_overflow {
+            if self.journal.len() >= JOURNAL_MAX {
+                tracing::error!(%room, "journal over {JOURNAL_MAX} events without a checkpoint; the room can no longer be restored after a worker failure");
+                self.journal_overflow = true;
+                self.journal.clear();
+            } else {
+                self.journal.push_back(stamped.clone());
+            }
+        }
+        ToWorker::Event(stamped)
+    }
+
+    /// Starts a new instance of the room on its worker (not a reopening of one
+    /// that is still closing, which keeps its state).
+    fn new_instance(&mut self) -> u64 {
+        self.id_seed = rand::random::<u64>();
+        self.checkpoint = None;
+        self.journal.clear();
+        self.journal_overflow = false;
+        self.id_seed
+    }
+
+    /// Whether to ask the worker for a checkpoint after this event.
+    fn wants_checkpoint(&self) -> bool {
+        !self.journal.is_empty() && self.journal.len().is_multiple_of(CHECKPOINT_EVERY)
     }
 }
 
@@ -165,16 +219,24 @@ impl Registry {
         }
         if !state.open {
             state.open = true;
-            let id_seed = rand::random::<u64>();
-            let open = ToWorker::OpenRoom {
-                room: entry.id.clone(),
-                id_seed,
+            let id_seed = if state.closing == 0 {
+                state.new_instance()
+            } else {
+                state.id_seed
             };
-            permits.next().expect("reserved").send(open);
+            if !state.restoring {
+                let open = ToWorker::OpenRoom {
+                    room: entry.id.clone(),
+                    id_seed,
+                };
+                permits.next().expect("reserved").send(open);
+            }
         }
         let join = state.stamp(&entry.id, RoomEvent::Join { conn, user_id });
         state.joined += 1;
-        permits.next().expect("reserved").send(join);
+        if !state.restoring {
+            permits.next().expect("reserved").send(join);
+        }
         Ok(())
     }
 
@@ -192,7 +254,16 @@ impl Registry {
         if state.lost {
             return Err(RoomLost);
         }
-        permit.send(state.stamp(&entry.id, RoomEvent::Message { conn, text }));
+        let frame = state.stamp(&entry.id, RoomEvent::Message { conn, text });
+        if !state.restoring {
+            permit.send(frame);
+            if state.wants_checkpoint() {
+                // Best effort: if the queue is full, the next multiple asks again.
+                let _ = worker.try_send(ToWorker::CheckpointRequest {
+                    room: entry.id.clone(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -215,15 +286,20 @@ impl Registry {
         state.conns.remove(&conn);
         if let (true, false, Some(mut permits)) = (joined, state.lost, permits) {
             let leave = state.stamp(&entry.id, RoomEvent::Leave { conn });
-            permits.next().expect("reserved").send(leave);
+            if !state.restoring {
+                permits.next().expect("reserved").send(leave);
+            }
             state.joined -= 1;
             if state.joined == 0 && state.open {
                 state.open = false;
-                state.closing += 1;
-                let close = ToWorker::CloseRoom {
-                    room: entry.id.clone(),
-                };
-                permits.next().expect("reserved").send(close);
+                if !state.restoring {
+                    // While restoring, the restore sends the close when done.
+                    state.closing += 1;
+                    let close = ToWorker::CloseRoom {
+                        room: entry.id.clone(),
+                    };
+                    permits.next().expect("reserved").send(close);
+                }
             }
         }
         remove_if_done(&mut inner, entry, &state);
@@ -280,30 +356,137 @@ impl Registry {
         remove_if_done(&mut inner, &entry, &state);
     }
 
-    /// The worker's process ended: its rooms are gone. Their connections are
-    /// closed with 1011 and the worker's capacity is free again. Returns the ids of
-    /// the rooms lost.
-    pub fn worker_lost(&self, worker: WorkerId) -> Vec<RoomId> {
+    /// The worker keeps a checkpoint of the room (as of frame `seq`): events up
+    /// to `seq` leave the journal.
+    pub fn checkpoint(&self, room: &RoomId, worker: WorkerId, seq: u64, image: Vec<u8>) {
+        let Some(entry) = lock(&self.inner).rooms.get(room).cloned() else {
+            return;
+        };
+        if entry.worker != worker {
+            return;
+        }
+        let mut state = lock(&entry.state);
+        if state
+            .checkpoint
+            .as_ref()
+            .is_some_and(|(have, _)| *have > seq)
+        {
+            return; // an older checkpoint overtaken by a newer one
+        }
+        while state.journal.front().is_some_and(|s| s.seq <= seq) {
+            state.journal.pop_front();
+        }
+        state.checkpoint = Some((seq, image));
+    }
+
+    /// The worker's process ended. Its rooms stay placed on its slot and are
+    /// marked for restoring: from now on their events are journaled, not sent.
+    /// Rooms that cannot be restored exactly are closed (1011). Returns the rooms
+    /// to restore, those never blamed for a crash first.
+    pub fn worker_failed(&self, worker: WorkerId) -> Vec<Arc<RoomEntry>> {
         let mut inner = lock(&self.inner);
-        let lost: Vec<RoomId> = inner
+        let on_worker: Vec<Arc<RoomEntry>> = inner
             .rooms
             .values()
             .filter(|e| e.worker == worker)
-            .map(|e| e.id.clone())
+            .cloned()
             .collect();
-        for room in &lost {
-            let entry = inner.rooms.remove(room).expect("listed above");
+        let mut restore = Vec::new();
+        for entry in on_worker {
             let mut state = lock(&entry.state);
-            state.lost = true;
-            for commands in state.conns.values() {
-                let _ = commands.try_send(ConnCommand::Close {
-                    code: CLOSE_INTERNAL_ERROR,
-                    reason: "Room lost: its worker failed",
-                });
+            if state.journal_overflow {
+                close_room(
+                    &mut inner,
+                    &entry,
+                    &mut state,
+                    "Room lost: its worker failed",
+                );
+                continue;
             }
+            state.restoring = true;
+            // Closes the dead worker never answered are re-sent after the restore.
+            state.closing = 0;
+            let blamed = !state.blames.is_empty();
+            drop(state);
+            restore.push((blamed, entry));
         }
-        inner.load[worker.0 as usize] = 0;
-        lost
+        restore.sort_by_key(|(blamed, entry)| (*blamed, entry.id.clone()));
+        restore.into_iter().map(|(_, entry)| entry).collect()
+    }
+
+    /// The frames that rebuild `entry` on a new worker: its checkpoint (or a load
+    /// from the store) and its journal. `None` if the room is gone.
+    pub fn restore_frames(&self, entry: &RoomEntry) -> Option<Vec<ToWorker>> {
+        let mut state = lock(&entry.state);
+        if state.lost || !state.restoring {
+            return None;
+        }
+        let mut frames = vec![ToWorker::RestoreRoom {
+            room: entry.id.clone(),
+            id_seed: state.id_seed,
+            image: state.checkpoint.as_ref().map(|(_, image)| image.clone()),
+        }];
+        frames.extend(state.journal.iter().cloned().map(ToWorker::Event));
+        state.restore_sent = state.last_seq;
+        Some(frames)
+    }
+
+    /// Events journaled since `restore_frames` (or the last call); when there are
+    /// none, the restore is complete and later events go to the worker directly.
+    /// Returns the frames to send and whether the restore is complete.
+    pub fn finish_restore(&self, entry: &RoomEntry) -> (Vec<ToWorker>, bool) {
+        let mut state = lock(&entry.state);
+        if state.lost {
+            return (Vec::new(), true);
+        }
+        let sent = state.restore_sent;
+        let frames: Vec<ToWorker> = state
+            .journal
+            .iter()
+            .filter(|s| s.seq > sent)
+            .cloned()
+            .map(ToWorker::Event)
+            .collect();
+        if !frames.is_empty() {
+            state.restore_sent = state.last_seq;
+            return (frames, false);
+        }
+        state.restoring = false;
+        let mut done = Vec::new();
+        if !state.open {
+            // Everyone left meanwhile (or before): save and free it as usual.
+            state.closing += 1;
+            done.push(ToWorker::CloseRoom {
+                room: entry.id.clone(),
+            });
+        }
+        (done, true)
+    }
+
+    /// Attributes a worker crash to `room` (it was being restored when the worker
+    /// died). After [`POISON_CRASHES`] within [`POISON_WINDOW`], the room alone is
+    /// closed for its members with 1011; returns true then.
+    pub fn blame(&self, room: &RoomId) -> bool {
+        let mut inner = lock(&self.inner);
+        let Some(entry) = inner.rooms.get(room).cloned() else {
+            return false;
+        };
+        let mut state = lock(&entry.state);
+        let now = Instant::now();
+        state
+            .blames
+            .retain(|t| now.duration_since(*t) < POISON_WINDOW);
+        state.blames.push(now);
+        if state.blames.len() < POISON_CRASHES {
+            return false;
+        }
+        close_room(
+            &mut inner,
+            &entry,
+            &mut state,
+            "Room closed: it repeatedly crashed the server",
+        );
+        true
     }
 
     /// Rooms per worker, sorted, for the status endpoint.
@@ -317,6 +500,30 @@ impl Registry {
             rooms.sort();
         }
         by_worker
+    }
+}
+
+/// Closes every connection of a room with 1011 and forgets the room.
+fn close_room(
+    inner: &mut Inner,
+    entry: &Arc<RoomEntry>,
+    state: &mut RoomState,
+    reason: &'static str,
+) {
+    state.lost = true;
+    for commands in state.conns.values() {
+        let _ = commands.try_send(ConnCommand::Close {
+            code: CLOSE_INTERNAL_ERROR,
+            reason,
+        });
+    }
+    let is_current = inner
+        .rooms
+        .get(&entry.id)
+        .is_some_and(|current| Arc::ptr_eq(current, entry));
+    if is_current {
+        inner.rooms.remove(&entry.id);
+        inner.load[entry.worker.0 as usize] -= 1;
     }
 }
 
@@ -427,32 +634,101 @@ mod tests {
         );
     }
 
+    fn events(frames: &[ToWorker]) -> Vec<u64> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                ToWorker::Event(s) => Some(s.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[tokio::test]
-    async fn worker_loss_closes_members_with_1011_and_frees_capacity() {
+    async fn a_failed_worker_s_room_is_restored_from_checkpoint_and_journal() {
         let registry = Registry::new(1, 1);
-        let (tx, _rx) = mpsc::channel(16);
-        let (ctx, mut crx) = commands();
-        let entry = registry.register(&room("a"), ConnId(1), ctx).unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let entry = registry
+            .register(&room("a"), ConnId(1), commands().0)
+            .unwrap();
         registry
             .join(&entry, &tx, ConnId(1), "u".into())
             .await
+            .unwrap(); // seq 1
+        for text in ["m2", "m3", "m4"] {
+            registry
+                .forward(&entry, &tx, ConnId(1), text.into())
+                .await
+                .unwrap();
+        }
+        registry.checkpoint(&room("a"), WorkerId(0), 2, b"image@2".to_vec());
+        while rx.try_recv().is_ok() {}
+
+        let restoring = registry.worker_failed(WorkerId(0));
+        assert_eq!(restoring.len(), 1);
+        // Events during the restore are journaled, not sent.
+        registry
+            .forward(&entry, &tx, ConnId(1), "m5".into())
+            .await
             .unwrap();
-        assert_eq!(registry.worker_lost(WorkerId(0)), vec![room("a")]);
+        assert!(rx.try_recv().is_err());
+
+        let frames = registry.restore_frames(&entry).unwrap();
+        match &frames[0] {
+            ToWorker::RestoreRoom { room: r, image, .. } => {
+                assert_eq!(r.0, "a");
+                assert_eq!(image.as_deref(), Some(&b"image@2"[..]));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(events(&frames), [3, 4, 5]);
+        registry
+            .forward(&entry, &tx, ConnId(1), "m6".into())
+            .await
+            .unwrap();
+        let (more, done) = registry.finish_restore(&entry);
+        assert_eq!((events(&more), done), (vec![6], false));
+        let (rest, done) = registry.finish_restore(&entry);
+        assert!(rest.is_empty() && done);
+        // Restored: events go to the worker again.
+        registry
+            .forward(&entry, &tx, ConnId(1), "m7".into())
+            .await
+            .unwrap();
+        assert!(matches!(rx.try_recv(), Ok(ToWorker::Event(s)) if s.seq == 7));
+    }
+
+    #[tokio::test]
+    async fn a_room_blamed_for_three_crashes_is_closed_alone() {
+        let registry = Registry::new(1, 2);
+        let (tx, _rx) = mpsc::channel(64);
+        let (ctx, mut crx) = commands();
+        let poison = registry.register(&room("p"), ConnId(1), ctx).unwrap();
+        registry
+            .join(&poison, &tx, ConnId(1), "u".into())
+            .await
+            .unwrap();
+        let other = registry
+            .register(&room("o"), ConnId(2), commands().0)
+            .unwrap();
+        registry
+            .join(&other, &tx, ConnId(2), "v".into())
+            .await
+            .unwrap();
+        assert!(!registry.blame(&room("p")));
+        assert!(!registry.blame(&room("p")));
+        // Blamed rooms are restored after the others.
+        let order: Vec<String> = registry
+            .worker_failed(WorkerId(0))
+            .iter()
+            .map(|e| e.id.0.clone())
+            .collect();
+        assert_eq!(order, ["o", "p"]);
+        assert!(registry.blame(&room("p")));
         assert!(matches!(
             crx.try_recv(),
             Ok(ConnCommand::Close { code: 1011, .. })
         ));
-        assert!(
-            registry
-                .forward(&entry, &tx, ConnId(1), "x".into())
-                .await
-                .is_err()
-        );
-        registry.leave(&entry, &tx, ConnId(1), true).await;
-        assert!(
-            registry
-                .register(&room("b"), ConnId(2), commands().0)
-                .is_ok()
-        );
+        assert_eq!(registry.rooms_by_worker(), vec![vec![room("o")]]);
     }
 }

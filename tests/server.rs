@@ -547,39 +547,6 @@ async fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
     }
 }
 
-#[tokio::test]
-async fn a_killed_worker_is_replaced_and_new_rooms_work() {
-    let server = Server::start_raw(&["--workers", "1"], &[("JWT_SECRET", SECRET)]);
-    let mut alice = server.join("alice", "r1").await;
-    let old_pid = server.status().await["workers"][0]["pid"].as_u64().unwrap() as u32;
-    send_signal(old_pid, "KILL");
-    // Until crash recovery lands, members of the lost room are told with 1011.
-    assert_eq!(
-        alice.closed().await,
-        Closed::Frame(1011, "Room lost: its worker failed".into())
-    );
-    let deadline = std::time::Instant::now() + PATIENCE;
-    let new_pid = loop {
-        let status = server.status().await;
-        if let Some(pid) = status["workers"][0]["pid"]
-            .as_u64()
-            .filter(|&p| p as u32 != old_pid)
-        {
-            assert_eq!(status["workers"][0]["restarts"], 1);
-            break pid as u32;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no replacement worker"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(process_exists(new_pid));
-    let mut bob = server.join("bob", "r1").await;
-    assert_eq!(users(&bob.sync("bob", 1.0).await), ["bob"]);
-    assert!(server.logs().contains("worker failed"));
-}
-
 #[test]
 fn missing_jwt_secret_stops_start_up_with_one_clear_line() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))

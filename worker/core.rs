@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::persist::{LoadRetry, Policy, SaveState};
-use super::room::{Effect, Ignored, Room};
+use super::room::{Effect, Ignored, Room, RoomImage};
 use super::store::{BoardId, BoardStore, LoadedBoard, SaveOutcome, StoreError};
 use crate::config::PersistSettings;
 use crate::ipc::{FromWorker, RoomEvent, RoomId, Stamped, ToWorker};
@@ -35,8 +35,19 @@ pub enum StoreResult {
         instance: u64,
         /// Last frame covered by the save.
         seq: u64,
+        /// Checkpoint of the room as saved, sent to the supervisor on success.
+        image: Vec<u8>,
         result: Result<SaveOutcome, StoreError>,
     },
+}
+
+/// What a checkpoint holds: the room, and what persisting it needs.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SlotImage {
+    room: RoomImage,
+    board: Option<String>,
+    /// Shapes changed since the last successful save.
+    unsaved: bool,
 }
 
 enum Load {
@@ -66,6 +77,8 @@ struct RoomSlot {
     /// Every member has left: free the room once nothing is unsaved.
     closing: bool,
     warned_no_board: bool,
+    /// `Sync` tokens to answer once the held events are applied.
+    pending_syncs: Vec<u64>,
 }
 
 struct Drain {
@@ -151,6 +164,29 @@ impl WorkerCore {
             ToWorker::Drain { grace_ms } => {
                 self.start_drain(now + Duration::from_millis(grace_ms));
             }
+            ToWorker::RestoreRoom {
+                room,
+                id_seed,
+                image,
+            } => self.restore(room, id_seed, image, now),
+            ToWorker::Sync { room, token } => match self.rooms.get_mut(&room) {
+                Some(slot) if matches!(slot.load, Load::Waiting { .. }) => {
+                    slot.pending_syncs.push(token)
+                }
+                _ => self.replies.push(FromWorker::Synced { room, token }),
+            },
+            ToWorker::CheckpointRequest { room } => {
+                if let Some(slot) = self.rooms.get(&room) {
+                    // Only a loaded room has an exact image (a loading one holds
+                    // events; a degraded one lacks its stored shapes).
+                    if matches!(slot.load, Load::Done) {
+                        let image = Self::checkpoint(slot, slot.save.is_dirty());
+                        let seq = slot.room.last_seq();
+                        self.replies
+                            .push(FromWorker::Checkpoint { room, seq, image });
+                    }
+                }
+            }
         }
     }
 
@@ -182,10 +218,59 @@ impl WorkerCore {
             save: SaveState::default(),
             closing: false,
             warned_no_board: false,
+            pending_syncs: Vec::new(),
         };
         slot.save.urgent = self.drain.is_some();
         self.start_load(&mut slot);
         self.rooms.insert(room, slot);
+    }
+
+    /// Re-creates a room lost with a failed worker, from its checkpoint if it has
+    /// one (exact state, no store round trip), else from the store.
+    fn restore(&mut self, room: RoomId, id_seed: u64, image: Option<Vec<u8>>, now: Instant) {
+        self.rooms.remove(&room);
+        let image = image.and_then(|bytes| match postcard::from_bytes::<SlotImage>(&bytes) {
+            Ok(image) => Some(image),
+            Err(e) => {
+                warn!(%room, error = %e, "unreadable checkpoint; restoring from the store");
+                None
+            }
+        });
+        let Some(image) = image else {
+            self.open(room, id_seed, now);
+            return;
+        };
+        self.next_instance += 1;
+        let mut slot = RoomSlot {
+            room: Room::from_image(room.clone(), image.room),
+            instance: self.next_instance,
+            load: Load::Done,
+            load_in_flight: false,
+            load_retry_at: None,
+            load_retry: LoadRetry::default(),
+            load_failures: 0,
+            board: image.board.map(BoardId),
+            save: SaveState::default(),
+            closing: false,
+            warned_no_board: false,
+            pending_syncs: Vec::new(),
+        };
+        if image.unsaved {
+            slot.save.changed(now);
+        }
+        slot.save.urgent = self.drain.is_some();
+        debug!(%room, seq = slot.room.last_seq(), "room restored from its checkpoint");
+        self.rooms.insert(room.clone(), slot);
+        self.dirty.insert(room);
+    }
+
+    fn checkpoint(slot: &RoomSlot, unsaved: bool) -> Vec<u8> {
+        let image = SlotImage {
+            room: slot.room.image(),
+            board: slot.board.as_ref().map(|b| b.0.clone()),
+            unsaved,
+        };
+        postcard::to_stdvec(&image).expect("serialising to memory cannot fail")
     }
 
     fn start_load(&self, slot: &mut RoomSlot) {
@@ -209,6 +294,8 @@ impl WorkerCore {
 
     fn start_save(&self, slot: &mut RoomSlot) {
         slot.save.begin();
+        // The room as written: once the save succeeds, nothing in it is unsaved.
+        let image = Self::checkpoint(slot, false);
         let room = slot.room.id().clone();
         let instance = slot.instance;
         let seq = slot.room.last_seq();
@@ -223,6 +310,7 @@ impl WorkerCore {
                     room,
                     instance,
                     seq,
+                    image,
                     result,
                 })
                 .await;
@@ -239,6 +327,8 @@ impl WorkerCore {
             | RoomEvent::Leave { conn }
             | RoomEvent::Message { conn, .. } => *conn,
         };
+        #[cfg(debug_assertions)]
+        poison::check(&stamped);
         match slot.room.apply(&stamped) {
             Effect::Joined => {
                 self.replies.push(FromWorker::JoinAccepted {
@@ -280,8 +370,15 @@ impl WorkerCore {
             Load::Waiting { held, .. } => held,
             _ => VecDeque::new(),
         };
+        let syncs = std::mem::take(&mut slot.pending_syncs);
         for stamped in held {
             self.apply(stamped, now);
+        }
+        for token in syncs {
+            self.replies.push(FromWorker::Synced {
+                room: room.clone(),
+                token,
+            });
         }
     }
 
@@ -317,6 +414,14 @@ impl WorkerCore {
                         }
                         self.dirty.insert(room.clone());
                         self.release_held(&room, Load::Done, now);
+                        // A first checkpoint, so that from now on a crash of this
+                        // worker restores the room without the store.
+                        if let Some(slot) = self.rooms.get(&room) {
+                            let image = Self::checkpoint(slot, slot.save.is_dirty());
+                            let seq = slot.room.last_seq();
+                            self.replies
+                                .push(FromWorker::Checkpoint { room, seq, image });
+                        }
                     }
                     Err(e) => {
                         slot.load_failures += 1;
@@ -330,6 +435,7 @@ impl WorkerCore {
                 room,
                 instance,
                 seq,
+                image,
                 result,
             } => {
                 let Some(slot) = self.rooms.get_mut(&room).filter(|s| s.instance == instance)
@@ -345,7 +451,12 @@ impl WorkerCore {
                         if let Some(drain) = &mut self.drain {
                             drain.saved += 1;
                         }
-                        self.replies.push(FromWorker::Saved { room, seq });
+                        self.replies.push(FromWorker::Saved {
+                            room: room.clone(),
+                            seq,
+                        });
+                        self.replies
+                            .push(FromWorker::Checkpoint { room, seq, image });
                     }
                     Ok(SaveOutcome::NoBoard) => {
                         slot.save.failed(now);
@@ -483,6 +594,28 @@ impl WorkerCore {
             });
         }
         out
+    }
+}
+
+/// Test builds only: a frame whose text contains [`poison::MARKER`] aborts the
+/// worker when `SESSION_SERVER_TEST_POISON=1`, to test crash isolation. Release
+/// builds do not contain this code.
+#[cfg(debug_assertions)]
+mod poison {
+    use crate::ipc::{RoomEvent, Stamped};
+
+    pub const MARKER: &str = "__poison_test_frame__";
+
+    pub fn check(stamped: &Stamped) {
+        static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let enabled = *ENABLED
+            .get_or_init(|| std::env::var("SESSION_SERVER_TEST_POISON").as_deref() == Ok("1"));
+        if let RoomEvent::Message { text, .. } = &stamped.event
+            && enabled
+            && text.contains(MARKER)
+        {
+            std::process::abort();
+        }
     }
 }
 
