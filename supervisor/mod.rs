@@ -116,7 +116,8 @@ pub async fn run(
     });
 
     let port = listener.local_addr()?.port();
-    info!("Listening on *:{port}");
+    // The line the seed documents; printed whatever the log filter is.
+    println!("Listening on *:{port}");
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,

@@ -36,15 +36,18 @@ const WRITE_BATCH: usize = 512;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// On shutdown, a worker whose socket is closed must exit within this, or is killed.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Respawn delays: doubled after each quick failure, so a crash loop is throttled.
+/// Respawn delays: the first replacement starts at once (clients are waiting);
+/// after a further quick failure the delay starts here and doubles, so a crash
+/// loop is throttled.
 const MIN_RESPAWN_DELAY: Duration = Duration::from_millis(50);
 const MAX_RESPAWN_DELAY: Duration = Duration::from_secs(5);
 /// Beyond the drain grace, time allowed for the workers' answers to arrive.
 const DRAIN_ANSWER_MARGIN: Duration = Duration::from_secs(1);
 /// Beyond the load wait, how long a restoring room may take to answer.
 const RESTORE_ANSWER_MARGIN: Duration = Duration::from_secs(2);
-/// A worker that ran this long before failing resets the respawn delay.
-const STABLE_RUN: Duration = Duration::from_secs(30);
+/// A worker that ran this long before failing was not crash-looping: the next
+/// replacement starts at once again.
+const STABLE_RUN: Duration = Duration::from_secs(5);
 
 type Reader = FramedRead<tokio::io::ReadHalf<LocalStream>, IpcCodec<FromWorker, ToWorker>>;
 type Writer = FramedWrite<tokio::io::WriteHalf<LocalStream>, IpcCodec<FromWorker, ToWorker>>;
@@ -212,7 +215,7 @@ async fn supervise(
     ready: oneshot::Sender<Result<(), String>>,
 ) {
     let mut ready = Some(ready);
-    let mut delay = MIN_RESPAWN_DELAY;
+    let mut delay = Duration::ZERO;
     // Rooms to restore on the next process, and frames to send it after them.
     let mut restore: Vec<Arc<RoomEntry>> = Vec::new();
     let mut carry: Vec<ToWorker> = Vec::new();
@@ -256,13 +259,13 @@ async fn supervise(
         let rooms: Vec<&str> = restore.iter().map(|e| e.id.0.as_str()).collect();
         error!(worker = %slot.id, rooms = ?rooms, "worker failed ({}); restoring its rooms on a replacement", ended.how);
         if started.elapsed() > STABLE_RUN {
-            delay = MIN_RESPAWN_DELAY;
+            delay = Duration::ZERO;
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => return,
         }
-        delay = (delay * 2).min(MAX_RESPAWN_DELAY);
+        delay = (delay * 2).clamp(MIN_RESPAWN_DELAY, MAX_RESPAWN_DELAY);
         slot.restarts.fetch_add(1, Ordering::Relaxed);
     }
 }
