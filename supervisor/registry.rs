@@ -517,14 +517,7 @@ fn close_room(
             reason,
         });
     }
-    let is_current = inner
-        .rooms
-        .get(&entry.id)
-        .is_some_and(|current| Arc::ptr_eq(current, entry));
-    if is_current {
-        inner.rooms.remove(&entry.id);
-        inner.load[entry.worker.0 as usize] -= 1;
-    }
+    forget(inner, entry);
 }
 
 /// Drops the entry once nothing refers to the room any more: no connection, not
@@ -533,6 +526,12 @@ fn remove_if_done(inner: &mut Inner, entry: &Arc<RoomEntry>, state: &RoomState) 
     if state.lost || !state.conns.is_empty() || state.open || state.closing > 0 {
         return;
     }
+    forget(inner, entry);
+}
+
+/// Removes `entry` from the map (unless a newer entry for the room replaced it)
+/// and frees its place on its worker.
+fn forget(inner: &mut Inner, entry: &Arc<RoomEntry>) {
     let is_current = inner
         .rooms
         .get(&entry.id)
