@@ -28,7 +28,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn measure(rooms: usize) -> Vec<f64> {
     let server = Server::start_raw(
         &["--workers", "1", "--rooms-per-worker", "100"],
-        &[("JWT_SECRET", SECRET), ("LOG", "warn")],
+        &[("JWT_SECRET", SECRET), ("RUST_LOG", "warn")],
     );
     let mut clients = Vec::new();
     for r in 0..rooms {

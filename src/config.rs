@@ -36,12 +36,18 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "BIND_ADDRESS", default_value = "0.0.0.0")]
     pub bind: IpAddr,
-    /// Number of worker processes [default: number of CPUs].
+    /// Number of worker processes [default: the CPUs this process may use,
+    /// rounding a cgroup CPU quota up: 0.5 CPU → 1].
     #[arg(long, env = "WORKERS")]
     pub workers: Option<usize>,
-    /// Most rooms one worker holds; when every worker is full, new rooms get HTTP 503.
-    #[arg(long, env = "ROOMS_PER_WORKER", default_value_t = 100)]
-    pub rooms_per_worker: usize,
+    /// Total rooms this server holds (Hathora's rooms-per-process); past it,
+    /// new rooms get HTTP 503 [default: workers × rooms per worker].
+    #[arg(long, env = "HATHORA_ROOMS_PER_PROCESS")]
+    pub max_rooms: Option<usize>,
+    /// Most rooms one worker holds [default: max rooms / workers, rounded up, or
+    /// 100 without a max].
+    #[arg(long, env = "ROOMS_PER_WORKER")]
+    pub rooms_per_worker: Option<usize>,
     /// Secret that verifies client tokens (HS256). Prefer the environment variable.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -100,12 +106,66 @@ pub struct Config {
     pub bind: IpAddr,
     pub workers: usize,
     pub rooms_per_worker: usize,
+    /// Total rooms across all workers.
+    pub max_rooms: usize,
+    /// Where this process runs, when Hathora runs it (for logs and metrics).
+    pub hathora: HathoraInfo,
     pub jwt_secret: String,
     pub require_host_claim: bool,
     pub ping_interval: Duration,
     pub shutdown_grace: Duration,
     /// What workers need to persist rooms; sent to each worker at its handshake.
     pub persistence: PersistSettings,
+}
+
+/// Rooms per worker when neither it nor a total is given.
+const DEFAULT_ROOMS_PER_WORKER: usize = 100;
+
+/// Identity of the Hathora process, from the variables Hathora sets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HathoraInfo {
+    pub process_id: Option<String>,
+    pub region: Option<String>,
+    pub app_id: Option<String>,
+}
+
+impl HathoraInfo {
+    pub fn from_env() -> HathoraInfo {
+        let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        HathoraInfo {
+            process_id: var("HATHORA_PROCESS_ID"),
+            region: var("HATHORA_REGION"),
+            app_id: var("HATHORA_APP_ID"),
+        }
+    }
+}
+
+/// Workers by default: the CPUs this process may use. A cgroup CPU quota (what
+/// Hathora's `--requested-cpu` sets) is rounded up, so 0.5 CPU gives one worker.
+fn default_workers() -> usize {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cpu.max").ok();
+    let v1 = || {
+        let quota = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").ok()?;
+        let period = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_period_us").ok()?;
+        Some(format!("{} {}", quota.trim(), period.trim()))
+    };
+    match v2.or_else(v1).and_then(|text| cpu_quota(&text)) {
+        // available_parallelism floors the quota; the quota decides when set.
+        Some(quota) => quota.ceil().max(1.0) as usize,
+        None => cpus,
+    }
+}
+
+/// Parses a CPU quota as `"<quota> <period>"` (cgroup v2 `cpu.max`, or v1's two
+/// files joined): `Some(cpus)`, or `None` when unlimited (`max`, `-1`) or unreadable.
+pub fn cpu_quota(text: &str) -> Option<f64> {
+    let mut parts = text.split_whitespace();
+    let quota: f64 = parts.next()?.parse().ok()?;
+    let period: f64 = parts.next().unwrap_or("100000").parse().ok()?;
+    (quota > 0.0 && period > 0.0).then(|| quota / period)
 }
 
 /// A secret that never shows in logs or `Debug` output.
@@ -156,7 +216,7 @@ pub enum ConfigError {
     MissingJwtSecret,
     #[error("--workers must be at least 1")]
     NoWorkers,
-    #[error("--rooms-per-worker must be at least 1")]
+    #[error("--rooms-per-worker and HATHORA_ROOMS_PER_PROCESS must be at least 1")]
     NoRooms,
     #[error("--ping-interval-ms must be at least 10")]
     PingTooShort,
@@ -176,15 +236,17 @@ impl ServeArgs {
             .jwt_secret
             .filter(|s| !s.is_empty())
             .ok_or(ConfigError::MissingJwtSecret)?;
-        let workers = self.workers.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        });
+        let workers = self.workers.unwrap_or_else(default_workers);
         if workers == 0 {
             return Err(ConfigError::NoWorkers);
         }
-        if self.rooms_per_worker == 0 {
+        let rooms_per_worker = match (self.rooms_per_worker, self.max_rooms) {
+            (Some(n), _) => n,
+            (None, Some(max)) => max.div_ceil(workers),
+            (None, None) => DEFAULT_ROOMS_PER_WORKER,
+        };
+        let max_rooms = self.max_rooms.unwrap_or(rooms_per_worker * workers);
+        if rooms_per_worker == 0 || max_rooms == 0 {
             return Err(ConfigError::NoRooms);
         }
         if self.ping_interval_ms < 10 {
@@ -215,7 +277,9 @@ impl ServeArgs {
             port: self.port,
             bind: self.bind,
             workers,
-            rooms_per_worker: self.rooms_per_worker,
+            rooms_per_worker,
+            max_rooms,
+            hathora: HathoraInfo::from_env(),
             jwt_secret,
             require_host_claim: self.require_host_claim,
             ping_interval: Duration::from_millis(self.ping_interval_ms),
@@ -267,10 +331,13 @@ mod tests {
             "--require-host-claim",
             "false",
         ]);
-        let config = cli.serve.validate().unwrap();
+        let mut serve = cli.serve;
+        serve.max_rooms = None;
+        let config = serve.validate().unwrap();
         assert_eq!(config.port, 0);
         assert_eq!(config.workers, 3);
         assert_eq!(config.rooms_per_worker, 7);
+        assert_eq!(config.max_rooms, 21);
         assert_eq!(config.jwt_secret, "s");
         assert!(!config.require_host_claim);
     }
@@ -311,6 +378,29 @@ mod tests {
                 path: "/tmp/x/boards.sqlite3".into()
             }
         );
+    }
+
+    #[test]
+    fn cgroup_cpu_quotas_are_parsed() {
+        assert_eq!(cpu_quota("max 100000\n"), None);
+        assert_eq!(cpu_quota("50000 100000\n"), Some(0.5));
+        assert_eq!(cpu_quota("150000 100000"), Some(1.5));
+        assert_eq!(cpu_quota("-1 100000"), None); // v1: unlimited
+        assert_eq!(cpu_quota("200000"), Some(2.0));
+        assert_eq!(cpu_quota(""), None);
+        assert_eq!(cpu_quota("garbage"), None);
+    }
+
+    #[test]
+    fn hathora_rooms_per_process_sets_the_total_and_the_share_per_worker() {
+        let mut serve = parse(&["--jwt-secret", "s", "--workers", "3"]).serve;
+        serve.max_rooms = Some(10);
+        serve.rooms_per_worker = None;
+        let config = serve.clone().validate().unwrap();
+        assert_eq!((config.max_rooms, config.rooms_per_worker), (10, 4));
+        serve.rooms_per_worker = Some(2);
+        let config = serve.validate().unwrap();
+        assert_eq!((config.max_rooms, config.rooms_per_worker), (10, 2));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 /// Version of the frame definitions below. The supervisor and a worker exchange it
 /// in their first frames and refuse to talk on a mismatch. Bump it on any change to
 /// [`ToWorker`] or [`FromWorker`].
-pub const IPC_VERSION: u32 = 3;
+pub const IPC_VERSION: u32 = 4;
 
 /// Largest IPC frame body accepted. A snapshot of a full room (1000 shapes with
 /// bounded fields) is far below this; anything larger is corruption.
@@ -166,6 +166,37 @@ pub enum FromWorker {
         room: RoomId,
         token: u64,
     },
+    /// Counts since the previous `Stats`: valid client frames by `type`, and
+    /// ignored ones by reason.
+    Stats {
+        frames: Vec<(String, u64)>,
+        ignored: Vec<(String, u64)>,
+    },
+    /// A save attempt ended.
+    SaveFinished {
+        outcome: SaveResult,
+        /// The room's previous save attempt had failed.
+        retry: bool,
+        micros: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SaveResult {
+    Ok,
+    Failed,
+    /// The backend has no board for the room yet.
+    NoBoard,
+}
+
+impl SaveResult {
+    pub fn label(self) -> &'static str {
+        match self {
+            SaveResult::Ok => "ok",
+            SaveResult::Failed => "failed",
+            SaveResult::NoBoard => "no_board",
+        }
+    }
 }
 
 /// Why a join was refused; the supervisor closes the connection with code 1008.

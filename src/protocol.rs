@@ -102,6 +102,16 @@ pub enum InvalidMessage {
 }
 
 impl ClientMessage {
+    /// The message's `type`, for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientMessage::CursorMove { .. } => "cursor_move",
+            ClientMessage::ShapeCreate { .. } => "shape_create",
+            ClientMessage::ShapeUpdate { .. } => "shape_update",
+            ClientMessage::ShapeDelete { .. } => "shape_delete",
+        }
+    }
+
     /// Parses and validates one text frame.
     pub fn parse(text: &str) -> Result<ClientMessage, InvalidMessage> {
         let msg: ClientMessage = serde_json::from_str(text)?;

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
-    CONNECTION, CONTENT_TYPE, HOST, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
-    SEC_WEBSOCKET_VERSION, UPGRADE,
+    CONNECTION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT,
+    SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -37,6 +37,9 @@ const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// server buffer.
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 
+/// `Retry-After` on a 503 for lack of capacity: rooms free up as members leave.
+const RETRY_AFTER_SECS: &str = "5";
+
 type Body = Full<Bytes>;
 
 /// Serves one TCP connection (HTTP/1.1, upgradable to a WebSocket).
@@ -61,6 +64,8 @@ fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/") => websocket(req, shared),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => ready(&shared),
+        (&Method::GET, "/metrics") => metrics(&shared),
         (&Method::GET, "/status") => status(&shared),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
@@ -72,6 +77,52 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     res.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+/// 200 when every worker runs and the server is not draining.
+fn ready(shared: &Shared) -> Response<Body> {
+    let down = shared
+        .pool
+        .slots()
+        .iter()
+        .filter(|slot| slot.pid().is_none())
+        .count();
+    if shared.stop.is_cancelled() {
+        text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if down > 0 {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{down} worker(s) not running\n"),
+        )
+    } else {
+        text(StatusCode::OK, "ready\n")
+    }
+}
+
+fn metrics(shared: &Shared) -> Response<Body> {
+    let m = &shared.metrics;
+    let rooms = shared.registry.rooms_by_worker();
+    m.rooms
+        .set(rooms.iter().map(Vec::len).sum::<usize>() as i64);
+    let mut up = 0;
+    for (slot, rooms) in shared.pool.slots().iter().zip(&rooms) {
+        let worker = super::metrics::Worker {
+            worker: slot.id.to_string(),
+        };
+        m.rooms_by_worker
+            .get_or_create(&worker)
+            .set(rooms.len() as i64);
+        let depth = slot.queue.max_capacity() - slot.queue.capacity();
+        m.ipc_queue_depth.get_or_create(&worker).set(depth as i64);
+        up += i64::from(slot.pid().is_some());
+    }
+    m.workers_up.set(up);
+    let mut res = text(StatusCode::OK, m.encode());
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     res
 }
@@ -126,6 +177,7 @@ fn token_param(req: &Request<Incoming>) -> Option<String> {
 
 fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     if !is_websocket_upgrade(&req) {
+        shared.metrics.reject("not_websocket");
         let mut res = text(
             StatusCode::UPGRADE_REQUIRED,
             "this endpoint takes WebSocket connections: ws://HOST/?token=JWT\n",
@@ -135,12 +187,14 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         return res;
     }
     if shared.stop.is_cancelled() {
+        shared.metrics.reject("draining");
         return text(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n");
     }
     let host = req.headers().get(HOST).and_then(|h| h.to_str().ok());
     let identity = match shared.auth.verify(token_param(&req).as_deref(), host) {
         Ok(identity) => identity,
         Err(e) => {
+            shared.metrics.reject("unauthorized");
             info!(reason = %e, "connection refused (401)");
             return text(StatusCode::UNAUTHORIZED, "unauthorized\n");
         }
@@ -150,8 +204,12 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     let entry = match shared.registry.register(&identity.room, conn, commands_tx) {
         Ok(entry) => entry,
         Err(e) => {
+            shared.metrics.reject("no_capacity");
             warn!(room = %identity.room, "connection refused (503): {e}");
-            return text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"));
+            let mut res = text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"));
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+            return res;
         }
     };
     let key = req.headers().get(SEC_WEBSOCKET_KEY).expect("checked above");

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod http;
+pub mod metrics;
 pub mod pool;
 pub mod registry;
 pub mod session;
@@ -30,6 +31,7 @@ const SESSION_CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// State shared by every connection task.
 pub struct Shared {
     pub config: Config,
+    pub metrics: Arc<metrics::Metrics>,
     pub auth: Authenticator,
     pub registry: Arc<Registry>,
     pub pool: WorkerPool,
@@ -89,23 +91,35 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     check_store(&config.persistence.store)?;
     info!(store = %config.persistence.store, "persistence");
-    let registry = Arc::new(Registry::new(config.workers, config.rooms_per_worker));
+    let registry = Arc::new(Registry::new(
+        config.workers,
+        config.rooms_per_worker,
+        config.max_rooms,
+    ));
+    let metrics = Arc::new(metrics::Metrics::new(&config.hathora));
     let stop_workers = CancellationToken::new();
     let pool = WorkerPool::start(
         config.workers,
         config.persistence.clone(),
         registry.clone(),
+        metrics.clone(),
         stop_workers.clone(),
     )
     .await?;
+    let hathora = &config.hathora;
     info!(
         workers = config.workers,
         rooms_per_worker = config.rooms_per_worker,
+        max_rooms = config.max_rooms,
         require_host_claim = config.require_host_claim,
+        hathora_process_id = hathora.process_id.as_deref().unwrap_or("-"),
+        hathora_region = hathora.region.as_deref().unwrap_or("-"),
+        hathora_app_id = hathora.app_id.as_deref().unwrap_or("-"),
         "workers started"
     );
     let shared = Arc::new(Shared {
         auth: Authenticator::new(&config.jwt_secret, config.require_host_claim),
+        metrics,
         config,
         registry,
         pool,
@@ -116,24 +130,13 @@ pub async fn run(
     });
 
     let port = listener.local_addr()?.port();
+    // Accepting goes on while draining (so `/readyz` can say 503 and late
+    // upgrades get a clear 503); it stops once every client is closed.
+    let stop_accepting = CancellationToken::new();
+    let acceptor = tokio::spawn(accept(listener, shared.clone(), stop_accepting.clone()));
     // The line the seed documents; printed whatever the log filter is.
     println!("Listening on *:{port}");
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(http::serve_connection(stream, shared.clone()));
-                }
-                Err(e) => {
-                    // Typically out of file descriptors: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
-    }
-    drop(listener);
+    stop.cancelled().await;
 
     // Save first, while clients are still connected; then say goodbye.
     let grace = shared.config.shutdown_grace;
@@ -169,10 +172,31 @@ pub async fn run(
     {
         warn!("some sessions did not close in time");
     }
+    stop_accepting.cancel();
+    let _ = acceptor.await;
     stop_workers.cancel();
     shared.pool.wait_stopped().await;
     info!("stopped");
     Ok(())
+}
+
+/// Accepts connections until `stop` is cancelled.
+async fn accept(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(http::serve_connection(stream, shared.clone()));
+                }
+                Err(e) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
 }
 
 /// Fails start-up with a clear message if the embedded store cannot be opened

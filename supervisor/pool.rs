@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use super::metrics::{Kind, Metrics, Outcome, Reason};
 use super::registry::{POISON_CRASHES, POISON_WINDOW, Registry, RoomEntry};
 use crate::config::{PersistSettings, WORKER_NONCE_ENV};
 use crate::ipc::{CodecError, FromWorker, IPC_VERSION, IpcCodec, RoomId, ToWorker, WorkerId};
@@ -95,6 +96,7 @@ impl WorkerPool {
         count: usize,
         settings: PersistSettings,
         registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) -> anyhow::Result<WorkerPool> {
         let tasks = TaskTracker::new();
@@ -115,6 +117,7 @@ impl WorkerPool {
                 frames,
                 settings.clone(),
                 registry.clone(),
+                metrics.clone(),
                 stop.clone(),
                 ready_tx,
             ));
@@ -211,6 +214,7 @@ async fn supervise(
     mut frames: mpsc::Receiver<ToWorker>,
     settings: PersistSettings,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
     ready: oneshot::Sender<Result<(), String>>,
 ) {
@@ -226,6 +230,7 @@ async fn supervise(
             frames: &mut frames,
             settings: &settings,
             registry: &registry,
+            metrics: &metrics,
             stop: &stop,
             ready: &mut ready,
             restore: &mut restore,
@@ -267,6 +272,12 @@ async fn supervise(
         }
         delay = (delay * 2).clamp(MIN_RESPAWN_DELAY, MAX_RESPAWN_DELAY);
         slot.restarts.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .worker_restarts
+            .get_or_create(&super::metrics::Worker {
+                worker: slot.id.to_string(),
+            })
+            .inc();
     }
 }
 
@@ -276,6 +287,7 @@ struct Serve<'a> {
     frames: &'a mut mpsc::Receiver<ToWorker>,
     settings: &'a PersistSettings,
     registry: &'a Registry,
+    metrics: &'a Metrics,
     stop: &'a CancellationToken,
     ready: &'a mut Option<oneshot::Sender<Result<(), String>>>,
     restore: &'a mut Vec<Arc<RoomEntry>>,
@@ -339,7 +351,7 @@ impl Serve<'_> {
 
         let ended = tokio::select! {
             why = write_frames(self.frames, &mut writer) => why,
-            why = read_frames(&mut reader, self.registry, slot) => why,
+            why = read_frames(&mut reader, self.registry, self.metrics, slot) => why,
             _ = child.wait() => "process exited".to_owned(),
             _ = self.stop.cancelled() => {
                 // Closing the socket tells the worker to exit.
@@ -378,12 +390,20 @@ impl Serve<'_> {
         // A room restored from the store (no checkpoint yet) answers after its load.
         let wait = Duration::from_millis(self.settings.load_wait_ms) + RESTORE_ANSWER_MARGIN;
         while let Some(entry) = self.restore.first().cloned() {
-            restore_room(&entry, reader, writer, self.registry, self.slot, wait)
-                .await
-                .map_err(|how| Ended {
-                    how,
-                    restoring: Some(entry.id.clone()),
-                })?;
+            restore_room(
+                &entry,
+                reader,
+                writer,
+                self.registry,
+                self.metrics,
+                self.slot,
+                wait,
+            )
+            .await
+            .map_err(|how| Ended {
+                how,
+                restoring: Some(entry.id.clone()),
+            })?;
             self.restore.remove(0);
         }
         let write_failed = |e: CodecError| Ended::plain(format!("IPC write failed: {e}"));
@@ -405,6 +425,7 @@ async fn restore_room(
     reader: &mut Reader,
     writer: &mut Writer,
     registry: &Registry,
+    metrics: &Metrics,
     slot: &WorkerSlot,
     wait: Duration,
 ) -> Result<(), String> {
@@ -436,7 +457,7 @@ async fn restore_room(
                 return Err(format!("IPC read failed while restoring room {room}: {e}"));
             }
             Ok(Some(Ok(FromWorker::Synced { token: t, .. }))) if t == token => break,
-            Ok(Some(Ok(msg))) => dispatch(msg, registry, slot),
+            Ok(Some(Ok(msg))) => dispatch(msg, registry, metrics, slot),
         }
     }
     loop {
@@ -549,10 +570,15 @@ async fn write_frames(frames: &mut mpsc::Receiver<ToWorker>, writer: &mut Writer
 }
 
 /// Routes the worker's replies until the socket ends.
-async fn read_frames(reader: &mut Reader, registry: &Registry, slot: &WorkerSlot) -> String {
+async fn read_frames(
+    reader: &mut Reader,
+    registry: &Registry,
+    metrics: &Metrics,
+    slot: &WorkerSlot,
+) -> String {
     while let Some(frame) = reader.next().await {
         match frame {
-            Ok(msg) => dispatch(msg, registry, slot),
+            Ok(msg) => dispatch(msg, registry, metrics, slot),
             Err(e) => return format!("IPC read failed: {e}"),
         }
     }
@@ -560,7 +586,7 @@ async fn read_frames(reader: &mut Reader, registry: &Registry, slot: &WorkerSlot
 }
 
 /// Routes one reply of the worker to the rooms' connections and state.
-fn dispatch(msg: FromWorker, registry: &Registry, slot: &WorkerSlot) {
+fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &WorkerSlot) {
     let worker = slot.id;
     match msg {
         FromWorker::Snapshot { room, json } => registry.publish(&room, Message::text(json)),
@@ -587,6 +613,36 @@ fn dispatch(msg: FromWorker, registry: &Registry, slot: &WorkerSlot) {
         }
         // A late answer to a restore that stopped waiting.
         FromWorker::Synced { .. } => {}
+        FromWorker::Stats { frames, ignored } => {
+            for (kind, n) in frames {
+                metrics
+                    .frames_in
+                    .get_or_create(&Kind { r#type: kind })
+                    .inc_by(n);
+            }
+            for (reason, n) in ignored {
+                metrics
+                    .frames_ignored
+                    .get_or_create(&Reason { reason })
+                    .inc_by(n);
+            }
+        }
+        FromWorker::SaveFinished {
+            outcome,
+            retry,
+            micros,
+        } => {
+            metrics
+                .saves
+                .get_or_create(&Outcome {
+                    result: outcome.label().to_owned(),
+                })
+                .inc();
+            if retry {
+                metrics.save_retries.inc();
+            }
+            metrics.save_duration.observe(micros as f64 / 1e6);
+        }
         FromWorker::Hello { .. } => warn!(%worker, "unexpected second hello from worker"),
     }
 }

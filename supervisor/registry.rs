@@ -20,7 +20,17 @@ use crate::protocol::{CLOSE_INTERNAL_ERROR, CLOSE_POLICY};
 
 /// The newest snapshot of a room, shared by all its members (one encoding, one
 /// allocation; each member clones a reference).
-pub type SnapshotCell = Option<Message>;
+pub type SnapshotCell = Option<Published>;
+
+/// A snapshot as published to a room's members.
+#[derive(Clone, Debug)]
+pub struct Published {
+    pub message: Message,
+    /// When the supervisor received it (for the fan-out latency).
+    pub at: Instant,
+    /// Counts the room's snapshots, so a member can tell how many it skipped.
+    pub version: u64,
+}
 
 /// What the supervisor tells a connection's session about its membership.
 #[derive(Debug)]
@@ -50,6 +60,8 @@ pub const CONN_COMMANDS: usize = 4;
 pub enum PlacementError {
     #[error("no capacity for a new room: every worker holds its maximum of {0} rooms")]
     AllWorkersFull(usize),
+    #[error("no capacity for a new room: the server holds its maximum of {0} rooms")]
+    AtCapacity(usize),
 }
 
 /// The room's worker has gone (process failed or server stopping).
@@ -60,6 +72,8 @@ pub struct RoomLost;
 pub struct Registry {
     inner: Mutex<Inner>,
     rooms_per_worker: usize,
+    /// Total rooms across workers.
+    max_rooms: usize,
 }
 
 struct Inner {
@@ -163,14 +177,20 @@ impl RoomState {
 }
 
 impl Registry {
-    pub fn new(workers: usize, rooms_per_worker: usize) -> Registry {
+    pub fn new(workers: usize, rooms_per_worker: usize, max_rooms: usize) -> Registry {
         Registry {
             inner: Mutex::new(Inner {
                 rooms: HashMap::new(),
                 load: vec![0; workers],
             }),
             rooms_per_worker,
+            max_rooms,
         }
+    }
+
+    /// Rooms placed (open, closing or being restored).
+    pub fn room_count(&self) -> usize {
+        lock(&self.inner).rooms.len()
     }
 
     /// Registers a connection for `room`, placing the room on the least loaded
@@ -186,6 +206,9 @@ impl Registry {
         if let Some(entry) = inner.rooms.get(room) {
             lock(&entry.state).conns.insert(conn, commands);
             return Ok(entry.clone());
+        }
+        if inner.rooms.len() >= self.max_rooms {
+            return Err(PlacementError::AtCapacity(self.max_rooms));
         }
         let worker = (0..inner.load.len())
             .filter(|&w| inner.load[w] < self.rooms_per_worker)
@@ -337,7 +360,14 @@ impl Registry {
     pub fn publish(&self, room: &RoomId, snapshot: Message) {
         let entry = lock(&self.inner).rooms.get(room).cloned();
         if let Some(entry) = entry {
-            entry.snapshots.send_replace(Some(snapshot));
+            entry.snapshots.send_modify(|cell| {
+                let version = cell.as_ref().map_or(1, |p| p.version + 1);
+                *cell = Some(Published {
+                    message: snapshot,
+                    at: Instant::now(),
+                    version,
+                });
+            });
         }
     }
 
@@ -556,7 +586,7 @@ mod tests {
 
     #[test]
     fn rooms_spread_over_workers_and_refuse_when_full() {
-        let registry = Registry::new(2, 2);
+        let registry = Registry::new(2, 2, 100);
         let workers: Vec<WorkerId> = ["a", "b", "c", "d"]
             .iter()
             .enumerate()
@@ -587,9 +617,23 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_total_capacity_is_enforced_across_workers() {
+        let registry = Registry::new(2, 5, 3);
+        for (i, r) in ["a", "b", "c"].iter().enumerate() {
+            registry
+                .register(&room(r), ConnId(i as u64), commands().0)
+                .unwrap();
+        }
+        assert_eq!(
+            registry.register(&room("d"), ConnId(9), commands().0).err(),
+            Some(PlacementError::AtCapacity(3))
+        );
+    }
+
     #[tokio::test]
     async fn lifecycle_frames_are_ordered_and_room_freed_after_confirmation() {
-        let registry = Registry::new(1, 1);
+        let registry = Registry::new(1, 1, 100);
         let (tx, mut rx) = mpsc::channel(16);
         let entry = registry
             .register(&room("a"), ConnId(1), commands().0)
@@ -645,7 +689,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_worker_s_room_is_restored_from_checkpoint_and_journal() {
-        let registry = Registry::new(1, 1);
+        let registry = Registry::new(1, 1, 1);
         let (tx, mut rx) = mpsc::channel(64);
         let entry = registry
             .register(&room("a"), ConnId(1), commands().0)
@@ -699,7 +743,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_room_blamed_for_three_crashes_is_closed_alone() {
-        let registry = Registry::new(1, 2);
+        let registry = Registry::new(1, 2, 2);
         let (tx, _rx) = mpsc::channel(64);
         let (ctx, mut crx) = commands();
         let poison = registry.register(&room("p"), ConnId(1), ctx).unwrap();

@@ -22,7 +22,7 @@ use super::Shared;
 use super::auth::Identity;
 use super::registry::{ConnCommand, RoomEntry, SnapshotCell};
 use crate::ipc::ConnId;
-use crate::protocol::{CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR};
+use crate::protocol::{CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_POLICY, REASON_ROOM_FULL};
 
 /// A send that cannot complete in this time means the client is not reading at
 /// all; it is dropped. (A slow client only ever gets the newest snapshot, so it
@@ -54,6 +54,9 @@ pub async fn run(
     let span = info_span!("session", room = %entry.id, user = %identity.user_id, %conn, worker = %entry.worker);
     async move {
         let started = Instant::now();
+        shared.metrics.connections_accepted.inc();
+        shared.metrics.connections.inc();
+        debug!("session opened");
         let queue = &shared.pool.slot(entry.worker).queue;
         let joined = shared
             .registry
@@ -80,11 +83,21 @@ pub async fn run(
             .await;
         }
         shared.registry.leave(&entry, queue, conn, joined).await;
+        shared.metrics.connections.dec();
         let how = match end {
             End::ClientGone => "client gone".to_owned(),
-            End::Close(code, reason) => format!("closed {code} {reason}"),
+            End::Close(code, reason) => {
+                if code == CLOSE_POLICY {
+                    shared.metrics.reject(if reason == REASON_ROOM_FULL {
+                        "room_full"
+                    } else {
+                        "duplicate_user"
+                    });
+                }
+                format!("closed {code} {reason}")
+            }
         };
-        info!(
+        debug!(
             seconds = started.elapsed().as_secs(),
             "session ended: {how}"
         );
@@ -111,10 +124,12 @@ async fn serve(
     let mut last_heard = Instant::now();
     // Set once the worker admits the join; until then nothing is sent.
     let mut snapshots: Option<watch::Receiver<SnapshotCell>> = None;
+    // Version of the last snapshot sent, to count the ones skipped.
+    let mut last_version: Option<u64> = None;
 
     loop {
         tokio::select! {
-            _ = shared.close_sessions.cancelled() => return End::Close(CLOSE_GOING_AWAY, "Server shutting down"),
+            _ = shared.close_sessions.cancelled() => return End::Close(CLOSE_GOING_AWAY, "Going Away"),
             command = commands.recv() => match command {
                 Some(ConnCommand::Admitted(rx)) => snapshots = Some(rx),
                 Some(ConnCommand::Close { code, reason }) => return End::Close(code, reason),
@@ -126,8 +141,18 @@ async fn serve(
                 }
                 let snapshot = snapshots.as_mut().expect("guarded").borrow_and_update().clone();
                 if let Some(snapshot) = snapshot {
-                    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(snapshot)).await {
-                        Ok(Ok(())) => {}
+                    let metrics = &shared.metrics;
+                    if let Some(last) = last_version {
+                        metrics.snapshots_skipped.inc_by(snapshot.version.saturating_sub(last + 1));
+                    }
+                    last_version = Some(snapshot.version);
+                    let bytes = snapshot.message.len() as u64;
+                    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(snapshot.message)).await {
+                        Ok(Ok(())) => {
+                            metrics.snapshots_sent.inc();
+                            metrics.snapshot_bytes.inc_by(bytes);
+                            metrics.fanout_latency.observe(snapshot.at.elapsed().as_secs_f64());
+                        }
                         Ok(Err(e)) => {
                             debug!(error = %e, "write failed");
                             return End::ClientGone;

@@ -319,7 +319,7 @@ async fn sigterm_saves_unsaved_edits_then_exits_zero() {
     server.signal("TERM");
     assert_eq!(
         alice.closed().await,
-        Closed::Frame(1001, "Server shutting down".into())
+        Closed::Frame(1001, "Going Away".into())
     );
     let code = tokio::task::block_in_place(|| server.wait_exit(PATIENCE));
     assert_eq!(code, Some(0));

@@ -539,7 +539,7 @@ async fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
     server.signal("TERM");
     assert_eq!(
         alice.closed().await,
-        Closed::Frame(1001, "Server shutting down".into())
+        Closed::Frame(1001, "Going Away".into())
     );
     assert_eq!(server.wait_exit(PATIENCE), Some(0));
     for pid in worker_pids {

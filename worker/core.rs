@@ -16,7 +16,7 @@ use super::persist::{LoadRetry, Policy, SaveState};
 use super::room::{Effect, Ignored, Room, RoomImage};
 use super::store::{BoardId, BoardStore, LoadedBoard, SaveOutcome, StoreError};
 use crate::config::PersistSettings;
-use crate::ipc::{FromWorker, RoomEvent, RoomId, Stamped, ToWorker};
+use crate::ipc::{FromWorker, RoomEvent, RoomId, SaveResult, Stamped, ToWorker};
 
 /// Events held per room while its load is pending. Past this, members are
 /// admitted at once (degraded) rather than buffering without bound.
@@ -37,6 +37,9 @@ pub enum StoreResult {
         seq: u64,
         /// Checkpoint of the room as saved, sent to the supervisor on success.
         image: Vec<u8>,
+        /// The previous attempt had failed.
+        retry: bool,
+        took: Duration,
         result: Result<SaveOutcome, StoreError>,
     },
 }
@@ -100,6 +103,9 @@ pub struct WorkerCore {
     dirty: IndexSet<RoomId>,
     /// Client frames ignored as invalid, since start.
     ignored_frames: u64,
+    /// Counts since the last `take_stats`.
+    frames_by_type: HashMap<&'static str, u64>,
+    ignored_by_reason: HashMap<&'static str, u64>,
     drain: Option<Drain>,
 }
 
@@ -122,6 +128,8 @@ impl WorkerCore {
             replies: Vec::new(),
             dirty: IndexSet::new(),
             ignored_frames: 0,
+            frames_by_type: HashMap::new(),
+            ignored_by_reason: HashMap::new(),
             drain: None,
         }
     }
@@ -202,6 +210,7 @@ impl WorkerCore {
             }
             return;
         }
+        info!(%room, "room opened");
         self.next_instance += 1;
         let mut slot = RoomSlot {
             room: Room::new(room.clone(), id_seed),
@@ -293,6 +302,7 @@ impl WorkerCore {
     }
 
     fn start_save(&self, slot: &mut RoomSlot) {
+        let retry = slot.save.retrying();
         slot.save.begin();
         // The room as written: once the save succeeds, nothing in it is unsaved.
         let image = Self::checkpoint(slot, false);
@@ -304,6 +314,7 @@ impl WorkerCore {
             .save(room.clone(), slot.board.clone(), slot.room.shapes_json());
         let results = self.results.clone();
         tokio::spawn(async move {
+            let started = Instant::now();
             let result = save.await;
             let _ = results
                 .send(StoreResult::Saved {
@@ -311,6 +322,8 @@ impl WorkerCore {
                     instance,
                     seq,
                     image,
+                    retry,
+                    took: started.elapsed(),
                     result,
                 })
                 .await;
@@ -329,7 +342,11 @@ impl WorkerCore {
         };
         #[cfg(debug_assertions)]
         poison::check(&stamped);
-        match slot.room.apply(&stamped) {
+        let (effect, kind) = slot.room.apply_counted(&stamped);
+        if let Some(kind) = kind {
+            *self.frames_by_type.entry(kind).or_default() += 1;
+        }
+        match effect {
             Effect::Joined => {
                 self.replies.push(FromWorker::JoinAccepted {
                     room: stamped.room.clone(),
@@ -355,6 +372,7 @@ impl WorkerCore {
             Effect::Ignored(Ignored::NotAMember) => {}
             Effect::Ignored(why) => {
                 self.ignored_frames += 1;
+                *self.ignored_by_reason.entry(why.reason()).or_default() += 1;
                 debug!(room = %stamped.room, %conn, ?why, total = self.ignored_frames, "client frame ignored");
             }
         }
@@ -436,8 +454,20 @@ impl WorkerCore {
                 instance,
                 seq,
                 image,
+                retry,
+                took,
                 result,
             } => {
+                let outcome = match &result {
+                    Ok(SaveOutcome::Saved { .. }) => SaveResult::Ok,
+                    Ok(SaveOutcome::NoBoard) => SaveResult::NoBoard,
+                    Err(_) => SaveResult::Failed,
+                };
+                self.replies.push(FromWorker::SaveFinished {
+                    outcome,
+                    retry,
+                    micros: took.as_micros() as u64,
+                });
                 let Some(slot) = self.rooms.get_mut(&room).filter(|s| s.instance == instance)
                 else {
                     return;
@@ -498,7 +528,7 @@ impl WorkerCore {
             // them): it is freed only once they have been applied and saved.
             let waiting = matches!(slot.load, Load::Waiting { .. });
             if slot.closing && !slot.save.is_dirty() && !waiting {
-                debug!(room = %id, "room freed");
+                info!(room = %id, "room closed");
                 self.dirty.shift_remove(&id);
                 self.replies.push(FromWorker::RoomClosed { room: id });
                 continue;
@@ -576,6 +606,23 @@ impl WorkerCore {
             .filter(|d| !d.answered)
             .map(|d| d.deadline);
         rooms.chain([drain]).flatten().min()
+    }
+
+    /// Frame counts since the last call, if any.
+    pub fn take_stats(&mut self) -> Option<FromWorker> {
+        if self.frames_by_type.is_empty() && self.ignored_by_reason.is_empty() {
+            return None;
+        }
+        let owned = |counts: &mut HashMap<&'static str, u64>| {
+            counts
+                .drain()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect::<Vec<_>>()
+        };
+        Some(FromWorker::Stats {
+            frames: owned(&mut self.frames_by_type),
+            ignored: owned(&mut self.ignored_by_reason),
+        })
     }
 
     /// The replies since the last call, then one snapshot per changed room.

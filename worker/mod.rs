@@ -33,6 +33,8 @@ const RESULTS_QUEUE: usize = 1024;
 /// unsaved rooms get this long to be saved before the worker exits: short, so
 /// workers never linger after their supervisor.
 const ORPHAN_SAVE_GRACE: Duration = Duration::from_millis(500);
+/// How often frame counts are reported to the supervisor (for its metrics).
+const STATS_EVERY: Duration = Duration::from_secs(1);
 
 /// Entry point of `session-server worker`.
 pub fn main(args: WorkerArgs) -> anyhow::Result<()> {
@@ -94,6 +96,7 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
     let (results_tx, mut results) = mpsc::channel::<StoreResult>(RESULTS_QUEUE);
     let mut core = WorkerCore::new(store, &settings, results_tx);
     let mut connected = true;
+    let mut stats = tokio::time::interval(STATS_EVERY);
     loop {
         let deadline = core.next_deadline();
         tokio::select! {
@@ -117,9 +120,11 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
             },
             Some(result) = results.recv() => core.on_result(result, Instant::now()),
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
+            _ = stats.tick() => {}
         }
         core.tick(Instant::now());
-        let output = core.take_output();
+        let mut output = core.take_output();
+        output.extend(core.take_stats());
         if connected {
             for msg in output {
                 writer.feed(msg).await?;

@@ -57,6 +57,11 @@ impl SaveState {
         self.in_flight.is_some()
     }
 
+    /// The previous attempt failed (the next one is a retry).
+    pub fn retrying(&self) -> bool {
+        self.backoff.is_some()
+    }
+
     /// When the next save should start, if one is needed and none is running.
     pub fn due_at(&self, policy: &Policy) -> Option<Instant> {
         if self.in_flight.is_some() {

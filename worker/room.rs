@@ -38,6 +38,19 @@ pub enum Ignored {
     ShapeLimit,
 }
 
+impl Ignored {
+    /// Label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Ignored::NotAMember => "not_a_member",
+            Ignored::Invalid(_) => "malformed",
+            Ignored::UnknownShape => "unknown_shape",
+            Ignored::OpaqueShape => "opaque_shape",
+            Ignored::ShapeLimit => "shape_limit",
+        }
+    }
+}
+
 impl From<InvalidMessage> for Ignored {
     fn from(e: InvalidMessage) -> Self {
         Ignored::Invalid(e.to_string())
@@ -169,18 +182,27 @@ impl Room {
     }
 
     pub fn apply(&mut self, stamped: &Stamped) -> Effect {
+        self.apply_counted(stamped).0
+    }
+
+    /// Applies an event; also returns the client message's `type` when the event
+    /// is a valid client message (for metrics).
+    pub fn apply_counted(&mut self, stamped: &Stamped) -> (Effect, Option<&'static str>) {
         self.last_seq = stamped.seq;
         match &stamped.event {
-            RoomEvent::Join { conn, user_id } => self.join(*conn, user_id),
-            RoomEvent::Leave { conn } => self.leave(*conn),
+            RoomEvent::Join { conn, user_id } => (self.join(*conn, user_id), None),
+            RoomEvent::Leave { conn } => (self.leave(*conn), None),
             RoomEvent::Message { conn, text } => {
                 let Some(user_id) = self.user_of(*conn) else {
-                    return Effect::Ignored(Ignored::NotAMember);
+                    return (Effect::Ignored(Ignored::NotAMember), None);
                 };
                 let user_id = user_id.to_owned();
                 match ClientMessage::parse(text) {
-                    Ok(msg) => self.handle(&user_id, msg, stamped),
-                    Err(e) => Effect::Ignored(e.into()),
+                    Ok(msg) => {
+                        let kind = msg.kind();
+                        (self.handle(&user_id, msg, stamped), Some(kind))
+                    }
+                    Err(e) => (Effect::Ignored(e.into()), None),
                 }
             }
         }

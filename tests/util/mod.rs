@@ -69,7 +69,9 @@ impl Server {
             .env_remove("BACKEND_URL")
             .env_remove("SESSION_SERVER_SECRET")
             .env_remove("DATA_DIR")
-            .env("LOG", "info")
+            .env_remove("LOG_FORMAT")
+            .env_remove("HATHORA_ROOMS_PER_PROCESS")
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -172,6 +174,32 @@ impl Server {
             .map(|(_, b)| b.to_owned())
             .unwrap_or_default();
         (status, body)
+    }
+
+    /// A WebSocket upgrade request for `token`, by hand: returns the status line
+    /// code and the raw response head (to check headers such as `Retry-After`).
+    pub async fn raw_upgrade(&self, token: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(self.host()).await.unwrap();
+        let request = format!(
+            "GET /?token={token} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            self.host()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = tokio::time::timeout(PATIENCE, stream.read(&mut byte))
+                .await
+                .expect("response in time")
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        (head[9..12].parse().unwrap(), head)
     }
 
     pub async fn status(&self) -> Value {

@@ -1,0 +1,39 @@
+# session-server: build in the official Rust image, run in a slim Debian image as
+# a non-root user. `hathora deploy --file .` builds this file.
+
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+# Dependencies first, in their own layer: rebuilt only when the manifest or the
+# lock file change, not on every source change.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src benches \
+ && echo 'fn main() {}' > src/main.rs \
+ && touch src/lib.rs \
+ && echo 'fn main() {}' > benches/recovery.rs \
+ && cargo build --release --locked \
+ && rm -rf src benches
+# Then the sources.
+COPY src src
+COPY supervisor supervisor
+COPY worker worker
+COPY benches benches
+RUN touch src/main.rs src/lib.rs \
+ && cargo build --release --locked \
+ && strip target/release/session-server
+
+FROM debian:bookworm-slim
+# CA certificates for an https BACKEND_URL; a user and a data folder for the
+# embedded store.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin app \
+ && mkdir -p /app/data \
+ && chown app:app /app/data
+COPY --from=build /src/target/release/session-server /usr/local/bin/session-server
+WORKDIR /app
+USER 10001
+ENV PORT=8000 \
+    DATA_DIR=/app/data
+EXPOSE 8000
+ENTRYPOINT ["/usr/local/bin/session-server"]

@@ -1,0 +1,186 @@
+//! The supervisor's metrics, served at `/metrics` in the Prometheus text format
+//! (`prometheus-client`). Workers report their frame counts and save outcomes over
+//! IPC; gauges of current state are read at scrape time.
+
+use std::borrow::Cow;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry as PromRegistry;
+
+use crate::config::HathoraInfo;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    pub r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Worker {
+    pub worker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub result: String,
+}
+
+pub struct Metrics {
+    registry: PromRegistry,
+    pub connections: Gauge,
+    pub connections_accepted: Counter,
+    pub connections_rejected: Family<Reason, Counter>,
+    pub rooms: Gauge,
+    pub rooms_by_worker: Family<Worker, Gauge>,
+    pub workers_up: Gauge,
+    pub worker_restarts: Family<Worker, Counter>,
+    pub frames_in: Family<Kind, Counter>,
+    pub frames_ignored: Family<Reason, Counter>,
+    pub snapshots_sent: Counter,
+    pub snapshot_bytes: Counter,
+    pub snapshots_skipped: Counter,
+    pub saves: Family<Outcome, Counter>,
+    pub save_retries: Counter,
+    pub save_duration: Histogram,
+    pub fanout_latency: Histogram,
+    pub ipc_queue_depth: Family<Worker, Gauge>,
+}
+
+impl Metrics {
+    pub fn new(hathora: &HathoraInfo) -> Metrics {
+        let labels: Vec<(Cow<'static, str>, Cow<'static, str>)> = [
+            ("hathora_process_id", &hathora.process_id),
+            ("hathora_region", &hathora.region),
+            ("hathora_app_id", &hathora.app_id),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.clone().map(|v| (Cow::Borrowed(k), Cow::Owned(v))))
+        .collect();
+        let mut registry =
+            PromRegistry::with_prefix_and_labels("session_server", labels.into_iter());
+        let m = Metrics {
+            connections: Gauge::default(),
+            connections_accepted: Counter::default(),
+            connections_rejected: Family::default(),
+            rooms: Gauge::default(),
+            rooms_by_worker: Family::default(),
+            workers_up: Gauge::default(),
+            worker_restarts: Family::default(),
+            frames_in: Family::default(),
+            frames_ignored: Family::default(),
+            snapshots_sent: Counter::default(),
+            snapshot_bytes: Counter::default(),
+            snapshots_skipped: Counter::default(),
+            saves: Family::default(),
+            save_retries: Counter::default(),
+            // 1 ms .. ~16 s
+            save_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            // 50 µs .. ~0.8 s
+            fanout_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 15)),
+            ipc_queue_depth: Family::default(),
+            registry: PromRegistry::default(),
+        };
+        registry.register(
+            "connections",
+            "Open client WebSocket connections",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_accepted",
+            "WebSocket upgrades accepted",
+            m.connections_accepted.clone(),
+        );
+        registry.register(
+            "connections_rejected",
+            "Connections refused or closed by the server, by reason",
+            m.connections_rejected.clone(),
+        );
+        registry.register("rooms", "Rooms placed on workers", m.rooms.clone());
+        registry.register(
+            "rooms_by_worker",
+            "Rooms placed on each worker",
+            m.rooms_by_worker.clone(),
+        );
+        registry.register(
+            "workers_up",
+            "Worker processes running",
+            m.workers_up.clone(),
+        );
+        registry.register(
+            "worker_restarts",
+            "Worker processes replaced after a failure",
+            m.worker_restarts.clone(),
+        );
+        registry.register(
+            "frames_in",
+            "Valid client frames, by message type",
+            m.frames_in.clone(),
+        );
+        registry.register(
+            "frames_ignored",
+            "Client frames ignored, by reason",
+            m.frames_ignored.clone(),
+        );
+        registry.register(
+            "snapshots_sent",
+            "Snapshots written to clients",
+            m.snapshots_sent.clone(),
+        );
+        registry.register(
+            "snapshot_bytes",
+            "Bytes of snapshots written to clients",
+            m.snapshot_bytes.clone(),
+        );
+        registry.register(
+            "snapshots_skipped",
+            "Snapshots a slow client skipped because a newer one superseded them",
+            m.snapshots_skipped.clone(),
+        );
+        registry.register("saves", "Save attempts, by result", m.saves.clone());
+        registry.register(
+            "save_retries",
+            "Save attempts after a failed one",
+            m.save_retries.clone(),
+        );
+        registry.register(
+            "save_duration_seconds",
+            "Time of a save attempt",
+            m.save_duration.clone(),
+        );
+        registry.register(
+            "fanout_latency_seconds",
+            "From a snapshot reaching the supervisor to its write to a client",
+            m.fanout_latency.clone(),
+        );
+        registry.register(
+            "ipc_queue_depth",
+            "Frames queued for each worker",
+            m.ipc_queue_depth.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn reject(&self, reason: &str) {
+        self.connections_rejected
+            .get_or_create(&Reason {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
