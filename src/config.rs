@@ -48,6 +48,30 @@ pub struct ServeArgs {
     /// 100 without a max].
     #[arg(long, env = "ROOMS_PER_WORKER")]
     pub rooms_per_worker: Option<usize>,
+    /// Most open connections (HTTP and WebSocket) at once; beyond it new TCP
+    /// connections are closed at once. Stay under the process's file descriptor limit.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 15_000)]
+    pub max_connections: usize,
+    /// A client must send its HTTP request headers within this.
+    #[arg(long, env = "HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// Largest client message; larger closes the connection with 1009.
+    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+    /// Client messages per second per connection (token bucket rate); excess
+    /// messages are dropped and counted.
+    #[arg(long, env = "RATE_LIMIT_PER_SEC", default_value_t = 60)]
+    pub rate_limit_per_sec: u32,
+    /// Token bucket size: how many messages a client may send in a burst.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 120)]
+    pub rate_limit_burst: u32,
+    /// A client whose messages are dropped in this many consecutive seconds is
+    /// closed with 1008 "Rate limit".
+    #[arg(long, env = "RATE_LIMIT_CLOSE_AFTER_SECS", default_value_t = 5)]
+    pub rate_limit_close_after_secs: u32,
+    /// Accept secrets shorter than 16 bytes (for development only).
+    #[arg(long, env = "ALLOW_WEAK_SECRET", default_value_t = false, action = ArgAction::Set)]
+    pub allow_weak_secret: bool,
     /// Secret that verifies client tokens (HS256). Prefer the environment variable.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -114,6 +138,7 @@ pub struct Config {
     pub require_host_claim: bool,
     pub ping_interval: Duration,
     pub shutdown_grace: Duration,
+    pub limits: Limits,
     /// What workers need to persist rooms; sent to each worker at its handshake.
     pub persistence: PersistSettings,
 }
@@ -168,6 +193,21 @@ pub fn cpu_quota(text: &str) -> Option<f64> {
     (quota > 0.0 && period > 0.0).then(|| quota / period)
 }
 
+/// Bounds on what clients may do (README, "Limits and security").
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub rate_per_sec: u32,
+    pub rate_burst: u32,
+    pub rate_close_after: u32,
+}
+
+/// Shortest secret accepted without `--allow-weak-secret`: an HS256 key shorter
+/// than this can be brute-forced from one token.
+pub const MIN_SECRET_BYTES: usize = 16;
+
 /// A secret that never shows in logs or `Debug` output.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Secret(pub String);
@@ -221,6 +261,12 @@ pub enum ConfigError {
     #[error("--ping-interval-ms must be at least 10")]
     PingTooShort,
     #[error(
+        "{0} is shorter than {MIN_SECRET_BYTES} bytes: use a long random secret (or --allow-weak-secret for development)"
+    )]
+    WeakSecret(&'static str),
+    #[error("the rate limit and the connection and message limits must be at least 1")]
+    ZeroLimit,
+    #[error(
         "SESSION_SERVER_SECRET is required when BACKEND_URL is set: it signs the requests to the backend"
     )]
     MissingBackendSecret,
@@ -236,6 +282,16 @@ impl ServeArgs {
             .jwt_secret
             .filter(|s| !s.is_empty())
             .ok_or(ConfigError::MissingJwtSecret)?;
+        if !self.allow_weak_secret && jwt_secret.len() < MIN_SECRET_BYTES {
+            return Err(ConfigError::WeakSecret("JWT_SECRET"));
+        }
+        if self.max_connections == 0
+            || self.max_message_bytes == 0
+            || self.rate_limit_per_sec == 0
+            || self.rate_limit_burst == 0
+        {
+            return Err(ConfigError::ZeroLimit);
+        }
         let workers = self.workers.unwrap_or_else(default_workers);
         if workers == 0 {
             return Err(ConfigError::NoWorkers);
@@ -261,6 +317,9 @@ impl ServeArgs {
                     .session_server_secret
                     .filter(|s| !s.is_empty())
                     .ok_or(ConfigError::MissingBackendSecret)?;
+                if !self.allow_weak_secret && secret.len() < MIN_SECRET_BYTES {
+                    return Err(ConfigError::WeakSecret("SESSION_SERVER_SECRET"));
+                }
                 StoreConfig::Backend {
                     url: url.trim_end_matches('/').to_owned(),
                     secret: Secret(secret),
@@ -284,6 +343,14 @@ impl ServeArgs {
             require_host_claim: self.require_host_claim,
             ping_interval: Duration::from_millis(self.ping_interval_ms),
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+            limits: Limits {
+                max_connections: self.max_connections,
+                handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+                max_message_bytes: self.max_message_bytes,
+                rate_per_sec: self.rate_limit_per_sec,
+                rate_burst: self.rate_limit_burst,
+                rate_close_after: self.rate_limit_close_after_secs,
+            },
             persistence: PersistSettings {
                 store,
                 debounce_ms: self.persist_debounce_ms,
@@ -327,7 +394,7 @@ mod tests {
             "--rooms-per-worker",
             "7",
             "--jwt-secret",
-            "s",
+            "a-long-enough-secret",
             "--require-host-claim",
             "false",
         ]);
@@ -338,13 +405,13 @@ mod tests {
         assert_eq!(config.workers, 3);
         assert_eq!(config.rooms_per_worker, 7);
         assert_eq!(config.max_rooms, 21);
-        assert_eq!(config.jwt_secret, "s");
+        assert_eq!(config.jwt_secret, "a-long-enough-secret");
         assert!(!config.require_host_claim);
     }
 
     #[test]
     fn backend_needs_its_secret_and_an_http_url() {
-        let mut serve = parse(&["--jwt-secret", "s"]).serve;
+        let mut serve = parse(&["--jwt-secret", "a-long-enough-secret"]).serve;
         serve.backend_url = Some("http://localhost:3000/".into());
         serve.session_server_secret = None;
         assert_eq!(
@@ -352,6 +419,11 @@ mod tests {
             ConfigError::MissingBackendSecret
         );
         serve.session_server_secret = Some("b".into());
+        assert_eq!(
+            serve.clone().validate().unwrap_err(),
+            ConfigError::WeakSecret("SESSION_SERVER_SECRET")
+        );
+        serve.allow_weak_secret = true;
         let config = serve.clone().validate().unwrap();
         assert_eq!(
             config.persistence.store,
@@ -370,7 +442,13 @@ mod tests {
 
     #[test]
     fn without_backend_the_embedded_store_is_used() {
-        let mut serve = parse(&["--jwt-secret", "s", "--data-dir", "/tmp/x"]).serve;
+        let mut serve = parse(&[
+            "--jwt-secret",
+            "a-long-enough-secret",
+            "--data-dir",
+            "/tmp/x",
+        ])
+        .serve;
         serve.backend_url = None;
         assert_eq!(
             serve.validate().unwrap().persistence.store,
@@ -393,7 +471,7 @@ mod tests {
 
     #[test]
     fn hathora_rooms_per_process_sets_the_total_and_the_share_per_worker() {
-        let mut serve = parse(&["--jwt-secret", "s", "--workers", "3"]).serve;
+        let mut serve = parse(&["--jwt-secret", "a-long-enough-secret", "--workers", "3"]).serve;
         serve.max_rooms = Some(10);
         serve.rooms_per_worker = None;
         let config = serve.clone().validate().unwrap();
@@ -404,8 +482,19 @@ mod tests {
     }
 
     #[test]
+    fn weak_secrets_are_refused_unless_allowed() {
+        let mut serve = parse(&["--jwt-secret", "short"]).serve;
+        assert_eq!(
+            serve.clone().validate().unwrap_err(),
+            ConfigError::WeakSecret("JWT_SECRET")
+        );
+        serve.allow_weak_secret = true;
+        assert!(serve.validate().is_ok());
+    }
+
+    #[test]
     fn zero_workers_is_refused() {
-        let cli = parse(&["--workers", "0", "--jwt-secret", "s"]);
+        let cli = parse(&["--workers", "0", "--jwt-secret", "a-long-enough-secret"]);
         assert_eq!(cli.serve.validate().unwrap_err(), ConfigError::NoWorkers);
     }
 }

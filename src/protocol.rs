@@ -19,6 +19,16 @@ pub const CLOSE_INTERNAL_ERROR: u16 = 1011;
 pub const REASON_ROOM_FULL: &str = "Room is full";
 pub const REASON_DUPLICATE_USER: &str = "Duplicate user";
 
+/// Longest `text` of a shape, in bytes.
+pub const MAX_TEXT_BYTES: usize = 10_000;
+/// Longest `fill`/`stroke`, in bytes (a CSS colour fits easily).
+pub const MAX_COLOUR_BYTES: usize = 64;
+/// Longest `shapeId`, and `userId`/`roomId` token claims, in bytes.
+pub const MAX_ID_BYTES: usize = 128;
+/// Largest magnitude of a coordinate, size or rotation: far beyond any board, small
+/// enough that arithmetic on it in any client stays exact.
+pub const MAX_COORDINATE: f64 = 1e9;
+
 pub const DEFAULT_FILL: &str = "#3b82f6";
 pub const DEFAULT_STROKE: &str = "#1d4ed8";
 
@@ -99,6 +109,22 @@ pub enum InvalidMessage {
     Malformed(#[from] serde_json::Error),
     #[error("number is not finite")]
     NotFinite,
+    #[error("number beyond ±{MAX_COORDINATE}")]
+    OutOfRange,
+    #[error("{0} is too long")]
+    TooLong(&'static str),
+}
+
+impl InvalidMessage {
+    /// Label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            InvalidMessage::Malformed(_) => "malformed",
+            InvalidMessage::NotFinite => "not_finite",
+            InvalidMessage::OutOfRange => "out_of_range",
+            InvalidMessage::TooLong(_) => "too_long",
+        }
+    }
 }
 
 impl ClientMessage {
@@ -116,11 +142,41 @@ impl ClientMessage {
     pub fn parse(text: &str) -> Result<ClientMessage, InvalidMessage> {
         let msg: ClientMessage = serde_json::from_str(text)?;
         // serde_json already refuses 1e309; this keeps the rule explicit.
-        if msg.numbers().all(f64::is_finite) {
-            Ok(msg)
-        } else {
-            Err(InvalidMessage::NotFinite)
+        if !msg.numbers().all(f64::is_finite) {
+            return Err(InvalidMessage::NotFinite);
         }
+        if !msg.numbers().all(|n| n.abs() <= MAX_COORDINATE) {
+            return Err(InvalidMessage::OutOfRange);
+        }
+        msg.check_lengths()?;
+        Ok(msg)
+    }
+
+    fn check_lengths(&self) -> Result<(), InvalidMessage> {
+        let (id, text, fill, stroke) = match self {
+            ClientMessage::CursorMove { .. } => return Ok(()),
+            ClientMessage::ShapeCreate {
+                text, fill, stroke, ..
+            } => (None, text, fill, stroke),
+            ClientMessage::ShapeUpdate { shape_id, changes } => (
+                Some(shape_id),
+                &changes.text,
+                &changes.fill,
+                &changes.stroke,
+            ),
+            ClientMessage::ShapeDelete { shape_id } => (Some(shape_id), &None, &None, &None),
+        };
+        let over = |value: Option<&String>, max: usize| value.is_some_and(|v| v.len() > max);
+        if over(id, MAX_ID_BYTES) {
+            return Err(InvalidMessage::TooLong("shapeId"));
+        }
+        if over(text.as_ref(), MAX_TEXT_BYTES) {
+            return Err(InvalidMessage::TooLong("text"));
+        }
+        if over(fill.as_ref(), MAX_COLOUR_BYTES) || over(stroke.as_ref(), MAX_COLOUR_BYTES) {
+            return Err(InvalidMessage::TooLong("colour"));
+        }
+        Ok(())
     }
 
     fn numbers(&self) -> impl Iterator<Item = f64> {

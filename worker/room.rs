@@ -27,11 +27,11 @@ pub enum Effect {
     Ignored(Ignored),
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub enum Ignored {
     /// A frame or leave from a connection that is not a member (refused or gone).
     NotAMember,
-    Invalid(String),
+    Invalid(InvalidMessage),
     UnknownShape,
     /// An update to a stored shape kept verbatim (see [`Shape`]).
     OpaqueShape,
@@ -43,7 +43,7 @@ impl Ignored {
     pub fn reason(&self) -> &'static str {
         match self {
             Ignored::NotAMember => "not_a_member",
-            Ignored::Invalid(_) => "malformed",
+            Ignored::Invalid(why) => why.reason(),
             Ignored::UnknownShape => "unknown_shape",
             Ignored::OpaqueShape => "opaque_shape",
             Ignored::ShapeLimit => "shape_limit",
@@ -51,9 +51,17 @@ impl Ignored {
     }
 }
 
+/// Two reasons are equal when they have the same label (an invalid message's
+/// parse error is not compared).
+impl PartialEq for Ignored {
+    fn eq(&self, other: &Ignored) -> bool {
+        self.reason() == other.reason()
+    }
+}
+
 impl From<InvalidMessage> for Ignored {
     fn from(e: InvalidMessage) -> Self {
-        Ignored::Invalid(e.to_string())
+        Ignored::Invalid(e)
     }
 }
 
