@@ -390,4 +390,44 @@ mod tests {
             assert!(ClientMessage::parse(text).is_err(), "{text}");
         }
     }
+
+    #[test]
+    fn enforces_lengths_and_ranges() {
+        let reason = |text: &str| ClientMessage::parse(text).unwrap_err().reason();
+        let long = "x".repeat(MAX_TEXT_BYTES + 1);
+        assert_eq!(
+            reason(&format!(
+                r#"{{"type":"shape_create","shapeType":"text","x":1,"y":2,"width":3,"height":4,"text":"{long}"}}"#
+            )),
+            "too_long"
+        );
+        let colour = "#".repeat(MAX_COLOUR_BYTES + 1);
+        assert_eq!(
+            reason(&format!(
+                r#"{{"type":"shape_update","shapeId":"s","fill":"{colour}"}}"#
+            )),
+            "too_long"
+        );
+        let id = "i".repeat(MAX_ID_BYTES + 1);
+        assert_eq!(
+            reason(&format!(r#"{{"type":"shape_delete","shapeId":"{id}"}}"#)),
+            "too_long"
+        );
+        assert_eq!(
+            reason(r#"{"type":"cursor_move","x":1e10,"y":0}"#),
+            "out_of_range"
+        );
+        assert_eq!(
+            reason(r#"{"type":"cursor_move","x":1e999,"y":0}"#),
+            "malformed"
+        );
+        assert!(ClientMessage::parse(r#"{"type":"cursor_move","x":-1e9,"y":1e9}"#).is_ok());
+        let ok_text = "x".repeat(MAX_TEXT_BYTES);
+        assert!(
+            ClientMessage::parse(&format!(
+                r#"{{"type":"shape_create","shapeType":"text","x":1,"y":2,"width":3,"height":4,"text":"{ok_text}"}}"#
+            ))
+            .is_ok()
+        );
+    }
 }

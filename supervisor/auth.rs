@@ -60,7 +60,6 @@ impl AuthError {
                 ErrorKind::ExpiredSignature => "expired",
                 ErrorKind::ImmatureSignature => "not_yet_valid",
                 ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => "wrong_algorithm",
-                ErrorKind::Json(_) => "bad_claims",
                 _ => "malformed",
             },
             AuthError::EmptyClaim | AuthError::ClaimTooLong => "bad_claims",
@@ -101,6 +100,9 @@ impl Authenticator {
         let token = token
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::MissingToken)?;
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::TokenTooLarge);
+        }
         let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?.claims;
         if claims.user_id.is_empty() || claims.room_id.is_empty() {
             return Err(AuthError::EmptyClaim);
@@ -219,5 +221,59 @@ mod tests {
             auth.verify(None, None),
             Err(AuthError::MissingToken)
         ));
+    }
+
+    #[test]
+    fn oversize_tokens_and_claims_are_refused() {
+        let auth = Authenticator::new(SECRET, false);
+        let long = "u".repeat(MAX_ID_BYTES + 1);
+        assert!(matches!(
+            auth.verify(Some(&token(json!({"userId":long,"roomId":"r"}))), None),
+            Err(AuthError::ClaimTooLong)
+        ));
+        let huge = "a".repeat(MAX_TOKEN_BYTES + 1);
+        assert!(matches!(
+            auth.verify(Some(&huge), None),
+            Err(AuthError::TokenTooLarge)
+        ));
+    }
+
+    #[test]
+    fn failures_are_labelled_by_reason() {
+        let auth = Authenticator::new(SECRET, true);
+        let now = now();
+        let reason = |t: &str| auth.verify(Some(t), Some("h:1")).unwrap_err().reason();
+        let wrong = encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"userId":"u","roomId":"r","host":"h:1"}),
+            &EncodingKey::from_secret(b"other"),
+        )
+        .unwrap();
+        assert_eq!(reason(&wrong), "bad_signature");
+        assert_eq!(
+            reason(&token(
+                json!({"userId":"u","roomId":"r","host":"h:1","exp":now - 999})
+            )),
+            "expired"
+        );
+        assert_eq!(
+            reason(&token(
+                json!({"userId":"u","roomId":"r","host":"h:1","nbf":now + 999})
+            )),
+            "not_yet_valid"
+        );
+        assert_eq!(
+            reason(&token(json!({"userId":"u","roomId":"r","host":"x:1"}))),
+            "wrong_host"
+        );
+        assert_eq!(
+            reason(&token(json!({"roomId":"r","host":"h:1"}))),
+            "malformed"
+        );
+        assert_eq!(
+            reason(&token(json!({"userId":"","roomId":"r","host":"h:1"}))),
+            "bad_claims"
+        );
+        assert_eq!(reason("not.a.jwt"), "malformed");
     }
 }

@@ -313,6 +313,16 @@ impl Client {
         self.ws.send(msg).await.unwrap();
     }
 
+    /// Sends, reporting failure instead of panicking (for attacks the server may
+    /// end mid-way).
+    pub async fn send_raw_result(&mut self, msg: Message) -> Result<(), String> {
+        self.ws.send(msg).await.map_err(|e| e.to_string())
+    }
+
+    pub async fn try_send_text(&mut self, text: &str) -> Result<(), String> {
+        self.send_raw_result(Message::text(text)).await
+    }
+
     /// The next snapshot, as raw text. Panics on close or after [`PATIENCE`].
     pub async fn next_text(&mut self) -> String {
         loop {
