@@ -69,6 +69,14 @@ pub struct ServeArgs {
     /// closed with 1008 "Rate limit".
     #[arg(long, env = "RATE_LIMIT_CLOSE_AFTER_SECS", default_value_t = 5)]
     pub rate_limit_close_after_secs: u32,
+    /// Development mode: a generated secret when none is given, a whiteboard page
+    /// at `/`, a token endpoint for it, and the room monitor without a token.
+    #[arg(long, env = "DEV", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub dev: bool,
+    /// Bearer token for the room monitor (`/admin`); without it (and outside dev
+    /// mode) the monitor is off.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Accept secrets shorter than 16 bytes (for development only).
     #[arg(long, env = "ALLOW_WEAK_SECRET", default_value_t = false, action = ArgAction::Set)]
     pub allow_weak_secret: bool,
@@ -139,6 +147,10 @@ pub struct Config {
     pub ping_interval: Duration,
     pub shutdown_grace: Duration,
     pub limits: Limits,
+    /// Development mode (see `--dev`).
+    pub dev: bool,
+    /// Token for the room monitor, if it is on outside dev mode.
+    pub admin_token: Option<Secret>,
     /// What workers need to persist rooms; sent to each worker at its handshake.
     pub persistence: PersistSettings,
 }
@@ -278,11 +290,19 @@ pub enum ConfigError {
 
 impl ServeArgs {
     pub fn validate(self) -> Result<Config, ConfigError> {
-        let jwt_secret = self
-            .jwt_secret
-            .filter(|s| !s.is_empty())
-            .ok_or(ConfigError::MissingJwtSecret)?;
-        if !self.allow_weak_secret && jwt_secret.len() < MIN_SECRET_BYTES {
+        let generated = || {
+            format!(
+                "{:016x}{:016x}",
+                rand::random::<u64>(),
+                rand::random::<u64>()
+            )
+        };
+        let jwt_secret = match self.jwt_secret.filter(|s| !s.is_empty()) {
+            Some(secret) => secret,
+            None if self.dev => generated(),
+            None => return Err(ConfigError::MissingJwtSecret),
+        };
+        if !self.allow_weak_secret && !self.dev && jwt_secret.len() < MIN_SECRET_BYTES {
             return Err(ConfigError::WeakSecret("JWT_SECRET"));
         }
         if self.max_connections == 0
@@ -343,6 +363,8 @@ impl ServeArgs {
             require_host_claim: self.require_host_claim,
             ping_interval: Duration::from_millis(self.ping_interval_ms),
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+            dev: self.dev,
+            admin_token: self.admin_token.filter(|t| !t.is_empty()).map(Secret),
             limits: Limits {
                 max_connections: self.max_connections,
                 handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 /// Version of the frame definitions below. The supervisor and a worker exchange it
 /// in their first frames and refuse to talk on a mismatch. Bump it on any change to
 /// [`ToWorker`] or [`FromWorker`].
-pub const IPC_VERSION: u32 = 4;
+pub const IPC_VERSION: u32 = 5;
 
 /// Largest IPC frame body accepted. A snapshot of a full room (1000 shapes with
 /// bounded fields) is far below this; anything larger is corruption.
@@ -171,6 +171,8 @@ pub enum FromWorker {
     Stats {
         frames: Vec<(String, u64)>,
         ignored: Vec<(String, u64)>,
+        /// Every room the worker holds, for the room monitor.
+        rooms: Vec<RoomSummary>,
     },
     /// A save attempt ended.
     SaveFinished {
@@ -179,6 +181,18 @@ pub enum FromWorker {
         retry: bool,
         micros: u64,
     },
+}
+
+/// A room as the monitor shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoomSummary {
+    pub room: RoomId,
+    pub members: u32,
+    pub shapes: u32,
+    /// Shape changes not yet in the store.
+    pub unsaved: bool,
+    /// Wall time of the last successful save, ms since the Unix epoch.
+    pub last_save_ms: Option<i64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

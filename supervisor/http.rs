@@ -55,7 +55,13 @@ pub async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
 
 fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") if shared.config.dev && !is_websocket_upgrade(&req) => {
+            super::dev::board_page()
+        }
         (&Method::GET, "/") => websocket(req, shared),
+        (&Method::GET, "/dev/token") => super::dev::token(&req, &shared),
+        (&Method::GET, "/admin") => super::dev::monitor_page(&req, &shared),
+        (&Method::GET, "/admin/rooms") => super::dev::monitor_json(&req, &shared),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => ready(&shared),
         (&Method::GET, "/metrics") => metrics(&shared),

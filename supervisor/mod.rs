@@ -4,6 +4,7 @@
 //! running. It never interprets room state.
 
 pub mod auth;
+pub mod dev;
 pub mod http;
 pub mod metrics;
 pub mod pool;
@@ -142,6 +143,11 @@ pub async fn run(
     let acceptor = tokio::spawn(accept(listener, shared.clone(), stop_accepting.clone()));
     // The line the seed documents; printed whatever the log filter is.
     println!("Listening on *:{port}");
+    if shared.config.dev {
+        println!(
+            "Dev mode: open http://localhost:{port}/ in two browser tabs (room monitor: http://localhost:{port}/admin)"
+        );
+    }
     stop.cancelled().await;
 
     // Save first, while clients are still connected; then say goodbye.

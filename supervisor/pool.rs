@@ -613,7 +613,12 @@ fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &Work
         }
         // A late answer to a restore that stopped waiting.
         FromWorker::Synced { .. } => {}
-        FromWorker::Stats { frames, ignored } => {
+        FromWorker::Stats {
+            frames,
+            ignored,
+            rooms,
+        } => {
+            registry.summaries(worker, rooms);
             for (kind, n) in frames {
                 metrics
                     .frames_in

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::ipc::{ConnId, JoinRejection, RoomEvent, RoomId, Stamped, ToWorker, WorkerId};
+use crate::ipc::{
+    ConnId, JoinRejection, RoomEvent, RoomId, RoomSummary, Stamped, ToWorker, WorkerId,
+};
 use crate::protocol::{CLOSE_INTERNAL_ERROR, CLOSE_POLICY};
 
 /// The newest snapshot of a room, shared by all its members (one encoding, one
@@ -123,6 +125,8 @@ struct RoomState {
     restore_sent: u64,
     /// Worker crashes attributed to this room.
     blames: Vec<Instant>,
+    /// The worker's latest summary of the room (for the monitor).
+    summary: Option<RoomSummary>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -517,6 +521,46 @@ impl Registry {
             "Room closed: it repeatedly crashed the server",
         );
         true
+    }
+
+    /// Records the worker's summaries of its rooms.
+    pub fn summaries(&self, worker: WorkerId, summaries: Vec<RoomSummary>) {
+        let inner = lock(&self.inner);
+        for summary in summaries {
+            if let Some(entry) = inner
+                .rooms
+                .get(&summary.room)
+                .filter(|e| e.worker == worker)
+            {
+                lock(&entry.state).summary = Some(summary);
+            }
+        }
+    }
+
+    /// Every room with what the monitor shows of it, sorted by id.
+    pub fn monitor(&self) -> Vec<serde_json::Value> {
+        let inner = lock(&self.inner);
+        let mut rooms: Vec<serde_json::Value> = inner
+            .rooms
+            .values()
+            .map(|entry| {
+                let state = lock(&entry.state);
+                let summary = state.summary.as_ref();
+                serde_json::json!({
+                    "room": entry.id.0,
+                    "worker": entry.worker.0,
+                    "connections": state.conns.len(),
+                    "members": summary.map(|s| s.members),
+                    "shapes": summary.map(|s| s.shapes),
+                    "unsaved": summary.map(|s| s.unsaved),
+                    "lastSaveMs": summary.and_then(|s| s.last_save_ms),
+                    "restoring": state.restoring,
+                    "journal": state.journal.len(),
+                })
+            })
+            .collect();
+        rooms.sort_by(|a, b| a["room"].as_str().cmp(&b["room"].as_str()));
+        rooms
     }
 
     /// Rooms per worker, sorted, for the status endpoint.

@@ -16,7 +16,7 @@ use super::persist::{LoadRetry, Policy, SaveState};
 use super::room::{Effect, Ignored, Room, RoomImage};
 use super::store::{BoardId, BoardStore, LoadedBoard, SaveOutcome, StoreError};
 use crate::config::PersistSettings;
-use crate::ipc::{FromWorker, RoomEvent, RoomId, SaveResult, Stamped, ToWorker};
+use crate::ipc::{FromWorker, RoomEvent, RoomId, RoomSummary, SaveResult, Stamped, ToWorker};
 
 /// Events held per room while its load is pending. Past this, members are
 /// admitted at once (degraded) rather than buffering without bound.
@@ -82,6 +82,8 @@ struct RoomSlot {
     warned_no_board: bool,
     /// `Sync` tokens to answer once the held events are applied.
     pending_syncs: Vec<u64>,
+    /// Wall time of the last successful save (for the room monitor).
+    last_save_ms: Option<i64>,
 }
 
 struct Drain {
@@ -228,6 +230,7 @@ impl WorkerCore {
             closing: false,
             warned_no_board: false,
             pending_syncs: Vec::new(),
+            last_save_ms: None,
         };
         slot.save.urgent = self.drain.is_some();
         self.start_load(&mut slot);
@@ -263,6 +266,7 @@ impl WorkerCore {
             closing: false,
             warned_no_board: false,
             pending_syncs: Vec::new(),
+            last_save_ms: None,
         };
         if image.unsaved {
             slot.save.changed(now);
@@ -476,6 +480,12 @@ impl WorkerCore {
                     Ok(SaveOutcome::Saved { board }) => {
                         slot.board = Some(board);
                         slot.save.succeeded();
+                        slot.last_save_ms = Some(
+                            std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map(|d| d.as_millis() as i64)
+                                .unwrap_or(0),
+                        );
                         slot.warned_no_board = false;
                         debug!(%room, seq, shapes = slot.room.shape_count(), "saved");
                         if let Some(drain) = &mut self.drain {
@@ -608,11 +618,25 @@ impl WorkerCore {
         rooms.chain([drain]).flatten().min()
     }
 
-    /// Frame counts since the last call, if any.
+    /// Frame counts since the last call, and a summary of every room.
     pub fn take_stats(&mut self) -> Option<FromWorker> {
-        if self.frames_by_type.is_empty() && self.ignored_by_reason.is_empty() {
+        if self.frames_by_type.is_empty()
+            && self.ignored_by_reason.is_empty()
+            && self.rooms.is_empty()
+        {
             return None;
         }
+        let rooms = self
+            .rooms
+            .iter()
+            .map(|(id, slot)| RoomSummary {
+                room: id.clone(),
+                members: slot.room.member_count() as u32,
+                shapes: slot.room.shape_count() as u32,
+                unsaved: slot.save.is_dirty(),
+                last_save_ms: slot.last_save_ms,
+            })
+            .collect();
         let owned = |counts: &mut HashMap<&'static str, u64>| {
             counts
                 .drain()
@@ -622,6 +646,7 @@ impl WorkerCore {
         Some(FromWorker::Stats {
             frames: owned(&mut self.frames_by_type),
             ignored: owned(&mut self.ignored_by_reason),
+            rooms,
         })
     }
 

@@ -99,6 +99,7 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
     let mut stats = tokio::time::interval(STATS_EVERY);
     loop {
         let deadline = core.next_deadline();
+        let mut stats_due = false;
         tokio::select! {
             frame = reader.next(), if connected => match frame {
                 Some(frame) => {
@@ -120,11 +121,13 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
             },
             Some(result) = results.recv() => core.on_result(result, Instant::now()),
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
-            _ = stats.tick() => {}
+            _ = stats.tick() => stats_due = true,
         }
         core.tick(Instant::now());
         let mut output = core.take_output();
-        output.extend(core.take_stats());
+        if stats_due {
+            output.extend(core.take_stats());
+        }
         if connected {
             for msg in output {
                 writer.feed(msg).await?;

@@ -1,0 +1,166 @@
+//! Development mode and the room monitor: the built-in whiteboard page, the
+//! token endpoint it uses (dev mode only), and a read-only view of workers, rooms
+//! and connections (dev mode, or with `ADMIN_TOKEN`).
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HOST, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::json;
+
+use super::Shared;
+
+const BOARD_PAGE: &str = include_str!("dev/board.html");
+const MONITOR_PAGE: &str = include_str!("dev/monitor.html");
+
+type Body = Full<Bytes>;
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut res = Response::new(Full::new(body.into()));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    res.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+fn not_found() -> Response<Body> {
+    respond(
+        StatusCode::NOT_FOUND,
+        "text/plain; charset=utf-8",
+        "not found\n",
+    )
+}
+
+/// `GET /` without an upgrade, in dev mode: the whiteboard.
+pub fn board_page() -> Response<Body> {
+    respond(StatusCode::OK, "text/html; charset=utf-8", BOARD_PAGE)
+}
+
+/// `GET /dev/token?userId=…&roomId=…`: a client token signed with the dev secret,
+/// for the host the page was loaded from. Exists only in dev mode.
+pub fn token<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
+    if !shared.config.dev {
+        return not_found();
+    }
+    let query = req.uri().query().unwrap_or("");
+    let param = |name: &str| {
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+            .filter(|v| !v.is_empty() && v.len() <= crate::protocol::MAX_ID_BYTES)
+    };
+    let (Some(user_id), Some(room_id)) = (param("userId"), param("roomId")) else {
+        return respond(
+            StatusCode::BAD_REQUEST,
+            "text/plain; charset=utf-8",
+            "userId and roomId are required (1 to 128 bytes)\n",
+        );
+    };
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let claims = json!({"userId": user_id, "roomId": room_id, "host": host,
+        "iat": jsonwebtoken::get_current_timestamp()});
+    let token = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(shared.config.jwt_secret.as_bytes()),
+    )
+    .expect("HS256 signing cannot fail");
+    respond(
+        StatusCode::OK,
+        "application/json",
+        json!({ "token": token }).to_string(),
+    )
+}
+
+/// Whether the monitor is on, and this request may see it.
+enum Access {
+    Off,
+    Denied,
+    Allowed,
+}
+
+fn access<B>(req: &Request<B>, shared: &Shared) -> Access {
+    if shared.config.dev {
+        return Access::Allowed;
+    }
+    let Some(expected) = &shared.config.admin_token else {
+        return Access::Off;
+    };
+    let given = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "));
+    // Constant-time comparison: the token is a secret.
+    let matches = given.is_some_and(|g| {
+        g.len() == expected.0.len()
+            && g.bytes()
+                .zip(expected.0.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if matches {
+        Access::Allowed
+    } else {
+        Access::Denied
+    }
+}
+
+/// `GET /admin`: the monitor page (it fetches `/admin/rooms` with the token from
+/// the page's `#token=` fragment outside dev mode).
+pub fn monitor_page<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
+    if shared.config.dev || shared.config.admin_token.is_some() {
+        let _ = req;
+        respond(StatusCode::OK, "text/html; charset=utf-8", MONITOR_PAGE)
+    } else {
+        not_found()
+    }
+}
+
+/// `GET /admin/rooms`: workers, rooms and connections, as JSON.
+pub fn monitor_json<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
+    match access(req, shared) {
+        Access::Off => return not_found(),
+        Access::Denied => {
+            return respond(
+                StatusCode::UNAUTHORIZED,
+                "text/plain; charset=utf-8",
+                "unauthorized\n",
+            );
+        }
+        Access::Allowed => {}
+    }
+    let by_worker = shared.registry.rooms_by_worker();
+    let workers: Vec<serde_json::Value> = shared
+        .pool
+        .slots()
+        .iter()
+        .zip(by_worker)
+        .map(|(slot, rooms)| {
+            json!({
+                "id": slot.id.0,
+                "pid": slot.pid(),
+                "restarts": slot.restarts(),
+                "rooms": rooms.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let body = json!({
+        "workers": workers,
+        "rooms": shared.registry.monitor(),
+        "connections": shared.metrics.connections.get(),
+        "draining": shared.stop.is_cancelled(),
+    });
+    respond(StatusCode::OK, "application/json", body.to_string())
+}

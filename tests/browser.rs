@@ -1,0 +1,97 @@
+//! The dev board in a real browser (issue 8): Debian's chromium driven by
+//! playwright-core (`tests/browser/board.mjs`). Needs `chromium` and
+//! `npm ci --prefix tests/browser`, which `.ci/run` installs; run it with
+//! `cargo test --test browser -- --include-ignored`. Screenshots are kept in
+//! `target/browser-artifacts/`.
+
+mod util;
+
+use std::process::Command;
+
+use util::*;
+
+#[test]
+#[ignore = "needs chromium and tests/browser/node_modules (installed by .ci/run)"]
+fn two_pages_draw_together_and_survive_a_worker_crash() {
+    let server = Server::start_raw(&["--dev", "--workers", "2"], &[]);
+    let artifacts = concat!(env!("CARGO_MANIFEST_DIR"), "/target/browser-artifacts");
+    let output = Command::new("node")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/browser/board.mjs"
+        ))
+        .arg(format!("http://127.0.0.1:{}", server.port))
+        .arg(artifacts)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "browser test failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("[browser] pass"), "{stdout}");
+    for shot in ["1-bob-sees.png", "2-bob-after-crash.png"] {
+        let size = std::fs::metadata(format!("{artifacts}/{shot}"))
+            .unwrap()
+            .len();
+        assert!(size > 1000, "{shot} is {size} bytes");
+    }
+}
+
+#[tokio::test]
+async fn dev_endpoints_exist_only_in_dev_mode() {
+    let server = Server::start(&[]);
+    assert_eq!(server.get("/dev/token?userId=a&roomId=r").await.0, 404);
+    assert_eq!(server.get("/admin/rooms").await.0, 404);
+    assert_eq!(server.get("/admin").await.0, 404);
+    assert_eq!(server.get("/").await.0, 426);
+
+    let dev = Server::start_raw(&["--dev", "--workers", "1"], &[]);
+    let (code, page) = dev.get("/").await;
+    assert_eq!(code, 200);
+    assert!(page.contains("<svg id=\"board\""));
+    let (code, body) = dev.get("/dev/token?userId=alice&roomId=r1").await;
+    assert_eq!(code, 200);
+    let token: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut client = dev
+        .connect(&dev.url(token["token"].as_str().unwrap()))
+        .await;
+    assert_eq!(users(&client.next_snapshot().await), ["alice"]);
+    assert_eq!(dev.get("/dev/token?userId=&roomId=r1").await.0, 400);
+    let (code, body) = dev.get("/admin/rooms").await;
+    assert_eq!(code, 200);
+    let monitor: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(monitor["rooms"][0]["room"], "r1");
+    assert_eq!(monitor["rooms"][0]["connections"], 1);
+    assert_eq!(monitor["connections"], 1);
+    assert!(dev.logs().contains("Dev mode: open http://localhost:"));
+}
+
+#[tokio::test]
+async fn the_monitor_needs_the_admin_token_outside_dev_mode() {
+    let server = Server::start_raw(
+        &["--workers", "1"],
+        &[
+            ("JWT_SECRET", SECRET),
+            ("ADMIN_TOKEN", "monitor-token-1234"),
+        ],
+    );
+    let _alice = server.join("alice", "r1").await;
+    assert_eq!(server.get("/admin/rooms").await.0, 401);
+    assert_eq!(server.get("/admin").await.0, 200);
+    let (code, body) = server
+        .get_with(
+            "/admin/rooms",
+            &[("Authorization", "Bearer monitor-token-1234")],
+        )
+        .await;
+    assert_eq!(code, 200);
+    let monitor: serde_json::Value = serde_json::from_str(&body).unwrap();
+    // Members and shapes come from the worker's summary, sent every second.
+    assert_eq!(monitor["rooms"][0]["room"], "r1");
+    let (code, _) = server
+        .get_with("/admin/rooms", &[("Authorization", "Bearer wrong")])
+        .await;
+    assert_eq!(code, 401);
+}
