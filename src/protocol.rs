@@ -267,6 +267,15 @@ pub fn push_json_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// Wall-clock time in milliseconds since the Unix epoch (0 if the clock is
+/// before 1970).
+pub fn unix_time_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Appends a timestamp as a JSON string in JavaScript's `toISOString()` form:
 /// `"2024-01-01T12:00:00.000Z"`.
 pub fn push_json_timestamp(out: &mut String, time_ms: i64) {

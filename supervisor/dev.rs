@@ -141,21 +141,7 @@ pub fn monitor_json<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
         }
         Access::Allowed => {}
     }
-    let by_worker = shared.registry.rooms_by_worker();
-    let workers: Vec<serde_json::Value> = shared
-        .pool
-        .slots()
-        .iter()
-        .zip(by_worker)
-        .map(|(slot, rooms)| {
-            json!({
-                "id": slot.id.0,
-                "pid": slot.pid(),
-                "restarts": slot.restarts(),
-                "rooms": rooms.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
+    let workers = super::http::workers_json(shared);
     let body = json!({
         "workers": workers,
         "rooms": shared.registry.monitor(),

@@ -127,8 +127,17 @@ fn metrics(shared: &Shared) -> Response<Body> {
 }
 
 fn status(shared: &Shared) -> Response<Body> {
+    let body = serde_json::json!({ "workers": workers_json(shared) }).to_string();
+    let mut res = text(StatusCode::OK, body);
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+/// Each worker's id, pid, restarts and rooms (for `/status` and the monitor).
+pub fn workers_json(shared: &Shared) -> Vec<serde_json::Value> {
     let rooms = shared.registry.rooms_by_worker();
-    let workers: Vec<serde_json::Value> = shared
+    shared
         .pool
         .slots()
         .iter()
@@ -141,12 +150,7 @@ fn status(shared: &Shared) -> Response<Body> {
                 "rooms": rooms.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
             })
         })
-        .collect();
-    let body = serde_json::json!({ "workers": workers }).to_string();
-    let mut res = text(StatusCode::OK, body);
-    res.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    res
+        .collect()
 }
 
 fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::ipc::{
     ConnId, JoinRejection, RoomEvent, RoomId, RoomSummary, Stamped, ToWorker, WorkerId,
 };
-use crate::protocol::{CLOSE_INTERNAL_ERROR, CLOSE_POLICY};
+use crate::protocol::{CLOSE_INTERNAL_ERROR, CLOSE_POLICY, unix_time_ms};
 
 /// The newest snapshot of a room, shared by all its members (one encoding, one
 /// allocation; each member clones a reference).
@@ -135,13 +135,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl RoomState {
     /// Stamps an event and records it in the journal.
     fn stamp(&mut self, room: &RoomId, event: RoomEvent) -> ToWorker {
@@ -149,7 +142,7 @@ impl RoomState {
         let stamped = Stamped {
             room: room.clone(),
             seq: self.last_seq,
-            time_ms: now_ms(),
+            time_ms: unix_time_ms(),
             event,
         };
         if !self.journal_overflow {

@@ -480,12 +480,7 @@ impl WorkerCore {
                     Ok(SaveOutcome::Saved { board }) => {
                         slot.board = Some(board);
                         slot.save.succeeded();
-                        slot.last_save_ms = Some(
-                            std::time::SystemTime::now()
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .map(|d| d.as_millis() as i64)
-                                .unwrap_or(0),
-                        );
+                        slot.last_save_ms = Some(crate::protocol::unix_time_ms());
                         slot.warned_no_board = false;
                         debug!(%room, seq, shapes = slot.room.shape_count(), "saved");
                         if let Some(drain) = &mut self.drain {

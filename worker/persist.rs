@@ -53,10 +53,6 @@ impl SaveState {
         self.first_unsaved.is_some() || self.in_flight.is_some()
     }
 
-    pub fn in_flight(&self) -> bool {
-        self.in_flight.is_some()
-    }
-
     /// The previous attempt failed (the next one is a retry).
     pub fn retrying(&self) -> bool {
         self.backoff.is_some()

@@ -101,10 +101,7 @@ impl BoardStore for SqliteStore {
         shapes_json: String,
     ) -> BoxFuture<'static, Result<SaveOutcome, StoreError>> {
         self.with_conn(move |conn| {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
+            let now_ms = crate::protocol::unix_time_ms();
             conn.execute(
                 "INSERT INTO boards (room_id, shapes, updated_at_ms) VALUES (?1, ?2, ?3)
                  ON CONFLICT(room_id) DO UPDATE SET shapes = excluded.shapes,
