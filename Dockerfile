@@ -6,19 +6,20 @@ WORKDIR /src
 # Dependencies first, in their own layer: rebuilt only when the manifest or the
 # lock file change, not on every source change.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src benches \
+RUN mkdir -p src benches bench \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
- && echo 'fn main() {}' > benches/recovery.rs \
- && cargo build --release --locked \
- && rm -rf src benches
+ && for f in benches/recovery.rs benches/encode.rs bench/loadgen.rs; do echo 'fn main() {}' > $f; done \
+ && cargo build --release --locked --bin session-server \
+ && rm -rf src benches bench
 # Then the sources.
 COPY src src
 COPY supervisor supervisor
 COPY worker worker
 COPY benches benches
+COPY bench bench
 RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked \
+ && cargo build --release --locked --bin session-server \
  && strip target/release/session-server
 
 FROM debian:bookworm-slim

@@ -1,0 +1,290 @@
+//! Load generator (issue 5), `fanout` scenario: R rooms × U members, each member
+//! sends `cursor_move` at H Hz for D seconds (send times spread, not bursts), and
+//! every member parses every snapshot it receives. Prints one JSON result.
+//!
+//! Latency: each move carries its send time (µs since the run started) as `y` and
+//! its sender's index as `x`; a member that sees a newer `y` for a sender than it
+//! saw before records now − y. Moves a member never saw (superseded by a newer one
+//! before it could) are counted. The server's CPU seconds and RSS (supervisor plus
+//! its worker processes, from /proc) are sampled around the measured window.
+//!
+//! ```text
+//! loadgen fanout --url ws://127.0.0.1:8000 --secret S --rooms 10 --members 10 --hz 10 --seconds 10 --server-pid PID
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tokio_tungstenite::connect_async;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Parser)]
+#[command(name = "loadgen", about = "Load generator for session-server")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Cursor moves fanned out to every member of each room.
+    Fanout(FanoutArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct FanoutArgs {
+    /// Server address, e.g. ws://127.0.0.1:8000.
+    #[arg(long)]
+    url: String,
+    /// The server's JWT_SECRET.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    secret: String,
+    #[arg(long, default_value_t = 10)]
+    rooms: usize,
+    #[arg(long, default_value_t = 10)]
+    members: usize,
+    /// Cursor moves per second per member.
+    #[arg(long, default_value_t = 10.0)]
+    hz: f64,
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Supervisor pid, for CPU and RSS accounting (its children are included).
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+/// A snapshot as the generator reads it: the whole document is parsed and
+/// validated as JSON, but only the cursors are kept (shapes are skipped over).
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Snapshot {
+    #[allow(dead_code)]
+    connected_users: serde::de::IgnoredAny,
+    cursors: Vec<CursorPos>,
+    #[allow(dead_code)]
+    shapes: serde::de::IgnoredAny,
+}
+
+#[derive(serde::Deserialize)]
+struct CursorPos {
+    x: f64,
+    y: f64,
+}
+
+fn as_u64(v: f64) -> Option<u64> {
+    (v >= 0.0 && v.fract() == 0.0).then_some(v as u64)
+}
+
+/// What one member saw.
+#[derive(Default)]
+struct Seen {
+    latencies_us: Vec<u64>,
+    /// Newest `y` seen per sender.
+    newest: HashMap<u64, u64>,
+    snapshots: u64,
+    bytes: u64,
+    /// Moves seen, per sender.
+    moves_seen: u64,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// The supervisor and its children: (CPU seconds, RSS KiB).
+fn server_usage(pid: u32) -> (f64, u64) {
+    let ticks = 100.0; // USER_HZ on Linux
+    let mut pids = vec![pid];
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+                continue;
+            };
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map_or(vec![], |(_, r)| r.split_whitespace().collect());
+            if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+                pids.push(child);
+            }
+        }
+    }
+    let (mut cpu, mut rss) = (0.0, 0);
+    for p in pids {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map_or(vec![], |(_, r)| r.split_whitespace().collect());
+            // utime, stime are fields 14 and 15 (1-based), i.e. 11 and 12 after ')'.
+            let utime: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            let stime: f64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            cpu += (utime + stime) / ticks;
+        }
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) {
+            rss += status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    (cpu, rss)
+}
+
+fn token(secret: &str, host: &str, user: &str, room: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"userId": user, "roomId": room, "host": host}),
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("signing")
+}
+
+async fn fanout(args: FanoutArgs) -> Value {
+    let host = args
+        .url
+        .trim_start_matches("ws://")
+        .trim_end_matches('/')
+        .to_owned();
+    let total = args.rooms * args.members;
+    // Connect everyone first and wait for each first snapshot.
+    let mut sockets = Vec::with_capacity(total);
+    for i in 0..total {
+        let room = format!("room-{}", i / args.members);
+        let user = format!("m{i}");
+        let url = format!(
+            "{}/?token={}",
+            args.url.trim_end_matches('/'),
+            token(&args.secret, &host, &user, &room)
+        );
+        let (mut ws, _) = connect_async(url).await.expect("connect");
+        ws.next().await.expect("first snapshot").expect("no error");
+        sockets.push(ws);
+    }
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(args.seconds);
+    let sent = Arc::new(AtomicU64::new(0));
+    let usage_before = args.server_pid.map(server_usage);
+    let measure_start = Instant::now();
+    let period = Duration::from_secs_f64(1.0 / args.hz);
+    let mut tasks = Vec::new();
+    for (i, ws) in sockets.into_iter().enumerate() {
+        let (mut sink, mut stream) = ws.split();
+        let sent = sent.clone();
+        let me = i as u64;
+        // Spread senders over the period instead of bursting together.
+        let offset = period.mul_f64(i as f64 / total as f64);
+        let sender = tokio::spawn(async move {
+            let mut next = tokio::time::Instant::from_std(start) + offset;
+            loop {
+                tokio::time::sleep_until(next).await;
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let y = start.elapsed().as_micros() as u64;
+                let msg = json!({"type":"cursor_move","x":me,"y":y}).to_string();
+                if sink.send(Message::text(msg)).await.is_err() {
+                    break;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+                next += period;
+            }
+            sink
+        });
+        let receiver = tokio::spawn(async move {
+            let mut seen = Seen::default();
+            let drain_until = deadline + Duration::from_millis(500);
+            while let Ok(Some(Ok(msg))) =
+                tokio::time::timeout_at(tokio::time::Instant::from_std(drain_until), stream.next())
+                    .await
+            {
+                let Message::Text(text) = msg else { continue };
+                let now = start.elapsed().as_micros() as u64;
+                seen.snapshots += 1;
+                seen.bytes += text.len() as u64;
+                let snap: Snapshot = serde_json::from_str(&text).expect("snapshot is JSON");
+                for cursor in snap.cursors {
+                    let (Some(x), Some(y)) = (as_u64(cursor.x), as_u64(cursor.y)) else {
+                        continue;
+                    };
+                    if x == me {
+                        continue;
+                    }
+                    let newest = seen.newest.entry(x).or_insert(0);
+                    if y > *newest {
+                        *newest = y;
+                        seen.moves_seen += 1;
+                        seen.latencies_us.push(now.saturating_sub(y));
+                    }
+                }
+            }
+            seen
+        });
+        tasks.push((sender, receiver));
+    }
+    let mut all = Seen::default();
+    for (sender, receiver) in tasks {
+        let _ = sender.await;
+        let seen = receiver.await.expect("receiver");
+        all.latencies_us.extend(seen.latencies_us);
+        all.snapshots += seen.snapshots;
+        all.bytes += seen.bytes;
+        all.moves_seen += seen.moves_seen;
+    }
+    let window = measure_start.elapsed().as_secs_f64();
+    let usage_after = args.server_pid.map(server_usage);
+    all.latencies_us.sort_unstable();
+    let sent = sent.load(Ordering::Relaxed);
+    // Each move should reach the other members of its room.
+    let expected = sent * (args.members as u64 - 1);
+    let ms = |us: u64| us as f64 / 1000.0;
+    let cpu = match (usage_before, usage_after) {
+        (Some((a, _)), Some((b, _))) => Some(b - a),
+        _ => None,
+    };
+    json!({
+        "scenario": "fanout",
+        "rooms": args.rooms, "members": args.members, "hz": args.hz, "seconds": args.seconds,
+        "messages_sent": sent,
+        "snapshots_received": all.snapshots,
+        "deliveries_per_sec": all.snapshots as f64 / window,
+        "bytes_per_sec": all.bytes as f64 / window,
+        "moves_expected": expected,
+        "moves_seen": all.moves_seen,
+        "moves_superseded": expected.saturating_sub(all.moves_seen),
+        "latency_ms": {
+            "p50": ms(percentile(&all.latencies_us, 50.0)),
+            "p90": ms(percentile(&all.latencies_us, 90.0)),
+            "p99": ms(percentile(&all.latencies_us, 99.0)),
+            "max": ms(all.latencies_us.last().copied().unwrap_or(0)),
+        },
+        "server_cpu_seconds": cpu,
+        "server_cpu_share": cpu.map(|c| c / window),
+        "server_cpu_us_per_delivery": cpu.map(|c| c * 1e6 / all.snapshots.max(1) as f64),
+        "server_rss_kib": usage_after.map(|(_, rss)| rss),
+    })
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let result = match cli.scenario {
+        Scenario::Fanout(args) => runtime.block_on(fanout(args)),
+    };
+    println!("{result}");
+}
