@@ -12,6 +12,8 @@
 //! loadgen fanout --url ws://127.0.0.1:8000 --secret S --rooms 10 --members 10 --hz 10 --seconds 10 --server-pid PID
 //! ```
 
+mod ceiling;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +37,12 @@ struct Cli {
 enum Scenario {
     /// Cursor moves fanned out to every member of each room.
     Fanout(FanoutArgs),
+    /// Run the physical-ceiling server (minimal fan-out, no parsing, no IPC) on
+    /// 127.0.0.1:PORT; point `fanout` at it to measure the floor.
+    Ceiling {
+        #[arg(long, default_value_t = 18990)]
+        port: u16,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -285,6 +293,11 @@ fn main() {
         .expect("runtime");
     let result = match cli.scenario {
         Scenario::Fanout(args) => runtime.block_on(fanout(args)),
+        Scenario::Ceiling { port } => {
+            drop(runtime);
+            ceiling::run(port);
+            return;
+        }
     };
     println!("{result}");
 }

@@ -1,0 +1,250 @@
+//! The physical ceiling (issue 5): a minimal single-threaded fan-out server that
+//! speaks just enough WebSocket for the load generator's clients. It accepts the
+//! same connections, and for every client message writes the same kind of
+//! snapshot (same JSON shape and size, assembled by byte copying from the
+//! cursor's raw `x`/`y`) to every member of the room, one `write` each. No JSON
+//! parsing of messages, no routing beyond a room map, no IPC, no validation. It
+//! tells what the kernel and the network stack cost on this machine.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use base64::Engine;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Member {
+    user: String,
+    socket: Rc<TcpStream>,
+    /// Bytes of a frame the socket did not take at once; newer frames are
+    /// skipped for this member until it drains (newest-state semantics).
+    pending: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Room {
+    members: Vec<Member>,
+    /// user → raw `"x":…,"y":…` bytes, in first-move order.
+    cursors: Vec<(String, Vec<u8>)>,
+}
+
+type Rooms = Rc<RefCell<HashMap<String, Room>>>;
+
+pub fn run(port: u16) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
+        println!(
+            "ceiling listening on 127.0.0.1:{}",
+            listener.local_addr().unwrap().port()
+        );
+        let rooms: Rooms = Rc::default();
+        loop {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let _ = stream.set_nodelay(true);
+            tokio::task::spawn_local(serve(stream, rooms.clone()));
+        }
+    });
+}
+
+/// `userId` and `roomId` from the token's payload (not verified: no auth here).
+fn identity(request: &str) -> Option<(String, String)> {
+    let token = request.split("token=").nth(1)?.split([' ', '&']).next()?;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some((
+        claims["userId"].as_str()?.to_owned(),
+        claims["roomId"].as_str()?.to_owned(),
+    ))
+}
+
+async fn serve(mut stream: TcpStream, rooms: Rooms) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut have = 0;
+    let head_end = loop {
+        let Ok(n) = stream.read(&mut buf[have..]).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        have += n;
+        if let Some(pos) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+    };
+    let request = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let Some((user, room)) = identity(&request) else {
+        return;
+    };
+    let Some(key) = request.lines().find_map(|l| {
+        l.strip_prefix("Sec-WebSocket-Key: ")
+            .or_else(|| l.strip_prefix("sec-websocket-key: "))
+    }) else {
+        return;
+    };
+    let accept =
+        tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    if stream.write_all(response.as_bytes()).await.is_err() {
+        return;
+    }
+    let socket = Rc::new(stream);
+    rooms
+        .borrow_mut()
+        .entry(room.clone())
+        .or_default()
+        .members
+        .push(Member {
+            user: user.clone(),
+            socket: socket.clone(),
+            pending: Vec::new(),
+        });
+    broadcast(&rooms, &room);
+
+    // Read client frames (masked, small): act on text frames, stop on close.
+    buf.copy_within(head_end..have, 0);
+    have -= head_end;
+    loop {
+        while let Some((opcode, payload, used)) = frame(&buf[..have]) {
+            if opcode == 8 {
+                leave(&rooms, &room, &user);
+                return;
+            }
+            if opcode == 1 {
+                cursor(&rooms, &room, &user, &payload);
+                broadcast(&rooms, &room);
+            }
+            buf.copy_within(used..have, 0);
+            have -= used;
+        }
+        if socket.readable().await.is_err() {
+            break;
+        }
+        match socket.try_read(&mut buf[have..]) {
+            Ok(0) => break,
+            Ok(n) => have += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => break,
+        }
+    }
+    leave(&rooms, &room, &user);
+}
+
+/// One complete client frame at the front of `buf`: (opcode, unmasked payload, bytes used).
+fn frame(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let opcode = buf[0] & 0x0f;
+    let (len, mut at) = match buf[1] & 0x7f {
+        126 => (u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]) as usize, 4),
+        127 => (
+            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let mask: [u8; 4] = buf.get(at..at + 4)?.try_into().ok()?;
+    at += 4;
+    let payload = buf.get(at..at + len)?;
+    let unmasked = payload
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ mask[i % 4])
+        .collect();
+    Some((opcode, unmasked, at + len))
+}
+
+/// Keeps the raw `"x":…,"y":…` of a cursor move (byte search, no JSON parsing).
+fn cursor(rooms: &Rooms, room: &str, user: &str, payload: &[u8]) {
+    let Some(start) = payload.windows(4).position(|w| w == b"\"x\":") else {
+        return;
+    };
+    let end = payload.len() - 1; // the closing brace
+    let xy = payload[start..end].to_vec();
+    let mut rooms = rooms.borrow_mut();
+    let Some(r) = rooms.get_mut(room) else { return };
+    match r.cursors.iter_mut().find(|(u, _)| u == user) {
+        Some((_, v)) => *v = xy,
+        None => r.cursors.push((user.to_owned(), xy)),
+    }
+}
+
+fn leave(rooms: &Rooms, room: &str, user: &str) {
+    if let Some(r) = rooms.borrow_mut().get_mut(room) {
+        r.members.retain(|m| m.user != user);
+        r.cursors.retain(|(u, _)| u != user);
+    }
+}
+
+/// Assembles the room's snapshot frame once and writes it to every member.
+fn broadcast(rooms: &Rooms, room: &str) {
+    let mut rooms = rooms.borrow_mut();
+    let Some(r) = rooms.get_mut(room) else { return };
+    let mut json = Vec::with_capacity(64 + r.cursors.len() * 96);
+    json.extend_from_slice(b"{\"connectedUsers\":[");
+    for (i, m) in r.members.iter().enumerate() {
+        if i > 0 {
+            json.push(b',');
+        }
+        json.push(b'"');
+        json.extend_from_slice(m.user.as_bytes());
+        json.push(b'"');
+    }
+    json.extend_from_slice(b"],\"cursors\":[");
+    for (i, (user, xy)) in r.cursors.iter().enumerate() {
+        if i > 0 {
+            json.push(b',');
+        }
+        json.extend_from_slice(b"{\"userId\":\"");
+        json.extend_from_slice(user.as_bytes());
+        json.extend_from_slice(b"\",");
+        json.extend_from_slice(xy);
+        json.extend_from_slice(b",\"timestamp\":\"2024-01-01T12:00:00.000Z\"}");
+    }
+    json.extend_from_slice(b"],\"shapes\":[]}");
+    let mut frame = Vec::with_capacity(json.len() + 10);
+    frame.push(0x81);
+    match json.len() {
+        n if n < 126 => frame.push(n as u8),
+        n if n < 65536 => {
+            frame.push(126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&json);
+    for m in &mut r.members {
+        if !m.pending.is_empty() {
+            match m.socket.try_write(&m.pending) {
+                Ok(n) => {
+                    m.pending.drain(..n);
+                }
+                Err(_) => continue,
+            }
+            if !m.pending.is_empty() {
+                continue; // still behind: skip this (superseded) snapshot
+            }
+        }
+        match m.socket.try_write(&frame) {
+            Ok(n) if n < frame.len() => m.pending.extend_from_slice(&frame[n..]),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => {}
+        }
+    }
+}
