@@ -80,10 +80,34 @@ struct Member {
     user_id: String,
 }
 
+/// A cursor and its JSON encoding, made when it moves (a room's snapshots
+/// repeat every cursor; only the mover's changes).
 struct Cursor {
     x: f64,
     y: f64,
     time_ms: i64,
+    json: String,
+}
+
+impl Cursor {
+    fn new(user_id: &str, x: f64, y: f64, time_ms: i64) -> Cursor {
+        let mut json = String::with_capacity(96);
+        json.push_str("{\"userId\":");
+        push_json_string(&mut json, user_id);
+        json.push_str(",\"x\":");
+        push_js_number(&mut json, x);
+        json.push_str(",\"y\":");
+        push_js_number(&mut json, y);
+        json.push_str(",\"timestamp\":");
+        push_json_timestamp(&mut json, time_ms);
+        json.push('}');
+        Cursor {
+            x,
+            y,
+            time_ms,
+            json,
+        }
+    }
 }
 
 /// A shape and its JSON encoding, kept so that a snapshot re-encodes only shapes
@@ -249,11 +273,7 @@ impl Room {
     fn handle(&mut self, user_id: &str, msg: ClientMessage, stamped: &Stamped) -> Effect {
         match msg {
             ClientMessage::CursorMove { x, y } => {
-                let cursor = Cursor {
-                    x,
-                    y,
-                    time_ms: stamped.time_ms,
-                };
+                let cursor = Cursor::new(user_id, x, y, stamped.time_ms);
                 self.cursors.insert(user_id.to_owned(), cursor);
                 Effect::Presence
             }
@@ -347,7 +367,10 @@ impl Room {
         room.cursors = image
             .cursors
             .into_iter()
-            .map(|(user, x, y, time_ms)| (user, Cursor { x, y, time_ms }))
+            .map(|(user, x, y, time_ms)| {
+                let cursor = Cursor::new(&user, x, y, time_ms);
+                (user, cursor)
+            })
             .collect();
         let shapes: Vec<serde_json::Value> =
             serde_json::from_str(&image.shapes_json).unwrap_or_default();
@@ -367,19 +390,11 @@ impl Room {
             push_json_string(&mut out, &member.user_id);
         }
         out.push_str("],\"cursors\":[");
-        for (i, (user_id, cursor)) in self.cursors.iter().enumerate() {
+        for (i, cursor) in self.cursors.values().enumerate() {
             if i > 0 {
                 out.push(',');
             }
-            out.push_str("{\"userId\":");
-            push_json_string(&mut out, user_id);
-            out.push_str(",\"x\":");
-            push_js_number(&mut out, cursor.x);
-            out.push_str(",\"y\":");
-            push_js_number(&mut out, cursor.y);
-            out.push_str(",\"timestamp\":");
-            push_json_timestamp(&mut out, cursor.time_ms);
-            out.push('}');
+            out.push_str(&cursor.json);
         }
         out.push_str("],\"shapes\":[");
         for (i, shape) in self.shapes.values().enumerate() {
