@@ -812,6 +812,22 @@ mod tests {
             });
         }
 
+        /// Opens the room, joins user "a" on connection 1 and lets the load
+        /// finish; returns the time it started.
+        async fn open_and_join(&mut self) -> Instant {
+            let t0 = Instant::now();
+            self.frame(ToWorker::OpenRoom {
+                room: room(),
+                id_seed: 1,
+            });
+            self.event(RoomEvent::Join {
+                conn: ConnId(1),
+                user_id: "a".into(),
+            });
+            self.run_until(t0 + Duration::from_millis(1)).await;
+            t0
+        }
+
         /// Runs the loop (store results, timers) until `until`.
         async fn run_until(&mut self, until: Instant) {
             loop {
@@ -891,16 +907,7 @@ mod tests {
         let store = FakeStore::default();
         store.0.lock().unwrap().save_delay = Duration::from_secs(1);
         let mut h = Harness::new(store);
-        let t0 = Instant::now();
-        h.frame(ToWorker::OpenRoom {
-            room: room(),
-            id_seed: 1,
-        });
-        h.event(RoomEvent::Join {
-            conn: ConnId(1),
-            user_id: "a".into(),
-        });
-        h.run_until(t0 + Duration::from_millis(1)).await;
+        let t0 = h.open_and_join().await;
         h.create(1);
         // The save starts at 2 s and takes 1 s; a change lands in the middle.
         h.run_until(t0 + Duration::from_millis(2500)).await;
@@ -927,16 +934,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_closing_room_saves_then_is_freed_and_can_be_reopened_before() {
         let mut h = Harness::new(FakeStore::default());
-        let t0 = Instant::now();
-        h.frame(ToWorker::OpenRoom {
-            room: room(),
-            id_seed: 1,
-        });
-        h.event(RoomEvent::Join {
-            conn: ConnId(1),
-            user_id: "a".into(),
-        });
-        h.run_until(t0 + Duration::from_millis(1)).await;
+        let t0 = h.open_and_join().await;
         h.create(1);
         h.event(RoomEvent::Leave { conn: ConnId(1) });
         h.frame(ToWorker::CloseRoom { room: room() });
@@ -999,16 +997,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_drain_saves_everything_at_once_and_answers() {
         let mut h = Harness::new(FakeStore::default());
-        let t0 = Instant::now();
-        h.frame(ToWorker::OpenRoom {
-            room: room(),
-            id_seed: 1,
-        });
-        h.event(RoomEvent::Join {
-            conn: ConnId(1),
-            user_id: "a".into(),
-        });
-        h.run_until(t0 + Duration::from_millis(1)).await;
+        let t0 = h.open_and_join().await;
         h.create(1);
         h.frame(ToWorker::Drain { grace_ms: 1000 });
         h.run_until(t0 + Duration::from_millis(20)).await;
