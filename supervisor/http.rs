@@ -66,7 +66,7 @@ fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         }
         (&Method::GET, "/") => websocket(req, shared),
         (&Method::GET, "/dev/token") => super::dev::token(&req, &shared),
-        (&Method::GET, "/admin") => super::dev::monitor_page(&req, &shared),
+        (&Method::GET, "/admin") => super::dev::monitor_page(&shared),
         (&Method::GET, "/admin/rooms") => super::dev::monitor_json(&req, &shared),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => ready(&shared),

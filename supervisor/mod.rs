@@ -102,7 +102,7 @@ pub async fn run(
         config.max_rooms,
     ));
     let metrics = Arc::new(metrics::Metrics::new(&config.hathora));
-    let config_limits_max_connections = config.limits.max_connections;
+    let connection_permits = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
     let stop_workers = CancellationToken::new();
     let pool = WorkerPool::start(
         config.workers,
@@ -133,7 +133,7 @@ pub async fn run(
         sessions: TaskTracker::new(),
         stop: stop.clone(),
         close_sessions: CancellationToken::new(),
-        connection_permits: Arc::new(tokio::sync::Semaphore::new(config_limits_max_connections)),
+        connection_permits,
     });
 
     let port = listener.local_addr()?.port();
