@@ -37,6 +37,8 @@ struct Cli {
 enum Scenario {
     /// Cursor moves fanned out to every member of each room.
     Fanout(FanoutArgs),
+    /// Idle connections: server RSS per connection.
+    Idle(IdleArgs),
     /// Run the physical-ceiling server (minimal fan-out, no parsing, no IPC) on
     /// 127.0.0.1:PORT; point `fanout` at it to measure the floor.
     Ceiling {
@@ -65,6 +67,86 @@ struct FanoutArgs {
     /// Supervisor pid, for CPU and RSS accounting (its children are included).
     #[arg(long)]
     server_pid: Option<u32>,
+}
+
+#[derive(clap::Args, Clone)]
+struct IdleArgs {
+    #[arg(long)]
+    url: String,
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    secret: String,
+    /// Connections to open.
+    #[arg(long, default_value_t = 5000)]
+    connections: usize,
+    /// Members per room.
+    #[arg(long, default_value_t = 10)]
+    members: usize,
+    /// Connections opened at once.
+    #[arg(long, default_value_t = 64)]
+    parallel: usize,
+    /// Source addresses to spread connections over (127.0.0.1 … 127.0.0.N).
+    #[arg(long, default_value_t = 1)]
+    sources: u8,
+    #[arg(long)]
+    server_pid: u32,
+}
+
+/// Opens N connections (each waits for its first snapshot), holds them, and
+/// reports the server's RSS growth per connection.
+async fn idle(args: IdleArgs) -> Value {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let host = args
+        .url
+        .trim_start_matches("ws://")
+        .trim_end_matches('/')
+        .to_owned();
+    let (_, rss_before) = server_usage(args.server_pid);
+    let started = Instant::now();
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(args.parallel));
+    let mut tasks = Vec::with_capacity(args.connections);
+    for i in 0..args.connections {
+        let permit = semaphore.clone().acquire_owned().await.expect("semaphore");
+        let room = format!("idle-{}", i / args.members);
+        let user = format!("i{i}");
+        let url = format!(
+            "{}/?token={}",
+            args.url.trim_end_matches('/'),
+            token(&args.secret, &host, &user, &room)
+        );
+        let source =
+            std::net::Ipv4Addr::new(127, 0, 0, 1 + (i % usize::from(args.sources.max(1))) as u8);
+        let host = host.clone();
+        tasks.push(tokio::spawn(async move {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.bind((source, 0).into()).expect("bind source");
+            let addr: std::net::SocketAddr = host.parse().expect("host:port");
+            let stream = socket.connect(addr).await.expect("connect");
+            let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+                .await
+                .expect("handshake");
+            ws.next().await.expect("first snapshot").expect("no error");
+            drop(permit);
+            ws
+        }));
+    }
+    let mut sockets = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        sockets.push(task.await.expect("connection"));
+    }
+    let connect_seconds = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, rss_after) = server_usage(args.server_pid);
+    let per_connection_kib = (rss_after.saturating_sub(rss_before)) as f64 / sockets.len() as f64;
+    drop(sockets);
+    json!({
+        "scenario": "idle",
+        "connections": args.connections,
+        "members": args.members,
+        "connect_seconds": connect_seconds,
+        "server_rss_kib_before": rss_before,
+        "server_rss_kib_after": rss_after,
+        "server_rss_kib_per_connection": per_connection_kib,
+    })
 }
 
 /// A snapshot as the generator reads it: the whole document is parsed and
@@ -293,6 +375,7 @@ fn main() {
         .expect("runtime");
     let result = match cli.scenario {
         Scenario::Fanout(args) => runtime.block_on(fanout(args)),
+        Scenario::Idle(args) => runtime.block_on(idle(args)),
         Scenario::Ceiling { port } => {
             drop(runtime);
             ceiling::run(port);

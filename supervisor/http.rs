@@ -32,7 +32,7 @@ use crate::ipc::ConnId;
 /// every read: a quarter of the supervisor's CPU at 10 rooms × 10 members, and the
 /// bulk of an idle connection's memory. Client messages are small (a message is
 /// assembled across reads, so this does not limit message size).
-const READ_BUFFER_BYTES: usize = 4096;
+const READ_BUFFER_BYTES: usize = 1024;
 
 /// `Retry-After` on a 503 for lack of capacity: rooms free up as members leave.
 const RETRY_AFTER_SECS: &str = "5";

@@ -95,6 +95,7 @@ pub async fn run(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     check_store(&config.persistence.store)?;
+    raise_fd_limit(config.limits.max_connections);
     info!(store = %config.persistence.store, "persistence");
     let registry = Arc::new(Registry::new(
         config.workers,
@@ -220,6 +221,33 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, stop: CancellationTo
                 }
             },
         }
+    }
+}
+
+/// File descriptors kept for everything but client connections (worker sockets,
+/// the store, logs, listeners).
+const RESERVED_FDS: u64 = 64;
+
+/// Raises the soft file-descriptor limit to the hard one (each connection is a
+/// descriptor) and says how many connections that allows.
+fn raise_fd_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            let capacity = limit.saturating_sub(RESERVED_FDS);
+            info!(
+                fd_limit = limit,
+                connection_capacity = capacity,
+                "file descriptor limit"
+            );
+            if (max_connections as u64) > capacity {
+                warn!(
+                    max_connections,
+                    capacity,
+                    "--max-connections is above what the file descriptor limit allows; raise the hard limit (ulimit -Hn, LimitNOFILE=, docker --ulimit nofile=) or lower --max-connections"
+                );
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot read or raise the file descriptor limit"),
     }
 }
 
