@@ -39,6 +39,8 @@ enum Scenario {
     Fanout(FanoutArgs),
     /// Idle connections: server RSS per connection.
     Idle(IdleArgs),
+    /// Connect → first snapshot → close, C at a time: handshakes per second.
+    Churn(ChurnArgs),
     /// Run the physical-ceiling server (minimal fan-out, no parsing, no IPC) on
     /// 127.0.0.1:PORT; point `fanout` at it to measure the floor.
     Ceiling {
@@ -89,6 +91,87 @@ struct IdleArgs {
     sources: u8,
     #[arg(long)]
     server_pid: u32,
+}
+
+#[derive(clap::Args, Clone)]
+struct ChurnArgs {
+    #[arg(long)]
+    url: String,
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    secret: String,
+    /// Connections in flight at once.
+    #[arg(long, default_value_t = 20)]
+    concurrency: usize,
+    /// Rooms the connections are spread over.
+    #[arg(long, default_value_t = 10)]
+    rooms: usize,
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+/// C loops of connect → first snapshot → close, for D seconds.
+async fn churn(args: ChurnArgs) -> Value {
+    let host = args
+        .url
+        .trim_start_matches("ws://")
+        .trim_end_matches('/')
+        .to_owned();
+    let usage_before = args.server_pid.map(server_usage);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(args.seconds);
+    let mut tasks = Vec::new();
+    for c in 0..args.concurrency {
+        let (host, args) = (host.clone(), args.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies_us = Vec::new();
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let user = format!("c{c}-{i}");
+                let room = format!("churn-{}", (c + i as usize) % args.rooms);
+                i += 1;
+                let url = format!(
+                    "{}/?token={}",
+                    args.url.trim_end_matches('/'),
+                    token(&args.secret, &host, &user, &room)
+                );
+                let t = Instant::now();
+                let Ok((mut ws, _)) = connect_async(url).await else {
+                    continue;
+                };
+                if let Some(Ok(_)) = ws.next().await {
+                    latencies_us.push(t.elapsed().as_micros() as u64);
+                }
+                let _ = ws.close(None).await;
+            }
+            latencies_us
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("churn task"));
+    }
+    let window = start.elapsed().as_secs_f64();
+    let usage_after = args.server_pid.map(server_usage);
+    all.sort_unstable();
+    let cpu = match (usage_before, usage_after) {
+        (Some((a, _)), Some((b, _))) => Some(b - a),
+        _ => None,
+    };
+    let ms = |us: u64| us as f64 / 1000.0;
+    json!({
+        "scenario": "churn",
+        "concurrency": args.concurrency,
+        "handshakes": all.len(),
+        "handshakes_per_sec": all.len() as f64 / window,
+        "connect_to_first_snapshot_ms": {
+            "p50": ms(percentile(&all, 50.0)),
+            "p99": ms(percentile(&all, 99.0)),
+            "max": ms(all.last().copied().unwrap_or(0)),
+        },
+        "server_cpu_share": cpu.map(|c| c / window),
+    })
 }
 
 /// Opens N connections (each waits for its first snapshot), holds them, and
@@ -376,6 +459,7 @@ fn main() {
     let result = match cli.scenario {
         Scenario::Fanout(args) => runtime.block_on(fanout(args)),
         Scenario::Idle(args) => runtime.block_on(idle(args)),
+        Scenario::Churn(args) => runtime.block_on(churn(args)),
         Scenario::Ceiling { port } => {
             drop(runtime);
             ceiling::run(port);

@@ -109,3 +109,26 @@ fn the_ceiling_serves_the_fanout_scenario() {
     let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(result["moves_seen"].as_u64().unwrap() > 0, "{result}");
 }
+
+#[test]
+fn churn_runs_and_reports_handshakes() {
+    let server = Server::start(&[]);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["churn", "--url", &format!("ws://{}", server.host())])
+        .args(["--concurrency", "4", "--seconds", "1"])
+        .args(["--server-pid", &server.pid().to_string()])
+        .env("JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(result["scenario"], "churn");
+    assert!(result["handshakes"].as_u64().unwrap() > 0, "{result}");
+    assert!(
+        result["connect_to_first_snapshot_ms"]["p50"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+}
