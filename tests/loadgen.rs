@@ -1,31 +1,16 @@
-//! Smoke run of the load generator (issue 5), so the tool keeps working: a
-//! second of the fanout scenario against a test server. No timing is asserted.
+//! Smoke runs of the load generator (issue 5), so the tool keeps working: each
+//! scenario for about a second against a test server (or the ceiling). No timing
+//! is asserted.
 
 mod util;
 
+use serde_json::Value;
 use util::*;
 
-#[test]
-fn fanout_runs_and_reports_what_it_measured() {
-    let server = Server::start(&[
-        "--rate-limit-per-sec",
-        "100000",
-        "--rate-limit-burst",
-        "100000",
-    ]);
+/// Runs `loadgen ARGS` with the test secret; returns its one JSON result.
+fn loadgen(args: &[&str]) -> Value {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["fanout", "--url", &format!("ws://{}", server.host())])
-        .args([
-            "--rooms",
-            "2",
-            "--members",
-            "3",
-            "--hz",
-            "20",
-            "--seconds",
-            "1",
-        ])
-        .args(["--server-pid", &server.pid().to_string()])
+        .args(args)
         .env("JWT_SECRET", SECRET)
         .output()
         .unwrap();
@@ -35,7 +20,33 @@ fn fanout_runs_and_reports_what_it_measured() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+#[test]
+fn fanout_runs_and_reports_what_it_measured() {
+    let server = Server::start(&[
+        "--rate-limit-per-sec",
+        "100000",
+        "--rate-limit-burst",
+        "100000",
+    ]);
+    let (url, pid) = (format!("ws://{}", server.host()), server.pid().to_string());
+    let result = loadgen(&[
+        "fanout",
+        "--url",
+        &url,
+        "--rooms",
+        "2",
+        "--members",
+        "3",
+        "--hz",
+        "20",
+        "--seconds",
+        "1",
+        "--server-pid",
+        &pid,
+    ]);
     assert_eq!(result["scenario"], "fanout");
     let sent = result["messages_sent"].as_u64().unwrap();
     assert!(
@@ -54,23 +65,48 @@ fn fanout_runs_and_reports_what_it_measured() {
 #[test]
 fn idle_runs_and_reports_memory_per_connection() {
     let server = Server::start(&[]);
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["idle", "--url", &format!("ws://{}", server.host())])
-        .args(["--connections", "40", "--members", "10", "--sources", "2"])
-        .args(["--server-pid", &server.pid().to_string()])
-        .env("JWT_SECRET", SECRET)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let (url, pid) = (format!("ws://{}", server.host()), server.pid().to_string());
+    let result = loadgen(&[
+        "idle",
+        "--url",
+        &url,
+        "--connections",
+        "40",
+        "--members",
+        "10",
+        "--sources",
+        "2",
+        "--server-pid",
+        &pid,
+    ]);
     assert_eq!(result["scenario"], "idle");
     assert_eq!(result["connections"], 40);
     assert!(result["server_rss_kib_after"].as_u64().unwrap() > 1000);
+}
+
+#[test]
+fn churn_runs_and_reports_handshakes() {
+    let server = Server::start(&[]);
+    let (url, pid) = (format!("ws://{}", server.host()), server.pid().to_string());
+    let result = loadgen(&[
+        "churn",
+        "--url",
+        &url,
+        "--concurrency",
+        "4",
+        "--seconds",
+        "1",
+        "--server-pid",
+        &pid,
+    ]);
+    assert_eq!(result["scenario"], "churn");
+    assert!(result["handshakes"].as_u64().unwrap() > 0, "{result}");
+    assert!(
+        result["connect_to_first_snapshot_ms"]["p50"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
 }
 
 #[test]
@@ -85,50 +121,24 @@ fn the_ceiling_serves_the_fanout_scenario() {
     BufReader::new(ceiling.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_owned();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["fanout", "--url", &format!("ws://{addr}")])
-        .args([
-            "--rooms",
-            "1",
-            "--members",
-            "3",
-            "--hz",
-            "20",
-            "--seconds",
-            "1",
-        ])
-        .args(["--server-pid", &ceiling.id().to_string()])
-        .env("JWT_SECRET", "any-secret-the-ceiling-ignores")
-        .output()
-        .unwrap();
+    let url = format!("ws://{}", line.trim().rsplit(' ').next().unwrap());
+    let pid = ceiling.id().to_string();
+    let result = loadgen(&[
+        "fanout",
+        "--url",
+        &url,
+        "--rooms",
+        "1",
+        "--members",
+        "3",
+        "--hz",
+        "20",
+        "--seconds",
+        "1",
+        "--server-pid",
+        &pid,
+    ]);
     let _ = ceiling.kill();
     let _ = ceiling.wait();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}");
-    let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(result["moves_seen"].as_u64().unwrap() > 0, "{result}");
-}
-
-#[test]
-fn churn_runs_and_reports_handshakes() {
-    let server = Server::start(&[]);
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["churn", "--url", &format!("ws://{}", server.host())])
-        .args(["--concurrency", "4", "--seconds", "1"])
-        .args(["--server-pid", &server.pid().to_string()])
-        .env("JWT_SECRET", SECRET)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}");
-    let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!(result["scenario"], "churn");
-    assert!(result["handshakes"].as_u64().unwrap() > 0, "{result}");
-    assert!(
-        result["connect_to_first_snapshot_ms"]["p50"]
-            .as_f64()
-            .unwrap()
-            > 0.0
-    );
 }
