@@ -71,7 +71,7 @@ pub struct ServeArgs {
     pub rate_limit_close_after_secs: u32,
     /// Development mode: a generated secret when none is given, a whiteboard page
     /// at `/`, a token endpoint for it, and the room monitor without a token.
-    #[arg(long, env = "DEV", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "SESSION_SERVER_DEV", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub dev: bool,
     /// Bearer token for the room monitor (`/admin`); without it (and outside dev
     /// mode) the monitor is off.
