@@ -190,7 +190,7 @@ impl WorkerCore {
                     // Only a loaded room has an exact image (a loading one holds
                     // events; a degraded one lacks its stored shapes).
                     if matches!(slot.load, Load::Done) {
-                        let image = Self::checkpoint(slot, slot.save.is_dirty());
+                        let image = Self::checkpoint(slot);
                         let seq = slot.room.last_seq();
                         self.replies
                             .push(FromWorker::Checkpoint { room, seq, image });
@@ -233,7 +233,7 @@ impl WorkerCore {
             last_save_ms: None,
         };
         slot.save.urgent = self.drain.is_some();
-        self.start_load(&mut slot);
+        start_load(self.store.as_ref(), &self.results, &mut slot);
         self.rooms.insert(room, slot);
     }
 
@@ -277,61 +277,9 @@ impl WorkerCore {
         self.dirty.insert(room);
     }
 
-    fn checkpoint(slot: &RoomSlot, unsaved: bool) -> Vec<u8> {
-        let image = SlotImage {
-            room: slot.room.image(),
-            board: slot.board.as_ref().map(|b| b.0.clone()),
-            unsaved,
-        };
-        postcard::to_stdvec(&image).expect("serialising to memory cannot fail")
-    }
-
-    fn start_load(&self, slot: &mut RoomSlot) {
-        slot.load_in_flight = true;
-        slot.load_retry_at = None;
-        let room = slot.room.id().clone();
-        let instance = slot.instance;
-        let load = self.store.load(room.clone());
-        let results = self.results.clone();
-        tokio::spawn(async move {
-            let result = load.await;
-            let _ = results
-                .send(StoreResult::Loaded {
-                    room,
-                    instance,
-                    result,
-                })
-                .await;
-        });
-    }
-
-    fn start_save(&self, slot: &mut RoomSlot) {
-        let retry = slot.save.retrying();
-        slot.save.begin();
-        // The room as written: once the save succeeds, nothing in it is unsaved.
-        let image = Self::checkpoint(slot, false);
-        let room = slot.room.id().clone();
-        let instance = slot.instance;
-        let seq = slot.room.last_seq();
-        let save = self
-            .store
-            .save(room.clone(), slot.board.clone(), slot.room.shapes_json());
-        let results = self.results.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let result = save.await;
-            let _ = results
-                .send(StoreResult::Saved {
-                    room,
-                    instance,
-                    seq,
-                    image,
-                    retry,
-                    took: started.elapsed(),
-                    result,
-                })
-                .await;
-        });
+    /// The room's checkpoint as it is now (unsaved changes included and flagged).
+    fn checkpoint(slot: &RoomSlot) -> Vec<u8> {
+        encode_checkpoint(slot.room.image(), &slot.board, slot.save.is_dirty())
     }
 
     /// Applies one event to a room that is not waiting for its load.
@@ -439,7 +387,7 @@ impl WorkerCore {
                         // A first checkpoint, so that from now on a crash of this
                         // worker restores the room without the store.
                         if let Some(slot) = self.rooms.get(&room) {
-                            let image = Self::checkpoint(slot, slot.save.is_dirty());
+                            let image = Self::checkpoint(slot);
                             let seq = slot.room.last_seq();
                             self.replies
                                 .push(FromWorker::Checkpoint { room, seq, image });
@@ -512,33 +460,38 @@ impl WorkerCore {
     /// Starts what is due at `now`: admissions, load retries, saves; frees closed
     /// rooms that have nothing left to save; answers a finished drain.
     pub fn tick(&mut self, now: Instant) {
-        let ids: Vec<RoomId> = self.rooms.keys().cloned().collect();
-        for id in ids {
-            let admit =
-                matches!(&self.rooms[&id].load, Load::Waiting { admit_at, .. } if *admit_at <= now);
-            if admit {
-                let slot = &self.rooms[&id];
-                warn!(room = %id, failures = slot.load_failures, "board not loaded in time; admitting members to a degraded room (drawing works; nothing is saved until the load succeeds)");
-                self.admit_degraded(&id, now);
-            }
-            let mut slot = self.rooms.remove(&id).expect("listed above");
+        let overdue: Vec<RoomId> = self
+            .rooms
+            .iter()
+            .filter(|(_, slot)| matches!(&slot.load, Load::Waiting { admit_at, .. } if *admit_at <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in overdue {
+            let failures = self.rooms[&id].load_failures;
+            warn!(room = %id, failures, "board not loaded in time; admitting members to a degraded room (drawing works; nothing is saved until the load succeeds)");
+            self.admit_degraded(&id, now);
+        }
+        let mut freed = Vec::new();
+        for (id, slot) in self.rooms.iter_mut() {
             let loaded = matches!(slot.load, Load::Done);
             if !loaded && !slot.load_in_flight && slot.load_retry_at.is_some_and(|at| at <= now) {
-                self.start_load(&mut slot);
+                start_load(self.store.as_ref(), &self.results, slot);
             }
             if loaded && slot.save.due_at(&self.policy).is_some_and(|at| at <= now) {
-                self.start_save(&mut slot);
+                start_save(self.store.as_ref(), &self.results, slot);
             }
             // A room still waiting for its load may hold events (shapes among
             // them): it is freed only once they have been applied and saved.
             let waiting = matches!(slot.load, Load::Waiting { .. });
             if slot.closing && !slot.save.is_dirty() && !waiting {
-                info!(room = %id, "room closed");
-                self.dirty.shift_remove(&id);
-                self.replies.push(FromWorker::RoomClosed { room: id });
-                continue;
+                freed.push(id.clone());
             }
-            self.rooms.insert(id, slot);
+        }
+        for id in freed {
+            info!(room = %id, "room closed");
+            self.rooms.remove(&id);
+            self.dirty.shift_remove(&id);
+            self.replies.push(FromWorker::RoomClosed { room: id });
         }
         self.answer_drain(now);
     }
@@ -662,6 +615,67 @@ impl WorkerCore {
         }
         out
     }
+}
+
+/// Starts loading a room's board in a task; the result comes back on `results`.
+fn start_load(store: &dyn BoardStore, results: &mpsc::Sender<StoreResult>, slot: &mut RoomSlot) {
+    slot.load_in_flight = true;
+    slot.load_retry_at = None;
+    let room = slot.room.id().clone();
+    let instance = slot.instance;
+    let load = store.load(room.clone());
+    let results = results.clone();
+    tokio::spawn(async move {
+        let result = load.await;
+        let _ = results
+            .send(StoreResult::Loaded {
+                room,
+                instance,
+                result,
+            })
+            .await;
+    });
+}
+
+/// Starts saving a room in a task; the result (with the checkpoint of what was
+/// written) comes back on `results`.
+fn start_save(store: &dyn BoardStore, results: &mpsc::Sender<StoreResult>, slot: &mut RoomSlot) {
+    let retry = slot.save.retrying();
+    slot.save.begin();
+    let room_image = slot.room.image();
+    let shapes_json = room_image.shapes_json.clone();
+    // The room as written: once the save succeeds, nothing in it is unsaved.
+    let image = encode_checkpoint(room_image, &slot.board, false);
+    let room = slot.room.id().clone();
+    let instance = slot.instance;
+    let seq = slot.room.last_seq();
+    let save = store.save(room.clone(), slot.board.clone(), shapes_json);
+    let results = results.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let result = save.await;
+        let _ = results
+            .send(StoreResult::Saved {
+                room,
+                instance,
+                seq,
+                image,
+                retry,
+                took: started.elapsed(),
+                result,
+            })
+            .await;
+    });
+}
+
+/// A checkpoint: the room image and what persisting it needs, encoded.
+fn encode_checkpoint(room: RoomImage, board: &Option<BoardId>, unsaved: bool) -> Vec<u8> {
+    let image = SlotImage {
+        room,
+        board: board.as_ref().map(|b| b.0.clone()),
+        unsaved,
+    };
+    postcard::to_stdvec(&image).expect("serialising to memory cannot fail")
 }
 
 /// Test builds only: a frame whose text contains [`poison::MARKER`] aborts the

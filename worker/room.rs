@@ -188,8 +188,18 @@ impl Room {
 
     /// The shapes as the JSON array the store keeps.
     pub fn shapes_json(&self) -> String {
-        let len: usize = self.shapes.values().map(|s| s.json.len() + 1).sum();
-        let mut out = String::with_capacity(len + 2);
+        let mut out = String::with_capacity(self.shapes_len() + 2);
+        self.push_shapes(&mut out);
+        out
+    }
+
+    /// Bytes of the shapes' cached JSON, with separators.
+    fn shapes_len(&self) -> usize {
+        self.shapes.values().map(|s| s.json.len() + 1).sum()
+    }
+
+    /// Appends the shapes as a JSON array (their cached encodings, in order).
+    fn push_shapes(&self, out: &mut String) {
         out.push('[');
         for (i, shape) in self.shapes.values().enumerate() {
             if i > 0 {
@@ -198,7 +208,6 @@ impl Room {
             out.push_str(&shape.json);
         }
         out.push(']');
-        out
     }
 
     pub fn shape_count(&self) -> usize {
@@ -380,8 +389,7 @@ impl Room {
 
     /// The snapshot every member gets, as JSON text.
     pub fn snapshot_json(&self) -> String {
-        let shapes_len: usize = self.shapes.values().map(|s| s.json.len() + 1).sum();
-        let mut out = String::with_capacity(64 + shapes_len + 96 * self.cursors.len());
+        let mut out = String::with_capacity(64 + self.shapes_len() + 96 * self.cursors.len());
         out.push_str("{\"connectedUsers\":[");
         for (i, member) in self.members.iter().enumerate() {
             if i > 0 {
@@ -396,14 +404,9 @@ impl Room {
             }
             out.push_str(&cursor.json);
         }
-        out.push_str("],\"shapes\":[");
-        for (i, shape) in self.shapes.values().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(&shape.json);
-        }
-        out.push_str("]}");
+        out.push_str("],\"shapes\":");
+        self.push_shapes(&mut out);
+        out.push('}');
         out
     }
 }
