@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod ipc;
+pub mod ipc_socket;
 pub mod protocol;
 
 #[path = "../supervisor/mod.rs"]

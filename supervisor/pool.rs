@@ -27,6 +27,7 @@ use super::metrics::{Kind, Metrics, Outcome, Reason};
 use super::registry::{POISON_CRASHES, POISON_WINDOW, Registry, RoomEntry};
 use crate::config::{PersistSettings, WORKER_NONCE_ENV};
 use crate::ipc::{CodecError, FromWorker, IPC_VERSION, IpcCodec, RoomId, ToWorker, WorkerId};
+use crate::ipc_socket::{self, IpcReader, IpcWriter};
 
 /// Frames queued per worker before senders wait. Large enough to absorb bursts
 /// from many rooms; when full, each session waits (backpressure on its client).
@@ -50,8 +51,8 @@ const RESTORE_ANSWER_MARGIN: Duration = Duration::from_secs(2);
 /// replacement starts at once again.
 const STABLE_RUN: Duration = Duration::from_secs(5);
 
-type Reader = FramedRead<tokio::io::ReadHalf<LocalStream>, IpcCodec<FromWorker, ToWorker>>;
-type Writer = FramedWrite<tokio::io::WriteHalf<LocalStream>, IpcCodec<FromWorker, ToWorker>>;
+type Reader = FramedRead<IpcReader, IpcCodec<FromWorker, ToWorker>>;
+type Writer = FramedWrite<IpcWriter, IpcCodec<FromWorker, ToWorker>>;
 
 /// One worker position in the pool.
 pub struct WorkerSlot {
@@ -316,7 +317,13 @@ impl Serve<'_> {
             Err(e) => return Ended::plain(format!("{e:#}")),
         };
         let pid = child.id().unwrap_or(0);
-        let (read_half, write_half) = tokio::io::split(stream);
+        let (read_half, write_half) = match ipc_socket::split(stream) {
+            Ok(halves) => halves,
+            Err(e) => {
+                let _ = child.start_kill();
+                return Ended::plain(format!("cannot set up the worker's socket: {e}"));
+            }
+        };
         let mut reader: Reader = FramedRead::new(read_half, IpcCodec::new());
         let mut writer: Writer = FramedWrite::new(write_half, IpcCodec::new());
 
@@ -661,8 +668,8 @@ mod tests {
     async fn socket_pair() -> (
         (Reader, Writer),
         (
-            FramedRead<tokio::io::ReadHalf<LocalStream>, IpcCodec<ToWorker, FromWorker>>,
-            FramedWrite<tokio::io::WriteHalf<LocalStream>, IpcCodec<ToWorker, FromWorker>>,
+            FramedRead<IpcReader, IpcCodec<ToWorker, FromWorker>>,
+            FramedWrite<IpcWriter, IpcCodec<ToWorker, FromWorker>>,
         ),
     ) {
         use interprocess::local_socket::traits::tokio::Stream as _;
@@ -673,8 +680,8 @@ mod tests {
             .unwrap();
         let ns_name = name.as_str().to_ns_name::<GenericNamespaced>().unwrap();
         let (accepted, connected) = tokio::join!(listener.accept(), LocalStream::connect(ns_name));
-        let (sr, sw) = tokio::io::split(accepted.unwrap());
-        let (wr, ww) = tokio::io::split(connected.unwrap());
+        let (sr, sw) = ipc_socket::split(accepted.unwrap()).unwrap();
+        let (wr, ww) = ipc_socket::split(connected.unwrap()).unwrap();
         (
             (
                 FramedRead::new(sr, IpcCodec::new()),

@@ -21,6 +21,7 @@ use tracing::info;
 
 use crate::config::{WORKER_NONCE_ENV, WorkerArgs};
 use crate::ipc::{FromWorker, IPC_VERSION, IpcCodec, ToWorker};
+use crate::ipc_socket::{self, IpcReader, IpcWriter};
 use core::{StoreResult, WorkerCore};
 
 /// Frames applied before pending snapshots are encoded and sent. Batching lets a
@@ -46,8 +47,8 @@ pub fn main(args: WorkerArgs) -> anyhow::Result<()> {
     runtime.block_on(run(args))
 }
 
-type Reader = FramedRead<tokio::io::ReadHalf<LocalStream>, IpcCodec<ToWorker, FromWorker>>;
-type Writer = FramedWrite<tokio::io::WriteHalf<LocalStream>, IpcCodec<ToWorker, FromWorker>>;
+type Reader = FramedRead<IpcReader, IpcCodec<ToWorker, FromWorker>>;
+type Writer = FramedWrite<IpcWriter, IpcCodec<ToWorker, FromWorker>>;
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let nonce: u64 = std::env::var(WORKER_NONCE_ENV)
@@ -68,7 +69,7 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
     let stream = LocalStream::connect(name)
         .await
         .with_context(|| format!("connecting to supervisor socket {}", args.ipc))?;
-    let (read_half, write_half) = tokio::io::split(stream);
+    let (read_half, write_half) = ipc_socket::split(stream)?;
     let mut reader: Reader = FramedRead::new(read_half, IpcCodec::new());
     let mut writer: Writer = FramedWrite::new(write_half, IpcCodec::new());
 
