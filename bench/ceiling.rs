@@ -27,7 +27,12 @@ struct Room {
     members: Vec<Member>,
     /// user → raw `"x":…,"y":…` bytes, in first-move order.
     cursors: Vec<(String, Vec<u8>)>,
+    /// Each shape's JSON, assembled once when it is created.
+    shapes: Vec<Vec<u8>>,
 }
+
+/// Shapes per room, as in the server.
+const MAX_SHAPES: usize = 1000;
 
 type Rooms = Rc<RefCell<HashMap<String, Room>>>;
 
@@ -122,7 +127,11 @@ async fn serve(mut stream: TcpStream, rooms: Rooms) {
                 return;
             }
             if opcode == 1 {
-                cursor(&rooms, &room, &user, &payload);
+                if payload.windows(14).any(|w| w == b"\"shape_create\"") {
+                    shape(&rooms, &room, &user, &payload);
+                } else {
+                    cursor(&rooms, &room, &user, &payload);
+                }
                 broadcast(&rooms, &room);
             }
             buf.copy_within(used..have, 0);
@@ -181,6 +190,33 @@ fn cursor(rooms: &Rooms, room: &str, user: &str, payload: &[u8]) {
     }
 }
 
+/// Stores a created shape in the server's field order and size (its raw
+/// `"x":…,"height":…` bytes between the server's fixed fields; no JSON parsing).
+fn shape(rooms: &Rooms, room: &str, user: &str, payload: &[u8]) {
+    let Some(start) = payload.windows(4).position(|w| w == b"\"x\":") else {
+        return;
+    };
+    let end = payload.len() - 1; // the closing brace
+    let mut rooms = rooms.borrow_mut();
+    let Some(r) = rooms.get_mut(room) else { return };
+    if r.shapes.len() >= MAX_SHAPES {
+        return;
+    }
+    let mut json = format!(
+        "{{\"id\":\"{:016x}-{:x}\",\"type\":\"rectangle\",",
+        0x5eed_0000_0000_0000u64,
+        r.shapes.len() + 1
+    )
+    .into_bytes();
+    json.extend_from_slice(&payload[start..end]);
+    json.extend_from_slice(b",\"userId\":\"");
+    json.extend_from_slice(user.as_bytes());
+    json.extend_from_slice(
+        b"\",\"timestamp\":\"2024-01-01T12:00:00.000Z\",\"fill\":\"#3b82f6\",\"stroke\":\"#1d4ed8\",\"rotation\":0}",
+    );
+    r.shapes.push(json);
+}
+
 fn leave(rooms: &Rooms, room: &str, user: &str) {
     if let Some(r) = rooms.borrow_mut().get_mut(room) {
         r.members.retain(|m| m.user != user);
@@ -192,7 +228,8 @@ fn leave(rooms: &Rooms, room: &str, user: &str) {
 fn broadcast(rooms: &Rooms, room: &str) {
     let mut rooms = rooms.borrow_mut();
     let Some(r) = rooms.get_mut(room) else { return };
-    let mut json = Vec::with_capacity(64 + r.cursors.len() * 96);
+    let shape_bytes: usize = r.shapes.iter().map(|s| s.len() + 1).sum();
+    let mut json = Vec::with_capacity(64 + r.cursors.len() * 96 + shape_bytes);
     json.extend_from_slice(b"{\"connectedUsers\":[");
     for (i, m) in r.members.iter().enumerate() {
         if i > 0 {
@@ -213,7 +250,14 @@ fn broadcast(rooms: &Rooms, room: &str) {
         json.extend_from_slice(xy);
         json.extend_from_slice(b",\"timestamp\":\"2024-01-01T12:00:00.000Z\"}");
     }
-    json.extend_from_slice(b"],\"shapes\":[]}");
+    json.extend_from_slice(b"],\"shapes\":[");
+    for (i, shape) in r.shapes.iter().enumerate() {
+        if i > 0 {
+            json.push(b',');
+        }
+        json.extend_from_slice(shape);
+    }
+    json.extend_from_slice(b"]}");
     let mut frame = Vec::with_capacity(json.len() + 10);
     frame.push(0x81);
     match json.len() {

@@ -66,6 +66,14 @@ struct FanoutArgs {
     hz: f64,
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// Shapes created in each room (by its first member) before the measured
+    /// window, so every snapshot carries them.
+    #[arg(long, default_value_t = 0)]
+    shapes: usize,
+    /// Extra members per room that join and then never read (nor send): slow
+    /// clients, to see whether they slow the others down.
+    #[arg(long, default_value_t = 0)]
+    slow_members: usize,
     /// Supervisor pid, for CPU and RSS accounting (its children are included).
     #[arg(long)]
     server_pid: Option<u32>,
@@ -276,7 +284,6 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 /// The supervisor and its children: (CPU seconds, RSS KiB).
 fn server_usage(pid: u32) -> (f64, u64) {
-    let ticks = 100.0; // USER_HZ on Linux
     let mut pids = vec![pid];
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
@@ -296,15 +303,7 @@ fn server_usage(pid: u32) -> (f64, u64) {
     }
     let (mut cpu, mut rss) = (0.0, 0);
     for p in pids {
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
-            let fields: Vec<&str> = stat
-                .rsplit_once(')')
-                .map_or(vec![], |(_, r)| r.split_whitespace().collect());
-            // utime, stime are fields 14 and 15 (1-based), i.e. 11 and 12 after ')'.
-            let utime: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-            let stime: f64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-            cpu += (utime + stime) / ticks;
-        }
+        cpu += cpu_seconds(&p.to_string());
         if let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) {
             rss += status
                 .lines()
@@ -346,16 +345,36 @@ async fn fanout(args: FanoutArgs) -> Value {
         ws.next().await.expect("first snapshot").expect("no error");
         sockets.push(ws);
     }
+    let mut slow = Vec::with_capacity(args.rooms * args.slow_members);
+    for room in 0..args.rooms {
+        for k in 0..args.slow_members {
+            let user = format!("slow{room}-{k}");
+            let url = format!(
+                "{}/?token={}",
+                args.url.trim_end_matches('/'),
+                token(&args.secret, &host, &user, &format!("room-{room}"))
+            );
+            let (ws, _) = connect_async(url).await.expect("connect");
+            slow.push(ws); // held, never read
+        }
+    }
+    if args.shapes > 0 {
+        create_shapes(&mut sockets, args.members, args.shapes).await;
+    }
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.seconds);
     let sent = Arc::new(AtomicU64::new(0));
+    // Each member's last move (its `y`), to check everyone ends on the newest state.
+    let last_sent: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
     let usage_before = args.server_pid.map(server_usage);
+    let own_cpu_before = own_cpu_seconds();
     let measure_start = Instant::now();
     let period = Duration::from_secs_f64(1.0 / args.hz);
     let mut tasks = Vec::new();
     for (i, ws) in sockets.into_iter().enumerate() {
         let (mut sink, mut stream) = ws.split();
         let sent = sent.clone();
+        let last_sent = last_sent.clone();
         let me = i as u64;
         // Spread senders over the period instead of bursting together.
         let offset = period.mul_f64(i as f64 / total as f64);
@@ -372,6 +391,7 @@ async fn fanout(args: FanoutArgs) -> Value {
                     break;
                 }
                 sent.fetch_add(1, Ordering::Relaxed);
+                last_sent[i].store(y, Ordering::Relaxed);
                 next += period;
             }
             sink
@@ -408,9 +428,19 @@ async fn fanout(args: FanoutArgs) -> Value {
         tasks.push((sender, receiver));
     }
     let mut all = Seen::default();
-    for (sender, receiver) in tasks {
+    // (receiver, sender) pairs in a room where the receiver's last snapshot did
+    // not show the sender's last move.
+    let mut stale_pairs = 0u64;
+    for (i, (sender, receiver)) in tasks.into_iter().enumerate() {
         let _ = sender.await;
         let seen = receiver.await.expect("receiver");
+        let room = i / args.members;
+        for j in room * args.members..(room + 1) * args.members {
+            let last = last_sent[j].load(Ordering::Relaxed);
+            if j != i && last > 0 && seen.newest.get(&(j as u64)) != Some(&last) {
+                stale_pairs += 1;
+            }
+        }
         all.latencies_us.extend(seen.latencies_us);
         all.snapshots += seen.snapshots;
         all.bytes += seen.bytes;
@@ -418,6 +448,8 @@ async fn fanout(args: FanoutArgs) -> Value {
     }
     let window = measure_start.elapsed().as_secs_f64();
     let usage_after = args.server_pid.map(server_usage);
+    let own_cpu_after = own_cpu_seconds();
+    drop(slow);
     all.latencies_us.sort_unstable();
     let sent = sent.load(Ordering::Relaxed);
     // Each move should reach the other members of its room.
@@ -430,13 +462,17 @@ async fn fanout(args: FanoutArgs) -> Value {
     json!({
         "scenario": "fanout",
         "rooms": args.rooms, "members": args.members, "hz": args.hz, "seconds": args.seconds,
+        "shapes": args.shapes, "slow_members": args.slow_members,
         "messages_sent": sent,
         "snapshots_received": all.snapshots,
+        "bytes_per_snapshot": all.bytes as f64 / all.snapshots.max(1) as f64,
         "deliveries_per_sec": all.snapshots as f64 / window,
         "bytes_per_sec": all.bytes as f64 / window,
         "moves_expected": expected,
         "moves_seen": all.moves_seen,
         "moves_superseded": expected.saturating_sub(all.moves_seen),
+        // 0 when every member's last snapshot showed every other member's last move.
+        "final_state_stale_pairs": stale_pairs,
         "latency_ms": {
             "p50": ms(percentile(&all.latencies_us, 50.0)),
             "p90": ms(percentile(&all.latencies_us, 90.0)),
@@ -447,7 +483,68 @@ async fn fanout(args: FanoutArgs) -> Value {
         "server_cpu_share": cpu.map(|c| c / window),
         "server_cpu_us_per_delivery": cpu.map(|c| c * 1e6 / all.snapshots.max(1) as f64),
         "server_rss_kib": usage_after.map(|(_, rss)| rss),
+        // Near 1.0 means the generator itself was the bottleneck.
+        "loadgen_cpu_share": (own_cpu_after - own_cpu_before) / window,
     })
+}
+
+/// Each room's first member creates `count` shapes; then every member reads until
+/// its snapshot shows them all, so the measured window starts from a quiet room.
+async fn create_shapes<S>(
+    sockets: &mut [tokio_tungstenite::WebSocketStream<S>],
+    members: usize,
+    count: usize,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    for creator in sockets.iter_mut().step_by(members) {
+        for k in 0..count {
+            // Written by hand, in this order: the ceiling copies the fields from
+            // `"x"` on (json! would sort the keys).
+            let msg = format!(
+                r#"{{"type":"shape_create","shapeType":"rectangle","x":{},"y":{},"width":120,"height":80}}"#,
+                40 * (k % 25),
+                30 * (k / 25)
+            );
+            creator.send(Message::text(msg)).await.expect("send shape");
+        }
+    }
+    for ws in sockets.iter_mut() {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+                .await
+                .expect("snapshot with every shape within 30 s")
+                .expect("open")
+                .expect("no error");
+            let Message::Text(text) = msg else { continue };
+            let snapshot: Value = serde_json::from_str(&text).expect("snapshot is JSON");
+            if snapshot["shapes"].as_array().map_or(0, Vec::len) >= count {
+                break;
+            }
+        }
+    }
+}
+
+/// This process's CPU seconds (user + system).
+fn own_cpu_seconds() -> f64 {
+    cpu_seconds("self")
+}
+
+/// CPU seconds (user + system) of `/proc/{pid}`; 0 if it is gone.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, r)| r.split_whitespace().collect());
+    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after ')',
+    // in USER_HZ (100 on Linux) ticks.
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn main() {

@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# Runs the fanout scenarios against session-server and against the ceiling
-# (minimal fan-out server), each pinned to core 1 with the load generator on core
-# 0, RUNS times each, and prints one line per run (JSON) plus a median summary.
+# Runs fanout scenarios against session-server and against the ceiling (minimal
+# fan-out server), each pinned to core 1 with the load generator on core 0, RUNS
+# times each; prints one line per run (JSON) plus a table of medians.
+#
 # Usage: bench/run-fanout.sh [RUNS] [SECONDS]
+# Environment:
+#   SCENARIOS  ';'-separated "rooms members hz shapes slow_members" (default: the
+#              issue 5 layouts)
+#   TARGETS    "ceiling server" (default) or one of them
+# The overload curve: SCENARIOS="10 10 70 0 0;10 10 140 0 0;…" TARGETS=server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
 SECS=${2:-8}
 SECRET=loadgen-secret-0123456789
+DEFAULT_SCENARIOS="10 10 10 0 0;10 10 10 200 0;10 10 70 0 0;10 10 700 0 0;1 100 5 0 0;1 100 20 0 0;10 10 10 0 1;10 10 10 200 1"
+IFS=';' read -r -a SCENARIO_LIST <<<"${SCENARIOS:-$DEFAULT_SCENARIOS}"
+read -r -a TARGET_LIST <<<"${TARGETS:-ceiling server}"
 cargo build --release --bin session-server --bin loadgen >/dev/null 2>&1
 OUT=$(mktemp -d)
-SCENARIOS=("10 10 10" "10 10 70" "1 100 5" "1 100 20")
+DATA="$OUT/data"
 
 start_server() {
   case $1 in
     server)
-      rm -rf /tmp/fanout-data
+      rm -rf "$DATA"
       JWT_SECRET=$SECRET RUST_LOG=warn taskset -c 1 ./target/release/session-server \
-        --port 18900 --bind 127.0.0.1 --workers 1 --data-dir /tmp/fanout-data \
+        --port 18900 --bind 127.0.0.1 --workers 1 --data-dir "$DATA" \
         --rate-limit-per-sec 100000 --rate-limit-burst 100000 >"$OUT/server.log" 2>&1 &
       PORT=18900 ;;
     ceiling)
@@ -28,13 +37,14 @@ start_server() {
   sleep 1
 }
 
-for target in ceiling server; do
-  for scenario in "${SCENARIOS[@]}"; do
-    set -- $scenario
+for target in "${TARGET_LIST[@]}"; do
+  for scenario in "${SCENARIO_LIST[@]}"; do
+    read -r rooms members hz shapes slow <<<"$scenario"
     for run in $(seq "$RUNS"); do
       start_server "$target"
       JWT_SECRET=$SECRET taskset -c 0 ./target/release/loadgen fanout --url "ws://127.0.0.1:$PORT" \
-        --rooms "$1" --members "$2" --hz "$3" --seconds "$SECS" --server-pid "$PID" \
+        --rooms "$rooms" --members "$members" --hz "$hz" --shapes "$shapes" --slow-members "$slow" \
+        --seconds "$SECS" --server-pid "$PID" \
         | sed "s/^/{\"target\":\"$target\",\"run\":$run,\"r\":/; s/\$/}/" | tee -a "$OUT/results.jsonl"
       kill "$PID"; wait "$PID" 2>/dev/null || true
     done
@@ -47,12 +57,19 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 groups = {}
 for row in rows:
     r = row["r"]
-    groups.setdefault((row["target"], r["rooms"], r["members"], r["hz"]), []).append(r)
-print("| target | layout | runs | p50 ms | p99 ms | CPU share | µs/delivery | deliveries/s |")
-print("|---|---|---|---|---|---|---|---|")
-for (target, rooms, members, hz), rs in sorted(groups.items()):
+    key = (row["target"], r["rooms"], r["members"], r["hz"], r["shapes"], r["slow_members"])
+    groups.setdefault(key, []).append(r)
+print("| target | layout | shapes | slow | runs | sent/s | p50 ms | p99 ms | CPU share | µs/delivery "
+      "| deliveries/s | B/snapshot | superseded | stale at end | RSS MiB | generator CPU |")
+print("|" + "---|" * 16)
+for (target, rooms, members, hz, shapes, slow), rs in sorted(groups.items()):
     med = lambda f: statistics.median(f(r) for r in rs)
-    print(f"| {target} | {rooms}×{members}×{hz:g} Hz | {len(rs)} | {med(lambda r: r['latency_ms']['p50']):.2f} | "
-          f"{med(lambda r: r['latency_ms']['p99']):.2f} | {med(lambda r: r['server_cpu_share']):.2f} | "
-          f"{med(lambda r: r['server_cpu_us_per_delivery']):.1f} | {med(lambda r: r['deliveries_per_sec']):,.0f} |")
+    print(f"| {target} | {rooms}×{members}×{hz:g} Hz | {shapes} | {slow} | {len(rs)} "
+          f"| {med(lambda r: r['messages_sent'] / r['seconds']):,.0f} "
+          f"| {med(lambda r: r['latency_ms']['p50']):.2f} | {med(lambda r: r['latency_ms']['p99']):.2f} "
+          f"| {med(lambda r: r['server_cpu_share']):.2f} | {med(lambda r: r['server_cpu_us_per_delivery']):.1f} "
+          f"| {med(lambda r: r['deliveries_per_sec']):,.0f} | {med(lambda r: r['bytes_per_snapshot']):,.0f} "
+          f"| {med(lambda r: r['moves_superseded'] / max(r['moves_expected'], 1)):.0%} "
+          f"| {max(r['final_state_stale_pairs'] for r in rs)} "
+          f"| {med(lambda r: r['server_rss_kib'] / 1024):.1f} | {med(lambda r: r['loadgen_cpu_share']):.2f} |")
 PY

@@ -44,10 +44,19 @@ fn fanout_runs_and_reports_what_it_measured() {
         "20",
         "--seconds",
         "1",
+        "--shapes",
+        "5",
+        "--slow-members",
+        "1",
         "--server-pid",
         &pid,
     ]);
     assert_eq!(result["scenario"], "fanout");
+    assert_eq!(result["shapes"], 5);
+    assert_eq!(result["slow_members"], 1);
+    // Every snapshot carries the 5 shapes (each over 150 bytes).
+    assert!(result["bytes_per_snapshot"].as_f64().unwrap() > 750.0, "{result}");
+    assert_eq!(result["final_state_stale_pairs"], 0, "{result}");
     let sent = result["messages_sent"].as_u64().unwrap();
     assert!(
         (30..=130).contains(&sent),
@@ -135,10 +144,14 @@ fn the_ceiling_serves_the_fanout_scenario() {
         "20",
         "--seconds",
         "1",
+        "--shapes",
+        "5",
         "--server-pid",
         &pid,
     ]);
     let _ = ceiling.kill();
     let _ = ceiling.wait();
     assert!(result["moves_seen"].as_u64().unwrap() > 0, "{result}");
+    assert!(result["bytes_per_snapshot"].as_f64().unwrap() > 750.0, "{result}");
+    assert_eq!(result["final_state_stale_pairs"], 0, "{result}");
 }
