@@ -19,13 +19,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{debug, info, warn};
 
 use super::registry::CONN_COMMANDS;
-use super::{Shared, session};
+use super::{Shared, session, websocket};
 use crate::ipc::ConnId;
 
 /// Read buffer per WebSocket. tungstenite's default (128 KiB) is zero-filled on
@@ -241,13 +240,16 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
                     .max_message_size(Some(max))
                     .max_frame_size(Some(max))
                     .read_buffer_size(READ_BUFFER_BYTES);
-                let socket = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(config),
-                )
-                .await;
-                session::run(shared, socket, entry, conn, identity, commands).await;
+                match websocket::accept(upgraded, config).await {
+                    Ok(socket) => {
+                        session::run(shared, socket, entry, conn, identity, commands).await
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot take over the upgraded connection");
+                        let queue = &shared.pool.slot(entry.worker).queue;
+                        shared.registry.leave(&entry, queue, conn, false).await;
+                    }
+                }
                 drop(permit);
             }
             Err(e) => {

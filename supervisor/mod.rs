@@ -11,6 +11,7 @@ pub mod pool;
 pub mod ratelimit;
 pub mod registry;
 pub mod session;
+pub mod websocket;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;

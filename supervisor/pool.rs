@@ -11,13 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use interprocess::local_socket::tokio::Stream as LocalStream;
 use interprocess::local_socket::traits::tokio::Listener as _;
 use interprocess::local_socket::{GenericNamespaced, ListenerOptions, ToNsName};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -596,7 +596,7 @@ async fn read_frames(
 fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &WorkerSlot) {
     let worker = slot.id;
     match msg {
-        FromWorker::Snapshot { room, json } => registry.publish(&room, Message::text(json)),
+        FromWorker::Snapshot { room, json } => registry.publish(&room, Bytes::from(json)),
         FromWorker::JoinAccepted { room, conn } => registry.admit(&room, conn),
         FromWorker::JoinRejected { room, conn, reason } => registry.reject(&room, conn, reason),
         FromWorker::RoomClosed { room } | FromWorker::CloseCancelled { room } => {

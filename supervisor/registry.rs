@@ -12,8 +12,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::ipc::{
     ConnId, JoinRejection, RoomEvent, RoomId, RoomSummary, Stamped, ToWorker, WorkerId,
@@ -27,7 +27,8 @@ pub type SnapshotCell = Option<Published>;
 /// A snapshot as published to a room's members.
 #[derive(Clone, Debug)]
 pub struct Published {
-    pub message: Message,
+    /// The snapshot's JSON, shared by every member's session.
+    pub message: Bytes,
     /// When the supervisor received it (for the fan-out latency).
     pub at: Instant,
     /// Counts the room's snapshots, so a member can tell how many it skipped.
@@ -354,7 +355,7 @@ impl Registry {
     }
 
     /// Publishes the room's newest snapshot to its members.
-    pub fn publish(&self, room: &RoomId, snapshot: Message) {
+    pub fn publish(&self, room: &RoomId, snapshot: Bytes) {
         let entry = lock(&self.inner).rooms.get(room).cloned();
         if let Some(entry) = entry {
             entry.snapshots.send_modify(|cell| {

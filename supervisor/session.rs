@@ -8,13 +8,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
+use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug, info, info_span};
 
@@ -22,6 +17,7 @@ use super::Shared;
 use super::auth::Identity;
 use super::ratelimit::{RateLimit, Verdict};
 use super::registry::{ConnCommand, RoomEntry, SnapshotCell};
+use super::websocket::{ClientReader, ClientWriter};
 use crate::ipc::ConnId;
 use crate::protocol::{CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_POLICY, REASON_ROOM_FULL};
 
@@ -34,8 +30,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// WebSocket close code for a message over the size limit.
 const CLOSE_TOO_BIG: u16 = 1009;
 
-pub type ClientSocket = WebSocketStream<TokioIo<Upgraded>>;
-
 /// Why the session ended, and what close frame (if any) the client gets.
 enum End {
     /// The client closed or vanished; nothing more to send.
@@ -46,7 +40,7 @@ enum End {
 
 pub async fn run(
     shared: Arc<Shared>,
-    socket: ClientSocket,
+    (mut stream, mut sink): (ClientReader, ClientWriter),
     entry: Arc<RoomEntry>,
     conn: ConnId,
     identity: Identity,
@@ -64,19 +58,14 @@ pub async fn run(
             .join(&entry, queue, conn, identity.user_id)
             .await
             .is_ok();
-        let (mut sink, mut stream) = socket.split();
         let end = if joined {
             serve(&shared, &entry, conn, &mut sink, &mut stream, commands).await
         } else {
             End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable")
         };
         if let End::Close(code, reason) = end {
-            let frame = CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.into(),
-            };
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                if sink.send(Message::Close(Some(frame))).await.is_ok() {
+                if sink.close(code, reason).await.is_ok() {
                     // Let the client answer so it sees a clean close handshake.
                     while let Some(Ok(_)) = stream.next().await {}
                 }
@@ -107,15 +96,12 @@ pub async fn run(
     .await
 }
 
-type Sink = futures_util::stream::SplitSink<ClientSocket, Message>;
-type Stream = futures_util::stream::SplitStream<ClientSocket>;
-
 async fn serve(
     shared: &Shared,
     entry: &RoomEntry,
     conn: ConnId,
-    sink: &mut Sink,
-    stream: &mut Stream,
+    sink: &mut ClientWriter,
+    stream: &mut ClientReader,
     mut commands: mpsc::Receiver<ConnCommand>,
 ) -> End {
     let queue = &shared.pool.slot(entry.worker).queue;
@@ -155,7 +141,7 @@ async fn serve(
                     }
                     last_version = Some(snapshot.version);
                     let bytes = snapshot.message.len() as u64;
-                    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(snapshot.message)).await {
+                    match tokio::time::timeout(WRITE_TIMEOUT, sink.text(&snapshot.message)).await {
                         Ok(Ok(())) => {
                             metrics.snapshots_sent.inc();
                             metrics.snapshot_bytes.inc_by(bytes);
@@ -197,8 +183,19 @@ async fn serve(
                         shared.metrics.binary_frames.inc();
                         debug!(len = bytes.len(), "binary frame ignored (the protocol is text)");
                     }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                    Some(Ok(Message::Close(_))) | None => return End::ClientGone,
+                    Some(Ok(Message::Ping(payload))) => {
+                        if tokio::time::timeout(WRITE_TIMEOUT, sink.pong(&payload)).await.is_err() {
+                            return End::ClientGone;
+                        }
+                    }
+                    Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
+                    Some(Ok(Message::Close(frame))) => {
+                        // Echo the client's close code, as RFC 6455 §5.5.1 asks.
+                        let code = frame.map_or(1000, |f| u16::from(f.code));
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close(code, "")).await;
+                        return End::ClientGone;
+                    }
+                    None => return End::ClientGone,
                     Some(Err(WsError::Capacity(e))) => {
                         shared.metrics.reject("message_too_big");
                         info!(error = %e, "client frame over the size limit");
@@ -221,7 +218,7 @@ async fn serve(
                 // silent for a little less than an interval, and must be pinged
                 // again to be heard before the next tick's check.
                 if silent >= ping_every / 2
-                    && tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Ping(Default::default()))).await.is_err()
+                    && !matches!(tokio::time::timeout(WRITE_TIMEOUT, sink.ping()).await, Ok(Ok(())))
                 {
                     return End::ClientGone;
                 }

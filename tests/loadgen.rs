@@ -55,7 +55,10 @@ fn fanout_runs_and_reports_what_it_measured() {
     assert_eq!(result["shapes"], 5);
     assert_eq!(result["slow_members"], 1);
     // Every snapshot carries the 5 shapes (each over 150 bytes).
-    assert!(result["bytes_per_snapshot"].as_f64().unwrap() > 750.0, "{result}");
+    assert!(
+        result["bytes_per_snapshot"].as_f64().unwrap() > 750.0,
+        "{result}"
+    );
     assert_eq!(result["final_state_stale_pairs"], 0, "{result}");
     let sent = result["messages_sent"].as_u64().unwrap();
     assert!(
@@ -152,6 +155,9 @@ fn the_ceiling_serves_the_fanout_scenario() {
     let _ = ceiling.kill();
     let _ = ceiling.wait();
     assert!(result["moves_seen"].as_u64().unwrap() > 0, "{result}");
-    assert!(result["bytes_per_snapshot"].as_f64().unwrap() > 750.0, "{result}");
+    assert!(
+        result["bytes_per_snapshot"].as_f64().unwrap() > 750.0,
+        "{result}"
+    );
     assert_eq!(result["final_state_stale_pairs"], 0, "{result}");
 }

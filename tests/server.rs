@@ -570,3 +570,40 @@ fn missing_jwt_secret_stops_start_up_with_one_clear_line() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("JWT_SECRET is required"), "{stderr}");
 }
+
+/// The server answers a client's ping with the same payload, and a client's close
+/// with a close frame echoing its code (RFC 6455 §5.5.1–5.5.3).
+#[tokio::test]
+async fn pings_are_answered_and_closes_echoed() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    let server = Server::start(&[]);
+    let mut alice = server.join("alice", "room-control").await;
+    alice
+        .send_raw(Message::Ping(b"are you there".to_vec().into()))
+        .await;
+    assert_eq!(alice.next_pong().await, b"are you there");
+    alice
+        .send_raw(Message::Close(Some(CloseFrame {
+            code: 4000.into(),
+            reason: "bye".into(),
+        })))
+        .await;
+    assert_eq!(alice.closed().await, Closed::Frame(4000, String::new()));
+}
+
+/// A snapshot over 64 KiB (the 8-byte length form of a frame header) arrives
+/// whole and parses.
+#[tokio::test]
+async fn snapshots_over_64_kib_arrive_whole() {
+    let server = Server::start(&[]);
+    let mut alice = server.join("alice", "room-big").await;
+    let text = "x".repeat(9_000);
+    for i in 0..8 {
+        alice
+            .send(json!({"type":"shape_create","shapeType":"text","x":i,"y":0,"width":10,"height":10,"text":text}))
+            .await;
+    }
+    let snap = alice.until(|s| shapes(s).len() == 8).await;
+    assert!(alice.last.as_ref().unwrap().len() > 65_536);
+    assert!(shapes(&snap).iter().all(|s| s["text"] == text.as_str()));
+}

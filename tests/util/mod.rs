@@ -332,15 +332,19 @@ impl Client {
         self.send_raw_result(Message::text(text)).await
     }
 
+    /// The next message of any kind. Panics on error or after [`PATIENCE`].
+    async fn next_message(&mut self) -> Message {
+        tokio::time::timeout(PATIENCE, self.ws.next())
+            .await
+            .expect("message in time")
+            .expect("connection open")
+            .expect("no websocket error")
+    }
+
     /// The next snapshot, as raw text. Panics on close or after [`PATIENCE`].
     pub async fn next_text(&mut self) -> String {
         loop {
-            let msg = tokio::time::timeout(PATIENCE, self.ws.next())
-                .await
-                .expect("snapshot in time")
-                .expect("connection open")
-                .expect("no websocket error");
-            match msg {
+            match self.next_message().await {
                 Message::Text(t) => {
                     self.last = Some(t.to_string());
                     return t.to_string();
@@ -384,6 +388,17 @@ impl Client {
                 .any(|c| c["userId"] == user && c["x"] == marker)
         })
         .await
+    }
+
+    /// Reads until a pong arrives (skipping snapshots); returns its payload.
+    pub async fn next_pong(&mut self) -> Vec<u8> {
+        loop {
+            match self.next_message().await {
+                Message::Pong(payload) => return payload.to_vec(),
+                Message::Close(frame) => panic!("unexpected close: {frame:?}"),
+                _ => continue,
+            }
+        }
     }
 
     /// Reads until the connection ends; returns how.

@@ -1,0 +1,193 @@
+//! A client's WebSocket after the upgrade, as two independent halves: frames are
+//! read and parsed by tungstenite; frames are written here, straight from the
+//! shared snapshot bytes.
+//!
+//! Why not tungstenite for writing too: it copies every outgoing frame into a
+//! per-connection buffer that grows to the largest frame ever sent and never
+//! shrinks (a room of 1,000 shapes sends ~220 KB snapshots, so every member
+//! would keep ~220 KB), and that copy is a memcpy of the whole snapshot per member
+//! per update. Here a frame is one `writev` of a 2–10 byte header and the shared
+//! `Bytes`: no copy in user space, nothing kept per connection.
+//!
+//! The read half gives tungstenite a socket whose writes go nowhere: the replies
+//! tungstenite would send by itself (pong, close echo) are sent by the session
+//! instead, through the write half.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+/// Frame opcodes (RFC 6455 §5.2).
+const OPCODE_TEXT: u8 = 0x1;
+const OPCODE_CLOSE: u8 = 0x8;
+const OPCODE_PING: u8 = 0x9;
+const OPCODE_PONG: u8 = 0xA;
+/// Control frame payloads are at most 125 bytes (RFC 6455 §5.5).
+const MAX_CONTROL_PAYLOAD: usize = 125;
+
+/// The client's frames, parsed by tungstenite.
+pub type ClientReader = WebSocketStream<ReadSide>;
+
+/// Splits an upgraded connection into its reader and writer.
+pub async fn accept(
+    upgraded: Upgraded,
+    config: WebSocketConfig,
+) -> io::Result<(ClientReader, ClientWriter)> {
+    // The server serves every connection as `TokioIo<TcpStream>`, so this
+    // downcast only fails if that changes.
+    let parts = upgraded
+        .downcast::<TokioIo<TcpStream>>()
+        .map_err(|_| io::Error::other("upgraded connection is not a TCP stream"))?;
+    let (read, write) = parts.io.into_inner().into_split();
+    let read_side = ReadSide {
+        early: parts.read_buf,
+        read,
+    };
+    let reader = WebSocketStream::from_raw_socket(read_side, Role::Server, Some(config)).await;
+    Ok((reader, ClientWriter { socket: write }))
+}
+
+/// The socket's read half, plus any bytes hyper read past the upgrade request.
+/// Writes are accepted and dropped (see the module comment).
+pub struct ReadSide {
+    early: Bytes,
+    read: OwnedReadHalf,
+}
+
+impl AsyncRead for ReadSide {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.early.is_empty() {
+            let n = self.early.len().min(buf.remaining());
+            buf.put_slice(&self.early[..n]);
+            self.early.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ReadSide {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Writes server frames (unmasked) to the client.
+pub struct ClientWriter {
+    socket: OwnedWriteHalf,
+}
+
+impl ClientWriter {
+    pub async fn text(&mut self, payload: &[u8]) -> io::Result<()> {
+        self.frame(OPCODE_TEXT, payload).await
+    }
+
+    pub async fn ping(&mut self) -> io::Result<()> {
+        self.frame(OPCODE_PING, &[]).await
+    }
+
+    /// Answers a client's ping with its payload.
+    pub async fn pong(&mut self, payload: &[u8]) -> io::Result<()> {
+        let payload = &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)];
+        self.frame(OPCODE_PONG, payload).await
+    }
+
+    /// A close frame with a code and a reason (cut to fit a control frame).
+    pub async fn close(&mut self, code: u16, reason: &str) -> io::Result<()> {
+        let mut payload = Vec::with_capacity(MAX_CONTROL_PAYLOAD);
+        payload.extend_from_slice(&code.to_be_bytes());
+        let mut cut = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        payload.extend_from_slice(&reason.as_bytes()[..cut]);
+        self.frame(OPCODE_CLOSE, &payload).await?;
+        self.socket.flush().await
+    }
+
+    /// One frame: header and payload in one `writev` when the socket takes it
+    /// all, which is the usual case.
+    async fn frame(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
+        let (header, header_len) = frame_header(opcode, payload.len());
+        let mut head = &header[..header_len];
+        let mut body = payload;
+        while !head.is_empty() || !body.is_empty() {
+            let written = self
+                .socket
+                .write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
+                .await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            let from_head = written.min(head.len());
+            head = &head[from_head..];
+            body = &body[written - from_head..];
+        }
+        Ok(())
+    }
+}
+
+/// A final, unmasked frame's header: (bytes, length used).
+fn frame_header(opcode: u8, len: usize) -> ([u8; 10], usize) {
+    let mut header = [0u8; 10];
+    header[0] = 0x80 | opcode; // FIN
+    let used = if len < 126 {
+        header[1] = len as u8;
+        2
+    } else if len <= usize::from(u16::MAX) {
+        header[1] = 126;
+        header[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        header[1] = 127;
+        header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    (header, used)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Headers for each of the three length encodings, as RFC 6455 §5.2 lays
+    /// them out.
+    #[test]
+    fn frame_headers_use_the_shortest_length_encoding() {
+        let (h, n) = frame_header(OPCODE_TEXT, 125);
+        assert_eq!(&h[..n], &[0x81, 125]);
+        let (h, n) = frame_header(OPCODE_TEXT, 126);
+        assert_eq!(&h[..n], &[0x81, 126, 0, 126]);
+        let (h, n) = frame_header(OPCODE_TEXT, 65_535);
+        assert_eq!(&h[..n], &[0x81, 126, 0xff, 0xff]);
+        let (h, n) = frame_header(OPCODE_TEXT, 65_536);
+        assert_eq!(&h[..n], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
+        let (h, n) = frame_header(OPCODE_CLOSE, 0);
+        assert_eq!(&h[..n], &[0x88, 0]);
+    }
+}
