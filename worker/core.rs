@@ -84,6 +84,30 @@ struct RoomSlot {
     pending_syncs: Vec<u64>,
     /// Wall time of the last successful save (for the room monitor).
     last_save_ms: Option<i64>,
+    /// When the room's last snapshot was sent (for coalescing).
+    last_snapshot_at: Option<Instant>,
+}
+
+/// Snapshot deliveries per second a busy room may cause (members × snapshots per
+/// second): a room of 100 gets a snapshot at most every 5 ms, and changes in
+/// between are folded into it. Sending each member every intermediate state would
+/// cost a `send` per member per change and could not be read faster anyway.
+const DELIVERIES_PER_ROOM_PER_SEC: u32 = 20_000;
+
+/// Below this spacing a room is not held back: the worker's timer is not finer,
+/// and rooms this small (up to 20 members) are cheap to fan out.
+const MIN_SNAPSHOT_SPACING: Duration = Duration::from_millis(1);
+
+impl RoomSlot {
+    /// When the next snapshot of this room may be sent, if it must wait.
+    fn snapshot_not_before(&self) -> Option<Instant> {
+        let members = self.room.member_count() as u32;
+        let spacing = Duration::from_secs(1) * members / DELIVERIES_PER_ROOM_PER_SEC;
+        if spacing < MIN_SNAPSHOT_SPACING {
+            return None;
+        }
+        self.last_snapshot_at.map(|last| last + spacing)
+    }
 }
 
 struct Drain {
@@ -231,6 +255,7 @@ impl WorkerCore {
             warned_no_board: false,
             pending_syncs: Vec::new(),
             last_save_ms: None,
+            last_snapshot_at: None,
         };
         slot.save.urgent = self.drain.is_some();
         start_load(self.store.as_ref(), &self.results, &mut slot);
@@ -267,6 +292,7 @@ impl WorkerCore {
             warned_no_board: false,
             pending_syncs: Vec::new(),
             last_save_ms: None,
+            last_snapshot_at: None,
         };
         if image.unsaved {
             slot.save.changed(now);
@@ -558,12 +584,16 @@ impl WorkerCore {
             };
             [admit, retry, save]
         });
+        let held_snapshots = self
+            .dirty
+            .iter()
+            .filter_map(|id| self.rooms.get(id)?.snapshot_not_before());
         let drain = self
             .drain
             .as_ref()
             .filter(|d| !d.answered)
             .map(|d| d.deadline);
-        rooms.chain([drain]).flatten().min()
+        rooms.chain([drain]).flatten().chain(held_snapshots).min()
     }
 
     /// Frame counts since the last call, and a summary of every room.
@@ -598,21 +628,30 @@ impl WorkerCore {
         })
     }
 
-    /// The replies since the last call, then one snapshot per changed room.
-    pub fn take_output(&mut self) -> Vec<FromWorker> {
+    /// The replies since the last call, then one snapshot per changed room
+    /// (a busy big room's snapshot may be held until its spacing has passed; see
+    /// [`DELIVERIES_PER_ROOM_PER_SEC`]).
+    pub fn take_output(&mut self, now: Instant) -> Vec<FromWorker> {
         let mut out = std::mem::take(&mut self.replies);
+        let mut held = Vec::new();
         for room_id in self.dirty.drain(..) {
-            let Some(slot) = self.rooms.get(&room_id) else {
+            let Some(slot) = self.rooms.get_mut(&room_id) else {
                 continue;
             };
             if matches!(slot.load, Load::Waiting { .. }) {
                 continue; // no snapshot before the stored shapes are in
             }
+            if slot.snapshot_not_before().is_some_and(|at| now < at) {
+                held.push(room_id);
+                continue;
+            }
+            slot.last_snapshot_at = Some(now);
             out.push(FromWorker::Snapshot {
                 json: slot.room.snapshot_json(),
                 room: room_id,
             });
         }
+        self.dirty.extend(held);
         out
     }
 }
@@ -804,7 +843,7 @@ mod tests {
         fn frame(&mut self, frame: ToWorker) {
             self.core.handle(frame, Instant::now());
             self.core.tick(Instant::now());
-            self.output.extend(self.core.take_output());
+            self.output.extend(self.core.take_output(Instant::now()));
         }
 
         fn event(&mut self, event: RoomEvent) {
@@ -851,7 +890,7 @@ mod tests {
                     _ = tokio::time::sleep_until(deadline) => {}
                 }
                 self.core.tick(Instant::now());
-                self.output.extend(self.core.take_output());
+                self.output.extend(self.core.take_output(Instant::now()));
                 if Instant::now() >= until {
                     return;
                 }
@@ -885,6 +924,49 @@ mod tests {
             .iter()
             .map(|s| s["x"].as_i64().unwrap())
             .collect()
+    }
+
+    /// A room of 40 members gets a snapshot at most every 2 ms (20,000 deliveries
+    /// per second): a change within that time is held, folded with the next one,
+    /// and sent when the spacing has passed; a small room is never held.
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_big_room_folds_changes_into_spaced_snapshots() {
+        let mut h = Harness::new(FakeStore::default());
+        let t0 = h.open_and_join().await;
+        for conn in 2..=40 {
+            h.event(RoomEvent::Join {
+                conn: ConnId(conn),
+                user_id: format!("u{conn}"),
+            });
+        }
+        h.run_until(t0 + Duration::from_millis(10)).await;
+        h.output.clear();
+        let t1 = Instant::now();
+        h.create(1); // sent at once: the last snapshot is older than 2 ms
+        h.create(2); // held
+        h.create(3); // folded into the held one
+        assert_eq!(h.snapshots().len(), 1);
+        assert_eq!(xs(&h.snapshots()[0]["shapes"]), vec![1]);
+        assert_eq!(h.core.next_deadline(), Some(t1 + Duration::from_millis(2)));
+        h.run_until(t1 + Duration::from_millis(2)).await;
+        let snaps = h.snapshots();
+        assert_eq!(snaps.len(), 2);
+        assert_eq!(xs(&snaps[1]["shapes"]), vec![1, 2, 3]);
+
+        // With 19 members (spacing under 1 ms, the timer's grain) nothing is held.
+        let mut small = Harness::new(FakeStore::default());
+        let t0 = small.open_and_join().await;
+        for conn in 2..=19 {
+            small.event(RoomEvent::Join {
+                conn: ConnId(conn),
+                user_id: format!("u{conn}"),
+            });
+        }
+        small.run_until(t0 + Duration::from_millis(10)).await;
+        small.output.clear();
+        small.create(1);
+        small.create(2);
+        assert_eq!(small.snapshots().len(), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -125,7 +125,7 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
             _ = stats.tick() => stats_due = true,
         }
         core.tick(Instant::now());
-        let mut output = core.take_output();
+        let mut output = core.take_output(Instant::now());
         if stats_due {
             output.extend(core.take_stats());
         }
