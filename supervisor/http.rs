@@ -18,20 +18,21 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{debug, info, warn};
 
-use super::registry::CONN_COMMANDS;
+use super::registry::ConnState;
 use super::{Shared, session, websocket};
 use crate::ipc::ConnId;
 
 /// Read buffer per WebSocket. tungstenite's default (128 KiB) is zero-filled on
 /// every read: a quarter of the supervisor's CPU at 10 rooms × 10 members, and the
-/// bulk of an idle connection's memory. Client messages are small (a message is
-/// assembled across reads, so this does not limit message size).
-const READ_BUFFER_BYTES: usize = 1024;
+/// bulk of an idle connection's memory. Client messages are small: a cursor move
+/// is about 60 bytes, a shape about 150. A larger message is assembled across
+/// reads (the buffer grows to its length), so this does not limit message size.
+const READ_BUFFER_BYTES: usize = 256;
 
 /// `Retry-After` on a 503 for lack of capacity: rooms free up as members leave.
 const RETRY_AFTER_SECS: &str = "5";
@@ -215,7 +216,7 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
     };
     let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
-    let (commands_tx, commands) = mpsc::channel(CONN_COMMANDS);
+    let (commands_tx, commands) = watch::channel(ConnState::Pending);
     let entry = match shared.registry.register(&identity.room, conn, commands_tx) {
         Ok(entry) => entry,
         Err(e) => {
@@ -230,10 +231,13 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     let key = req.headers().get(SEC_WEBSOCKET_KEY).expect("checked above");
     let accept = derive_accept_key(key.as_bytes());
 
+    // Taken now so the session's task holds the upgrade, not the whole request
+    // (the task's size is paid by every connection for its whole life).
+    let upgrade = hyper::upgrade::on(req);
     let task_shared = shared.clone();
     shared.sessions.spawn(async move {
         let shared = task_shared;
-        match hyper::upgrade::on(req).await {
+        match upgrade.await {
             Ok(upgraded) => {
                 let max = shared.config.limits.max_message_bytes;
                 let config = WebSocketConfig::default()

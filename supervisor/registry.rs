@@ -35,14 +35,23 @@ pub struct Published {
     pub version: u64,
 }
 
-/// What the supervisor tells a connection's session about its membership.
-#[derive(Debug)]
-pub enum ConnCommand {
+/// A connection's membership, as the supervisor tells its session. It only moves
+/// forward (pending → admitted → closed), so a `watch` carries it: a session
+/// that sees only the last state has missed nothing it needs. (A `watch` costs a
+/// few hundred bytes per connection; an `mpsc` channel allocates a 32-slot block.)
+#[derive(Debug, Clone, Default)]
+pub enum ConnState {
+    /// Waiting for the worker to admit the join.
+    #[default]
+    Pending,
     /// The worker admitted the join: from now on, send the room's snapshots.
     Admitted(watch::Receiver<SnapshotCell>),
     /// Close the connection with this code and reason.
-    Close { code: u16, reason: &'static str },
+    Closed { code: u16, reason: &'static str },
 }
+
+/// The registry's end of a connection's [`ConnState`].
+pub type ConnStateSender = watch::Sender<ConnState>;
 
 /// Journal length at which the worker is asked for a checkpoint (then again at
 /// every multiple), so a room with no shape changes (no saves) still has a short
@@ -54,10 +63,6 @@ const JOURNAL_MAX: usize = 50_000;
 /// A room blamed for this many worker crashes within [`POISON_WINDOW`] is closed.
 pub const POISON_CRASHES: usize = 3;
 pub const POISON_WINDOW: Duration = Duration::from_secs(60);
-
-/// Capacity of a connection's command channel: it receives at most an admission
-/// and a close or two in its life, so it is never full.
-pub const CONN_COMMANDS: usize = 4;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PlacementError {
@@ -98,7 +103,7 @@ pub struct RoomEntry {
 struct RoomState {
     /// Connections registered for the room (joined or about to), with their
     /// command channels.
-    conns: HashMap<ConnId, mpsc::Sender<ConnCommand>>,
+    conns: HashMap<ConnId, ConnStateSender>,
     /// Joins sent to the worker and not yet followed by a leave.
     joined: usize,
     /// An `OpenRoom` was sent and no `CloseRoom` since.
@@ -198,7 +203,7 @@ impl Registry {
         &self,
         room: &RoomId,
         conn: ConnId,
-        commands: mpsc::Sender<ConnCommand>,
+        commands: ConnStateSender,
     ) -> Result<Arc<RoomEntry>, PlacementError> {
         let mut inner = lock(&self.inner);
         if let Some(entry) = inner.rooms.get(room) {
@@ -330,14 +335,14 @@ impl Registry {
     /// IPC order, so the subscription precedes the snapshot that shows the join.
     pub fn admit(&self, room: &RoomId, conn: ConnId) {
         if let Some((entry, commands)) = self.conn_commands(room, conn) {
-            let _ = commands.try_send(ConnCommand::Admitted(entry.snapshots.subscribe()));
+            commands.send_replace(ConnState::Admitted(entry.snapshots.subscribe()));
         }
     }
 
     /// The worker refused `conn`: close it with 1008 and the reason.
     pub fn reject(&self, room: &RoomId, conn: ConnId, reason: JoinRejection) {
         if let Some((_, commands)) = self.conn_commands(room, conn) {
-            let _ = commands.try_send(ConnCommand::Close {
+            commands.send_replace(ConnState::Closed {
                 code: CLOSE_POLICY,
                 reason: reason.close_reason(),
             });
@@ -348,7 +353,7 @@ impl Registry {
         &self,
         room: &RoomId,
         conn: ConnId,
-    ) -> Option<(Arc<RoomEntry>, mpsc::Sender<ConnCommand>)> {
+    ) -> Option<(Arc<RoomEntry>, ConnStateSender)> {
         let entry = lock(&self.inner).rooms.get(room)?.clone();
         let commands = lock(&entry.state).conns.get(&conn)?.clone();
         Some((entry, commands))
@@ -580,7 +585,7 @@ fn close_room(
 ) {
     state.lost = true;
     for commands in state.conns.values() {
-        let _ = commands.try_send(ConnCommand::Close {
+        commands.send_replace(ConnState::Closed {
             code: CLOSE_INTERNAL_ERROR,
             reason,
         });
@@ -618,8 +623,8 @@ mod tests {
         RoomId(name.into())
     }
 
-    fn commands() -> (mpsc::Sender<ConnCommand>, mpsc::Receiver<ConnCommand>) {
-        mpsc::channel(CONN_COMMANDS)
+    fn commands() -> (ConnStateSender, watch::Receiver<ConnState>) {
+        watch::channel(ConnState::Pending)
     }
 
     #[test]
@@ -783,7 +788,7 @@ mod tests {
     async fn a_room_blamed_for_three_crashes_is_closed_alone() {
         let registry = Registry::new(1, 2, 2);
         let (tx, _rx) = mpsc::channel(64);
-        let (ctx, mut crx) = commands();
+        let (ctx, crx) = commands();
         let poison = registry.register(&room("p"), ConnId(1), ctx).unwrap();
         registry
             .join(&poison, &tx, ConnId(1), "u".into())
@@ -807,8 +812,8 @@ mod tests {
         assert_eq!(order, ["o", "p"]);
         assert!(registry.blame(&room("p")));
         assert!(matches!(
-            crx.try_recv(),
-            Ok(ConnCommand::Close { code: 1011, .. })
+            *crx.borrow(),
+            ConnState::Closed { code: 1011, .. }
         ));
         assert_eq!(registry.rooms_by_worker(), vec![vec![room("o")]]);
     }

@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug, info, info_span};
 
 use super::Shared;
 use super::auth::Identity;
 use super::ratelimit::{RateLimit, Verdict};
-use super::registry::{ConnCommand, RoomEntry, SnapshotCell};
+use super::registry::{ConnState, RoomEntry, SnapshotCell};
 use super::websocket::{ClientReader, ClientWriter};
 use crate::ipc::ConnId;
 use crate::protocol::{CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_POLICY, REASON_ROOM_FULL};
@@ -38,14 +38,16 @@ enum End {
     Close(u16, &'static str),
 }
 
-pub async fn run(
+/// Not an `async fn`: that would keep a second copy of the arguments in the
+/// future, which every connection pays for its whole life.
+pub fn run(
     shared: Arc<Shared>,
     (mut stream, mut sink): (ClientReader, ClientWriter),
     entry: Arc<RoomEntry>,
     conn: ConnId,
     identity: Identity,
-    commands: mpsc::Receiver<ConnCommand>,
-) {
+    commands: watch::Receiver<ConnState>,
+) -> impl Future<Output = ()> {
     let span = info_span!("session", room = %entry.id, user = %identity.user_id, %conn, worker = %entry.worker);
     async move {
         let started = Instant::now();
@@ -93,7 +95,6 @@ pub async fn run(
         );
     }
     .instrument(span)
-    .await
 }
 
 async fn serve(
@@ -102,7 +103,7 @@ async fn serve(
     conn: ConnId,
     sink: &mut ClientWriter,
     stream: &mut ClientReader,
-    mut commands: mpsc::Receiver<ConnCommand>,
+    mut commands: watch::Receiver<ConnState>,
 ) -> End {
     let queue = &shared.pool.slot(entry.worker).queue;
     let ping_every = shared.config.ping_interval;
@@ -124,11 +125,16 @@ async fn serve(
     loop {
         tokio::select! {
             _ = shared.close_sessions.cancelled() => return End::Close(CLOSE_GOING_AWAY, "Going Away"),
-            command = commands.recv() => match command {
-                Some(ConnCommand::Admitted(rx)) => snapshots = Some(rx),
-                Some(ConnCommand::Close { code, reason }) => return End::Close(code, reason),
-                None => return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable"),
-            },
+            changed = commands.changed() => {
+                if changed.is_err() {
+                    return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable");
+                }
+                match &*commands.borrow_and_update() {
+                    ConnState::Pending => {}
+                    ConnState::Admitted(rx) => snapshots = Some(rx.clone()),
+                    ConnState::Closed { code, reason } => return End::Close(*code, reason),
+                }
+            }
             changed = async { snapshots.as_mut().expect("guarded").changed().await }, if snapshots.is_some() => {
                 if changed.is_err() {
                     return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable");

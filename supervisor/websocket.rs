@@ -48,8 +48,11 @@ pub async fn accept(
         .downcast::<TokioIo<TcpStream>>()
         .map_err(|_| io::Error::other("upgraded connection is not a TCP stream"))?;
     let (read, write) = parts.io.into_inner().into_split();
+    // `read_buf` is a view into hyper's 8 KiB read buffer: keeping it would keep
+    // that buffer alive for the connection's life, so its bytes (usually none)
+    // are copied out.
     let read_side = ReadSide {
-        early: parts.read_buf,
+        early: Bytes::copy_from_slice(&parts.read_buf),
         read,
     };
     let reader = WebSocketStream::from_raw_socket(read_side, Role::Server, Some(config)).await;
@@ -73,6 +76,9 @@ impl AsyncRead for ReadSide {
             let n = self.early.len().min(buf.remaining());
             buf.put_slice(&self.early[..n]);
             self.early.advance(n);
+            if self.early.is_empty() {
+                self.early = Bytes::new(); // free the copy
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.read).poll_read(cx, buf)
