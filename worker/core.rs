@@ -881,6 +881,21 @@ mod tests {
             t0
         }
 
+        /// A loaded room with `members` members, its output so far cleared.
+        async fn with_members(members: u64) -> Harness {
+            let mut h = Harness::new(FakeStore::default());
+            let t0 = h.open_and_join().await;
+            for conn in 2..=members {
+                h.event(RoomEvent::Join {
+                    conn: ConnId(conn),
+                    user_id: format!("u{conn}"),
+                });
+            }
+            h.run_until(t0 + Duration::from_millis(10)).await;
+            h.output.clear();
+            h
+        }
+
         /// Runs the loop (store results, timers) until `until`.
         async fn run_until(&mut self, until: Instant) {
             loop {
@@ -931,16 +946,7 @@ mod tests {
     /// and sent when the spacing has passed; a small room is never held.
     #[tokio::test(start_paused = true)]
     async fn a_busy_big_room_folds_changes_into_spaced_snapshots() {
-        let mut h = Harness::new(FakeStore::default());
-        let t0 = h.open_and_join().await;
-        for conn in 2..=40 {
-            h.event(RoomEvent::Join {
-                conn: ConnId(conn),
-                user_id: format!("u{conn}"),
-            });
-        }
-        h.run_until(t0 + Duration::from_millis(10)).await;
-        h.output.clear();
+        let mut h = Harness::with_members(40).await;
         let t1 = Instant::now();
         h.create(1); // sent at once: the last snapshot is older than 2 ms
         h.create(2); // held
@@ -954,16 +960,7 @@ mod tests {
         assert_eq!(xs(&snaps[1]["shapes"]), vec![1, 2, 3]);
 
         // With 19 members (spacing under 1 ms, the timer's grain) nothing is held.
-        let mut small = Harness::new(FakeStore::default());
-        let t0 = small.open_and_join().await;
-        for conn in 2..=19 {
-            small.event(RoomEvent::Join {
-                conn: ConnId(conn),
-                user_id: format!("u{conn}"),
-            });
-        }
-        small.run_until(t0 + Duration::from_millis(10)).await;
-        small.output.clear();
+        let mut small = Harness::with_members(19).await;
         small.create(1);
         small.create(2);
         assert_eq!(small.snapshots().len(), 2);
