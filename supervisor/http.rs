@@ -216,8 +216,11 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
     };
     let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
-    let (commands_tx, commands) = watch::channel(ConnState::Pending);
-    let entry = match shared.registry.register(&identity.room, conn, commands_tx) {
+    let (conn_state_tx, conn_state) = watch::channel(ConnState::Pending);
+    let entry = match shared
+        .registry
+        .register(&identity.room, conn, conn_state_tx)
+    {
         Ok(entry) => entry,
         Err(e) => {
             shared.metrics.reject("no_capacity");
@@ -237,31 +240,24 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     let task_shared = shared.clone();
     shared.sessions.spawn(async move {
         let shared = task_shared;
-        match upgrade.await {
-            Ok(upgraded) => {
-                let max = shared.config.limits.max_message_bytes;
-                let config = WebSocketConfig::default()
-                    .max_message_size(Some(max))
-                    .max_frame_size(Some(max))
-                    .read_buffer_size(READ_BUFFER_BYTES);
-                match websocket::accept(upgraded, config).await {
-                    Ok(socket) => {
-                        session::run(shared, socket, entry, conn, identity, commands).await
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "cannot take over the upgraded connection");
-                        let queue = &shared.pool.slot(entry.worker).queue;
-                        shared.registry.leave(&entry, queue, conn, false).await;
-                    }
-                }
-                drop(permit);
-            }
+        let max = shared.config.limits.max_message_bytes;
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max))
+            .read_buffer_size(READ_BUFFER_BYTES);
+        let socket = match upgrade.await {
+            Ok(upgraded) => websocket::accept(upgraded, config).await,
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        match socket {
+            Ok(socket) => session::run(shared, socket, entry, conn, identity, conn_state).await,
             Err(e) => {
                 debug!(error = %e, "upgrade failed");
                 let queue = &shared.pool.slot(entry.worker).queue;
                 shared.registry.leave(&entry, queue, conn, false).await;
             }
         }
+        drop(permit);
     });
 
     let mut res = Response::new(Full::new(Bytes::new()));

@@ -39,10 +39,9 @@ pub struct Published {
 /// forward (pending → admitted → closed), so a `watch` carries it: a session
 /// that sees only the last state has missed nothing it needs. (A `watch` costs a
 /// few hundred bytes per connection; an `mpsc` channel allocates a 32-slot block.)
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub enum ConnState {
     /// Waiting for the worker to admit the join.
-    #[default]
     Pending,
     /// The worker admitted the join: from now on, send the room's snapshots.
     Admitted(watch::Receiver<SnapshotCell>),

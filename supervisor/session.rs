@@ -46,7 +46,7 @@ pub fn run(
     entry: Arc<RoomEntry>,
     conn: ConnId,
     identity: Identity,
-    commands: watch::Receiver<ConnState>,
+    conn_state: watch::Receiver<ConnState>,
 ) -> impl Future<Output = ()> {
     let span = info_span!("session", room = %entry.id, user = %identity.user_id, %conn, worker = %entry.worker);
     async move {
@@ -61,7 +61,7 @@ pub fn run(
             .await
             .is_ok();
         let end = if joined {
-            serve(&shared, &entry, conn, &mut sink, &mut stream, commands).await
+            serve(&shared, &entry, conn, &mut sink, &mut stream, conn_state).await
         } else {
             End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable")
         };
@@ -103,7 +103,7 @@ async fn serve(
     conn: ConnId,
     sink: &mut ClientWriter,
     stream: &mut ClientReader,
-    mut commands: watch::Receiver<ConnState>,
+    mut conn_state: watch::Receiver<ConnState>,
 ) -> End {
     let queue = &shared.pool.slot(entry.worker).queue;
     let ping_every = shared.config.ping_interval;
@@ -125,11 +125,11 @@ async fn serve(
     loop {
         tokio::select! {
             _ = shared.close_sessions.cancelled() => return End::Close(CLOSE_GOING_AWAY, "Going Away"),
-            changed = commands.changed() => {
+            changed = conn_state.changed() => {
                 if changed.is_err() {
                     return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable");
                 }
-                match &*commands.borrow_and_update() {
+                match &*conn_state.borrow_and_update() {
                     ConnState::Pending => {}
                     ConnState::Admitted(rx) => snapshots = Some(rx.clone()),
                     ConnState::Closed { code, reason } => return End::Close(*code, reason),
