@@ -869,6 +869,13 @@ mod tests {
         /// finish; returns the time it started.
         async fn open_and_join(&mut self) -> Instant {
             let t0 = Instant::now();
+            self.open_room_and_join();
+            self.run_until(t0 + Duration::from_millis(1)).await;
+            t0
+        }
+
+        /// Opens the room and joins user "a" on connection 1 (the load starts).
+        fn open_room_and_join(&mut self) {
             self.frame(ToWorker::OpenRoom {
                 room: room(),
                 id_seed: 1,
@@ -877,8 +884,6 @@ mod tests {
                 conn: ConnId(1),
                 user_id: "a".into(),
             });
-            self.run_until(t0 + Duration::from_millis(1)).await;
-            t0
         }
 
         /// A loaded room with `members` members, its output so far cleared.
@@ -978,14 +983,7 @@ mod tests {
             .stored
             .insert(room(), vec![stored.clone()]);
         let mut h = Harness::new(store);
-        h.frame(ToWorker::OpenRoom {
-            room: room(),
-            id_seed: 1,
-        });
-        h.event(RoomEvent::Join {
-            conn: ConnId(1),
-            user_id: "a".into(),
-        });
+        h.open_room_and_join();
         assert!(h.output.is_empty(), "nothing before the load");
         h.run_until(Instant::now() + Duration::from_millis(10))
             .await;
@@ -1064,14 +1062,7 @@ mod tests {
         }
         let mut h = Harness::new(store.clone());
         let t0 = Instant::now();
-        h.frame(ToWorker::OpenRoom {
-            room: room(),
-            id_seed: 1,
-        });
-        h.event(RoomEvent::Join {
-            conn: ConnId(1),
-            user_id: "a".into(),
-        });
+        h.open_room_and_join();
         h.run_until(t0 + Duration::from_millis(4900)).await;
         assert!(h.output.is_empty(), "still waiting");
         h.run_until(t0 + Duration::from_millis(5000)).await;
