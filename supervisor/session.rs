@@ -190,7 +190,7 @@ async fn serve(
                         debug!(len = bytes.len(), "binary frame ignored (the protocol is text)");
                     }
                     Some(Ok(Message::Ping(payload))) => {
-                        if tokio::time::timeout(WRITE_TIMEOUT, sink.pong(&payload)).await.is_err() {
+                        if !matches!(tokio::time::timeout(WRITE_TIMEOUT, sink.pong(&payload)).await, Ok(Ok(()))) {
                             return End::ClientGone;
                         }
                     }

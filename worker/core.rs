@@ -99,6 +99,26 @@ const DELIVERIES_PER_ROOM_PER_SEC: u32 = 20_000;
 const MIN_SNAPSHOT_SPACING: Duration = Duration::from_millis(1);
 
 impl RoomSlot {
+    /// A room with nothing loaded, saved or sent yet.
+    fn new(room: Room, instance: u64, load: Load, board: Option<BoardId>) -> RoomSlot {
+        RoomSlot {
+            room,
+            instance,
+            load,
+            load_in_flight: false,
+            load_retry_at: None,
+            load_retry: LoadRetry::default(),
+            load_failures: 0,
+            board,
+            save: SaveState::default(),
+            closing: false,
+            warned_no_board: false,
+            pending_syncs: Vec::new(),
+            last_save_ms: None,
+            last_snapshot_at: None,
+        }
+    }
+
     /// When the next snapshot of this room may be sent, if it must wait.
     fn snapshot_not_before(&self) -> Option<Instant> {
         let members = self.room.member_count() as u32;
@@ -238,25 +258,16 @@ impl WorkerCore {
         }
         info!(%room, "room opened");
         self.next_instance += 1;
-        let mut slot = RoomSlot {
-            room: Room::new(room.clone(), id_seed),
-            instance: self.next_instance,
-            load: Load::Waiting {
-                admit_at: now + self.load_wait,
-                held: VecDeque::new(),
-            },
-            load_in_flight: false,
-            load_retry_at: None,
-            load_retry: LoadRetry::default(),
-            load_failures: 0,
-            board: None,
-            save: SaveState::default(),
-            closing: false,
-            warned_no_board: false,
-            pending_syncs: Vec::new(),
-            last_save_ms: None,
-            last_snapshot_at: None,
+        let load = Load::Waiting {
+            admit_at: now + self.load_wait,
+            held: VecDeque::new(),
         };
+        let mut slot = RoomSlot::new(
+            Room::new(room.clone(), id_seed),
+            self.next_instance,
+            load,
+            None,
+        );
         slot.save.urgent = self.drain.is_some();
         start_load(self.store.as_ref(), &self.results, &mut slot);
         self.rooms.insert(room, slot);
@@ -278,22 +289,12 @@ impl WorkerCore {
             return;
         };
         self.next_instance += 1;
-        let mut slot = RoomSlot {
-            room: Room::from_image(room.clone(), image.room),
-            instance: self.next_instance,
-            load: Load::Done,
-            load_in_flight: false,
-            load_retry_at: None,
-            load_retry: LoadRetry::default(),
-            load_failures: 0,
-            board: image.board.map(BoardId),
-            save: SaveState::default(),
-            closing: false,
-            warned_no_board: false,
-            pending_syncs: Vec::new(),
-            last_save_ms: None,
-            last_snapshot_at: None,
-        };
+        let mut slot = RoomSlot::new(
+            Room::from_image(room.clone(), image.room),
+            self.next_instance,
+            Load::Done,
+            image.board.map(BoardId),
+        );
         if image.unsaved {
             slot.save.changed(now);
         }
