@@ -58,16 +58,20 @@ pub struct ServeArgs {
     /// Largest client message; larger closes the connection with 1009.
     #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
-    /// Client messages per second per connection (token bucket rate); excess
-    /// messages are dropped and counted.
-    #[arg(long, env = "RATE_LIMIT_PER_SEC", default_value_t = 60)]
+    /// Client messages per second per connection (token bucket rate). Over it a
+    /// client is slowed down, never dropped: its socket is not read until the
+    /// budget allows its next message, and its unsent cursor moves are folded into
+    /// the newest. The real client peaks at ~260/s (a 240 Hz mouse while dragging).
+    #[arg(long, env = "RATE_LIMIT_PER_SEC", default_value_t = 500)]
     pub rate_limit_per_sec: u32,
-    /// Token bucket size: how many messages a client may send in a burst.
-    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 120)]
+    /// Token bucket size: how many messages a client may send at once (a paste of
+    /// this many shapes goes through without waiting).
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 1000)]
     pub rate_limit_burst: u32,
-    /// A client whose messages are dropped in this many consecutive seconds is
-    /// closed with 1008 "Rate limit".
-    #[arg(long, env = "RATE_LIMIT_CLOSE_AFTER_SECS", default_value_t = 5)]
+    /// A client that, in this many consecutive seconds, sent more than half its
+    /// per-second budget over the budget (1.5× the rate) is closed with 1008
+    /// "Rate limit". 0: never.
+    #[arg(long, env = "RATE_LIMIT_CLOSE_AFTER_SECS", default_value_t = 10)]
     pub rate_limit_close_after_secs: u32,
     /// Development mode: a generated secret when none is given, a whiteboard page
     /// at `/`, a token endpoint for it, and the room monitor without a token.
@@ -92,6 +96,12 @@ pub struct ServeArgs {
     /// intervals is dropped.
     #[arg(long, env = "PING_INTERVAL_MS", default_value_t = 30_000)]
     pub ping_interval_ms: u64,
+    /// When a user connects to a room their earlier connection is still in, that
+    /// one is pinged; silent for this long, it is replaced by the new one
+    /// (a dropped network leaves such ghosts). If it answers, the new one is
+    /// refused with 1008 "Duplicate user".
+    #[arg(long, env = "TAKEOVER_WAIT_MS", default_value_t = 2_000)]
+    pub takeover_wait_ms: u64,
     /// Board persistence service (PROTOCOL.md §5). Unset: the embedded store.
     #[arg(long, env = "BACKEND_URL")]
     pub backend_url: Option<String>,
@@ -142,6 +152,9 @@ pub struct Config {
     pub max_rooms: usize,
     /// Where this process runs, when Hathora runs it (for logs and metrics).
     pub hathora: HathoraInfo,
+    /// How long a user's earlier connection may stay silent to a ping before a
+    /// new connection of the user replaces it.
+    pub takeover_wait: Duration,
     pub jwt_secret: String,
     pub require_host_claim: bool,
     pub ping_interval: Duration,
@@ -359,6 +372,7 @@ impl ServeArgs {
             rooms_per_worker,
             max_rooms,
             hathora: HathoraInfo::from_env(),
+            takeover_wait: Duration::from_millis(self.takeover_wait_ms),
             jwt_secret,
             require_host_claim: self.require_host_claim,
             ping_interval: Duration::from_millis(self.ping_interval_ms),

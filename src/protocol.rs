@@ -15,9 +15,14 @@ pub const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// WebSocket close code "internal error", sent when a room is lost.
 pub const CLOSE_INTERNAL_ERROR: u16 = 1011;
+/// Close code (application range) for a connection that stopped answering and
+/// was replaced by a newer connection of the same user.
+pub const CLOSE_REPLACED: u16 = 4000;
 
 pub const REASON_ROOM_FULL: &str = "Room is full";
 pub const REASON_DUPLICATE_USER: &str = "Duplicate user";
+pub const REASON_RATE_LIMIT: &str = "Rate limit";
+pub const REASON_REPLACED: &str = "Replaced by a new connection";
 
 /// Longest `text` of a shape, in bytes.
 pub const MAX_TEXT_BYTES: usize = 10_000;

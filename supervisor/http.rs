@@ -216,11 +216,13 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
     };
     let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
-    let (conn_state_tx, conn_state) = watch::channel(ConnState::Pending);
-    let entry = match shared
-        .registry
-        .register(&identity.room, conn, conn_state_tx)
-    {
+    let (conn_state_tx, conn_state) = watch::channel(ConnState::pending());
+    let entry = match shared.registry.register(
+        &identity.room,
+        conn,
+        identity.user_id.clone(),
+        conn_state_tx,
+    ) {
         Ok(entry) => entry,
         Err(e) => {
             shared.metrics.reject("no_capacity");
@@ -254,7 +256,7 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
             Err(e) => {
                 debug!(error = %e, "upgrade failed");
                 let queue = &shared.pool.slot(entry.worker).queue;
-                shared.registry.leave(&entry, queue, conn, false).await;
+                shared.registry.leave(&entry, queue, conn).await;
             }
         }
         drop(permit);

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub connections_rejected: Family<Reason, Counter>,
     pub auth_failures: Family<Reason, Counter>,
     pub frames_rate_limited: Counter,
+    pub cursor_moves_folded: Counter,
+    pub connections_replaced: Counter,
     pub binary_frames: Counter,
     pub rooms: Gauge,
     pub rooms_by_worker: Family<Worker, Gauge>,
@@ -75,6 +77,8 @@ impl Metrics {
             connections_rejected: Family::default(),
             auth_failures: Family::default(),
             frames_rate_limited: Counter::default(),
+            cursor_moves_folded: Counter::default(),
+            connections_replaced: Counter::default(),
             binary_frames: Counter::default(),
             rooms: Gauge::default(),
             rooms_by_worker: Family::default(),
@@ -116,8 +120,18 @@ impl Metrics {
         );
         registry.register(
             "frames_rate_limited",
-            "Client frames dropped by the per-connection rate limit",
+            "Client frames that found their connection's message budget empty (delayed, or folded if a cursor move)",
             m.frames_rate_limited.clone(),
+        );
+        registry.register(
+            "cursor_moves_folded",
+            "Cursor moves over the message budget replaced by a newer one before being sent",
+            m.cursor_moves_folded.clone(),
+        );
+        registry.register(
+            "connections_replaced",
+            "Connections that did not answer a ping when their user connected again, replaced by the new connection",
+            m.connections_replaced.clone(),
         );
         registry.register(
             "binary_frames",

@@ -13,12 +13,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::ipc::{
     ConnId, JoinRejection, RoomEvent, RoomId, RoomSummary, Stamped, ToWorker, WorkerId,
 };
-use crate::protocol::{CLOSE_INTERNAL_ERROR, CLOSE_POLICY, unix_time_ms};
+use crate::protocol::{
+    CLOSE_INTERNAL_ERROR, CLOSE_POLICY, CLOSE_REPLACED, REASON_REPLACED, unix_time_ms,
+};
 
 /// The newest snapshot of a room, shared by all its members (one encoding, one
 /// allocation; each member clones a reference).
@@ -35,12 +37,31 @@ pub struct Published {
     pub version: u64,
 }
 
-/// A connection's membership, as the supervisor tells its session. It only moves
-/// forward (pending → admitted → closed), so a `watch` carries it: a session
-/// that sees only the last state has missed nothing it needs. (A `watch` costs a
-/// few hundred bytes per connection; an `mpsc` channel allocates a 32-slot block.)
+/// What the supervisor tells a connection's session: its membership, which only
+/// moves forward (pending → admitted → closed), and how many times a newer
+/// connection of the same user asked whether this one is still alive. A `watch`
+/// carries it: a session that sees only the last value has missed nothing it
+/// needs. (A `watch` costs a few hundred bytes per connection; an `mpsc` channel
+/// allocates a 32-slot block.)
 #[derive(Debug, Clone)]
-pub enum ConnState {
+pub struct ConnState {
+    pub membership: Membership,
+    /// Bumped to ask the session to ping its client at once; the session answers
+    /// with [`Registry::alive`] when its client is next heard from.
+    pub probes: u32,
+}
+
+impl ConnState {
+    pub fn pending() -> ConnState {
+        ConnState {
+            membership: Membership::Pending,
+            probes: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Membership {
     /// Waiting for the worker to admit the join.
     Pending,
     /// The worker admitted the join: from now on, send the room's snapshots.
@@ -98,11 +119,43 @@ pub struct RoomEntry {
     state: Mutex<RoomState>,
 }
 
+/// A connection registered for a room (joined or about to).
+struct Member {
+    /// The connection's session is told its state through this.
+    state: ConnStateSender,
+    /// From the token.
+    user_id: String,
+    /// A join was stamped for it and no leave since.
+    joined: bool,
+    /// Set while a newer connection of the same user waits to learn whether this
+    /// one is alive: completed when its client is heard from, dropped when it
+    /// leaves.
+    probe: Option<oneshot::Sender<()>>,
+}
+
+impl Member {
+    fn close(&self, code: u16, reason: &'static str) {
+        self.state
+            .send_modify(|s| s.membership = Membership::Closed { code, reason });
+    }
+}
+
+/// What a connection joining a room finds of its user.
+pub enum Holder {
+    /// The user is not in the room (or is already being asked about).
+    None,
+    /// Another connection holds the user's place: the receiver completes if it is
+    /// alive and fails if it leaves.
+    Probed {
+        conn: ConnId,
+        answer: oneshot::Receiver<()>,
+    },
+}
+
 #[derive(Default)]
 struct RoomState {
-    /// Connections registered for the room (joined or about to), with their
-    /// command channels.
-    conns: HashMap<ConnId, ConnStateSender>,
+    /// Connections registered for the room (joined or about to).
+    conns: HashMap<ConnId, Member>,
     /// Joins sent to the worker and not yet followed by a leave.
     joined: usize,
     /// An `OpenRoom` was sent and no `CloseRoom` since.
@@ -202,11 +255,18 @@ impl Registry {
         &self,
         room: &RoomId,
         conn: ConnId,
-        commands: ConnStateSender,
+        user_id: String,
+        state: ConnStateSender,
     ) -> Result<Arc<RoomEntry>, PlacementError> {
+        let member = Member {
+            state,
+            user_id,
+            joined: false,
+            probe: None,
+        };
         let mut inner = lock(&self.inner);
         if let Some(entry) = inner.rooms.get(room) {
-            lock(&entry.state).conns.insert(conn, commands);
+            lock(&entry.state).conns.insert(conn, member);
             return Ok(entry.clone());
         }
         if inner.rooms.len() >= self.max_rooms {
@@ -223,24 +283,75 @@ impl Registry {
             snapshots: watch::Sender::new(None),
             state: Mutex::new(RoomState::default()),
         });
-        lock(&entry.state).conns.insert(conn, commands);
+        lock(&entry.state).conns.insert(conn, member);
         inner.rooms.insert(room.clone(), entry.clone());
         Ok(entry)
     }
 
+    /// Whether another joined connection holds `conn`'s user in the room; if so,
+    /// asks that connection's session to ping its client at once.
+    pub fn probe_holder(&self, entry: &RoomEntry, conn: ConnId) -> Holder {
+        let mut state = lock(&entry.state);
+        let Some(user_id) = state.conns.get(&conn).map(|m| m.user_id.clone()) else {
+            return Holder::None;
+        };
+        let holder = state
+            .conns
+            .iter_mut()
+            .find(|(c, m)| **c != conn && m.joined && m.user_id == user_id);
+        match holder {
+            Some((&holder, member)) if member.probe.is_none() => {
+                let (tx, answer) = oneshot::channel();
+                member.probe = Some(tx);
+                member
+                    .state
+                    .send_modify(|s| s.probes = s.probes.wrapping_add(1));
+                Holder::Probed {
+                    conn: holder,
+                    answer,
+                }
+            }
+            _ => Holder::None,
+        }
+    }
+
+    /// The session's client was heard from: answers a probe, if one waits.
+    pub fn alive(&self, entry: &RoomEntry, conn: ConnId) {
+        let mut state = lock(&entry.state);
+        if let Some(probe) = state.conns.get_mut(&conn).and_then(|m| m.probe.take()) {
+            let _ = probe.send(());
+        }
+    }
+
     /// Sends the connection's join to the room's worker, opening the room there
-    /// first if it is not open.
+    /// first if it is not open. With `replace`, that connection (the same user's,
+    /// found silent) leaves the room first and is closed with
+    /// [`CLOSE_REPLACED`]: the room lists the user once.
     pub async fn join(
         &self,
         entry: &RoomEntry,
         worker: &mpsc::Sender<ToWorker>,
         conn: ConnId,
-        user_id: String,
+        replace: Option<ConnId>,
     ) -> Result<(), RoomLost> {
-        let mut permits = worker.reserve_many(2).await.map_err(|_| RoomLost)?;
+        let mut permits = worker.reserve_many(3).await.map_err(|_| RoomLost)?;
         let mut state = lock(&entry.state);
         if state.lost {
             return Err(RoomLost);
+        }
+        let Some(user_id) = state.conns.get(&conn).map(|m| m.user_id.clone()) else {
+            return Err(RoomLost);
+        };
+        if let Some(old) = replace
+            && let Some(member) = state.conns.get_mut(&old).filter(|m| m.joined)
+        {
+            member.joined = false;
+            member.close(CLOSE_REPLACED, REASON_REPLACED);
+            state.joined -= 1;
+            let leave = state.stamp(&entry.id, RoomEvent::Leave { conn: old });
+            if !state.restoring {
+                permits.next().expect("reserved").send(leave);
+            }
         }
         if !state.open {
             state.open = true;
@@ -259,6 +370,9 @@ impl Registry {
         }
         let join = state.stamp(&entry.id, RoomEvent::Join { conn, user_id });
         state.joined += 1;
+        if let Some(member) = state.conns.get_mut(&conn) {
+            member.joined = true;
+        }
         if !state.restoring {
             permits.next().expect("reserved").send(join);
         }
@@ -279,6 +393,10 @@ impl Registry {
         if state.lost {
             return Err(RoomLost);
         }
+        if !state.conns.get(&conn).is_some_and(|m| m.joined) {
+            // Replaced by a newer connection of its user; its session is closing.
+            return Ok(());
+        }
         let frame = state.stamp(&entry.id, RoomEvent::Message { conn, text });
         if !state.restoring {
             permit.send(frame);
@@ -292,23 +410,18 @@ impl Registry {
         Ok(())
     }
 
-    /// Removes a connection from its room. If it had joined, the worker is told,
+    /// Removes a connection from its room. If it is joined, the worker is told,
     /// and the last leave closes the room on the worker.
     pub async fn leave(
         &self,
         entry: &Arc<RoomEntry>,
         worker: &mpsc::Sender<ToWorker>,
         conn: ConnId,
-        joined: bool,
     ) {
-        let permits = if joined {
-            worker.reserve_many(2).await.ok()
-        } else {
-            None
-        };
+        let permits = worker.reserve_many(2).await.ok();
         let mut inner = lock(&self.inner);
         let mut state = lock(&entry.state);
-        state.conns.remove(&conn);
+        let joined = state.conns.remove(&conn).is_some_and(|m| m.joined);
         if let (true, false, Some(mut permits)) = (joined, state.lost, permits) {
             let leave = state.stamp(&entry.id, RoomEvent::Leave { conn });
             if !state.restoring {
@@ -333,29 +446,28 @@ impl Registry {
     /// The worker admitted `conn`: subscribe it to the room's snapshots. Called in
     /// IPC order, so the subscription precedes the snapshot that shows the join.
     pub fn admit(&self, room: &RoomId, conn: ConnId) {
-        if let Some((entry, commands)) = self.conn_commands(room, conn) {
-            commands.send_replace(ConnState::Admitted(entry.snapshots.subscribe()));
-        }
+        self.tell(room, conn, |entry| {
+            Membership::Admitted(entry.snapshots.subscribe())
+        });
     }
 
     /// The worker refused `conn`: close it with 1008 and the reason.
     pub fn reject(&self, room: &RoomId, conn: ConnId, reason: JoinRejection) {
-        if let Some((_, commands)) = self.conn_commands(room, conn) {
-            commands.send_replace(ConnState::Closed {
-                code: CLOSE_POLICY,
-                reason: reason.close_reason(),
-            });
-        }
+        self.tell(room, conn, |_| Membership::Closed {
+            code: CLOSE_POLICY,
+            reason: reason.close_reason(),
+        });
     }
 
-    fn conn_commands(
-        &self,
-        room: &RoomId,
-        conn: ConnId,
-    ) -> Option<(Arc<RoomEntry>, ConnStateSender)> {
-        let entry = lock(&self.inner).rooms.get(room)?.clone();
-        let commands = lock(&entry.state).conns.get(&conn)?.clone();
-        Some((entry, commands))
+    fn tell(&self, room: &RoomId, conn: ConnId, membership: impl FnOnce(&RoomEntry) -> Membership) {
+        let Some(entry) = lock(&self.inner).rooms.get(room).cloned() else {
+            return;
+        };
+        let state = lock(&entry.state);
+        if let Some(member) = state.conns.get(&conn) {
+            let membership = membership(&entry);
+            member.state.send_modify(|s| s.membership = membership);
+        }
     }
 
     /// Publishes the room's newest snapshot to its members.
@@ -583,11 +695,8 @@ fn close_room(
     reason: &'static str,
 ) {
     state.lost = true;
-    for commands in state.conns.values() {
-        commands.send_replace(ConnState::Closed {
-            code: CLOSE_INTERNAL_ERROR,
-            reason,
-        });
+    for member in state.conns.values() {
+        member.close(CLOSE_INTERNAL_ERROR, reason);
     }
     forget(inner, entry);
 }
@@ -623,7 +732,7 @@ mod tests {
     }
 
     fn commands() -> (ConnStateSender, watch::Receiver<ConnState>) {
-        watch::channel(ConnState::Pending)
+        watch::channel(ConnState::pending())
     }
 
     #[test]
@@ -634,7 +743,7 @@ mod tests {
             .enumerate()
             .map(|(i, r)| {
                 registry
-                    .register(&room(r), ConnId(i as u64), commands().0)
+                    .register(&room(r), ConnId(i as u64), "u".into(), commands().0)
                     .unwrap()
                     .worker
             })
@@ -646,14 +755,14 @@ mod tests {
         // An existing room still takes connections; a new one does not fit.
         assert_eq!(
             registry
-                .register(&room("a"), ConnId(9), commands().0)
+                .register(&room("a"), ConnId(9), "u".into(), commands().0)
                 .unwrap()
                 .worker,
             WorkerId(0)
         );
         assert_eq!(
             registry
-                .register(&room("e"), ConnId(10), commands().0)
+                .register(&room("e"), ConnId(10), "u".into(), commands().0)
                 .err(),
             Some(PlacementError::AllWorkersFull(2))
         );
@@ -664,11 +773,13 @@ mod tests {
         let registry = Registry::new(2, 5, 3);
         for (i, r) in ["a", "b", "c"].iter().enumerate() {
             registry
-                .register(&room(r), ConnId(i as u64), commands().0)
+                .register(&room(r), ConnId(i as u64), "u".into(), commands().0)
                 .unwrap();
         }
         assert_eq!(
-            registry.register(&room("d"), ConnId(9), commands().0).err(),
+            registry
+                .register(&room("d"), ConnId(9), "u".into(), commands().0)
+                .err(),
             Some(PlacementError::AtCapacity(3))
         );
     }
@@ -678,17 +789,14 @@ mod tests {
         let registry = Registry::new(1, 1, 100);
         let (tx, mut rx) = mpsc::channel(16);
         let entry = registry
-            .register(&room("a"), ConnId(1), commands().0)
+            .register(&room("a"), ConnId(1), "u".into(), commands().0)
             .unwrap();
-        registry
-            .join(&entry, &tx, ConnId(1), "u".into())
-            .await
-            .unwrap();
+        registry.join(&entry, &tx, ConnId(1), None).await.unwrap();
         registry
             .forward(&entry, &tx, ConnId(1), "hi".into())
             .await
             .unwrap();
-        registry.leave(&entry, &tx, ConnId(1), true).await;
+        registry.leave(&entry, &tx, ConnId(1)).await;
 
         let mut frames = Vec::new();
         while let Ok(f) = rx.try_recv() {
@@ -708,13 +816,15 @@ mod tests {
 
         // Until the worker confirms, the room still counts against its worker.
         assert_eq!(
-            registry.register(&room("b"), ConnId(2), commands().0).err(),
+            registry
+                .register(&room("b"), ConnId(2), "u".into(), commands().0)
+                .err(),
             Some(PlacementError::AllWorkersFull(1))
         );
         registry.close_resolved(&room("a"), WorkerId(0));
         assert!(
             registry
-                .register(&room("b"), ConnId(3), commands().0)
+                .register(&room("b"), ConnId(3), "u".into(), commands().0)
                 .is_ok()
         );
     }
@@ -734,12 +844,9 @@ mod tests {
         let registry = Registry::new(1, 1, 1);
         let (tx, mut rx) = mpsc::channel(64);
         let entry = registry
-            .register(&room("a"), ConnId(1), commands().0)
+            .register(&room("a"), ConnId(1), "u".into(), commands().0)
             .unwrap();
-        registry
-            .join(&entry, &tx, ConnId(1), "u".into())
-            .await
-            .unwrap(); // seq 1
+        registry.join(&entry, &tx, ConnId(1), None).await.unwrap(); // seq 1
         for text in ["m2", "m3", "m4"] {
             registry
                 .forward(&entry, &tx, ConnId(1), text.into())
@@ -788,18 +895,14 @@ mod tests {
         let registry = Registry::new(1, 2, 2);
         let (tx, _rx) = mpsc::channel(64);
         let (ctx, crx) = commands();
-        let poison = registry.register(&room("p"), ConnId(1), ctx).unwrap();
-        registry
-            .join(&poison, &tx, ConnId(1), "u".into())
-            .await
+        let poison = registry
+            .register(&room("p"), ConnId(1), "u".into(), ctx)
             .unwrap();
+        registry.join(&poison, &tx, ConnId(1), None).await.unwrap();
         let other = registry
-            .register(&room("o"), ConnId(2), commands().0)
+            .register(&room("o"), ConnId(2), "u".into(), commands().0)
             .unwrap();
-        registry
-            .join(&other, &tx, ConnId(2), "v".into())
-            .await
-            .unwrap();
+        registry.join(&other, &tx, ConnId(2), None).await.unwrap();
         assert!(!registry.blame(&room("p")));
         assert!(!registry.blame(&room("p")));
         // Blamed rooms are restored after the others.
@@ -811,9 +914,66 @@ mod tests {
         assert_eq!(order, ["o", "p"]);
         assert!(registry.blame(&room("p")));
         assert!(matches!(
-            *crx.borrow(),
-            ConnState::Closed { code: 1011, .. }
+            crx.borrow().membership,
+            Membership::Closed { code: 1011, .. }
         ));
         assert_eq!(registry.rooms_by_worker(), vec![vec![room("o")]]);
+    }
+
+    #[tokio::test]
+    async fn a_silent_holder_of_the_user_is_replaced_in_one_step() {
+        let registry = Registry::new(1, 1, 1);
+        let (tx, mut rx) = mpsc::channel(16);
+        let (old_tx, old_rx) = commands();
+        let entry = registry
+            .register(&room("a"), ConnId(1), "u".into(), old_tx)
+            .unwrap();
+        registry.join(&entry, &tx, ConnId(1), None).await.unwrap();
+        let (new_tx, _new_rx) = commands();
+        registry
+            .register(&room("a"), ConnId(2), "u".into(), new_tx)
+            .unwrap();
+        let Holder::Probed { conn, answer } = registry.probe_holder(&entry, ConnId(2)) else {
+            panic!("the first connection holds the user");
+        };
+        assert_eq!(conn, ConnId(1));
+        assert_eq!(old_rx.borrow().probes, 1);
+        drop(answer);
+        registry
+            .join(&entry, &tx, ConnId(2), Some(ConnId(1)))
+            .await
+            .unwrap();
+        assert!(matches!(
+            old_rx.borrow().membership,
+            Membership::Closed { code: 4000, .. }
+        ));
+        let mut frames = Vec::new();
+        while let Ok(f) = rx.try_recv() {
+            frames.push(f);
+        }
+        let events: Vec<RoomEvent> = frames
+            .into_iter()
+            .filter_map(|f| match f {
+                ToWorker::Event(s) => Some(s.event),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            events,
+            [
+                RoomEvent::Join {
+                    conn: ConnId(1),
+                    user_id: "u".into()
+                },
+                RoomEvent::Leave { conn: ConnId(1) },
+                RoomEvent::Join {
+                    conn: ConnId(2),
+                    user_id: "u".into()
+                },
+            ]
+        );
+        // The replaced connection's own leave later changes nothing.
+        registry.leave(&entry, &tx, ConnId(1)).await;
+        assert!(rx.try_recv().is_err());
     }
 }

@@ -4,6 +4,10 @@
 //!
 //! Reading and writing run in one task under one `select!`, so their fates are
 //! tied: whichever ends, the session ends.
+//!
+//! A client over its message budget is slowed down, not dropped (see
+//! `ratelimit`); a user whose earlier connection vanished without a close takes
+//! its place once it fails to answer a ping (`take_over`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,11 +19,14 @@ use tracing::{Instrument, debug, info, info_span};
 
 use super::Shared;
 use super::auth::Identity;
-use super::ratelimit::{RateLimit, Verdict};
-use super::registry::{ConnState, RoomEntry, SnapshotCell};
+use super::ratelimit::{Backlog, Budget, Held};
+use super::registry::{ConnState, Holder, Membership, RoomEntry, SnapshotCell};
 use super::websocket::{ClientReader, ClientWriter};
-use crate::ipc::ConnId;
-use crate::protocol::{CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_POLICY, REASON_ROOM_FULL};
+use crate::ipc::{ConnId, ToWorker};
+use crate::protocol::{
+    CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_POLICY, REASON_DUPLICATE_USER, REASON_RATE_LIMIT,
+    REASON_ROOM_FULL,
+};
 
 /// A send that cannot complete in this time means the client is not reading at
 /// all; it is dropped. (A slow client only ever gets the newest snapshot, so it
@@ -55,9 +62,10 @@ pub fn run(
         shared.metrics.connections.inc();
         debug!("session opened");
         let queue = &shared.pool.slot(entry.worker).queue;
+        let replace = take_over(&shared, &entry, conn).await;
         let joined = shared
             .registry
-            .join(&entry, queue, conn, identity.user_id)
+            .join(&entry, queue, conn, replace)
             .await
             .is_ok();
         let end = if joined {
@@ -74,17 +82,16 @@ pub fn run(
             })
             .await;
         }
-        shared.registry.leave(&entry, queue, conn, joined).await;
+        shared.registry.leave(&entry, queue, conn).await;
         shared.metrics.connections.dec();
         let how = match end {
             End::ClientGone => "client gone".to_owned(),
             End::Close(code, reason) => {
-                if code == CLOSE_POLICY {
-                    shared.metrics.reject(if reason == REASON_ROOM_FULL {
-                        "room_full"
-                    } else {
-                        "duplicate_user"
-                    });
+                match reason {
+                    REASON_ROOM_FULL => shared.metrics.reject("room_full"),
+                    REASON_DUPLICATE_USER => shared.metrics.reject("duplicate_user"),
+                    REASON_RATE_LIMIT => shared.metrics.reject("rate_limit"),
+                    _ => {}
                 }
                 format!("closed {code} {reason}")
             }
@@ -95,6 +102,62 @@ pub fn run(
         );
     }
     .instrument(span)
+}
+
+/// A user reconnecting after a dropped network (Wi-Fi change, laptop lid, a
+/// proxy that lost the connection) finds their earlier connection still in the
+/// room: nothing told the server it is gone. It is pinged at once; if it stays
+/// silent for `--takeover-wait-ms`, this connection takes its place (returned).
+/// If it answers, this one joins as usual and the worker refuses it as a
+/// duplicate; if it leaves meanwhile, this one simply joins.
+async fn take_over(shared: &Shared, entry: &RoomEntry, conn: ConnId) -> Option<ConnId> {
+    let Holder::Probed { conn: old, answer } = shared.registry.probe_holder(entry, conn) else {
+        return None;
+    };
+    match tokio::time::timeout(shared.config.takeover_wait, answer).await {
+        Ok(Ok(())) => {
+            info!(%old, "the user's earlier connection is alive; refusing this one");
+            None
+        }
+        Ok(Err(_)) => None,
+        Err(_) => {
+            info!(%old, "the user's earlier connection did not answer a ping; replacing it");
+            shared.metrics.connections_replaced.inc();
+            Some(old)
+        }
+    }
+}
+
+/// Forwards a client message to the room's worker.
+async fn forward(
+    shared: &Shared,
+    entry: &RoomEntry,
+    queue: &tokio::sync::mpsc::Sender<ToWorker>,
+    conn: ConnId,
+    text: String,
+) -> Result<(), End> {
+    shared
+        .registry
+        .forward(entry, queue, conn, text)
+        .await
+        .map_err(|_| End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable"))
+}
+
+/// Forwards the held messages the budget now allows, oldest first.
+async fn flush(
+    shared: &Shared,
+    entry: &RoomEntry,
+    queue: &tokio::sync::mpsc::Sender<ToWorker>,
+    conn: ConnId,
+    backlog: &mut Backlog,
+    budget: &mut Budget,
+) -> Result<(), End> {
+    while !backlog.is_empty() && budget.try_take(Instant::now()) {
+        if let Some(text) = backlog.pop() {
+            forward(shared, entry, queue, conn, text).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn serve(
@@ -115,12 +178,18 @@ async fn serve(
     // Version of the last snapshot sent, to count the ones skipped.
     let mut last_version: Option<u64> = None;
     let limits = &shared.config.limits;
-    let mut rate = RateLimit::new(
+    let mut budget = Budget::new(
         limits.rate_per_sec,
         limits.rate_burst,
         limits.rate_close_after,
         Instant::now(),
     );
+    // Messages that found the budget empty, waiting for it.
+    let mut backlog = Backlog::default();
+    // Probes (a newer connection of this user asking whether this one is alive)
+    // seen, and whether one waits for the client to be heard from.
+    let mut probes_seen = 0;
+    let mut probe_waiting = false;
 
     loop {
         tokio::select! {
@@ -129,10 +198,29 @@ async fn serve(
                 if changed.is_err() {
                     return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable");
                 }
-                match &*conn_state.borrow_and_update() {
-                    ConnState::Pending => {}
-                    ConnState::Admitted(rx) => snapshots = Some(rx.clone()),
-                    ConnState::Closed { code, reason } => return End::Close(*code, reason),
+                let probed = {
+                    let state = conn_state.borrow_and_update();
+                    match &state.membership {
+                        Membership::Pending => {}
+                        Membership::Admitted(rx) => {
+                            if snapshots.is_none() {
+                                snapshots = Some(rx.clone());
+                            }
+                        }
+                        Membership::Closed { code, reason } => return End::Close(*code, reason),
+                    }
+                    std::mem::replace(&mut probes_seen, state.probes) != state.probes
+                };
+                if probed {
+                    probe_waiting = true;
+                    if !matches!(tokio::time::timeout(WRITE_TIMEOUT, sink.ping()).await, Ok(Ok(()))) {
+                        return End::ClientGone;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(budget.next_token_at().into()), if !backlog.is_empty() => {
+                if let Err(end) = flush(shared, entry, queue, conn, &mut backlog, &mut budget).await {
+                    return end;
                 }
             }
             changed = async { snapshots.as_mut().expect("guarded").changed().await }, if snapshots.is_some() => {
@@ -164,30 +252,46 @@ async fn serve(
                     }
                 }
             }
-            frame = stream.next() => {
+            // Not read while a message waits for the budget: TCP then slows the
+            // client down, and nothing it sent is lost.
+            frame = stream.next(), if backlog.may_read() => {
                 last_heard = Instant::now();
+                if probe_waiting && matches!(frame, Some(Ok(ref m)) if !m.is_close()) {
+                    probe_waiting = false;
+                    shared.registry.alive(entry, conn);
+                }
                 match frame {
                     Some(Ok(Message::Text(text))) => {
-                        match rate.check(Instant::now()) {
-                            Verdict::Admit => {}
-                            Verdict::Drop => {
-                                shared.metrics.frames_rate_limited.inc();
-                                continue;
-                            }
-                            Verdict::Close => {
-                                info!("client kept flooding over the rate limit; closing it");
-                                shared.metrics.reject("rate_limit");
-                                return End::Close(CLOSE_POLICY, "Rate limit");
-                            }
-                        }
                         let text = String::from(text.as_str());
-                        if shared.registry.forward(entry, queue, conn, text).await.is_err() {
-                            return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable");
+                        if let Err(end) = flush(shared, entry, queue, conn, &mut backlog, &mut budget).await {
+                            return end;
+                        }
+                        if backlog.is_empty() && budget.try_take(Instant::now()) {
+                            if let Err(end) = forward(shared, entry, queue, conn, text).await {
+                                return end;
+                            }
+                            continue;
+                        }
+                        shared.metrics.frames_rate_limited.inc();
+                        if budget.over(Instant::now()) {
+                            info!("client stayed far over its message budget; closing it");
+                            return End::Close(CLOSE_POLICY, REASON_RATE_LIMIT);
+                        }
+                        if backlog.hold(text) == Held::Folded {
+                            shared.metrics.cursor_moves_folded.inc();
                         }
                     }
                     Some(Ok(Message::Binary(bytes))) => {
                         shared.metrics.binary_frames.inc();
                         debug!(len = bytes.len(), "binary frame ignored (the protocol is text)");
+                        // Ignored, but not free: it counts against the budget.
+                        if !budget.try_take(Instant::now()) {
+                            shared.metrics.frames_rate_limited.inc();
+                            if budget.over(Instant::now()) {
+                                info!("client stayed far over its message budget; closing it");
+                                return End::Close(CLOSE_POLICY, REASON_RATE_LIMIT);
+                            }
+                        }
                     }
                     Some(Ok(Message::Ping(payload))) => {
                         if !matches!(tokio::time::timeout(WRITE_TIMEOUT, sink.pong(&payload)).await, Ok(Ok(()))) {

@@ -25,11 +25,6 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
         .collect()
 }
 
-async fn metric(server: &Server, name: &str) -> f64 {
-    let (_, body) = server.get("/metrics").await;
-    parse_metrics(&body).get(name).copied().unwrap_or(0.0)
-}
-
 /// A normal client still gets in and gets answers.
 async fn still_serves(server: &Server, room: &str) {
     let mut client = server.join("normal-user", room).await;

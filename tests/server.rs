@@ -156,6 +156,12 @@ async fn the_101st_member_is_closed_with_room_is_full() {
 async fn a_duplicate_user_is_closed_and_the_original_untouched() {
     let server = Server::start(&[]);
     let mut alice = server.join("alice", "r1").await;
+    // The original is a live client: it keeps reading, and so answers the ping
+    // that the duplicate's arrival triggers (a silent one would be replaced).
+    let reading = tokio::spawn(async move {
+        alice.read_for(Duration::from_secs(1)).await;
+        alice
+    });
     let mut alice2 = server
         .connect(&server.url(&server.token("alice", "r1")))
         .await;
@@ -163,6 +169,7 @@ async fn a_duplicate_user_is_closed_and_the_original_untouched() {
         alice2.closed().await,
         Closed::Frame(1008, "Duplicate user".into())
     );
+    let mut alice = reading.await.unwrap();
     // The original still receives snapshots: bob's join reaches her.
     let _bob = server.join("bob", "r1").await;
     let snap = alice.until(|s| users(s) == ["alice", "bob"]).await;

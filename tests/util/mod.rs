@@ -71,7 +71,10 @@ impl Server {
             .env_remove("DATA_DIR")
             .env_remove("LOG_FORMAT")
             .env_remove("HATHORA_ROOMS_PER_PROCESS")
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -458,4 +461,47 @@ pub fn users(snap: &Value) -> Vec<String> {
 
 pub fn shapes(snap: &Value) -> &Vec<Value> {
     snap["shapes"].as_array().unwrap()
+}
+
+impl Client {
+    /// Sends every message in one go (as a paste does) while reading what
+    /// arrives, as a browser would; returns once all are written.
+    pub async fn send_burst(&mut self, texts: Vec<String>) {
+        let mut last = None;
+        let (mut tx, mut rx) = (&mut self.ws).split();
+        let send = async move {
+            for text in texts {
+                tx.feed(Message::text(text)).await?;
+            }
+            tx.flush().await
+        };
+        let read = async {
+            loop {
+                match rx.next().await {
+                    Some(Ok(Message::Text(t))) => last = Some(t.to_string()),
+                    Some(Ok(Message::Close(frame))) => panic!("unexpected close: {frame:?}"),
+                    Some(Ok(_)) => {}
+                    other => panic!("connection ended: {other:?}"),
+                }
+            }
+        };
+        tokio::select! {
+            sent = send => sent.expect("burst sent"),
+            _ = read => unreachable!(),
+        }
+        if last.is_some() {
+            self.last = last;
+        }
+    }
+}
+
+/// A counter or gauge from the server's `/metrics` (0 when absent).
+pub async fn metric(server: &Server, name: &str) -> f64 {
+    let (_, body) = server.get("/metrics").await;
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0.0)
 }
