@@ -31,7 +31,13 @@ fn two_pages_draw_together_and_survive_a_worker_crash() {
         "browser test failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
     assert!(stdout.contains("[browser] pass"), "{stdout}");
-    for shot in ["1-bob-sees.png", "2-bob-after-crash.png"] {
+    // The steps, with what the page sent (shown with `--nocapture`).
+    eprintln!("{stdout}");
+    for shot in [
+        "1-bob-sees.png",
+        "2-bob-after-crash.png",
+        "3-bob-after-drag.png",
+    ] {
         let size = std::fs::metadata(format!("{artifacts}/{shot}"))
             .unwrap()
             .len();

@@ -13,7 +13,9 @@ const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   headless: true,
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    // Frames (and so mousemove events) as fast as the machine goes, not 60/s.
+    "--disable-frame-rate-limit", "--disable-gpu-vsync"],
 });
 let alice, bob;
 try {
@@ -70,6 +72,54 @@ try {
   step("after the worker crash: both shapes visible, no page reconnected");
   await alice.screenshot({ path: `${artifacts}/2-alice-after-crash.png` });
   await bob.screenshot({ path: `${artifacts}/2-bob-after-crash.png` });
+
+  // Alice drags the rectangle for 15 s with the mouse never still, and the page
+  // sends what the public client sends: a cursor move per mousemove event and the
+  // shape every 50 ms. For the first half Playwright moves the mouse (many steps,
+  // each awaited: the browser's own pace); for the second half raw input events
+  // go in through the DevTools protocol every 4 ms, a 240 Hz gaming mouse. Her
+  // socket must stay open and bob must end on the final position.
+  await alice.click('[data-tool="move"]');
+  const sentBefore = await alice.evaluate(() => window.board.sent);
+  await alice.mouse.move(box.x + 150, box.y + 140); // inside the rectangle: 50,40 from its corner
+  await alice.mouse.down();
+  const around = (i) => [box.x + 450 + 150 * Math.cos(i / 40), box.y + 300 + 100 * Math.sin(i / 40)];
+  const started = Date.now();
+  for (let i = 0; Date.now() - started < 7500; i += 25) {
+    const [x, y] = around(i);
+    await alice.mouse.move(x, y, { steps: 25 });
+  }
+  const half = Date.now();
+  const sentHalf = await alice.evaluate(() => window.board.sent);
+  const cdp = await alice.context().newCDPSession(alice);
+  const inFlight = [];
+  for (let i = 0; Date.now() - started < 15000; i++) {
+    const [x, y] = around(i);
+    inFlight.push(cdp.send("Input.dispatchMouseEvent", { type: "mouseMoved", x, y, button: "left", buttons: 1 }));
+    if (inFlight.length >= 8) await Promise.all(inFlight.splice(0));
+    await new Promise((r) => setTimeout(r, 4));
+  }
+  await Promise.all(inFlight);
+  await alice.mouse.move(box.x + 500, box.y + 400, { steps: 25 });
+  await alice.mouse.up();
+  const sentEnd = await alice.evaluate(() => window.board.sent);
+  const rate = (n, ms) => `${n} messages in ${(ms / 1000).toFixed(1)} s (${(n / (ms / 1000)).toFixed(0)}/s)`;
+  step(`alice dragged with Playwright's mouse: ${rate(sentHalf - sentBefore, half - started)}`);
+  step(`alice dragged with raw input every 4 ms: ${rate(sentEnd - sentHalf, Date.now() - half)}`);
+  await bob.waitForFunction(() => {
+    const r = document.querySelector('[data-type="rectangle"]');
+    return r && r.getAttribute("x") === "450" && r.getAttribute("y") === "360";
+  }, null, { timeout: 10000 });
+  await bob.waitForFunction(() => {
+    const c = window.board.state.snapshot.cursors.find((c) => c.userId === "alice");
+    return c && c.x === 500 && c.y === 400;
+  }, null, { timeout: 10000 });
+  for (const [name, page] of [["alice", alice], ["bob", bob]]) {
+    const codes = await page.evaluate(() => window.board.closeCodes);
+    if (codes.length !== 0) throw new Error(`${name}'s connection closed with ${codes.join(", ")}`);
+  }
+  step("after the 15 s drag: bob sees the rectangle at 450,360 and alice's cursor at 500,400; no close codes on either page");
+  await bob.screenshot({ path: `${artifacts}/3-bob-after-drag.png` });
   step("pass");
 } catch (e) {
   console.error(`[browser] FAIL: ${e.stack || e}`);
