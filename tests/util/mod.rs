@@ -459,3 +459,93 @@ pub fn users(snap: &Value) -> Vec<String> {
 pub fn shapes(snap: &Value) -> &Vec<Value> {
     snap["shapes"].as_array().unwrap()
 }
+
+impl Server {
+    /// Like [`Server::start_raw`], but the server leads its own process group (its
+    /// workers join it), so a test can signal the whole group as a terminal's
+    /// Ctrl-C or systemd does, without signalling the test runner.
+    pub fn start_in_own_group(args: &[&str], env: &[(&str, &str)]) -> Server {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_session-server"));
+        cmd.args(["--port", "0", "--bind", "127.0.0.1"]).args(args);
+        let data_dir = (!args.contains(&"--data-dir")).then(|| temp_dir("data"));
+        if let Some(dir) = &data_dir {
+            cmd.arg("--data-dir").arg(dir);
+        }
+        for var in [
+            "JWT_SECRET",
+            "PORT",
+            "BACKEND_URL",
+            "SESSION_SERVER_SECRET",
+            "DATA_DIR",
+            "LOG_FORMAT",
+            "HATHORA_ROOMS_PER_PROCESS",
+            "SHUTDOWN_GRACE_MS",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn session-server");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (port_tx, port_rx) = mpsc::channel();
+        let out = Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>;
+        for pipe in [out, Box::new(child.stderr.take().unwrap())] {
+            let (logs, port_tx) = (logs.clone(), port_tx.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if let Some(port) = line.strip_prefix("Listening on *:") {
+                        let _ = port_tx.send(port.trim().parse::<u16>().unwrap());
+                    }
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        let mut server = Server {
+            child: Some(child),
+            port: 0,
+            logs,
+            data_dir,
+        };
+        server.port = port_rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("server did not start; logs:\n{}", server.logs()));
+        server
+    }
+
+    /// Pids of the worker processes, from `/status`.
+    pub async fn worker_pids(&self) -> Vec<u32> {
+        self.status().await["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["pid"].as_u64().expect("worker running") as u32)
+            .collect()
+    }
+}
+
+/// Sends a signal to every process of the group `pgid` (by its leader's pid).
+pub fn signal_group(pgid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg("--")
+        .arg(format!("-{pgid}"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} -- -{pgid}");
+}
+
+/// Waits until none of `pids` is running; panics at `deadline`.
+pub fn wait_all_gone(pids: &[u32], deadline: Instant) {
+    while let Some(pid) = pids.iter().find(|&&pid| process_exists(pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} still running at the deadline"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
