@@ -122,8 +122,11 @@ pub struct ServeArgs {
     /// it succeeds).
     #[arg(long, env = "LOAD_WAIT_MS", default_value_t = 5_000)]
     pub load_wait_ms: u64,
-    /// On SIGTERM, time allowed to save every room with unsaved changes.
-    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    /// On SIGTERM, SIGINT or SIGHUP, time allowed for the whole shutdown, from the
+    /// signal to exit: saves get all but a reserve for closing clients and
+    /// stopping workers. The default fits the 10 s that `docker stop` and
+    /// Kubernetes allow before SIGKILL, with a margin.
+    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 9_000)]
     pub shutdown_grace_ms: u64,
 }
 

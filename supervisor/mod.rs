@@ -28,8 +28,10 @@ use auth::Authenticator;
 use pool::WorkerPool;
 use registry::Registry;
 
-/// On shutdown, sessions get this long to send their close frames.
-const SESSION_CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Of the shutdown budget (`--shutdown-grace-ms`), what is kept after the saves
+/// for closing clients (a session waits up to 1 s for the client's answer to its
+/// close frame) and then stopping workers (they exit at once after a drain).
+const SHUTDOWN_RESERVE: Duration = Duration::from_millis(1500);
 
 /// State shared by every connection task.
 pub struct Shared {
@@ -66,27 +68,54 @@ pub fn main(config: Config) -> anyhow::Result<()> {
     })
 }
 
-/// SIGTERM or SIGINT starts a graceful stop; a second one exits at once.
+/// SIGTERM, SIGINT or SIGHUP starts a graceful stop; a second one exits at once.
 async fn watch_signals(stop: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         warn!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = int.recv() => info!("SIGINT: shutting down"),
-    }
+    let mut next = async || {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = hup.recv() => "SIGHUP",
+        }
+    };
+    info!("{}: shutting down", next().await);
     stop.cancel();
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    warn!("second signal: exiting now");
+    warn!("second signal ({}): exiting now", next().await);
     std::process::exit(130);
+}
+
+/// The deadlines of one shutdown, all within the budget from the signal.
+#[derive(Debug, PartialEq)]
+struct ShutdownPlan {
+    /// Workers answer their drain (saved, or not) by then.
+    saves_until: tokio::time::Instant,
+    /// Clients have had their `1001` by then.
+    clients_until: tokio::time::Instant,
+    /// Workers still running then are killed, and the process exits.
+    exit_by: tokio::time::Instant,
+}
+
+impl ShutdownPlan {
+    /// Saves get the budget less [`SHUTDOWN_RESERVE`] (at least half of it, so a
+    /// short budget still saves); closing clients gets two thirds of the rest,
+    /// stopping workers one third.
+    fn new(signalled: tokio::time::Instant, budget: Duration) -> ShutdownPlan {
+        let reserve = SHUTDOWN_RESERVE.min(budget / 2);
+        let exit_by = signalled + budget;
+        ShutdownPlan {
+            saves_until: exit_by - reserve,
+            clients_until: exit_by - reserve / 3,
+            exit_by,
+        }
+    }
 }
 
 /// Runs the server on `listener` until `stop` is cancelled.
@@ -105,13 +134,12 @@ pub async fn run(
     ));
     let metrics = Arc::new(metrics::Metrics::new(&config.hathora));
     let connection_permits = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
-    let stop_workers = CancellationToken::new();
     let pool = WorkerPool::start(
         config.workers,
         config.persistence.clone(),
         registry.clone(),
         metrics.clone(),
-        stop_workers.clone(),
+        stop.clone(),
     )
     .await?;
     let hathora = &config.hathora;
@@ -152,13 +180,15 @@ pub async fn run(
     }
     stop.cancelled().await;
 
-    // Save first, while clients are still connected; then say goodbye.
-    let grace = shared.config.shutdown_grace;
+    // Save first, while clients are still connected; then say goodbye. Every
+    // step is cut to the plan, so the whole shutdown fits in the budget.
+    let budget = shared.config.shutdown_grace;
+    let plan = ShutdownPlan::new(tokio::time::Instant::now(), budget);
     info!(
-        grace_ms = grace.as_millis() as u64,
+        budget_ms = budget.as_millis() as u64,
         "saving rooms before exit"
     );
-    let reports = shared.pool.drain(grace).await;
+    let reports = shared.pool.drain(plan.saves_until).await;
     let saved: u32 = reports.iter().flat_map(|(_, r)| r).map(|r| r.saved).sum();
     let unsaved: Vec<String> = reports
         .iter()
@@ -180,7 +210,7 @@ pub async fn run(
 
     shared.close_sessions.cancel();
     shared.sessions.close();
-    if tokio::time::timeout(SESSION_CLOSE_GRACE, shared.sessions.wait())
+    if tokio::time::timeout_at(plan.clients_until, shared.sessions.wait())
         .await
         .is_err()
     {
@@ -188,8 +218,7 @@ pub async fn run(
     }
     stop_accepting.cancel();
     let _ = acceptor.await;
-    stop_workers.cancel();
-    shared.pool.wait_stopped().await;
+    shared.pool.stop(plan.exit_by).await;
     info!("stopped");
     Ok(())
 }
@@ -259,4 +288,34 @@ fn check_store(store: &StoreConfig) -> anyhow::Result<()> {
         crate::worker::store::sqlite::SqliteStore::open(path)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shutdown_plan_fits_the_budget_and_keeps_the_reserve() {
+        let t = tokio::time::Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(
+            ShutdownPlan::new(t, ms(9000)),
+            ShutdownPlan {
+                saves_until: t + ms(7500),
+                clients_until: t + ms(8500),
+                exit_by: t + ms(9000),
+            }
+        );
+        // A short budget: half for saves, the other half split as usual.
+        assert_eq!(
+            ShutdownPlan::new(t, ms(1500)),
+            ShutdownPlan {
+                saves_until: t + ms(750),
+                clients_until: t + ms(1250),
+                exit_by: t + ms(1500),
+            }
+        );
+        let none = ShutdownPlan::new(t, Duration::ZERO);
+        assert_eq!((none.saves_until, none.exit_by), (t, t));
+    }
 }

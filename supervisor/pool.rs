@@ -17,7 +17,7 @@ use interprocess::local_socket::tokio::Stream as LocalStream;
 use interprocess::local_socket::traits::tokio::Listener as _;
 use interprocess::local_socket::{GenericNamespaced, ListenerOptions, ToNsName};
 use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,15 +36,14 @@ const WORKER_QUEUE: usize = 8192;
 const WRITE_BATCH: usize = 512;
 /// A worker must connect and answer the hello within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// On shutdown, a worker whose socket is closed must exit within this, or is killed.
-const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Respawn delays: the first replacement starts at once (clients are waiting);
 /// after a further quick failure the delay starts here and doubles, so a crash
 /// loop is throttled.
 const MIN_RESPAWN_DELAY: Duration = Duration::from_millis(50);
 const MAX_RESPAWN_DELAY: Duration = Duration::from_secs(5);
-/// Beyond the drain grace, time allowed for the workers' answers to arrive.
-const DRAIN_ANSWER_MARGIN: Duration = Duration::from_secs(1);
+/// A worker answers a drain this long before the supervisor stops waiting, so
+/// the answer (and the unsaved rooms it names) arrives in time.
+const DRAIN_ANSWER_MARGIN: Duration = Duration::from_millis(250);
 /// Beyond the load wait, how long a restoring room may take to answer.
 const RESTORE_ANSWER_MARGIN: Duration = Duration::from_secs(2);
 /// A worker that ran this long before failing was not crash-looping: the next
@@ -84,23 +83,41 @@ impl WorkerSlot {
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::Relaxed)
     }
+
+    /// Hands `report` to the pending drain, if one waits.
+    fn answer_drain(&self, report: DrainReport) {
+        let answer = self
+            .drained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(answer) = answer {
+            let _ = answer.send(report);
+        }
+    }
 }
 
 pub struct WorkerPool {
     slots: Vec<Arc<WorkerSlot>>,
     tasks: TaskTracker,
+    /// Set by [`WorkerPool::stop`]: close every worker's socket; kill the
+    /// workers still running at this instant.
+    exit_by: watch::Sender<Option<tokio::time::Instant>>,
 }
 
 impl WorkerPool {
     /// Starts `count` workers and waits until each has completed its handshake.
+    /// Once `stopping` is cancelled (the server is shutting down), a worker that
+    /// ends is not replaced.
     pub async fn start(
         count: usize,
         settings: PersistSettings,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
-        stop: CancellationToken,
+        stopping: CancellationToken,
     ) -> anyhow::Result<WorkerPool> {
         let tasks = TaskTracker::new();
+        let (exit_by, _) = watch::channel(None);
         let mut slots = Vec::with_capacity(count);
         let mut ready = Vec::with_capacity(count);
         for i in 0..count {
@@ -119,7 +136,10 @@ impl WorkerPool {
                 settings.clone(),
                 registry.clone(),
                 metrics.clone(),
-                stop.clone(),
+                Stopping {
+                    server: stopping.clone(),
+                    exit_by: exit_by.subscribe(),
+                },
                 ready_tx,
             ));
             slots.push(slot);
@@ -133,7 +153,11 @@ impl WorkerPool {
                 Err(_) => return Err(anyhow!("worker w{i} failed to start")),
             }
         }
-        Ok(WorkerPool { slots, tasks })
+        Ok(WorkerPool {
+            slots,
+            tasks,
+            exit_by,
+        })
     }
 
     pub fn slot(&self, id: WorkerId) -> &WorkerSlot {
@@ -144,10 +168,15 @@ impl WorkerPool {
         &self.slots
     }
 
-    /// Asks every worker to save its unsaved rooms within `grace`; returns each
-    /// worker's report (`None`: no answer in time).
-    pub async fn drain(&self, grace: Duration) -> Vec<(WorkerId, Option<DrainReport>)> {
-        let deadline = tokio::time::Instant::now() + grace + DRAIN_ANSWER_MARGIN;
+    /// Asks every worker to save its unsaved rooms and to answer by `deadline`;
+    /// returns each worker's report (`None`: no answer in time).
+    pub async fn drain(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Vec<(WorkerId, Option<DrainReport>)> {
+        let grace = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .saturating_sub(DRAIN_ANSWER_MARGIN);
         let mut answers = Vec::new();
         for slot in &self.slots {
             let (tx, rx) = oneshot::channel();
@@ -173,8 +202,11 @@ impl WorkerPool {
         reports
     }
 
-    /// Waits for every worker process to have exited (after `stop` was cancelled).
-    pub async fn wait_stopped(&self) {
+    /// Closes every worker's socket (they exit at once after a drain) and waits
+    /// until every process has ended; those still running at `deadline` are
+    /// killed.
+    pub async fn stop(&self, deadline: tokio::time::Instant) {
+        self.exit_by.send_replace(Some(deadline));
         self.tasks.wait().await;
     }
 }
@@ -208,6 +240,15 @@ fn room_of(frame: &ToWorker) -> Option<&RoomId> {
     }
 }
 
+/// The two steps of a shutdown, as a worker slot sees them.
+struct Stopping {
+    /// The server is shutting down: a worker that ends is not replaced.
+    server: CancellationToken,
+    /// Then: close the socket, and kill the process if it still runs at this
+    /// instant.
+    exit_by: watch::Receiver<Option<tokio::time::Instant>>,
+}
+
 /// Runs one slot: start a worker, serve it until it ends, then start a
 /// replacement and restore the rooms the failed one held.
 async fn supervise(
@@ -216,7 +257,7 @@ async fn supervise(
     settings: PersistSettings,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    stop: CancellationToken,
+    mut stopping: Stopping,
     ready: oneshot::Sender<Result<(), String>>,
 ) {
     let mut ready = Some(ready);
@@ -232,15 +273,22 @@ async fn supervise(
             settings: &settings,
             registry: &registry,
             metrics: &metrics,
-            stop: &stop,
+            exit_by: &mut stopping.exit_by,
             ready: &mut ready,
             restore: &mut restore,
             carry: &mut carry,
         };
         let ended = serve.run().await;
         slot.pid.store(0, Ordering::Relaxed);
-        if stop.is_cancelled() {
+        if stopping.exit_by.borrow().is_some() {
             info!(worker = %slot.id, "{}", ended.how);
+            return;
+        }
+        if stopping.server.is_cancelled() {
+            // A replacement would only be killed again; rooms are not restored.
+            let unsaved = registry.unconfirmed_rooms(slot.id);
+            error!(worker = %slot.id, ?unsaved, "worker ended during shutdown ({}); not replaced; changes since these rooms' last save may be lost", ended.how);
+            slot.answer_drain(DrainReport { saved: 0, unsaved });
             return;
         }
         if let Some(ready) = ready.take() {
@@ -269,7 +317,7 @@ async fn supervise(
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = stop.cancelled() => return,
+            _ = stopping.server.cancelled() => return,
         }
         delay = (delay * 2).clamp(MIN_RESPAWN_DELAY, MAX_RESPAWN_DELAY);
         slot.restarts.fetch_add(1, Ordering::Relaxed);
@@ -289,10 +337,21 @@ struct Serve<'a> {
     settings: &'a PersistSettings,
     registry: &'a Registry,
     metrics: &'a Metrics,
-    stop: &'a CancellationToken,
+    exit_by: &'a mut watch::Receiver<Option<tokio::time::Instant>>,
     ready: &'a mut Option<oneshot::Sender<Result<(), String>>>,
     restore: &'a mut Vec<Arc<RoomEntry>>,
     carry: &'a mut Vec<ToWorker>,
+}
+
+/// Waits until the pool is told to stop; returns when its workers must be gone.
+async fn exit_requested(
+    exit_by: &mut watch::Receiver<Option<tokio::time::Instant>>,
+) -> tokio::time::Instant {
+    match exit_by.wait_for(Option::is_some).await {
+        Ok(deadline) => deadline.expect("waited for a deadline"),
+        // The pool itself is gone: nothing waits for these workers any more.
+        Err(_) => tokio::time::Instant::now(),
+    }
 }
 
 /// Path of the running executable. `/proc/self/exe` names the image this process
@@ -360,11 +419,11 @@ impl Serve<'_> {
             why = write_frames(self.frames, &mut writer) => why,
             why = read_frames(&mut reader, self.registry, self.metrics, slot) => why,
             _ = child.wait() => "process exited".to_owned(),
-            _ = self.stop.cancelled() => {
+            deadline = exit_requested(self.exit_by) => {
                 // Closing the socket tells the worker to exit.
                 drop(writer);
                 drop(reader);
-                match tokio::time::timeout(EXIT_TIMEOUT, child.wait()).await {
+                match tokio::time::timeout_at(deadline, child.wait()).await {
                     Ok(status) => return Ended::plain(format!("pid {pid} stopped: {}", describe(status))),
                     Err(_) => {
                         warn!(worker = %slot.id, pid, "worker did not exit in time; killing it");
@@ -604,20 +663,12 @@ fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &Work
         }
         FromWorker::Saved { room, seq } => {
             tracing::debug!(%worker, %room, seq, "room saved");
+            registry.saved(&room, worker, seq);
         }
         FromWorker::Checkpoint { room, seq, image } => {
             registry.checkpoint(&room, worker, seq, image)
         }
-        FromWorker::Drained { saved, unsaved } => {
-            let answer = slot
-                .drained
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
-            if let Some(answer) = answer {
-                let _ = answer.send(DrainReport { saved, unsaved });
-            }
-        }
+        FromWorker::Drained { saved, unsaved } => slot.answer_drain(DrainReport { saved, unsaved }),
         // A late answer to a restore that stopped waiting.
         FromWorker::Synced { .. } => {}
         FromWorker::Stats {

@@ -185,6 +185,8 @@ struct RoomState {
     blames: Vec<Instant>,
     /// The worker's latest summary of the room (for the monitor).
     summary: Option<RoomSummary>,
+    /// Last event covered by a save the worker confirmed (0: none yet).
+    saved_seq: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -521,6 +523,36 @@ impl Registry {
             state.journal.pop_front();
         }
         state.checkpoint = Some((seq, image));
+    }
+
+    /// The worker saved `room` up to event `seq`.
+    pub fn saved(&self, room: &RoomId, worker: WorkerId, seq: u64) {
+        let Some(entry) = lock(&self.inner).rooms.get(room).cloned() else {
+            return;
+        };
+        if entry.worker == worker {
+            let mut state = lock(&entry.state);
+            state.saved_seq = state.saved_seq.max(seq);
+        }
+    }
+
+    /// Rooms on `worker` with events since their last confirmed save, sorted:
+    /// those whose changes may be lost if the worker is lost now (a superset:
+    /// joins and cursor moves count too, the supervisor does not read events).
+    pub fn unconfirmed_rooms(&self, worker: WorkerId) -> Vec<RoomId> {
+        let inner = lock(&self.inner);
+        let mut rooms: Vec<RoomId> = inner
+            .rooms
+            .values()
+            .filter(|e| e.worker == worker)
+            .filter(|e| {
+                let state = lock(&e.state);
+                state.last_seq > state.saved_seq
+            })
+            .map(|e| e.id.clone())
+            .collect();
+        rooms.sort();
+        rooms
     }
 
     /// The worker's process ended. Its rooms stay placed on its slot and are
@@ -975,5 +1007,32 @@ mod tests {
         // The replaced connection's own leave later changes nothing.
         registry.leave(&entry, &tx, ConnId(1)).await;
         assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn rooms_with_events_since_their_last_confirmed_save_are_listed() {
+        let registry = Registry::new(2, 2, 100);
+        let (tx, _rx) = mpsc::channel(64);
+        for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+            let conn = ConnId(i as u64);
+            let entry = registry
+                .register(&room(name), conn, "u".into(), commands().0)
+                .unwrap();
+            registry.join(&entry, &tx, conn, None).await.unwrap(); // seq 1
+            registry
+                .forward(&entry, &tx, conn, "m".into())
+                .await
+                .unwrap(); // seq 2
+        }
+        // a and c are on worker 0, b on worker 1.
+        assert_eq!(
+            registry.unconfirmed_rooms(WorkerId(0)),
+            [room("a"), room("c")]
+        );
+        registry.saved(&room("a"), WorkerId(0), 2);
+        registry.saved(&room("c"), WorkerId(0), 1);
+        registry.saved(&room("b"), WorkerId(0), 2); // not b's worker: ignored
+        assert_eq!(registry.unconfirmed_rooms(WorkerId(0)), [room("c")]);
+        assert_eq!(registry.unconfirmed_rooms(WorkerId(1)), [room("b")]);
     }
 }

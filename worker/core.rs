@@ -536,6 +536,24 @@ impl WorkerCore {
         }
     }
 
+    /// Rooms holding changes not saved yet.
+    fn unsaved(rooms: &HashMap<RoomId, RoomSlot>) -> Vec<RoomId> {
+        rooms
+            .iter()
+            .filter(|(_, slot)| {
+                slot.save.is_dirty()
+                    || matches!(&slot.load, Load::Waiting { held, .. } if !held.is_empty())
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// True once a drain has been answered and nothing changed since that is
+    /// not saved yet: the worker may exit at once.
+    pub fn drained_and_saved(&self) -> bool {
+        self.drained() && Self::unsaved(&self.rooms).is_empty()
+    }
+
     fn answer_drain(&mut self, now: Instant) {
         let Some(drain) = &mut self.drain else {
             return;
@@ -543,15 +561,7 @@ impl WorkerCore {
         if drain.answered {
             return;
         }
-        let mut unsaved: Vec<RoomId> = self
-            .rooms
-            .iter()
-            .filter(|(_, slot)| {
-                slot.save.is_dirty()
-                    || matches!(&slot.load, Load::Waiting { held, .. } if !held.is_empty())
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
+        let mut unsaved = Self::unsaved(&self.rooms);
         if unsaved.is_empty() || now >= drain.deadline {
             unsaved.sort();
             drain.answered = true;

@@ -20,7 +20,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::info;
 
 use crate::config::{WORKER_NONCE_ENV, WorkerArgs};
-use crate::ipc::{FromWorker, IPC_VERSION, IpcCodec, ToWorker};
+use crate::ipc::{CodecError, FromWorker, IPC_VERSION, IpcCodec, ToWorker};
 use crate::ipc_socket::{self, IpcReader, IpcWriter};
 use core::{StoreResult, WorkerCore};
 
@@ -32,7 +32,8 @@ const MAX_BATCH: usize = 256;
 const RESULTS_QUEUE: usize = 1024;
 /// When the supervisor's socket closes without a drain (the supervisor died),
 /// unsaved rooms get this long to be saved before the worker exits: short, so
-/// workers never linger after their supervisor.
+/// workers never linger after their supervisor. After a drain it exits at once,
+/// unless edits made since then are not saved yet: those get this long too.
 const ORPHAN_SAVE_GRACE: Duration = Duration::from_millis(500);
 /// How often frame counts are reported to the supervisor (for its metrics).
 const STATS_EVERY: Duration = Duration::from_secs(1);
@@ -51,11 +52,38 @@ type Reader = FramedRead<IpcReader, IpcCodec<ToWorker, FromWorker>>;
 type Writer = FramedWrite<IpcWriter, IpcCodec<ToWorker, FromWorker>>;
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    // First of all, so a signal sent to the whole process group during start-up
+    // cannot kill a worker either.
+    ignore_signals()?;
     let nonce: u64 = std::env::var(WORKER_NONCE_ENV)
         .ok()
         .and_then(|v| v.parse().ok())
         .context("worker started without its handshake nonce (it is started by the supervisor, not by hand)")?;
     serve(args, nonce).await
+}
+
+/// Replaces the default action of SIGINT, SIGTERM and SIGHUP (terminate) with a
+/// log line: the supervisor decides when workers stop (it closes their socket),
+/// so Ctrl-C or a signal to the process group cannot kill a worker mid-shutdown.
+fn ignore_signals() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+                _ = hup.recv() => "SIGHUP",
+            };
+            tracing::debug!(
+                pid = std::process::id(),
+                "ignoring {name}: the supervisor decides"
+            );
+        }
+    });
+    Ok(())
 }
 
 /// Connects to the supervisor, checks its hello, then applies frames until the
@@ -114,6 +142,12 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
                         }
                     }
                 }
+                // After a drain the supervisor has its answer: exit at once,
+                // unless edits made since are not saved yet.
+                None if core.drained_and_saved() => {
+                    info!("supervisor closed the socket after the drain; exiting");
+                    return Ok(());
+                }
                 None => {
                     connected = false;
                     info!(rooms = core.room_count(), "supervisor closed the socket; saving what is unsaved, then exiting");
@@ -130,10 +164,20 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
             output.extend(core.take_stats());
         }
         if connected {
-            for msg in output {
-                writer.feed(msg).await?;
+            if let Err(e) = send_all(&mut writer, output).await {
+                // After the drain the supervisor has its answer, and closes its
+                // end to stop us: a write racing with that is no failure.
+                if !core.drained() {
+                    return Err(e).context("writing to supervisor");
+                }
+                if core.drained_and_saved() {
+                    info!("IPC socket closed after the drain; exiting");
+                    return Ok(());
+                }
+                connected = false;
+                info!("IPC socket closed after the drain; saving edits made since, then exiting");
+                core.start_drain(Instant::now() + ORPHAN_SAVE_GRACE);
             }
-            writer.flush().await?;
         } else if core.drained() {
             for msg in output {
                 if let FromWorker::Drained { unsaved, .. } = msg
@@ -145,6 +189,14 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// Writes `output` to the supervisor as one batch.
+async fn send_all(writer: &mut Writer, output: Vec<FromWorker>) -> Result<(), CodecError> {
+    for msg in output {
+        writer.feed(msg).await?;
+    }
+    writer.flush().await
 }
 
 #[cfg(test)]

@@ -54,7 +54,14 @@ impl Server {
 
     /// Starts the server with exactly these flags and environment.
     pub fn start_raw(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::spawn(args, env, false)
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &str)], own_group: bool) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_session-server"));
+        if own_group {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
         cmd.args(["--port", "0", "--bind", "127.0.0.1"]);
         let data_dir = if args.contains(&"--data-dir") {
             None
@@ -504,4 +511,45 @@ pub async fn metric(server: &Server, name: &str) -> f64 {
         .find(|(n, _)| *n == name)
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0.0)
+}
+
+impl Server {
+    /// Like [`Server::start_raw`], but the server leads its own process group (its
+    /// workers join it), so a test can signal the whole group as a terminal's
+    /// Ctrl-C or systemd does, without signalling the test runner.
+    pub fn start_in_own_group(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::spawn(args, env, true)
+    }
+
+    /// Pids of the worker processes, from `/status`.
+    pub async fn worker_pids(&self) -> Vec<u32> {
+        self.status().await["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["pid"].as_u64().expect("worker running") as u32)
+            .collect()
+    }
+}
+
+/// Sends a signal to every process of the group `pgid` (by its leader's pid).
+pub fn signal_group(pgid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg("--")
+        .arg(format!("-{pgid}"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} -- -{pgid}");
+}
+
+/// Waits until none of `pids` is running; panics at `deadline`.
+pub fn wait_all_gone(pids: &[u32], deadline: Instant) {
+    while let Some(pid) = pids.iter().find(|&&pid| process_exists(pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} still running at the deadline"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -1,0 +1,223 @@
+//! Shutdown by signal, end to end: SIGINT and SIGTERM sent to the supervisor
+//! alone or to its whole process group (Ctrl-C in a terminal, systemd's
+//! KillMode=control-group) save every unsaved room, close clients with 1001 and
+//! end every process of the group within 10 s (what `docker stop` and Kubernetes
+//! allow before SIGKILL), even when the backend never answers or a worker dies
+//! during the shutdown.
+
+mod util;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use util::backend::{BACKEND_SECRET, Backend, Mode};
+use util::*;
+
+/// What `docker stop` and Kubernetes wait before SIGKILL.
+const KILL_AFTER: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy)]
+enum Target {
+    /// Every process of the server's group: supervisor and workers.
+    Group,
+    /// The supervisor alone.
+    Supervisor,
+}
+
+fn rect(x: i64) -> Value {
+    json!({"type":"shape_create","shapeType":"rectangle","x":x,"y":0,"width":10,"height":10})
+}
+
+fn send(server: &Server, target: Target, signal: &str) {
+    match target {
+        Target::Group => signal_group(server.pid(), signal),
+        Target::Supervisor => server.signal(signal),
+    }
+}
+
+/// The client gets `1001 Going Away`, then hangs up (as a browser does; the
+/// test client would not answer the close frame while nothing reads it).
+async fn goes_away(mut client: Client) {
+    assert_eq!(
+        client.closed().await,
+        Closed::Frame(1001, "Going Away".into())
+    );
+}
+
+/// Waits for the supervisor's exit code and for every process of the group to be
+/// gone, within [`KILL_AFTER`] of `signalled`; returns the code and how long the
+/// supervisor took to exit.
+fn exit_within_budget(server: &mut Server, pids: &[u32], signalled: Instant) -> (i32, Duration) {
+    let left = KILL_AFTER.saturating_sub(signalled.elapsed());
+    let code = tokio::task::block_in_place(|| server.wait_exit(left));
+    let took = signalled.elapsed();
+    wait_all_gone(pids, signalled + KILL_AFTER);
+    (code.expect("exit code, not a signal"), took)
+}
+
+/// Two rooms on two workers, each with a shape not saved yet (the signal comes
+/// well before the 2 s debounce): the signal saves both, closes both clients with
+/// 1001, exits 0 and leaves no process behind; a restart on the same store has
+/// the shapes.
+async fn unsaved_rooms_are_saved_on(signal: &str, target: Target) {
+    let dir = temp_dir("shutdown");
+    let dir_arg = dir.to_str().unwrap();
+    let args = ["--workers", "2", "--data-dir", dir_arg];
+    let env = [("JWT_SECRET", SECRET)];
+    let mut server = Server::start_in_own_group(&args, &env);
+    let mut alice = server.join("alice", "room-1").await;
+    let mut bob = server.join("bob", "room-2").await;
+    alice.send(rect(1)).await;
+    bob.send(rect(2)).await;
+    bob.send(rect(3)).await;
+    let a = alice.until(|s| shapes(s).len() == 1).await;
+    let b = bob.until(|s| shapes(s).len() == 2).await;
+    let mut pids = server.worker_pids().await;
+    assert_eq!(pids.len(), 2);
+    pids.push(server.pid());
+
+    let signalled = Instant::now();
+    send(&server, target, signal);
+    for client in [alice, bob] {
+        goes_away(client).await;
+    }
+    let (code, took) = exit_within_budget(&mut server, &pids, signalled);
+    assert_eq!(code, 0, "{}", server.logs());
+    eprintln!("SIG{signal} to the {target}: exit {took:?} after the signal");
+    let logs = server.logs();
+    assert!(logs.contains("shutdown: every room saved"), "{logs}");
+    assert!(!logs.contains("restoring its rooms"), "{logs}");
+    drop(server);
+
+    let server = Server::start_raw(&args, &env);
+    for (user, room, before) in [("carol", "room-1", a), ("dave", "room-2", b)] {
+        let mut client = server.connect(&server.url(&server.token(user, room))).await;
+        let after = client.next_snapshot().await;
+        assert_eq!(after["shapes"], before["shapes"], "{room}");
+    }
+    drop(server);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Target::Group => "process group",
+            Target::Supervisor => "supervisor",
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_to_the_process_group_saves_closes_and_exits_zero() {
+    unsaved_rooms_are_saved_on("INT", Target::Group).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_the_process_group_saves_closes_and_exits_zero() {
+    unsaved_rooms_are_saved_on("TERM", Target::Group).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_to_the_supervisor_saves_closes_and_exits_zero() {
+    unsaved_rooms_are_saved_on("INT", Target::Supervisor).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_the_supervisor_saves_closes_and_exits_zero() {
+    unsaved_rooms_are_saved_on("TERM", Target::Supervisor).await;
+}
+
+/// A server on the in-test backend, in its own process group, with the default
+/// shutdown budget, and one member in each of `rooms` (boards exist).
+async fn with_backend(backend: &Backend, rooms: &[&str]) -> (Server, Vec<Client>) {
+    let url = backend.url();
+    let server = Server::start_in_own_group(
+        &["--workers", "2", "--backend-url", url.as_str()],
+        &[
+            ("JWT_SECRET", SECRET),
+            ("SESSION_SERVER_SECRET", BACKEND_SECRET),
+        ],
+    );
+    let mut clients = Vec::new();
+    for (i, room) in rooms.iter().enumerate() {
+        backend.create_board(room, json!([]));
+        clients.push(server.join(&format!("user-{i}"), room).await);
+    }
+    (server, clients)
+}
+
+/// A backend that never answers: the saves give up in time, the log names the
+/// room that could not be saved, and the whole group is gone within 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_never_answers_still_ends_the_group_within_ten_seconds() {
+    let backend = Backend::start().await;
+    let (mut server, mut clients) = with_backend(&backend, &["hung-room"]).await;
+    backend.set_mode(Mode::Hang);
+    clients[0].send(rect(1)).await;
+    clients[0].until(|s| shapes(s).len() == 1).await;
+    let mut pids = server.worker_pids().await;
+    pids.push(server.pid());
+
+    let signalled = Instant::now();
+    signal_group(server.pid(), "TERM");
+    goes_away(clients.remove(0)).await;
+    let (code, took) = exit_within_budget(&mut server, &pids, signalled);
+    assert_eq!(code, 0, "{}", server.logs());
+    eprintln!("hung backend, SIGTERM to the process group: exit {took:?} after the signal");
+    let logs = server.logs();
+    let summary = logs
+        .lines()
+        .find(|l| l.contains("some rooms could not be saved"))
+        .unwrap_or_else(|| panic!("no shutdown summary: {logs}"));
+    assert!(summary.contains("hung-room"), "{summary}");
+    assert_eq!(backend.shapes("hung-room"), Some(json!([])));
+}
+
+/// A worker killed while the shutdown waits for saves is not replaced (a
+/// replacement would only delay the exit), its rooms are named in the log, and
+/// the shutdown completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_during_the_shutdown_is_not_restarted() {
+    let backend = Backend::start().await;
+    let (mut server, mut clients) = with_backend(&backend, &["room-a", "room-b"]).await;
+    // Both rooms stay unsaved, so the shutdown waits for its saves.
+    backend.set_mode(Mode::Hang);
+    for client in &mut clients {
+        client.send(rect(1)).await;
+        client.until(|s| shapes(s).len() == 1).await;
+    }
+    let status = server.status().await;
+    let workers = status["workers"].as_array().unwrap();
+    let victim = workers[0]["pid"].as_u64().unwrap() as u32;
+    let victim_rooms = workers[0]["rooms"].clone();
+    let mut pids = server.worker_pids().await;
+    pids.push(server.pid());
+
+    let signalled = Instant::now();
+    server.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send_signal(victim, "KILL");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Still draining (the other worker waits for its save): /status answers.
+    let status = server.status().await;
+    for worker in status["workers"].as_array().unwrap() {
+        assert_eq!(worker["restarts"], 0, "{status}");
+    }
+    assert_eq!(status["workers"][0]["pid"], Value::Null, "{status}");
+
+    for client in clients {
+        goes_away(client).await;
+    }
+    let (code, took) = exit_within_budget(&mut server, &pids, signalled);
+    assert_eq!(code, 0, "{}", server.logs());
+    eprintln!("worker killed during the shutdown: exit {took:?} after the signal");
+    let logs = server.logs();
+    assert!(!logs.contains("restoring its rooms"), "{logs}");
+    let not_replaced = logs
+        .lines()
+        .find(|l| l.contains("not replaced"))
+        .unwrap_or_else(|| panic!("no log of the lost worker: {logs}"));
+    let room = victim_rooms[0].as_str().unwrap();
+    assert!(not_replaced.contains(room), "{not_replaced}");
+}
