@@ -9,11 +9,13 @@
 //! `ratelimit`); a user whose earlier connection vanished without a close takes
 //! its place once it fails to answer a ping (`take_over`).
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::sync::watch;
+use tokio::time::Sleep;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug, info, info_span};
 
@@ -128,6 +130,11 @@ async fn take_over(shared: &Shared, entry: &RoomEntry, conn: ConnId) -> Option<C
     }
 }
 
+/// A timer for when the budget allows the oldest held message, if any is held.
+fn wake_for(backlog: &Backlog, budget: &Budget) -> Option<Pin<Box<Sleep>>> {
+    (!backlog.is_empty()).then(|| Box::pin(tokio::time::sleep_until(budget.next_token_at().into())))
+}
+
 /// Forwards a client message to the room's worker.
 async fn forward(
     shared: &Shared,
@@ -186,6 +193,10 @@ async fn serve(
     );
     // Messages that found the budget empty, waiting for it.
     let mut backlog = Backlog::default();
+    // Wakes the session when the budget allows the oldest held message. Boxed and
+    // only there while messages are held: an idle connection pays 8 bytes for it,
+    // and a session that is within its budget never touches the timer wheel.
+    let mut budget_timer: Option<Pin<Box<Sleep>>> = None;
     // Probes (a newer connection of this user asking whether this one is alive)
     // seen, and whether one waits for the client to be heard from.
     let mut probes_seen = 0;
@@ -218,10 +229,11 @@ async fn serve(
                     }
                 }
             }
-            _ = tokio::time::sleep_until(budget.next_token_at().into()), if !backlog.is_empty() => {
+            _ = async { budget_timer.as_mut().expect("guarded").await }, if budget_timer.is_some() => {
                 if let Err(end) = flush(shared, entry, queue, conn, &mut backlog, &mut budget).await {
                     return end;
                 }
+                budget_timer = wake_for(&backlog, &budget);
             }
             changed = async { snapshots.as_mut().expect("guarded").changed().await }, if snapshots.is_some() => {
                 if changed.is_err() {
@@ -279,6 +291,9 @@ async fn serve(
                         }
                         if backlog.hold(text) == Held::Folded {
                             shared.metrics.cursor_moves_folded.inc();
+                        }
+                        if budget_timer.is_none() {
+                            budget_timer = wake_for(&backlog, &budget);
                         }
                     }
                     Some(Ok(Message::Binary(bytes))) => {
