@@ -289,6 +289,10 @@ pub enum ConfigError {
     #[error("--ping-interval-ms must be at least 10")]
     PingTooShort,
     #[error(
+        "--takeover-wait-ms must be at least 10 (a live connection needs time to answer a ping)"
+    )]
+    TakeoverTooShort,
+    #[error(
         "{0} is shorter than {MIN_SECRET_BYTES} bytes: use a long random secret (or --allow-weak-secret for development)"
     )]
     WeakSecret(&'static str),
@@ -343,6 +347,9 @@ impl ServeArgs {
         }
         if self.ping_interval_ms < 10 {
             return Err(ConfigError::PingTooShort);
+        }
+        if self.takeover_wait_ms < 10 {
+            return Err(ConfigError::TakeoverTooShort);
         }
         let store = match self.backend_url.filter(|u| !u.is_empty()) {
             Some(url) => {

@@ -33,6 +33,17 @@ use registry::Registry;
 /// close frame) and then stopping workers (they exit at once after a drain).
 const SHUTDOWN_RESERVE: Duration = Duration::from_millis(1500);
 
+/// The sessions' part in a shutdown, in order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SessionsPhase {
+    Serving,
+    /// Rooms are being saved: client frames are no longer read (nothing new is
+    /// applied, so nothing applied is left unsaved); snapshots still go out.
+    Saving,
+    /// Close every client with 1001.
+    Closing,
+}
+
 /// State shared by every connection task.
 pub struct Shared {
     pub config: Config,
@@ -46,8 +57,10 @@ pub struct Shared {
     pub sessions: TaskTracker,
     /// Cancelled when the server begins to shut down: no new connections.
     pub stop: CancellationToken,
-    /// Cancelled once rooms are saved on shutdown: sessions close with 1001.
-    pub close_sessions: CancellationToken,
+    /// What sessions do in a shutdown: read their clients while `Serving`, stop
+    /// reading them while rooms are saved (so every edit a client saw applied is
+    /// in the save), then close them with 1001.
+    pub sessions_phase: tokio::sync::watch::Sender<SessionsPhase>,
     /// `--max-connections` permits: one per open TCP connection in its HTTP phase,
     /// one per WebSocket session.
     pub connection_permits: Arc<tokio::sync::Semaphore>,
@@ -162,7 +175,7 @@ pub async fn run(
         next_conn: AtomicU64::new(1),
         sessions: TaskTracker::new(),
         stop: stop.clone(),
-        close_sessions: CancellationToken::new(),
+        sessions_phase: tokio::sync::watch::Sender::new(SessionsPhase::Serving),
         connection_permits,
     });
 
@@ -188,6 +201,7 @@ pub async fn run(
         budget_ms = budget.as_millis() as u64,
         "saving rooms before exit"
     );
+    shared.sessions_phase.send_replace(SessionsPhase::Saving);
     let reports = shared.pool.drain(plan.saves_until).await;
     let saved: u32 = reports.iter().flat_map(|(_, r)| r).map(|r| r.saved).sum();
     let unsaved: Vec<String> = reports
@@ -208,7 +222,7 @@ pub async fn run(
         error!(saved, ?unsaved, workers_not_answering = ?silent, "shutdown: some rooms could not be saved");
     }
 
-    shared.close_sessions.cancel();
+    shared.sessions_phase.send_replace(SessionsPhase::Closing);
     shared.sessions.close();
     if tokio::time::timeout_at(plan.clients_until, shared.sessions.wait())
         .await

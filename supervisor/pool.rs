@@ -177,29 +177,24 @@ impl WorkerPool {
         let grace = deadline
             .saturating_duration_since(tokio::time::Instant::now())
             .saturating_sub(DRAIN_ANSWER_MARGIN);
-        let mut answers = Vec::new();
-        for slot in &self.slots {
+        // All at once: a worker whose queue is full must not eat the others' time.
+        let drains = self.slots.iter().map(|slot| async move {
             let (tx, rx) = oneshot::channel();
             *slot.drained.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
             let drain = ToWorker::Drain {
                 grace_ms: grace.as_millis() as u64,
             };
             let sent = tokio::time::timeout_at(deadline, slot.queue.send(drain)).await;
-            answers.push((slot.id, rx, matches!(sent, Ok(Ok(())))));
-        }
-        let mut reports = Vec::new();
-        for (id, rx, sent) in answers {
-            let report = if sent {
-                tokio::time::timeout_at(deadline, rx)
+            let report = match sent {
+                Ok(Ok(())) => tokio::time::timeout_at(deadline, rx)
                     .await
                     .ok()
-                    .and_then(Result::ok)
-            } else {
-                None
+                    .and_then(Result::ok),
+                _ => None,
             };
-            reports.push((id, report));
-        }
-        reports
+            (slot.id, report)
+        });
+        futures_util::future::join_all(drains).await
     }
 
     /// Closes every worker's socket (they exit at once after a drain) and waits
@@ -267,6 +262,9 @@ async fn supervise(
     let mut carry: Vec<ToWorker> = Vec::new();
     loop {
         let started = Instant::now();
+        // Serving ends by itself at the shutdown deadline; this bounds a worker
+        // still starting or restoring rooms then (dropping it kills the process).
+        let mut deadline = stopping.exit_by.clone();
         let mut serve = Serve {
             slot: &slot,
             frames: &mut frames,
@@ -278,7 +276,14 @@ async fn supervise(
             restore: &mut restore,
             carry: &mut carry,
         };
-        let ended = serve.run().await;
+        let ended = tokio::select! {
+            biased;
+            ended = serve.run() => ended,
+            _ = async {
+                let at = exit_requested(&mut deadline).await;
+                tokio::time::sleep_until(at).await;
+            } => Ended::plain("still starting at the shutdown deadline; killed".to_owned()),
+        };
         slot.pid.store(0, Ordering::Relaxed);
         if stopping.exit_by.borrow().is_some() {
             info!(worker = %slot.id, "{}", ended.how);
@@ -316,8 +321,9 @@ async fn supervise(
             delay = Duration::ZERO;
         }
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            biased;
             _ = stopping.server.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).clamp(MIN_RESPAWN_DELAY, MAX_RESPAWN_DELAY);
         slot.restarts.fetch_add(1, Ordering::Relaxed);

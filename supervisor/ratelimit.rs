@@ -49,15 +49,19 @@ impl Budget {
         self.last = now;
     }
 
+    /// Whether there is budget left for one more message.
+    pub fn has_token(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= 1.0
+    }
+
     /// Takes the budget for one message, if there is budget left.
     pub fn try_take(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        if self.tokens >= 1.0 {
+        let taken = self.has_token(now);
+        if taken {
             self.tokens -= 1.0;
-            true
-        } else {
-            false
         }
+        taken
     }
 
     /// When the budget for the next message will be there.
@@ -66,7 +70,8 @@ impl Budget {
         self.last + Duration::from_secs_f64(missing / self.per_sec)
     }
 
-    /// Records a message that found the budget empty (it waits, or is folded).
+    /// Records a message read ahead over the budget (a cursor move, held or
+    /// folded: messages that wait are not read ahead, so cost nothing more).
     /// Returns true when the client has flooded for `close_after` consecutive
     /// windows: it is to be closed.
     pub fn over(&mut self, now: Instant) -> bool {
@@ -103,22 +108,34 @@ pub fn is_cursor_move(text: &str) -> bool {
     serde_json::from_str::<Kind>(text).is_ok_and(|k| k.kind.as_deref() == Some("cursor_move"))
 }
 
-/// A client's messages that found its budget empty, in arrival order: at most
-/// one cursor move (a newer one replaces it: it is folded) followed by at most
-/// one other message. While another message waits, the client's socket is not
-/// read, so TCP slows the client down and nothing it sent is dropped.
+/// A client's messages not yet forwarded, in arrival order: at most one cursor
+/// move (a newer one replaces it: it is folded) followed by at most one other
+/// frame. While that other frame waits, the client's socket is not read, so TCP
+/// slows the client down and nothing it sent is dropped.
 #[derive(Default)]
 pub struct Backlog {
     cursor: Option<String>,
-    waiting: Option<String>,
+    waiting: Option<Released>,
 }
 
-/// What became of a message put in the backlog.
+/// What leaves the backlog when the budget allows it.
+#[derive(Debug, PartialEq)]
+pub enum Released {
+    /// A message for the room's worker.
+    Message(String),
+    /// A frame already dealt with (a ping answered, a binary frame ignored) that
+    /// still spends the budget: the client's next frames wait for it.
+    Spent,
+}
+
+/// What became of a message put in the backlog over the budget.
 #[derive(Debug, PartialEq)]
 pub enum Held {
-    /// It waits for the budget.
+    /// It waits for the budget; reading pauses meanwhile.
     Waiting,
-    /// It replaced an older cursor move, which will never be sent.
+    /// A cursor move, held while reading goes on (a newer one will replace it).
+    Cursor,
+    /// A cursor move that replaced an older one, which will never be sent.
     Folded,
 }
 
@@ -127,29 +144,44 @@ impl Backlog {
         self.cursor.is_none() && self.waiting.is_none()
     }
 
-    /// Whether the client's socket may be read: not while a message that cannot
-    /// be folded waits.
+    /// Whether the client's socket may be read: not while a frame that cannot be
+    /// folded waits.
     pub fn may_read(&self) -> bool {
         self.waiting.is_none()
     }
 
-    /// Holds a message until the budget allows it. Must not be called while
-    /// [`may_read`](Self::may_read) is false.
-    pub fn hold(&mut self, text: String) -> Held {
-        debug_assert!(self.waiting.is_none());
-        if is_cursor_move(&text) {
-            if self.cursor.replace(text).is_some() {
-                return Held::Folded;
-            }
-        } else {
-            self.waiting = Some(text);
-        }
-        Held::Waiting
+    /// Queues a message within the budget, unclassified (parsing it here would
+    /// cost every message; the worker parses it).
+    pub fn pass(&mut self, text: String) {
+        debug_assert!(self.may_read());
+        self.waiting = Some(Released::Message(text));
     }
 
-    /// The oldest held message, in arrival order.
-    pub fn pop(&mut self) -> Option<String> {
-        self.cursor.take().or_else(|| self.waiting.take())
+    /// Queues a frame that only spends the budget.
+    pub fn spend(&mut self) {
+        debug_assert!(self.may_read());
+        self.waiting = Some(Released::Spent);
+    }
+
+    /// Holds a message over the budget until the budget allows it.
+    pub fn hold(&mut self, text: String) -> Held {
+        debug_assert!(self.may_read());
+        if !is_cursor_move(&text) {
+            self.waiting = Some(Released::Message(text));
+            Held::Waiting
+        } else if self.cursor.replace(text).is_some() {
+            Held::Folded
+        } else {
+            Held::Cursor
+        }
+    }
+
+    /// The oldest queued item.
+    pub fn pop(&mut self) -> Option<Released> {
+        self.cursor
+            .take()
+            .map(Released::Message)
+            .or_else(|| self.waiting.take())
     }
 }
 
@@ -240,14 +272,18 @@ mod tests {
     fn the_backlog_folds_cursor_moves_and_keeps_order() {
         let mut backlog = Backlog::default();
         let cursor = |x: u32| format!(r#"{{"type":"cursor_move","x":{x},"y":0}}"#);
-        assert_eq!(backlog.hold(cursor(1)), Held::Waiting);
+        assert_eq!(backlog.hold(cursor(1)), Held::Cursor);
         assert_eq!(backlog.hold(cursor(2)), Held::Folded);
         assert!(backlog.may_read());
         let create = r#"{"type":"shape_create"}"#.to_owned();
         assert_eq!(backlog.hold(create.clone()), Held::Waiting);
         assert!(!backlog.may_read());
-        assert_eq!(backlog.pop(), Some(cursor(2)));
-        assert_eq!(backlog.pop(), Some(create));
+        assert_eq!(backlog.pop(), Some(Released::Message(cursor(2))));
+        assert_eq!(backlog.pop(), Some(Released::Message(create)));
         assert!(backlog.is_empty() && backlog.may_read());
+        backlog.spend();
+        assert!(!backlog.may_read());
+        assert_eq!(backlog.pop(), Some(Released::Spent));
+        assert_eq!(backlog.pop(), None);
     }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::ipc::{
     ConnId, JoinRejection, RoomEvent, RoomId, RoomSummary, Stamped, ToWorker, WorkerId,
@@ -124,13 +124,13 @@ struct Member {
     /// The connection's session is told its state through this.
     state: ConnStateSender,
     /// From the token.
-    user_id: String,
+    user_id: Box<str>,
     /// A join was stamped for it and no leave since.
     joined: bool,
-    /// Set while a newer connection of the same user waits to learn whether this
-    /// one is alive: completed when its client is heard from, dropped when it
+    /// Set while newer connections of the same user wait to learn whether this
+    /// one is alive: set to true when its client is heard from, dropped when it
     /// leaves.
-    probe: Option<oneshot::Sender<()>>,
+    probe: Option<watch::Sender<bool>>,
 }
 
 impl Member {
@@ -142,13 +142,13 @@ impl Member {
 
 /// What a connection joining a room finds of its user.
 pub enum Holder {
-    /// The user is not in the room (or is already being asked about).
+    /// The user is not in the room.
     None,
-    /// Another connection holds the user's place: the receiver completes if it is
-    /// alive and fails if it leaves.
+    /// Another connection holds the user's place: the receiver turns true if it
+    /// is alive, and fails if it leaves.
     Probed {
         conn: ConnId,
-        answer: oneshot::Receiver<()>,
+        answer: watch::Receiver<bool>,
     },
 }
 
@@ -262,7 +262,7 @@ impl Registry {
     ) -> Result<Arc<RoomEntry>, PlacementError> {
         let member = Member {
             state,
-            user_id,
+            user_id: user_id.into(),
             joined: false,
             probe: None,
         };
@@ -291,7 +291,8 @@ impl Registry {
     }
 
     /// Whether another joined connection holds `conn`'s user in the room; if so,
-    /// asks that connection's session to ping its client at once.
+    /// asks that connection's session to ping its client at once (unless a probe
+    /// is already out: then this connection waits for the same answer).
     pub fn probe_holder(&self, entry: &RoomEntry, conn: ConnId) -> Holder {
         let mut state = lock(&entry.state);
         let Some(user_id) = state.conns.get(&conn).map(|m| m.user_id.clone()) else {
@@ -301,27 +302,39 @@ impl Registry {
             .conns
             .iter_mut()
             .find(|(c, m)| **c != conn && m.joined && m.user_id == user_id);
-        match holder {
-            Some((&holder, member)) if member.probe.is_none() => {
-                let (tx, answer) = oneshot::channel();
-                member.probe = Some(tx);
+        let Some((&holder, member)) = holder else {
+            return Holder::None;
+        };
+        let answer = match &member.probe {
+            Some(probe) => probe.subscribe(),
+            None => {
+                let (probe, answer) = watch::channel(false);
+                member.probe = Some(probe);
                 member
                     .state
                     .send_modify(|s| s.probes = s.probes.wrapping_add(1));
-                Holder::Probed {
-                    conn: holder,
-                    answer,
-                }
+                answer
             }
-            _ => Holder::None,
+        };
+        Holder::Probed {
+            conn: holder,
+            answer,
         }
     }
 
-    /// The session's client was heard from: answers a probe, if one waits.
+    /// Whether `conn` is (still) a joined member of the room.
+    pub fn is_joined(&self, entry: &RoomEntry, conn: ConnId) -> bool {
+        lock(&entry.state)
+            .conns
+            .get(&conn)
+            .is_some_and(|m| m.joined)
+    }
+
+    /// The session's client was heard from: answers the probe, if one is out.
     pub fn alive(&self, entry: &RoomEntry, conn: ConnId) {
         let mut state = lock(&entry.state);
         if let Some(probe) = state.conns.get_mut(&conn).and_then(|m| m.probe.take()) {
-            let _ = probe.send(());
+            probe.send_replace(true);
         }
     }
 
@@ -341,7 +354,7 @@ impl Registry {
         if state.lost {
             return Err(RoomLost);
         }
-        let Some(user_id) = state.conns.get(&conn).map(|m| m.user_id.clone()) else {
+        let Some(user_id) = state.conns.get(&conn).map(|m| m.user_id.to_string()) else {
             return Err(RoomLost);
         };
         if let Some(old) = replace
@@ -461,14 +474,22 @@ impl Registry {
         });
     }
 
+    /// Tells a joined connection's session the worker's verdict. A connection that
+    /// was closed meanwhile (replaced, or its room lost) stays closed.
     fn tell(&self, room: &RoomId, conn: ConnId, membership: impl FnOnce(&RoomEntry) -> Membership) {
         let Some(entry) = lock(&self.inner).rooms.get(room).cloned() else {
             return;
         };
         let state = lock(&entry.state);
-        if let Some(member) = state.conns.get(&conn) {
+        if let Some(member) = state.conns.get(&conn).filter(|m| m.joined) {
             let membership = membership(&entry);
-            member.state.send_modify(|s| s.membership = membership);
+            member.state.send_if_modified(|s| {
+                let open = !matches!(s.membership, Membership::Closed { .. });
+                if open {
+                    s.membership = membership;
+                }
+                open
+            });
         }
     }
 
@@ -1034,5 +1055,44 @@ mod tests {
         registry.saved(&room("b"), WorkerId(0), 2); // not b's worker: ignored
         assert_eq!(registry.unconfirmed_rooms(WorkerId(0)), [room("c")]);
         assert_eq!(registry.unconfirmed_rooms(WorkerId(1)), [room("b")]);
+    }
+
+    #[tokio::test]
+    async fn newcomers_share_one_probe_and_a_replaced_connection_stays_closed() {
+        let registry = Registry::new(1, 1, 1);
+        let (tx, _rx) = mpsc::channel(16);
+        let (old_tx, old_rx) = commands();
+        let entry = registry
+            .register(&room("a"), ConnId(1), "u".into(), old_tx)
+            .unwrap();
+        // Its join is stamped but the worker has not admitted it yet.
+        registry.join(&entry, &tx, ConnId(1), None).await.unwrap();
+        for conn in [2, 3] {
+            registry
+                .register(&room("a"), ConnId(conn), "u".into(), commands().0)
+                .unwrap();
+        }
+        let (Holder::Probed { answer: mut a, .. }, Holder::Probed { answer: mut b, .. }) = (
+            registry.probe_holder(&entry, ConnId(2)),
+            registry.probe_holder(&entry, ConnId(3)),
+        ) else {
+            panic!("both find the first connection");
+        };
+        // One ping for both.
+        assert_eq!(old_rx.borrow().probes, 1);
+        registry.alive(&entry, ConnId(1));
+        assert!(*a.wait_for(|alive| *alive).await.unwrap());
+        assert!(*b.wait_for(|alive| *alive).await.unwrap());
+
+        // Replaced before the worker's verdict: the late admission does not reopen it.
+        registry
+            .join(&entry, &tx, ConnId(2), Some(ConnId(1)))
+            .await
+            .unwrap();
+        registry.admit(&room("a"), ConnId(1));
+        assert!(matches!(
+            old_rx.borrow().membership,
+            Membership::Closed { code: 4000, .. }
+        ));
     }
 }

@@ -19,12 +19,12 @@ use tokio::time::Sleep;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug, info, info_span};
 
-use super::Shared;
 use super::auth::Identity;
-use super::ratelimit::{Backlog, Budget, Held};
+use super::ratelimit::{Backlog, Budget, Held, Released};
 use super::registry::{ConnState, Holder, Membership, RoomEntry, SnapshotCell};
 use super::websocket::{ClientReader, ClientWriter};
-use crate::ipc::{ConnId, ToWorker};
+use super::{SessionsPhase, Shared};
+use crate::ipc::ConnId;
 use crate::protocol::{
     CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_POLICY, REASON_DUPLICATE_USER, REASON_RATE_LIMIT,
     REASON_ROOM_FULL,
@@ -36,6 +36,11 @@ use crate::protocol::{
 const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long to wait for the client's answer to our close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// When a user's earlier connection proves alive, how long a new connection of
+/// the user waits for it to leave anyway (a page reload races its old socket's
+/// close), checking every `LEAVING_POLL`.
+const LEAVING_GRACE: Duration = Duration::from_millis(500);
+const LEAVING_POLL: Duration = Duration::from_millis(20);
 /// WebSocket close code for a message over the size limit.
 const CLOSE_TOO_BIG: u16 = 1009;
 
@@ -113,58 +118,32 @@ pub fn run(
 /// If it answers, this one joins as usual and the worker refuses it as a
 /// duplicate; if it leaves meanwhile, this one simply joins.
 async fn take_over(shared: &Shared, entry: &RoomEntry, conn: ConnId) -> Option<ConnId> {
-    let Holder::Probed { conn: old, answer } = shared.registry.probe_holder(entry, conn) else {
+    let Holder::Probed {
+        conn: old,
+        mut answer,
+    } = shared.registry.probe_holder(entry, conn)
+    else {
         return None;
     };
-    match tokio::time::timeout(shared.config.takeover_wait, answer).await {
-        Ok(Ok(())) => {
-            info!(%old, "the user's earlier connection is alive; refusing this one");
+    let alive = async { answer.wait_for(|alive| *alive).await.is_ok() };
+    match tokio::time::timeout(shared.config.takeover_wait, alive).await {
+        Ok(true) => {
+            // Alive, or heard from just now: perhaps a reloading page whose close
+            // is on its way. Give it a moment to leave before the worker decides.
+            let until = Instant::now() + LEAVING_GRACE;
+            while Instant::now() < until && shared.registry.is_joined(entry, old) {
+                tokio::time::sleep(LEAVING_POLL).await;
+            }
+            info!(%old, "the user's earlier connection is alive");
             None
         }
-        Ok(Err(_)) => None,
+        Ok(false) => None,
         Err(_) => {
             info!(%old, "the user's earlier connection did not answer a ping; replacing it");
             shared.metrics.connections_replaced.inc();
             Some(old)
         }
     }
-}
-
-/// A timer for when the budget allows the oldest held message, if any is held.
-fn wake_for(backlog: &Backlog, budget: &Budget) -> Option<Pin<Box<Sleep>>> {
-    (!backlog.is_empty()).then(|| Box::pin(tokio::time::sleep_until(budget.next_token_at().into())))
-}
-
-/// Forwards a client message to the room's worker.
-async fn forward(
-    shared: &Shared,
-    entry: &RoomEntry,
-    queue: &tokio::sync::mpsc::Sender<ToWorker>,
-    conn: ConnId,
-    text: String,
-) -> Result<(), End> {
-    shared
-        .registry
-        .forward(entry, queue, conn, text)
-        .await
-        .map_err(|_| End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable"))
-}
-
-/// Forwards the held messages the budget now allows, oldest first.
-async fn flush(
-    shared: &Shared,
-    entry: &RoomEntry,
-    queue: &tokio::sync::mpsc::Sender<ToWorker>,
-    conn: ConnId,
-    backlog: &mut Backlog,
-    budget: &mut Budget,
-) -> Result<(), End> {
-    while !backlog.is_empty() && budget.try_take(Instant::now()) {
-        if let Some(text) = backlog.pop() {
-            forward(shared, entry, queue, conn, text).await?;
-        }
-    }
-    Ok(())
 }
 
 async fn serve(
@@ -201,10 +180,17 @@ async fn serve(
     // seen, and whether one waits for the client to be heard from.
     let mut probes_seen = 0;
     let mut probe_waiting = false;
+    let mut phase = shared.sessions_phase.subscribe();
+    phase.mark_changed();
+    let mut reading = true;
 
     loop {
         tokio::select! {
-            _ = shared.close_sessions.cancelled() => return End::Close(CLOSE_GOING_AWAY, "Going Away"),
+            changed = phase.changed() => match (changed, *phase.borrow_and_update()) {
+                (Ok(()), SessionsPhase::Serving) => {}
+                (Ok(()), SessionsPhase::Saving) => reading = false,
+                _ => return End::Close(CLOSE_GOING_AWAY, "Going Away"),
+            },
             changed = conn_state.changed() => {
                 if changed.is_err() {
                     return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable");
@@ -223,17 +209,20 @@ async fn serve(
                     std::mem::replace(&mut probes_seen, state.probes) != state.probes
                 };
                 if probed {
-                    probe_waiting = true;
-                    if !matches!(tokio::time::timeout(WRITE_TIMEOUT, sink.ping()).await, Ok(Ok(()))) {
-                        return End::ClientGone;
+                    if last_heard.elapsed() < shared.config.takeover_wait {
+                        // Heard from just now: alive, no need to ask.
+                        shared.registry.alive(entry, conn);
+                    } else {
+                        probe_waiting = true;
+                        if !matches!(tokio::time::timeout(WRITE_TIMEOUT, sink.ping()).await, Ok(Ok(()))) {
+                            return End::ClientGone;
+                        }
                     }
                 }
             }
+            // The budget allows the oldest held message: it goes below.
             _ = async { budget_timer.as_mut().expect("guarded").await }, if budget_timer.is_some() => {
-                if let Err(end) = flush(shared, entry, queue, conn, &mut backlog, &mut budget).await {
-                    return end;
-                }
-                budget_timer = wake_for(&backlog, &budget);
+                budget_timer = None;
             }
             changed = async { snapshots.as_mut().expect("guarded").changed().await }, if snapshots.is_some() => {
                 if changed.is_err() {
@@ -264,56 +253,54 @@ async fn serve(
                     }
                 }
             }
-            // Not read while a message waits for the budget: TCP then slows the
-            // client down, and nothing it sent is lost.
-            frame = stream.next(), if backlog.may_read() => {
-                last_heard = Instant::now();
+            // Not read while a frame waits for the budget: TCP then slows the
+            // client down, and nothing it sent is lost. Nor while rooms are saved
+            // for a shutdown.
+            frame = stream.next(), if reading && backlog.may_read() => {
+                let now = Instant::now();
+                last_heard = now;
                 if probe_waiting && matches!(frame, Some(Ok(ref m)) if !m.is_close()) {
                     probe_waiting = false;
                     shared.registry.alive(entry, conn);
                 }
+                let within_budget = backlog.is_empty() && budget.has_token(now);
+                if !within_budget && matches!(frame, Some(Ok(ref m)) if m.is_text() || m.is_binary() || m.is_ping() || m.is_pong()) {
+                    shared.metrics.frames_rate_limited.inc();
+                }
                 match frame {
                     Some(Ok(Message::Text(text))) => {
                         let text = String::from(text.as_str());
-                        if let Err(end) = flush(shared, entry, queue, conn, &mut backlog, &mut budget).await {
-                            return end;
-                        }
-                        if backlog.is_empty() && budget.try_take(Instant::now()) {
-                            if let Err(end) = forward(shared, entry, queue, conn, text).await {
-                                return end;
+                        if within_budget {
+                            backlog.pass(text);
+                        } else {
+                            match backlog.hold(text) {
+                                Held::Waiting => {}
+                                held => {
+                                    if held == Held::Folded {
+                                        shared.metrics.cursor_moves_folded.inc();
+                                    }
+                                    if budget.over(now) {
+                                        info!("client kept sending cursor moves far over its message budget; closing it");
+                                        return End::Close(CLOSE_POLICY, REASON_RATE_LIMIT);
+                                    }
+                                }
                             }
-                            continue;
-                        }
-                        shared.metrics.frames_rate_limited.inc();
-                        if budget.over(Instant::now()) {
-                            info!("client stayed far over its message budget; closing it");
-                            return End::Close(CLOSE_POLICY, REASON_RATE_LIMIT);
-                        }
-                        if backlog.hold(text) == Held::Folded {
-                            shared.metrics.cursor_moves_folded.inc();
-                        }
-                        if budget_timer.is_none() {
-                            budget_timer = wake_for(&backlog, &budget);
                         }
                     }
                     Some(Ok(Message::Binary(bytes))) => {
                         shared.metrics.binary_frames.inc();
                         debug!(len = bytes.len(), "binary frame ignored (the protocol is text)");
                         // Ignored, but not free: it counts against the budget.
-                        if !budget.try_take(Instant::now()) {
-                            shared.metrics.frames_rate_limited.inc();
-                            if budget.over(Instant::now()) {
-                                info!("client stayed far over its message budget; closing it");
-                                return End::Close(CLOSE_POLICY, REASON_RATE_LIMIT);
-                            }
-                        }
+                        backlog.spend();
                     }
                     Some(Ok(Message::Ping(payload))) => {
                         if !matches!(tokio::time::timeout(WRITE_TIMEOUT, sink.pong(&payload)).await, Ok(Ok(()))) {
                             return End::ClientGone;
                         }
+                        backlog.spend();
                     }
-                    Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
+                    Some(Ok(Message::Pong(_))) => backlog.spend(),
+                    Some(Ok(Message::Frame(_))) => {}
                     Some(Ok(Message::Close(frame))) => {
                         // Echo the client's close code, as RFC 6455 §5.5.1 asks.
                         let code = frame.map_or(1000, |f| u16::from(f.code));
@@ -348,6 +335,23 @@ async fn serve(
                     return End::ClientGone;
                 }
             }
+        }
+        // The one place client messages go to the room's worker: what the budget
+        // allows, oldest first.
+        while !backlog.is_empty() && budget.try_take(Instant::now()) {
+            if let Some(Released::Message(text)) = backlog.pop()
+                && shared
+                    .registry
+                    .forward(entry, queue, conn, text)
+                    .await
+                    .is_err()
+            {
+                return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable");
+            }
+        }
+        if !backlog.is_empty() && budget_timer.is_none() {
+            let at = budget.next_token_at().into();
+            budget_timer = Some(Box::pin(tokio::time::sleep_until(at)));
         }
     }
 }

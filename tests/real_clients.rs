@@ -150,6 +150,9 @@ async fn a_connection_that_stopped_answering_is_replaced_by_its_user_s_new_one()
     // The ghost: its network vanished, so it never reads or answers again.
     let mut ghost = server.join("alice", "lost").await;
     let mut bob = server.join("bob", "lost").await;
+    // Silent for longer than the takeover wait (a connection heard from within
+    // it counts as alive without being asked).
+    tokio::time::sleep(Duration::from_millis(2100)).await;
 
     let start = Instant::now();
     let mut again = server
@@ -233,4 +236,27 @@ async fn a_reload_whose_old_socket_closes_meanwhile_just_joins() {
     let mut new = new;
     let snap = new.until(|s| users(s) == ["dave"]).await;
     assert_eq!(users(&snap), ["dave"]);
+}
+
+#[tokio::test]
+async fn a_connection_heard_from_just_now_is_kept_without_waiting_for_a_ping() {
+    let server = Server::start(&[]);
+    let mut busy = server.join("erin", "recent").await;
+    // Erin just moved her mouse; her client is busy and does not read right now.
+    busy.send(json!({"type":"cursor_move","x":1,"y":1})).await;
+    let start = Instant::now();
+    let mut second = server
+        .connect(&server.url(&server.token("erin", "recent")))
+        .await;
+    assert_eq!(
+        second.closed().await,
+        Closed::Frame(1008, "Duplicate user".into())
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    let snap = busy.sync("erin", 2.0).await;
+    assert_eq!(users(&snap), ["erin"]);
 }

@@ -221,3 +221,36 @@ async fn a_worker_killed_during_the_shutdown_is_not_restarted() {
     let room = victim_rooms[0].as_str().unwrap();
     assert!(not_replaced.contains(room), "{not_replaced}");
 }
+
+/// While rooms are saved for a shutdown, clients' frames are no longer read:
+/// nothing a client sees applied can miss the save. A shape sent during the
+/// save is never shown (nor stored); the one sent before is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_new_is_applied_while_rooms_are_saved() {
+    let backend = Backend::start().await;
+    let (mut server, mut clients) = with_backend(&backend, &["late-room"]).await;
+    let mut client = clients.remove(0);
+    // The backend is slow: the shutdown's save takes a second.
+    backend.set_mode(Mode::Hang);
+    client.send(rect(1)).await;
+    client.until(|s| shapes(s).len() == 1).await;
+    let pids = vec![server.pid()];
+
+    let signalled = Instant::now();
+    server.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    backend.set_mode(Mode::Normal);
+    client.send(rect(2)).await;
+    // The client's last snapshot before the 1001 still has one shape.
+    assert_eq!(
+        client.closed().await,
+        Closed::Frame(1001, "Going Away".into())
+    );
+    let last: Value = serde_json::from_str(client.last.as_deref().unwrap()).unwrap();
+    assert_eq!(shapes(&last).len(), 1, "{last}");
+    let (code, _) = exit_within_budget(&mut server, &pids, signalled);
+    assert_eq!(code, 0);
+    let stored = backend.shapes("late-room").unwrap();
+    assert_eq!(stored.as_array().unwrap().len(), 1, "{stored}");
+    assert_eq!(stored[0]["x"], 1);
+}
