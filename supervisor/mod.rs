@@ -99,9 +99,13 @@ async fn watch_signals(stop: CancellationToken) {
             _ = hup.recv() => "SIGHUP",
         }
     };
-    info!("{}: shutting down", next().await);
+    // Awaited outside the log macros: a macro skips its arguments when its
+    // level is filtered out (RUST_LOG=warn would then stop the server at once).
+    let first = next().await;
+    info!("{first}: shutting down");
     stop.cancel();
-    warn!("second signal ({}): exiting now", next().await);
+    let second = next().await;
+    warn!("second signal ({second}): exiting now");
     std::process::exit(130);
 }
 

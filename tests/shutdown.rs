@@ -254,3 +254,24 @@ async fn nothing_new_is_applied_while_rooms_are_saved() {
     assert_eq!(stored.as_array().unwrap().len(), 1, "{stored}");
     assert_eq!(stored[0]["x"], 1);
 }
+
+/// The log level changes nothing: with `RUST_LOG=warn` the server serves until a
+/// signal, then shuts down as usual. (The shutdown's first signal was once awaited
+/// inside an `info!` macro, which skips its arguments when the level is off: the
+/// server then stopped right after starting.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_log_level_serves_until_the_signal() {
+    let mut server = Server::start_raw(
+        &["--workers", "1"],
+        &[("JWT_SECRET", SECRET), ("RUST_LOG", "warn")],
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut client = server.join("quiet", "room").await;
+    client.sync("quiet", 1.0).await;
+    let pids = vec![server.pid()];
+    let signalled = Instant::now();
+    server.signal("TERM");
+    goes_away(client).await;
+    let (code, _) = exit_within_budget(&mut server, &pids, signalled);
+    assert_eq!(code, 0);
+}
