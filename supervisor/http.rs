@@ -247,10 +247,16 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
             .max_message_size(Some(max))
             .max_frame_size(Some(max))
             .read_buffer_size(READ_BUFFER_BYTES);
-        let socket = match upgrade.await {
-            Ok(upgraded) => websocket::accept(upgraded, config).await,
-            Err(e) => Err(std::io::Error::other(e)),
-        };
+        // Boxed: the upgrade's and the handshake's futures are large and needed
+        // only until the session starts; inline, the task would keep their space
+        // for the connection's whole life.
+        let socket = Box::pin(async move {
+            match upgrade.await {
+                Ok(upgraded) => websocket::accept(upgraded, config).await,
+                Err(e) => Err(std::io::Error::other(e)),
+            }
+        })
+        .await;
         match socket {
             Ok(socket) => session::run(shared, socket, entry, conn, identity, conn_state).await,
             Err(e) => {
