@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod dev;
 pub mod http;
+pub mod journal;
 pub mod metrics;
 pub mod pool;
 pub mod ratelimit;

@@ -8,13 +8,14 @@
 //! Queue slots are reserved *before* taking the lock (reserving may wait), so no
 //! lock is ever held across an `.await`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
+use super::journal::{Journal, Recorded};
 use crate::ipc::{
     ConnId, JoinRejection, RoomEvent, RoomId, RoomSummary, Stamped, ToWorker, WorkerId,
 };
@@ -73,13 +74,6 @@ pub enum Membership {
 /// The registry's end of a connection's [`ConnState`].
 pub type ConnStateSender = watch::Sender<ConnState>;
 
-/// Journal length at which the worker is asked for a checkpoint (then again at
-/// every multiple), so a room with no shape changes (no saves) still has a short
-/// journal.
-const CHECKPOINT_EVERY: usize = 1000;
-/// Journal length past which a room can no longer be restored exactly; its
-/// journal is dropped and, if its worker fails, its members are closed (1011).
-const JOURNAL_MAX: usize = 50_000;
 /// A room blamed for this many worker crashes within [`POISON_WINDOW`] is closed.
 pub const POISON_CRASHES: usize = 3;
 pub const POISON_WINDOW: Duration = Duration::from_secs(60);
@@ -173,9 +167,9 @@ struct RoomState {
     checkpoint: Option<(u64, Vec<u8>)>,
     /// Every event stamped after the checkpoint, in order: with the checkpoint
     /// it rebuilds the room exactly if its worker fails.
-    journal: VecDeque<Stamped>,
-    /// The journal outgrew [`JOURNAL_MAX`]; the room cannot be restored exactly.
-    journal_overflow: bool,
+    journal: Journal,
+    /// The journal asked for a checkpoint; sent with the room's next frame.
+    checkpoint_wanted: bool,
     /// The room's worker failed and the room is not restored yet: events are
     /// journaled but not sent.
     restoring: bool,
@@ -205,14 +199,8 @@ impl RoomState {
             time_ms: unix_time_ms(),
             event,
         };
-        if !self.journal_overflow {
-            if self.journal.len() >= JOURNAL_MAX {
-                tracing::error!(%room, "journal over {JOURNAL_MAX} events without a checkpoint; the room can no longer be restored after a worker failure");
-                self.journal_overflow = true;
-                self.journal.clear();
-            } else {
-                self.journal.push_back(stamped.clone());
-            }
+        if self.journal.record(&stamped) == Recorded::WantsCheckpoint {
+            self.checkpoint_wanted = true;
         }
         ToWorker::Event(stamped)
     }
@@ -223,13 +211,7 @@ impl RoomState {
         self.id_seed = rand::random::<u64>();
         self.checkpoint = None;
         self.journal.clear();
-        self.journal_overflow = false;
         self.id_seed
-    }
-
-    /// Whether to ask the worker for a checkpoint after this event.
-    fn wants_checkpoint(&self) -> bool {
-        !self.journal.is_empty() && self.journal.len().is_multiple_of(CHECKPOINT_EVERY)
     }
 }
 
@@ -415,8 +397,8 @@ impl Registry {
         let frame = state.stamp(&entry.id, RoomEvent::Message { conn, text });
         if !state.restoring {
             permit.send(frame);
-            if state.wants_checkpoint() {
-                // Best effort: if the queue is full, the next multiple asks again.
+            if std::mem::take(&mut state.checkpoint_wanted) {
+                // Best effort: if the queue is full, the journal asks again later.
                 let _ = worker.try_send(ToWorker::CheckpointRequest {
                     room: entry.id.clone(),
                 });
@@ -540,9 +522,7 @@ impl Registry {
         {
             return; // an older checkpoint overtaken by a newer one
         }
-        while state.journal.front().is_some_and(|s| s.seq <= seq) {
-            state.journal.pop_front();
-        }
+        state.journal.checkpointed(seq);
         state.checkpoint = Some((seq, image));
     }
 
@@ -591,7 +571,7 @@ impl Registry {
         let mut restore = Vec::new();
         for entry in on_worker {
             let mut state = lock(&entry.state);
-            if state.journal_overflow {
+            if !state.journal.restorable() {
                 close_room(
                     &mut inner,
                     &entry,
@@ -719,6 +699,7 @@ impl Registry {
                     "lastSaveMs": summary.and_then(|s| s.last_save_ms),
                     "restoring": state.restoring,
                     "journal": state.journal.len(),
+                    "journalBytes": state.journal.bytes(),
                 })
             })
             .collect();

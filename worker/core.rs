@@ -51,6 +51,9 @@ struct SlotImage {
     board: Option<String>,
     /// Shapes changed since the last successful save.
     unsaved: bool,
+    /// The room's stored board is not loaded yet (a degraded room): the restored
+    /// room keeps loading it, and merges the stored shapes first when it comes.
+    degraded: bool,
 }
 
 enum Load {
@@ -231,9 +234,9 @@ impl WorkerCore {
             },
             ToWorker::CheckpointRequest { room } => {
                 if let Some(slot) = self.rooms.get(&room) {
-                    // Only a loaded room has an exact image (a loading one holds
-                    // events; a degraded one lacks its stored shapes).
-                    if matches!(slot.load, Load::Done) {
+                    // A loading room holds events it has not applied: no image
+                    // yet. A degraded one's image says its board is still to load.
+                    if matches!(slot.load, Load::Done | Load::Degraded) {
                         let image = Self::checkpoint(slot);
                         let seq = slot.room.last_seq();
                         self.replies
@@ -289,14 +292,23 @@ impl WorkerCore {
             return;
         };
         self.next_instance += 1;
+        let load = if image.degraded {
+            Load::Degraded
+        } else {
+            Load::Done
+        };
         let mut slot = RoomSlot::new(
             Room::from_image(room.clone(), image.room),
             self.next_instance,
-            Load::Done,
+            load,
             image.board.map(BoardId),
         );
         if image.unsaved {
             slot.save.changed(now);
+        }
+        if image.degraded {
+            // Its board is still to be loaded: go on trying (the next tick).
+            slot.load_retry_at = Some(now);
         }
         slot.save.urgent = self.drain.is_some();
         debug!(%room, seq = slot.room.last_seq(), "room restored from its checkpoint");
@@ -306,7 +318,13 @@ impl WorkerCore {
 
     /// The room's checkpoint as it is now (unsaved changes included and flagged).
     fn checkpoint(slot: &RoomSlot) -> Vec<u8> {
-        encode_checkpoint(slot.room.image(), &slot.board, slot.save.is_dirty())
+        let degraded = matches!(slot.load, Load::Degraded);
+        encode_checkpoint(
+            slot.room.image(),
+            &slot.board,
+            slot.save.is_dirty(),
+            degraded,
+        )
     }
 
     /// Applies one event to a room that is not waiting for its load.
@@ -695,7 +713,8 @@ fn start_save(store: &dyn BoardStore, results: &mpsc::Sender<StoreResult>, slot:
     let room_image = slot.room.image();
     let shapes_json = room_image.shapes_json.clone();
     // The room as written: once the save succeeds, nothing in it is unsaved.
-    let image = encode_checkpoint(room_image, &slot.board, false);
+    // Only a loaded room is saved, so the image is never degraded.
+    let image = encode_checkpoint(room_image, &slot.board, false, false);
     let room = slot.room.id().clone();
     let instance = slot.instance;
     let seq = slot.room.last_seq();
@@ -719,11 +738,17 @@ fn start_save(store: &dyn BoardStore, results: &mpsc::Sender<StoreResult>, slot:
 }
 
 /// A checkpoint: the room image and what persisting it needs, encoded.
-fn encode_checkpoint(room: RoomImage, board: &Option<BoardId>, unsaved: bool) -> Vec<u8> {
+fn encode_checkpoint(
+    room: RoomImage,
+    board: &Option<BoardId>,
+    unsaved: bool,
+    degraded: bool,
+) -> Vec<u8> {
     let image = SlotImage {
         room,
         board: board.as_ref().map(|b| b.0.clone()),
         unsaved,
+        degraded,
     };
     postcard::to_stdvec(&image).expect("serialising to memory cannot fail")
 }
@@ -1101,5 +1126,53 @@ mod tests {
             m,
             FromWorker::Drained { saved: 1, unsaved } if unsaved.is_empty()
         )));
+    }
+
+    /// A degraded room (its board did not load) is checkpointed like a loaded
+    /// one; restored from that image on a fresh worker it is still degraded: it
+    /// saves nothing, keeps loading, and merges the stored shapes first when the
+    /// store is back.
+    #[tokio::test(start_paused = true)]
+    async fn a_degraded_room_s_checkpoint_restores_it_degraded_and_it_still_merges() {
+        let store = FakeStore::default();
+        {
+            let mut state = store.0.lock().unwrap();
+            state.failing_loads = true;
+            let old = json!({"id":"old","type":"oval","x":7,"y":0,"width":1,"height":1,"userId":"u",
+                "timestamp":"2024-01-01T12:00:00.000Z","fill":"#000","stroke":"#fff","rotation":0});
+            state.stored.insert(room(), vec![old]);
+        }
+        let mut h = Harness::new(store.clone());
+        let t0 = Instant::now();
+        h.open_room_and_join();
+        h.run_until(t0 + Duration::from_millis(5000)).await;
+        h.create(1);
+        h.frame(ToWorker::CheckpointRequest { room: room() });
+        let image = h
+            .output
+            .iter()
+            .find_map(|m| match m {
+                FromWorker::Checkpoint { image, seq, .. } => Some((*seq, image.clone())),
+                _ => None,
+            })
+            .expect("a degraded room answers a checkpoint request");
+        assert_eq!(image.0, 2, "join and create");
+
+        // The worker died; a fresh one restores the room from the image.
+        let mut fresh = Harness::new(store.clone());
+        fresh.seq = h.seq;
+        fresh.frame(ToWorker::RestoreRoom {
+            room: room(),
+            id_seed: 1,
+            image: Some(image.1),
+        });
+        fresh.create(2);
+        fresh.run_until(t0 + Duration::from_secs(30)).await;
+        assert_eq!(xs(&fresh.snapshots().pop().unwrap()["shapes"]), [1, 2]);
+        assert!(fresh.saves().is_empty(), "still degraded: nothing saved");
+        store.0.lock().unwrap().failing_loads = false;
+        fresh.run_until(t0 + Duration::from_secs(40)).await;
+        assert_eq!(xs(&fresh.snapshots().pop().unwrap()["shapes"]), [7, 1, 2]);
+        assert_eq!(xs(&fresh.saves().last().unwrap().1), [7, 1, 2]);
     }
 }

@@ -1,0 +1,208 @@
+//! A room's journal: every event stamped since the worker's last checkpoint of
+//! the room, so that checkpoint plus journal rebuild the room exactly if its
+//! worker fails. Bounded by events and by bytes; a journal past its bounds drops
+//! what it holds and asks for a checkpoint, and the room is restorable again as
+//! soon as a checkpoint covering the dropped events arrives. Pure: no I/O, no
+//! clock.
+
+use std::collections::VecDeque;
+
+use crate::ipc::{RoomEvent, Stamped};
+
+/// Events, and bytes, after which the worker is asked for a checkpoint (then
+/// again after as many more), so a room with no saves (cursor traffic, or a
+/// degraded room) keeps a short journal.
+pub const CHECKPOINT_EVERY_EVENTS: usize = 1000;
+pub const CHECKPOINT_EVERY_BYTES: usize = 1 << 20;
+/// Hard bounds per room. Reached only when checkpoints stop coming (a room still
+/// loading, a worker that does not answer): the journal is then dropped, and the
+/// room cannot be restored exactly until the next checkpoint.
+pub const JOURNAL_MAX_EVENTS: usize = 50_000;
+pub const JOURNAL_MAX_BYTES: usize = 16 << 20;
+/// What an event costs besides its text (ids, seq, time, queue slot).
+const EVENT_OVERHEAD_BYTES: usize = 96;
+
+#[derive(Default)]
+pub struct Journal {
+    events: VecDeque<Stamped>,
+    bytes: usize,
+    /// Events and bytes recorded since a checkpoint was last asked for.
+    events_since_request: usize,
+    bytes_since_request: usize,
+    /// Events up to this seq were dropped (the journal outgrew its bounds) and no
+    /// checkpoint covers them yet.
+    gap_through: Option<u64>,
+}
+
+/// What the journal needs after recording an event.
+#[derive(Debug, PartialEq)]
+pub enum Recorded {
+    Kept,
+    /// Ask the worker for a checkpoint now.
+    WantsCheckpoint,
+}
+
+/// Bytes an event holds in the journal.
+fn size_of(stamped: &Stamped) -> usize {
+    EVENT_OVERHEAD_BYTES
+        + match &stamped.event {
+            RoomEvent::Message { text, .. } => text.len(),
+            RoomEvent::Join { user_id, .. } => user_id.len(),
+            RoomEvent::Leave { .. } => 0,
+        }
+}
+
+impl Journal {
+    pub fn record(&mut self, stamped: &Stamped) -> Recorded {
+        let size = size_of(stamped);
+        if self.events.len() >= JOURNAL_MAX_EVENTS || self.bytes + size > JOURNAL_MAX_BYTES {
+            tracing::error!(
+                room = %stamped.room,
+                events = self.events.len(),
+                bytes = self.bytes,
+                "journal over its bounds without a checkpoint; dropped: until the next checkpoint the room cannot be restored after a worker failure"
+            );
+            if let Some(last) = self.events.back() {
+                self.gap_through = Some(last.seq);
+            }
+            self.events.clear();
+            self.bytes = 0;
+            self.events_since_request = 0;
+            self.bytes_since_request = 0;
+            self.push(stamped, size);
+            return Recorded::WantsCheckpoint;
+        }
+        self.push(stamped, size);
+        if self.events_since_request >= CHECKPOINT_EVERY_EVENTS
+            || self.bytes_since_request >= CHECKPOINT_EVERY_BYTES
+        {
+            self.events_since_request = 0;
+            self.bytes_since_request = 0;
+            return Recorded::WantsCheckpoint;
+        }
+        Recorded::Kept
+    }
+
+    fn push(&mut self, stamped: &Stamped, size: usize) {
+        self.events.push_back(stamped.clone());
+        self.bytes += size;
+        self.events_since_request += 1;
+        self.bytes_since_request += size;
+    }
+
+    /// A checkpoint covers every event up to `seq`: they leave the journal, and a
+    /// gap it covers is closed.
+    pub fn checkpointed(&mut self, seq: u64) {
+        while self.events.front().is_some_and(|s| s.seq <= seq) {
+            if let Some(event) = self.events.pop_front() {
+                self.bytes -= size_of(&event);
+            }
+        }
+        if self.gap_through.is_some_and(|gap| gap <= seq) {
+            self.gap_through = None;
+        }
+    }
+
+    /// A new instance of the room: nothing before it matters.
+    pub fn clear(&mut self) {
+        *self = Journal::default();
+    }
+
+    /// Whether checkpoint plus journal still rebuild the room exactly.
+    pub fn restorable(&self) -> bool {
+        self.gap_through.is_none()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Stamped> {
+        self.events.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipc::{ConnId, RoomId};
+
+    fn message(seq: u64, text_len: usize) -> Stamped {
+        Stamped {
+            room: RoomId("r".into()),
+            seq,
+            time_ms: 0,
+            event: RoomEvent::Message {
+                conn: ConnId(1),
+                text: "x".repeat(text_len),
+            },
+        }
+    }
+
+    #[test]
+    fn checkpoints_are_asked_for_by_events_and_by_bytes() {
+        let mut journal = Journal::default();
+        let asks = (1..=3000)
+            .filter(|&seq| journal.record(&message(seq, 10)) == Recorded::WantsCheckpoint)
+            .count();
+        assert_eq!(asks, 3);
+        // 50 KB messages: a checkpoint every 20 or so.
+        let mut journal = Journal::default();
+        let asks: Vec<u64> = (1..=100)
+            .filter(|&seq| journal.record(&message(seq, 50_000)) == Recorded::WantsCheckpoint)
+            .collect();
+        assert_eq!(asks, [21, 42, 63, 84]);
+        assert_eq!(journal.bytes(), 100 * (50_000 + EVENT_OVERHEAD_BYTES));
+    }
+
+    #[test]
+    fn a_checkpoint_trims_what_it_covers() {
+        let mut journal = Journal::default();
+        for seq in 1..=10 {
+            journal.record(&message(seq, 100));
+        }
+        journal.checkpointed(7);
+        let left: Vec<u64> = journal.iter().map(|s| s.seq).collect();
+        assert_eq!(left, [8, 9, 10]);
+        assert_eq!(journal.bytes(), 3 * (100 + EVENT_OVERHEAD_BYTES));
+    }
+
+    #[test]
+    fn an_overflow_is_recovered_by_the_next_checkpoint() {
+        let mut journal = Journal::default();
+        // 16 MiB of 60 KB messages without a checkpoint.
+        let mut seq = 0;
+        while journal.restorable() {
+            seq += 1;
+            journal.record(&message(seq, 60_000));
+        }
+        assert!(journal.bytes() <= JOURNAL_MAX_BYTES);
+        // The overflowing event is kept; everything before it was dropped.
+        assert_eq!(journal.iter().map(|s| s.seq).collect::<Vec<_>>(), [seq]);
+        journal.record(&message(seq + 1, 10));
+        // A checkpoint older than the gap does not close it; one covering it does.
+        journal.checkpointed(seq - 2);
+        assert!(!journal.restorable());
+        journal.checkpointed(seq);
+        assert!(journal.restorable());
+        assert_eq!(journal.iter().map(|s| s.seq).collect::<Vec<_>>(), [seq + 1]);
+    }
+
+    #[test]
+    fn the_event_count_is_bounded_too() {
+        let mut journal = Journal::default();
+        for seq in 1..=(JOURNAL_MAX_EVENTS as u64 + 1) {
+            journal.record(&message(seq, 1));
+        }
+        assert!(!journal.restorable());
+        assert_eq!(journal.len(), 1);
+    }
+}
