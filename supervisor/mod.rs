@@ -7,6 +7,7 @@ pub mod auth;
 pub mod dev;
 pub mod http;
 pub mod journal;
+mod memory;
 pub mod metrics;
 pub mod pool;
 pub mod ratelimit;
@@ -189,6 +190,7 @@ pub async fn run(
     // upgrades get a clear 503); it stops once every client is closed.
     let stop_accepting = CancellationToken::new();
     let acceptor = tokio::spawn(accept(listener, shared.clone(), stop_accepting.clone()));
+    tokio::spawn(memory::return_freed_memory(shared.registry.clone()));
     // The line the seed documents; printed whatever the log filter is.
     println!("Listening on *:{port}");
     if shared.config.dev {

@@ -142,3 +142,135 @@ async fn a_degraded_room_after_60000_events_recovers_from_a_kill_with_every_shap
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Big messages (a 50 KB field the room ignores) cost the journal their bytes
+/// only until the next checkpoint, which the journal asks for every MiB: the
+/// journal of a degraded room under such a flood stays around a MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn padded_messages_cost_the_journal_only_until_the_next_checkpoint() {
+    let backend = Backend::start().await;
+    backend.set_mode(Mode::Fail);
+    let server = degraded_server(&backend).await;
+    let mut alice = server.join("alice", "padded").await;
+    let mut bob = server.join("bob", "padded").await;
+    let pad = "p".repeat(50_000);
+    let padded = |i: usize| json!({"type":"cursor_move","x":i,"y":1,"pad":pad}).to_string();
+    // 2 × 300 messages of 50 KB: 30 MB, twice the journal's hard bound.
+    alice.send_burst((0..300).map(padded).collect()).await;
+    bob.send_burst((0..300).map(padded).collect()).await;
+    alice.sync("alice", 1e6).await;
+    bob.sync("bob", 1e6).await;
+    let line = monitor_room(&server, "padded").await;
+    let bytes = line["journalBytes"].as_u64().unwrap();
+    assert!(bytes < 2 << 20, "journal bytes after the flood: {line}");
+    // Still restorable: a kill loses nothing.
+    alice.send(rect(5)).await;
+    alice.until(|s| shapes(s).len() == 1).await;
+    let pid = worker_pid(&server).await;
+    send_signal(pid, "KILL");
+    alice
+        .send(json!({"type":"cursor_move","x":3e6,"y":1}))
+        .await;
+    let after = alice
+        .until(|s| {
+            s["cursors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["x"] == 3e6)
+        })
+        .await;
+    assert_eq!(xs(&after), [5]);
+    assert_eq!(users(&after), ["alice", "bob"]);
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+/// The supervisor's memory through an outage with big messages: two clients
+/// send 50 KB messages at 400/s each (within their budget: 20 MB/s each) for
+/// `OUTAGE_FLOOD_SECS` (default 60) into degraded rooms, then leave. Prints the supervisor's RSS before,
+/// at its peak, and once the rooms are freed. A measurement, not a test (run
+/// with `cargo test --release --test faults_journal -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement (about a minute)"]
+async fn supervisor_memory_through_an_outage_with_big_messages() {
+    let secs: u64 = std::env::var("OUTAGE_FLOOD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let backend = Backend::start().await;
+    backend.set_mode(Mode::Fail);
+    let url = backend.url();
+    let server = Server::start_raw(
+        &[
+            "--workers",
+            "1",
+            "--backend-url",
+            url.as_str(),
+            "--load-wait-ms",
+            "300",
+        ],
+        &[
+            ("JWT_SECRET", SECRET),
+            ("SESSION_SERVER_SECRET", BACKEND_SECRET),
+            ("ADMIN_TOKEN", ADMIN),
+        ],
+    );
+    let pid = server.pid();
+    let baseline = rss_mib(pid);
+    let pad = "p".repeat(50_000);
+    let mut flooders = Vec::new();
+    for (user, room) in [("a", "outage-1"), ("b", "outage-2")] {
+        let mut client = server.join(user, room).await;
+        let pad = pad.clone();
+        flooders.push(tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let mut i = 0;
+            while start.elapsed() < Duration::from_secs(secs) {
+                let batch = (i..i + 20)
+                    .map(|i| json!({"type":"cursor_move","x":i,"y":1,"pad":pad}).to_string())
+                    .collect();
+                client.send_burst(batch).await;
+                i += 20;
+                // 20 every 50 ms: 400/s.
+                tokio::time::sleep_until(start + Duration::from_millis(50) * (i / 20) as u32).await;
+            }
+            client.close().await;
+            i
+        }));
+    }
+    let mut peak = baseline;
+    while !flooders.iter().all(|f| f.is_finished()) {
+        peak = peak.max(rss_mib(pid));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut sent = 0;
+    for f in flooders {
+        sent += f.await.unwrap();
+    }
+    // Rooms freed (nothing unsaved: cursor moves only).
+    let deadline = Instant::now() + PATIENCE;
+    while server.status().await["workers"][0]["rooms"]
+        .as_array()
+        .unwrap()
+        .len()
+        > 0
+    {
+        assert!(Instant::now() < deadline, "rooms not freed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The supervisor returns freed memory at most 10 s after rooms are freed.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let after = rss_mib(pid);
+    eprintln!(
+        "supervisor RSS: baseline {baseline:.1} MiB, peak {peak:.1} MiB, after the rooms are freed {after:.1} MiB ({sent} messages of 50 KB in {secs} s)"
+    );
+}
