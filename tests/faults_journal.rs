@@ -258,11 +258,10 @@ async fn supervisor_memory_through_an_outage_with_big_messages() {
     }
     // Rooms freed (nothing unsaved: cursor moves only).
     let deadline = Instant::now() + PATIENCE;
-    while server.status().await["workers"][0]["rooms"]
+    while !server.status().await["workers"][0]["rooms"]
         .as_array()
         .unwrap()
-        .len()
-        > 0
+        .is_empty()
     {
         assert!(Instant::now() < deadline, "rooms not freed");
         tokio::time::sleep(Duration::from_millis(100)).await;
