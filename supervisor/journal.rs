@@ -2,12 +2,14 @@
 //! the room, so that checkpoint plus journal rebuild the room exactly if its
 //! worker fails. Bounded by events and by bytes; a journal past its bounds drops
 //! what it holds and asks for a checkpoint, and the room is restorable again as
-//! soon as a checkpoint covering the dropped events arrives. Pure: no I/O, no
-//! clock.
+//! soon as a checkpoint covering the dropped events arrives. Large messages are
+//! kept as their parsed fields only (fields the room ignores, such as padding,
+//! are not kept). Pure: no I/O, no clock.
 
 use std::collections::VecDeque;
 
 use crate::ipc::{RoomEvent, Stamped};
+use crate::protocol::ClientMessage;
 
 /// Events, and bytes, after which the worker is asked for a checkpoint (then
 /// again after as many more), so a room with no saves (cursor traffic, or a
@@ -21,6 +23,25 @@ pub const JOURNAL_MAX_EVENTS: usize = 50_000;
 pub const JOURNAL_MAX_BYTES: usize = 16 << 20;
 /// What an event costs besides its text (ids, seq, time, queue slot).
 const EVENT_OVERHEAD_BYTES: usize = 96;
+/// Messages longer than this are journaled as the fields the room reads. Below
+/// it, parsing in the supervisor would cost more than the bytes it saves (a
+/// cursor move is ~50 bytes, a shape ~150).
+const COMPACT_OVER_BYTES: usize = 1024;
+/// The fields of every client message (PROTOCOL.md §3); the room ignores any
+/// other, so the journal need not keep them.
+const MESSAGE_FIELDS: [&str; 11] = [
+    "type",
+    "x",
+    "y",
+    "width",
+    "height",
+    "rotation",
+    "shapeType",
+    "shapeId",
+    "text",
+    "fill",
+    "stroke",
+];
 
 #[derive(Default)]
 pub struct Journal {
@@ -52,8 +73,39 @@ fn size_of(stamped: &Stamped) -> usize {
         }
 }
 
+/// The event as the journal keeps it: a large message reduced to what the room
+/// reads of it, with the same effect when replayed. An invalid one (the room
+/// ignores it) becomes an empty message, which the room ignores too.
+fn journal_form(stamped: &Stamped) -> Stamped {
+    let RoomEvent::Message { conn, text } = &stamped.event else {
+        return stamped.clone();
+    };
+    if text.len() <= COMPACT_OVER_BYTES {
+        return stamped.clone();
+    }
+    let compact = match ClientMessage::parse(text) {
+        // Valid, so an object without duplicate fields: keeping only the known
+        // fields parses to the same message.
+        Ok(_) => serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+            .map(|mut fields| {
+                fields.retain(|name, _| MESSAGE_FIELDS.contains(&name.as_str()));
+                serde_json::Value::Object(fields).to_string()
+            })
+            .unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    Stamped {
+        event: RoomEvent::Message {
+            conn: *conn,
+            text: compact,
+        },
+        ..stamped.clone()
+    }
+}
+
 impl Journal {
     pub fn record(&mut self, stamped: &Stamped) -> Recorded {
+        let stamped = &journal_form(stamped);
         let size = size_of(stamped);
         if self.events.len() >= JOURNAL_MAX_EVENTS || self.bytes + size > JOURNAL_MAX_BYTES {
             tracing::error!(
@@ -134,17 +186,26 @@ impl Journal {
 mod tests {
     use super::*;
     use crate::ipc::{ConnId, RoomId};
+    use serde_json::json;
 
-    fn message(seq: u64, text_len: usize) -> Stamped {
+    fn stamped(seq: u64, text: String) -> Stamped {
         Stamped {
             room: RoomId("r".into()),
             seq,
             time_ms: 0,
             event: RoomEvent::Message {
                 conn: ConnId(1),
-                text: "x".repeat(text_len),
+                text,
             },
         }
+    }
+
+    /// A valid message (a text shape) of about `text_len` bytes: the journal
+    /// keeps all of it.
+    fn message(seq: u64, text_len: usize) -> Stamped {
+        let create = json!({"type":"shape_create","shapeType":"text","x":1,"y":2,
+            "width":3,"height":4,"text":"x".repeat(text_len)});
+        stamped(seq, create.to_string())
     }
 
     #[test]
@@ -154,13 +215,16 @@ mod tests {
             .filter(|&seq| journal.record(&message(seq, 10)) == Recorded::WantsCheckpoint)
             .count();
         assert_eq!(asks, 3);
-        // 50 KB messages: a checkpoint every 20 or so.
+        // 9 KB messages: a checkpoint every MiB, every 115 messages.
+        let size = size_of(&message(1, 9_000)) as u64;
+        let every = (CHECKPOINT_EVERY_BYTES as u64).div_ceil(size);
+        assert_eq!(every, 115);
         let mut journal = Journal::default();
-        let asks: Vec<u64> = (1..=100)
-            .filter(|&seq| journal.record(&message(seq, 50_000)) == Recorded::WantsCheckpoint)
+        let asks: Vec<u64> = (1..=500)
+            .filter(|&seq| journal.record(&message(seq, 9_000)) == Recorded::WantsCheckpoint)
             .collect();
-        assert_eq!(asks, [21, 42, 63, 84]);
-        assert_eq!(journal.bytes(), 100 * (50_000 + EVENT_OVERHEAD_BYTES));
+        assert_eq!(asks, [every, 2 * every, 3 * every, 4 * every]);
+        assert_eq!(journal.bytes() as u64, 500 * size);
     }
 
     #[test]
@@ -172,18 +236,22 @@ mod tests {
         journal.checkpointed(7);
         let left: Vec<u64> = journal.iter().map(|s| s.seq).collect();
         assert_eq!(left, [8, 9, 10]);
-        assert_eq!(journal.bytes(), 3 * (100 + EVENT_OVERHEAD_BYTES));
+        assert_eq!(journal.bytes(), 3 * size_of(&message(1, 100)));
     }
 
     #[test]
     fn an_overflow_is_recovered_by_the_next_checkpoint() {
         let mut journal = Journal::default();
-        // 16 MiB of 60 KB messages without a checkpoint.
+        // 16 MiB of 9 KB messages without a checkpoint.
         let mut seq = 0;
         while journal.restorable() {
             seq += 1;
-            journal.record(&message(seq, 60_000));
+            journal.record(&message(seq, 9_000));
         }
+        assert_eq!(
+            seq,
+            1 + JOURNAL_MAX_BYTES as u64 / size_of(&message(1, 9_000)) as u64
+        );
         assert!(journal.bytes() <= JOURNAL_MAX_BYTES);
         // The overflowing event is kept; everything before it was dropped.
         assert_eq!(journal.iter().map(|s| s.seq).collect::<Vec<_>>(), [seq]);
@@ -204,5 +272,44 @@ mod tests {
         }
         assert!(!journal.restorable());
         assert_eq!(journal.len(), 1);
+    }
+
+    #[test]
+    fn large_messages_are_kept_as_what_the_room_reads() {
+        let pad = "p".repeat(50_000);
+        let text = "t".repeat(5_000);
+        let cases = [
+            json!({"type":"cursor_move","x":1.5,"y":-2,"pad":pad}),
+            json!({"pad":pad,"type":"shape_create","shapeType":"text","x":1,"y":2,"width":3,
+                "height":4,"text":text,"fill":"#000","stroke":"#111","extra":{"a":[1,2]}}),
+            json!({"type":"shape_update","shapeId":"abc","rotation":45,"text":text,"pad":pad}),
+            json!({"type":"shape_delete","shapeId":"abc","pad":pad}),
+        ];
+        for case in cases {
+            let raw = case.to_string();
+            let kept = journal_form(&stamped(1, raw.clone()));
+            let RoomEvent::Message { text: kept, .. } = kept.event else {
+                panic!("still a message");
+            };
+            assert!(!kept.contains("pad") && kept.len() < 12_000, "{kept}");
+            assert_eq!(
+                ClientMessage::parse(&kept).unwrap(),
+                ClientMessage::parse(&raw).unwrap()
+            );
+        }
+        // Invalid (duplicate field, unknown type): ignored either way.
+        let dup = format!(r#"{{"type":"cursor_move","x":1,"x":2,"y":0,"pad":"{pad}"}}"#);
+        assert!(ClientMessage::parse(&dup).is_err());
+        let kept = journal_form(&stamped(2, dup));
+        assert_eq!(
+            kept.event,
+            RoomEvent::Message {
+                conn: ConnId(1),
+                text: String::new()
+            }
+        );
+        // Small messages are kept as they came.
+        let small = json!({"type":"cursor_move","x":1,"y":2,"extra":1}).to_string();
+        assert_eq!(journal_form(&stamped(3, small.clone())), stamped(3, small));
     }
 }
