@@ -75,6 +75,24 @@ async fn worker_pid(server: &Server) -> u32 {
     server.status().await["workers"][0]["pid"].as_u64().unwrap() as u32
 }
 
+/// Kills the room's worker, then moves `client`'s cursor to `marker` and returns
+/// the first snapshot showing it: the room as the replacement restored it.
+async fn kill_and_look(server: &Server, client: &mut Client, marker: f64) -> Value {
+    send_signal(worker_pid(server).await, "KILL");
+    client
+        .send(json!({"type":"cursor_move","x":marker,"y":1}))
+        .await;
+    client
+        .until(|s| {
+            s["cursors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["x"] == marker)
+        })
+        .await
+}
+
 fn cursor_moves(from: usize, count: usize) -> Vec<String> {
     (from..from + count)
         .map(|i| json!({"type":"cursor_move","x":i,"y":1}).to_string())
@@ -112,20 +130,7 @@ async fn a_degraded_room_after_60000_events_recovers_from_a_kill_with_every_shap
     );
 
     let pid = worker_pid(&server).await;
-    send_signal(pid, "KILL");
-    // A move after the kill shows the room as it was, every shape included.
-    alice
-        .send(json!({"type":"cursor_move","x":2e6,"y":1}))
-        .await;
-    let after = alice
-        .until(|s| {
-            s["cursors"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|c| c["x"] == 2e6)
-        })
-        .await;
+    let after = kill_and_look(&server, &mut alice, 2e6).await;
     assert_ne!(worker_pid(&server).await, pid, "the worker was replaced");
     assert_eq!(xs(&after), (0..40).collect::<Vec<_>>());
     assert_eq!(users(&after), ["alice", "bob"]);
@@ -167,20 +172,7 @@ async fn padded_messages_cost_the_journal_only_until_the_next_checkpoint() {
     // Still restorable: a kill loses nothing.
     alice.send(rect(5)).await;
     alice.until(|s| shapes(s).len() == 1).await;
-    let pid = worker_pid(&server).await;
-    send_signal(pid, "KILL");
-    alice
-        .send(json!({"type":"cursor_move","x":3e6,"y":1}))
-        .await;
-    let after = alice
-        .until(|s| {
-            s["cursors"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|c| c["x"] == 3e6)
-        })
-        .await;
+    let after = kill_and_look(&server, &mut alice, 3e6).await;
     assert_eq!(xs(&after), [5]);
     assert_eq!(users(&after), ["alice", "bob"]);
 }

@@ -973,6 +973,21 @@ mod tests {
         }
     }
 
+    impl FakeStore {
+        /// A store whose loads fail (until the test says otherwise) and that
+        /// holds one oval at x = 7 for the room.
+        fn failing_loads_of_one_stored_oval_at_7() -> FakeStore {
+            let store = FakeStore::default();
+            let mut state = store.0.lock().unwrap();
+            state.failing_loads = true;
+            let old = json!({"id":"old","type":"oval","x":7,"y":0,"width":1,"height":1,"userId":"u",
+                "timestamp":"2024-01-01T12:00:00.000Z","fill":"#000","stroke":"#fff","rotation":0});
+            state.stored.insert(room(), vec![old]);
+            drop(state);
+            store
+        }
+    }
+
     fn xs(shapes: &Value) -> Vec<i64> {
         shapes
             .as_array()
@@ -1088,14 +1103,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failing_load_admits_members_degraded_then_merges_stored_first() {
-        let store = FakeStore::default();
-        {
-            let mut state = store.0.lock().unwrap();
-            state.failing_loads = true;
-            let old = json!({"id":"old","type":"oval","x":7,"y":0,"width":1,"height":1,"userId":"u",
-                "timestamp":"2024-01-01T12:00:00.000Z","fill":"#000","stroke":"#fff","rotation":0});
-            state.stored.insert(room(), vec![old]);
-        }
+        let store = FakeStore::failing_loads_of_one_stored_oval_at_7();
         let mut h = Harness::new(store.clone());
         let t0 = Instant::now();
         h.open_room_and_join();
@@ -1134,14 +1142,7 @@ mod tests {
     /// store is back.
     #[tokio::test(start_paused = true)]
     async fn a_degraded_room_s_checkpoint_restores_it_degraded_and_it_still_merges() {
-        let store = FakeStore::default();
-        {
-            let mut state = store.0.lock().unwrap();
-            state.failing_loads = true;
-            let old = json!({"id":"old","type":"oval","x":7,"y":0,"width":1,"height":1,"userId":"u",
-                "timestamp":"2024-01-01T12:00:00.000Z","fill":"#000","stroke":"#fff","rotation":0});
-            state.stored.insert(room(), vec![old]);
-        }
+        let store = FakeStore::failing_loads_of_one_stored_oval_at_7();
         let mut h = Harness::new(store.clone());
         let t0 = Instant::now();
         h.open_room_and_join();
