@@ -33,9 +33,9 @@ pub struct ServeArgs {
     /// Port to listen on (0 picks a free port; the log says which).
     #[arg(long, env = "PORT", default_value_t = 8000)]
     pub port: u16,
-    /// Address to listen on.
-    #[arg(long, env = "BIND_ADDRESS", default_value = "0.0.0.0")]
-    pub bind: IpAddr,
+    /// Address to listen on [default: 0.0.0.0; in dev mode 127.0.0.1].
+    #[arg(long, env = "BIND_ADDRESS")]
+    pub bind: Option<IpAddr>,
     /// Number of worker processes [default: the CPUs this process may use,
     /// rounding a cgroup CPU quota up: 0.5 CPU → 1].
     #[arg(long, env = "WORKERS")]
@@ -80,13 +80,13 @@ pub struct ServeArgs {
     /// Bearer token for the room monitor (`/admin`); without it (and outside dev
     /// mode) the monitor is off.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// Accept secrets shorter than 16 bytes (for development only).
     #[arg(long, env = "ALLOW_WEAK_SECRET", default_value_t = false, action = ArgAction::Set)]
     pub allow_weak_secret: bool,
     /// Secret that verifies client tokens (HS256). Prefer the environment variable.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<Secret>,
     /// Require the token's `host` claim (and check it against the Host header).
     /// Set to false for backends that do not set the claim; a present claim is
     /// still checked.
@@ -107,7 +107,7 @@ pub struct ServeArgs {
     pub backend_url: Option<String>,
     /// Secret that signs requests to the backend; required with a backend.
     #[arg(long, env = "SESSION_SERVER_SECRET", hide_env_values = true)]
-    pub session_server_secret: Option<String>,
+    pub session_server_secret: Option<Secret>,
     /// Folder of the embedded store (used when no backend is set).
     #[arg(long, env = "DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -158,7 +158,7 @@ pub struct Config {
     /// How long a user's earlier connection may stay silent to a ping before a
     /// new connection of the user replaces it.
     pub takeover_wait: Duration,
-    pub jwt_secret: String,
+    pub jwt_secret: Secret,
     pub require_host_claim: bool,
     pub ping_interval: Duration,
     pub shutdown_grace: Duration,
@@ -236,13 +236,36 @@ pub struct Limits {
 /// than this can be brute-forced from one token.
 pub const MIN_SECRET_BYTES: usize = 16;
 
-/// A secret that never shows in logs or `Debug` output.
+/// A secret (`JWT_SECRET`, `SESSION_SERVER_SECRET`, `ADMIN_TOKEN`): it never
+/// shows in logs or `Debug` output, from the command line on.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Secret(pub String);
+
+impl Secret {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(s.to_owned()))
     }
 }
 
@@ -306,6 +329,10 @@ pub enum ConfigError {
     BadBackendUrl(String),
     #[error("--persist-max-wait-ms must be at least --persist-debounce-ms")]
     MaxWaitBelowDebounce,
+    #[error(
+        "dev mode with JWT_SECRET set listens only on loopback: --bind {0} would let anyone mint tokens that verify under that secret (unset JWT_SECRET, or drop --dev)"
+    )]
+    DevModePublic(IpAddr),
 }
 
 impl ServeArgs {
@@ -317,11 +344,22 @@ impl ServeArgs {
                 rand::random::<u64>()
             )
         };
+        let secret_given = self.jwt_secret.as_ref().is_some_and(|s| !s.is_empty());
         let jwt_secret = match self.jwt_secret.filter(|s| !s.is_empty()) {
             Some(secret) => secret,
-            None if self.dev => generated(),
+            None if self.dev => Secret(generated()),
             None => return Err(ConfigError::MissingJwtSecret),
         };
+        // Dev mode mints tokens for anyone (`/dev/token`) and opens the monitor:
+        // with a real secret that is a skeleton key, so only on loopback.
+        let bind = self.bind.unwrap_or(if self.dev {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            IpAddr::from([0, 0, 0, 0])
+        });
+        if self.dev && secret_given && !bind.is_loopback() {
+            return Err(ConfigError::DevModePublic(bind));
+        }
         if !self.allow_weak_secret && !self.dev && jwt_secret.len() < MIN_SECRET_BYTES {
             return Err(ConfigError::WeakSecret("JWT_SECRET"));
         }
@@ -365,7 +403,7 @@ impl ServeArgs {
                 }
                 StoreConfig::Backend {
                     url: url.trim_end_matches('/').to_owned(),
-                    secret: Secret(secret),
+                    secret,
                 }
             }
             None => StoreConfig::Embedded {
@@ -377,7 +415,7 @@ impl ServeArgs {
         }
         Ok(Config {
             port: self.port,
-            bind: self.bind,
+            bind,
             workers,
             rooms_per_worker,
             max_rooms,
@@ -388,7 +426,7 @@ impl ServeArgs {
             ping_interval: Duration::from_millis(self.ping_interval_ms),
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
             dev: self.dev,
-            admin_token: self.admin_token.filter(|t| !t.is_empty()).map(Secret),
+            admin_token: self.admin_token.filter(|t| !t.is_empty()),
             limits: Limits {
                 max_connections: self.max_connections,
                 handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
@@ -451,8 +489,25 @@ mod tests {
         assert_eq!(config.workers, 3);
         assert_eq!(config.rooms_per_worker, 7);
         assert_eq!(config.max_rooms, 21);
-        assert_eq!(config.jwt_secret, "a-long-enough-secret");
+        assert_eq!(config.jwt_secret.as_str(), "a-long-enough-secret");
         assert!(!config.require_host_claim);
+    }
+
+    #[test]
+    fn no_secret_shows_in_debug_output() {
+        let mut serve = parse(&["--jwt-secret", "jwt-secret-value-0123"]).serve;
+        serve.admin_token = Some(Secret("admin-token-value-0123".into()));
+        serve.backend_url = Some("http://localhost:3000".into());
+        serve.session_server_secret = Some(Secret("backend-secret-value-0123".into()));
+        let shown = format!("{serve:?} {:?}", serve.clone().validate().unwrap());
+        for secret in [
+            "jwt-secret-value",
+            "admin-token-value",
+            "backend-secret-value",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("Secret(***)"));
     }
 
     #[test]
@@ -464,7 +519,7 @@ mod tests {
             serve.clone().validate().unwrap_err(),
             ConfigError::MissingBackendSecret
         );
-        serve.session_server_secret = Some("b".into());
+        serve.session_server_secret = Some(Secret("b".into()));
         assert_eq!(
             serve.clone().validate().unwrap_err(),
             ConfigError::WeakSecret("SESSION_SERVER_SECRET")

@@ -34,9 +34,34 @@ pub struct ConnId(pub u64);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct WorkerId(pub u32);
 
+/// Shown escaped (see [`Escaped`]): room ids come from clients' tokens and end
+/// up in logs.
 impl fmt::Display for RoomId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        Escaped(&self.0).fmt(f)
+    }
+}
+
+/// A client-supplied string as it may appear in a log line: control characters
+/// (newlines, NUL, escape sequences) are written as escapes (`\n`, `\u{0}`), so
+/// no input can forge a log line or make a log file binary. Anything else is
+/// written as it is.
+pub struct Escaped<'a>(pub &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.0;
+        if !text.chars().any(char::is_control) {
+            return f.write_str(text);
+        }
+        for c in text.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                write!(f, "{c}")?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -41,6 +41,10 @@ pub enum AuthError {
     EmptyClaim,
     #[error("token claim over {MAX_ID_BYTES} bytes")]
     ClaimTooLong,
+    /// `.` or `..`: a path segment that URL normalisation would remove from the
+    /// backend's board paths (`/api/boards/by-room/..` is `/api/boards/`).
+    #[error("token's roomId is a relative path segment")]
+    PathRoomId,
     #[error("token over {MAX_TOKEN_BYTES} bytes")]
     TokenTooLarge,
     #[error("token has no host claim")]
@@ -63,6 +67,7 @@ impl AuthError {
                 _ => "malformed",
             },
             AuthError::EmptyClaim | AuthError::ClaimTooLong => "bad_claims",
+            AuthError::PathRoomId => "bad_room_id",
             AuthError::TokenTooLarge => "too_large",
             AuthError::MissingHostClaim | AuthError::HostMismatch => "wrong_host",
         }
@@ -109,6 +114,11 @@ impl Authenticator {
         }
         if claims.user_id.len() > MAX_ID_BYTES || claims.room_id.len() > MAX_ID_BYTES {
             return Err(AuthError::ClaimTooLong);
+        }
+        // Every other character of a room id is percent-encoded in the backend's
+        // paths; these two segments would be resolved away instead.
+        if claims.room_id == "." || claims.room_id == ".." {
+            return Err(AuthError::PathRoomId);
         }
         match claims.host {
             Some(host) if Some(host.as_str()) != host_header => {

@@ -73,7 +73,7 @@ pub fn token<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
     let token = jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims,
-        &EncodingKey::from_secret(shared.config.jwt_secret.as_bytes()),
+        &EncodingKey::from_secret(shared.config.jwt_secret.as_str().as_bytes()),
     )
     .expect("HS256 signing cannot fail");
     respond(
@@ -104,9 +104,9 @@ fn access<B>(req: &Request<B>, shared: &Shared) -> Access {
         .and_then(|h| h.strip_prefix("Bearer "));
     // Constant-time comparison: the token is a secret.
     let matches = given.is_some_and(|g| {
-        g.len() == expected.0.len()
+        g.len() == expected.len()
             && g.bytes()
-                .zip(expected.0.bytes())
+                .zip(expected.as_str().bytes())
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0
     });
@@ -115,6 +115,34 @@ fn access<B>(req: &Request<B>, shared: &Shared) -> Access {
     } else {
         Access::Denied
     }
+}
+
+/// The refusal for an operational endpoint (`/status`, `/admin/rooms`), if
+/// this request may not see it: 404 when they are off (no `ADMIN_TOKEN`,
+/// outside dev mode), 401 without the right bearer token. `None`: allowed.
+pub fn admin_only<B>(req: &Request<B>, shared: &Shared) -> Option<Response<Body>> {
+    match access(req, shared) {
+        Access::Off => Some(not_found()),
+        Access::Denied => Some(unauthorized()),
+        Access::Allowed => None,
+    }
+}
+
+/// `/metrics` is for a scraper on a private network: open without
+/// `ADMIN_TOKEN`, and behind it (bearer) once it is set.
+pub fn metrics_access<B>(req: &Request<B>, shared: &Shared) -> Option<Response<Body>> {
+    match access(req, shared) {
+        Access::Off | Access::Allowed => None,
+        Access::Denied => Some(unauthorized()),
+    }
+}
+
+fn unauthorized() -> Response<Body> {
+    respond(
+        StatusCode::UNAUTHORIZED,
+        "text/plain; charset=utf-8",
+        "unauthorized\n",
+    )
 }
 
 /// `GET /admin`: the monitor page (it fetches `/admin/rooms` with the token from
@@ -129,16 +157,8 @@ pub fn monitor_page(shared: &Shared) -> Response<Body> {
 
 /// `GET /admin/rooms`: workers, rooms and connections, as JSON.
 pub fn monitor_json<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
-    match access(req, shared) {
-        Access::Off => return not_found(),
-        Access::Denied => {
-            return respond(
-                StatusCode::UNAUTHORIZED,
-                "text/plain; charset=utf-8",
-                "unauthorized\n",
-            );
-        }
-        Access::Allowed => {}
+    if let Some(refused) = admin_only(req, shared) {
+        return refused;
     }
     let workers = super::http::workers_json(shared);
     let body = json!({

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
-    CONNECTION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT,
+    ALLOW, CONNECTION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT,
     SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use hyper::server::conn::http1;
@@ -59,20 +59,41 @@ pub async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
+/// Every path this server answers. Each takes GET and HEAD (load balancers
+/// probe with HEAD); any other method gets 405 with `Allow`.
+const PATHS: [&str; 8] = [
+    "/",
+    "/dev/token",
+    "/admin",
+    "/admin/rooms",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/status",
+];
+
 fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/") if shared.config.dev && !is_websocket_upgrade(&req) => {
-            super::dev::board_page()
-        }
-        (&Method::GET, "/") => websocket(req, shared),
-        (&Method::GET, "/dev/token") => super::dev::token(&req, &shared),
-        (&Method::GET, "/admin") => super::dev::monitor_page(&shared),
-        (&Method::GET, "/admin/rooms") => super::dev::monitor_json(&req, &shared),
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") => ready(&shared),
-        (&Method::GET, "/metrics") => metrics(&shared),
-        (&Method::GET, "/status") => status(&shared),
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    let path = req.uri().path();
+    if !PATHS.contains(&path) {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        res.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return res;
+    }
+    match path {
+        "/" if shared.config.dev && !is_websocket_upgrade(&req) => super::dev::board_page(),
+        "/" => websocket(req, shared),
+        "/dev/token" => super::dev::token(&req, &shared),
+        "/admin" => super::dev::monitor_page(&shared),
+        "/admin/rooms" => super::dev::monitor_json(&req, &shared),
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => ready(&shared),
+        // Operational endpoints: see `dev::admin_only`.
+        "/metrics" => super::dev::metrics_access(&req, &shared).unwrap_or_else(|| metrics(&shared)),
+        _ => super::dev::admin_only(&req, &shared).unwrap_or_else(|| status(&shared)),
     }
 }
 

@@ -173,7 +173,7 @@ pub async fn run(
         "workers started"
     );
     let shared = Arc::new(Shared {
-        auth: Authenticator::new(&config.jwt_secret, config.require_host_claim),
+        auth: Authenticator::new(config.jwt_secret.as_str(), config.require_host_claim),
         metrics,
         config,
         registry,
@@ -197,6 +197,12 @@ pub async fn run(
         println!(
             "Dev mode: open http://localhost:{port}/ in two browser tabs (room monitor: http://localhost:{port}/admin)"
         );
+        // Said loudly: what dev mode opens, and to whom.
+        let bind = shared.config.bind;
+        println!(
+            "Dev mode exposes, on {bind}:{port}: /dev/token mints tokens for any user and room, and /admin, /status and /metrics answer without a token. For development only."
+        );
+        warn!(%bind, port, "dev mode: /dev/token mints tokens for anyone who can reach this address");
     }
     stop.cancelled().await;
 

@@ -24,7 +24,7 @@ use super::ratelimit::{Backlog, Budget, Held, Released};
 use super::registry::{ConnState, Holder, Membership, RoomEntry, SnapshotCell};
 use super::websocket::{ClientReader, ClientWriter};
 use super::{SessionsPhase, Shared};
-use crate::ipc::ConnId;
+use crate::ipc::{ConnId, Escaped};
 use crate::protocol::{
     CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_POLICY, REASON_DUPLICATE_USER, REASON_RATE_LIMIT,
     REASON_ROOM_FULL,
@@ -62,7 +62,7 @@ pub fn run(
     identity: Identity,
     conn_state: watch::Receiver<ConnState>,
 ) -> impl Future<Output = ()> {
-    let span = info_span!("session", room = %entry.id, user = %identity.user_id, %conn, worker = %entry.worker);
+    let span = info_span!("session", room = %entry.id, user = %Escaped(&identity.user_id), %conn, worker = %entry.worker);
     async move {
         let started = Instant::now();
         shared.metrics.connections_accepted.inc();

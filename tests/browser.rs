@@ -47,7 +47,11 @@ fn two_pages_draw_together_and_survive_a_worker_crash() {
 
 #[tokio::test]
 async fn dev_endpoints_exist_only_in_dev_mode() {
-    let server = Server::start(&[]);
+    // No ADMIN_TOKEN (an empty one is none): the monitor is off.
+    let server = Server::start_raw(
+        &["--workers", "2"],
+        &[("JWT_SECRET", SECRET), ("ADMIN_TOKEN", "")],
+    );
     assert_eq!(server.get("/dev/token?userId=a&roomId=r").await.0, 404);
     assert_eq!(server.get("/admin/rooms").await.0, 404);
     assert_eq!(server.get("/admin").await.0, 404);

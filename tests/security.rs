@@ -214,6 +214,15 @@ async fn a_flooder_does_not_slow_others_and_is_closed_after_a_sustained_flood() 
         .await,
         1.0
     );
+    // Counted once, under its real reason.
+    assert_eq!(
+        metric(
+            &server,
+            "session_server_connections_rejected_total{reason=\"duplicate_user\"}"
+        )
+        .await,
+        0.0
+    );
     still_serves(&server, "after-the-flood").await;
 }
 
@@ -353,4 +362,188 @@ fn a_weak_secret_stops_start_up() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("shorter than 16 bytes"));
+}
+
+#[test]
+fn dev_mode_with_a_real_secret_refuses_a_public_address() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))
+        .args(["--port", "0", "--dev", "--bind", "0.0.0.0"])
+        .env("JWT_SECRET", "a-real-production-secret")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("dev mode with JWT_SECRET set listens only on loopback"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("a-real-production-secret"), "{stderr}");
+}
+
+#[tokio::test]
+async fn dev_mode_listens_on_loopback_and_says_what_it_exposes() {
+    // No --bind: the harness passes one, so start the binary by hand.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))
+        .args(["--port", "0", "--dev", "--workers", "1"])
+        .args(["--data-dir", temp_dir("dev-bind").to_str().unwrap()])
+        .env_remove("JWT_SECRET")
+        .env_remove("BIND_ADDRESS")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let stdout = child.stdout.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .take(50)
+            .scan(false, |seen, line| {
+                // Up to and including the line about what dev mode exposes.
+                let done = *seen;
+                *seen = line.contains("Dev mode exposes");
+                (!done).then_some(line)
+            })
+            .collect::<Vec<_>>()
+    });
+    let lines = tokio::time::timeout(PATIENCE, lines)
+        .await
+        .unwrap()
+        .unwrap();
+    send_signal(pid, "KILL");
+    let _ = child.wait();
+    let all = lines.join("\n");
+    assert!(all.contains("Dev mode exposes, on 127.0.0.1:"), "{all}");
+    assert!(
+        all.contains("/dev/token mints tokens for any user"),
+        "{all}"
+    );
+}
+
+/// A raw HTTP request; returns the status and the response head.
+async fn request(server: &Server, method: &str, path: &str, headers: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(server.host()).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{headers}\r\n",
+        server.host()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    (response[9..12].parse().unwrap(), response)
+}
+
+#[tokio::test]
+async fn operational_endpoints_need_the_admin_token_and_health_answers_head() {
+    let token = "ops-token-0123456789";
+    let server = Server::start_raw(
+        &["--workers", "1"],
+        &[("JWT_SECRET", SECRET), ("ADMIN_TOKEN", token)],
+    );
+    let bearer = format!("Authorization: Bearer {token}\r\n");
+    for path in ["/status", "/admin/rooms", "/metrics"] {
+        assert_eq!(request(&server, "GET", path, "").await.0, 401, "{path}");
+        assert_eq!(
+            request(&server, "GET", path, &bearer).await.0,
+            200,
+            "{path}"
+        );
+    }
+    // Without ADMIN_TOKEN, /status and the monitor are off; /metrics is open.
+    let open = Server::start_raw(
+        &["--workers", "1"],
+        &[("JWT_SECRET", SECRET), ("ADMIN_TOKEN", "")],
+    );
+    assert_eq!(request(&open, "GET", "/status", "").await.0, 404);
+    assert_eq!(request(&open, "GET", "/metrics", "").await.0, 200);
+    // Health for load balancers: HEAD works, other methods get 405 with Allow.
+    for path in ["/healthz", "/readyz"] {
+        let (code, head) = request(&open, "HEAD", path, "").await;
+        assert_eq!(code, 200, "{head}");
+        assert!(!head.contains("\r\n\r\nok"), "no body for HEAD: {head}");
+    }
+    let (code, head) = request(&open, "POST", "/healthz", "Content-Length: 0\r\n").await;
+    assert_eq!(code, 405);
+    assert!(
+        head.to_ascii_lowercase().contains("allow: get, head"),
+        "{head}"
+    );
+    assert_eq!(request(&open, "DELETE", "/nowhere", "").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_ids_that_are_path_segments_are_refused_before_the_backend() {
+    let backend = util::backend::Backend::start().await;
+    let url = backend.url();
+    let server = Server::start_raw(
+        &["--workers", "1", "--backend-url", url.as_str()],
+        &[
+            ("JWT_SECRET", SECRET),
+            ("SESSION_SERVER_SECRET", util::backend::BACKEND_SECRET),
+        ],
+    );
+    for room in [".", ".."] {
+        let token = server.token("mallory", room);
+        assert_eq!(
+            server.try_connect(&server.url(&token)).await.err(),
+            Some(401)
+        );
+    }
+    assert_eq!(
+        metric(
+            &server,
+            "session_server_auth_failures_total{reason=\"bad_room_id\"}"
+        )
+        .await,
+        2.0
+    );
+    // A room id with dots inside is an ordinary one.
+    let mut fine = server.join("alice", "..a.b..").await;
+    fine.sync("alice", 1.0).await;
+    let paths: Vec<String> = backend.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths, ["/api/boards/by-room/..a.b.."], "{paths:?}");
+}
+
+/// A user id with a newline and a NUL makes one log line, with both written as
+/// escapes, in the human format and in JSON.
+#[tokio::test]
+async fn client_strings_cannot_forge_log_lines() {
+    for format in ["human", "json"] {
+        let server = Server::start_raw(
+            &["--workers", "1"],
+            &[
+                ("JWT_SECRET", SECRET),
+                ("LOG_FORMAT", format),
+                ("RUST_LOG", "debug"),
+            ],
+        );
+        let user = "eve\nINFO forged line\0";
+        let token = sign(json!({"userId": user, "roomId": "r\n1", "host": server.host()}));
+        let client = server.connect(&server.url(&token)).await;
+        client.close().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let logs = server.logs();
+        assert!(!logs.contains('\0'), "{format}: a NUL reached the log");
+        assert!(
+            !logs.lines().any(|l| l.starts_with("INFO forged line")),
+            "{format}: a forged line:\n{logs}"
+        );
+        let opened: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("session opened"))
+            .collect();
+        assert_eq!(opened.len(), 1, "{format}:\n{logs}");
+        // JSON escapes the escapes' backslashes once more.
+        let escaped = match format {
+            "json" => r"eve\\nINFO forged line\\u{0}",
+            _ => r"eve\nINFO forged line\u{0}",
+        };
+        assert!(opened[0].contains(escaped), "{format}: {}", opened[0]);
+    }
 }

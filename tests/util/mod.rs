@@ -28,7 +28,13 @@ pub struct Server {
     logs: Arc<Mutex<Vec<String>>>,
     /// The embedded store's folder, unless the test passed its own.
     pub data_dir: Option<std::path::PathBuf>,
+    /// The admin token the harness gave the server (unless the test set its
+    /// own): [`Server::get`] sends it, so tests read `/status` and `/metrics`.
+    admin_token: Option<String>,
 }
+
+/// The admin token the harness sets when a test does not set its own.
+pub const HARNESS_ADMIN_TOKEN: &str = "harness-admin-token-0123456789";
 
 /// A fresh folder under the system temp dir.
 pub fn temp_dir(what: &str) -> std::path::PathBuf {
@@ -88,6 +94,12 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let admin_token = if env.iter().any(|(k, _)| *k == "ADMIN_TOKEN") {
+            None
+        } else {
+            cmd.env("ADMIN_TOKEN", HARNESS_ADMIN_TOKEN);
+            Some(HARNESS_ADMIN_TOKEN.to_owned())
+        };
         let mut child = cmd.spawn().expect("spawn session-server");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (port_tx, port_rx) = mpsc::channel();
@@ -112,6 +124,7 @@ impl Server {
             port: 0,
             logs,
             data_dir,
+            admin_token,
         };
         match port_rx.recv_timeout(Duration::from_secs(30)) {
             Ok(port) => server.port = port,
@@ -166,8 +179,16 @@ impl Server {
     }
 
     /// A plain HTTP/1.1 GET; returns status and body.
+    /// With the harness's admin token, if it set one (see [`Server::get_with`]
+    /// for a request without it).
     pub async fn get(&self, path: &str) -> (u16, String) {
-        self.get_with(path, &[]).await
+        match &self.admin_token {
+            Some(token) => {
+                let bearer = format!("Bearer {token}");
+                self.get_with(path, &[("Authorization", &bearer)]).await
+            }
+            None => self.get_with(path, &[]).await,
+        }
     }
 
     /// A plain HTTP/1.1 GET with extra headers; returns status and body.
