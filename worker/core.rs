@@ -4,23 +4,33 @@
 //! fake store and a paused clock.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use indexmap::IndexSet;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::persist::{LoadRetry, Policy, SaveState};
 use super::room::{Effect, Ignored, Room, RoomImage};
-use super::store::{BoardId, BoardStore, LoadedBoard, SaveOutcome, StoreError};
+use super::store::{BoardId, BoardStore, LoadedBoard, SaveOutcome, StoreError, fallback};
 use crate::config::PersistSettings;
 use crate::ipc::{FromWorker, RoomEvent, RoomId, RoomSummary, SaveResult, Stamped, ToWorker};
 
 /// Events held per room while its load is pending. Past this, members are
 /// admitted at once (degraded) rather than buffering without bound.
 const MAX_HELD_EVENTS: usize = 10_000;
+
+/// Failed save (or load) attempts, after every member has left, before a room's
+/// unsaved shapes go to a fallback file and the room is freed. With the retry
+/// backoff (0.5, 1, 2, 4 s) that is about 8 s of trying: a short outage costs
+/// nothing, and a store that keeps refusing a room cannot hold its capacity.
+pub const MAX_CLOSING_ATTEMPTS: u32 = 5;
+
+/// Ids named in a log line about cut shapes (all of them are in the file).
+const MAX_LOGGED_IDS: usize = 20;
 
 /// The outcome of a store task, sent back to the loop.
 #[derive(Debug)]
@@ -79,6 +89,8 @@ struct RoomSlot {
     save: SaveState,
     /// Every member has left: free the room once nothing is unsaved.
     closing: bool,
+    /// Save or load attempts failed since `closing` (see [`MAX_CLOSING_ATTEMPTS`]).
+    closing_failures: u32,
     warned_no_board: bool,
     /// `Sync` tokens to answer once the held events are applied.
     pending_syncs: Vec<u64>,
@@ -112,6 +124,7 @@ impl RoomSlot {
             board,
             save: SaveState::default(),
             closing: false,
+            closing_failures: 0,
             warned_no_board: false,
             pending_syncs: Vec::new(),
             last_save_ms: None,
@@ -140,6 +153,8 @@ pub struct WorkerCore {
     store: Arc<dyn BoardStore>,
     policy: Policy,
     load_wait: Duration,
+    /// `--data-dir`, where fallback files go.
+    data_dir: PathBuf,
     rooms: HashMap<RoomId, RoomSlot>,
     next_instance: u64,
     results: mpsc::Sender<StoreResult>,
@@ -168,6 +183,7 @@ impl WorkerCore {
                 max_wait: Duration::from_millis(settings.max_wait_ms),
             },
             load_wait: Duration::from_millis(settings.load_wait_ms),
+            data_dir: settings.data_dir.clone(),
             rooms: HashMap::new(),
             next_instance: 0,
             results,
@@ -249,6 +265,7 @@ impl WorkerCore {
             if slot.closing {
                 debug!(%room, "room reopened before it was freed");
                 slot.closing = false;
+                slot.closing_failures = 0;
                 slot.save.urgent = self.drain.is_some();
                 self.replies.push(FromWorker::CloseCancelled { room });
             } else {
@@ -398,7 +415,11 @@ impl WorkerCore {
                 match result {
                     Ok(board) => {
                         let count = board.shapes.len();
-                        let opaque = slot.room.merge_stored(board.shapes);
+                        let merged = slot.room.merge_stored(board.shapes);
+                        let opaque = merged.opaque;
+                        if !merged.cut.is_empty() {
+                            keep_cut_shapes(&self.data_dir, &room, merged.cut);
+                        }
                         slot.board = board.board;
                         let was_degraded = matches!(slot.load, Load::Degraded);
                         if was_degraded {
@@ -420,8 +441,12 @@ impl WorkerCore {
                                 .push(FromWorker::Checkpoint { room, seq, image });
                         }
                     }
+                    Err(e) if e.is_malformed() => self.fail_room(&room, &e),
                     Err(e) => {
                         slot.load_failures += 1;
+                        if slot.closing {
+                            slot.closing_failures += 1;
+                        }
                         let delay = slot.load_retry.after_failure();
                         slot.load_retry_at = Some(now + delay);
                         warn!(%room, error = %e, failures = slot.load_failures, retry_in_ms = delay.as_millis() as u64, "loading the board failed; retrying");
@@ -470,6 +495,9 @@ impl WorkerCore {
                     }
                     Ok(SaveOutcome::NoBoard) => {
                         slot.save.failed(now);
+                        if slot.closing {
+                            slot.closing_failures += 1;
+                        }
                         if !slot.warned_no_board {
                             slot.warned_no_board = true;
                             warn!(%room, "the backend has no board for this room; keeping its shapes in memory and trying again on later saves");
@@ -477,6 +505,9 @@ impl WorkerCore {
                     }
                     Err(e) => {
                         slot.save.failed(now);
+                        if slot.closing {
+                            slot.closing_failures += 1;
+                        }
                         warn!(%room, error = %e, "saving the board failed; will retry");
                     }
                 }
@@ -512,6 +543,13 @@ impl WorkerCore {
             let waiting = matches!(slot.load, Load::Waiting { .. });
             if slot.closing && !slot.save.is_dirty() && !waiting {
                 freed.push(id.clone());
+            } else if slot.closing
+                && slot.closing_failures >= MAX_CLOSING_ATTEMPTS
+                && !waiting
+                && !slot.save.saving()
+                && give_up(&self.data_dir, id, slot)
+            {
+                freed.push(id.clone());
             }
         }
         for id in freed {
@@ -521,6 +559,31 @@ impl WorkerCore {
             self.replies.push(FromWorker::RoomClosed { room: id });
         }
         self.answer_drain(now);
+    }
+
+    /// A room whose stored board cannot be parsed: an error for that room, not
+    /// an empty board (the next save would overwrite the stored one) and not a
+    /// crash. Shapes drawn meanwhile (a degraded room) go to a fallback file;
+    /// the room is freed and the supervisor closes its members with 1011.
+    fn fail_room(&mut self, room: &RoomId, why: &StoreError) {
+        let Some(slot) = self.rooms.remove(room) else {
+            return;
+        };
+        let file = (slot.room.shape_count() > 0)
+            .then(|| fallback::write(&self.data_dir, room, "unmerged", &slot.room.shapes_json()));
+        match file {
+            None => error!(%room, error = %why, "the stored board cannot be read; closing the room (it is left untouched in the store)"),
+            Some(Ok(file)) => error!(%room, error = %why, file = %file.display(), shapes = slot.room.shape_count(), "the stored board cannot be read; closing the room; shapes drawn meanwhile are in the file"),
+            Some(Err(e)) => error!(%room, error = %why, fallback_error = %e, shapes = %slot.room.shapes_json(), "the stored board cannot be read; closing the room; the shapes drawn meanwhile could not be written to a file and are logged here"),
+        }
+        for token in slot.pending_syncs {
+            self.replies.push(FromWorker::Synced {
+                room: room.clone(),
+                token,
+            });
+        }
+        self.dirty.shift_remove(room);
+        self.replies.push(FromWorker::RoomFailed { room: room.clone() });
     }
 
     /// Saves every room with unsaved changes as soon as possible, and answers
@@ -664,6 +727,59 @@ impl WorkerCore {
         }
         self.dirty.extend(held);
         out
+    }
+}
+
+/// Writes a closing room's unsaved shapes to a fallback file once the store has
+/// refused them [`MAX_CLOSING_ATTEMPTS`] times; true if written (the room may
+/// then be freed). If the file cannot be written either, the room is kept and
+/// its saves retried: nothing is dropped.
+fn give_up(data_dir: &Path, room: &RoomId, slot: &mut RoomSlot) -> bool {
+    // A room whose board never loaded holds only the shapes drawn since.
+    let kind = if matches!(slot.load, Load::Done) {
+        "unsaved"
+    } else {
+        "unmerged"
+    };
+    let attempts = slot.closing_failures;
+    match fallback::write(data_dir, room, kind, &slot.room.shapes_json()) {
+        Ok(file) => {
+            error!(%room, file = %file.display(), shapes = slot.room.shape_count(), attempts, kind, "the store keeps refusing this room and everyone has left: its unsaved shapes are in the file (README, Persistence: how to replay it); room freed");
+            slot.save = SaveState::default();
+            true
+        }
+        Err(e) => {
+            error!(%room, dir = %data_dir.display(), error = %e, attempts, "the store keeps refusing this room and its fallback file cannot be written: keeping the room, retrying its saves");
+            slot.closing_failures = 0;
+            false
+        }
+    }
+}
+
+/// Keeps the shapes a loaded board had over the room's budgets in a fallback
+/// file, and says so at warn with their ids (all in the file, the first ones in
+/// the log; every id in the log if the file cannot be written).
+fn keep_cut_shapes(data_dir: &Path, room: &RoomId, cut: Vec<(String, String)>) {
+    let ids: Vec<&str> = cut.iter().map(|(id, _)| id.as_str()).collect();
+    let mut shapes = String::from("[");
+    for (i, (_, json)) in cut.iter().enumerate() {
+        if i > 0 {
+            shapes.push(',');
+        }
+        shapes.push_str(json);
+    }
+    shapes.push(']');
+    match fallback::write(data_dir, room, "trimmed", &shapes) {
+        Ok(file) => warn!(
+            %room,
+            cut = cut.len(),
+            file = %file.display(),
+            first_ids = ?&ids[..ids.len().min(MAX_LOGGED_IDS)],
+            "stored board over the room's limits ({} shapes, {} bytes each): cut shapes are in the file; the room is trimmed",
+            crate::protocol::MAX_SHAPES_PER_ROOM,
+            crate::protocol::MAX_SHAPE_JSON_BYTES,
+        ),
+        Err(e) => error!(%room, cut = cut.len(), ids = ?ids, error = %e, "stored board over the room's limits: cut shapes could not be written to a file"),
     }
 }
 
@@ -840,6 +956,8 @@ mod tests {
                 debounce_ms: 2000,
                 max_wait_ms: 10_000,
                 load_wait_ms: 5000,
+                data_dir: std::env::temp_dir().join("ss-core-tests"),
+                store_identity: None,
             };
             let (tx, results) = mpsc::channel(16);
             Harness {
