@@ -71,21 +71,22 @@ pub fn main(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
-        let listener = TcpListener::bind((config.bind, config.port))
-            .await
-            .with_context(|| format!("cannot listen on {}:{}", config.bind, config.port))?;
-        let stop = CancellationToken::new();
-        tokio::spawn(watch_signals(stop.clone()));
-        run(config, listener, stop).await
-    })
-    .inspect_err(|e| {
-        // Another server owns the data: a configuration error, one line, exit 2.
-        if let Some(in_use) = e.downcast_ref::<DataDirInUse>() {
-            eprintln!("session-server: {in_use}");
-            std::process::exit(2);
-        }
-    })
+    runtime
+        .block_on(async {
+            let listener = TcpListener::bind((config.bind, config.port))
+                .await
+                .with_context(|| format!("cannot listen on {}:{}", config.bind, config.port))?;
+            let stop = CancellationToken::new();
+            tokio::spawn(watch_signals(stop.clone()));
+            run(config, listener, stop).await
+        })
+        .inspect_err(|e| {
+            // Another server owns the data: a configuration error, one line, exit 2.
+            if let Some(in_use) = e.downcast_ref::<DataDirInUse>() {
+                eprintln!("session-server: {in_use}");
+                std::process::exit(2);
+            }
+        })
 }
 
 /// SIGTERM, SIGINT or SIGHUP starts a graceful stop; a second one exits at once.
@@ -340,11 +341,9 @@ fn check_store(settings: &mut PersistSettings) -> anyhow::Result<Option<std::fs:
     match lock.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(DataDirInUse(
-                dir.display().to_string(),
-                lock_path.display().to_string(),
-            )
-            .into());
+            return Err(
+                DataDirInUse(dir.display().to_string(), lock_path.display().to_string()).into(),
+            );
         }
         Err(std::fs::TryLockError::Error(e)) => {
             return Err(e).with_context(|| format!("locking {}", lock_path.display()));

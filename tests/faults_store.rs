@@ -112,7 +112,11 @@ async fn a_paste_of_control_characters_is_refused_and_never_crashes_a_worker() {
         (metric(&server, ignored).await == 300.0).then_some(())
     })
     .await;
-    assert!(!server.logs().contains("worker exited"), "{}", server.logs());
+    assert!(
+        !server.logs().contains("worker exited"),
+        "{}",
+        server.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,9 +137,15 @@ async fn a_stored_board_over_the_limits_loads_trimmed_and_keeps_the_cut() {
         .await;
     let first = alice.next_snapshot().await;
     assert_eq!(shapes(&first).len(), 1000);
-    assert_eq!(shapes(&first)[..], board[..1000], "the first 1000 are kept, in order");
+    assert_eq!(
+        shapes(&first)[..],
+        board[..1000],
+        "the first 1000 are kept, in order"
+    );
     // Drawing works in the trimmed room, and the worker never crashed.
-    alice.send(json!({"type":"shape_delete","shapeId":"s0"})).await;
+    alice
+        .send(json!({"type":"shape_delete","shapeId":"s0"}))
+        .await;
     alice.send(create(5, "new")).await;
     alice
         .until(|s| shapes(s).len() == 1000 && shapes(s)[999]["text"] == "new")
@@ -150,7 +160,10 @@ async fn a_stored_board_over_the_limits_loads_trimmed_and_keeps_the_cut() {
     let files = fallback_files(&data, "big");
     assert_eq!(files.len(), 1, "{files:?}");
     let kept: Value = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
-    assert_eq!(kept["data"]["shapes"].as_array().unwrap()[..], board[1000..]);
+    assert_eq!(
+        kept["data"]["shapes"].as_array().unwrap()[..],
+        board[1000..]
+    );
     drop(server);
     let _ = std::fs::remove_dir_all(data);
 }
@@ -212,14 +225,7 @@ async fn a_backend_refusing_saves_frees_the_room_into_a_fallback_file() {
     let backend = RefusingBackend::start(json!([stored_shape(0, "stored")])).await;
     let url = format!("http://127.0.0.1:{}", backend.port);
     let server = Server::start_raw(
-        &[
-            "--workers",
-            "1",
-            "--max-rooms",
-            "1",
-            "--backend-url",
-            &url,
-        ],
+        &["--workers", "1", "--max-rooms", "1", "--backend-url", &url],
         &[
             ("JWT_SECRET", SECRET),
             ("SESSION_SERVER_SECRET", BACKEND_SECRET),
@@ -386,7 +392,11 @@ async fn a_deleted_data_dir_makes_saves_fail_loudly_and_never_starts_a_fresh_dat
     .await;
     assert_eq!(status, 503);
     assert!(body.contains("saves failing"), "{body}");
-    assert_eq!(metric(&server, ok).await, saved_before, "a save 'succeeded'");
+    assert_eq!(
+        metric(&server, ok).await,
+        saved_before,
+        "a save 'succeeded'"
+    );
     assert!(!db_path(&data).exists(), "a fresh database was created");
     let logs = server.logs();
     assert!(

@@ -541,13 +541,13 @@ impl WorkerCore {
             // A room still waiting for its load may hold events (shapes among
             // them): it is freed only once they have been applied and saved.
             let waiting = matches!(slot.load, Load::Waiting { .. });
-            if slot.closing && !slot.save.is_dirty() && !waiting {
-                freed.push(id.clone());
-            } else if slot.closing
-                && slot.closing_failures >= MAX_CLOSING_ATTEMPTS
-                && !waiting
-                && !slot.save.saving()
-                && give_up(&self.data_dir, id, slot)
+            // A store that keeps refusing a room nobody is in: its shapes go to
+            // a fallback file (`give_up`), so it does not hold capacity forever.
+            let refused =
+                || slot.closing_failures >= MAX_CLOSING_ATTEMPTS && !waiting && !slot.save.saving();
+            if slot.closing
+                && ((!slot.save.is_dirty() && !waiting)
+                    || (refused() && give_up(&self.data_dir, id, slot)))
             {
                 freed.push(id.clone());
             }
@@ -572,9 +572,15 @@ impl WorkerCore {
         let file = (slot.room.shape_count() > 0)
             .then(|| fallback::write(&self.data_dir, room, "unmerged", &slot.room.shapes_json()));
         match file {
-            None => error!(%room, error = %why, "the stored board cannot be read; closing the room (it is left untouched in the store)"),
-            Some(Ok(file)) => error!(%room, error = %why, file = %file.display(), shapes = slot.room.shape_count(), "the stored board cannot be read; closing the room; shapes drawn meanwhile are in the file"),
-            Some(Err(e)) => error!(%room, error = %why, fallback_error = %e, shapes = %slot.room.shapes_json(), "the stored board cannot be read; closing the room; the shapes drawn meanwhile could not be written to a file and are logged here"),
+            None => {
+                error!(%room, error = %why, "the stored board cannot be read; closing the room (it is left untouched in the store)")
+            }
+            Some(Ok(file)) => {
+                error!(%room, error = %why, file = %file.display(), shapes = slot.room.shape_count(), "the stored board cannot be read; closing the room; shapes drawn meanwhile are in the file")
+            }
+            Some(Err(e)) => {
+                error!(%room, error = %why, fallback_error = %e, shapes = %slot.room.shapes_json(), "the stored board cannot be read; closing the room; the shapes drawn meanwhile could not be written to a file and are logged here")
+            }
         }
         for token in slot.pending_syncs {
             self.replies.push(FromWorker::Synced {
@@ -583,7 +589,8 @@ impl WorkerCore {
             });
         }
         self.dirty.shift_remove(room);
-        self.replies.push(FromWorker::RoomFailed { room: room.clone() });
+        self.replies
+            .push(FromWorker::RoomFailed { room: room.clone() });
     }
 
     /// Saves every room with unsaved changes as soon as possible, and answers
@@ -779,7 +786,9 @@ fn keep_cut_shapes(data_dir: &Path, room: &RoomId, cut: Vec<(String, String)>) {
             crate::protocol::MAX_SHAPES_PER_ROOM,
             crate::protocol::MAX_SHAPE_JSON_BYTES,
         ),
-        Err(e) => error!(%room, cut = cut.len(), ids = ?ids, error = %e, "stored board over the room's limits: cut shapes could not be written to a file"),
+        Err(e) => {
+            error!(%room, cut = cut.len(), ids = ?ids, error = %e, "stored board over the room's limits: cut shapes could not be written to a file")
+        }
     }
 }
 

@@ -908,8 +908,9 @@ mod tests {
                 "userId":"u","timestamp":"2024-01-01T12:00:00.000Z","text":text,"fill":"#000","stroke":"#fff","rotation":0})
         };
         let big = "\u{1}".repeat(crate::protocol::MAX_TEXT_BYTES);
-        let mut board: Vec<serde_json::Value> =
-            (0..MAX_SHAPES_PER_ROOM + 5).map(|i| stored(i, "t")).collect();
+        let mut board: Vec<serde_json::Value> = (0..MAX_SHAPES_PER_ROOM + 5)
+            .map(|i| stored(i, "t"))
+            .collect();
         board[2] = stored(2, &big);
         let merged = s.room.merge_stored(board);
         assert_eq!(s.room.shape_count(), MAX_SHAPES_PER_ROOM);

@@ -99,8 +99,7 @@ mod tests {
         let b = write(&dir, &room, "unsaved", "[]").unwrap();
         assert_ne!(a, b);
         assert!(a.starts_with(dir.join(FALLBACK_DIR)));
-        let body: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&a).unwrap()).unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&std::fs::read(&a).unwrap()).unwrap();
         assert_eq!(
             body,
             serde_json::json!({"data":{"shapes":[{"id":"1"}],"cursors":[]}})
