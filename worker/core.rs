@@ -890,6 +890,8 @@ mod tests {
     struct FakeState {
         stored: HashMap<RoomId, Vec<Value>>,
         failing_loads: bool,
+        /// Every save is refused (409), as by a backend that keeps saying no.
+        failing_saves: bool,
         save_delay: Duration,
         saves: Vec<(Instant, RoomId, Value)>,
     }
@@ -924,8 +926,17 @@ mod tests {
         ) -> BoxFuture<'static, Result<SaveOutcome, StoreError>> {
             let state = self.0.clone();
             async move {
-                let delay = state.lock().unwrap().save_delay;
+                let (delay, failing) = {
+                    let state = state.lock().unwrap();
+                    (state.save_delay, state.failing_saves)
+                };
                 tokio::time::sleep(delay).await;
+                if failing {
+                    return Err(StoreError::Status {
+                        status: 409,
+                        what: "the board save",
+                    });
+                }
                 let shapes: Value = serde_json::from_str(&shapes_json).unwrap();
                 let mut state = state.lock().unwrap();
                 state
@@ -1073,6 +1084,44 @@ mod tests {
                 .map(|(t, _, s)| (*t, s.clone()))
                 .collect()
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closing_room_the_store_keeps_refusing_is_freed_into_a_fallback_file() {
+        let store = FakeStore::default();
+        store.0.lock().unwrap().failing_saves = true;
+        let mut h = Harness::new(store);
+        let dir = std::env::temp_dir().join(format!("ss-core-{}", rand::random::<u64>()));
+        h.core.data_dir = dir.clone();
+        let t0 = h.open_and_join().await;
+        h.create(1);
+        h.create(2);
+        let shapes = h.core.rooms[&room()].room.shapes_json();
+        h.event(RoomEvent::Leave { conn: ConnId(1) });
+        h.frame(ToWorker::CloseRoom { room: room() });
+        let closed = |h: &Harness| {
+            h.output
+                .iter()
+                .any(|m| matches!(m, FromWorker::RoomClosed { .. }))
+        };
+        // Refused at 0, 0.5, 1.5 and 3.5 s: still held, nothing written yet.
+        h.run_until(t0 + Duration::from_secs(7)).await;
+        assert!(!closed(&h));
+        assert!(!dir.exists());
+        // The fifth refusal (7.5 s): the shapes go to a file and the room is freed.
+        h.run_until(t0 + Duration::from_secs(9)).await;
+        assert!(closed(&h));
+        assert_eq!(h.core.room_count(), 0);
+        let files: Vec<_> = std::fs::read_dir(dir.join(fallback::FALLBACK_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1);
+        assert!(files[0].to_string_lossy().ends_with("-unsaved.json"));
+        let body: Value = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
+        let shapes: Value = serde_json::from_str(&shapes).unwrap();
+        assert_eq!(body, json!({"data":{"shapes":shapes,"cursors":[]}}));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     fn xs(shapes: &Value) -> Vec<i64> {
