@@ -264,6 +264,14 @@ mod tests {
         let worker = SqliteStore::attach(&path, identity);
         let room = || RoomId("a".into());
         worker.save(room(), None, "[]".into()).await.unwrap();
+        // A folder made read-only: refused, and fine again once writable.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |m| std::fs::Permissions::from_mode(m);
+        std::fs::set_permissions(&dir, mode(0o555)).unwrap();
+        let err = worker.save(room(), None, "[]".into()).await.unwrap_err();
+        assert!(err.to_string().contains("not writable"), "{err}");
+        std::fs::set_permissions(&dir, mode(0o755)).unwrap();
+        worker.save(room(), None, "[]".into()).await.unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         let err = worker.save(room(), None, "[]".into()).await.unwrap_err();
         assert!(matches!(err, StoreError::Gone(_)), "{err}");
