@@ -296,6 +296,13 @@ pub struct PersistSettings {
     pub debounce_ms: u64,
     pub max_wait_ms: u64,
     pub load_wait_ms: u64,
+    /// `--data-dir`: where shapes no store would take are written
+    /// (`unsaved/`), with a backend too.
+    pub data_dir: PathBuf,
+    /// The embedded store's file as the supervisor found it at start-up
+    /// (device, inode): workers refuse to save into another file at that path
+    /// (the folder was deleted or the file replaced). `None` with a backend.
+    pub store_identity: Option<(u64, u64)>,
 }
 
 /// File name of the embedded store inside `--data-dir`.
@@ -440,6 +447,8 @@ impl ServeArgs {
                 debounce_ms: self.persist_debounce_ms,
                 max_wait_ms: self.persist_max_wait_ms,
                 load_wait_ms: self.load_wait_ms,
+                data_dir: self.data_dir,
+                store_identity: None,
             },
         })
     }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 /// Version of the frame definitions below. The supervisor and a worker exchange it
 /// in their first frames and refuse to talk on a mismatch. Bump it on any change to
 /// [`ToWorker`] or [`FromWorker`].
-pub const IPC_VERSION: u32 = 5;
+pub const IPC_VERSION: u32 = 6;
 
 /// Largest IPC frame body accepted. A snapshot of a full room (1000 shapes with
 /// bounded fields) is far below this; anything larger is corruption.
@@ -205,6 +205,11 @@ pub enum FromWorker {
         /// The room's previous save attempt had failed.
         retry: bool,
         micros: u64,
+    },
+    /// The room's stored board cannot be read (it is not a list of shapes): the
+    /// worker has freed the room; its members are closed with 1011.
+    RoomFailed {
+        room: RoomId,
     },
 }
 

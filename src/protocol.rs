@@ -23,6 +23,9 @@ pub const REASON_ROOM_FULL: &str = "Room is full";
 pub const REASON_DUPLICATE_USER: &str = "Duplicate user";
 pub const REASON_RATE_LIMIT: &str = "Rate limit";
 pub const REASON_REPLACED: &str = "Replaced by a new connection";
+/// Close reason (with [`CLOSE_INTERNAL_ERROR`]) when a room's stored board cannot
+/// be parsed: starting empty would overwrite it at the next save.
+pub const REASON_BOARD_UNREADABLE: &str = "Room unavailable: its stored board could not be read";
 
 /// Longest `text` of a shape, in bytes.
 pub const MAX_TEXT_BYTES: usize = 10_000;
@@ -33,6 +36,17 @@ pub const MAX_ID_BYTES: usize = 128;
 /// Largest magnitude of a coordinate, size or rotation: far beyond any board, small
 /// enough that arithmetic on it in any client stays exact.
 pub const MAX_COORDINATE: f64 = 1e9;
+/// Largest JSON encoding of one shape, escapes included, as snapshots carry it
+/// and stores keep it. A 10 000-byte text of ordinary characters fits; one of
+/// control characters (6 bytes each once escaped) does not. Times
+/// [`MAX_SHAPES_PER_ROOM`] it bounds a room's shapes to 12 MiB, so a snapshot
+/// stays under the 16 MiB IPC frame limit (see [`MAX_SNAPSHOT_BYTES`]).
+pub const MAX_SHAPE_JSON_BYTES: usize = 12 * 1024;
+/// Upper bound of a snapshot's JSON: every shape at its budget, plus members and
+/// cursors (100 each, ids at most [`MAX_ID_BYTES`] escaped to 6 bytes a byte,
+/// under 1 KiB per member and cursor), plus 256 KiB of slack.
+pub const MAX_SNAPSHOT_BYTES: usize =
+    MAX_SHAPES_PER_ROOM * MAX_SHAPE_JSON_BYTES + 2 * MAX_MEMBERS_PER_ROOM * 1024 + 256 * 1024;
 
 pub const DEFAULT_FILL: &str = "#3b82f6";
 pub const DEFAULT_STROKE: &str = "#1d4ed8";

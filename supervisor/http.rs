@@ -107,8 +107,14 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     res
 }
 
-/// 200 when every worker runs and the server is not draining.
+/// 200 when every worker runs, the server is not draining and the store takes
+/// saves (not failing for [`SAVES_FAILING_UNREADY_AFTER`]).
 fn ready(shared: &Shared) -> Response<Body> {
+    use super::registry::SAVES_FAILING_UNREADY_AFTER;
+    let failing = shared
+        .registry
+        .saves_failing_for()
+        .filter(|d| *d >= SAVES_FAILING_UNREADY_AFTER);
     let down = shared
         .pool
         .slots()
@@ -121,6 +127,14 @@ fn ready(shared: &Shared) -> Response<Body> {
         text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{down} worker(s) not running\n"),
+        )
+    } else if let Some(failing) = failing {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "saves failing for {} s (see the error log)\n",
+                failing.as_secs()
+            ),
         )
     } else {
         text(StatusCode::OK, "ready\n")

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, StoreConfig};
+use crate::config::{Config, PersistSettings, StoreConfig};
 use auth::Authenticator;
 use pool::WorkerPool;
 use registry::Registry;
@@ -73,14 +73,22 @@ pub fn main(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
-        let listener = TcpListener::bind((config.bind, config.port))
-            .await
-            .with_context(|| format!("cannot listen on {}:{}", config.bind, config.port))?;
-        let stop = CancellationToken::new();
-        tokio::spawn(watch_signals(stop.clone()));
-        run(config, listener, stop).await
-    })
+    runtime
+        .block_on(async {
+            let listener = TcpListener::bind((config.bind, config.port))
+                .await
+                .with_context(|| format!("cannot listen on {}:{}", config.bind, config.port))?;
+            let stop = CancellationToken::new();
+            tokio::spawn(watch_signals(stop.clone()));
+            run(config, listener, stop).await
+        })
+        .inspect_err(|e| {
+            // Another server owns the data: a configuration error, one line, exit 2.
+            if let Some(in_use) = e.downcast_ref::<DataDirInUse>() {
+                eprintln!("session-server: {in_use}");
+                std::process::exit(2);
+            }
+        })
 }
 
 /// SIGTERM, SIGINT or SIGHUP starts a graceful stop; a second one exits at once.
@@ -139,11 +147,12 @@ impl ShutdownPlan {
 
 /// Runs the server on `listener` until `stop` is cancelled.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     listener: TcpListener,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    check_store(&config.persistence.store)?;
+    // Held (locked) until `run` returns, that is for the server's life.
+    let _data_lock = check_store(&mut config.persistence)?;
     raise_fd_limit(config.limits.max_connections);
     info!(store = %config.persistence.store, "persistence");
     let registry = Arc::new(Registry::new(
@@ -308,13 +317,50 @@ fn raise_fd_limit(max_connections: usize) {
     }
 }
 
+/// Lock file in `--data-dir`: one server per embedded store, since two would
+/// overwrite each other's rooms.
+const DATA_LOCK_FILE: &str = "session-server.lock";
+
+/// Start-up refused: another server holds the data folder's lock.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "data directory {0} is in use by another session-server (lock {1} is held); refusing to start"
+)]
+pub struct DataDirInUse(String, String);
+
 /// Fails start-up with a clear message if the embedded store cannot be opened
-/// (the backend is checked by use: it may legitimately be down at start).
-fn check_store(store: &StoreConfig) -> anyhow::Result<()> {
-    if let StoreConfig::Embedded { path } = store {
-        crate::worker::store::sqlite::SqliteStore::open(path)?;
+/// or its folder is locked by another server (the backend is checked by use:
+/// it may legitimately be down at start). Returns the folder's lock, held by
+/// the caller for the server's life, and records the store file's identity so
+/// workers write into this file only.
+fn check_store(settings: &mut PersistSettings) -> anyhow::Result<Option<std::fs::File>> {
+    let StoreConfig::Embedded { path } = &settings.store else {
+        return Ok(None);
+    };
+    let dir = &settings.data_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating data folder {}", dir.display()))?;
+    let lock_path = dir.join(DATA_LOCK_FILE);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening lock file {}", lock_path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(
+                DataDirInUse(dir.display().to_string(), lock_path.display().to_string()).into(),
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", lock_path.display()));
+        }
     }
-    Ok(())
+    let store = crate::worker::store::sqlite::SqliteStore::open(path)?;
+    settings.store_identity = store.identity();
+    Ok(Some(lock))
 }
 
 #[cfg(test)]

@@ -711,6 +711,14 @@ fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &Work
                 metrics.save_retries.inc();
             }
             metrics.save_duration.observe(micros as f64 / 1e6);
+            // "No board yet" is a backend's normal state, not a failing store.
+            if outcome != crate::ipc::SaveResult::NoBoard {
+                registry.save_finished(outcome == crate::ipc::SaveResult::Ok);
+            }
+        }
+        FromWorker::RoomFailed { room } => {
+            warn!(%worker, %room, "room closed: its stored board cannot be read");
+            registry.room_failed(&room, worker);
         }
         FromWorker::Hello { .. } => warn!(%worker, "unexpected second hello from worker"),
     }

@@ -96,6 +96,23 @@ pub struct Registry {
     rooms_per_worker: usize,
     /// Total rooms across workers.
     max_rooms: usize,
+    /// Whether the store keeps refusing saves (for `/readyz`).
+    save_health: Mutex<SaveHealth>,
+}
+
+/// Saves failing with none succeeding for this long make `/readyz` answer 503:
+/// longer than a blip (a failed save is retried after 0.5, 1, 2, 4 s…), short
+/// enough that an orchestrator stops sending rooms to a server that cannot keep them.
+pub const SAVES_FAILING_UNREADY_AFTER: Duration = Duration::from_secs(10);
+/// A failure older than this no longer counts (no room is left retrying: they
+/// were saved elsewhere or freed); it is above the 30 s cap of save retries.
+const SAVE_FAILURE_FORGOTTEN_AFTER: Duration = Duration::from_secs(45);
+
+#[derive(Default)]
+struct SaveHealth {
+    /// First failed save since the last success.
+    failing_since: Option<Instant>,
+    last_failure: Option<Instant>,
 }
 
 struct Inner {
@@ -224,7 +241,52 @@ impl Registry {
             }),
             rooms_per_worker,
             max_rooms,
+            save_health: Mutex::new(SaveHealth::default()),
         }
+    }
+
+    /// A worker finished a save attempt (`ok`: written).
+    pub fn save_finished(&self, ok: bool) {
+        let mut health = lock(&self.save_health);
+        if ok {
+            *health = SaveHealth::default();
+        } else {
+            let now = Instant::now();
+            health.failing_since.get_or_insert(now);
+            health.last_failure = Some(now);
+        }
+    }
+
+    /// How long saves have been failing with none succeeding, if the last
+    /// failure is recent.
+    pub fn saves_failing_for(&self) -> Option<Duration> {
+        let health = lock(&self.save_health);
+        let recent = health
+            .last_failure
+            .is_some_and(|t| t.elapsed() < SAVE_FAILURE_FORGOTTEN_AFTER);
+        health
+            .failing_since
+            .filter(|_| recent)
+            .map(|since| since.elapsed())
+    }
+
+    /// The worker gave up on `room` (its stored board cannot be read) and freed
+    /// it: its members are closed with 1011 and the room is forgotten.
+    pub fn room_failed(&self, room: &RoomId, worker: WorkerId) {
+        let mut inner = lock(&self.inner);
+        let Some(entry) = inner.rooms.get(room).cloned() else {
+            return;
+        };
+        if entry.worker != worker {
+            return;
+        }
+        let mut state = lock(&entry.state);
+        close_room(
+            &mut inner,
+            &entry,
+            &mut state,
+            crate::protocol::REASON_BOARD_UNREADABLE,
+        );
     }
 
     /// Rooms placed (open, closing or being restored).

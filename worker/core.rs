@@ -4,23 +4,33 @@
 //! fake store and a paused clock.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use indexmap::IndexSet;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::persist::{LoadRetry, Policy, SaveState};
 use super::room::{Effect, Ignored, Room, RoomImage};
-use super::store::{BoardId, BoardStore, LoadedBoard, SaveOutcome, StoreError};
+use super::store::{BoardId, BoardStore, LoadedBoard, SaveOutcome, StoreError, fallback};
 use crate::config::PersistSettings;
 use crate::ipc::{FromWorker, RoomEvent, RoomId, RoomSummary, SaveResult, Stamped, ToWorker};
 
 /// Events held per room while its load is pending. Past this, members are
 /// admitted at once (degraded) rather than buffering without bound.
 const MAX_HELD_EVENTS: usize = 10_000;
+
+/// Failed save (or load) attempts, after every member has left, before a room's
+/// unsaved shapes go to a fallback file and the room is freed. With the retry
+/// backoff (0.5, 1, 2, 4 s) that is about 8 s of trying: a short outage costs
+/// nothing, and a store that keeps refusing a room cannot hold its capacity.
+pub const MAX_CLOSING_ATTEMPTS: u32 = 5;
+
+/// Ids named in a log line about cut shapes (all of them are in the file).
+const MAX_LOGGED_IDS: usize = 20;
 
 /// The outcome of a store task, sent back to the loop.
 #[derive(Debug)]
@@ -82,6 +92,8 @@ struct RoomSlot {
     save: SaveState,
     /// Every member has left: free the room once nothing is unsaved.
     closing: bool,
+    /// Save or load attempts failed since `closing` (see [`MAX_CLOSING_ATTEMPTS`]).
+    closing_failures: u32,
     warned_no_board: bool,
     /// `Sync` tokens to answer once the held events are applied.
     pending_syncs: Vec<u64>,
@@ -115,6 +127,7 @@ impl RoomSlot {
             board,
             save: SaveState::default(),
             closing: false,
+            closing_failures: 0,
             warned_no_board: false,
             pending_syncs: Vec::new(),
             last_save_ms: None,
@@ -143,6 +156,8 @@ pub struct WorkerCore {
     store: Arc<dyn BoardStore>,
     policy: Policy,
     load_wait: Duration,
+    /// `--data-dir`, where fallback files go.
+    data_dir: PathBuf,
     rooms: HashMap<RoomId, RoomSlot>,
     next_instance: u64,
     results: mpsc::Sender<StoreResult>,
@@ -171,6 +186,7 @@ impl WorkerCore {
                 max_wait: Duration::from_millis(settings.max_wait_ms),
             },
             load_wait: Duration::from_millis(settings.load_wait_ms),
+            data_dir: settings.data_dir.clone(),
             rooms: HashMap::new(),
             next_instance: 0,
             results,
@@ -252,6 +268,7 @@ impl WorkerCore {
             if slot.closing {
                 debug!(%room, "room reopened before it was freed");
                 slot.closing = false;
+                slot.closing_failures = 0;
                 slot.save.urgent = self.drain.is_some();
                 self.replies.push(FromWorker::CloseCancelled { room });
             } else {
@@ -416,7 +433,11 @@ impl WorkerCore {
                 match result {
                     Ok(board) => {
                         let count = board.shapes.len();
-                        let opaque = slot.room.merge_stored(board.shapes);
+                        let merged = slot.room.merge_stored(board.shapes);
+                        let opaque = merged.opaque;
+                        if !merged.cut.is_empty() {
+                            keep_cut_shapes(&self.data_dir, &room, merged.cut);
+                        }
                         slot.board = board.board;
                         let was_degraded = matches!(slot.load, Load::Degraded);
                         if was_degraded {
@@ -438,8 +459,12 @@ impl WorkerCore {
                                 .push(FromWorker::Checkpoint { room, seq, image });
                         }
                     }
+                    Err(e) if e.is_malformed() => self.fail_room(&room, &e),
                     Err(e) => {
                         slot.load_failures += 1;
+                        if slot.closing {
+                            slot.closing_failures += 1;
+                        }
                         let delay = slot.load_retry.after_failure();
                         slot.load_retry_at = Some(now + delay);
                         warn!(%room, error = %e, failures = slot.load_failures, retry_in_ms = delay.as_millis() as u64, "loading the board failed; retrying");
@@ -488,6 +513,9 @@ impl WorkerCore {
                     }
                     Ok(SaveOutcome::NoBoard) => {
                         slot.save.failed(now);
+                        if slot.closing {
+                            slot.closing_failures += 1;
+                        }
                         if !slot.warned_no_board {
                             slot.warned_no_board = true;
                             warn!(%room, "the backend has no board for this room; keeping its shapes in memory and trying again on later saves");
@@ -495,6 +523,9 @@ impl WorkerCore {
                     }
                     Err(e) => {
                         slot.save.failed(now);
+                        if slot.closing {
+                            slot.closing_failures += 1;
+                        }
                         warn!(%room, error = %e, "saving the board failed; will retry");
                     }
                 }
@@ -528,7 +559,14 @@ impl WorkerCore {
             // A room still waiting for its load may hold events (shapes among
             // them): it is freed only once they have been applied and saved.
             let waiting = matches!(slot.load, Load::Waiting { .. });
-            if slot.closing && !slot.save.is_dirty() && !waiting {
+            // A store that keeps refusing a room nobody is in: its shapes go to
+            // a fallback file (`give_up`), so it does not hold capacity forever.
+            let refused =
+                || slot.closing_failures >= MAX_CLOSING_ATTEMPTS && !waiting && !slot.save.saving();
+            if slot.closing
+                && ((!slot.save.is_dirty() && !waiting)
+                    || (refused() && give_up(&self.data_dir, id, slot)))
+            {
                 freed.push(id.clone());
             }
         }
@@ -539,6 +577,38 @@ impl WorkerCore {
             self.replies.push(FromWorker::RoomClosed { room: id });
         }
         self.answer_drain(now);
+    }
+
+    /// A room whose stored board cannot be parsed: an error for that room, not
+    /// an empty board (the next save would overwrite the stored one) and not a
+    /// crash. Shapes drawn meanwhile (a degraded room) go to a fallback file;
+    /// the room is freed and the supervisor closes its members with 1011.
+    fn fail_room(&mut self, room: &RoomId, why: &StoreError) {
+        let Some(slot) = self.rooms.remove(room) else {
+            return;
+        };
+        let file = (slot.room.shape_count() > 0)
+            .then(|| fallback::write(&self.data_dir, room, "unmerged", &slot.room.shapes_json()));
+        match file {
+            None => {
+                error!(%room, error = %why, "the stored board cannot be read; closing the room (it is left untouched in the store)")
+            }
+            Some(Ok(file)) => {
+                error!(%room, error = %why, file = %file.display(), shapes = slot.room.shape_count(), "the stored board cannot be read; closing the room; shapes drawn meanwhile are in the file")
+            }
+            Some(Err(e)) => {
+                error!(%room, error = %why, fallback_error = %e, shapes = %slot.room.shapes_json(), "the stored board cannot be read; closing the room; the shapes drawn meanwhile could not be written to a file and are logged here")
+            }
+        }
+        for token in slot.pending_syncs {
+            self.replies.push(FromWorker::Synced {
+                room: room.clone(),
+                token,
+            });
+        }
+        self.dirty.shift_remove(room);
+        self.replies
+            .push(FromWorker::RoomFailed { room: room.clone() });
     }
 
     /// Saves every room with unsaved changes as soon as possible, and answers
@@ -685,6 +755,61 @@ impl WorkerCore {
     }
 }
 
+/// Writes a closing room's unsaved shapes to a fallback file once the store has
+/// refused them [`MAX_CLOSING_ATTEMPTS`] times; true if written (the room may
+/// then be freed). If the file cannot be written either, the room is kept and
+/// its saves retried: nothing is dropped.
+fn give_up(data_dir: &Path, room: &RoomId, slot: &mut RoomSlot) -> bool {
+    // A room whose board never loaded holds only the shapes drawn since.
+    let kind = if matches!(slot.load, Load::Done) {
+        "unsaved"
+    } else {
+        "unmerged"
+    };
+    let attempts = slot.closing_failures;
+    match fallback::write(data_dir, room, kind, &slot.room.shapes_json()) {
+        Ok(file) => {
+            error!(%room, file = %file.display(), shapes = slot.room.shape_count(), attempts, kind, "the store keeps refusing this room and everyone has left: its unsaved shapes are in the file (README, Persistence: how to replay it); room freed");
+            slot.save = SaveState::default();
+            true
+        }
+        Err(e) => {
+            error!(%room, dir = %data_dir.display(), error = %e, attempts, "the store keeps refusing this room and its fallback file cannot be written: keeping the room, retrying its saves");
+            slot.closing_failures = 0;
+            false
+        }
+    }
+}
+
+/// Keeps the shapes a loaded board had over the room's budgets in a fallback
+/// file, and says so at warn with their ids (all in the file, the first ones in
+/// the log; every id in the log if the file cannot be written).
+fn keep_cut_shapes(data_dir: &Path, room: &RoomId, cut: Vec<(String, String)>) {
+    let ids: Vec<&str> = cut.iter().map(|(id, _)| id.as_str()).collect();
+    let mut shapes = String::from("[");
+    for (i, (_, json)) in cut.iter().enumerate() {
+        if i > 0 {
+            shapes.push(',');
+        }
+        shapes.push_str(json);
+    }
+    shapes.push(']');
+    match fallback::write(data_dir, room, "trimmed", &shapes) {
+        Ok(file) => warn!(
+            %room,
+            cut = cut.len(),
+            file = %file.display(),
+            first_ids = ?&ids[..ids.len().min(MAX_LOGGED_IDS)],
+            "stored board over the room's limits ({} shapes, {} bytes each): cut shapes are in the file; the room is trimmed",
+            crate::protocol::MAX_SHAPES_PER_ROOM,
+            crate::protocol::MAX_SHAPE_JSON_BYTES,
+        ),
+        Err(e) => {
+            error!(%room, cut = cut.len(), ids = ?ids, error = %e, "stored board over the room's limits: cut shapes could not be written to a file")
+        }
+    }
+}
+
 /// Starts loading a room's board in a task; the result comes back on `results`.
 fn start_load(store: &dyn BoardStore, results: &mpsc::Sender<StoreResult>, slot: &mut RoomSlot) {
     slot.load_in_flight = true;
@@ -790,6 +915,8 @@ mod tests {
     struct FakeState {
         stored: HashMap<RoomId, Vec<Value>>,
         failing_loads: bool,
+        /// Every save is refused (409), as by a backend that keeps saying no.
+        failing_saves: bool,
         save_delay: Duration,
         saves: Vec<(Instant, RoomId, Value)>,
     }
@@ -824,8 +951,17 @@ mod tests {
         ) -> BoxFuture<'static, Result<SaveOutcome, StoreError>> {
             let state = self.0.clone();
             async move {
-                let delay = state.lock().unwrap().save_delay;
+                let (delay, failing) = {
+                    let state = state.lock().unwrap();
+                    (state.save_delay, state.failing_saves)
+                };
                 tokio::time::sleep(delay).await;
+                if failing {
+                    return Err(StoreError::Status {
+                        status: 409,
+                        what: "the board save",
+                    });
+                }
                 let shapes: Value = serde_json::from_str(&shapes_json).unwrap();
                 let mut state = state.lock().unwrap();
                 state
@@ -865,6 +1001,8 @@ mod tests {
                 debounce_ms: 2000,
                 max_wait_ms: 10_000,
                 load_wait_ms: 5000,
+                data_dir: std::env::temp_dir().join("ss-core-tests"),
+                store_identity: None,
             };
             let (tx, results) = mpsc::channel(16);
             Harness {
@@ -986,6 +1124,44 @@ mod tests {
             drop(state);
             store
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closing_room_the_store_keeps_refusing_is_freed_into_a_fallback_file() {
+        let store = FakeStore::default();
+        store.0.lock().unwrap().failing_saves = true;
+        let mut h = Harness::new(store);
+        let dir = std::env::temp_dir().join(format!("ss-core-{}", rand::random::<u64>()));
+        h.core.data_dir = dir.clone();
+        let t0 = h.open_and_join().await;
+        h.create(1);
+        h.create(2);
+        let shapes = h.core.rooms[&room()].room.shapes_json();
+        h.event(RoomEvent::Leave { conn: ConnId(1) });
+        h.frame(ToWorker::CloseRoom { room: room() });
+        let closed = |h: &Harness| {
+            h.output
+                .iter()
+                .any(|m| matches!(m, FromWorker::RoomClosed { .. }))
+        };
+        // Refused at 0, 0.5, 1.5 and 3.5 s: still held, nothing written yet.
+        h.run_until(t0 + Duration::from_secs(7)).await;
+        assert!(!closed(&h));
+        assert!(!dir.exists());
+        // The fifth refusal (7.5 s): the shapes go to a file and the room is freed.
+        h.run_until(t0 + Duration::from_secs(9)).await;
+        assert!(closed(&h));
+        assert_eq!(h.core.room_count(), 0);
+        let files: Vec<_> = std::fs::read_dir(dir.join(fallback::FALLBACK_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1);
+        assert!(files[0].to_string_lossy().ends_with("-unsaved.json"));
+        let body: Value = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
+        let shapes: Value = serde_json::from_str(&shapes).unwrap();
+        assert_eq!(body, json!({"data":{"shapes":shapes,"cursors":[]}}));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     fn xs(shapes: &Value) -> Vec<i64> {

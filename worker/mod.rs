@@ -119,7 +119,7 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
         Some(Ok(ToWorker::Configure(settings))) => settings,
         other => bail!("expected the supervisor's settings, got {other:?}"),
     };
-    let store = store::open(&settings.store)?;
+    let store = store::open(&settings.store, settings.store_identity)?;
     info!("worker ready");
 
     let (results_tx, mut results) = mpsc::channel::<StoreResult>(RESULTS_QUEUE);

@@ -53,6 +53,11 @@ impl SaveState {
         self.first_unsaved.is_some() || self.in_flight.is_some()
     }
 
+    /// A save is running.
+    pub fn saving(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
     /// The previous attempt failed (the next one is a retry).
     pub fn retrying(&self) -> bool {
         self.backoff.is_some()

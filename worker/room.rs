@@ -5,12 +5,16 @@
 
 use indexmap::IndexMap;
 
-use crate::ipc::{ConnId, JoinRejection, RoomEvent, RoomId, Stamped};
+use crate::ipc::{ConnId, JoinRejection, MAX_FRAME_LEN, RoomEvent, RoomId, Stamped};
 use crate::protocol::{
     ClientMessage, DEFAULT_FILL, DEFAULT_STROKE, InvalidMessage, MAX_MEMBERS_PER_ROOM,
-    MAX_SHAPES_PER_ROOM, ShapeChanges, ShapeType, push_js_number, push_json_string,
-    push_json_timestamp,
+    MAX_SHAPE_JSON_BYTES, MAX_SHAPES_PER_ROOM, MAX_SNAPSHOT_BYTES, ShapeChanges, ShapeType,
+    push_js_number, push_json_string, push_json_timestamp,
 };
+
+// A snapshot (or a checkpoint, which holds the same shapes) within the budgets
+// always fits an IPC frame, with a margin for the frame's other fields.
+const _: () = assert!(MAX_SNAPSHOT_BYTES + 1024 * 1024 < MAX_FRAME_LEN);
 
 /// What applying one event did.
 #[derive(Debug, PartialEq)]
@@ -36,6 +40,8 @@ pub enum Ignored {
     /// An update to a stored shape kept verbatim (see [`Shape`]).
     OpaqueShape,
     ShapeLimit,
+    /// The shape's JSON would exceed [`MAX_SHAPE_JSON_BYTES`] (escapes included).
+    ShapeTooBig,
 }
 
 impl Ignored {
@@ -47,6 +53,7 @@ impl Ignored {
             Ignored::UnknownShape => "unknown_shape",
             Ignored::OpaqueShape => "opaque_shape",
             Ignored::ShapeLimit => "shape_limit",
+            Ignored::ShapeTooBig => "shape_too_big",
         }
     }
 }
@@ -63,6 +70,15 @@ impl From<InvalidMessage> for Ignored {
     fn from(e: InvalidMessage) -> Self {
         Ignored::Invalid(e)
     }
+}
+
+/// What [`Room::merge_stored`] did.
+#[derive(Debug, Default)]
+pub struct Merged {
+    /// Stored shapes kept verbatim (not understood by this server).
+    pub opaque: usize,
+    /// Shapes cut to keep the room within its budgets: (id, JSON), in order.
+    pub cut: Vec<(String, String)>,
 }
 
 /// A room's whole state (see [`Room::image`]).
@@ -120,6 +136,7 @@ struct Shape {
     json: String,
 }
 
+#[derive(Clone)]
 struct ShapeFields {
     kind: ShapeType,
     x: f64,
@@ -165,10 +182,24 @@ impl Room {
     }
 
     /// Puts the stored shapes before the room's current ones (which were drawn
-    /// while the load was pending). Returns how many were kept verbatim.
-    pub fn merge_stored(&mut self, stored: Vec<serde_json::Value>) -> usize {
-        let mut merged = IndexMap::with_capacity(stored.len() + self.shapes.len());
-        let mut opaque = 0;
+    /// while the load was pending), within the room's budgets: a shape whose JSON
+    /// is over [`MAX_SHAPE_JSON_BYTES`], and every shape past
+    /// [`MAX_SHAPES_PER_ROOM`] (stored ones first, in order), is cut and returned
+    /// so the caller can keep it elsewhere: a board over the limits must not make
+    /// a snapshot bigger than an IPC frame.
+    pub fn merge_stored(&mut self, stored: Vec<serde_json::Value>) -> Merged {
+        let mut merged = IndexMap::with_capacity(stored.len().min(MAX_SHAPES_PER_ROOM));
+        let mut result = Merged::default();
+        let mut keep = |merged: &mut IndexMap<String, Shape>, id: String, shape: Shape| {
+            if shape.json.len() > MAX_SHAPE_JSON_BYTES || merged.len() >= MAX_SHAPES_PER_ROOM {
+                result.cut.push((id, shape.json));
+            } else {
+                if shape.fields.is_none() {
+                    result.opaque += 1;
+                }
+                merged.insert(id, shape);
+            }
+        };
         for (index, value) in stored.into_iter().enumerate() {
             let (mut id, mut shape) = Shape::from_stored(value, index);
             if merged.contains_key(&id) || self.shapes.contains_key(&id) {
@@ -176,14 +207,13 @@ impl Room {
                 id = format!("{id}~{index}");
                 shape.fields = None;
             }
-            if shape.fields.is_none() {
-                opaque += 1;
-            }
-            merged.insert(id, shape);
+            keep(&mut merged, id, shape);
         }
-        merged.extend(self.shapes.drain(..));
+        for (id, shape) in self.shapes.drain(..) {
+            keep(&mut merged, id, shape);
+        }
         self.shapes = merged;
-        opaque
+        result
     }
 
     /// The shapes as the JSON array the store keeps.
@@ -315,6 +345,9 @@ impl Room {
                     stroke: non_empty_or(stroke, DEFAULT_STROKE),
                 };
                 let shape = Shape::new(&id, fields);
+                if shape.json.len() > MAX_SHAPE_JSON_BYTES {
+                    return Effect::Ignored(Ignored::ShapeTooBig);
+                }
                 self.shapes.insert(id, shape);
                 Effect::Shapes
             }
@@ -325,8 +358,16 @@ impl Room {
                 let Some(fields) = &mut shape.fields else {
                     return Effect::Ignored(Ignored::OpaqueShape);
                 };
-                fields.update(changes, stamped.time_ms);
-                fields.encode(&shape_id, &mut shape.json);
+                // Checked on the result: an update may grow a shape past its budget.
+                let mut updated = fields.clone();
+                updated.update(changes, stamped.time_ms);
+                let mut json = String::with_capacity(shape.json.len());
+                updated.encode(&shape_id, &mut json);
+                if json.len() > MAX_SHAPE_JSON_BYTES {
+                    return Effect::Ignored(Ignored::ShapeTooBig);
+                }
+                *fields = updated;
+                shape.json = json;
                 Effect::Shapes
             }
             ClientMessage::ShapeDelete { shape_id } => {
@@ -796,13 +837,14 @@ mod tests {
         let extra_field = serde_json::json!({"id":"z","type":"oval","x":1,"y":2,"width":3,"height":4,
             "userId":"u","timestamp":"2024-01-01T12:00:00.000Z","fill":"#000","stroke":"#fff","rotation":0,"zIndex":3});
         let unknown_type = serde_json::json!({"id":"star","type":"star","points":5});
-        let opaque = s.room.merge_stored(vec![
+        let merged = s.room.merge_stored(vec![
             known.clone(),
             extra_field.clone(),
             unknown_type.clone(),
             known.clone(),
         ]);
-        assert_eq!(opaque, 3, "extra field, unknown type, duplicate id");
+        assert!(merged.cut.is_empty());
+        assert_eq!(merged.opaque, 3, "extra field, unknown type, duplicate id");
         let saved: serde_json::Value = serde_json::from_str(&s.room.shapes_json()).unwrap();
         let shapes = saved.as_array().unwrap();
         assert_eq!(shapes.len(), 5);
@@ -825,6 +867,57 @@ mod tests {
             Effect::Shapes
         );
         assert_eq!(s.room.shape_count(), 4);
+    }
+
+    #[test]
+    fn a_shape_over_its_encoded_budget_is_refused_however_it_comes() {
+        let mut s = Script::new();
+        s.join(1, "a");
+        // 10 000 control characters pass the text limit but take 60 000 bytes
+        // once escaped: the create is refused, the room unchanged.
+        let controls = "\\u0001".repeat(crate::protocol::MAX_TEXT_BYTES);
+        let create = |text: &str| {
+            format!(
+                r#"{{"type":"shape_create","shapeType":"text","x":1,"y":2,"width":3,"height":4,"text":"{text}"}}"#
+            )
+        };
+        let before = s.snapshot();
+        assert_eq!(
+            s.send(1, &create(&controls)),
+            Effect::Ignored(Ignored::ShapeTooBig)
+        );
+        assert_eq!(s.snapshot(), before);
+        // Plain text at the text limit fits; an update that would grow it past the
+        // budget is refused and leaves the shape as it was.
+        let plain = "x".repeat(crate::protocol::MAX_TEXT_BYTES);
+        assert_eq!(s.send(1, &create(&plain)), Effect::Shapes);
+        let id = "ab-3";
+        let shapes = s.room.shapes_json();
+        assert_eq!(
+            s.send(
+                1,
+                &format!(r#"{{"type":"shape_update","shapeId":"{id}","x":7,"text":"{controls}"}}"#)
+            ),
+            Effect::Ignored(Ignored::ShapeTooBig)
+        );
+        assert_eq!(s.room.shapes_json(), shapes);
+        // Stored shapes: the oversize one and those past the shape limit are cut
+        // and returned, the others kept in order.
+        let stored = |i: usize, text: &str| {
+            serde_json::json!({"id":format!("s{i}"),"type":"text","x":1,"y":2,"width":3,"height":4,
+                "userId":"u","timestamp":"2024-01-01T12:00:00.000Z","text":text,"fill":"#000","stroke":"#fff","rotation":0})
+        };
+        let big = "\u{1}".repeat(crate::protocol::MAX_TEXT_BYTES);
+        let mut board: Vec<serde_json::Value> = (0..MAX_SHAPES_PER_ROOM + 5)
+            .map(|i| stored(i, "t"))
+            .collect();
+        board[2] = stored(2, &big);
+        let merged = s.room.merge_stored(board);
+        assert_eq!(s.room.shape_count(), MAX_SHAPES_PER_ROOM);
+        let cut: Vec<&str> = merged.cut.iter().map(|(id, _)| id.as_str()).collect();
+        // s2 (too big), then the stored ones past the limit and the room's own shape.
+        assert_eq!(cut, ["s2", "s1001", "s1002", "s1003", "s1004", id]);
+        assert!(s.snapshot().len() <= MAX_SNAPSHOT_BYTES);
     }
 
     #[test]

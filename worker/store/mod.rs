@@ -1,6 +1,7 @@
 //! Board persistence: one trait, two stores. The HTTP backend of PROTOCOL.md §5
 //! when `BACKEND_URL` is set, the embedded SQLite store otherwise.
 
+pub mod fallback;
 pub mod http;
 pub mod sqlite;
 
@@ -47,6 +48,19 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("embedded store task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The embedded store's file is not the one the server started with (its
+    /// folder was deleted, or the file removed or replaced): writing would go
+    /// into a deleted file or a fresh database, so nothing is written.
+    #[error("embedded store {0}")]
+    Gone(String),
+}
+
+impl StoreError {
+    /// The stored board exists but cannot be parsed: retrying will not help,
+    /// and starting empty would overwrite it.
+    pub fn is_malformed(&self) -> bool {
+        matches!(self, StoreError::Malformed(_))
+    }
 }
 
 /// A place boards are loaded from and saved to. Futures are `'static` so a
@@ -64,10 +78,14 @@ pub trait BoardStore: Send + Sync {
     ) -> BoxFuture<'static, Result<SaveOutcome, StoreError>>;
 }
 
-/// Opens the configured store.
-pub fn open(config: &StoreConfig) -> anyhow::Result<Arc<dyn BoardStore>> {
+/// Opens the configured store in a worker. The embedded store's file must be
+/// the one the supervisor created (`identity`); a worker never creates it.
+pub fn open(
+    config: &StoreConfig,
+    identity: Option<(u64, u64)>,
+) -> anyhow::Result<Arc<dyn BoardStore>> {
     Ok(match config {
         StoreConfig::Backend { url, secret } => Arc::new(http::HttpStore::new(url, &secret.0)?),
-        StoreConfig::Embedded { path } => Arc::new(sqlite::SqliteStore::open(path)?),
+        StoreConfig::Embedded { path } => Arc::new(sqlite::SqliteStore::attach(path, identity)),
     })
 }
