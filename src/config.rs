@@ -102,6 +102,16 @@ pub struct ServeArgs {
     /// refused with 1008 "Duplicate user".
     #[arg(long, env = "TAKEOVER_WAIT_MS", default_value_t = 2_000)]
     pub takeover_wait_ms: u64,
+    /// TLS certificate chain (PEM). With `--tls-key`, the port serves HTTPS and
+    /// `wss://`; without both, plain HTTP and `ws://`.
+    #[arg(long, env = "TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) matching `--tls-cert`.
+    #[arg(long, env = "TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// How often the TLS files are checked for a change (then re-read).
+    #[arg(long, env = "TLS_RELOAD_CHECK_MS", default_value_t = 10_000)]
+    pub tls_reload_check_ms: u64,
     /// Board persistence service (PROTOCOL.md §5). Unset: the embedded store.
     #[arg(long, env = "BACKEND_URL")]
     pub backend_url: Option<String>,
@@ -158,6 +168,9 @@ pub struct Config {
     /// How long a user's earlier connection may stay silent to a ping before a
     /// new connection of the user replaces it.
     pub takeover_wait: Duration,
+    /// Serve TLS with these files (re-read when they change).
+    pub tls: Option<TlsFiles>,
+    pub tls_reload_check: Duration,
     pub jwt_secret: Secret,
     pub require_host_claim: bool,
     pub ping_interval: Duration,
@@ -267,6 +280,13 @@ impl std::str::FromStr for Secret {
     fn from_str(s: &str) -> Result<Secret, Self::Err> {
         Ok(Secret(s.to_owned()))
     }
+}
+
+/// The PEM files of the server's TLS certificate chain and key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Where boards are persisted.
@@ -428,6 +448,11 @@ impl ServeArgs {
             max_rooms,
             hathora: HathoraInfo::from_env(),
             takeover_wait: Duration::from_millis(self.takeover_wait_ms),
+            tls: self
+                .tls_cert
+                .zip(self.tls_key)
+                .map(|(cert, key)| TlsFiles { cert, key }),
+            tls_reload_check: Duration::from_millis(self.tls_reload_check_ms.max(10)),
             jwt_secret,
             require_host_claim: self.require_host_claim,
             ping_interval: Duration::from_millis(self.ping_interval_ms),

@@ -15,7 +15,18 @@ fn main() -> ExitCode {
     let result = match cli.mode {
         Some(Mode::Worker(args)) => session_server::worker::main(args),
         None => match cli.serve.validate() {
-            Ok(config) => session_server::supervisor::main(config),
+            Ok(config) => {
+                // Unusable TLS files are a configuration error like any other.
+                if let Some(Err(e)) = config
+                    .tls
+                    .as_ref()
+                    .map(session_server::supervisor::tls::load)
+                {
+                    eprintln!("session-server: configuration error: {e}");
+                    return ExitCode::from(2);
+                }
+                session_server::supervisor::main(config)
+            }
             Err(e) => {
                 eprintln!("session-server: configuration error: {e}");
                 return ExitCode::from(2);

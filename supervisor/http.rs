@@ -39,9 +39,30 @@ const RETRY_AFTER_SECS: &str = "5";
 
 type Body = Full<Bytes>;
 
-/// Serves one TCP connection (HTTP/1.1, upgradable to a WebSocket).
+/// Serves one TCP connection (HTTP/1.1, upgradable to a WebSocket), over TLS
+/// when the server has a certificate. The TLS handshake is bounded by the same
+/// timeout as the request headers, and a failed one is counted by reason.
 pub async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
+    let Some(tls) = shared.tls.clone() else {
+        return serve_http(stream, shared).await;
+    };
+    let timeout = shared.config.limits.handshake_timeout;
+    match tokio::time::timeout(timeout, tls.acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => serve_http(stream, shared).await,
+        Ok(Err(e)) => {
+            let reason = super::tls::failure_reason(&e);
+            shared.metrics.tls_failure(reason);
+            debug!(error = %e, reason, "TLS handshake failed");
+        }
+        Err(_) => shared.metrics.tls_failure("timeout"),
+    }
+}
+
+async fn serve_http<S>(io: S, shared: Arc<Shared>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let handshake_timeout = shared.config.limits.handshake_timeout;
     let service = service_fn(move |req| {
         let shared = shared.clone();
@@ -51,7 +72,7 @@ pub async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
         .timer(TokioTimer::new())
         // Bounds slow-header (slowloris) and idle connections that never upgrade.
         .header_read_timeout(handshake_timeout)
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades()
         .await
     {

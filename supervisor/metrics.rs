@@ -43,6 +43,8 @@ pub struct Metrics {
     pub cursor_moves_folded: Counter,
     pub connections_replaced: Counter,
     pub binary_frames: Counter,
+    pub tls_handshake_failures: Family<Reason, Counter>,
+    pub tls_reloads: Family<Outcome, Counter>,
     pub rooms: Gauge,
     pub rooms_by_worker: Family<Worker, Gauge>,
     pub workers_up: Gauge,
@@ -80,6 +82,8 @@ impl Metrics {
             cursor_moves_folded: Counter::default(),
             connections_replaced: Counter::default(),
             binary_frames: Counter::default(),
+            tls_handshake_failures: Family::default(),
+            tls_reloads: Family::default(),
             rooms: Gauge::default(),
             rooms_by_worker: Family::default(),
             workers_up: Gauge::default(),
@@ -137,6 +141,16 @@ impl Metrics {
             "binary_frames",
             "Binary client frames, ignored (the protocol is text)",
             m.binary_frames.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by reason (not_tls: plain HTTP to the TLS port)",
+            m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "Re-reads of changed TLS certificate files, by result",
+            m.tls_reloads.clone(),
         );
         registry.register("rooms", "Rooms placed on workers", m.rooms.clone());
         registry.register(
@@ -201,6 +215,22 @@ impl Metrics {
             m.ipc_queue_depth.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    pub fn tls_reload(&self, result: &str) {
+        self.tls_reloads
+            .get_or_create(&Outcome {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn tls_failure(&self, reason: &str) {
+        self.tls_handshake_failures
+            .get_or_create(&Reason {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     pub fn reject(&self, reason: &str) {

@@ -13,6 +13,7 @@ pub mod pool;
 pub mod ratelimit;
 pub mod registry;
 pub mod session;
+pub mod tls;
 pub mod websocket;
 
 use std::sync::Arc;
@@ -63,6 +64,8 @@ pub struct Shared {
     /// reading them while rooms are saved (so every edit a client saw applied is
     /// in the save), then close them with 1001.
     pub sessions_phase: tokio::sync::watch::Sender<SessionsPhase>,
+    /// The TLS acceptor, when the server has a certificate (`--tls-cert`).
+    pub tls: Option<Arc<tls::Tls>>,
     /// `--max-connections` permits: one per open TCP connection in its HTTP phase,
     /// one per WebSocket session.
     pub connection_permits: Arc<tokio::sync::Semaphore>,
@@ -181,7 +184,21 @@ pub async fn run(
         hathora_app_id = hathora.app_id.as_deref().unwrap_or("-"),
         "workers started"
     );
+    let tls = match &config.tls {
+        Some(files) => {
+            let tls = Arc::new(tls::Tls::new(files)?);
+            tokio::spawn(tls.clone().watch(
+                files.clone(),
+                config.tls_reload_check,
+                metrics.clone(),
+            ));
+            info!(cert = %files.cert.display(), "serving TLS (https://, wss://)");
+            Some(tls)
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
+        tls,
         auth: Authenticator::new(config.jwt_secret.as_str(), config.require_host_claim),
         metrics,
         config,

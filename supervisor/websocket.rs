@@ -37,33 +37,114 @@ const MAX_CONTROL_PAYLOAD: usize = 125;
 /// The client's frames, parsed by tungstenite.
 pub type ClientReader = WebSocketStream<ReadSide>;
 
+/// A client connection over TLS.
+type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
 /// Splits an upgraded connection into its reader and writer.
 pub async fn accept(
     upgraded: Upgraded,
     config: WebSocketConfig,
 ) -> io::Result<(ClientReader, ClientWriter)> {
-    // The server serves every connection as `TokioIo<TcpStream>`, so this
-    // downcast only fails if that changes.
-    let parts = upgraded
-        .downcast::<TokioIo<TcpStream>>()
-        .map_err(|_| io::Error::other("upgraded connection is not a TCP stream"))?;
-    let (read, write) = parts.io.into_inner().into_split();
+    // The server serves every connection as `TokioIo<TcpStream>` or, with TLS,
+    // `TokioIo<TlsStream>`, so this only fails if that changes.
+    let (read, write, early) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let (read, write) = parts.io.into_inner().into_split();
+            (Half::Plain(read), Half::Plain(write), parts.read_buf)
+        }
+        Err(upgraded) => {
+            let parts = upgraded
+                .downcast::<TokioIo<TlsStream>>()
+                .map_err(|_| io::Error::other("upgraded connection is neither TCP nor TLS"))?;
+            // TLS records are read and written through one session: the halves
+            // share it behind a lock (only ever taken by this connection's task).
+            let (read, write) = tokio::io::split(parts.io.into_inner());
+            (Half::Tls(read), Half::Tls(write), parts.read_buf)
+        }
+    };
     // `read_buf` is a view into hyper's 8 KiB read buffer: keeping it would keep
     // that buffer alive for the connection's life, so its bytes (usually none)
     // are copied out.
     let read_side = ReadSide {
-        early: Bytes::copy_from_slice(&parts.read_buf),
+        early: Bytes::copy_from_slice(&early),
         read,
     };
     let reader = WebSocketStream::from_raw_socket(read_side, Role::Server, Some(config)).await;
     Ok((reader, ClientWriter { socket: write }))
 }
 
+/// One direction of a client's socket: a TCP half, or a half of a TLS stream.
+pub enum Half<Plain, Tls> {
+    Plain(Plain),
+    Tls(Tls),
+}
+
+type ReadHalf = Half<OwnedReadHalf, tokio::io::ReadHalf<TlsStream>>;
+type WriteHalf = Half<OwnedWriteHalf, tokio::io::WriteHalf<TlsStream>>;
+
+impl<P: AsyncRead + Unpin, T: AsyncRead + Unpin> AsyncRead for Half<P, T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Half::Plain(half) => Pin::new(half).poll_read(cx, buf),
+            Half::Tls(half) => Pin::new(half).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<P: AsyncWrite + Unpin, T: AsyncWrite + Unpin> AsyncWrite for Half<P, T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Half::Plain(half) => Pin::new(half).poll_write(cx, buf),
+            Half::Tls(half) => Pin::new(half).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Half::Plain(half) => Pin::new(half).poll_write_vectored(cx, bufs),
+            Half::Tls(half) => Pin::new(half).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Half::Plain(half) => half.is_write_vectored(),
+            Half::Tls(half) => half.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Half::Plain(half) => Pin::new(half).poll_flush(cx),
+            Half::Tls(half) => Pin::new(half).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Half::Plain(half) => Pin::new(half).poll_shutdown(cx),
+            Half::Tls(half) => Pin::new(half).poll_shutdown(cx),
+        }
+    }
+}
+
 /// The socket's read half, plus any bytes hyper read past the upgrade request.
 /// Writes are accepted and dropped (see the module comment).
 pub struct ReadSide {
     early: Bytes,
-    read: OwnedReadHalf,
+    read: ReadHalf,
 }
 
 impl AsyncRead for ReadSide {
@@ -105,7 +186,7 @@ impl AsyncWrite for ReadSide {
 
 /// Writes server frames (unmasked) to the client.
 pub struct ClientWriter {
-    socket: OwnedWriteHalf,
+    socket: WriteHalf,
 }
 
 impl ClientWriter {
