@@ -86,20 +86,21 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     res
 }
 
-/// 200 when every worker runs and the server is not draining.
+/// 200 when every worker runs, answers pings and holds all its rooms (none is
+/// being replaced or restored), and the server is not draining.
 fn ready(shared: &Shared) -> Response<Body> {
     let down = shared
         .pool
         .slots()
         .iter()
-        .filter(|slot| slot.pid().is_none())
+        .filter(|slot| !slot.ready())
         .count();
     if shared.stop.is_cancelled() {
         text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else if down > 0 {
         text(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("{down} worker(s) not running\n"),
+            format!("{down} worker(s) not running, not answering or restoring\n"),
         )
     } else {
         text(StatusCode::OK, "ready\n")

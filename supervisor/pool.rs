@@ -4,9 +4,14 @@
 //!
 //! Each worker slot has one queue that outlives its processes, so sessions keep a
 //! valid sender across a respawn.
+//!
+//! Nothing here waits on its own writes: while a worker is served, its socket is
+//! read, written, pinged and its inherited rooms restored by separate branches of
+//! one `select!`, so a full socket in one direction never stops the other
+//! (restores go through the slot's queue like every other frame).
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,7 +31,7 @@ use tracing::{error, info, warn};
 use super::metrics::{Kind, Metrics, Outcome, Reason};
 use super::registry::{POISON_CRASHES, POISON_WINDOW, Registry, RoomEntry};
 use crate::config::{PersistSettings, WORKER_NONCE_ENV};
-use crate::ipc::{CodecError, FromWorker, IPC_VERSION, IpcCodec, RoomId, ToWorker, WorkerId};
+use crate::ipc::{FromWorker, IPC_VERSION, IpcCodec, RoomId, ToWorker, WorkerId};
 use crate::ipc_socket::{self, IpcReader, IpcWriter};
 
 /// Frames queued per worker before senders wait. Large enough to absorb bursts
@@ -49,6 +54,23 @@ const RESTORE_ANSWER_MARGIN: Duration = Duration::from_secs(2);
 /// A worker that ran this long before failing was not crash-looping: the next
 /// replacement starts at once again.
 const STABLE_RUN: Duration = Duration::from_secs(5);
+/// How often each worker is pinged: often enough that a stuck one is noticed
+/// within seconds, rarely enough to cost nothing.
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// A worker silent this long is reported unresponsive (`/readyz` 503): two
+/// missed pings, not a single late one.
+const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(2);
+/// A worker silent this long is stuck (stopped, or looping): it is killed and
+/// replaced. A healthy worker answers between batches (256 frames and one
+/// snapshot per changed room: milliseconds), so this is never a slow batch.
+const DEAD_AFTER: Duration = Duration::from_secs(5);
+/// Pings waiting to be written. One is enough: a second would say the same;
+/// when it is full the new ping is skipped (the silence is timed regardless).
+const PING_QUEUE: usize = 1;
+/// A ping is a `Sync` for this room, answered by the worker at once with a
+/// `Synced`: no room has an empty id (tokens with an empty `roomId` are
+/// refused), and reusing that round trip needs no new IPC frame.
+const PING_ROOM: &str = "";
 
 type Reader = FramedRead<IpcReader, IpcCodec<FromWorker, ToWorker>>;
 type Writer = FramedWrite<IpcWriter, IpcCodec<FromWorker, ToWorker>>;
@@ -64,6 +86,26 @@ pub struct WorkerSlot {
     restarts: AtomicU64,
     /// Where the answer to a `Drain` goes.
     drained: Mutex<Option<oneshot::Sender<DrainReport>>>,
+    /// When the running process last answered a ping (or finished its handshake).
+    last_pong: Mutex<Instant>,
+    /// The running process has not answered pings for [`UNRESPONSIVE_AFTER`].
+    unresponsive: AtomicBool,
+    /// The slot's process failed and its rooms are not all restored yet.
+    restoring: AtomicBool,
+    /// Restores under way on the running process, by room: a crash is blamed on
+    /// those whose frames had started going to it.
+    restores: Mutex<HashMap<RoomId, InFlight>>,
+}
+
+/// A room's restore, from its first frame to the worker's `Synced`.
+struct InFlight {
+    /// The token of the restore's `Sync`.
+    token: u64,
+    /// The writer has taken the room's `RestoreRoom` for the socket: from now
+    /// on the worker may be applying the room's frames.
+    taken: bool,
+    /// Told when the worker answers the `Sync`.
+    answered: Option<oneshot::Sender<()>>,
 }
 
 /// A worker's answer to a drain.
@@ -82,6 +124,26 @@ impl WorkerSlot {
 
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// The slot's process runs, answers pings and holds all its rooms (not
+    /// being replaced or restoring them): what `/readyz` reports.
+    pub fn ready(&self) -> bool {
+        self.pid().is_some()
+            && !self.unresponsive.load(Ordering::Relaxed)
+            && !self.restoring.load(Ordering::Relaxed)
+    }
+
+    /// Rooms whose restore frames the ended process had started taking and
+    /// not answered yet; forgets every restore under way.
+    fn take_in_flight(&self) -> Vec<RoomId> {
+        let mut rooms: Vec<RoomId> = lock(&self.restores)
+            .drain()
+            .filter(|(_, r)| r.taken)
+            .map(|(room, _)| room)
+            .collect();
+        rooms.sort();
+        rooms
     }
 
     /// Hands `report` to the pending drain, if one waits.
@@ -128,6 +190,10 @@ impl WorkerPool {
                 pid: AtomicU32::new(0),
                 restarts: AtomicU64::new(0),
                 drained: Mutex::new(None),
+                last_pong: Mutex::new(Instant::now()),
+                unresponsive: AtomicBool::new(false),
+                restoring: AtomicBool::new(false),
+                restores: Mutex::new(HashMap::new()),
             });
             let (ready_tx, ready_rx) = oneshot::channel();
             tasks.spawn(supervise(
@@ -209,17 +275,25 @@ impl WorkerPool {
 /// How a worker process ended.
 struct Ended {
     how: String,
-    /// The room being restored when it ended: the crash is attributed to it.
-    restoring: Option<RoomId>,
+    /// Rooms being restored into it when it ended (their frames had started
+    /// going to it, and it had not answered their `Sync`): the crash is
+    /// attributed to them.
+    restoring: Vec<RoomId>,
 }
 
 impl Ended {
     fn plain(how: String) -> Ended {
         Ended {
             how,
-            restoring: None,
+            restoring: Vec::new(),
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every update under these locks is a few assignments: data stays
+    // consistent even after a panic elsewhere.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The room a frame is for, if any.
@@ -257,9 +331,12 @@ async fn supervise(
 ) {
     let mut ready = Some(ready);
     let mut delay = Duration::ZERO;
-    // Rooms to restore on the next process, and frames to send it after them.
+    // Rooms to restore on the next process, and frames to send it first.
     let mut restore: Vec<Arc<RoomEntry>> = Vec::new();
     let mut carry: Vec<ToWorker> = Vec::new();
+    // Rooms blamed for a crash of this slot's workers, and when: restored one
+    // at a time, after the others, so a poison room is told from its neighbours.
+    let mut suspects: HashMap<RoomId, Instant> = HashMap::new();
     loop {
         let started = Instant::now();
         // Serving ends by itself at the shutdown deadline; this bounds a worker
@@ -274,6 +351,7 @@ async fn supervise(
             exit_by: &mut stopping.exit_by,
             ready: &mut ready,
             restore: &mut restore,
+            suspects: &suspects,
             carry: &mut carry,
         };
         let ended = tokio::select! {
@@ -300,14 +378,18 @@ async fn supervise(
             let _ = ready.send(Err(ended.how));
             return;
         }
-        if let Some(room) = &ended.restoring {
+        let now = Instant::now();
+        suspects.retain(|_, at| now.duration_since(*at) < POISON_WINDOW);
+        for room in &ended.restoring {
+            suspects.insert(room.clone(), now);
             if registry.blame(room) {
                 error!(worker = %slot.id, %room, "room closed for its members (1011): it crashed {POISON_CRASHES} workers within {POISON_WINDOW:?}");
             } else {
-                warn!(worker = %slot.id, %room, "worker crash attributed to the room it was restoring");
+                warn!(worker = %slot.id, %room, "worker crash attributed to a room it was restoring");
             }
         }
         restore = registry.worker_failed(slot.id);
+        slot.restoring.store(true, Ordering::Relaxed);
         let restoring: HashSet<&RoomId> = restore.iter().map(|e| &e.id).collect();
         // Frames queued for the dead process: those of its rooms are in their
         // journals and will be replayed; keep the others (rooms placed since).
@@ -346,6 +428,7 @@ struct Serve<'a> {
     exit_by: &'a mut watch::Receiver<Option<tokio::time::Instant>>,
     ready: &'a mut Option<oneshot::Sender<Result<(), String>>>,
     restore: &'a mut Vec<Arc<RoomEntry>>,
+    suspects: &'a HashMap<RoomId, Instant>,
     carry: &'a mut Vec<ToWorker>,
 }
 
@@ -406,24 +489,32 @@ impl Serve<'_> {
                 "handshake with pid {pid} failed: {e:#} (process {status:?})"
             ));
         }
+        *lock(&slot.last_pong) = Instant::now();
+        slot.unresponsive.store(false, Ordering::Relaxed);
+        lock(&slot.restores).clear();
         slot.pid.store(pid, Ordering::Relaxed);
         info!(worker = %slot.id, pid, "worker ready");
         if let Some(ready) = self.ready.take() {
             let _ = ready.send(Ok(()));
         }
 
-        if let Err(ended) = self.restore_rooms(&mut reader, &mut writer).await {
-            let _ = child.start_kill();
-            let status = child.wait().await;
-            return Ended {
-                how: format!("{}; pid {pid} exit status: {}", ended.how, describe(status)),
-                restoring: ended.restoring,
-            };
-        }
-
+        let (pinger, mut pings) = mpsc::channel(PING_QUEUE);
+        let carry = std::mem::take(self.carry);
+        let rooms = std::mem::take(self.restore);
+        let wait = Duration::from_millis(self.settings.load_wait_ms) + RESTORE_ANSWER_MARGIN;
+        let (registry, metrics, suspects) = (self.registry, self.metrics, self.suspects);
+        // Runs alongside reading and writing, never in their way; once done it
+        // only waits for the others to end.
+        let restores = async {
+            restore_rooms(rooms, suspects, registry, slot, wait).await;
+            slot.restoring.store(false, Ordering::Relaxed);
+            std::future::pending::<()>().await
+        };
         let ended = tokio::select! {
-            why = write_frames(self.frames, &mut writer) => why,
-            why = read_frames(&mut reader, self.registry, self.metrics, slot) => why,
+            why = write_frames(carry, self.frames, &mut pings, &mut writer, slot) => why,
+            why = read_frames(&mut reader, registry, metrics, slot) => why,
+            why = watchdog(slot, pinger) => why,
+            () = restores => unreachable!("restoring ends by waiting forever"),
             _ = child.wait() => "process exited".to_owned(),
             deadline = exit_requested(self.exit_by) => {
                 // Closing the socket tells the worker to exit.
@@ -438,109 +529,120 @@ impl Serve<'_> {
                 }
             }
         };
+        let restoring = slot.take_in_flight();
         // Whatever ended first, make sure the process is gone and reaped.
         let _ = child.start_kill();
         let status = child.wait().await;
-        Ended::plain(format!(
-            "{ended}; pid {pid} exit status: {}",
-            describe(status)
-        ))
-    }
-
-    /// Restores the inherited rooms one at a time (so a crash is attributed to
-    /// the room being restored), then sends the frames carried over.
-    async fn restore_rooms(
-        &mut self,
-        reader: &mut Reader,
-        writer: &mut Writer,
-    ) -> Result<(), Ended> {
-        let count = self.restore.len();
-        if count == 0 && self.carry.is_empty() {
-            return Ok(());
+        Ended {
+            how: format!("{ended}; pid {pid} exit status: {}", describe(status)),
+            restoring,
         }
-        let started = Instant::now();
-        // A room restored from the store (no checkpoint yet) answers after its load.
-        let wait = Duration::from_millis(self.settings.load_wait_ms) + RESTORE_ANSWER_MARGIN;
-        while let Some(entry) = self.restore.first().cloned() {
-            restore_room(
-                &entry,
-                reader,
-                writer,
-                self.registry,
-                self.metrics,
-                self.slot,
-                wait,
-            )
-            .await
-            .map_err(|how| Ended {
-                how,
-                restoring: Some(entry.id.clone()),
-            })?;
-            self.restore.remove(0);
-        }
-        let write_failed = |e: CodecError| Ended::plain(format!("IPC write failed: {e}"));
-        for frame in self.carry.drain(..) {
-            writer.feed(frame).await.map_err(write_failed)?;
-        }
-        writer.flush().await.map_err(write_failed)?;
-        if count > 0 {
-            info!(worker = %self.slot.id, rooms = count, ms = started.elapsed().as_millis() as u64, "rooms restored");
-        }
-        Ok(())
     }
 }
 
-/// Sends a room's checkpoint and journal, waits until the worker has applied
-/// them, then sends what arrived meanwhile and lets events flow directly again.
-async fn restore_room(
-    entry: &RoomEntry,
-    reader: &mut Reader,
-    writer: &mut Writer,
+/// Restores the rooms a failed worker held: those never blamed for a crash all
+/// at once (a room waiting for its store delays no other), then the suspects
+/// one at a time, so a room that keeps killing workers is the only one in
+/// flight when it does.
+async fn restore_rooms(
+    rooms: Vec<Arc<RoomEntry>>,
+    suspects: &HashMap<RoomId, Instant>,
     registry: &Registry,
-    metrics: &Metrics,
     slot: &WorkerSlot,
     wait: Duration,
-) -> Result<(), String> {
+) {
+    if rooms.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let count = rooms.len();
+    let (suspect, fresh): (Vec<_>, Vec<_>) = rooms
+        .into_iter()
+        .partition(|entry| suspects.contains_key(&entry.id));
+    futures_util::future::join_all(
+        fresh
+            .iter()
+            .map(|entry| restore_room(entry, registry, slot, wait)),
+    )
+    .await;
+    for entry in &suspect {
+        restore_room(entry, registry, slot, wait).await;
+    }
+    info!(worker = %slot.id, rooms = count, suspects = suspect.len(), ms = started.elapsed().as_millis() as u64, "rooms restored");
+}
+
+/// Queues a room's checkpoint and journal for the worker, waits (without
+/// holding anything up) until it has applied them, then queues what arrived
+/// meanwhile and lets events flow directly again. Returns early if the slot's
+/// queue is gone (the server is stopping).
+async fn restore_room(entry: &RoomEntry, registry: &Registry, slot: &WorkerSlot, wait: Duration) {
     let Some(frames) = registry.restore_frames(entry) else {
-        return Ok(()); // closed meanwhile
+        return; // closed meanwhile
     };
     let room = &entry.id;
-    let write_failed = |e: CodecError| format!("IPC write failed while restoring room {room}: {e}");
-    for frame in frames {
-        writer.feed(frame).await.map_err(write_failed)?;
-    }
     let token = rand::random::<u64>();
-    writer
-        .send(ToWorker::Sync {
-            room: room.clone(),
+    let (answered, answer) = oneshot::channel();
+    lock(&slot.restores).insert(
+        room.clone(),
+        InFlight {
             token,
-        })
-        .await
-        .map_err(write_failed)?;
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        match tokio::time::timeout_at(deadline, reader.next()).await {
-            Err(_) => {
-                warn!(%room, "no answer while restoring (its load may be slow); going on");
-                break;
-            }
-            Ok(None) => return Err(format!("worker ended while restoring room {room}")),
-            Ok(Some(Err(e))) => {
-                return Err(format!("IPC read failed while restoring room {room}: {e}"));
-            }
-            Ok(Some(Ok(FromWorker::Synced { token: t, .. }))) if t == token => break,
-            Ok(Some(Ok(msg))) => dispatch(msg, registry, metrics, slot),
+            taken: false,
+            answered: Some(answered),
+        },
+    );
+    let sync = ToWorker::Sync {
+        room: room.clone(),
+        token,
+    };
+    for frame in frames.into_iter().chain([sync]) {
+        if slot.queue.send(frame).await.is_err() {
+            return;
         }
     }
+    // A room restored from the store (no checkpoint yet) answers after its load.
+    if tokio::time::timeout(wait, answer).await.is_err() {
+        warn!(%room, "no answer while restoring (its load may be slow); going on");
+    }
+    lock(&slot.restores).remove(room);
     loop {
-        let (frames, done) = registry.finish_restore(entry);
+        // The final step may close the room: its permit is taken first, so the
+        // close is queued under the room's lock, before any later frame.
+        let Ok(permit) = slot.queue.reserve().await else {
+            return;
+        };
+        let (frames, done) = registry.finish_restore(entry, permit);
         for frame in frames {
-            writer.feed(frame).await.map_err(write_failed)?;
+            if slot.queue.send(frame).await.is_err() {
+                return;
+            }
         }
-        writer.flush().await.map_err(write_failed)?;
         if done {
-            return Ok(());
+            return;
         }
+    }
+}
+
+/// Pings the worker every [`PING_EVERY`]; returns once it has been silent for
+/// [`DEAD_AFTER`], which ends (kills) it.
+async fn watchdog(slot: &WorkerSlot, pinger: mpsc::Sender<ToWorker>) -> String {
+    let mut tick = tokio::time::interval(PING_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let silent = lock(&slot.last_pong).elapsed();
+        if silent >= DEAD_AFTER {
+            error!(worker = %slot.id, silent_ms = silent.as_millis() as u64, "worker stopped answering; killing it");
+            return format!("no answer to pings for {} ms", silent.as_millis());
+        }
+        if silent >= UNRESPONSIVE_AFTER && !slot.unresponsive.swap(true, Ordering::Relaxed) {
+            warn!(worker = %slot.id, silent_ms = silent.as_millis() as u64, "worker not answering pings");
+        }
+        let ping = ToWorker::Sync {
+            room: RoomId(PING_ROOM.to_owned()),
+            token: 0,
+        };
+        // Full: a ping is already waiting to be written; the silence counts on.
+        let _ = pinger.try_send(ping);
     }
 }
 
@@ -622,14 +724,43 @@ async fn handshake(
     }
 }
 
-/// Moves queued frames to the worker, batching whatever is queued into one write.
-async fn write_frames(frames: &mut mpsc::Receiver<ToWorker>, writer: &mut Writer) -> String {
-    while let Some(frame) = frames.recv().await {
-        if let Err(e) = writer.feed(frame).await {
-            return format!("IPC write failed: {e}");
-        }
-        for _ in 1..WRITE_BATCH {
-            let Ok(frame) = frames.try_recv() else { break };
+/// Moves queued frames to the worker, batching whatever is queued into one
+/// write: first the frames carried over from its failed predecessor, then pings
+/// ahead of the queue. Marks each restore whose first frame it takes.
+async fn write_frames(
+    carry: Vec<ToWorker>,
+    frames: &mut mpsc::Receiver<ToWorker>,
+    pings: &mut mpsc::Receiver<ToWorker>,
+    writer: &mut Writer,
+    slot: &WorkerSlot,
+) -> String {
+    let mut carry = Some(carry);
+    loop {
+        let batch = match carry.take() {
+            Some(carry) => carry,
+            None => {
+                let first = tokio::select! {
+                    biased;
+                    Some(ping) = pings.recv() => ping,
+                    frame = frames.recv() => match frame {
+                        Some(frame) => frame,
+                        None => return "frame queue closed".to_owned(),
+                    },
+                };
+                let mut batch = vec![first];
+                while batch.len() < WRITE_BATCH {
+                    let Ok(frame) = frames.try_recv() else { break };
+                    batch.push(frame);
+                }
+                batch
+            }
+        };
+        for frame in batch {
+            if let ToWorker::RestoreRoom { room, .. } = &frame
+                && let Some(restore) = lock(&slot.restores).get_mut(room)
+            {
+                restore.taken = true;
+            }
             if let Err(e) = writer.feed(frame).await {
                 return format!("IPC write failed: {e}");
             }
@@ -638,7 +769,6 @@ async fn write_frames(frames: &mut mpsc::Receiver<ToWorker>, writer: &mut Writer
             return format!("IPC write failed: {e}");
         }
     }
-    "frame queue closed".to_owned()
 }
 
 /// Routes the worker's replies until the socket ends.
@@ -675,8 +805,21 @@ fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &Work
             registry.checkpoint(&room, worker, seq, image)
         }
         FromWorker::Drained { saved, unsaved } => slot.answer_drain(DrainReport { saved, unsaved }),
-        // A late answer to a restore that stopped waiting.
-        FromWorker::Synced { .. } => {}
+        FromWorker::Synced { room, .. } if room.0 == PING_ROOM => {
+            *lock(&slot.last_pong) = Instant::now();
+            if slot.unresponsive.swap(false, Ordering::Relaxed) {
+                info!(%worker, "worker answers pings again");
+            }
+        }
+        FromWorker::Synced { room, token } => {
+            let mut restores = lock(&slot.restores);
+            // Else: a late answer to a restore that stopped waiting.
+            if restores.get(&room).is_some_and(|r| r.token == token)
+                && let Some(answered) = restores.remove(&room).and_then(|r| r.answered)
+            {
+                let _ = answered.send(());
+            }
+        }
         FromWorker::Stats {
             frames,
             ignored,
