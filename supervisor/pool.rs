@@ -118,6 +118,20 @@ pub struct DrainReport {
 }
 
 impl WorkerSlot {
+    fn new(id: WorkerId, queue: mpsc::Sender<ToWorker>) -> WorkerSlot {
+        WorkerSlot {
+            id,
+            queue,
+            pid: AtomicU32::new(0),
+            restarts: AtomicU64::new(0),
+            drained: Mutex::new(None),
+            last_pong: Mutex::new(Instant::now()),
+            unresponsive: AtomicBool::new(false),
+            restoring: AtomicBool::new(false),
+            restores: Mutex::new(HashMap::new()),
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         Some(self.pid.load(Ordering::Relaxed)).filter(|&p| p != 0)
     }
@@ -184,17 +198,7 @@ impl WorkerPool {
         let mut ready = Vec::with_capacity(count);
         for i in 0..count {
             let (queue, frames) = mpsc::channel(WORKER_QUEUE);
-            let slot = Arc::new(WorkerSlot {
-                id: WorkerId(i as u32),
-                queue,
-                pid: AtomicU32::new(0),
-                restarts: AtomicU64::new(0),
-                drained: Mutex::new(None),
-                last_pong: Mutex::new(Instant::now()),
-                unresponsive: AtomicBool::new(false),
-                restoring: AtomicBool::new(false),
-                restores: Mutex::new(HashMap::new()),
-            });
+            let slot = Arc::new(WorkerSlot::new(WorkerId(i as u32), queue));
             let (ready_tx, ready_rx) = oneshot::channel();
             tasks.spawn(supervise(
                 slot.clone(),
@@ -913,6 +917,99 @@ mod tests {
             fake_worker
         );
         result
+    }
+
+    /// Both directions full at once: the worker writes 4 MB of snapshots before
+    /// it reads anything, while a room with a 4 MB journal is restored into it.
+    /// The restore completes (the supervisor reads while it writes) and every
+    /// snapshot reaches the room.
+    #[tokio::test]
+    async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
+        use super::super::registry::ConnState;
+        const EVENTS: usize = 4000;
+        const SNAPSHOTS: usize = 16;
+        const SNAPSHOT_BYTES: usize = 256 * 1024;
+        let ((mut reader, mut writer), (mut w_reader, mut w_writer)) = socket_pair().await;
+        let registry = Registry::new(1, 1, 1);
+        let metrics = Metrics::new(&Default::default());
+        let (queue, mut frames) = mpsc::channel(WORKER_QUEUE);
+        let slot = WorkerSlot::new(WorkerId(0), queue);
+        let room = RoomId("big".into());
+        let (conn_state, mut conn) = watch::channel(ConnState::pending());
+        let entry = registry
+            .register(&room, crate::ipc::ConnId(1), "u".into(), conn_state)
+            .unwrap();
+        registry
+            .join(&entry, &slot.queue, crate::ipc::ConnId(1), None)
+            .await
+            .unwrap();
+        for _ in 0..EVENTS {
+            let text = "x".repeat(1000);
+            registry
+                .forward(&entry, &slot.queue, crate::ipc::ConnId(1), text)
+                .await
+                .unwrap();
+        }
+        while frames.try_recv().is_ok() {}
+        assert_eq!(registry.worker_failed(WorkerId(0)).len(), 1);
+
+        let fake_worker = async {
+            let admit = FromWorker::JoinAccepted {
+                room: RoomId("big".into()),
+                conn: crate::ipc::ConnId(1),
+            };
+            w_writer.send(admit).await.unwrap();
+            for i in 0..SNAPSHOTS {
+                let json = format!("{i:04}{}", "s".repeat(SNAPSHOT_BYTES));
+                let snapshot = FromWorker::Snapshot {
+                    room: RoomId("big".into()),
+                    json,
+                };
+                w_writer.send(snapshot).await.unwrap();
+            }
+            let mut events = 0;
+            loop {
+                match w_reader.next().await.unwrap().unwrap() {
+                    ToWorker::Event(_) => events += 1,
+                    ToWorker::Sync { room, token } => {
+                        w_writer
+                            .send(FromWorker::Synced { room, token })
+                            .await
+                            .unwrap();
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            assert_eq!(events, EVENTS + 1); // the join, then the messages
+            (w_reader, w_writer)
+        };
+        let (_pinger, mut pings) = mpsc::channel(PING_QUEUE);
+        let serve = async {
+            tokio::select! {
+                why = write_frames(Vec::new(), &mut frames, &mut pings, &mut writer, &slot) => panic!("{why}"),
+                why = read_frames(&mut reader, &registry, &metrics, &slot) => panic!("{why}"),
+                () = restore_room(&entry, &registry, &slot, Duration::from_secs(30)) => {}
+            }
+        };
+        let (_, _keep_open) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(serve, fake_worker)
+        })
+        .await
+        .expect("restore and snapshots went through (no deadlock)");
+        let super::super::registry::Membership::Admitted(snapshots) =
+            conn.borrow_and_update().membership.clone()
+        else {
+            panic!("member not admitted");
+        };
+        let newest = snapshots.borrow().clone().unwrap();
+        assert_eq!(newest.version, SNAPSHOTS as u64);
+        assert!(
+            newest
+                .message
+                .starts_with(format!("{:04}", SNAPSHOTS - 1).as_bytes())
+        );
+        assert_eq!(registry.monitor()[0]["restoring"], false);
     }
 
     #[tokio::test]
