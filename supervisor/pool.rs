@@ -1012,6 +1012,67 @@ mod tests {
         assert_eq!(registry.monitor()[0]["restoring"], false);
     }
 
+    /// A crash is blamed only on restores the worker had started taking and not
+    /// answered: not on one it answered, nor on one whose frames it never got.
+    #[tokio::test]
+    async fn only_restores_taken_and_unanswered_are_blamed() {
+        let ((mut reader, mut writer), (mut w_reader, mut w_writer)) = socket_pair().await;
+        let metrics = Metrics::new(&Default::default());
+        let registry = Registry::new(1, 1, 1);
+        let (queue, mut frames) = mpsc::channel(16);
+        let slot = WorkerSlot::new(WorkerId(0), queue);
+        for (token, name) in [(1, "answered"), (2, "taken"), (3, "queued-only")] {
+            let (answered, _answer) = oneshot::channel();
+            lock(&slot.restores).insert(
+                RoomId(name.into()),
+                InFlight {
+                    token,
+                    taken: false,
+                    answered: Some(answered),
+                },
+            );
+        }
+        for (token, name) in [(1, "answered"), (2, "taken")] {
+            let room = RoomId(name.into());
+            let restore = ToWorker::RestoreRoom {
+                room: room.clone(),
+                id_seed: 0,
+                image: None,
+            };
+            slot.queue.send(restore).await.unwrap();
+            slot.queue
+                .send(ToWorker::Sync { room, token })
+                .await
+                .unwrap();
+        }
+        // Reads both restores, answers the first, then dies.
+        let fake_worker = async move {
+            for _ in 0..4 {
+                w_reader.next().await.unwrap().unwrap();
+            }
+            let room = RoomId("answered".into());
+            w_writer
+                .send(FromWorker::Synced { room, token: 1 })
+                .await
+                .unwrap();
+        };
+        let (_pinger, mut pings) = mpsc::channel(PING_QUEUE);
+        let serve = async {
+            tokio::select! {
+                why = write_frames(Vec::new(), &mut frames, &mut pings, &mut writer, &slot) => why,
+                why = read_frames(&mut reader, &registry, &metrics, &slot) => why,
+            }
+        };
+        let (why, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(serve, fake_worker)
+        })
+        .await
+        .unwrap();
+        assert_eq!(why, "IPC socket closed by worker");
+        assert_eq!(slot.take_in_flight(), [RoomId("taken".into())]);
+        assert!(lock(&slot.restores).is_empty());
+    }
+
     #[tokio::test]
     async fn handshake_accepts_the_spawned_worker() {
         let reply = FromWorker::Hello {
