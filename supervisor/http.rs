@@ -128,7 +128,8 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     res
 }
 
-/// 200 when every worker runs, the server is not draining and the store takes
+/// 200 when every worker runs, answers pings and holds all its rooms (none is
+/// being replaced or restored), the server is not draining, and the store takes
 /// saves (not failing for [`SAVES_FAILING_UNREADY_AFTER`]).
 fn ready(shared: &Shared) -> Response<Body> {
     use super::registry::SAVES_FAILING_UNREADY_AFTER;
@@ -140,14 +141,14 @@ fn ready(shared: &Shared) -> Response<Body> {
         .pool
         .slots()
         .iter()
-        .filter(|slot| slot.pid().is_none())
+        .filter(|slot| !slot.ready())
         .count();
     if shared.stop.is_cancelled() {
         text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else if down > 0 {
         text(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("{down} worker(s) not running\n"),
+            format!("{down} worker(s) not running, not answering or restoring\n"),
         )
     } else if let Some(failing) = failing {
         text(

@@ -4,9 +4,14 @@
 //!
 //! Each worker slot has one queue that outlives its processes, so sessions keep a
 //! valid sender across a respawn.
+//!
+//! Nothing here waits on its own writes: while a worker is served, its socket is
+//! read, written, pinged and its inherited rooms restored by separate branches of
+//! one `select!`, so a full socket in one direction never stops the other
+//! (restores go through the slot's queue like every other frame).
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,7 +31,7 @@ use tracing::{error, info, warn};
 use super::metrics::{Kind, Metrics, Outcome, Reason};
 use super::registry::{POISON_CRASHES, POISON_WINDOW, Registry, RoomEntry};
 use crate::config::{PersistSettings, WORKER_NONCE_ENV};
-use crate::ipc::{CodecError, FromWorker, IPC_VERSION, IpcCodec, RoomId, ToWorker, WorkerId};
+use crate::ipc::{FromWorker, IPC_VERSION, IpcCodec, RoomId, ToWorker, WorkerId};
 use crate::ipc_socket::{self, IpcReader, IpcWriter};
 
 /// Frames queued per worker before senders wait. Large enough to absorb bursts
@@ -49,6 +54,23 @@ const RESTORE_ANSWER_MARGIN: Duration = Duration::from_secs(2);
 /// A worker that ran this long before failing was not crash-looping: the next
 /// replacement starts at once again.
 const STABLE_RUN: Duration = Duration::from_secs(5);
+/// How often each worker is pinged: often enough that a stuck one is noticed
+/// within seconds, rarely enough to cost nothing.
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// A worker silent this long is reported unresponsive (`/readyz` 503): two
+/// missed pings, not a single late one.
+const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(2);
+/// A worker silent this long is stuck (stopped, or looping): it is killed and
+/// replaced. A healthy worker answers between batches (256 frames and one
+/// snapshot per changed room: milliseconds), so this is never a slow batch.
+const DEAD_AFTER: Duration = Duration::from_secs(5);
+/// Pings waiting to be written. One is enough: a second would say the same;
+/// when it is full the new ping is skipped (the silence is timed regardless).
+const PING_QUEUE: usize = 1;
+/// A ping is a `Sync` for this room, answered by the worker at once with a
+/// `Synced`: no room has an empty id (tokens with an empty `roomId` are
+/// refused), and reusing that round trip needs no new IPC frame.
+const PING_ROOM: &str = "";
 
 type Reader = FramedRead<IpcReader, IpcCodec<FromWorker, ToWorker>>;
 type Writer = FramedWrite<IpcWriter, IpcCodec<FromWorker, ToWorker>>;
@@ -64,6 +86,26 @@ pub struct WorkerSlot {
     restarts: AtomicU64,
     /// Where the answer to a `Drain` goes.
     drained: Mutex<Option<oneshot::Sender<DrainReport>>>,
+    /// When the running process last answered a ping (or finished its handshake).
+    last_pong: Mutex<Instant>,
+    /// The running process has not answered pings for [`UNRESPONSIVE_AFTER`].
+    unresponsive: AtomicBool,
+    /// The slot's process failed and its rooms are not all restored yet.
+    restoring: AtomicBool,
+    /// Restores under way on the running process, by room: a crash is blamed on
+    /// those whose frames had started going to it.
+    restores: Mutex<HashMap<RoomId, InFlight>>,
+}
+
+/// A room's restore, from its first frame to the worker's `Synced`.
+struct InFlight {
+    /// The token of the restore's `Sync`.
+    token: u64,
+    /// The writer has taken the room's `RestoreRoom` for the socket: from now
+    /// on the worker may be applying the room's frames.
+    taken: bool,
+    /// Told when the worker answers the `Sync`.
+    answered: Option<oneshot::Sender<()>>,
 }
 
 /// A worker's answer to a drain.
@@ -76,12 +118,46 @@ pub struct DrainReport {
 }
 
 impl WorkerSlot {
+    fn new(id: WorkerId, queue: mpsc::Sender<ToWorker>) -> WorkerSlot {
+        WorkerSlot {
+            id,
+            queue,
+            pid: AtomicU32::new(0),
+            restarts: AtomicU64::new(0),
+            drained: Mutex::new(None),
+            last_pong: Mutex::new(Instant::now()),
+            unresponsive: AtomicBool::new(false),
+            restoring: AtomicBool::new(false),
+            restores: Mutex::new(HashMap::new()),
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         Some(self.pid.load(Ordering::Relaxed)).filter(|&p| p != 0)
     }
 
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// The slot's process runs, answers pings and holds all its rooms (not
+    /// being replaced or restoring them): what `/readyz` reports.
+    pub fn ready(&self) -> bool {
+        self.pid().is_some()
+            && !self.unresponsive.load(Ordering::Relaxed)
+            && !self.restoring.load(Ordering::Relaxed)
+    }
+
+    /// Rooms whose restore frames the ended process had started taking and
+    /// not answered yet; forgets every restore under way.
+    fn take_in_flight(&self) -> Vec<RoomId> {
+        let mut rooms: Vec<RoomId> = lock(&self.restores)
+            .drain()
+            .filter(|(_, r)| r.taken)
+            .map(|(room, _)| room)
+            .collect();
+        rooms.sort();
+        rooms
     }
 
     /// Hands `report` to the pending drain, if one waits.
@@ -122,13 +198,7 @@ impl WorkerPool {
         let mut ready = Vec::with_capacity(count);
         for i in 0..count {
             let (queue, frames) = mpsc::channel(WORKER_QUEUE);
-            let slot = Arc::new(WorkerSlot {
-                id: WorkerId(i as u32),
-                queue,
-                pid: AtomicU32::new(0),
-                restarts: AtomicU64::new(0),
-                drained: Mutex::new(None),
-            });
+            let slot = Arc::new(WorkerSlot::new(WorkerId(i as u32), queue));
             let (ready_tx, ready_rx) = oneshot::channel();
             tasks.spawn(supervise(
                 slot.clone(),
@@ -209,17 +279,25 @@ impl WorkerPool {
 /// How a worker process ended.
 struct Ended {
     how: String,
-    /// The room being restored when it ended: the crash is attributed to it.
-    restoring: Option<RoomId>,
+    /// Rooms being restored into it when it ended (their frames had started
+    /// going to it, and it had not answered their `Sync`): the crash is
+    /// attributed to them.
+    restoring: Vec<RoomId>,
 }
 
 impl Ended {
     fn plain(how: String) -> Ended {
         Ended {
             how,
-            restoring: None,
+            restoring: Vec::new(),
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every update under these locks is a few assignments: data stays
+    // consistent even after a panic elsewhere.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The room a frame is for, if any.
@@ -257,9 +335,12 @@ async fn supervise(
 ) {
     let mut ready = Some(ready);
     let mut delay = Duration::ZERO;
-    // Rooms to restore on the next process, and frames to send it after them.
+    // Rooms to restore on the next process, and frames to send it first.
     let mut restore: Vec<Arc<RoomEntry>> = Vec::new();
     let mut carry: Vec<ToWorker> = Vec::new();
+    // Rooms blamed for a crash of this slot's workers, and when: restored one
+    // at a time, after the others, so a poison room is told from its neighbours.
+    let mut suspects: HashMap<RoomId, Instant> = HashMap::new();
     loop {
         let started = Instant::now();
         // Serving ends by itself at the shutdown deadline; this bounds a worker
@@ -274,6 +355,7 @@ async fn supervise(
             exit_by: &mut stopping.exit_by,
             ready: &mut ready,
             restore: &mut restore,
+            suspects: &suspects,
             carry: &mut carry,
         };
         let ended = tokio::select! {
@@ -300,14 +382,18 @@ async fn supervise(
             let _ = ready.send(Err(ended.how));
             return;
         }
-        if let Some(room) = &ended.restoring {
+        let now = Instant::now();
+        suspects.retain(|_, at| now.duration_since(*at) < POISON_WINDOW);
+        for room in &ended.restoring {
+            suspects.insert(room.clone(), now);
             if registry.blame(room) {
                 error!(worker = %slot.id, %room, "room closed for its members (1011): it crashed {POISON_CRASHES} workers within {POISON_WINDOW:?}");
             } else {
-                warn!(worker = %slot.id, %room, "worker crash attributed to the room it was restoring");
+                warn!(worker = %slot.id, %room, "worker crash attributed to a room it was restoring");
             }
         }
         restore = registry.worker_failed(slot.id);
+        slot.restoring.store(true, Ordering::Relaxed);
         let restoring: HashSet<&RoomId> = restore.iter().map(|e| &e.id).collect();
         // Frames queued for the dead process: those of its rooms are in their
         // journals and will be replayed; keep the others (rooms placed since).
@@ -346,6 +432,7 @@ struct Serve<'a> {
     exit_by: &'a mut watch::Receiver<Option<tokio::time::Instant>>,
     ready: &'a mut Option<oneshot::Sender<Result<(), String>>>,
     restore: &'a mut Vec<Arc<RoomEntry>>,
+    suspects: &'a HashMap<RoomId, Instant>,
     carry: &'a mut Vec<ToWorker>,
 }
 
@@ -406,24 +493,32 @@ impl Serve<'_> {
                 "handshake with pid {pid} failed: {e:#} (process {status:?})"
             ));
         }
+        *lock(&slot.last_pong) = Instant::now();
+        slot.unresponsive.store(false, Ordering::Relaxed);
+        lock(&slot.restores).clear();
         slot.pid.store(pid, Ordering::Relaxed);
         info!(worker = %slot.id, pid, "worker ready");
         if let Some(ready) = self.ready.take() {
             let _ = ready.send(Ok(()));
         }
 
-        if let Err(ended) = self.restore_rooms(&mut reader, &mut writer).await {
-            let _ = child.start_kill();
-            let status = child.wait().await;
-            return Ended {
-                how: format!("{}; pid {pid} exit status: {}", ended.how, describe(status)),
-                restoring: ended.restoring,
-            };
-        }
-
+        let (pinger, mut pings) = mpsc::channel(PING_QUEUE);
+        let carry = std::mem::take(self.carry);
+        let rooms = std::mem::take(self.restore);
+        let wait = Duration::from_millis(self.settings.load_wait_ms) + RESTORE_ANSWER_MARGIN;
+        let (registry, metrics, suspects) = (self.registry, self.metrics, self.suspects);
+        // Runs alongside reading and writing, never in their way; once done it
+        // only waits for the others to end.
+        let restores = async {
+            restore_rooms(rooms, suspects, registry, slot, wait).await;
+            slot.restoring.store(false, Ordering::Relaxed);
+            std::future::pending::<()>().await
+        };
         let ended = tokio::select! {
-            why = write_frames(self.frames, &mut writer) => why,
-            why = read_frames(&mut reader, self.registry, self.metrics, slot) => why,
+            why = write_frames(carry, self.frames, &mut pings, &mut writer, slot) => why,
+            why = read_frames(&mut reader, registry, metrics, slot) => why,
+            why = watchdog(slot, pinger) => why,
+            () = restores => unreachable!("restoring ends by waiting forever"),
             _ = child.wait() => "process exited".to_owned(),
             deadline = exit_requested(self.exit_by) => {
                 // Closing the socket tells the worker to exit.
@@ -438,109 +533,120 @@ impl Serve<'_> {
                 }
             }
         };
+        let restoring = slot.take_in_flight();
         // Whatever ended first, make sure the process is gone and reaped.
         let _ = child.start_kill();
         let status = child.wait().await;
-        Ended::plain(format!(
-            "{ended}; pid {pid} exit status: {}",
-            describe(status)
-        ))
-    }
-
-    /// Restores the inherited rooms one at a time (so a crash is attributed to
-    /// the room being restored), then sends the frames carried over.
-    async fn restore_rooms(
-        &mut self,
-        reader: &mut Reader,
-        writer: &mut Writer,
-    ) -> Result<(), Ended> {
-        let count = self.restore.len();
-        if count == 0 && self.carry.is_empty() {
-            return Ok(());
+        Ended {
+            how: format!("{ended}; pid {pid} exit status: {}", describe(status)),
+            restoring,
         }
-        let started = Instant::now();
-        // A room restored from the store (no checkpoint yet) answers after its load.
-        let wait = Duration::from_millis(self.settings.load_wait_ms) + RESTORE_ANSWER_MARGIN;
-        while let Some(entry) = self.restore.first().cloned() {
-            restore_room(
-                &entry,
-                reader,
-                writer,
-                self.registry,
-                self.metrics,
-                self.slot,
-                wait,
-            )
-            .await
-            .map_err(|how| Ended {
-                how,
-                restoring: Some(entry.id.clone()),
-            })?;
-            self.restore.remove(0);
-        }
-        let write_failed = |e: CodecError| Ended::plain(format!("IPC write failed: {e}"));
-        for frame in self.carry.drain(..) {
-            writer.feed(frame).await.map_err(write_failed)?;
-        }
-        writer.flush().await.map_err(write_failed)?;
-        if count > 0 {
-            info!(worker = %self.slot.id, rooms = count, ms = started.elapsed().as_millis() as u64, "rooms restored");
-        }
-        Ok(())
     }
 }
 
-/// Sends a room's checkpoint and journal, waits until the worker has applied
-/// them, then sends what arrived meanwhile and lets events flow directly again.
-async fn restore_room(
-    entry: &RoomEntry,
-    reader: &mut Reader,
-    writer: &mut Writer,
+/// Restores the rooms a failed worker held: those never blamed for a crash all
+/// at once (a room waiting for its store delays no other), then the suspects
+/// one at a time, so a room that keeps killing workers is the only one in
+/// flight when it does.
+async fn restore_rooms(
+    rooms: Vec<Arc<RoomEntry>>,
+    suspects: &HashMap<RoomId, Instant>,
     registry: &Registry,
-    metrics: &Metrics,
     slot: &WorkerSlot,
     wait: Duration,
-) -> Result<(), String> {
+) {
+    if rooms.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let count = rooms.len();
+    let (suspect, fresh): (Vec<_>, Vec<_>) = rooms
+        .into_iter()
+        .partition(|entry| suspects.contains_key(&entry.id));
+    futures_util::future::join_all(
+        fresh
+            .iter()
+            .map(|entry| restore_room(entry, registry, slot, wait)),
+    )
+    .await;
+    for entry in &suspect {
+        restore_room(entry, registry, slot, wait).await;
+    }
+    info!(worker = %slot.id, rooms = count, suspects = suspect.len(), ms = started.elapsed().as_millis() as u64, "rooms restored");
+}
+
+/// Queues a room's checkpoint and journal for the worker, waits (without
+/// holding anything up) until it has applied them, then queues what arrived
+/// meanwhile and lets events flow directly again. Returns early if the slot's
+/// queue is gone (the server is stopping).
+async fn restore_room(entry: &RoomEntry, registry: &Registry, slot: &WorkerSlot, wait: Duration) {
     let Some(frames) = registry.restore_frames(entry) else {
-        return Ok(()); // closed meanwhile
+        return; // closed meanwhile
     };
     let room = &entry.id;
-    let write_failed = |e: CodecError| format!("IPC write failed while restoring room {room}: {e}");
-    for frame in frames {
-        writer.feed(frame).await.map_err(write_failed)?;
-    }
     let token = rand::random::<u64>();
-    writer
-        .send(ToWorker::Sync {
-            room: room.clone(),
+    let (answered, answer) = oneshot::channel();
+    lock(&slot.restores).insert(
+        room.clone(),
+        InFlight {
             token,
-        })
-        .await
-        .map_err(write_failed)?;
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        match tokio::time::timeout_at(deadline, reader.next()).await {
-            Err(_) => {
-                warn!(%room, "no answer while restoring (its load may be slow); going on");
-                break;
-            }
-            Ok(None) => return Err(format!("worker ended while restoring room {room}")),
-            Ok(Some(Err(e))) => {
-                return Err(format!("IPC read failed while restoring room {room}: {e}"));
-            }
-            Ok(Some(Ok(FromWorker::Synced { token: t, .. }))) if t == token => break,
-            Ok(Some(Ok(msg))) => dispatch(msg, registry, metrics, slot),
+            taken: false,
+            answered: Some(answered),
+        },
+    );
+    let sync = ToWorker::Sync {
+        room: room.clone(),
+        token,
+    };
+    for frame in frames.into_iter().chain([sync]) {
+        if slot.queue.send(frame).await.is_err() {
+            return;
         }
     }
+    // A room restored from the store (no checkpoint yet) answers after its load.
+    if tokio::time::timeout(wait, answer).await.is_err() {
+        warn!(%room, "no answer while restoring (its load may be slow); going on");
+    }
+    lock(&slot.restores).remove(room);
     loop {
-        let (frames, done) = registry.finish_restore(entry);
+        // The final step may close the room: its permit is taken first, so the
+        // close is queued under the room's lock, before any later frame.
+        let Ok(permit) = slot.queue.reserve().await else {
+            return;
+        };
+        let (frames, done) = registry.finish_restore(entry, permit);
         for frame in frames {
-            writer.feed(frame).await.map_err(write_failed)?;
+            if slot.queue.send(frame).await.is_err() {
+                return;
+            }
         }
-        writer.flush().await.map_err(write_failed)?;
         if done {
-            return Ok(());
+            return;
         }
+    }
+}
+
+/// Pings the worker every [`PING_EVERY`]; returns once it has been silent for
+/// [`DEAD_AFTER`], which ends (kills) it.
+async fn watchdog(slot: &WorkerSlot, pinger: mpsc::Sender<ToWorker>) -> String {
+    let mut tick = tokio::time::interval(PING_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let silent = lock(&slot.last_pong).elapsed();
+        if silent >= DEAD_AFTER {
+            error!(worker = %slot.id, silent_ms = silent.as_millis() as u64, "worker stopped answering; killing it");
+            return format!("no answer to pings for {} ms", silent.as_millis());
+        }
+        if silent >= UNRESPONSIVE_AFTER && !slot.unresponsive.swap(true, Ordering::Relaxed) {
+            warn!(worker = %slot.id, silent_ms = silent.as_millis() as u64, "worker not answering pings");
+        }
+        let ping = ToWorker::Sync {
+            room: RoomId(PING_ROOM.to_owned()),
+            token: 0,
+        };
+        // Full: a ping is already waiting to be written; the silence counts on.
+        let _ = pinger.try_send(ping);
     }
 }
 
@@ -622,14 +728,43 @@ async fn handshake(
     }
 }
 
-/// Moves queued frames to the worker, batching whatever is queued into one write.
-async fn write_frames(frames: &mut mpsc::Receiver<ToWorker>, writer: &mut Writer) -> String {
-    while let Some(frame) = frames.recv().await {
-        if let Err(e) = writer.feed(frame).await {
-            return format!("IPC write failed: {e}");
-        }
-        for _ in 1..WRITE_BATCH {
-            let Ok(frame) = frames.try_recv() else { break };
+/// Moves queued frames to the worker, batching whatever is queued into one
+/// write: first the frames carried over from its failed predecessor, then pings
+/// ahead of the queue. Marks each restore whose first frame it takes.
+async fn write_frames(
+    carry: Vec<ToWorker>,
+    frames: &mut mpsc::Receiver<ToWorker>,
+    pings: &mut mpsc::Receiver<ToWorker>,
+    writer: &mut Writer,
+    slot: &WorkerSlot,
+) -> String {
+    let mut carry = Some(carry);
+    loop {
+        let batch = match carry.take() {
+            Some(carry) => carry,
+            None => {
+                let first = tokio::select! {
+                    biased;
+                    Some(ping) = pings.recv() => ping,
+                    frame = frames.recv() => match frame {
+                        Some(frame) => frame,
+                        None => return "frame queue closed".to_owned(),
+                    },
+                };
+                let mut batch = vec![first];
+                while batch.len() < WRITE_BATCH {
+                    let Ok(frame) = frames.try_recv() else { break };
+                    batch.push(frame);
+                }
+                batch
+            }
+        };
+        for frame in batch {
+            if let ToWorker::RestoreRoom { room, .. } = &frame
+                && let Some(restore) = lock(&slot.restores).get_mut(room)
+            {
+                restore.taken = true;
+            }
             if let Err(e) = writer.feed(frame).await {
                 return format!("IPC write failed: {e}");
             }
@@ -638,7 +773,6 @@ async fn write_frames(frames: &mut mpsc::Receiver<ToWorker>, writer: &mut Writer
             return format!("IPC write failed: {e}");
         }
     }
-    "frame queue closed".to_owned()
 }
 
 /// Routes the worker's replies until the socket ends.
@@ -675,8 +809,21 @@ fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &Work
             registry.checkpoint(&room, worker, seq, image)
         }
         FromWorker::Drained { saved, unsaved } => slot.answer_drain(DrainReport { saved, unsaved }),
-        // A late answer to a restore that stopped waiting.
-        FromWorker::Synced { .. } => {}
+        FromWorker::Synced { room, .. } if room.0 == PING_ROOM => {
+            *lock(&slot.last_pong) = Instant::now();
+            if slot.unresponsive.swap(false, Ordering::Relaxed) {
+                info!(%worker, "worker answers pings again");
+            }
+        }
+        FromWorker::Synced { room, token } => {
+            let mut restores = lock(&slot.restores);
+            // Else: a late answer to a restore that stopped waiting.
+            if restores.get(&room).is_some_and(|r| r.token == token)
+                && let Some(answered) = restores.remove(&room).and_then(|r| r.answered)
+            {
+                let _ = answered.send(());
+            }
+        }
         FromWorker::Stats {
             frames,
             ignored,
@@ -778,6 +925,160 @@ mod tests {
             fake_worker
         );
         result
+    }
+
+    /// Both directions full at once: the worker writes 4 MB of snapshots before
+    /// it reads anything, while a room with a 4 MB journal is restored into it.
+    /// The restore completes (the supervisor reads while it writes) and every
+    /// snapshot reaches the room.
+    #[tokio::test]
+    async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
+        use super::super::registry::ConnState;
+        const EVENTS: usize = 4000;
+        const SNAPSHOTS: usize = 16;
+        const SNAPSHOT_BYTES: usize = 256 * 1024;
+        let ((mut reader, mut writer), (mut w_reader, mut w_writer)) = socket_pair().await;
+        let registry = Registry::new(1, 1, 1);
+        let metrics = Metrics::new(&Default::default());
+        let (queue, mut frames) = mpsc::channel(WORKER_QUEUE);
+        let slot = WorkerSlot::new(WorkerId(0), queue);
+        let room = RoomId("big".into());
+        let (conn_state, mut conn) = watch::channel(ConnState::pending());
+        let entry = registry
+            .register(&room, crate::ipc::ConnId(1), "u".into(), conn_state)
+            .unwrap();
+        registry
+            .join(&entry, &slot.queue, crate::ipc::ConnId(1), None)
+            .await
+            .unwrap();
+        for _ in 0..EVENTS {
+            let text = "x".repeat(1000);
+            registry
+                .forward(&entry, &slot.queue, crate::ipc::ConnId(1), text)
+                .await
+                .unwrap();
+        }
+        while frames.try_recv().is_ok() {}
+        assert_eq!(registry.worker_failed(WorkerId(0)).len(), 1);
+
+        let fake_worker = async {
+            let admit = FromWorker::JoinAccepted {
+                room: RoomId("big".into()),
+                conn: crate::ipc::ConnId(1),
+            };
+            w_writer.send(admit).await.unwrap();
+            for i in 0..SNAPSHOTS {
+                let json = format!("{i:04}{}", "s".repeat(SNAPSHOT_BYTES));
+                let snapshot = FromWorker::Snapshot {
+                    room: RoomId("big".into()),
+                    json,
+                };
+                w_writer.send(snapshot).await.unwrap();
+            }
+            let mut events = 0;
+            loop {
+                match w_reader.next().await.unwrap().unwrap() {
+                    ToWorker::Event(_) => events += 1,
+                    ToWorker::Sync { room, token } => {
+                        w_writer
+                            .send(FromWorker::Synced { room, token })
+                            .await
+                            .unwrap();
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            assert_eq!(events, EVENTS + 1); // the join, then the messages
+            (w_reader, w_writer)
+        };
+        let (_pinger, mut pings) = mpsc::channel(PING_QUEUE);
+        let serve = async {
+            tokio::select! {
+                why = write_frames(Vec::new(), &mut frames, &mut pings, &mut writer, &slot) => panic!("{why}"),
+                why = read_frames(&mut reader, &registry, &metrics, &slot) => panic!("{why}"),
+                () = restore_room(&entry, &registry, &slot, Duration::from_secs(30)) => {}
+            }
+        };
+        let (_, _keep_open) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(serve, fake_worker)
+        })
+        .await
+        .expect("restore and snapshots went through (no deadlock)");
+        let super::super::registry::Membership::Admitted(snapshots) =
+            conn.borrow_and_update().membership.clone()
+        else {
+            panic!("member not admitted");
+        };
+        let newest = snapshots.borrow().clone().unwrap();
+        assert_eq!(newest.version, SNAPSHOTS as u64);
+        assert!(
+            newest
+                .message
+                .starts_with(format!("{:04}", SNAPSHOTS - 1).as_bytes())
+        );
+        assert_eq!(registry.monitor()[0]["restoring"], false);
+    }
+
+    /// A crash is blamed only on restores the worker had started taking and not
+    /// answered: not on one it answered, nor on one whose frames it never got.
+    #[tokio::test]
+    async fn only_restores_taken_and_unanswered_are_blamed() {
+        let ((mut reader, mut writer), (mut w_reader, mut w_writer)) = socket_pair().await;
+        let metrics = Metrics::new(&Default::default());
+        let registry = Registry::new(1, 1, 1);
+        let (queue, mut frames) = mpsc::channel(16);
+        let slot = WorkerSlot::new(WorkerId(0), queue);
+        for (token, name) in [(1, "answered"), (2, "taken"), (3, "queued-only")] {
+            let (answered, _answer) = oneshot::channel();
+            lock(&slot.restores).insert(
+                RoomId(name.into()),
+                InFlight {
+                    token,
+                    taken: false,
+                    answered: Some(answered),
+                },
+            );
+        }
+        for (token, name) in [(1, "answered"), (2, "taken")] {
+            let room = RoomId(name.into());
+            let restore = ToWorker::RestoreRoom {
+                room: room.clone(),
+                id_seed: 0,
+                image: None,
+            };
+            slot.queue.send(restore).await.unwrap();
+            slot.queue
+                .send(ToWorker::Sync { room, token })
+                .await
+                .unwrap();
+        }
+        // Reads both restores, answers the first, then dies.
+        let fake_worker = async move {
+            for _ in 0..4 {
+                w_reader.next().await.unwrap().unwrap();
+            }
+            let room = RoomId("answered".into());
+            w_writer
+                .send(FromWorker::Synced { room, token: 1 })
+                .await
+                .unwrap();
+        };
+        let (_pinger, mut pings) = mpsc::channel(PING_QUEUE);
+        let serve = async {
+            tokio::select! {
+                why = write_frames(Vec::new(), &mut frames, &mut pings, &mut writer, &slot) => why,
+                why = read_frames(&mut reader, &registry, &metrics, &slot) => why,
+            }
+        };
+        let (why, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(serve, fake_worker)
+        })
+        .await
+        .unwrap();
+        assert_eq!(why, "IPC socket closed by worker");
+        assert_eq!(slot.take_in_flight(), [RoomId("taken".into())]);
+        assert!(lock(&slot.restores).is_empty());
     }
 
     #[tokio::test]

@@ -672,8 +672,15 @@ impl Registry {
 
     /// Events journaled since `restore_frames` (or the last call); when there are
     /// none, the restore is complete and later events go to the worker directly.
-    /// Returns the frames to send and whether the restore is complete.
-    pub fn finish_restore(&self, entry: &RoomEntry) -> (Vec<ToWorker>, bool) {
+    /// Returns the frames to send and whether the restore is complete. `close`
+    /// is a slot of the worker's queue: if everyone left during the restore, the
+    /// room's `CloseRoom` goes through it under the room's lock, so it precedes
+    /// any frame of a member joining right after.
+    pub fn finish_restore(
+        &self,
+        entry: &RoomEntry,
+        close: mpsc::Permit<'_, ToWorker>,
+    ) -> (Vec<ToWorker>, bool) {
         let mut state = lock(&entry.state);
         if state.lost {
             return (Vec::new(), true);
@@ -691,15 +698,14 @@ impl Registry {
             return (frames, false);
         }
         state.restoring = false;
-        let mut done = Vec::new();
         if !state.open {
             // Everyone left meanwhile (or before): save and free it as usual.
             state.closing += 1;
-            done.push(ToWorker::CloseRoom {
+            close.send(ToWorker::CloseRoom {
                 room: entry.id.clone(),
             });
         }
-        (done, true)
+        (Vec::new(), true)
     }
 
     /// Attributes a worker crash to `room` (it was being restored when the worker
@@ -974,9 +980,9 @@ mod tests {
             .forward(&entry, &tx, ConnId(1), "m6".into())
             .await
             .unwrap();
-        let (more, done) = registry.finish_restore(&entry);
+        let (more, done) = registry.finish_restore(&entry, tx.reserve().await.unwrap());
         assert_eq!((events(&more), done), (vec![6], false));
-        let (rest, done) = registry.finish_restore(&entry);
+        let (rest, done) = registry.finish_restore(&entry, tx.reserve().await.unwrap());
         assert!(rest.is_empty() && done);
         // Restored: events go to the worker again.
         registry

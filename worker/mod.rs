@@ -37,6 +37,12 @@ const RESULTS_QUEUE: usize = 1024;
 const ORPHAN_SAVE_GRACE: Duration = Duration::from_millis(500);
 /// How often frame counts are reported to the supervisor (for its metrics).
 const STATS_EVERY: Duration = Duration::from_secs(1);
+/// Batches of output waiting for the writer task, so the loop goes on reading
+/// while its output is written. When full, the loop waits for room before it
+/// reads on: that cannot deadlock, because the supervisor reads its socket
+/// whatever it is writing, so the writer always drains. Small, because a batch
+/// may hold a full snapshot of every changed room.
+const OUTPUT_QUEUE: usize = 4;
 
 /// Entry point of `session-server worker`.
 pub fn main(args: WorkerArgs) -> anyhow::Result<()> {
@@ -124,6 +130,8 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
 
     let (results_tx, mut results) = mpsc::channel::<StoreResult>(RESULTS_QUEUE);
     let mut core = WorkerCore::new(store, &settings, results_tx);
+    let (output_tx, output_rx) = mpsc::channel::<Vec<FromWorker>>(OUTPUT_QUEUE);
+    let mut writing = tokio::spawn(write_output(writer, output_rx));
     let mut connected = true;
     let mut stats = tokio::time::interval(STATS_EVERY);
     loop {
@@ -155,16 +163,12 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
                 }
             },
             Some(result) = results.recv() => core.on_result(result, Instant::now()),
-            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
-            _ = stats.tick() => stats_due = true,
-        }
-        core.tick(Instant::now());
-        let mut output = core.take_output(Instant::now());
-        if stats_due {
-            output.extend(core.take_stats());
-        }
-        if connected {
-            if let Err(e) = send_all(&mut writer, output).await {
+            written = &mut writing, if connected => {
+                let e = match written {
+                    Ok(Ok(())) => anyhow::anyhow!("output queue closed"),
+                    Ok(Err(e)) => e.into(),
+                    Err(e) => anyhow::anyhow!("writer task failed: {e}"),
+                };
                 // After the drain the supervisor has its answer, and closes its
                 // end to stop us: a write racing with that is no failure.
                 if !core.drained() {
@@ -177,6 +181,19 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
                 connected = false;
                 info!("IPC socket closed after the drain; saving edits made since, then exiting");
                 core.start_drain(Instant::now() + ORPHAN_SAVE_GRACE);
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
+            _ = stats.tick() => stats_due = true,
+        }
+        core.tick(Instant::now());
+        let mut output = core.take_output(Instant::now());
+        if stats_due {
+            output.extend(core.take_stats());
+        }
+        if connected {
+            // Fails only once the writer has ended: the branch above says why.
+            if !output.is_empty() {
+                let _ = output_tx.send(output).await;
             }
         } else if core.drained() {
             for msg in output {
@@ -191,12 +208,24 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
     }
 }
 
-/// Writes `output` to the supervisor as one batch.
-async fn send_all(writer: &mut Writer, output: Vec<FromWorker>) -> Result<(), CodecError> {
-    for msg in output {
-        writer.feed(msg).await?;
+/// Writes each batch of output to the supervisor, with the batches queued
+/// meanwhile, in one write; ends at the first failure or when the loop is gone.
+async fn write_output(
+    mut writer: Writer,
+    mut batches: mpsc::Receiver<Vec<FromWorker>>,
+) -> Result<(), CodecError> {
+    while let Some(batch) = batches.recv().await {
+        for msg in batch {
+            writer.feed(msg).await?;
+        }
+        while let Ok(batch) = batches.try_recv() {
+            for msg in batch {
+                writer.feed(msg).await?;
+            }
+        }
+        writer.flush().await?;
     }
-    writer.flush().await
+    Ok(())
 }
 
 #[cfg(test)]

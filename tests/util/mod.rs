@@ -574,3 +574,70 @@ pub fn wait_all_gone(pids: &[u32], deadline: Instant) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+impl Client {
+    /// Sends `texts` one every `every` while reading what arrives, as a member
+    /// editing in a browser does; returns once all are written. Panics if the
+    /// connection ends.
+    pub async fn send_paced(&mut self, texts: Vec<String>, every: Duration) {
+        let mut last = None;
+        let (mut tx, mut rx) = (&mut self.ws).split();
+        let send = async move {
+            let mut tick = tokio::time::interval(every);
+            for text in texts {
+                tick.tick().await;
+                tx.send(Message::text(text)).await?;
+            }
+            Ok::<(), WsError>(())
+        };
+        let read = async {
+            loop {
+                match rx.next().await {
+                    Some(Ok(Message::Text(t))) => last = Some(t.to_string()),
+                    Some(Ok(Message::Close(frame))) => panic!("unexpected close: {frame:?}"),
+                    Some(Ok(_)) => {}
+                    other => panic!("connection ended: {other:?}"),
+                }
+            }
+        };
+        tokio::select! {
+            sent = send => sent.expect("paced messages sent"),
+            _ = read => unreachable!(),
+        }
+        if last.is_some() {
+            self.last = last;
+        }
+    }
+}
+
+/// Worker pids by worker id, as `/status` reports them (0 while none runs).
+pub async fn worker_pids_or_zero(server: &Server) -> Vec<u32> {
+    server.status().await["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap_or(0) as u32)
+        .collect()
+}
+
+/// Waits until worker `index` runs a process other than `old_pid`, for up to
+/// `within`; returns the new pid.
+pub async fn wait_replaced_within(
+    server: &Server,
+    index: usize,
+    old_pid: u32,
+    within: Duration,
+) -> u32 {
+    let deadline = Instant::now() + within;
+    loop {
+        let pid = worker_pids_or_zero(server).await[index];
+        if pid != 0 && pid != old_pid {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker {index} not replaced within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
