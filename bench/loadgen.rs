@@ -121,11 +121,7 @@ struct ChurnArgs {
 
 /// C loops of connect → first snapshot → close, for D seconds.
 async fn churn(args: ChurnArgs) -> Value {
-    let host = args
-        .url
-        .trim_start_matches("ws://")
-        .trim_end_matches('/')
-        .to_owned();
+    let host = host_of(&args.url);
     let usage_before = args.server_pid.map(server_usage);
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.seconds);
@@ -186,11 +182,7 @@ async fn churn(args: ChurnArgs) -> Value {
 /// reports the server's RSS growth per connection.
 async fn idle(args: IdleArgs) -> Value {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let host = args
-        .url
-        .trim_start_matches("ws://")
-        .trim_end_matches('/')
-        .to_owned();
+    let host = host_of(&args.url);
     let (_, rss_before) = server_usage(args.server_pid);
     let started = Instant::now();
     let semaphore = Arc::new(tokio::sync::Semaphore::new(args.parallel));
@@ -323,19 +315,69 @@ fn client_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(16 * 1024)
 }
 
-/// Connects with [`client_config`] and `TCP_NODELAY` (as browsers do).
-async fn connect(
-    url: String,
-) -> Result<
-    (
-        tokio_tungstenite::WebSocketStream<
-            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-        >,
-        tokio_tungstenite::tungstenite::handshake::client::Response,
-    ),
-    tokio_tungstenite::tungstenite::Error,
-> {
-    tokio_tungstenite::connect_async_with_config(url, Some(client_config()), true).await
+/// A client connection, plain or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+type Socket = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
+
+/// The CA that `wss://` servers' certificates must chain to
+/// (`LOADGEN_TLS_CA`, a PEM file), loaded once.
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    static CONNECTOR: std::sync::OnceLock<tokio_rustls::TlsConnector> = std::sync::OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject;
+            let path =
+                std::env::var("LOADGEN_TLS_CA").expect("wss:// needs LOADGEN_TLS_CA (a PEM file)");
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(&path).expect("LOADGEN_TLS_CA readable") {
+                roots
+                    .add(cert.expect("a PEM certificate"))
+                    .expect("a CA certificate");
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+        })
+        .clone()
+}
+
+/// Connects (`ws://` or `wss://`) with [`client_config`] and `TCP_NODELAY` (as
+/// browsers do).
+async fn connect(url: String) -> Result<(Socket, ()), Box<dyn std::error::Error + Send + Sync>> {
+    let (tls, rest) = match url.strip_prefix("wss://") {
+        Some(rest) => (true, rest),
+        None => (false, url.trim_start_matches("ws://")),
+    };
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let tcp = tokio::net::TcpStream::connect(authority).await?;
+    tcp.set_nodelay(true)?;
+    let io: Box<dyn Io> = if tls {
+        let name = authority
+            .rsplit_once(':')
+            .map_or(authority, |(h, _)| h)
+            .to_owned();
+        let name = rustls::pki_types::ServerName::try_from(name)?;
+        Box::new(tls_connector().connect(name, tcp).await?)
+    } else {
+        Box::new(tcp)
+    };
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(url, io, Some(client_config())).await?;
+    Ok((ws, ()))
+}
+
+/// The `host:port` of a `ws://` or `wss://` URL (the token's `host` claim).
+fn host_of(url: &str) -> String {
+    url.trim_start_matches("wss://")
+        .trim_start_matches("ws://")
+        .trim_end_matches('/')
+        .to_owned()
 }
 
 fn token(secret: &str, host: &str, user: &str, room: &str) -> String {
@@ -348,11 +390,7 @@ fn token(secret: &str, host: &str, user: &str, room: &str) -> String {
 }
 
 async fn fanout(args: FanoutArgs) -> Value {
-    let host = args
-        .url
-        .trim_start_matches("ws://")
-        .trim_end_matches('/')
-        .to_owned();
+    let host = host_of(&args.url);
     let total = args.rooms * args.members;
     // Connect everyone first and wait for each first snapshot.
     let mut sockets = Vec::with_capacity(total);

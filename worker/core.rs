@@ -249,15 +249,14 @@ impl WorkerCore {
                 _ => self.replies.push(FromWorker::Synced { room, token }),
             },
             ToWorker::CheckpointRequest { room } => {
-                if let Some(slot) = self.rooms.get(&room) {
-                    // A loading room holds events it has not applied: no image
-                    // yet. A degraded one's image says its board is still to load.
-                    if matches!(slot.load, Load::Done | Load::Degraded) {
-                        let image = Self::checkpoint(slot);
-                        let seq = slot.room.last_seq();
-                        self.replies
-                            .push(FromWorker::Checkpoint { room, seq, image });
-                    }
+                // A loading room holds events it has not applied: no image yet.
+                // A degraded one's image says its board is still to load.
+                if self
+                    .rooms
+                    .get(&room)
+                    .is_some_and(|slot| matches!(slot.load, Load::Done | Load::Degraded))
+                {
+                    self.send_checkpoint(&room);
                 }
             }
         }
@@ -416,6 +415,23 @@ impl WorkerCore {
 
     fn admit_degraded(&mut self, room: &RoomId, now: Instant) {
         self.release_held(room, Load::Degraded, now);
+        // A first checkpoint, as for a loaded room: a crash of this worker then
+        // restores the room at once (still degraded), not after another wait
+        // for a store that is down.
+        self.send_checkpoint(room);
+    }
+
+    /// Sends the supervisor a checkpoint of `room` as it is now.
+    fn send_checkpoint(&mut self, room: &RoomId) {
+        if let Some(slot) = self.rooms.get(room) {
+            let image = Self::checkpoint(slot);
+            let seq = slot.room.last_seq();
+            self.replies.push(FromWorker::Checkpoint {
+                room: room.clone(),
+                seq,
+                image,
+            });
+        }
     }
 
     pub fn on_result(&mut self, result: StoreResult, now: Instant) {
@@ -452,12 +468,7 @@ impl WorkerCore {
                         self.release_held(&room, Load::Done, now);
                         // A first checkpoint, so that from now on a crash of this
                         // worker restores the room without the store.
-                        if let Some(slot) = self.rooms.get(&room) {
-                            let image = Self::checkpoint(slot);
-                            let seq = slot.room.last_seq();
-                            self.replies
-                                .push(FromWorker::Checkpoint { room, seq, image });
-                        }
+                        self.send_checkpoint(&room);
                     }
                     Err(e) if e.is_malformed() => self.fail_room(&room, &e),
                     Err(e) => {
@@ -1325,15 +1336,18 @@ mod tests {
         h.run_until(t0 + Duration::from_millis(5000)).await;
         h.create(1);
         h.frame(ToWorker::CheckpointRequest { room: room() });
-        let image = h
+        let checkpoints: Vec<(u64, Vec<u8>)> = h
             .output
             .iter()
-            .find_map(|m| match m {
+            .filter_map(|m| match m {
                 FromWorker::Checkpoint { image, seq, .. } => Some((*seq, image.clone())),
                 _ => None,
             })
-            .expect("a degraded room answers a checkpoint request");
-        assert_eq!(image.0, 2, "join and create");
+            .collect();
+        // One when admitted degraded (after the join), one for the request.
+        let seqs: Vec<u64> = checkpoints.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, [1, 2]);
+        let image = checkpoints.last().unwrap().clone();
 
         // The worker died; a fresh one restores the room from the image.
         let mut fresh = Harness::new(store.clone());
