@@ -44,9 +44,15 @@ type Body = Full<Bytes>;
 /// timeout as the request headers, and a failed one is counted by reason.
 pub async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
-    let Some(tls) = shared.tls.clone() else {
-        return serve_http(stream, shared).await;
-    };
+    match shared.tls.clone() {
+        None => serve_http(stream, shared).await,
+        // Boxed: the TLS state is large, and a plain connection's task (and the
+        // heap it leaves behind) should not carry room for it.
+        Some(tls) => Box::pin(serve_tls(stream, tls, shared)).await,
+    }
+}
+
+async fn serve_tls(stream: TcpStream, tls: Arc<super::tls::Tls>, shared: Arc<Shared>) {
     let timeout = shared.config.limits.handshake_timeout;
     match tokio::time::timeout(timeout, tls.acceptor.accept(stream)).await {
         Ok(Ok(stream)) => serve_http(stream, shared).await,
