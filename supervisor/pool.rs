@@ -396,11 +396,14 @@ async fn supervise(
         slot.restoring.store(true, Ordering::Relaxed);
         let restoring: HashSet<&RoomId> = restore.iter().map(|e| &e.id).collect();
         // Frames queued for the dead process: those of its rooms are in their
-        // journals and will be replayed; keep the others (rooms placed since).
+        // journals and will be replayed; keep those of rooms placed since, and
+        // drop those of rooms no longer placed here (closed as unrestorable).
         while let Ok(frame) = frames.try_recv() {
             carry.push(frame);
         }
-        carry.retain(|f| !room_of(f).is_some_and(|r| restoring.contains(r)));
+        carry.retain(|f| {
+            room_of(f).is_none_or(|r| !restoring.contains(r) && registry.placed_on(r, slot.id))
+        });
         let rooms: Vec<&str> = restore.iter().map(|e| e.id.0.as_str()).collect();
         error!(worker = %slot.id, rooms = ?rooms, "worker failed ({}); restoring its rooms on a replacement", ended.how);
         if started.elapsed() > STABLE_RUN {

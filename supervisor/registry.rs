@@ -414,7 +414,10 @@ impl Registry {
         }
         if !state.open {
             state.open = true;
-            let id_seed = if state.closing == 0 {
+            // A room being restored, or still closing on its worker, keeps its
+            // instance: a rejoin must not drop the checkpoint and journal that
+            // rebuild it.
+            let id_seed = if state.closing == 0 && !state.restoring {
                 state.new_instance()
             } else {
                 state.id_seed
@@ -653,11 +656,49 @@ impl Registry {
         restore.into_iter().map(|(_, entry)| entry).collect()
     }
 
+    /// Closes a room being restored whose journal overflowed (events it had not
+    /// sent to the new worker were dropped): it cannot be rebuilt exactly.
+    fn close_unrestorable(&self, entry: &RoomEntry) {
+        let mut inner = lock(&self.inner);
+        let Some(current) = inner
+            .rooms
+            .get(&entry.id)
+            .filter(|e| std::ptr::eq(Arc::as_ptr(e), entry))
+            .cloned()
+        else {
+            return;
+        };
+        let mut state = lock(&current.state);
+        if state.lost || state.journal.restorable() {
+            return;
+        }
+        tracing::error!(room = %entry.id, "the room's journal overflowed while it was being restored: it cannot be rebuilt exactly; closing it for its members (1011)");
+        close_room(
+            &mut inner,
+            &current,
+            &mut state,
+            "Room lost: its worker failed",
+        );
+    }
+
+    /// Whether `room` is placed on `worker`.
+    pub fn placed_on(&self, room: &RoomId, worker: WorkerId) -> bool {
+        lock(&self.inner)
+            .rooms
+            .get(room)
+            .is_some_and(|e| e.worker == worker)
+    }
+
     /// The frames that rebuild `entry` on a new worker: its checkpoint (or a load
     /// from the store) and its journal. `None` if the room is gone.
     pub fn restore_frames(&self, entry: &RoomEntry) -> Option<Vec<ToWorker>> {
         let mut state = lock(&entry.state);
         if state.lost || !state.restoring {
+            return None;
+        }
+        if !state.journal.restorable() {
+            drop(state);
+            self.close_unrestorable(entry);
             return None;
         }
         let mut frames = vec![ToWorker::RestoreRoom {
@@ -683,6 +724,11 @@ impl Registry {
     ) -> (Vec<ToWorker>, bool) {
         let mut state = lock(&entry.state);
         if state.lost {
+            return (Vec::new(), true);
+        }
+        if !state.journal.restorable() {
+            drop(state);
+            self.close_unrestorable(entry);
             return (Vec::new(), true);
         }
         let sent = state.restore_sent;
@@ -1143,5 +1189,71 @@ mod tests {
             old_rx.borrow().membership,
             Membership::Closed { code: 4000, .. }
         ));
+    }
+
+    /// The only member reloads while the room is being restored: the rejoin
+    /// keeps the instance (its checkpoint and journal), it does not start anew.
+    #[tokio::test]
+    async fn a_rejoin_during_a_restore_keeps_the_checkpoint() {
+        let registry = Registry::new(1, 1, 1);
+        let (tx, _rx) = mpsc::channel(64);
+        let entry = registry
+            .register(&room("a"), ConnId(1), "u".into(), commands().0)
+            .unwrap();
+        registry.join(&entry, &tx, ConnId(1), None).await.unwrap();
+        registry.checkpoint(&room("a"), WorkerId(0), 1, b"image@1".to_vec());
+        registry.worker_failed(WorkerId(0));
+        registry
+            .register(&room("a"), ConnId(2), "u".into(), commands().0)
+            .unwrap();
+        registry.leave(&entry, &tx, ConnId(1)).await;
+        registry.join(&entry, &tx, ConnId(2), None).await.unwrap();
+        let frames = registry.restore_frames(&entry).unwrap();
+        assert!(matches!(
+            &frames[0],
+            ToWorker::RestoreRoom { image: Some(image), .. } if image == b"image@1"
+        ));
+        assert_eq!(
+            events(&frames),
+            [2, 3],
+            "leave and rejoin, after the checkpoint"
+        );
+    }
+
+    /// A journal that overflows while its room is being restored lost events the
+    /// new worker never got: the room is closed (1011), never rebuilt wrong.
+    #[tokio::test]
+    async fn a_journal_overflowing_during_a_restore_closes_the_room() {
+        let registry = Registry::new(1, 1, 1);
+        let (tx, _rx) = mpsc::channel(64);
+        let (ctx, crx) = commands();
+        let entry = registry
+            .register(&room("a"), ConnId(1), "u".into(), ctx)
+            .unwrap();
+        registry.join(&entry, &tx, ConnId(1), None).await.unwrap();
+        registry.worker_failed(WorkerId(0));
+        let big = format!(
+            r#"{{"type":"shape_create","shapeType":"text","x":0,"y":0,"width":1,"height":1,"text":"{}"}}"#,
+            "t".repeat(9_000)
+        );
+        let mut sent = 0;
+        while state_restorable(&entry) {
+            registry
+                .forward(&entry, &tx, ConnId(1), big.clone())
+                .await
+                .unwrap();
+            sent += 1;
+            assert!(sent < 5_000, "the journal never overflowed");
+        }
+        assert!(registry.restore_frames(&entry).is_none());
+        assert!(matches!(
+            crx.borrow().membership,
+            Membership::Closed { code: 1011, .. }
+        ));
+        assert!(registry.rooms_by_worker()[0].is_empty());
+    }
+
+    fn state_restorable(entry: &RoomEntry) -> bool {
+        lock(&entry.state).journal.restorable()
     }
 }

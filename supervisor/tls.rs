@@ -56,9 +56,11 @@ pub fn load(files: &TlsFiles) -> Result<Arc<CertifiedKey>, CertError> {
     };
     let cert_pem = read(&files.cert)?;
     let key_pem = read(&files.key)?;
+    // Any unreadable PEM section fails the whole file: a chain cut short (a file
+    // read half-written) must not be served.
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-        .filter_map(Result::ok)
-        .collect();
+        .collect::<Result<_, _>>()
+        .map_err(|_| CertError::NoCertificate(files.cert.clone()))?;
     let Some(leaf) = chain.first() else {
         return Err(CertError::NoCertificate(files.cert.clone()));
     };
@@ -175,13 +177,15 @@ impl Tls {
     }
 }
 
-/// What tells that a file changed: modification time and length of both.
-type Stamp = [(Option<SystemTime>, u64); 2];
+/// What tells that a file changed: the contents of both (a few KB, read every
+/// check; a copy that keeps the modification time and length is still seen).
+type Stamp = [Option<Vec<u8>>; 2];
 
 fn stamp(files: &TlsFiles) -> Stamp {
-    let of =
-        |path: &Path| std::fs::metadata(path).map_or((None, 0), |m| (m.modified().ok(), m.len()));
-    [of(&files.cert), of(&files.key)]
+    [
+        std::fs::read(&files.cert).ok(),
+        std::fs::read(&files.key).ok(),
+    ]
 }
 
 /// Label for a failed handshake (`tls_handshake_failures_total{reason}`).
