@@ -103,6 +103,9 @@ struct RoomSlot {
     last_snapshot_at: Option<Instant>,
 }
 
+/// Fallback files written per tick at most (see `tick`).
+const MAX_FALLBACKS_PER_TICK: usize = 8;
+
 /// Snapshot deliveries per second a busy room may cause (members × snapshots per
 /// second): a room of 100 gets a snapshot at most every 5 ms, and changes in
 /// between are folded into it. Sending each member every intermediate state would
@@ -559,6 +562,10 @@ impl WorkerCore {
             self.admit_degraded(&id, now);
         }
         let mut freed = Vec::new();
+        // Fallback files are written (and synced) on this thread: a few per tick,
+        // so many rooms given up at once never keep the worker from answering
+        // the supervisor's pings (the rest go at the next tick, within a second).
+        let mut fallbacks_left = MAX_FALLBACKS_PER_TICK;
         for (id, slot) in self.rooms.iter_mut() {
             let loaded = matches!(slot.load, Load::Done);
             if !loaded && !slot.load_in_flight && slot.load_retry_at.is_some_and(|at| at <= now) {
@@ -573,11 +580,13 @@ impl WorkerCore {
             // A store that keeps refusing a room nobody is in: its shapes go to
             // a fallback file (`give_up`), so it does not hold capacity forever.
             let refused =
-                || slot.closing_failures >= MAX_CLOSING_ATTEMPTS && !waiting && !slot.save.saving();
-            if slot.closing
-                && ((!slot.save.is_dirty() && !waiting)
-                    || (refused() && give_up(&self.data_dir, id, slot)))
-            {
+                slot.closing_failures >= MAX_CLOSING_ATTEMPTS && !waiting && !slot.save.saving();
+            let done = !slot.save.is_dirty() && !waiting;
+            let given_up = slot.closing && !done && refused && fallbacks_left > 0 && {
+                fallbacks_left -= 1;
+                give_up(&self.data_dir, id, slot)
+            };
+            if slot.closing && (done || given_up) {
                 freed.push(id.clone());
             }
         }
