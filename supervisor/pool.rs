@@ -498,6 +498,7 @@ impl Serve<'_> {
         }
         *lock(&slot.last_pong) = Instant::now();
         slot.unresponsive.store(false, Ordering::Relaxed);
+        self.registry.set_unresponsive(slot.id, false);
         lock(&slot.restores).clear();
         slot.pid.store(pid, Ordering::Relaxed);
         info!(worker = %slot.id, pid, "worker ready");
@@ -520,7 +521,7 @@ impl Serve<'_> {
         let ended = tokio::select! {
             why = write_frames(carry, self.frames, &mut pings, &mut writer, slot) => why,
             why = read_frames(&mut reader, registry, metrics, slot) => why,
-            why = watchdog(slot, pinger) => why,
+            why = watchdog(slot, self.registry, pinger) => why,
             () = restores => unreachable!("restoring ends by waiting forever"),
             _ = child.wait() => "process exited".to_owned(),
             deadline = exit_requested(self.exit_by) => {
@@ -631,7 +632,11 @@ async fn restore_room(entry: &RoomEntry, registry: &Registry, slot: &WorkerSlot,
 
 /// Pings the worker every [`PING_EVERY`]; returns once it has been silent for
 /// [`DEAD_AFTER`], which ends (kills) it.
-async fn watchdog(slot: &WorkerSlot, pinger: mpsc::Sender<ToWorker>) -> String {
+async fn watchdog(
+    slot: &WorkerSlot,
+    registry: &Registry,
+    pinger: mpsc::Sender<ToWorker>,
+) -> String {
     let mut tick = tokio::time::interval(PING_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -642,7 +647,8 @@ async fn watchdog(slot: &WorkerSlot, pinger: mpsc::Sender<ToWorker>) -> String {
             return format!("no answer to pings for {} ms", silent.as_millis());
         }
         if silent >= UNRESPONSIVE_AFTER && !slot.unresponsive.swap(true, Ordering::Relaxed) {
-            warn!(worker = %slot.id, silent_ms = silent.as_millis() as u64, "worker not answering pings");
+            registry.set_unresponsive(slot.id, true);
+            warn!(worker = %slot.id, silent_ms = silent.as_millis() as u64, "worker not answering pings; new rooms go to other workers");
         }
         let ping = ToWorker::Sync {
             room: RoomId(PING_ROOM.to_owned()),
@@ -815,6 +821,7 @@ fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &Work
         FromWorker::Synced { room, .. } if room.0 == PING_ROOM => {
             *lock(&slot.last_pong) = Instant::now();
             if slot.unresponsive.swap(false, Ordering::Relaxed) {
+                registry.set_unresponsive(worker, false);
                 info!(%worker, "worker answers pings again");
             }
         }

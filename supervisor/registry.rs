@@ -98,6 +98,10 @@ pub struct Registry {
     max_rooms: usize,
     /// Whether the store keeps refusing saves (for `/readyz`).
     save_health: Mutex<SaveHealth>,
+    /// Per worker: it does not answer pings right now. New rooms go elsewhere
+    /// while another worker has room (this one is replaced within seconds, and a
+    /// room placed on it would wait for that).
+    unresponsive: Vec<std::sync::atomic::AtomicBool>,
 }
 
 /// Saves failing with none succeeding for this long make `/readyz` answer 503:
@@ -242,6 +246,16 @@ impl Registry {
             rooms_per_worker,
             max_rooms,
             save_health: Mutex::new(SaveHealth::default()),
+            unresponsive: (0..workers)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
+        }
+    }
+
+    /// The watchdog's view of a worker: new rooms avoid it while it is silent.
+    pub fn set_unresponsive(&self, worker: WorkerId, unresponsive: bool) {
+        if let Some(flag) = self.unresponsive.get(worker.0 as usize) {
+            flag.store(unresponsive, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -318,9 +332,11 @@ impl Registry {
         if inner.rooms.len() >= self.max_rooms {
             return Err(PlacementError::AtCapacity(self.max_rooms));
         }
+        // The least loaded worker with room, preferring those answering pings.
+        let silent = |w: usize| self.unresponsive[w].load(std::sync::atomic::Ordering::Relaxed);
         let worker = (0..inner.load.len())
             .filter(|&w| inner.load[w] < self.rooms_per_worker)
-            .min_by_key(|&w| inner.load[w])
+            .min_by_key(|&w| (silent(w), inner.load[w]))
             .ok_or(PlacementError::AllWorkersFull(self.rooms_per_worker))?;
         inner.load[worker] += 1;
         let entry = Arc::new(RoomEntry {
@@ -1255,5 +1271,24 @@ mod tests {
 
     fn state_restorable(entry: &RoomEntry) -> bool {
         lock(&entry.state).journal.restorable()
+    }
+
+    #[test]
+    fn new_rooms_avoid_a_worker_that_does_not_answer() {
+        let registry = Registry::new(2, 2, 100);
+        registry.set_unresponsive(WorkerId(0), true);
+        let place = |name: &str, conn: u64| {
+            registry
+                .register(&room(name), ConnId(conn), "u".into(), commands().0)
+                .unwrap()
+                .worker
+        };
+        assert_eq!(place("a", 1), WorkerId(1));
+        assert_eq!(place("b", 2), WorkerId(1));
+        // The others are full: a silent worker still takes a room (it is being
+        // replaced), rather than refusing it.
+        assert_eq!(place("c", 3), WorkerId(0));
+        registry.set_unresponsive(WorkerId(0), false);
+        assert_eq!(place("d", 4), WorkerId(0));
     }
 }

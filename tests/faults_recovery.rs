@@ -245,7 +245,11 @@ async fn degraded_rooms_restore_in_parallel() {
 async fn a_stopped_worker_is_killed_and_replaced() {
     bounded(async {
         let server = Server::start(&[]);
+        // Placed in turn on the least loaded worker: "stuck" ends on the worker
+        // with fewer rooms, where a new room would go next.
+        let _other_1 = server.join("carol", "other-1").await;
         let mut alice = server.join("alice", "stuck").await;
+        let _other_2 = server.join("dave", "other-2").await;
         for x in 0..2 {
             alice.send(rect(x)).await;
         }
@@ -271,6 +275,16 @@ async fn a_stopped_worker_is_killed_and_replaced() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Meanwhile a new room goes to the worker that answers, and is served
+        // at once.
+        let joined = Instant::now();
+        let _fresh = server.join("erin", "fresh").await;
+        assert!(
+            joined.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            joined.elapsed()
+        );
+        assert_ne!(worker_of(&server, "fresh").await, index);
         wait_replaced_within(&server, index, pid, Duration::from_secs(20)).await;
         while process_exists(pid) {
             assert!(
