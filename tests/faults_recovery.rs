@@ -18,17 +18,6 @@ fn rect(x: i64) -> Value {
     json!({"type":"shape_create","shapeType":"rectangle","x":x,"y":0,"width":10,"height":10})
 }
 
-/// The index of the worker holding `room`, from `/status`.
-async fn worker_of(server: &Server, room: &str) -> usize {
-    let status = server.status().await;
-    status["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .position(|w| w["rooms"].as_array().unwrap().iter().any(|r| r == room))
-        .unwrap_or_else(|| panic!("{room} not placed: {status}"))
-}
-
 /// Kills a process this test stopped, if it still runs when the test ends (a
 /// stopped worker would never notice its supervisor is gone).
 struct KillOnDrop(u32);

@@ -15,32 +15,11 @@ fn rect(x: i64) -> Value {
     json!({"type":"shape_create","shapeType":"rectangle","x":x,"y":0,"width":10,"height":10})
 }
 
-/// Worker pids by worker id, as `/status` reports them (0 while none runs).
-async fn worker_pids(server: &Server) -> Vec<u32> {
-    server.status().await["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["pid"].as_u64().unwrap_or(0) as u32)
-        .collect()
-}
-
-/// The worker holding `room`.
-async fn worker_of(server: &Server, room: &str) -> usize {
-    let status = server.status().await;
-    status["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .position(|w| w["rooms"].as_array().unwrap().iter().any(|r| r == room))
-        .unwrap_or_else(|| panic!("{room} not placed: {status}"))
-}
-
 /// Waits until worker `index` runs a process other than `old_pid`.
 async fn wait_replaced(server: &Server, index: usize, old_pid: u32) -> u32 {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let pid = worker_pids(server).await[index];
+        let pid = worker_pids_or_zero(server).await[index];
         if pid != 0 && pid != old_pid {
             return pid;
         }
@@ -68,7 +47,7 @@ async fn members_of_a_killed_worker_s_rooms_stay_connected_and_lose_nothing() {
     let carol_before = carol.until(|s| shapes(s).len() == 1).await;
 
     let index = worker_of(&server, "room-a").await;
-    let old_pid = worker_pids(&server).await[index];
+    let old_pid = worker_pids_or_zero(&server).await[index];
     send_signal(old_pid, "KILL");
     // Frames sent during the recovery are held and applied after it, in order.
     for x in 5..8 {
@@ -171,7 +150,7 @@ async fn twenty_kills_under_load_lose_nothing() {
         rng_state ^= rng_state >> 7;
         rng_state ^= rng_state << 17;
         let index = (rng_state % 3) as usize;
-        let pid = worker_pids(&server).await[index];
+        let pid = worker_pids_or_zero(&server).await[index];
         if pid == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
@@ -243,7 +222,7 @@ async fn a_poison_room_is_closed_alone_and_everything_else_recovers() {
     );
     neighbour.send(rect(1)).await;
     let neighbour_before = neighbour.until(|s| shapes(s).len() == 1).await;
-    let elsewhere_pid = worker_pids(&server).await[worker_of(&server, "elsewhere").await];
+    let elsewhere_pid = worker_pids_or_zero(&server).await[worker_of(&server, "elsewhere").await];
 
     poisoner
         .send(json!({"type":"cursor_move","x":1,"y":1,"note":"__poison_test_frame__"}))
@@ -258,7 +237,7 @@ async fn a_poison_room_is_closed_alone_and_everything_else_recovers() {
     assert_eq!(shapes(&after)[0], shapes(&neighbour_before)[0]);
     // The other worker was never touched.
     assert_eq!(
-        worker_pids(&server).await[worker_of(&server, "elsewhere").await],
+        worker_pids_or_zero(&server).await[worker_of(&server, "elsewhere").await],
         elsewhere_pid
     );
     assert_eq!(users(&elsewhere.sync("erin", 2.0).await), ["erin"]);
@@ -276,7 +255,7 @@ async fn a_poison_room_is_closed_alone_and_everything_else_recovers() {
 async fn workers_exit_within_a_second_of_their_supervisor() {
     let mut server = Server::start(&[]);
     let _alice = server.join("alice", "r1").await;
-    let pids = worker_pids(&server).await;
+    let pids = worker_pids_or_zero(&server).await;
     assert!(pids.iter().all(|p| process_exists(*p)));
     server.signal("KILL");
     let killed = Instant::now();

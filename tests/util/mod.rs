@@ -503,16 +503,7 @@ impl Client {
             }
             tx.flush().await
         };
-        let read = async {
-            loop {
-                match rx.next().await {
-                    Some(Ok(Message::Text(t))) => last = Some(t.to_string()),
-                    Some(Ok(Message::Close(frame))) => panic!("unexpected close: {frame:?}"),
-                    Some(Ok(_)) => {}
-                    other => panic!("connection ended: {other:?}"),
-                }
-            }
-        };
+        let read = read_on(&mut rx, &mut last);
         tokio::select! {
             sent = send => sent.expect("burst sent"),
             _ = read => unreachable!(),
@@ -521,6 +512,33 @@ impl Client {
             self.last = last;
         }
     }
+}
+
+/// Reads a connection while the caller sends (as a browser does), keeping the
+/// last snapshot; never returns, panics if the connection ends.
+async fn read_on<S>(rx: &mut S, last: &mut Option<String>)
+where
+    S: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    loop {
+        match rx.next().await {
+            Some(Ok(Message::Text(t))) => *last = Some(t.to_string()),
+            Some(Ok(Message::Close(frame))) => panic!("unexpected close: {frame:?}"),
+            Some(Ok(_)) => {}
+            other => panic!("connection ended: {other:?}"),
+        }
+    }
+}
+
+/// The index of the worker holding `room`, from `/status`.
+pub async fn worker_of(server: &Server, room: &str) -> usize {
+    let status = server.status().await;
+    status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|w| w["rooms"].as_array().unwrap().iter().any(|r| r == room))
+        .unwrap_or_else(|| panic!("{room} not placed: {status}"))
 }
 
 /// A counter or gauge from the server's `/metrics` (0 when absent).
@@ -590,16 +608,7 @@ impl Client {
             }
             Ok::<(), WsError>(())
         };
-        let read = async {
-            loop {
-                match rx.next().await {
-                    Some(Ok(Message::Text(t))) => last = Some(t.to_string()),
-                    Some(Ok(Message::Close(frame))) => panic!("unexpected close: {frame:?}"),
-                    Some(Ok(_)) => {}
-                    other => panic!("connection ended: {other:?}"),
-                }
-            }
-        };
+        let read = read_on(&mut rx, &mut last);
         tokio::select! {
             sent = send => sent.expect("paced messages sent"),
             _ = read => unreachable!(),
