@@ -15,7 +15,7 @@ mod util;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use util::backend::{BACKEND_SECRET, Backend, Mode};
+use util::backend::{Backend, Mode};
 use util::*;
 
 const MEMBERS: usize = 10;
@@ -101,14 +101,9 @@ async fn measure_big() -> (usize, Vec<f64>) {
     for m in 0..BIG_MEMBERS {
         clients.push(server.join(&format!("u{m}"), "big").await);
     }
-    let creates: Vec<String> = (0..BIG_SHAPES)
-        .map(|i| {
-            let text = format!("{i:04}{}", "t".repeat(TEXT_CHARS - 4));
-            json!({"type":"shape_create","shapeType":"text","x":i,"y":0,"width":100,"height":20,"text":text})
-                .to_string()
-        })
-        .collect();
-    clients[0].send_burst(creates).await;
+    clients[0]
+        .send_burst(text_shape_creates(BIG_SHAPES, TEXT_CHARS))
+        .await;
     let mut full = serde_json::Value::Null;
     for c in clients.iter_mut() {
         full = c.until(|s| shapes(s).len() == BIG_SHAPES).await;
@@ -176,21 +171,10 @@ const DEGRADED_KILLS: usize = 3;
 async fn measure_degraded() -> Vec<f64> {
     let backend = Backend::start().await;
     backend.set_mode(Mode::Fail);
-    let url = backend.url();
-    let server = Server::start_raw(
-        &[
-            "--workers",
-            "1",
-            "--rooms-per-worker",
-            "100",
-            "--backend-url",
-            url.as_str(),
-        ],
-        &[
-            ("JWT_SECRET", SECRET),
-            ("SESSION_SERVER_SECRET", BACKEND_SECRET),
-            ("RUST_LOG", "error"),
-        ],
+    let server = Server::on_backend(
+        &backend,
+        &["--rooms-per-worker", "100"],
+        &[("RUST_LOG", "error")],
     );
     let joins = (0..DEGRADED_ROOMS).map(|r| {
         let server = &server;

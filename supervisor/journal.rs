@@ -105,8 +105,9 @@ fn journal_form(stamped: &Stamped) -> Stamped {
 
 impl Journal {
     pub fn record(&mut self, stamped: &Stamped) -> Recorded {
-        let stamped = &journal_form(stamped);
-        let size = size_of(stamped);
+        // The one copy the journal keeps (the original goes to the worker).
+        let stamped = journal_form(stamped);
+        let size = size_of(&stamped);
         if self.events.len() >= JOURNAL_MAX_EVENTS || self.bytes + size > JOURNAL_MAX_BYTES {
             tracing::error!(
                 room = %stamped.room,
@@ -135,8 +136,8 @@ impl Journal {
         Recorded::Kept
     }
 
-    fn push(&mut self, stamped: &Stamped, size: usize) {
-        self.events.push_back(stamped.clone());
+    fn push(&mut self, stamped: Stamped, size: usize) {
+        self.events.push_back(stamped);
         self.bytes += size;
         self.events_since_request += 1;
         self.bytes_since_request += size;

@@ -9,7 +9,7 @@ mod util;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use util::backend::{BACKEND_SECRET, Backend, Mode};
+use util::backend::{Backend, Mode};
 use util::*;
 
 fn rect(x: i64) -> Value {
@@ -26,13 +26,9 @@ fn xs(snap: &Value) -> Vec<i64> {
 /// A server on `backend` whose loads fail (rooms are admitted degraded after
 /// 300 ms), with a budget that lets the test send fast.
 async fn degraded_server(backend: &Backend) -> Server {
-    let url = backend.url();
-    Server::start_raw(
+    Server::on_backend(
+        backend,
         &[
-            "--workers",
-            "1",
-            "--backend-url",
-            url.as_str(),
             "--load-wait-ms",
             "300",
             "--persist-debounce-ms",
@@ -42,10 +38,7 @@ async fn degraded_server(backend: &Backend) -> Server {
             "--rate-limit-burst",
             "100000",
         ],
-        &[
-            ("JWT_SECRET", SECRET),
-            ("SESSION_SERVER_SECRET", BACKEND_SECRET),
-        ],
+        &[],
     )
 }
 
@@ -193,21 +186,7 @@ async fn supervisor_memory_through_an_outage_with_big_messages() {
         .unwrap_or(60);
     let backend = Backend::start().await;
     backend.set_mode(Mode::Fail);
-    let url = backend.url();
-    let server = Server::start_raw(
-        &[
-            "--workers",
-            "1",
-            "--backend-url",
-            url.as_str(),
-            "--load-wait-ms",
-            "300",
-        ],
-        &[
-            ("JWT_SECRET", SECRET),
-            ("SESSION_SERVER_SECRET", BACKEND_SECRET),
-        ],
-    );
+    let server = Server::on_backend(&backend, &["--load-wait-ms", "300"], &[]);
     let pid = server.pid();
     let baseline = rss_mib(pid);
     let pad = "p".repeat(50_000);

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use util::backend::{BACKEND_SECRET, Backend, Mode};
+use util::backend::{Backend, Mode};
 use util::*;
 
 /// Bound on each whole test: a deadlock fails it instead of hanging the suite.
@@ -65,14 +65,9 @@ async fn a_big_room_killed_under_concurrent_edits_recovers_and_loses_nothing() {
         for m in 0..MEMBERS {
             members.push(server.join(&format!("u{m}"), "big").await);
         }
-        let creates: Vec<String> = (0..BIG_SHAPES)
-            .map(|i| {
-                let text = format!("{i:04}{}", "t".repeat(TEXT_CHARS - 4));
-                json!({"type":"shape_create","shapeType":"text","x":i,"y":0,"width":100,"height":20,"text":text})
-                    .to_string()
-            })
-            .collect();
-        members[0].send_burst(creates).await;
+        members[0]
+            .send_burst(text_shape_creates(BIG_SHAPES, TEXT_CHARS))
+            .await;
         let mut full = Value::Null;
         for member in members.iter_mut() {
             full = member.until(|s| shapes(s).len() == BIG_SHAPES).await;
@@ -166,22 +161,8 @@ async fn degraded_rooms_restore_in_parallel() {
     bounded(async {
         let backend = Backend::start().await;
         backend.set_mode(Mode::Fail);
-        let url = backend.url();
         let load_wait = LOAD_WAIT_MS.to_string();
-        let server = Server::start_raw(
-            &[
-                "--workers",
-                "1",
-                "--backend-url",
-                url.as_str(),
-                "--load-wait-ms",
-                load_wait.as_str(),
-            ],
-            &[
-                ("JWT_SECRET", SECRET),
-                ("SESSION_SERVER_SECRET", BACKEND_SECRET),
-            ],
-        );
+        let server = Server::on_backend(&backend, &["--load-wait-ms", &load_wait], &[]);
         let joins = (0..DEGRADED_ROOMS).map(|r| {
             let server = &server;
             async move {

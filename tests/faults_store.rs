@@ -29,15 +29,9 @@ fn db_path(dir: &Path) -> PathBuf {
 /// Creates the embedded store's table in `dir` and stores `shapes_text` (the
 /// row's raw text) for `room`, as an earlier server would have.
 fn seed_store(dir: &Path, room: &str, shapes_text: &str) {
+    // The store's own schema, created as the server creates it.
+    drop(session_server::worker::store::sqlite::SqliteStore::open(&db_path(dir)).unwrap());
     let conn = rusqlite::Connection::open(db_path(dir)).unwrap();
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS boards (
-            room_id TEXT PRIMARY KEY,
-            shapes TEXT NOT NULL,
-            updated_at_ms INTEGER NOT NULL
-        )",
-    )
-    .unwrap();
     conn.execute(
         "INSERT INTO boards (room_id, shapes, updated_at_ms) VALUES (?1, ?2, 0)",
         rusqlite::params![room, shapes_text],

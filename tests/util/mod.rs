@@ -650,3 +650,31 @@ pub async fn wait_replaced_within(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+impl Server {
+    /// One worker persisting to the in-test `backend`, with `args` added (and
+    /// `env` added to the secrets it needs).
+    pub fn on_backend(backend: &backend::Backend, args: &[&str], env: &[(&str, &str)]) -> Server {
+        let url = backend.url();
+        let mut all_args = vec!["--workers", "1", "--backend-url", url.as_str()];
+        all_args.extend_from_slice(args);
+        let mut all_env = vec![
+            ("JWT_SECRET", SECRET),
+            ("SESSION_SERVER_SECRET", backend::BACKEND_SECRET),
+        ];
+        all_env.extend_from_slice(env);
+        Server::start_raw(&all_args, &all_env)
+    }
+}
+
+/// `count` creates of text shapes with `chars`-character texts (numbered, so
+/// each is distinct): the big room of the recovery tests and benchmark.
+pub fn text_shape_creates(count: usize, chars: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| {
+            let text = format!("{i:04}{}", "t".repeat(chars - 4));
+            json!({"type":"shape_create","shapeType":"text","x":i,"y":0,"width":100,"height":20,"text":text})
+                .to_string()
+        })
+        .collect()
+}
