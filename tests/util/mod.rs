@@ -36,15 +36,18 @@ pub struct Server {
 /// The admin token the harness sets when a test does not set its own.
 pub const HARNESS_ADMIN_TOKEN: &str = "harness-admin-token-0123456789";
 
-/// A fresh folder under the system temp dir.
+/// A fresh folder under the system temp dir, never shared by two tests.
 pub fn temp_dir(what: &str) -> std::path::PathBuf {
+    // Tests of one binary run in parallel threads of one process, and two of
+    // them can read the same clock value (it happened in CI, so two servers
+    // raced for one data directory's lock): a counter makes the name unique
+    // within the process, the pid across processes.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
-        "session-server-test-{what}-{}-{:x}",
+        "session-server-test-{what}-{}-{n}-{:x}",
         std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
+        rand::random::<u64>()
     ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
