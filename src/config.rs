@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use crate::ipc::WorkerId;
@@ -138,6 +138,49 @@ pub struct ServeArgs {
     /// Kubernetes allow before SIGKILL, with a margin.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 9_000)]
     pub shutdown_grace_ms: u64,
+    /// Run the Agones SDK lifecycle (Ready, Health, the `rooms` Counter). On by
+    /// itself when `AGONES_SDK_GRPC_PORT` is set, as Agones sets it in the pod.
+    /// Needs a build with the `agones` feature (the container image has it).
+    #[arg(long, env = "AGONES", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub agones: bool,
+    /// Port of the Agones SDK server (the sidecar in the pod), on localhost.
+    #[arg(long, env = "AGONES_SDK_GRPC_PORT")]
+    pub agones_sdk_port: Option<u16>,
+    /// What an Agones game server does when its last room closes: `ready` goes
+    /// back to the fleet's pool, `shutdown` ends it (one-session servers).
+    #[arg(long, env = "AGONES_WHEN_EMPTY", value_enum, default_value_t = WhenEmpty::Ready)]
+    pub agones_when_empty: WhenEmpty,
+    /// After this long, an Agones game server takes no more allocations and shuts
+    /// down once it is empty (GameFabric recommends at most 24 h). Unset: never.
+    #[arg(long, env = "AGONES_MAX_LIFETIME_SECS")]
+    pub agones_max_lifetime_secs: Option<u64>,
+    /// Interval of `Health()` pings, well inside the fleet's `health.periodSeconds`.
+    #[arg(long, env = "AGONES_HEALTH_INTERVAL_MS", default_value_t = 2_000)]
+    pub agones_health_interval_ms: u64,
+    /// How long to wait at start-up for the Agones SDK server (the sidecar can
+    /// start after this container); unreachable by then: exit 2.
+    #[arg(long, env = "AGONES_CONNECT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub agones_connect_timeout_ms: u64,
+}
+
+/// What an Agones game server does when its last room closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WhenEmpty {
+    /// Back to `Ready`: the fleet may allocate it again.
+    Ready,
+    /// `Shutdown`: Agones removes it (and the process exits 0).
+    Shutdown,
+}
+
+/// The Agones SDK lifecycle (`--agones`).
+#[derive(Debug, Clone)]
+pub struct AgonesSettings {
+    /// The SDK server's port; `None`: the SDK's default (9357).
+    pub sdk_port: Option<u16>,
+    pub when_empty: WhenEmpty,
+    pub max_lifetime: Option<Duration>,
+    pub health_interval: Duration,
+    pub connect_timeout: Duration,
 }
 
 /// Flags of a worker process, set by the supervisor that spawns it.
@@ -182,6 +225,8 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     /// What workers need to persist rooms; sent to each worker at its handshake.
     pub persistence: PersistSettings,
+    /// Agones SDK lifecycle, when on (`--agones` or `AGONES_SDK_GRPC_PORT`).
+    pub agones: Option<AgonesSettings>,
 }
 
 /// Rooms per worker when neither it nor a total is given.
@@ -357,6 +402,12 @@ pub enum ConfigError {
     #[error("--persist-max-wait-ms must be at least --persist-debounce-ms")]
     MaxWaitBelowDebounce,
     #[error(
+        "--agones (or AGONES_SDK_GRPC_PORT) needs a build with the `agones` feature: cargo build --release --features agones (the container image has it)"
+    )]
+    AgonesNotBuilt,
+    #[error("--agones-health-interval-ms must be at least 10")]
+    AgonesHealthTooShort,
+    #[error(
         "dev mode with JWT_SECRET set listens only on loopback: --bind {0} would let anyone mint tokens that verify under that secret (unset JWT_SECRET, or drop --dev)"
     )]
     DevModePublic(IpAddr),
@@ -440,6 +491,23 @@ impl ServeArgs {
         if self.persist_max_wait_ms < self.persist_debounce_ms {
             return Err(ConfigError::MaxWaitBelowDebounce);
         }
+        let agones = if self.agones || self.agones_sdk_port.is_some() {
+            if !cfg!(feature = "agones") {
+                return Err(ConfigError::AgonesNotBuilt);
+            }
+            if self.agones_health_interval_ms < 10 {
+                return Err(ConfigError::AgonesHealthTooShort);
+            }
+            Some(AgonesSettings {
+                sdk_port: self.agones_sdk_port,
+                when_empty: self.agones_when_empty,
+                max_lifetime: self.agones_max_lifetime_secs.map(Duration::from_secs),
+                health_interval: Duration::from_millis(self.agones_health_interval_ms),
+                connect_timeout: Duration::from_millis(self.agones_connect_timeout_ms),
+            })
+        } else {
+            None
+        };
         Ok(Config {
             port: self.port,
             bind,
@@ -467,6 +535,7 @@ impl ServeArgs {
                 rate_burst: self.rate_limit_burst,
                 rate_close_after: self.rate_limit_close_after_secs,
             },
+            agones,
             persistence: PersistSettings {
                 store,
                 debounce_ms: self.persist_debounce_ms,

@@ -3,6 +3,8 @@
 //! owning worker, fans the worker's snapshots out, and keeps the worker processes
 //! running. It never interprets room state.
 
+#[cfg(feature = "agones")]
+pub mod agones;
 pub mod auth;
 pub mod dev;
 pub mod http;
@@ -91,6 +93,11 @@ pub fn main(config: Config) -> anyhow::Result<()> {
                 eprintln!("session-server: {in_use}");
                 std::process::exit(2);
             }
+            #[cfg(feature = "agones")]
+            if let Some(unreachable) = e.downcast_ref::<agones::SdkUnreachable>() {
+                eprintln!("session-server: {unreachable}");
+                std::process::exit(2);
+            }
         })
 }
 
@@ -157,6 +164,12 @@ pub async fn run(
     // Held (locked) until `run` returns, that is for the server's life.
     let _data_lock = check_store(&mut config.persistence)?;
     raise_fd_limit(config.limits.max_connections);
+    // Agones first: without its SDK server there is nothing to run for (exit 2).
+    #[cfg(feature = "agones")]
+    let agones_sdk = match &config.agones {
+        Some(settings) => Some(agones::connect(settings).await?),
+        None => None,
+    };
     info!(store = %config.persistence.store, "persistence");
     let registry = Arc::new(Registry::new(
         config.workers,
@@ -230,6 +243,13 @@ pub async fn run(
         );
         warn!(%bind, port, "dev mode: /dev/token mints tokens for anyone who can reach this address");
     }
+    #[cfg(feature = "agones")]
+    let agones_task = agones_sdk
+        .zip(shared.config.agones.clone())
+        .map(|(sdk, settings)| {
+            info!("agones: SDK server reached");
+            tokio::spawn(agones::run(sdk, shared.clone(), settings))
+        });
     stop.cancelled().await;
 
     // Save first, while clients are still connected; then say goodbye. Every
@@ -272,6 +292,11 @@ pub async fn run(
     stop_accepting.cancel();
     let _ = acceptor.await;
     shared.pool.stop(plan.exit_by).await;
+    #[cfg(feature = "agones")]
+    if let Some(task) = agones_task {
+        // It told Agones `Shutdown()` when the stop began; wait for nothing more.
+        task.abort();
+    }
     info!("stopped");
     Ok(())
 }

@@ -123,6 +123,8 @@ struct Inner {
     rooms: HashMap<RoomId, Arc<RoomEntry>>,
     /// Rooms placed on each worker (open or still closing).
     load: Vec<usize>,
+    /// `rooms.len()`, told whenever it changes (the Agones `rooms` Counter).
+    placed: watch::Sender<usize>,
 }
 
 /// A room placed on a worker. Lives from its first connection until every
@@ -242,6 +244,7 @@ impl Registry {
             inner: Mutex::new(Inner {
                 rooms: HashMap::new(),
                 load: vec![0; workers],
+                placed: watch::Sender::new(0),
             }),
             rooms_per_worker,
             max_rooms,
@@ -308,6 +311,16 @@ impl Registry {
         lock(&self.inner).rooms.len()
     }
 
+    /// The number of rooms placed, told on every change.
+    pub fn placed_rooms(&self) -> watch::Receiver<usize> {
+        lock(&self.inner).placed.subscribe()
+    }
+
+    /// The most rooms this server holds at once (`--max-rooms`).
+    pub fn max_rooms(&self) -> usize {
+        self.max_rooms
+    }
+
     /// Registers a connection for `room`, placing the room on the least loaded
     /// worker with capacity if it is not placed yet. Called before the WebSocket
     /// upgrade, so a refusal can still be an HTTP status.
@@ -347,6 +360,7 @@ impl Registry {
         });
         lock(&entry.state).conns.insert(conn, member);
         inner.rooms.insert(room.clone(), entry.clone());
+        inner.placed.send_replace(inner.rooms.len());
         Ok(entry)
     }
 
@@ -884,6 +898,7 @@ fn forget(inner: &mut Inner, entry: &Arc<RoomEntry>) {
     if is_current {
         inner.rooms.remove(&entry.id);
         inner.load[entry.worker.0 as usize] -= 1;
+        inner.placed.send_replace(inner.rooms.len());
     }
 }
 

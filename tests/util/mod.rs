@@ -87,6 +87,8 @@ impl Server {
             .env_remove("DATA_DIR")
             .env_remove("LOG_FORMAT")
             .env_remove("HATHORA_ROOMS_PER_PROCESS")
+            .env_remove("AGONES")
+            .env_remove("AGONES_SDK_GRPC_PORT")
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
