@@ -1,16 +1,23 @@
 # session-server: build in the official Rust image, run in a slim Debian image as
-# a non-root user. `hathora deploy --file .` builds this file.
+# a non-root user. The image runs anywhere a container runs; with the `agones`
+# feature built in, it also speaks the Agones SDK when Agones starts it (the pod
+# has AGONES_SDK_GRPC_PORT set). See deploy/ and the README's "Production".
 
 FROM rust:1.95-slim-bookworm AS build
+# protoc: the Agones SDK's gRPC code is generated at build time.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends protobuf-compiler \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# Dependencies first, in their own layer: rebuilt only when the manifest or the
-# lock file change, not on every source change.
-COPY Cargo.toml Cargo.lock ./
+# Dependencies first, in their own layer: rebuilt only when the manifest, the
+# lock file or the build script change, not on every source change.
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY tests/agones/proto tests/agones/proto
 RUN mkdir -p src benches bench \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
  && for f in benches/recovery.rs benches/encode.rs bench/loadgen.rs; do echo 'fn main() {}' > $f; done \
- && cargo build --release --locked --bin session-server \
+ && cargo build --release --locked --features agones --bin session-server \
  && rm -rf src benches bench
 # Then the sources.
 COPY src src
@@ -19,7 +26,7 @@ COPY worker worker
 COPY benches benches
 COPY bench bench
 RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked --bin session-server \
+ && cargo build --release --locked --features agones --bin session-server \
  && strip target/release/session-server
 
 FROM debian:bookworm-slim
