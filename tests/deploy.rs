@@ -1,0 +1,271 @@
+//! The manifests in `deploy/` hold values the server depends on: its port, the
+//! probe paths, a grace period that covers its shutdown, the Agones `rooms`
+//! Counter and its capacity. Each is checked here against the server's own flag
+//! parsing (the container's `args` through `Cli`), and the Deployment's probes
+//! against a server started with the manifest's arguments.
+
+mod util;
+
+use std::time::Duration;
+
+use clap::Parser;
+use session_server::config::{Cli, Config, Secret};
+use yaml_rust2::{Yaml, YamlLoader};
+
+/// Every document of a manifest file.
+fn load(path: &str) -> Vec<Yaml> {
+    let text = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// The one document of `kind` in `docs`.
+fn kind<'a>(docs: &'a [Yaml], kind: &str) -> &'a Yaml {
+    let found: Vec<&Yaml> = docs
+        .iter()
+        .filter(|d| d["kind"].as_str() == Some(kind))
+        .collect();
+    assert_eq!(found.len(), 1, "one {kind}");
+    found[0]
+}
+
+fn int(value: &Yaml, what: &str) -> i64 {
+    value
+        .as_i64()
+        .unwrap_or_else(|| panic!("{what}: not an integer: {value:?}"))
+}
+
+fn text<'a>(value: &'a Yaml, what: &str) -> &'a str {
+    value
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: not a string: {value:?}"))
+}
+
+/// The configuration the server would run with, given the container's `args`
+/// (and its own defaults for everything else).
+fn server_config(container: &Yaml) -> (Config, Vec<String>) {
+    let args: Vec<String> = container["args"]
+        .as_vec()
+        .expect("container args")
+        .iter()
+        .map(|a| text(a, "arg").to_owned())
+        .collect();
+    let mut cli =
+        Cli::try_parse_from(std::iter::once("session-server".to_owned()).chain(args.clone()))
+            .unwrap_or_else(|e| panic!("the manifest's args do not parse: {e}"));
+    // The secret comes from a Kubernetes Secret; any long one does here.
+    cli.serve.jwt_secret = Some(Secret("a-secret-from-a-kubernetes-secret-0123".into()));
+    (
+        cli.serve.validate().expect("the manifest's args validate"),
+        args,
+    )
+}
+
+/// `"2"`, `2` or `"2000m"` CPUs.
+fn cpus(value: &Yaml) -> f64 {
+    match value {
+        Yaml::Integer(n) => *n as f64,
+        Yaml::String(s) => match s.strip_suffix('m') {
+            Some(milli) => milli.parse::<f64>().unwrap() / 1000.0,
+            None => s.parse().unwrap(),
+        },
+        other => panic!("cpu: {other:?}"),
+    }
+}
+
+/// The pod's grace period covers the server's whole shutdown, with a margin.
+fn check_grace(pod_spec: &Yaml, config: &Config) {
+    let grace = int(
+        &pod_spec["terminationGracePeriodSeconds"],
+        "terminationGracePeriodSeconds",
+    );
+    assert!(
+        Duration::from_secs(grace as u64) >= config.shutdown_grace + Duration::from_secs(1),
+        "terminationGracePeriodSeconds {grace} s does not cover --shutdown-grace-ms {:?}",
+        config.shutdown_grace
+    );
+}
+
+#[test]
+fn the_agones_fleet_matches_the_server() {
+    let docs = load("deploy/agones/fleet.yaml");
+    let fleet = kind(&docs, "Fleet");
+    assert_eq!(text(&fleet["apiVersion"], "apiVersion"), "agones.dev/v1");
+    let gs = &fleet["spec"]["template"]["spec"];
+    let pod = &gs["template"]["spec"];
+    let containers = pod["containers"].as_vec().expect("containers");
+    assert_eq!(containers.len(), 1);
+    let (config, _) = server_config(&containers[0]);
+
+    // The game server's port is the one the server listens on.
+    let ports = gs["ports"].as_vec().expect("ports");
+    assert_eq!(ports.len(), 1);
+    assert_eq!(
+        int(&ports[0]["containerPort"], "containerPort"),
+        i64::from(config.port)
+    );
+    assert_eq!(text(&ports[0]["protocol"], "protocol"), "TCP");
+
+    // Health: several of the server's pings fit in one period (default interval
+    // 2 s unless the args say otherwise).
+    let agones = Cli::try_parse_from(["session-server", "--agones"])
+        .unwrap()
+        .serve
+        .agones_health_interval_ms;
+    let period_ms = int(&gs["health"]["periodSeconds"], "periodSeconds") * 1000;
+    assert!(
+        period_ms >= 2 * agones as i64,
+        "health.periodSeconds {period_ms} ms < two Health() intervals of {agones} ms"
+    );
+    assert!(int(&gs["health"]["failureThreshold"], "failureThreshold") >= 2);
+
+    // The `rooms` Counter: capacity = the server's room limit, starting at 0.
+    let rooms = &gs["counters"]["rooms"];
+    assert_eq!(int(&rooms["count"], "rooms.count"), 0);
+    assert_eq!(
+        int(&rooms["capacity"], "rooms.capacity"),
+        config.max_rooms as i64,
+        "the rooms counter's capacity must be the server's --max-rooms"
+    );
+
+    check_grace(pod, &config);
+    // One core per worker.
+    assert_eq!(
+        cpus(&containers[0]["resources"]["requests"]["cpu"]),
+        config.workers as f64
+    );
+}
+
+#[test]
+fn the_autoscaler_and_the_allocation_use_the_fleet_s_rooms_counter() {
+    let fleet_docs = load("deploy/agones/fleet.yaml");
+    let fleet = kind(&fleet_docs, "Fleet");
+    let fleet_name = text(&fleet["metadata"]["name"], "fleet name");
+
+    let docs = load("deploy/agones/fleetautoscaler.yaml");
+    let autoscaler = kind(&docs, "FleetAutoscaler");
+    assert_eq!(
+        text(&autoscaler["spec"]["fleetName"], "fleetName"),
+        fleet_name
+    );
+    let policy = &autoscaler["spec"]["policy"];
+    assert_eq!(text(&policy["type"], "policy.type"), "Counter");
+    assert_eq!(text(&policy["counter"]["key"], "counter.key"), "rooms");
+    let capacity = int(
+        &fleet["spec"]["template"]["spec"]["counters"]["rooms"]["capacity"],
+        "capacity",
+    );
+    let buffer = int(&policy["counter"]["bufferSize"], "bufferSize");
+    assert!(buffer >= 1 && buffer <= int(&policy["counter"]["maxCapacity"], "maxCapacity"));
+    // Capacities are whole servers' worth of rooms.
+    assert_eq!(
+        int(&policy["counter"]["minCapacity"], "minCapacity") % capacity,
+        0
+    );
+    assert_eq!(
+        int(&policy["counter"]["maxCapacity"], "maxCapacity") % capacity,
+        0
+    );
+
+    let docs = load("deploy/agones/allocation.yaml");
+    let allocation = kind(&docs, "GameServerAllocation");
+    let spec = &allocation["spec"];
+    let selectors = spec["selectors"].as_vec().expect("selectors");
+    // Allocated servers with a free room first, then Ready ones.
+    let states: Vec<&str> = selectors
+        .iter()
+        .map(|s| text(&s["gameServerState"], "gameServerState"))
+        .collect();
+    assert_eq!(states, ["Allocated", "Ready"]);
+    for selector in selectors {
+        assert_eq!(
+            text(&selector["matchLabels"]["agones.dev/fleet"], "fleet label"),
+            fleet_name
+        );
+        assert_eq!(
+            int(
+                &selector["counters"]["rooms"]["minAvailable"],
+                "minAvailable"
+            ),
+            1
+        );
+    }
+    assert_eq!(
+        text(&spec["counters"]["rooms"]["action"], "action"),
+        "Increment"
+    );
+    assert_eq!(int(&spec["counters"]["rooms"]["amount"], "amount"), 1);
+}
+
+#[tokio::test]
+async fn the_kubernetes_deployment_matches_the_server_and_its_probes_answer() {
+    let docs = load("deploy/kubernetes/session-server.yaml");
+    let deployment = kind(&docs, "Deployment");
+    let service = kind(&docs, "Service");
+    let claim = kind(&docs, "PersistentVolumeClaim");
+    let spec = &deployment["spec"];
+    // A room lives in one process: one replica behind the Service, and the old
+    // pod gone (its data folder unlocked) before the new one starts.
+    assert_eq!(int(&spec["replicas"], "replicas"), 1);
+    assert_eq!(text(&spec["strategy"]["type"], "strategy"), "Recreate");
+    let pod = &spec["template"]["spec"];
+    let container = &pod["containers"][0];
+    let (config, args) = server_config(container);
+    check_grace(pod, &config);
+
+    let port = &container["ports"][0];
+    assert_eq!(
+        int(&port["containerPort"], "containerPort"),
+        i64::from(config.port)
+    );
+    let port_name = text(&port["name"], "port name");
+    assert_eq!(
+        text(&service["spec"]["ports"][0]["targetPort"], "targetPort"),
+        port_name
+    );
+    assert_eq!(
+        service["spec"]["selector"]["app"],
+        spec["template"]["metadata"]["labels"]["app"]
+    );
+    assert_eq!(
+        spec["selector"]["matchLabels"]["app"],
+        spec["template"]["metadata"]["labels"]["app"]
+    );
+    // The store's folder is the claim, mounted where the image keeps its data.
+    assert_eq!(
+        text(
+            &pod["volumes"][0]["persistentVolumeClaim"]["claimName"],
+            "claimName"
+        ),
+        text(&claim["metadata"]["name"], "claim name")
+    );
+    assert_eq!(
+        text(&container["volumeMounts"][0]["mountPath"], "mountPath"),
+        "/app/data"
+    );
+
+    let readiness = text(
+        &container["readinessProbe"]["httpGet"]["path"],
+        "readiness path",
+    );
+    let liveness = text(
+        &container["livenessProbe"]["httpGet"]["path"],
+        "liveness path",
+    );
+    assert_eq!(readiness, "/readyz");
+    assert_eq!(liveness, "/healthz");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(
+            text(&container[probe]["httpGet"]["port"], "probe port"),
+            port_name
+        );
+    }
+    // The probes answer 200, on GET as the kubelet sends them, from a server
+    // started with the manifest's arguments.
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = util::Server::start_raw(&args, &[("JWT_SECRET", util::SECRET)]);
+    for path in [readiness, liveness] {
+        let (status, body) = server.get(path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+}
