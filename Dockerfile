@@ -4,9 +4,10 @@
 # has AGONES_SDK_GRPC_PORT set). See deploy/ and the README's "Production".
 
 FROM rust:1.95-slim-bookworm AS build
-# protoc: the Agones SDK's gRPC code is generated at build time.
+# protoc: the Agones SDK's gRPC code is generated at build time (libprotobuf-dev
+# holds the well-known .proto files it imports: empty, wrappers, field_mask).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends protobuf-compiler \
+ && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first, in their own layer: rebuilt only when the manifest, the

@@ -141,7 +141,7 @@ pub struct ServeArgs {
     /// Run the Agones SDK lifecycle (Ready, Health, the `rooms` Counter). On by
     /// itself when `AGONES_SDK_GRPC_PORT` is set, as Agones sets it in the pod.
     /// Needs a build with the `agones` feature (the container image has it).
-    #[arg(long, env = "AGONES", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "SESSION_SERVER_AGONES", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub agones: bool,
     /// Port of the Agones SDK server (the sidecar in the pod), on localhost.
     #[arg(long, env = "AGONES_SDK_GRPC_PORT")]
@@ -154,6 +154,12 @@ pub struct ServeArgs {
     /// down once it is empty (GameFabric recommends at most 24 h). Unset: never.
     #[arg(long, env = "AGONES_MAX_LIFETIME_SECS")]
     pub agones_max_lifetime_secs: Option<u64>,
+    /// How long an allocation may wait for its room to open before its place is
+    /// given back, and how long an allocated server stays empty before it goes
+    /// back to `Ready` or shuts down (`--agones-when-empty`): a page reload or a
+    /// client still connecting keeps its server.
+    #[arg(long, env = "AGONES_EMPTY_GRACE_MS", default_value_t = 30_000)]
+    pub agones_empty_grace_ms: u64,
     /// Interval of `Health()` pings, well inside the fleet's `health.periodSeconds`.
     #[arg(long, env = "AGONES_HEALTH_INTERVAL_MS", default_value_t = 2_000)]
     pub agones_health_interval_ms: u64,
@@ -179,6 +185,7 @@ pub struct AgonesSettings {
     pub sdk_port: Option<u16>,
     pub when_empty: WhenEmpty,
     pub max_lifetime: Option<Duration>,
+    pub empty_grace: Duration,
     pub health_interval: Duration,
     pub connect_timeout: Duration,
 }
@@ -502,6 +509,7 @@ impl ServeArgs {
                 sdk_port: self.agones_sdk_port,
                 when_empty: self.agones_when_empty,
                 max_lifetime: self.agones_max_lifetime_secs.map(Duration::from_secs),
+                empty_grace: Duration::from_millis(self.agones_empty_grace_ms),
                 health_interval: Duration::from_millis(self.agones_health_interval_ms),
                 connect_timeout: Duration::from_millis(self.agones_connect_timeout_ms),
             })

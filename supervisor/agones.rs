@@ -3,18 +3,23 @@
 //! (GameFabric, or self-hosted Kubernetes with Agones).
 //!
 //! - `Ready()` once the port listens and every worker is up.
-//! - `Health()` every `--agones-health-interval-ms`, only while every worker runs
-//!   and answers its pings (what `/readyz` checks of the workers): a wedged or
-//!   crash-looping server goes quiet and Agones replaces it. A wedged worker is
-//!   itself replaced within 5 s, well inside the fleet's health window.
-//! - The `rooms` Counter: capacity `--max-rooms`, count the rooms placed (open,
-//!   saving or restoring: what holds capacity), set on every change, so that an
-//!   allocator can pick a server with room for one more.
-//! - The first room of an empty server `Allocate()`s it (a server holding rooms
-//!   must not be scaled down as `Ready`); when the last one closes the server goes
-//!   back to `Ready()` or `Shutdown()`s (`--agones-when-empty`).
-//! - After `--agones-max-lifetime-secs`: no more allocations (the capacity
-//!   follows the count down) and `Shutdown()` once empty.
+//! - `Health()` every `--agones-health-interval-ms`, from its own task, while
+//!   every worker runs and answers its pings: a wedged or crash-looping server
+//!   goes quiet and Agones replaces it. (A wedged worker is itself replaced within
+//!   5 s; a worker restoring rooms after a crash counts as healthy.)
+//! - The `rooms` Counter: capacity `--max-rooms`; count = the rooms placed here
+//!   (open, saving or restoring) plus allocations whose room has not opened yet.
+//!   An allocation increments the count to reserve a place (the high-density
+//!   pattern); the server only ever changes the count by differences (a room
+//!   that opened without a reservation: +1; a room that closed: −1), so it never
+//!   erases a reservation made meanwhile. A reservation whose room does not open
+//!   within `--agones-empty-grace-ms` is given back.
+//! - The first room (or reservation) makes the server `Allocated`; once it has
+//!   held nothing for `--agones-empty-grace-ms` (a reload, a client still
+//!   connecting keep it), it goes back to `Ready()` or `Shutdown()`s
+//!   (`--agones-when-empty`).
+//! - After `--agones-max-lifetime-secs`: no free place (capacity = count), and
+//!   `Shutdown()` once it holds nothing.
 //! - Every shutdown (a signal, the two above) tells Agones `Shutdown()` and then
 //!   runs the usual drain: rooms saved, clients closed, exit 0.
 
@@ -22,10 +27,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agones::Sdk;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::Shared;
+use super::registry::Placed;
 use crate::config::{AgonesSettings, WhenEmpty};
 
 /// The Counter a fleet declares for this server (see `deploy/agones/fleet.yaml`).
@@ -52,145 +59,100 @@ pub struct SdkUnreachable {
 /// it (the sidecar may start after this container).
 pub async fn connect(settings: &AgonesSettings) -> Result<Sdk, SdkUnreachable> {
     let port = settings.sdk_port.unwrap_or(DEFAULT_SDK_PORT);
-    let unreachable = |reason: String| SdkUnreachable {
+    let deadline = Instant::now() + settings.connect_timeout;
+    let mut reason = "nothing answered: not listening, or not an Agones SDK server".to_owned();
+    // The SDK gives up after 30 s of its own: asked again until our deadline.
+    while let Some(left) = deadline
+        .checked_duration_since(Instant::now())
+        .filter(|left| !left.is_zero())
+    {
+        match tokio::time::timeout(left, Sdk::new(Some(port), None)).await {
+            Ok(Ok(sdk)) => return Ok(sdk),
+            Ok(Err(e)) => reason = e.to_string(),
+            Err(_) => break,
+        }
+    }
+    Err(SdkUnreachable {
         port,
         waited: settings.connect_timeout,
         reason,
-    };
-    match tokio::time::timeout(settings.connect_timeout, Sdk::new(Some(port), None)).await {
-        Ok(Ok(sdk)) => Ok(sdk),
-        Ok(Err(e)) => Err(unreachable(e.to_string())),
-        Err(_) => Err(unreachable("no answer".into())),
-    }
+    })
 }
 
 /// Runs the lifecycle until the server stops; then tells Agones `Shutdown()`.
 pub async fn run(sdk: Sdk, shared: Arc<Shared>, settings: AgonesSettings) {
     let started = Instant::now();
-    let mut lifecycle = Lifecycle {
-        sdk,
-        max_rooms: shared.registry.max_rooms() as i64,
-        told: Told::default(),
-        allocated: false,
-        retiring: false,
-        shut_down: false,
-    };
+    let mut lifecycle = Lifecycle::new(sdk, &shared, &settings);
     // Ready only once every worker is up (they start in parallel with this).
-    while !workers_healthy(&shared) {
+    while !workers_answering(&shared) {
         tokio::select! {
             _ = shared.stop.cancelled() => return lifecycle.shutdown(&shared).await,
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
-    let mut placed = shared.registry.placed_rooms();
-    let mut rooms = *placed.borrow_and_update() as i64;
-    lifecycle.sync_counter(rooms).await;
-    let mut ready_pending = !lifecycle.call(Call::Ready).await;
-    if !ready_pending {
-        info!(
-            capacity = lifecycle.max_rooms,
-            "agones: Ready (rooms counter capacity {})", lifecycle.max_rooms
-        );
-    }
-    if rooms > 0 {
-        lifecycle.allocate().await;
-        ready_pending = false;
-    }
+    let health = tokio::spawn(keep_healthy(
+        lifecycle.sdk.clone(),
+        shared.clone(),
+        settings.health_interval,
+    ));
+    lifecycle
+        .run(
+            &shared,
+            settings.health_interval,
+            settings.max_lifetime.map(|d| started + d),
+        )
+        .await;
+    health.abort();
+}
 
-    let mut health = lifecycle.sdk.health_check();
-    let mut was_healthy = true;
-    let mut tick = tokio::time::interval(settings.health_interval);
+/// Every worker runs and answers its pings.
+fn workers_answering(shared: &Shared) -> bool {
+    shared.pool.slots().iter().all(|slot| slot.answering())
+}
+
+/// `Health()` every `every` while the workers answer; apart from the other
+/// calls, so a slow one never delays a ping.
+async fn keep_healthy(sdk: Sdk, shared: Arc<Shared>, every: Duration) {
+    let mut pings = sdk.health_check();
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let retire_at = settings.max_lifetime.map(|d| started + d);
+    let mut was_healthy = true;
     loop {
-        tokio::select! {
-            _ = shared.stop.cancelled() => break,
-            _ = tick.tick() => {
-                let healthy = workers_healthy(&shared);
-                if healthy && health.send(()).await.is_err() {
-                    // The health stream ended (the sidecar restarted): a new one.
-                    health = lifecycle.sdk.health_check();
-                    let _ = health.send(()).await;
+        tick.tick().await;
+        let healthy = workers_answering(&shared);
+        if healthy {
+            match pings.try_send(()) {
+                // Full: the stream is stalled; it catches up or ends.
+                Ok(()) | Err(TrySendError::Full(())) => {}
+                Err(TrySendError::Closed(())) => {
+                    // The stream ended (the sidecar restarted): a new one.
+                    pings = sdk.health_check();
+                    let _ = pings.try_send(());
                 }
-                if healthy != was_healthy {
-                    if healthy {
-                        info!("agones: workers healthy again; Health() resumed");
-                    } else {
-                        warn!("agones: a worker is down or not answering; Health() withheld until it is back");
-                    }
-                    was_healthy = healthy;
-                }
-                // Calls that failed are made again (`Ready` only while empty: a
-                // server holding rooms stays allocated).
-                if ready_pending && rooms == 0 && lifecycle.call(Call::Ready).await {
-                    ready_pending = false;
-                    lifecycle.allocated = false;
-                    info!("agones: Ready");
-                }
-                if rooms > 0 && !lifecycle.allocated {
-                    lifecycle.allocate().await;
-                }
-                lifecycle.sync_counter(rooms).await;
-            }
-            changed = placed.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                let now = *placed.borrow_and_update() as i64;
-                let before = std::mem::replace(&mut rooms, now);
-                if now > 0 && !lifecycle.allocated {
-                    lifecycle.allocate().await;
-                    ready_pending = false;
-                }
-                lifecycle.sync_counter(now).await;
-                if now == 0 && before > 0 {
-                    if lifecycle.retiring {
-                        info!("agones: the last room closed after the maximum lifetime; shutting down");
-                        return lifecycle.shutdown(&shared).await;
-                    }
-                    match settings.when_empty {
-                        WhenEmpty::Ready => {
-                            if lifecycle.call(Call::Ready).await {
-                                lifecycle.allocated = false;
-                                info!("agones: the last room closed; Ready for a new allocation");
-                            } else {
-                                ready_pending = true;
-                            }
-                        }
-                        WhenEmpty::Shutdown => {
-                            info!("agones: the last room closed; shutting down (--agones-when-empty shutdown)");
-                            return lifecycle.shutdown(&shared).await;
-                        }
-                    }
-                }
-            }
-            _ = async { tokio::time::sleep_until(retire_at.expect("guarded")).await }, if retire_at.is_some() && !lifecycle.retiring => {
-                lifecycle.retiring = true;
-                if rooms == 0 {
-                    info!("agones: maximum lifetime reached with no room open; shutting down");
-                    return lifecycle.shutdown(&shared).await;
-                }
-                info!(rooms, "agones: maximum lifetime reached; no more allocations, shutting down once the open rooms close");
-                lifecycle.sync_counter(rooms).await;
             }
         }
+        if healthy != was_healthy {
+            if healthy {
+                info!("agones: workers answer again; Health() resumed");
+            } else {
+                warn!(
+                    "agones: a worker is down or not answering; Health() withheld until it is back"
+                );
+            }
+            was_healthy = healthy;
+        }
     }
-    lifecycle.shutdown(&shared).await;
 }
 
-/// Every worker runs, answers its pings and holds all its rooms.
-fn workers_healthy(shared: &Shared) -> bool {
-    shared.pool.slots().iter().all(|slot| slot.ready())
-}
-
-/// What Agones was last told of the `rooms` Counter (`None`: not yet, or the
-/// call failed and is made again).
-#[derive(Default)]
-struct Told {
-    count: Option<i64>,
-    capacity: Option<i64>,
-    /// The last attempt failed (and was logged).
-    failing: bool,
+/// An SDK call within [`CALL_TIMEOUT`]; its failure said in words.
+async fn bounded<T>(
+    call: impl std::future::Future<Output = agones::errors::Result<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer in {CALL_TIMEOUT:?}")),
+    }
 }
 
 /// The SDK's lifecycle calls.
@@ -201,22 +163,156 @@ enum Call {
     Shutdown,
 }
 
+/// What to do once the server holds nothing.
+enum Empty {
+    Ready,
+    Shutdown,
+}
+
 struct Lifecycle {
     sdk: Sdk,
+    when_empty: WhenEmpty,
+    grace: Duration,
     max_rooms: i64,
-    told: Told,
-    /// Told `Allocate()` since the server was last empty.
+    /// The registry's rooms, as last seen.
+    placed: Placed,
+    /// Rooms closed since the counter was last updated for them.
+    closed_unaccounted: i64,
+    /// Allocations whose room has not opened (Agones' count less our rooms), and
+    /// since when that number has not changed.
+    reserved: i64,
+    reserved_since: Instant,
+    /// `Allocated` (by an allocation, or by us) since the last `Ready()`.
     allocated: bool,
-    /// Past the maximum lifetime: capacity follows the count down.
+    /// `Ready()` failed: asked again while the server holds nothing.
+    ready_due: bool,
+    /// Holding no room and no reservation since then.
+    empty_since: Option<Instant>,
+    /// Past the maximum lifetime.
     retiring: bool,
+    /// The last counter update failed (and was logged).
+    counter_failing: bool,
     shut_down: bool,
 }
 
 impl Lifecycle {
+    fn new(sdk: Sdk, shared: &Shared, settings: &AgonesSettings) -> Lifecycle {
+        Lifecycle {
+            sdk,
+            when_empty: settings.when_empty,
+            grace: settings.empty_grace,
+            max_rooms: shared.registry.max_rooms() as i64,
+            placed: Placed::default(),
+            closed_unaccounted: 0,
+            reserved: 0,
+            reserved_since: Instant::now(),
+            allocated: false,
+            ready_due: false,
+            empty_since: None,
+            retiring: false,
+            counter_failing: false,
+            shut_down: false,
+        }
+    }
+
+    async fn run(&mut self, shared: &Shared, tick_every: Duration, retire_at: Option<Instant>) {
+        let mut placed = shared.registry.placed_rooms();
+        self.placed = *placed.borrow_and_update();
+        self.reconcile_counter().await;
+        if self.call(Call::Ready).await {
+            info!(capacity = self.max_rooms, "agones: Ready");
+        } else {
+            self.ready_due = true;
+        }
+        if self.placed.now > 0 {
+            self.allocate().await;
+        }
+        let mut tick = tokio::time::interval(tick_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shared.stop.cancelled() => break,
+                changed = placed.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let now = *placed.borrow_and_update();
+                    self.rooms_changed(now).await;
+                }
+                _ = tick.tick() => {
+                    self.reconcile_counter().await;
+                    if self.ready_due && self.holds_nothing() && self.call(Call::Ready).await {
+                        self.ready_due = false;
+                        self.allocated = false;
+                        info!("agones: Ready");
+                    }
+                }
+                _ = async { tokio::time::sleep_until(retire_at.expect("guarded")).await }, if retire_at.is_some() && !self.retiring => {
+                    self.retiring = true;
+                    info!(rooms = self.placed.now, "agones: maximum lifetime reached; no more allocations, shutting down once no room is left");
+                    self.reconcile_counter().await;
+                }
+            }
+            match self.when_empty_now() {
+                Some(Empty::Ready) => {
+                    if self.call(Call::Ready).await {
+                        self.allocated = false;
+                        info!("agones: no room for the grace period; Ready for a new allocation");
+                    } else {
+                        self.ready_due = true;
+                        self.allocated = false;
+                    }
+                }
+                Some(Empty::Shutdown) => {
+                    info!("agones: no room left; shutting down");
+                    break;
+                }
+                None => {}
+            }
+        }
+        self.shutdown(shared).await;
+    }
+
+    fn holds_nothing(&self) -> bool {
+        self.placed.now == 0 && self.reserved == 0
+    }
+
+    /// The registry's rooms changed: rooms opened (maybe and closed again
+    /// since the last look) and closed.
+    async fn rooms_changed(&mut self, now: Placed) {
+        let before = std::mem::replace(&mut self.placed, now);
+        let opened = now.opened - before.opened;
+        let closed = before.now as u64 + opened - now.now as u64;
+        self.closed_unaccounted += closed as i64;
+        if opened > 0 && !self.allocated {
+            self.allocate().await;
+        }
+        self.reconcile_counter().await;
+    }
+
+    /// The action due when the server has held nothing long enough.
+    fn when_empty_now(&mut self) -> Option<Empty> {
+        if !self.holds_nothing() {
+            self.empty_since = None;
+            return None;
+        }
+        let since = *self.empty_since.get_or_insert_with(Instant::now);
+        if self.retiring {
+            return Some(Empty::Shutdown);
+        }
+        if !self.allocated || since.elapsed() < self.grace {
+            return None;
+        }
+        Some(match self.when_empty {
+            WhenEmpty::Ready => Empty::Ready,
+            WhenEmpty::Shutdown => Empty::Shutdown,
+        })
+    }
+
     /// One lifecycle call, bounded; a failure is logged. True if it succeeded.
     async fn call(&mut self, call: Call) -> bool {
         let sdk = &mut self.sdk;
-        let answer = tokio::time::timeout(CALL_TIMEOUT, async {
+        let answer = bounded(async {
             match call {
                 Call::Ready => sdk.ready().await,
                 Call::Allocate => sdk.allocate().await,
@@ -224,71 +320,98 @@ impl Lifecycle {
             }
         })
         .await;
-        match answer {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                warn!(error = %e, "agones: {call:?}() failed; trying again");
-                false
-            }
-            Err(_) => {
-                warn!("agones: {call:?}() got no answer in {CALL_TIMEOUT:?}; trying again");
-                false
-            }
+        if let Err(error) = &answer {
+            warn!(%error, "agones: {call:?}() failed; trying again");
         }
+        answer.is_ok()
     }
 
     async fn allocate(&mut self) {
         if self.call(Call::Allocate).await {
             self.allocated = true;
+            self.ready_due = false;
             info!("agones: a room opened; Allocated");
         }
     }
 
-    /// Tells Agones the `rooms` Counter (count `rooms`, capacity `--max-rooms`,
-    /// or `rooms` once retiring), in the order that keeps count ≤ capacity.
-    async fn sync_counter(&mut self, rooms: i64) {
-        let capacity = if self.retiring { rooms } else { self.max_rooms };
-        // Agones refuses a count above the capacity: lower the count first when
-        // the capacity goes below the count it has (or may have).
-        let count_first = self.told.count.is_none_or(|told| capacity < told);
+    /// Brings the `rooms` Counter in line: every room counted, closed rooms'
+    /// places given back, reservations kept until they open or expire, and the
+    /// capacity `--max-rooms` (the count, once retiring). Changes the count only
+    /// by differences, so an allocation's increment made meanwhile stays.
+    async fn reconcile_counter(&mut self) {
         let mut beta = self.sdk.beta().clone();
-        for step in if count_first { [0, 1] } else { [1, 0] } {
-            let (told, want, what) = if step == 0 {
-                (&mut self.told.count, rooms, "count")
-            } else {
-                (&mut self.told.capacity, capacity, "capacity")
-            };
-            if *told == Some(want) {
-                continue;
+        let read = bounded(async {
+            let count = beta.get_counter_count(ROOMS_COUNTER).await?;
+            let capacity = beta.get_counter_capacity(ROOMS_COUNTER).await?;
+            Ok((count, capacity))
+        })
+        .await;
+        let (count, capacity) = match read {
+            Ok(counter) => counter,
+            Err(error) => return self.counter_failed("read", error),
+        };
+        let rooms = self.placed.now as i64;
+        // Every open room counted; closed rooms' places back.
+        let mut want = (count - self.closed_unaccounted).max(rooms);
+        let reserved = want - rooms;
+        if reserved != self.reserved {
+            if reserved > 0 {
+                // Agones allocated this server for a room to come.
+                self.allocated = true;
             }
-            let call = async {
+            self.reserved = reserved;
+            self.reserved_since = Instant::now();
+        } else if reserved > 0 && self.reserved_since.elapsed() >= self.grace {
+            warn!(
+                reserved,
+                "agones: allocated places whose room never opened are given back"
+            );
+            want = rooms;
+            self.reserved = 0;
+            self.reserved_since = Instant::now();
+        }
+        let want_capacity = if self.retiring { want } else { self.max_rooms };
+        // Agones refuses a count above the capacity: the capacity first when it
+        // grows, the count first when the capacity shrinks.
+        let capacity_first = want_capacity >= capacity;
+        for step in if capacity_first { [1, 0] } else { [0, 1] } {
+            let update = async {
                 if step == 0 {
-                    beta.set_counter_count(ROOMS_COUNTER, want).await
+                    match want - count {
+                        0 => Ok(()),
+                        up if up > 0 => beta.increment_counter(ROOMS_COUNTER, up).await,
+                        down => beta.decrement_counter(ROOMS_COUNTER, -down).await,
+                    }
                 } else {
-                    beta.set_counter_capacity(ROOMS_COUNTER, want).await
+                    if want_capacity == capacity {
+                        return Ok(());
+                    }
+                    beta.set_counter_capacity(ROOMS_COUNTER, want_capacity)
+                        .await
                 }
             };
-            match tokio::time::timeout(CALL_TIMEOUT, call).await {
-                Ok(Ok(())) => *told = Some(want),
-                failed => {
-                    *told = None;
-                    // Said once per streak of failures, not on every retry.
-                    if !std::mem::replace(&mut self.told.failing, true) {
-                        let error = match failed {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => format!("no answer in {CALL_TIMEOUT:?}"),
-                        };
-                        error!(%error, "agones: cannot set the `{ROOMS_COUNTER}` counter's {what} to {want} (is it declared in the Fleet's spec.template.spec.counters?); trying again every health interval");
+            match bounded(update).await {
+                Ok(()) => {
+                    if step == 0 {
+                        self.closed_unaccounted = 0;
                     }
-                    return;
                 }
+                Err(error) => return self.counter_failed("update", error),
             }
         }
-        if std::mem::replace(&mut self.told.failing, false) {
+        if std::mem::replace(&mut self.counter_failing, false) {
             info!(
-                count = rooms,
-                capacity, "agones: the `{ROOMS_COUNTER}` counter is set again"
+                count = want,
+                capacity = want_capacity,
+                "agones: the `{ROOMS_COUNTER}` counter is in line again"
             );
+        }
+    }
+
+    /// Said once per streak of failures, not on every retry.
+    fn counter_failed(&mut self, what: &str, error: String) {
+        if !std::mem::replace(&mut self.counter_failing, true) {
+            error!(%error, "agones: cannot {what} the `{ROOMS_COUNTER}` counter (is it declared in the Fleet's spec.template.spec.counters?); trying again every health interval");
         }
     }
 

@@ -167,7 +167,11 @@ pub async fn run(
     // Agones first: without its SDK server there is nothing to run for (exit 2).
     #[cfg(feature = "agones")]
     let agones_sdk = match &config.agones {
-        Some(settings) => Some(agones::connect(settings).await?),
+        Some(settings) => tokio::select! {
+            sdk = agones::connect(settings) => Some(sdk?),
+            // A stop while waiting for the sidecar: nothing to drain yet.
+            _ = stop.cancelled() => return Ok(()),
+        },
         None => None,
     };
     info!(store = %config.persistence.store, "persistence");

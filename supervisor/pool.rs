@@ -140,6 +140,12 @@ impl WorkerSlot {
         self.restarts.load(Ordering::Relaxed)
     }
 
+    /// The slot's process runs and answers pings (restoring rooms or not): what
+    /// the Agones `Health()` pings stand for.
+    pub fn answering(&self) -> bool {
+        self.pid().is_some() && !self.unresponsive.load(Ordering::Relaxed)
+    }
+
     /// The slot's process runs, answers pings and holds all its rooms (not
     /// being replaced or restoring them): what `/readyz` reports.
     pub fn ready(&self) -> bool {

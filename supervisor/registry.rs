@@ -91,6 +91,14 @@ pub enum PlacementError {
 #[error("the room's worker is gone")]
 pub struct RoomLost;
 
+/// Rooms placed on this server: now, and since it started (so that a room that
+/// opened and closed between two looks is still seen).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Placed {
+    pub now: usize,
+    pub opened: u64,
+}
+
 pub struct Registry {
     inner: Mutex<Inner>,
     rooms_per_worker: usize,
@@ -123,8 +131,8 @@ struct Inner {
     rooms: HashMap<RoomId, Arc<RoomEntry>>,
     /// Rooms placed on each worker (open or still closing).
     load: Vec<usize>,
-    /// `rooms.len()`, told whenever it changes (the Agones `rooms` Counter).
-    placed: watch::Sender<usize>,
+    /// Rooms placed now and ever, told on every change (the Agones lifecycle).
+    placed: watch::Sender<Placed>,
 }
 
 /// A room placed on a worker. Lives from its first connection until every
@@ -244,7 +252,7 @@ impl Registry {
             inner: Mutex::new(Inner {
                 rooms: HashMap::new(),
                 load: vec![0; workers],
-                placed: watch::Sender::new(0),
+                placed: watch::Sender::new(Placed::default()),
             }),
             rooms_per_worker,
             max_rooms,
@@ -311,8 +319,8 @@ impl Registry {
         lock(&self.inner).rooms.len()
     }
 
-    /// The number of rooms placed, told on every change.
-    pub fn placed_rooms(&self) -> watch::Receiver<usize> {
+    /// The rooms placed, told on every change.
+    pub fn placed_rooms(&self) -> watch::Receiver<Placed> {
         lock(&self.inner).placed.subscribe()
     }
 
@@ -360,7 +368,11 @@ impl Registry {
         });
         lock(&entry.state).conns.insert(conn, member);
         inner.rooms.insert(room.clone(), entry.clone());
-        inner.placed.send_replace(inner.rooms.len());
+        let now = inner.rooms.len();
+        inner.placed.send_modify(|placed| {
+            placed.now = now;
+            placed.opened += 1;
+        });
         Ok(entry)
     }
 
@@ -898,7 +910,8 @@ fn forget(inner: &mut Inner, entry: &Arc<RoomEntry>) {
     if is_current {
         inner.rooms.remove(&entry.id);
         inner.load[entry.worker.0 as usize] -= 1;
-        inner.placed.send_replace(inner.rooms.len());
+        let now = inner.rooms.len();
+        inner.placed.send_modify(|placed| placed.now = now);
     }
 }
 

@@ -39,11 +39,14 @@ mod with_agones {
         Allocate,
         Shutdown,
         Health,
-        /// The `rooms` Counter after an update the fake accepted.
+        /// The `rooms` Counter after an update the server made.
         Rooms {
             count: i64,
             capacity: i64,
         },
+        /// An allocation's increment (made by the test, as a
+        /// `GameServerAllocation` with a counter action makes it).
+        Allocation,
         /// An update the fake refused (count out of [0, capacity], unknown counter).
         Refused(String),
     }
@@ -125,6 +128,17 @@ mod with_agones {
                 .collect()
         }
 
+        /// What a `GameServerAllocation` with `counters.rooms.action: Increment`
+        /// does to this game server.
+        fn allocate(&self) -> Instant {
+            let mut r = self.recorded.lock().unwrap();
+            assert!(r.count < r.capacity, "no place to allocate");
+            r.count += 1;
+            let at = Instant::now();
+            r.calls.push((at, Call::Allocation));
+            at
+        }
+
         fn counter(&self) -> (i64, i64) {
             let r = self.recorded.lock().unwrap();
             (r.count, r.capacity)
@@ -190,7 +204,7 @@ mod with_agones {
     impl sdk::sdk_server::Sdk for FakeSdk {
         async fn ready(&self, _: Request<sdk::Empty>) -> Answer<sdk::Empty> {
             // Is the server really ready? Ask it while it waits for this answer.
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + Duration::from_secs(2);
             while self.server_port.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -312,7 +326,8 @@ mod with_agones {
     }
 
     /// A server under Agones: `AGONES_SDK_GRPC_PORT` set (as Agones sets it in the
-    /// pod), two workers, at most 5 rooms, health every 200 ms.
+    /// pod), two workers, at most 5 rooms, health every 200 ms, and the flags
+    /// given (tests of what happens when empty give `--agones-empty-grace-ms`).
     fn start_under(fake: &FakeSdk, extra: &[&str]) -> Server {
         let mut args = vec![
             "--workers",
@@ -406,8 +421,8 @@ mod with_agones {
     // this thread waiting for the server to start.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_rooms_counter_follows_three_rooms_opening_and_closing() {
-        let fake = FakeSdk::start(5).await;
-        let server = start_under(&fake, &[]);
+        let fake = FakeSdk::start(10).await;
+        let server = start_under(&fake, &["--agones-empty-grace-ms", "500"]);
         fake.until_rooms(0, 5).await;
         let mut members = Vec::new();
         for (n, room) in ["one", "two", "three"].into_iter().enumerate() {
@@ -426,11 +441,14 @@ mod with_agones {
             left -= 1;
             fake.until_rooms(left, 5).await;
         }
-        // Empty again: back to the pool (`--agones-when-empty ready`, the default).
+        // Empty again: back to the pool (`--agones-when-empty ready`, the
+        // default), after the grace period.
+        let empty_at = Instant::now();
         fake.until("Ready when empty", Duration::from_secs(5), |f| {
             f.lifecycle() == [Call::Ready, Call::Allocate, Call::Ready]
         })
         .await;
+        assert!(empty_at.elapsed() >= Duration::from_millis(450));
         // Every count the server set, in order: up to 3 and back, never refused.
         let mut counts: Vec<i64> = fake
             .calls()
@@ -446,12 +464,60 @@ mod with_agones {
         drop(server);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_allocation_s_place_is_kept_until_its_room_opens_and_given_back_if_it_never_does() {
+        let fake = FakeSdk::start(5).await;
+        let server = start_under(&fake, &["--agones-empty-grace-ms", "1500"]);
+        fake.until_rooms(0, 5).await;
+        // An allocation reserves a place for its room; the room opens and takes
+        // it (the server counts it once).
+        fake.allocate();
+        let mut reserved = server.join("bob", "reserved").await;
+        reserved.sync("bob", 1.0).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(fake.counter(), (1, 5));
+        // A room opened without an allocation is counted.
+        let direct = server.join("ann", "direct").await;
+        fake.until_rooms(2, 5).await;
+        // A second allocation; then a room closes: its place goes back, the new
+        // reservation stays.
+        let second_allocation = fake.allocate();
+        assert_eq!(fake.counter(), (3, 5));
+        direct.close().await;
+        fake.until_rooms(2, 5).await;
+        // The second allocation's room never opens: after the grace its place is
+        // given back, not before.
+        fake.until_rooms(1, 5).await;
+        assert!(
+            second_allocation.elapsed() >= Duration::from_millis(1400),
+            "given back after {:?}",
+            second_allocation.elapsed()
+        );
+        // The last room closes: empty for the grace, then Ready again.
+        reserved.close().await;
+        fake.until_rooms(0, 5).await;
+        fake.until("Ready when empty", Duration::from_secs(10), |f| {
+            f.lifecycle() == [Call::Ready, Call::Ready]
+        })
+        .await;
+        assert!(fake.refusals().is_empty(), "{:?}", fake.refusals());
+        drop(server);
+    }
+
     // Multi-threaded: the fake SDK server must answer while the harness blocks
     // this thread waiting for the server to start.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn when_empty_shutdown_ends_the_server_after_its_last_room() {
         let fake = FakeSdk::start(5).await;
-        let mut server = start_under(&fake, &["--agones-when-empty", "shutdown"]);
+        let mut server = start_under(
+            &fake,
+            &[
+                "--agones-when-empty",
+                "shutdown",
+                "--agones-empty-grace-ms",
+                "500",
+            ],
+        );
         fake.until_rooms(0, 5).await;
         let ann = server.join("ann", "once").await;
         fake.until_rooms(1, 5).await;

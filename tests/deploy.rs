@@ -129,6 +129,14 @@ fn the_agones_fleet_matches_the_server() {
     );
 
     check_grace(pod, &config);
+    // A lifetime no longer than GameFabric advises.
+    let (_, args) = server_config(&containers[0]);
+    let lifetime = Cli::try_parse_from(std::iter::once("session-server".to_owned()).chain(args))
+        .unwrap()
+        .serve
+        .agones_max_lifetime_secs
+        .expect("a maximum lifetime");
+    assert!(lifetime <= 24 * 3600, "{lifetime} s");
     // One core per worker.
     assert_eq!(
         cpus(&containers[0]["resources"]["requests"]["cpu"]),
@@ -190,6 +198,11 @@ fn the_autoscaler_and_the_allocation_use_the_fleet_s_rooms_counter() {
             1
         );
     }
+    // Fullest first (the fewest free places), so other servers empty out.
+    let priorities = spec["priorities"].as_vec().expect("priorities");
+    assert_eq!(text(&priorities[0]["type"], "priority type"), "Counter");
+    assert_eq!(text(&priorities[0]["key"], "priority key"), "rooms");
+    assert_eq!(text(&priorities[0]["order"], "priority order"), "Ascending");
     assert_eq!(
         text(&spec["counters"]["rooms"]["action"], "action"),
         "Increment"
