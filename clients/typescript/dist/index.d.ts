@@ -203,8 +203,11 @@ export declare class SessionClient {
     /** Resolves when the connection closes. */
     readonly closed: Promise<CloseInfo>;
     readonly stats: ClientStats;
+    /** Attempts that offered v2 and failed before opening, then retried as v1 (0 or 1). */
+    fallbacks: number;
     private sync;
-    private readonly ws;
+    private ws;
+    private closing;
     private readonly listeners;
     constructor(url: string, options?: ConnectOptions);
     /** The room as a v1 snapshot (do not mutate it). */

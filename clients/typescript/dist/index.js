@@ -215,7 +215,10 @@ export class SessionClient {
         /** How the connection closed; null while it is open or opening. */
         this.closeInfo = null;
         this.stats = { frames: 0, changes: 0, resyncs: 0, sent: 0, lastProblem: null };
+        /** Attempts that offered v2 and failed before opening, then retried as v1 (0 or 1). */
+        this.fallbacks = 0;
         this.sync = initialSync();
+        this.closing = false;
         this.listeners = new Set();
         /** Same as `state`, for `useSyncExternalStore(client.subscribe, client.getState)`. */
         this.getState = () => this.sync.state;
@@ -230,7 +233,6 @@ export class SessionClient {
         if (!Ctor) {
             throw new Error("no WebSocket: pass options.WebSocket (e.g. the `ws` package's) where there is no global one");
         }
-        const wanted = options.protocol ?? "v2";
         if (options.onChange)
             this.listeners.add(options.onChange);
         let opened;
@@ -239,25 +241,73 @@ export class SessionClient {
         this.opened = new Promise((resolve, reject) => ((opened = resolve), (failed = reject)));
         this.opened.catch(() => { }); // a caller that never awaits it must not see an unhandled rejection
         this.closed = new Promise((resolve) => (closed = resolve));
-        const ws = wanted === "v2" ? new Ctor(url, [SUBPROTOCOL_V2]) : new Ctor(url);
-        this.ws = ws;
-        // Handlers as properties: every WebSocket implementation has them.
-        const handlers = ws;
-        handlers.onopen = () => {
-            this.protocol = wanted === "v2" && ws.protocol === SUBPROTOCOL_V2 ? "v2" : "v1";
-            opened(this.protocol);
-        };
-        handlers.onmessage = (event) => this.receive(event.data);
-        handlers.onerror = () => { }; // a close event follows
-        handlers.onclose = (event) => {
+        const finish = (info) => {
             if (this.closeInfo)
                 return;
-            const info = { code: event.code, reason: event.reason, wasClean: event.wasClean };
             this.closeInfo = info;
             failed(new Error(`closed before it opened: ${info.code} ${info.reason}`));
             closed(info);
             options.onClose?.(info);
         };
+        // One attempt: v2 offers the subprotocol. Browsers (and Node's WebSocket, and
+        // the `ws` package) FAIL a handshake whose answer lacks an offered subprotocol,
+        // which is what a v1 server sends: so when an attempt offering v2 fails before
+        // it opens, the client tries once more without the offer (v1).
+        const attempt = (wanted) => {
+            const ws = wanted === "v2" ? new Ctor(url, [SUBPROTOCOL_V2]) : new Ctor(url);
+            this.ws = ws;
+            let open = false;
+            let done = false;
+            // Handlers as properties: every WebSocket implementation has them.
+            const handlers = ws;
+            const failedBeforeOpen = (info) => {
+                if (done)
+                    return;
+                done = true;
+                handlers.onopen = handlers.onmessage = handlers.onclose = handlers.onerror = null;
+                if (wanted === "v2" && !this.closing) {
+                    this.fallbacks++;
+                    try {
+                        ws.close();
+                    }
+                    catch {
+                        // already closed
+                    }
+                    attempt("v1");
+                }
+                else {
+                    finish(info);
+                }
+            };
+            handlers.onopen = () => {
+                if (done)
+                    return;
+                open = true;
+                this.protocol = wanted === "v2" && ws.protocol === SUBPROTOCOL_V2 ? "v2" : "v1";
+                opened(this.protocol);
+            };
+            handlers.onmessage = (event) => {
+                if (open && !done)
+                    this.receive(event.data);
+            };
+            // Before it opens, an error is a failed handshake (Node 20's WebSocket sends
+            // no close event after it); after, a close event follows.
+            handlers.onerror = () => {
+                if (!open)
+                    failedBeforeOpen({ code: 1006, reason: "", wasClean: false });
+            };
+            handlers.onclose = (event) => {
+                const info = { code: event.code, reason: event.reason, wasClean: event.wasClean };
+                if (!open)
+                    return failedBeforeOpen(info);
+                if (done)
+                    return;
+                done = true;
+                finish(info);
+            };
+            return ws;
+        };
+        this.ws = attempt(options.protocol ?? "v2");
     }
     /** The room as a v1 snapshot (do not mutate it). */
     get state() {
@@ -299,6 +349,7 @@ export class SessionClient {
         return true;
     }
     close(code, reason) {
+        this.closing = true;
         this.ws.close(code, reason);
     }
     receive(data) {

@@ -381,8 +381,12 @@ export class SessionClient {
   readonly closed: Promise<CloseInfo>;
   readonly stats: ClientStats = { frames: 0, changes: 0, resyncs: 0, sent: 0, lastProblem: null };
 
+  /** Attempts that offered v2 and failed before opening, then retried as v1 (0 or 1). */
+  fallbacks = 0;
+
   private sync: SyncState = initialSync();
-  private readonly ws: WebSocketLike;
+  private ws!: WebSocketLike;
+  private closing = false;
   private readonly listeners = new Set<(state: RoomState) => void>();
 
   constructor(url: string, options: ConnectOptions = {}) {
@@ -391,7 +395,6 @@ export class SessionClient {
     if (!Ctor) {
       throw new Error("no WebSocket: pass options.WebSocket (e.g. the `ws` package's) where there is no global one");
     }
-    const wanted = options.protocol ?? "v2";
     if (options.onChange) this.listeners.add(options.onChange);
     let opened!: (p: Protocol) => void;
     let failed!: (e: Error) => void;
@@ -400,29 +403,70 @@ export class SessionClient {
     this.opened.catch(() => {}); // a caller that never awaits it must not see an unhandled rejection
     this.closed = new Promise((resolve) => (closed = resolve));
 
-    const ws = wanted === "v2" ? new Ctor(url, [SUBPROTOCOL_V2]) : new Ctor(url);
-    this.ws = ws;
-    // Handlers as properties: every WebSocket implementation has them.
-    const handlers = ws as unknown as {
-      onopen: (() => void) | null;
-      onmessage: ((event: { data: unknown }) => void) | null;
-      onclose: ((event: { code: number; reason: string; wasClean: boolean }) => void) | null;
-      onerror: (() => void) | null;
-    };
-    handlers.onopen = () => {
-      this.protocol = wanted === "v2" && ws.protocol === SUBPROTOCOL_V2 ? "v2" : "v1";
-      opened(this.protocol);
-    };
-    handlers.onmessage = (event) => this.receive(event.data);
-    handlers.onerror = () => {}; // a close event follows
-    handlers.onclose = (event) => {
+    const finish = (info: CloseInfo) => {
       if (this.closeInfo) return;
-      const info = { code: event.code, reason: event.reason, wasClean: event.wasClean };
       this.closeInfo = info;
       failed(new Error(`closed before it opened: ${info.code} ${info.reason}`));
       closed(info);
       options.onClose?.(info);
     };
+
+    // One attempt: v2 offers the subprotocol. Browsers (and Node's WebSocket, and
+    // the `ws` package) FAIL a handshake whose answer lacks an offered subprotocol,
+    // which is what a v1 server sends: so when an attempt offering v2 fails before
+    // it opens, the client tries once more without the offer (v1).
+    const attempt = (wanted: Protocol): WebSocketLike => {
+      const ws = wanted === "v2" ? new Ctor(url, [SUBPROTOCOL_V2]) : new Ctor(url);
+      this.ws = ws;
+      let open = false;
+      let done = false;
+      // Handlers as properties: every WebSocket implementation has them.
+      const handlers = ws as unknown as {
+        onopen: (() => void) | null;
+        onmessage: ((event: { data: unknown }) => void) | null;
+        onclose: ((event: { code: number; reason: string; wasClean: boolean }) => void) | null;
+        onerror: (() => void) | null;
+      };
+      const failedBeforeOpen = (info: CloseInfo) => {
+        if (done) return;
+        done = true;
+        handlers.onopen = handlers.onmessage = handlers.onclose = handlers.onerror = null;
+        if (wanted === "v2" && !this.closing) {
+          this.fallbacks++;
+          try {
+            ws.close();
+          } catch {
+            // already closed
+          }
+          attempt("v1");
+        } else {
+          finish(info);
+        }
+      };
+      handlers.onopen = () => {
+        if (done) return;
+        open = true;
+        this.protocol = wanted === "v2" && ws.protocol === SUBPROTOCOL_V2 ? "v2" : "v1";
+        opened(this.protocol);
+      };
+      handlers.onmessage = (event) => {
+        if (open && !done) this.receive(event.data);
+      };
+      // Before it opens, an error is a failed handshake (Node 20's WebSocket sends
+      // no close event after it); after, a close event follows.
+      handlers.onerror = () => {
+        if (!open) failedBeforeOpen({ code: 1006, reason: "", wasClean: false });
+      };
+      handlers.onclose = (event) => {
+        const info = { code: event.code, reason: event.reason, wasClean: event.wasClean };
+        if (!open) return failedBeforeOpen(info);
+        if (done) return;
+        done = true;
+        finish(info);
+      };
+      return ws;
+    };
+    this.ws = attempt(options.protocol ?? "v2");
   }
 
   /** The room as a v1 snapshot (do not mutate it). */
@@ -483,6 +527,7 @@ export class SessionClient {
   }
 
   close(code?: number, reason?: string): void {
+    this.closing = true;
     this.ws.close(code, reason);
   }
 
