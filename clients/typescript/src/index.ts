@@ -337,8 +337,10 @@ export interface CloseInfo {
 
 export interface ConnectOptions {
   /**
-   * "v2" (the default) offers `whiteboard.v2` and falls back to v1 when the server
-   * answers without it; "v1" offers nothing (v1 only, for comparison).
+   * "v2" (the default) offers `whiteboard.v2`; when that attempt fails before it
+   * opens (a v1 server answers without the subprotocol, which WebSocket
+   * implementations treat as a failed handshake), one more attempt offers nothing
+   * and the connection is v1. "v1" offers nothing (v1 only, for comparison).
    */
   protocol?: Protocol;
   /** The WebSocket to use; default `globalThis.WebSocket`. */
