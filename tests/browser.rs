@@ -1,5 +1,8 @@
 //! The dev board in a real browser (issue 8): Debian's chromium driven by
-//! playwright-core (`tests/browser/board.mjs`). Needs `chromium` and
+//! playwright-core (`tests/browser/board.mjs`). The board connects with the
+//! TypeScript client (`clients/typescript`) over protocol v2, falling back to v1
+//! (`?protocol=v1` forces v1); the browser test ends by checking that the pages
+//! speak v2, which fails until the server speaks it (PROTOCOL-v2.md). Needs `chromium` and
 //! `npm ci --prefix tests/browser`, which `.ci/run` installs; run it with
 //! `cargo test --test browser -- --include-ignored`. Screenshots are kept in
 //! `target/browser-artifacts/`.
@@ -61,6 +64,8 @@ async fn dev_endpoints_exist_only_in_dev_mode() {
     let (code, page) = dev.get("/").await;
     assert_eq!(code, 200);
     assert!(page.contains("<svg id=\"board\""));
+    // The TypeScript client, in the page's import map.
+    assert!(page.contains("\"session-client\": \"data:text/javascript;base64,"));
     let (code, body) = dev.get("/dev/token?userId=alice&roomId=r1").await;
     assert_eq!(code, 200);
     let token: serde_json::Value = serde_json::from_str(&body).unwrap();
