@@ -48,6 +48,33 @@ fn two_pages_draw_together_and_survive_a_worker_crash() {
     }
 }
 
+/// The board over v2 before the server speaks it: `tests/browser/board-v2-fake.mjs`
+/// serves the page this server serves in dev mode, with a small v2 room of its
+/// own (which loses one batch for one page on purpose).
+#[test]
+#[ignore = "needs chromium and tests/browser/node_modules (installed by .ci/run)"]
+fn the_board_speaks_v2_to_a_v2_server() {
+    let server = Server::start_raw(&["--dev", "--workers", "1"], &[]);
+    let artifacts = concat!(env!("CARGO_MANIFEST_DIR"), "/target/browser-artifacts");
+    let output = Command::new("node")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/browser/board-v2-fake.mjs"
+        ))
+        .arg(format!("http://127.0.0.1:{}", server.port))
+        .arg(artifacts)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "browser test (fake v2 server) failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("[browser-v2] pass"), "{stdout}");
+    eprintln!("{stdout}");
+}
+
 #[tokio::test]
 async fn dev_endpoints_exist_only_in_dev_mode() {
     // No ADMIN_TOKEN (an empty one is none): the monitor is off.
