@@ -2,6 +2,9 @@
 //! token endpoint it uses (dev mode only), and a read-only view of workers, rooms
 //! and connections (dev mode, or with `ADMIN_TOKEN`).
 
+use std::sync::LazyLock;
+
+use base64::Engine;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HOST, HeaderValue};
@@ -13,6 +16,28 @@ use super::Shared;
 
 const BOARD_PAGE: &str = include_str!("dev/board.html");
 const MONITOR_PAGE: &str = include_str!("dev/monitor.html");
+/// The TypeScript client (`clients/typescript`) as `tsc` compiled it: the board
+/// page imports it. A committed copy of its `dist/index.js` (`npm run build`
+/// there writes both; the image's build context has no `clients/`), so that
+/// `cargo run -- --dev` needs nothing but cargo. Tests fail when it is not what
+/// `tsc` makes of the source.
+const CLIENT_JS: &str = include_str!("dev/session-client.js");
+/// Where the board page's import map names the client module.
+const CLIENT_URL_SLOT: &str = "\"session-client\": \"\"";
+
+/// The board page with the client module in its import map (a `data:` URL: the
+/// page stays one response, and needs no route of its own).
+static BOARD: LazyLock<String> = LazyLock::new(|| {
+    let url = format!(
+        "\"session-client\": \"data:text/javascript;base64,{}\"",
+        base64::engine::general_purpose::STANDARD.encode(CLIENT_JS)
+    );
+    assert!(
+        BOARD_PAGE.contains(CLIENT_URL_SLOT),
+        "board.html has the import map slot"
+    );
+    BOARD_PAGE.replacen(CLIENT_URL_SLOT, &url, 1)
+});
 
 type Body = Full<Bytes>;
 
@@ -40,7 +65,7 @@ fn not_found() -> Response<Body> {
 
 /// `GET /` without an upgrade, in dev mode: the whiteboard.
 pub fn board_page() -> Response<Body> {
-    respond(StatusCode::OK, "text/html; charset=utf-8", BOARD_PAGE)
+    respond(StatusCode::OK, "text/html; charset=utf-8", BOARD.as_str())
 }
 
 /// `GET /dev/token?userId=…&roomId=…`: a client token signed with the dev secret,
@@ -168,4 +193,30 @@ pub fn monitor_json<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
         "draining": shared.stop.is_cancelled(),
     });
     respond(StatusCode::OK, "application/json", body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_board_page_carries_the_typescript_client() {
+        let page = BOARD.as_str();
+        let start = page
+            .find("\"session-client\": \"data:text/javascript;base64,")
+            .expect("the import map names the client");
+        let encoded = &page[start..].split("base64,").nth(1).unwrap();
+        let encoded = &encoded[..encoded.find('"').unwrap()];
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap();
+        assert_eq!(String::from_utf8(decoded).unwrap(), CLIENT_JS);
+        assert!(
+            CLIENT_JS == include_str!("../clients/typescript/dist/index.js"),
+            "supervisor/dev/session-client.js is not clients/typescript/dist/index.js: \
+             run `npm run build --prefix clients/typescript`"
+        );
+        assert!(CLIENT_JS.contains("export function connect("));
+        assert!(page.contains("from \"session-client\""));
+    }
 }

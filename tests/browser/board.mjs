@@ -1,6 +1,9 @@
 // Two real browser pages (Debian's chromium, driven by playwright-core) use the
 // dev board together: one draws and moves its cursor, the other sees both; a
-// worker is killed and both pages keep working without reconnecting.
+// worker is killed and both pages keep working without reconnecting. The board
+// connects with the TypeScript client over protocol v2 (PROTOCOL-v2.md); a third
+// page with ?protocol=v1 must see the same board, and the two v2 pages must say
+// they speak v2 (checked last: it fails until the server speaks v2).
 // Usage: node board.mjs BASE_URL ARTIFACTS_DIR   (exit 0 = pass)
 import { chromium } from "playwright-core";
 import { mkdirSync } from "node:fs";
@@ -17,7 +20,8 @@ const browser = await chromium.launch({
     // Frames (and so mousemove events) as fast as the machine goes, not 60/s.
     "--disable-frame-rate-limit", "--disable-gpu-vsync"],
 });
-let alice, bob;
+let alice, bob, carol;
+const protocolOf = (page) => page.evaluate(() => document.getElementById("protocol").textContent);
 try {
   alice = await (await browser.newContext({ viewport: { width: 900, height: 600 } })).newPage();
   bob = await (await browser.newContext({ viewport: { width: 900, height: 600 } })).newPage();
@@ -26,7 +30,8 @@ try {
   for (const page of [alice, bob]) {
     await page.waitForFunction(() => document.getElementById("status").textContent.startsWith("2 in room"), null, { timeout: 10000 });
   }
-  step("both pages joined room r1");
+  for (const page of [alice, bob]) await page.waitForFunction(() => window.board.protocol !== null, null, { timeout: 10000 });
+  step(`both pages joined room r1 (alice's page speaks ${await protocolOf(alice)}, bob's ${await protocolOf(bob)})`);
 
   await alice.click('[data-tool="rectangle"]');
   const box = await alice.locator("#board").boundingBox();
@@ -120,11 +125,37 @@ try {
   }
   step("after the 15 s drag: bob sees the rectangle at 450,360 and alice's cursor at 500,400; no close codes on either page");
   await bob.screenshot({ path: `${artifacts}/3-bob-after-drag.png` });
+
+  // The v1 switch, for comparison: carol's page asks for v1 and must show the
+  // board bob's page shows (its state is the server's v1 snapshot).
+  carol = await (await browser.newContext({ viewport: { width: 900, height: 600 } })).newPage();
+  await carol.goto(`${base}/?name=carol&room=r1&protocol=v1`);
+  await carol.waitForFunction(() => document.getElementById("status").textContent.startsWith("3 in room"), null, { timeout: 10000 });
+  const carolSays = await protocolOf(carol);
+  if (carolSays !== "v1") throw new Error(`carol's page (?protocol=v1) says ${carolSays}`);
+  await bob.waitForFunction(() => window.board.state.snapshot.connectedUsers.includes("carol"), null, { timeout: 10000 });
+  const room = (page) => page.evaluate(() => {
+    const { connectedUsers, shapes } = window.board.state.snapshot;
+    return JSON.stringify({ connectedUsers: [...connectedUsers].sort(), shapes });
+  });
+  const [bobRoom, carolRoom] = [await room(bob), await room(carol)];
+  if (bobRoom !== carolRoom) throw new Error(`bob's page (${await protocolOf(bob)}) and carol's (v1) differ:\n${bobRoom}\n${carolRoom}`);
+  step(`carol's page with ?protocol=v1 says v1 and shows the board bob's page (${await protocolOf(bob)}) shows`);
+
+  // Last, so that everything above also runs against a v1 server: the board
+  // speaks v2 when the server does. FAILS until the v2 server (PROTOCOL-v2.md)
+  // is merged: the page then says v1 (the client fell back).
+  for (const [name, page] of [["alice", alice], ["bob", bob]]) {
+    const says = await protocolOf(page);
+    if (says !== "v2") throw new Error(`${name}'s page says ${says}, not v2: the server did not accept the whiteboard.v2 subprotocol`);
+  }
+  step("alice's and bob's pages speak v2");
   step("pass");
 } catch (e) {
   console.error(`[browser] FAIL: ${e.stack || e}`);
   if (alice) await alice.screenshot({ path: `${artifacts}/fail-alice.png` }).catch(() => {});
   if (bob) await bob.screenshot({ path: `${artifacts}/fail-bob.png` }).catch(() => {});
+  if (carol) await carol.screenshot({ path: `${artifacts}/fail-carol.png` }).catch(() => {});
   process.exitCode = 1;
 } finally {
   await browser.close();

@@ -1,0 +1,31 @@
+// dist/ is committed, and a copy of dist/index.js in supervisor/dev/ (the dev
+// board serves it with nothing but cargo): both must be exactly what tsc
+// produces from src/. `npm test` compiles src/ to
+// build/ first (same tsconfig, same pinned tsc); this compares the two.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync, readdirSync } from "node:fs";
+
+const here = (path) => new URL(`../${path}`, import.meta.url);
+
+test("the committed dist/ is what `npm run build` produces from src/", () => {
+  const built = readdirSync(here("build")).sort();
+  assert.deepEqual(readdirSync(here("dist")).sort(), built, "dist/ and build/ hold the same files");
+  for (const file of built) {
+    assert.ok(
+      readFileSync(here(`dist/${file}`), "utf8") === readFileSync(here(`build/${file}`), "utf8"),
+      `dist/${file} is stale: run \`npm run build --prefix clients/typescript\` and commit dist/`,
+    );
+  }
+});
+
+test("the dev board's copy (supervisor/dev/session-client.js) is dist/index.js", () => {
+  assert.ok(
+    readFileSync(here("../../supervisor/dev/session-client.js"), "utf8") === readFileSync(here("build/index.js"), "utf8"),
+    "supervisor/dev/session-client.js is stale: run `npm run build --prefix clients/typescript` and commit it",
+  );
+});
+
+test("dist/index.js marks itself as generated", () => {
+  assert.match(readFileSync(here("dist/index.js"), "utf8").slice(0, 1000), /dist\/ is GENERATED from this file by `npm run build`/);
+});

@@ -1,0 +1,205 @@
+// The client end to end against a small in-test server (the `ws` package) that
+// sends real v2 frames, or answers as a v1 server does (no subprotocol).
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import WebSocket, { WebSocketServer } from "ws";
+import { connect, SessionClient } from "../build/index.js";
+import { until } from "./lib.mjs";
+
+const T0 = "2026-01-01T12:00:00.000Z";
+const T1 = "2026-01-01T12:00:01.000Z";
+const shape = (id, extra = {}) => ({ id, type: "rectangle", x: 0, y: 0, width: 10, height: 10, userId: "alice",
+  timestamp: T0, fill: "#3b82f6", stroke: "#1d4ed8", rotation: 0, ...extra });
+
+const servers = [];
+after(async () => {
+  for (const s of servers) {
+    for (const c of s.wss.clients) c.terminate();
+    await new Promise((r) => s.wss.close(r));
+  }
+});
+
+/**
+ * A fake server. `v2`: whether it answers the `whiteboard.v2` offer. Every
+ * connection is recorded: the offered subprotocols and the messages received.
+ */
+async function fakeServer({ v2 }) {
+  const connections = [];
+  const wss = new WebSocketServer({
+    host: "127.0.0.1",
+    port: 0,
+    handleProtocols: (offered) => (v2 && offered.has("whiteboard.v2") ? "whiteboard.v2" : false),
+  });
+  wss.on("connection", (socket, req) => {
+    const conn = { socket, offered: req.headers["sec-websocket-protocol"] ?? null, received: [] };
+    socket.on("message", (data) => conn.received.push(JSON.parse(data.toString())));
+    connections.push(conn);
+  });
+  await new Promise((r) => wss.once("listening", r));
+  const server = {
+    wss,
+    connections,
+    url: `ws://127.0.0.1:${wss.address().port}/?token=t`,
+    /** The newest connection, once there is one. */
+    async connection() {
+      await until(() => connections.length > 0, "a connection");
+      return connections[connections.length - 1];
+    },
+  };
+  servers.push(server);
+  return server;
+}
+
+const send = (conn, msg) => conn.socket.send(JSON.stringify(msg));
+
+test("v2 server: the client negotiates v2, applies a snapshot then ops, and asks one resync after a gap", async () => {
+  const server = await fakeServer({ v2: true });
+  const changes = [];
+  const client = connect(server.url, { onChange: (s) => changes.push(s) });
+  assert.equal(await client.opened, "v2");
+  assert.equal(client.fallbacks, 0);
+  const conn = await server.connection();
+  assert.equal(conn.offered, "whiteboard.v2");
+
+  send(conn, { type: "snapshot", seq: 5, connectedUsers: ["alice"], cursors: [], shapes: [shape("s1")] });
+  send(conn, { type: "ops", seq: 6, ops: [
+    { op: "join", userId: "bob" },
+    { op: "cursor", userId: "bob", x: 3, y: 4, timestamp: T1 },
+    { op: "update", id: "s1", set: { x: 50, timestamp: T1 } },
+  ] });
+  await until(() => client.lastSeq === 6, () => JSON.stringify(client.state));
+  assert.deepEqual(client.state, {
+    connectedUsers: ["alice", "bob"],
+    cursors: [{ userId: "bob", x: 3, y: 4, timestamp: T1 }],
+    shapes: [shape("s1", { x: 50, timestamp: T1 })],
+  });
+  assert.equal(changes.length, 2);
+  assert.equal(changes[1], client.state);
+
+  // 7 is lost: 8 is a gap, one resync goes out, 9 is ignored too.
+  send(conn, { type: "ops", seq: 8, ops: [{ op: "remove", id: "s1" }] });
+  send(conn, { type: "ops", seq: 9, ops: [{ op: "leave", userId: "bob" }] });
+  await until(() => conn.received.length === 1, "the resync");
+  await new Promise((r) => setTimeout(r, 50)); // a second resync would arrive by now
+  assert.deepEqual(conn.received, [{ type: "resync" }]);
+  assert.equal(client.stats.resyncs, 1);
+  assert.equal(client.state.shapes.length, 1, "nothing after the gap was applied");
+
+  send(conn, { type: "snapshot", seq: 40, connectedUsers: ["alice"], cursors: [], shapes: [] });
+  send(conn, { type: "ops", seq: 41, ops: [{ op: "add", shape: shape("s2") }] });
+  await until(() => client.lastSeq === 41, () => JSON.stringify(client.state));
+  assert.deepEqual(client.state, { connectedUsers: ["alice"], cursors: [], shapes: [shape("s2")] });
+
+  // An op naming an unknown shape: one more resync.
+  send(conn, { type: "ops", seq: 42, ops: [{ op: "update", id: "ghost", set: { x: 1, timestamp: T1 } }] });
+  await until(() => conn.received.length === 2, "the second resync");
+  assert.deepEqual(conn.received[1], { type: "resync" });
+  assert.match(client.stats.lastProblem, /update of unknown shape ghost/);
+  client.close();
+  await client.closed;
+});
+
+test("v1 server (answers without the subprotocol): the client falls back to v1 and reads full snapshots", async () => {
+  const server = await fakeServer({ v2: false });
+  const client = connect(server.url);
+  assert.equal(await client.opened, "v1");
+  assert.equal(client.protocol, "v1");
+  assert.equal(client.fallbacks, 1, "the offer failed the handshake, the second attempt offered nothing");
+  await until(() => server.connections.length === 2, "two attempts");
+  assert.deepEqual(server.connections.map((c) => c.offered), ["whiteboard.v2", null]);
+  const conn = server.connections[1];
+
+  send(conn, { connectedUsers: ["alice"], cursors: [], shapes: [shape("s1")] });
+  await until(() => client.state.shapes.length === 1, () => JSON.stringify(client.state));
+  // A v2-shaped frame means nothing to a v1 connection.
+  send(conn, { type: "ops", seq: 1, ops: [{ op: "remove", id: "s1" }] });
+  send(conn, { connectedUsers: ["alice", "bob"], cursors: [], shapes: [shape("s1"), shape("s2")] });
+  await until(() => client.state.shapes.length === 2, () => JSON.stringify(client.state));
+  assert.deepEqual(client.state, { connectedUsers: ["alice", "bob"], cursors: [], shapes: [shape("s1"), shape("s2")] });
+  assert.equal(client.lastSeq, null);
+  assert.equal(client.stats.resyncs, 0);
+  assert.equal(conn.received.length, 0);
+  client.close();
+});
+
+test("protocol v1 offers nothing (one attempt)", async () => {
+  const server = await fakeServer({ v2: true });
+  const client = connect(server.url, { protocol: "v1" });
+  assert.equal(await client.opened, "v1");
+  assert.equal((await server.connection()).offered, null);
+  assert.equal(server.connections.length, 1);
+  client.close();
+});
+
+test("the send helpers send the v1 client messages, and resync", async () => {
+  const server = await fakeServer({ v2: true });
+  const closes = [];
+  const client = connect(server.url, { onClose: (info) => closes.push(info) });
+  await client.opened;
+  const conn = await server.connection();
+  assert.ok(client.moveCursor(1.5, 2));
+  assert.ok(client.createShape({ shapeType: "text", x: 1, y: 2, width: 3, height: 4, text: "t", fill: "#fff" }));
+  assert.ok(client.updateShape("s1", { x: 9, rotation: 90 }));
+  assert.ok(client.deleteShape("s1"));
+  assert.ok(client.resync());
+  await until(() => conn.received.length === 5, () => JSON.stringify(conn.received));
+  assert.deepEqual(conn.received, [
+    { type: "cursor_move", x: 1.5, y: 2 },
+    { type: "shape_create", shapeType: "text", x: 1, y: 2, width: 3, height: 4, text: "t", fill: "#fff" },
+    { type: "shape_update", shapeId: "s1", x: 9, rotation: 90 },
+    { type: "shape_delete", shapeId: "s1" },
+    { type: "resync" },
+  ]);
+  assert.equal(client.stats.sent, 5);
+  conn.socket.close(4000, "Replaced by a new connection");
+  const info = await client.closed;
+  assert.deepEqual(info, { code: 4000, reason: "Replaced by a new connection", wasClean: true });
+  assert.deepEqual(client.closeInfo, info);
+  assert.equal(client.moveCursor(0, 0), false);
+  assert.deepEqual(closes, [info], "onClose is called once");
+});
+
+test("an injected WebSocket constructor (the `ws` package) works for v2 and for the v1 fallback", async () => {
+  const v2 = await fakeServer({ v2: true });
+  const a = connect(v2.url, { WebSocket });
+  assert.equal(await a.opened, "v2");
+  send(await v2.connection(), { type: "snapshot", seq: 0, connectedUsers: ["a"], cursors: [], shapes: [] });
+  await until(() => a.state.connectedUsers.length === 1, "the snapshot");
+  a.close();
+
+  const v1 = await fakeServer({ v2: false });
+  const b = connect(v1.url, { WebSocket });
+  assert.equal(await b.opened, "v1");
+  assert.equal(b.fallbacks, 1);
+  b.close();
+});
+
+test("without a global WebSocket and without the option, connect says what to do", () => {
+  const saved = globalThis.WebSocket;
+  try {
+    delete globalThis.WebSocket;
+    assert.throws(() => connect("ws://127.0.0.1:1/"), /pass options.WebSocket/);
+  } finally {
+    globalThis.WebSocket = saved;
+  }
+  assert.equal(typeof SessionClient, "function");
+});
+
+test("subscribe and getState fit React's useSyncExternalStore; unsubscribe stops the calls", async () => {
+  const server = await fakeServer({ v2: true });
+  const client = connect(server.url);
+  await client.opened;
+  const conn = await server.connection();
+  const seen = [];
+  const unsubscribe = client.subscribe((s) => seen.push(s));
+  const before = client.getState();
+  send(conn, { type: "snapshot", seq: 0, connectedUsers: ["a"], cursors: [], shapes: [] });
+  await until(() => seen.length === 1, "a change");
+  assert.notEqual(client.getState(), before);
+  assert.equal(seen[0], client.getState());
+  unsubscribe();
+  send(conn, { type: "ops", seq: 1, ops: [{ op: "join", userId: "b" }] });
+  await until(() => client.lastSeq === 1, "the batch");
+  assert.equal(seen.length, 1);
+  client.close();
+});

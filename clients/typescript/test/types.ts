@@ -1,0 +1,34 @@
+// Type-level checks of the public API (compiled with `tsc --noEmit` by `npm test`):
+// it must accept the browser's WebSocket (DOM lib) and the `ws` package's, and
+// its state must be usable as the v1 snapshot type a client already has.
+import WsWebSocket from "ws";
+import {
+  applyFrame, connect, initialSync,
+  type ApplyResult, type CloseInfo, type Cursor, type Protocol, type RoomState, type SessionClient, type Shape,
+} from "../src/index.js";
+
+// What a v1 client declares today (PROTOCOL.md §4).
+interface V1Snapshot {
+  connectedUsers: string[];
+  cursors: { userId: string; x: number; y: number; timestamp: string }[];
+  shapes: { id: string; type: string; x: number; y: number; width: number; height: number; userId: string;
+    timestamp: string; text?: string; fill: string; stroke: string; rotation: number }[];
+}
+
+const browser: SessionClient = connect("ws://h/?token=t", { WebSocket: WebSocket });
+const node: SessionClient = connect("ws://h/?token=t", { WebSocket: WsWebSocket, protocol: "v1" });
+const snapshot: V1Snapshot = browser.state;
+const room: RoomState = node.getState();
+const cursors: Cursor[] = room.cursors;
+const shapes: Shape[] = snapshot.shapes.length ? room.shapes : [];
+const unsubscribe: () => void = node.subscribe((state: RoomState) => void state.shapes);
+const opened: Promise<Protocol> = node.opened;
+const closed: Promise<CloseInfo> = node.closed;
+const result: ApplyResult = applyFrame(initialSync(), "{}", "v2");
+node.createShape({ shapeType: "oval", x: 0, y: 0, width: 1, height: 1 });
+node.updateShape("id", { rotation: 5 });
+// @ts-expect-error: not a shape type
+node.createShape({ shapeType: "hexagon", x: 0, y: 0, width: 1, height: 1 });
+// @ts-expect-error: a client cannot choose a shape's id
+node.send({ type: "shape_update", shapeId: "a", id: "b" });
+void [cursors, shapes, unsubscribe, opened, closed, result];
