@@ -24,6 +24,8 @@ RUN mkdir -p src benches bench \
 COPY src src
 COPY supervisor supervisor
 COPY worker worker
+# The dev board's TypeScript client (compiled, committed).
+COPY clients/typescript/dist clients/typescript/dist
 COPY benches benches
 COPY bench bench
 RUN touch src/main.rs src/lib.rs \
