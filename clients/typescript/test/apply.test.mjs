@@ -217,3 +217,26 @@ test("v1: every message is a full snapshot; no resync is ever asked", () => {
   assert.deepEqual(sync.state, JSON.parse(b));
   assert.equal(sync.lastSeq, null);
 });
+
+// A swap-remove (move the last item into the hole) passes every test above:
+// these put the removed item first, with two or more after it.
+test("remove keeps the order of the other shapes (the first of several removed)", () => {
+  const start = { connectedUsers: ["a"], cursors: [], shapes: [rect("s1", "a"), rect("s2", "a"), rect("s3", "a"), rect("s4", "a")] };
+  const next = applyOps(start, [{ op: "remove", id: "s1" }]);
+  assert.deepEqual(next.shapes.map((s) => s.id), ["s2", "s3", "s4"]);
+  const middle = applyOps(next, [{ op: "remove", id: "s3" }, { op: "add", shape: rect("s5", "a") }]);
+  assert.deepEqual(middle.shapes.map((s) => s.id), ["s2", "s4", "s5"]);
+});
+
+test("leave keeps the order of the other users and of the other cursors", () => {
+  const cursor = (userId) => ({ userId, x: 1, y: 1, timestamp: T0 });
+  // a joined first and moved first: both its entries sit before two others.
+  const start = { connectedUsers: ["a", "b", "c", "d"], cursors: [cursor("a"), cursor("c"), cursor("b")], shapes: [] };
+  const next = applyOps(start, [{ op: "leave", userId: "a" }]);
+  assert.deepEqual(next.connectedUsers, ["b", "c", "d"]);
+  assert.deepEqual(next.cursors.map((c) => c.userId), ["c", "b"]);
+  // A user without a cursor leaves from the front: the cursors are untouched.
+  const again = applyOps(next, [{ op: "leave", userId: "b" }, { op: "join", userId: "e" }]);
+  assert.deepEqual(again.connectedUsers, ["c", "d", "e"]);
+  assert.deepEqual(again.cursors.map((c) => c.userId), ["c"]);
+});
