@@ -26,11 +26,15 @@ export interface Shape {
  * creation order. The client never mutates a state it has handed out: every
  * change produces a new object (and new arrays for what changed), so
  * `prev !== next` is a valid change test (React's `useSyncExternalStore`).
+ * The arrays are `readonly` because they are shared (with the previous and the
+ * next state); a v1 snapshot type with mutable arrays does not accept them
+ * (TypeScript never lets a readonly array pass for a mutable one): declare
+ * its arrays `readonly` too, or copy (`[...state.shapes]`) what you mean to modify.
  */
 export interface RoomState {
-    connectedUsers: string[];
-    cursors: Cursor[];
-    shapes: Shape[];
+    readonly connectedUsers: readonly string[];
+    readonly cursors: readonly Cursor[];
+    readonly shapes: readonly Shape[];
 }
 /** The protocol a connection speaks, known once it is open. */
 export type Protocol = "v1" | "v2";
@@ -121,8 +125,13 @@ export interface ApplyResult {
     /** Why the frame was not applied, when it was not. */
     problem?: string;
 }
+/** An empty room, frozen all the way down (its arrays too): for comparisons. */
 export declare const EMPTY_ROOM: RoomState;
-/** The sync state of a connection before its first message. */
+/**
+ * The sync state of a connection before its first message: a new empty room
+ * every time, so that no two clients share (and a careless `push` on one
+ * cannot change) a starting state.
+ */
 export declare function initialSync(): SyncState;
 /**
  * Applies one batch of v2 ops to a room, in order. Returns the new room, or

@@ -10,14 +10,19 @@
  */
 /** The WebSocket subprotocol that asks for v2. */
 export const SUBPROTOCOL_V2 = "whiteboard.v2";
+/** An empty room, frozen all the way down (its arrays too): for comparisons. */
 export const EMPTY_ROOM = Object.freeze({
-    connectedUsers: [],
-    cursors: [],
-    shapes: [],
+    connectedUsers: Object.freeze([]),
+    cursors: Object.freeze([]),
+    shapes: Object.freeze([]),
 });
-/** The sync state of a connection before its first message. */
+/**
+ * The sync state of a connection before its first message: a new empty room
+ * every time, so that no two clients share (and a careless `push` on one
+ * cannot change) a starting state.
+ */
 export function initialSync() {
-    return { state: EMPTY_ROOM, lastSeq: null, awaitingSnapshot: false };
+    return { state: { connectedUsers: [], cursors: [], shapes: [] }, lastSeq: null, awaitingSnapshot: false };
 }
 const isObject = (v) => typeof v === "object" && v !== null && !Array.isArray(v);
 const isString = (v) => typeof v === "string";

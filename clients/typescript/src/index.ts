@@ -43,11 +43,15 @@ export interface Shape {
  * creation order. The client never mutates a state it has handed out: every
  * change produces a new object (and new arrays for what changed), so
  * `prev !== next` is a valid change test (React's `useSyncExternalStore`).
+ * The arrays are `readonly` because they are shared (with the previous and the
+ * next state); a v1 snapshot type with mutable arrays does not accept them
+ * (TypeScript never lets a readonly array pass for a mutable one): declare
+ * its arrays `readonly` too, or copy (`[...state.shapes]`) what you mean to modify.
  */
 export interface RoomState {
-  connectedUsers: string[];
-  cursors: Cursor[];
-  shapes: Shape[];
+  readonly connectedUsers: readonly string[];
+  readonly cursors: readonly Cursor[];
+  readonly shapes: readonly Shape[];
 }
 
 /** The protocol a connection speaks, known once it is open. */
@@ -133,15 +137,20 @@ export interface ApplyResult {
   problem?: string;
 }
 
+/** An empty room, frozen all the way down (its arrays too): for comparisons. */
 export const EMPTY_ROOM: RoomState = Object.freeze({
-  connectedUsers: [],
-  cursors: [],
-  shapes: [],
-}) as RoomState;
+  connectedUsers: Object.freeze([] as string[]),
+  cursors: Object.freeze([] as Cursor[]),
+  shapes: Object.freeze([] as Shape[]),
+});
 
-/** The sync state of a connection before its first message. */
+/**
+ * The sync state of a connection before its first message: a new empty room
+ * every time, so that no two clients share (and a careless `push` on one
+ * cannot change) a starting state.
+ */
 export function initialSync(): SyncState {
-  return { state: EMPTY_ROOM, lastSeq: null, awaitingSnapshot: false };
+  return { state: { connectedUsers: [], cursors: [], shapes: [] }, lastSeq: null, awaitingSnapshot: false };
 }
 
 type Json = Record<string, unknown>;

@@ -240,3 +240,18 @@ test("leave keeps the order of the other users and of the other cursors", () => 
   assert.deepEqual(again.connectedUsers, ["c", "d", "e"]);
   assert.deepEqual(again.cursors.map((c) => c.userId), ["c"]);
 });
+
+test("no two connections share a starting state; EMPTY_ROOM is frozen all the way down", () => {
+  const a = initialSync();
+  const b = initialSync();
+  a.state.shapes.push(rect("stray"));
+  a.state.connectedUsers.push("stray");
+  a.state.cursors.push({ userId: "stray", x: 0, y: 0, timestamp: T0 });
+  assert.deepEqual(b.state, { connectedUsers: [], cursors: [], shapes: [] });
+  assert.deepEqual(initialSync().state, { connectedUsers: [], cursors: [], shapes: [] });
+  assert.deepEqual(EMPTY_ROOM, { connectedUsers: [], cursors: [], shapes: [] });
+  for (const key of ["connectedUsers", "cursors", "shapes"]) {
+    assert.ok(Object.isFrozen(EMPTY_ROOM[key]), `EMPTY_ROOM.${key} is frozen`);
+    assert.throws(() => EMPTY_ROOM[key].push("x"), TypeError);
+  }
+});

@@ -8,19 +8,35 @@ import {
 } from "../src/index.js";
 
 // What a v1 client declares today (PROTOCOL.md §4).
+type V1Cursor = { userId: string; x: number; y: number; timestamp: string };
+type V1Shape = { id: string; type: string; x: number; y: number; width: number; height: number; userId: string;
+  timestamp: string; text?: string; fill: string; stroke: string; rotation: number };
 interface V1Snapshot {
   connectedUsers: string[];
-  cursors: { userId: string; x: number; y: number; timestamp: string }[];
-  shapes: { id: string; type: string; x: number; y: number; width: number; height: number; userId: string;
-    timestamp: string; text?: string; fill: string; stroke: string; rotation: number }[];
+  cursors: V1Cursor[];
+  shapes: V1Shape[];
+}
+// The same with readonly arrays: what it must declare to take the client's state
+// as it is (RoomState's arrays are readonly: they are shared between states).
+interface ReadonlyV1Snapshot {
+  readonly connectedUsers: readonly string[];
+  readonly cursors: readonly V1Cursor[];
+  readonly shapes: readonly V1Shape[];
 }
 
 const browser: SessionClient = connect("ws://h/?token=t", { WebSocket: WebSocket });
 const node: SessionClient = connect("ws://h/?token=t", { WebSocket: WsWebSocket, protocol: "v1" });
-const snapshot: V1Snapshot = browser.state;
+const snapshot: ReadonlyV1Snapshot = browser.state;
+// @ts-expect-error: TypeScript never lets a readonly array pass for a mutable one
+const mutable: V1Snapshot = browser.state;
+// A copy is a mutable v1 snapshot.
+const copied: V1Snapshot = { connectedUsers: [...browser.state.connectedUsers], cursors: [...browser.state.cursors],
+  shapes: [...browser.state.shapes] };
 const room: RoomState = node.getState();
-const cursors: Cursor[] = room.cursors;
-const shapes: Shape[] = snapshot.shapes.length ? room.shapes : [];
+// @ts-expect-error: the state's arrays cannot be modified
+room.shapes.push(room.shapes[0]);
+const cursors: readonly Cursor[] = room.cursors;
+const shapes: readonly Shape[] = snapshot.shapes.length ? room.shapes : [];
 const unsubscribe: () => void = node.subscribe((state: RoomState) => void state.shapes);
 const opened: Promise<Protocol> = node.opened;
 const closed: Promise<CloseInfo> = node.closed;
@@ -31,4 +47,4 @@ node.updateShape("id", { rotation: 5 });
 node.createShape({ shapeType: "hexagon", x: 0, y: 0, width: 1, height: 1 });
 // @ts-expect-error: a client cannot choose a shape's id
 node.send({ type: "shape_update", shapeId: "a", id: "b" });
-void [cursors, shapes, unsubscribe, opened, closed, result];
+void [cursors, shapes, unsubscribe, opened, closed, result, mutable, copied];
