@@ -112,7 +112,10 @@ export function applyOps(room, ops) {
                 if (index < 0)
                     return { error: `${at}: update of unknown shape ${op.id}` };
                 const list = s();
-                list[index] = { ...list[index], ...op.set };
+                // `id` names the shape: an `id` in `set` is ignored (the rest applies).
+                const { id: _ignored, ...set } = op.set;
+                void _ignored;
+                list[index] = { ...list[index], ...set };
                 break;
             }
             case "remove": {

@@ -234,7 +234,10 @@ export function applyOps(room: RoomState, ops: readonly unknown[]): RoomState | 
         const index = shapeIndex(op.id);
         if (index < 0) return { error: `${at}: update of unknown shape ${op.id}` };
         const list = s();
-        list[index] = { ...list[index], ...op.set } as Shape;
+        // `id` names the shape: an `id` in `set` is ignored (the rest applies).
+        const { id: _ignored, ...set } = op.set;
+        void _ignored;
+        list[index] = { ...list[index], ...set } as Shape;
         break;
       }
       case "remove": {

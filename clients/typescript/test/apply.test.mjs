@@ -255,3 +255,14 @@ test("no two connections share a starting state; EMPTY_ROOM is frozen all the wa
     assert.throws(() => EMPTY_ROOM[key].push("x"), TypeError);
   }
 });
+
+test("an update never changes a shape's id (an `id` in `set` is ignored, the rest applies)", () => {
+  const start = { connectedUsers: ["a"], cursors: [], shapes: [rect("s1", "a"), rect("s2", "a")] };
+  const next = applyOps(start, [{ op: "update", id: "s1", set: { id: "s2", x: 33, timestamp: T1 } }]);
+  assert.deepEqual(next.shapes, [rect("s1", "a", { x: 33, timestamp: T1 }), rect("s2", "a")]);
+  // The shape is still found by its id afterwards.
+  const after = applyOps(next, [{ op: "update", id: "s1", set: { y: 7, timestamp: T2 } }]);
+  assert.equal(after.shapes[0].y, 7);
+  assert.equal(after.shapes[1].y, 0);
+});
+
