@@ -185,6 +185,17 @@ export interface ConnectOptions {
     onChange?: (state: RoomState) => void;
     /** Called once when the connection closes (also when it never opened). */
     onClose?: (info: CloseInfo) => void;
+    /**
+     * Called with what a change listener (`onChange`, `subscribe`) threw; the
+     * other listeners are still called. Default: `console.error`.
+     */
+    onError?: (error: unknown) => void;
+    /**
+     * v2: when a resync the client asked for brings no snapshot within this many
+     * milliseconds (the request or the answer was lost), it asks again, at most
+     * once per period, until a snapshot arrives. Default 2000.
+     */
+    resyncRetryMs?: number;
 }
 /** Counters, for tests and the curious. */
 export interface ClientStats {
@@ -199,6 +210,8 @@ export interface ClientStats {
     /** The last frame that was not applied, and why. */
     lastProblem: string | null;
 }
+/** The close codes a browser lets a page send (others throw): 1000 and 3000-4999. */
+export declare function validCloseCode(code: number | undefined): number;
 /**
  * One connection to a room. `state` is the room as a v1 snapshot; it starts
  * empty and changes with every message (see `subscribe`). No reconnection: a
@@ -220,6 +233,9 @@ export declare class SessionClient {
     private ws;
     private closing;
     private readonly listeners;
+    private readonly onError;
+    private readonly resyncRetryMs;
+    private resyncTimer;
     constructor(url: string, options?: ConnectOptions);
     /** The room as a v1 snapshot (do not mutate it). */
     get state(): RoomState;
@@ -239,8 +255,14 @@ export declare class SessionClient {
     resync(): boolean;
     /** Sends any client message; false (and nothing sent) when the connection is not open. */
     send(message: ClientMessage): boolean;
+    /**
+     * Closes the connection. A code a browser would refuse (anything but 1000 and
+     * 3000-4999: it throws and the socket stays open) becomes 1000.
+     */
     close(code?: number, reason?: string): void;
     private receive;
+    private startResyncRetry;
+    private stopResyncRetry;
 }
 /** Opens a connection: `url` is the server's WebSocket URL with the token (`wss://host/?token=…`). */
 export declare function connect(url: string, options?: ConnectOptions): SessionClient;

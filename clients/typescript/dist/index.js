@@ -211,6 +211,16 @@ function askResync(sync, problem) {
     return { sync: { ...sync, awaitingSnapshot: true }, changed: false, resync: true, problem };
 }
 const OPEN = 1;
+/** The close codes a browser lets a page send (others throw): 1000 and 3000-4999. */
+export function validCloseCode(code) {
+    return code === 1000 || (Number.isInteger(code) && code >= 3000 && code <= 4999)
+        ? code
+        : 1000;
+}
+const timers = globalThis;
+function reportError(error) {
+    globalThis.console?.error("session client: a change listener threw", error);
+}
 /**
  * One connection to a room. `state` is the room as a v1 snapshot; it starts
  * empty and changes with every message (see `subscribe`). No reconnection: a
@@ -228,6 +238,7 @@ export class SessionClient {
         this.sync = initialSync();
         this.closing = false;
         this.listeners = new Set();
+        this.resyncTimer = null;
         /** Same as `state`, for `useSyncExternalStore(client.subscribe, client.getState)`. */
         this.getState = () => this.sync.state;
         /** Calls `listener` after every change of `state`; returns the unsubscribe function. */
@@ -243,6 +254,8 @@ export class SessionClient {
         }
         if (options.onChange)
             this.listeners.add(options.onChange);
+        this.onError = options.onError ?? reportError;
+        this.resyncRetryMs = options.resyncRetryMs ?? 2000;
         let opened;
         let failed;
         let closed;
@@ -253,6 +266,7 @@ export class SessionClient {
             if (this.closeInfo)
                 return;
             this.closeInfo = info;
+            this.stopResyncRetry();
             failed(new Error(`closed before it opened: ${info.code} ${info.reason}`));
             closed(info);
             options.onClose?.(info);
@@ -356,9 +370,21 @@ export class SessionClient {
         this.stats.sent++;
         return true;
     }
+    /**
+     * Closes the connection. A code a browser would refuse (anything but 1000 and
+     * 3000-4999: it throws and the socket stays open) becomes 1000.
+     */
     close(code, reason) {
         this.closing = true;
-        this.ws.close(code, reason);
+        this.stopResyncRetry();
+        const valid = validCloseCode(code);
+        try {
+            this.ws.close(valid, reason);
+        }
+        catch {
+            // A reason a browser refuses (over 123 bytes of UTF-8): close without it.
+            this.ws.close(valid);
+        }
     }
     receive(data) {
         if (typeof data !== "string") {
@@ -370,14 +396,50 @@ export class SessionClient {
         this.sync = result.sync;
         if (result.problem)
             this.stats.lastProblem = result.problem;
-        if (result.resync)
+        if (result.resync) {
             this.resync();
+            this.startResyncRetry();
+        }
+        if (!this.sync.awaitingSnapshot)
+            this.stopResyncRetry();
         if (result.changed) {
             this.stats.changes++;
             const state = this.sync.state;
-            for (const listener of [...this.listeners])
-                listener(state);
+            // Each listener on its own: one that throws neither skips the others nor
+            // escapes into the WebSocket's message handler.
+            for (const listener of [...this.listeners]) {
+                try {
+                    listener(state);
+                }
+                catch (error) {
+                    try {
+                        this.onError(error);
+                    }
+                    catch {
+                        // an onError that throws: nothing more to do
+                    }
+                }
+            }
         }
+    }
+    // A resync the client asked for may be lost (or its answer): until a
+    // snapshot arrives, ask again every `resyncRetryMs`.
+    startResyncRetry() {
+        if (this.resyncTimer !== null || this.closeInfo || this.closing)
+            return;
+        const retry = () => {
+            this.resyncTimer = null;
+            if (!this.sync.awaitingSnapshot || this.closeInfo || this.closing)
+                return;
+            this.resync();
+            this.resyncTimer = timers.setTimeout(retry, this.resyncRetryMs);
+        };
+        this.resyncTimer = timers.setTimeout(retry, this.resyncRetryMs);
+    }
+    stopResyncRetry() {
+        if (this.resyncTimer !== null)
+            timers.clearTimeout(this.resyncTimer);
+        this.resyncTimer = null;
     }
 }
 /** Opens a connection: `url` is the server's WebSocket URL with the token (`wss://host/?token=…`). */

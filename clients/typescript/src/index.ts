@@ -361,6 +361,17 @@ export interface ConnectOptions {
   onChange?: (state: RoomState) => void;
   /** Called once when the connection closes (also when it never opened). */
   onClose?: (info: CloseInfo) => void;
+  /**
+   * Called with what a change listener (`onChange`, `subscribe`) threw; the
+   * other listeners are still called. Default: `console.error`.
+   */
+  onError?: (error: unknown) => void;
+  /**
+   * v2: when a resync the client asked for brings no snapshot within this many
+   * milliseconds (the request or the answer was lost), it asks again, at most
+   * once per period, until a snapshot arrives. Default 2000.
+   */
+  resyncRetryMs?: number;
 }
 
 /** Counters, for tests and the curious. */
@@ -378,6 +389,27 @@ export interface ClientStats {
 }
 
 const OPEN = 1;
+
+/** The close codes a browser lets a page send (others throw): 1000 and 3000-4999. */
+export function validCloseCode(code: number | undefined): number {
+  return code === 1000 || (Number.isInteger(code) && (code as number) >= 3000 && (code as number) <= 4999)
+    ? (code as number)
+    : 1000;
+}
+
+// The ES2020 lib declares no timers; every runtime the client runs in has them.
+type TimerId = number | { unref?(): void };
+const timers = globalThis as unknown as {
+  setTimeout(callback: () => void, ms: number): TimerId;
+  clearTimeout(id: TimerId): void;
+};
+
+function reportError(error: unknown): void {
+  (globalThis as { console?: { error(...data: unknown[]): void } }).console?.error(
+    "session client: a change listener threw",
+    error,
+  );
+}
 
 /**
  * One connection to a room. `state` is the room as a v1 snapshot; it starts
@@ -402,6 +434,9 @@ export class SessionClient {
   private ws!: WebSocketLike;
   private closing = false;
   private readonly listeners = new Set<(state: RoomState) => void>();
+  private readonly onError: (error: unknown) => void;
+  private readonly resyncRetryMs: number;
+  private resyncTimer: TimerId | null = null;
 
   constructor(url: string, options: ConnectOptions = {}) {
     const Ctor =
@@ -410,6 +445,8 @@ export class SessionClient {
       throw new Error("no WebSocket: pass options.WebSocket (e.g. the `ws` package's) where there is no global one");
     }
     if (options.onChange) this.listeners.add(options.onChange);
+    this.onError = options.onError ?? reportError;
+    this.resyncRetryMs = options.resyncRetryMs ?? 2000;
     let opened!: (p: Protocol) => void;
     let failed!: (e: Error) => void;
     let closed!: (info: CloseInfo) => void;
@@ -420,6 +457,7 @@ export class SessionClient {
     const finish = (info: CloseInfo) => {
       if (this.closeInfo) return;
       this.closeInfo = info;
+      this.stopResyncRetry();
       failed(new Error(`closed before it opened: ${info.code} ${info.reason}`));
       closed(info);
       options.onClose?.(info);
@@ -540,9 +578,20 @@ export class SessionClient {
     return true;
   }
 
+  /**
+   * Closes the connection. A code a browser would refuse (anything but 1000 and
+   * 3000-4999: it throws and the socket stays open) becomes 1000.
+   */
   close(code?: number, reason?: string): void {
     this.closing = true;
-    this.ws.close(code, reason);
+    this.stopResyncRetry();
+    const valid = validCloseCode(code);
+    try {
+      this.ws.close(valid, reason);
+    } catch {
+      // A reason a browser refuses (over 123 bytes of UTF-8): close without it.
+      this.ws.close(valid);
+    }
   }
 
   private receive(data: unknown): void {
@@ -554,12 +603,46 @@ export class SessionClient {
     const result = applyFrame(this.sync, data, this.protocol ?? "v1");
     this.sync = result.sync;
     if (result.problem) this.stats.lastProblem = result.problem;
-    if (result.resync) this.resync();
+    if (result.resync) {
+      this.resync();
+      this.startResyncRetry();
+    }
+    if (!this.sync.awaitingSnapshot) this.stopResyncRetry();
     if (result.changed) {
       this.stats.changes++;
       const state = this.sync.state;
-      for (const listener of [...this.listeners]) listener(state);
+      // Each listener on its own: one that throws neither skips the others nor
+      // escapes into the WebSocket's message handler.
+      for (const listener of [...this.listeners]) {
+        try {
+          listener(state);
+        } catch (error) {
+          try {
+            this.onError(error);
+          } catch {
+            // an onError that throws: nothing more to do
+          }
+        }
+      }
     }
+  }
+
+  // A resync the client asked for may be lost (or its answer): until a
+  // snapshot arrives, ask again every `resyncRetryMs`.
+  private startResyncRetry(): void {
+    if (this.resyncTimer !== null || this.closeInfo || this.closing) return;
+    const retry = () => {
+      this.resyncTimer = null;
+      if (!this.sync.awaitingSnapshot || this.closeInfo || this.closing) return;
+      this.resync();
+      this.resyncTimer = timers.setTimeout(retry, this.resyncRetryMs);
+    };
+    this.resyncTimer = timers.setTimeout(retry, this.resyncRetryMs);
+  }
+
+  private stopResyncRetry(): void {
+    if (this.resyncTimer !== null) timers.clearTimeout(this.resyncTimer);
+    this.resyncTimer = null;
   }
 }
 

@@ -265,4 +265,3 @@ test("an update never changes a shape's id (an `id` in `set` is ignored, the res
   assert.equal(after.shapes[0].y, 7);
   assert.equal(after.shapes[1].y, 0);
 });
-

@@ -203,3 +203,101 @@ test("subscribe and getState fit React's useSyncExternalStore; unsubscribe stops
   assert.equal(seen.length, 1);
   client.close();
 });
+
+test("close() with a code a browser refuses closes anyway, with 1000", async () => {
+  // The global WebSocket (undici) follows the browser's rules: close(1001) throws.
+  const server = await fakeServer({ v2: true });
+  for (const [code, expected] of [[1001, 1000], [2999, 1000], [5000, 1000], [4000.5, 1000], [3001, 3001], [4999, 4999], [undefined, 1000]]) {
+    const client = connect(server.url);
+    await client.opened;
+    const conn = server.connections[server.connections.length - 1];
+    const seen = new Promise((resolve) => conn.socket.once("close", (c) => resolve(c)));
+    client.close(code, "bye");
+    const info = await client.closed;
+    assert.equal(info.code, expected, `close(${code})`);
+    assert.equal(await seen, expected, `close(${code}): the server saw it`);
+  }
+});
+
+test("a change listener that throws skips no other listener and does not stop the client", async () => {
+  const server = await fakeServer({ v2: true });
+  const errors = [];
+  const seen = [];
+  const client = connect(server.url, {
+    onChange: () => { throw new Error("listener bug"); },
+    onError: (e) => errors.push(e.message),
+  });
+  client.subscribe((s) => seen.push(s));
+  await client.opened;
+  const conn = await server.connection();
+  send(conn, { type: "snapshot", seq: 0, connectedUsers: ["a"], cursors: [], shapes: [] });
+  send(conn, { type: "ops", seq: 1, ops: [{ op: "join", userId: "b" }] });
+  await until(() => client.lastSeq === 1, "both frames");
+  assert.equal(seen.length, 2, "the listener after the throwing one saw both changes");
+  assert.equal(seen[1], client.state);
+  assert.deepEqual(errors, ["listener bug", "listener bug"]);
+  client.close();
+  await client.closed;
+
+  // Without onError: console.error, and the same isolation.
+  const logged = [];
+  const saved = console.error;
+  console.error = (...args) => logged.push(args);
+  try {
+    const quiet = connect(server.url, { onChange: () => { throw new Error("again"); } });
+    const after = [];
+    quiet.subscribe((s) => after.push(s));
+    await quiet.opened;
+    send(await server.connection(), { type: "snapshot", seq: 0, connectedUsers: [], cursors: [], shapes: [] });
+    await until(() => after.length === 1, "the change");
+    assert.equal(logged.length, 1);
+    assert.equal(logged[0][1].message, "again");
+    quiet.close();
+  } finally {
+    console.error = saved;
+  }
+});
+
+test("a resync that brings no snapshot is asked again every resyncRetryMs until a snapshot arrives", async () => {
+  const server = await fakeServer({ v2: true });
+  const client = connect(server.url, { resyncRetryMs: 100 });
+  await client.opened;
+  const conn = await server.connection();
+  send(conn, { type: "snapshot", seq: 1, connectedUsers: ["a"], cursors: [], shapes: [] });
+  await until(() => client.lastSeq === 1, "the snapshot");
+  const t0 = Date.now();
+  send(conn, { type: "ops", seq: 3, ops: [] }); // 2 is lost: a gap
+  await until(() => conn.received.length === 1, "the first resync");
+  // The fake "loses" it: no snapshot. The client asks again after 100 ms.
+  await until(() => conn.received.length === 2, "the second resync", 2000);
+  assert.ok(Date.now() - t0 >= 90, `the second resync came after ${Date.now() - t0} ms`);
+  await new Promise((r) => setTimeout(r, 250));
+  const asked = conn.received.length;
+  assert.ok(asked >= 3 && asked <= 5, `${asked} resyncs in ~350 ms at most one per 100 ms`);
+  assert.ok(conn.received.every((m) => m.type === "resync"));
+  assert.equal(client.stats.resyncs, asked);
+  // Ops are still ignored; a snapshot ends the retries.
+  send(conn, { type: "ops", seq: 4, ops: [{ op: "join", userId: "b" }] });
+  send(conn, { type: "snapshot", seq: 10, connectedUsers: ["a", "c"], cursors: [], shapes: [] });
+  await until(() => client.lastSeq === 10, "the answer");
+  const final = conn.received.length;
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(conn.received.length, final, "no resync after the snapshot");
+  assert.deepEqual(client.state.connectedUsers, ["a", "c"]);
+  client.close();
+  await client.closed;
+});
+
+test("closing while a resync is pending stops the retries", async () => {
+  const server = await fakeServer({ v2: true });
+  const client = connect(server.url, { resyncRetryMs: 50 });
+  await client.opened;
+  const conn = await server.connection();
+  send(conn, { type: "ops", seq: 3, ops: [] }); // ops before any snapshot: a resync
+  await until(() => conn.received.length === 1, "the resync");
+  client.close();
+  await client.closed;
+  const sent = client.stats.sent;
+  await new Promise((r) => setTimeout(r, 200));
+  assert.equal(client.stats.sent, sent);
+});
