@@ -74,8 +74,13 @@ const http = createServer((req, res) => {
   const url = new URL(req.url, "http://x");
   if (url.pathname === "/") { res.writeHead(200, { "content-type": "text/html" }); return res.end(page); }
   if (url.pathname === "/dev/token") { // the token is the user's name: this fake checks nothing
-    res.writeHead(200, { "content-type": "application/json" });
-    return res.end(JSON.stringify({ token: url.searchParams.get("userId") }));
+    const userId = url.searchParams.get("userId");
+    const answer = () => {
+      res.writeHead(200, { "content-type": "application/json" });
+      res.end(JSON.stringify({ token: userId }));
+    };
+    // A slow token for "dave": a second click on Join comes while it is on its way.
+    return userId === "dave" ? void setTimeout(answer, 400) : answer();
   }
   res.writeHead(404); res.end();
 });
@@ -84,8 +89,10 @@ const wss = new WebSocketServer({
   handleProtocols: (offered) => (offered.has("whiteboard.v2") ? "whiteboard.v2" : false),
 });
 // The others get the join first; the newcomer's first message is a snapshot.
+const sockets = []; // every connection: { userId, socket }
 wss.on("connection", (socket, req) => {
   const userId = new URL(req.url, "http://x").searchParams.get("token");
+  sockets.push({ userId, socket });
   const m = { socket, v2: socket.protocol === "whiteboard.v2", seq: 100, dropNext: false };
   room.connectedUsers.push(userId);
   broadcast([{ op: "join", userId }]);
@@ -176,6 +183,54 @@ try {
     if (codes.length) throw new Error(`${name}'s connection closed with ${codes.join(", ")}`);
   }
   step("carol's page with ?protocol=v1 says v1 and shows the same shapes as bob's v2 page");
+
+  // Cursor moves alone leave the shapes layer alone (v2 keeps the same shapes
+  // array): the shape elements bob's page shows are the same elements after.
+  const sync = await bob.evaluate(() => document.getElementById("sync").textContent);
+  if (!/^seq \d+ · resyncs 1$/.test(sync)) throw new Error(`bob's page shows "${sync}", not its seq and one resync`);
+  const rendersBefore = await bob.evaluate(() => {
+    for (const node of document.querySelectorAll("[data-shape]")) node.dataset.mark = "kept";
+    return window.board.shapeRenders;
+  });
+  await alice.click('[data-tool="move"]');
+  await alice.mouse.move(box.x + 700, box.y + 400);
+  await alice.mouse.move(box.x + 720, box.y + 450, { steps: 20 });
+  await bob.waitForFunction(() => {
+    const c = window.board.state.snapshot.cursors.find((c) => c.userId === "alice");
+    return c && c.x === 720 && c.y === 450;
+  }, null, { timeout: 10000 });
+  await bob.waitForSelector('[data-cursor="alice"] circle[cx="720"]', { timeout: 10000 });
+  const after = await bob.evaluate(() => ({ renders: window.board.shapeRenders,
+    kept: [...document.querySelectorAll("[data-shape]")].map((n) => n.dataset.mark ?? "new") }));
+  if (after.renders !== rendersBefore || after.kept.join() !== "kept,kept") {
+    throw new Error(`cursor moves rebuilt bob's shapes: ${rendersBefore} -> ${after.renders} renders, elements ${after.kept}`);
+  }
+  step(`21 cursor moves: bob's page kept its shape elements (${after.renders} shape renders in all)`);
+
+  // A double click on Join while the token is on its way: one client, one connection.
+  const dave = await newPage();
+  await dave.goto(`${fake}/?room=r1`);
+  await dave.fill("#name", "dave");
+  await dave.dblclick("#join");
+  await dave.waitForFunction(() => window.board.protocol !== null, null, { timeout: 10000 });
+  await new Promise((r) => setTimeout(r, 800)); // a stray second connection would be open by now
+  const daves = sockets.filter((c) => c.userId === "dave");
+  const open = daves.filter((c) => c.socket.readyState === 1).length;
+  if (daves.length !== 1 || open !== 1) throw new Error(`a double click on Join opened ${daves.length} connections for dave (${open} open)`);
+  const daveCodes = await dave.evaluate(() => window.board.closeCodes);
+  if (daveCodes.length) throw new Error(`dave's connection closed with ${daveCodes.join(", ")}`);
+  step("a double click on Join (slow token) made one connection");
+
+  // When bob's connection closes, his page drops the others' cursors and the badge.
+  if (!(await bob.locator('[data-cursor="alice"]').count())) throw new Error("bob's page shows no cursor of alice");
+  members.get("bob").socket.close(4000, "Replaced by a new connection");
+  await bob.waitForFunction(() => window.board.closes === 1, null, { timeout: 10000 });
+  const closedView = await bob.evaluate(() => ({ cursors: document.querySelectorAll("[data-cursor]").length,
+    badge: document.getElementById("protocol").textContent, status: document.getElementById("status").textContent }));
+  if (closedView.cursors !== 0 || closedView.badge !== "–" || !closedView.status.startsWith("closed 4000")) {
+    throw new Error(`bob's page after the close: ${JSON.stringify(closedView)}`);
+  }
+  step("bob's page, closed: no stale cursors, no protocol badge");
   step("pass");
 } catch (e) {
   console.error(`[browser-v2] FAIL: ${e.stack || e}`);
