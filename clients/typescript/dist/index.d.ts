@@ -196,6 +196,14 @@ export interface ConnectOptions {
      * once per period, until a snapshot arrives. Default 2000.
      */
     resyncRetryMs?: number;
+    /**
+     * After a fallback to v1, a `1008 Duplicate user` within 2 s of the v1
+     * connection opening is most likely the server still holding the failed v2
+     * attempt (an older server behind a slow proxy): the client connects once
+     * more, this many milliseconds later. Default 1000; a real duplicate gets its
+     * 1008 again on that attempt, and the connection closes with it.
+     */
+    fallbackRetryMs?: number;
 }
 /** Counters, for tests and the curious. */
 export interface ClientStats {
@@ -229,9 +237,13 @@ export declare class SessionClient {
     readonly stats: ClientStats;
     /** Attempts that offered v2 and failed before opening, then retried as v1 (0 or 1). */
     fallbacks: number;
+    /** v1 connections made again after a `1008 Duplicate user` right after the fallback (0 or 1). */
+    duplicateRetries: number;
     private sync;
     private ws;
     private closing;
+    /** A retry after a duplicate waiting for its timer: close() ends it at once. */
+    private pendingRetry;
     private readonly listeners;
     private readonly onError;
     private readonly resyncRetryMs;

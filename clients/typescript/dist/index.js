@@ -210,6 +210,8 @@ function askResync(sync, problem) {
         return { sync, changed: false, resync: false, problem };
     return { sync: { ...sync, awaitingSnapshot: true }, changed: false, resync: true, problem };
 }
+/** How soon after the fallback connection opens a `1008 Duplicate user` counts as its own echo. */
+const DUPLICATE_AFTER_FALLBACK_MS = 2000;
 const OPEN = 1;
 /** The close codes a browser lets a page send (others throw): 1000 and 3000-4999. */
 export function validCloseCode(code) {
@@ -235,8 +237,12 @@ export class SessionClient {
         this.stats = { frames: 0, changes: 0, resyncs: 0, sent: 0, lastProblem: null };
         /** Attempts that offered v2 and failed before opening, then retried as v1 (0 or 1). */
         this.fallbacks = 0;
+        /** v1 connections made again after a `1008 Duplicate user` right after the fallback (0 or 1). */
+        this.duplicateRetries = 0;
         this.sync = initialSync();
         this.closing = false;
+        /** A retry after a duplicate waiting for its timer: close() ends it at once. */
+        this.pendingRetry = null;
         this.listeners = new Set();
         this.resyncTimer = null;
         /** Same as `state`, for `useSyncExternalStore(client.subscribe, client.getState)`. */
@@ -256,6 +262,7 @@ export class SessionClient {
             this.listeners.add(options.onChange);
         this.onError = options.onError ?? reportError;
         this.resyncRetryMs = options.resyncRetryMs ?? 2000;
+        const fallbackRetryMs = options.fallbackRetryMs ?? 1000;
         let opened;
         let failed;
         let closed;
@@ -279,15 +286,37 @@ export class SessionClient {
             const ws = wanted === "v2" ? new Ctor(url, [SUBPROTOCOL_V2]) : new Ctor(url);
             this.ws = ws;
             let open = false;
+            let openedAt = 0;
             let done = false;
             // Handlers as properties: every WebSocket implementation has them.
             const handlers = ws;
+            // After a fallback, the server may still hold the failed v2 attempt (an
+            // older server behind a slow proxy sees its close late) and turn the v1
+            // connection away as a duplicate of it: one more v1 attempt, a little later.
+            const duplicateOfFallback = (info) => wanted === "v1" &&
+                this.fallbacks > 0 &&
+                this.duplicateRetries === 0 &&
+                !this.closing &&
+                info.code === 1008 &&
+                info.reason === "Duplicate user" &&
+                (!open || Date.now() - openedAt < DUPLICATE_AFTER_FALLBACK_MS);
+            const retryLater = (info) => {
+                this.duplicateRetries++;
+                const timer = timers.setTimeout(() => {
+                    this.pendingRetry = null;
+                    attempt("v1");
+                }, fallbackRetryMs);
+                this.pendingRetry = { timer, giveUp: () => finish(info) };
+            };
             const failedBeforeOpen = (info) => {
                 if (done)
                     return;
                 done = true;
                 handlers.onopen = handlers.onmessage = handlers.onclose = handlers.onerror = null;
-                if (wanted === "v2" && !this.closing) {
+                if (duplicateOfFallback(info)) {
+                    retryLater(info);
+                }
+                else if (wanted === "v2" && !this.closing) {
                     this.fallbacks++;
                     try {
                         ws.close();
@@ -305,6 +334,7 @@ export class SessionClient {
                 if (done)
                     return;
                 open = true;
+                openedAt = Date.now();
                 this.protocol = wanted === "v2" && ws.protocol === SUBPROTOCOL_V2 ? "v2" : "v1";
                 opened(this.protocol);
             };
@@ -325,6 +355,10 @@ export class SessionClient {
                 if (done)
                     return;
                 done = true;
+                if (duplicateOfFallback(info)) {
+                    handlers.onopen = handlers.onmessage = handlers.onclose = handlers.onerror = null;
+                    return retryLater(info);
+                }
                 finish(info);
             };
             return ws;
@@ -377,6 +411,14 @@ export class SessionClient {
     close(code, reason) {
         this.closing = true;
         this.stopResyncRetry();
+        if (this.pendingRetry) {
+            // Between two attempts: nothing is open, the connection ends here.
+            const { timer, giveUp } = this.pendingRetry;
+            this.pendingRetry = null;
+            timers.clearTimeout(timer);
+            giveUp();
+            return;
+        }
         const valid = validCloseCode(code);
         try {
             this.ws.close(valid, reason);

@@ -372,7 +372,18 @@ export interface ConnectOptions {
    * once per period, until a snapshot arrives. Default 2000.
    */
   resyncRetryMs?: number;
+  /**
+   * After a fallback to v1, a `1008 Duplicate user` within 2 s of the v1
+   * connection opening is most likely the server still holding the failed v2
+   * attempt (an older server behind a slow proxy): the client connects once
+   * more, this many milliseconds later. Default 1000; a real duplicate gets its
+   * 1008 again on that attempt, and the connection closes with it.
+   */
+  fallbackRetryMs?: number;
 }
+
+/** How soon after the fallback connection opens a `1008 Duplicate user` counts as its own echo. */
+const DUPLICATE_AFTER_FALLBACK_MS = 2000;
 
 /** Counters, for tests and the curious. */
 export interface ClientStats {
@@ -429,10 +440,14 @@ export class SessionClient {
 
   /** Attempts that offered v2 and failed before opening, then retried as v1 (0 or 1). */
   fallbacks = 0;
+  /** v1 connections made again after a `1008 Duplicate user` right after the fallback (0 or 1). */
+  duplicateRetries = 0;
 
   private sync: SyncState = initialSync();
   private ws!: WebSocketLike;
   private closing = false;
+  /** A retry after a duplicate waiting for its timer: close() ends it at once. */
+  private pendingRetry: { timer: TimerId; giveUp: () => void } | null = null;
   private readonly listeners = new Set<(state: RoomState) => void>();
   private readonly onError: (error: unknown) => void;
   private readonly resyncRetryMs: number;
@@ -447,6 +462,7 @@ export class SessionClient {
     if (options.onChange) this.listeners.add(options.onChange);
     this.onError = options.onError ?? reportError;
     this.resyncRetryMs = options.resyncRetryMs ?? 2000;
+    const fallbackRetryMs = options.fallbackRetryMs ?? 1000;
     let opened!: (p: Protocol) => void;
     let failed!: (e: Error) => void;
     let closed!: (info: CloseInfo) => void;
@@ -471,6 +487,7 @@ export class SessionClient {
       const ws = wanted === "v2" ? new Ctor(url, [SUBPROTOCOL_V2]) : new Ctor(url);
       this.ws = ws;
       let open = false;
+      let openedAt = 0;
       let done = false;
       // Handlers as properties: every WebSocket implementation has them.
       const handlers = ws as unknown as {
@@ -479,11 +496,32 @@ export class SessionClient {
         onclose: ((event: { code: number; reason: string; wasClean: boolean }) => void) | null;
         onerror: (() => void) | null;
       };
+      // After a fallback, the server may still hold the failed v2 attempt (an
+      // older server behind a slow proxy sees its close late) and turn the v1
+      // connection away as a duplicate of it: one more v1 attempt, a little later.
+      const duplicateOfFallback = (info: CloseInfo) =>
+        wanted === "v1" &&
+        this.fallbacks > 0 &&
+        this.duplicateRetries === 0 &&
+        !this.closing &&
+        info.code === 1008 &&
+        info.reason === "Duplicate user" &&
+        (!open || Date.now() - openedAt < DUPLICATE_AFTER_FALLBACK_MS);
+      const retryLater = (info: CloseInfo) => {
+        this.duplicateRetries++;
+        const timer = timers.setTimeout(() => {
+          this.pendingRetry = null;
+          attempt("v1");
+        }, fallbackRetryMs);
+        this.pendingRetry = { timer, giveUp: () => finish(info) };
+      };
       const failedBeforeOpen = (info: CloseInfo) => {
         if (done) return;
         done = true;
         handlers.onopen = handlers.onmessage = handlers.onclose = handlers.onerror = null;
-        if (wanted === "v2" && !this.closing) {
+        if (duplicateOfFallback(info)) {
+          retryLater(info);
+        } else if (wanted === "v2" && !this.closing) {
           this.fallbacks++;
           try {
             ws.close();
@@ -498,6 +536,7 @@ export class SessionClient {
       handlers.onopen = () => {
         if (done) return;
         open = true;
+        openedAt = Date.now();
         this.protocol = wanted === "v2" && ws.protocol === SUBPROTOCOL_V2 ? "v2" : "v1";
         opened(this.protocol);
       };
@@ -514,6 +553,10 @@ export class SessionClient {
         if (!open) return failedBeforeOpen(info);
         if (done) return;
         done = true;
+        if (duplicateOfFallback(info)) {
+          handlers.onopen = handlers.onmessage = handlers.onclose = handlers.onerror = null;
+          return retryLater(info);
+        }
         finish(info);
       };
       return ws;
@@ -585,6 +628,14 @@ export class SessionClient {
   close(code?: number, reason?: string): void {
     this.closing = true;
     this.stopResyncRetry();
+    if (this.pendingRetry) {
+      // Between two attempts: nothing is open, the connection ends here.
+      const { timer, giveUp } = this.pendingRetry;
+      this.pendingRetry = null;
+      timers.clearTimeout(timer);
+      giveUp();
+      return;
+    }
     const valid = validCloseCode(code);
     try {
       this.ws.close(valid, reason);

@@ -301,3 +301,66 @@ test("closing while a resync is pending stops the retries", async () => {
   await new Promise((r) => setTimeout(r, 200));
   assert.equal(client.stats.sent, sent);
 });
+
+/** A v1 fake that turns away the connections numbered in `duplicates` (1-based) with 1008 Duplicate user, right after they open. */
+async function duplicateServer(duplicates) {
+  const server = await fakeServer({ v2: false });
+  let n = 0;
+  server.wss.on("connection", (socket) => {
+    n++;
+    if (duplicates.includes(n)) socket.close(1008, "Duplicate user");
+  });
+  return server;
+}
+
+test("after a fallback, a 1008 Duplicate user at once gets one more v1 attempt, fallbackRetryMs later", async () => {
+  const server = await duplicateServer([2]); // 1: the v2 offer (fails), 2: v1, turned away
+  const closes = [];
+  const client = connect(server.url, { fallbackRetryMs: 150, onClose: (i) => closes.push(i) });
+  assert.equal(await client.opened, "v1");
+  const t0 = Date.now();
+  await until(() => server.connections.length === 3, "the retry");
+  assert.ok(Date.now() - t0 >= 120, `the retry came ${Date.now() - t0} ms after the open, not ~150`);
+  assert.deepEqual(server.connections.map((c) => c.offered), ["whiteboard.v2", null, null]);
+  send(server.connections[2], { connectedUsers: ["alice"], cursors: [], shapes: [] });
+  await until(() => client.state.connectedUsers.length === 1, () => JSON.stringify(client.state));
+  assert.equal(client.duplicateRetries, 1);
+  assert.equal(client.closeInfo, null);
+  assert.ok(client.moveCursor(1, 2));
+  await until(() => server.connections[2].received.length === 1, "the cursor move on the new connection");
+  assert.deepEqual(closes, []);
+  client.close();
+  await client.closed;
+  assert.equal(closes.length, 1);
+});
+
+test("a real duplicate after a fallback closes with 1008 after the one retry; without a fallback, at once", async () => {
+  const twice = await duplicateServer([2, 3]);
+  const closes = [];
+  const a = connect(twice.url, { fallbackRetryMs: 50, onClose: (i) => closes.push(i) });
+  const info = await a.closed;
+  assert.equal(info.code, 1008);
+  assert.equal(info.reason, "Duplicate user");
+  assert.equal(twice.connections.length, 3, "one retry, not more");
+  assert.equal(a.duplicateRetries, 1);
+  assert.deepEqual(closes, [info]);
+
+  const direct = await duplicateServer([1]);
+  const b = connect(direct.url, { protocol: "v1", fallbackRetryMs: 50 });
+  assert.equal((await b.closed).code, 1008);
+  await new Promise((r) => setTimeout(r, 150));
+  assert.equal(direct.connections.length, 1, "no fallback, no retry");
+  assert.equal(b.duplicateRetries, 0);
+});
+
+test("close() while the retry after a duplicate waits ends the connection at once", async () => {
+  const server = await duplicateServer([2]);
+  const client = connect(server.url, { fallbackRetryMs: 300 });
+  await client.opened;
+  await until(() => client.duplicateRetries === 1, "the duplicate");
+  client.close();
+  const info = await client.closed;
+  assert.equal(info.code, 1008);
+  await new Promise((r) => setTimeout(r, 400));
+  assert.equal(server.connections.length, 2, "no attempt after close()");
+});

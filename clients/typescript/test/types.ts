@@ -48,5 +48,5 @@ node.createShape({ shapeType: "hexagon", x: 0, y: 0, width: 1, height: 1 });
 // @ts-expect-error: a client cannot choose a shape's id
 node.send({ type: "shape_update", shapeId: "a", id: "b" });
 node.close(1001); // any number: the client turns what a browser refuses into 1000
-connect("ws://h/?token=t", { onError: (e: unknown) => void e, resyncRetryMs: 50 });
+connect("ws://h/?token=t", { onError: (e: unknown) => void e, resyncRetryMs: 50, fallbackRetryMs: 50 });
 void [cursors, shapes, unsubscribe, opened, closed, result, mutable, copied];
