@@ -494,7 +494,18 @@ impl Outbox {
                 .snapshots_skipped
                 .inc_by(snapshot.version.saturating_sub(last + 1));
         }
-        let message = self.v2.then(|| self.v2_message(entry, &snapshot));
+        let message = if self.v2 {
+            match self.v2_message(entry, &snapshot) {
+                Some(message) => Some(message),
+                None => {
+                    // Publishes that changed nothing: nothing to send.
+                    self.last_version = Some(snapshot.version);
+                    return Ok(());
+                }
+            }
+        } else {
+            None
+        };
         self.last_version = Some(snapshot.version);
         if self.spacing.is_some() {
             self.last_sent = Some(Instant::now());
@@ -542,10 +553,9 @@ impl Outbox {
         }
     }
 
-    /// The v2 message that brings the client to `snapshot`.
-    fn v2_message(&mut self, entry: &RoomEntry, snapshot: &Published) -> V2Message {
-        let seq = self.next_seq;
-        self.next_seq += 1;
+    /// The v2 message that brings the client to `snapshot` (`None` if the
+    /// publishes since its last message changed nothing).
+    fn v2_message(&mut self, entry: &RoomEntry, snapshot: &Published) -> Option<V2Message> {
         let batches = match self.last_version {
             Some(last) if !std::mem::take(&mut self.resync) => {
                 entry
@@ -555,12 +565,20 @@ impl Outbox {
             _ => None,
         };
         self.resync = false;
-        match batches {
+        if batches
+            .as_ref()
+            .is_some_and(|b| b.iter().all(|ops| ops.is_empty()))
+        {
+            return None;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        Some(match batches {
             Some(batches) => V2Message::Ops(crate::protocol::v2::ops_message(
                 seq,
                 batches.iter().map(|b| &b[..]),
             )),
             None => V2Message::Snapshot(crate::protocol::v2::snapshot_prefix(seq)),
-        }
+        })
     }
 }
