@@ -23,6 +23,7 @@ use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
+use session_server::protocol::v2::{self, Applied, Replica};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -77,6 +78,10 @@ struct FanoutArgs {
     /// Supervisor pid, for CPU and RSS accounting (its children are included).
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Members speak protocol v2 (PROTOCOL-v2.md): one snapshot, then ops
+    /// applied to a copy of the room.
+    #[arg(long, default_value_t = false)]
+    v2: bool,
 }
 
 #[derive(clap::Args, Clone)]
@@ -265,6 +270,8 @@ struct Seen {
     bytes: u64,
     /// Moves seen, per sender.
     moves_seen: u64,
+    /// v2 gaps (see `v2_gaps`).
+    gaps: u64,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -350,6 +357,16 @@ fn tls_connector() -> tokio_rustls::TlsConnector {
 /// Connects (`ws://` or `wss://`) with [`client_config`] and `TCP_NODELAY` (as
 /// browsers do).
 async fn connect(url: String) -> Result<(Socket, ()), Box<dyn std::error::Error + Send + Sync>> {
+    connect_offering(url, None).await
+}
+
+/// Connects offering a WebSocket subprotocol (fails if the server does not
+/// choose it).
+async fn connect_offering(
+    url: String,
+    subprotocol: Option<&str>,
+) -> Result<(Socket, ()), Box<dyn std::error::Error + Send + Sync>> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let (tls, rest) = match url.strip_prefix("wss://") {
         Some(rest) => (true, rest),
         None => (false, url.trim_start_matches("ws://")),
@@ -367,8 +384,14 @@ async fn connect(url: String) -> Result<(Socket, ()), Box<dyn std::error::Error 
     } else {
         Box::new(tcp)
     };
+    let mut request = url.into_client_request()?;
+    if let Some(subprotocol) = subprotocol {
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", subprotocol.parse()?);
+    }
     let (ws, _) =
-        tokio_tungstenite::client_async_with_config(url, io, Some(client_config())).await?;
+        tokio_tungstenite::client_async_with_config(request, io, Some(client_config())).await?;
     Ok((ws, ()))
 }
 
@@ -394,6 +417,8 @@ async fn fanout(args: FanoutArgs) -> Value {
     let total = args.rooms * args.members;
     // Connect everyone first and wait for each first snapshot.
     let mut sockets = Vec::with_capacity(total);
+    // v2: each member's copy of its room.
+    let mut replicas = Vec::with_capacity(total);
     for i in 0..total {
         let room = format!("room-{}", i / args.members);
         let user = format!("m{i}");
@@ -402,9 +427,18 @@ async fn fanout(args: FanoutArgs) -> Value {
             args.url.trim_end_matches('/'),
             token(&args.secret, &host, &user, &room)
         );
-        let (mut ws, _) = connect(url).await.expect("connect");
-        ws.next().await.expect("first snapshot").expect("no error");
+        let (mut ws, _) = connect_offering(url, args.v2.then_some(v2::SUBPROTOCOL))
+            .await
+            .expect("connect");
+        let first = ws.next().await.expect("first snapshot").expect("no error");
+        let mut replica = Replica::default();
+        if args.v2 {
+            replica
+                .receive(first.to_text().expect("text"))
+                .expect("v2 snapshot");
+        }
         sockets.push(ws);
+        replicas.push(replica);
     }
     let mut slow = Vec::with_capacity(args.rooms * args.slow_members);
     for room in 0..args.rooms {
@@ -420,7 +454,14 @@ async fn fanout(args: FanoutArgs) -> Value {
         }
     }
     if args.shapes > 0 {
-        create_shapes(&mut sockets, args.members, args.shapes).await;
+        create_shapes(
+            &mut sockets,
+            &mut replicas,
+            args.v2,
+            args.members,
+            args.shapes,
+        )
+        .await;
     }
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.seconds);
@@ -432,8 +473,9 @@ async fn fanout(args: FanoutArgs) -> Value {
     let measure_start = Instant::now();
     let period = Duration::from_secs_f64(1.0 / args.hz);
     let mut tasks = Vec::new();
-    for (i, ws) in sockets.into_iter().enumerate() {
+    for (i, (ws, mut replica)) in sockets.into_iter().zip(replicas).enumerate() {
         let (mut sink, mut stream) = ws.split();
+        let v2 = args.v2;
         let sent = sent.clone();
         let last_sent = last_sent.clone();
         let me = i as u64;
@@ -468,9 +510,30 @@ async fn fanout(args: FanoutArgs) -> Value {
                 let now = start.elapsed().as_micros() as u64;
                 seen.snapshots += 1;
                 seen.bytes += text.len() as u64;
-                let snap: Snapshot = serde_json::from_str(&text).expect("snapshot is JSON");
-                for cursor in snap.cursors {
-                    let (Some(x), Some(y)) = (as_u64(cursor.x), as_u64(cursor.y)) else {
+                let cursors: Vec<(f64, f64)> = if v2 {
+                    if replica.receive(&text).expect("v2 message") == Applied::NeedResync {
+                        seen.gaps += 1;
+                    }
+                    let Some(state) = &replica.state else {
+                        continue;
+                    };
+                    state["cursors"]
+                        .as_array()
+                        .expect("cursors")
+                        .iter()
+                        .map(|c| {
+                            (
+                                c["x"].as_f64().unwrap_or(-1.0),
+                                c["y"].as_f64().unwrap_or(-1.0),
+                            )
+                        })
+                        .collect()
+                } else {
+                    let snap: Snapshot = serde_json::from_str(&text).expect("snapshot is JSON");
+                    snap.cursors.iter().map(|c| (c.x, c.y)).collect()
+                };
+                for (x, y) in cursors {
+                    let (Some(x), Some(y)) = (as_u64(x), as_u64(y)) else {
                         continue;
                     };
                     if x == me {
@@ -506,6 +569,7 @@ async fn fanout(args: FanoutArgs) -> Value {
         all.snapshots += seen.snapshots;
         all.bytes += seen.bytes;
         all.moves_seen += seen.moves_seen;
+        all.gaps += seen.gaps;
     }
     let window = measure_start.elapsed().as_secs_f64();
     let usage_after = args.server_pid.map(server_usage);
@@ -524,11 +588,18 @@ async fn fanout(args: FanoutArgs) -> Value {
         "scenario": "fanout",
         "rooms": args.rooms, "members": args.members, "hz": args.hz, "seconds": args.seconds,
         "shapes": args.shapes, "slow_members": args.slow_members,
+        "protocol": if args.v2 { "v2" } else { "v1" },
         "messages_sent": sent,
         "snapshots_received": all.snapshots,
         "bytes_per_snapshot": all.bytes as f64 / all.snapshots.max(1) as f64,
         "deliveries_per_sec": all.snapshots as f64 / window,
+        // Message payloads (WebSocket frame headers not included): into each
+        // member, and out of the server (into every member together).
         "bytes_per_sec": all.bytes as f64 / window,
+        "bytes_per_sec_per_member": all.bytes as f64 / window / total as f64,
+        "messages_per_sec_per_member": all.snapshots as f64 / window / total as f64,
+        // v2: batches a member could not apply (then it waits for a snapshot).
+        "v2_gaps": all.gaps,
         "moves_expected": expected,
         "moves_seen": all.moves_seen,
         "moves_superseded": expected.saturating_sub(all.moves_seen),
@@ -543,6 +614,8 @@ async fn fanout(args: FanoutArgs) -> Value {
         "server_cpu_seconds": cpu,
         "server_cpu_share": cpu.map(|c| c / window),
         "server_cpu_us_per_delivery": cpu.map(|c| c * 1e6 / all.snapshots.max(1) as f64),
+        // A move conveyed: one member's move seen by one other member.
+        "server_cpu_us_per_conveyed_move": cpu.map(|c| c * 1e6 / all.moves_seen.max(1) as f64),
         "server_rss_kib": usage_after.map(|(_, rss)| rss),
         // Near 1.0 means the generator itself was the bottleneck.
         "loadgen_cpu_share": (own_cpu_after - own_cpu_before) / window,
@@ -553,6 +626,8 @@ async fn fanout(args: FanoutArgs) -> Value {
 /// its snapshot shows them all, so the measured window starts from a quiet room.
 async fn create_shapes<S>(
     sockets: &mut [tokio_tungstenite::WebSocketStream<S>],
+    replicas: &mut [Replica],
+    v2: bool,
     members: usize,
     count: usize,
 ) where
@@ -570,7 +645,7 @@ async fn create_shapes<S>(
             creator.send(Message::text(msg)).await.expect("send shape");
         }
     }
-    for ws in sockets.iter_mut() {
+    for (ws, replica) in sockets.iter_mut().zip(replicas) {
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
                 .await
@@ -578,7 +653,12 @@ async fn create_shapes<S>(
                 .expect("open")
                 .expect("no error");
             let Message::Text(text) = msg else { continue };
-            let snapshot: Value = serde_json::from_str(&text).expect("snapshot is JSON");
+            let snapshot: Value = if v2 {
+                replica.receive(&text).expect("v2 message");
+                replica.state.clone().unwrap_or_default()
+            } else {
+                serde_json::from_str(&text).expect("snapshot is JSON")
+            };
             if snapshot["shapes"].as_array().map_or(0, Vec::len) >= count {
                 break;
             }

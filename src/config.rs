@@ -102,6 +102,10 @@ pub struct ServeArgs {
     /// refused with 1008 "Duplicate user".
     #[arg(long, env = "TAKEOVER_WAIT_MS", default_value_t = 2_000)]
     pub takeover_wait_ms: u64,
+    /// Messages per second each member gets at most (always the newest state;
+    /// a quiet room's changes still go out at once). 0: no cap.
+    #[arg(long, env = "MAX_SNAPSHOT_HZ", default_value_t = 60)]
+    pub max_snapshot_hz: u32,
     /// TLS certificate chain (PEM). With `--tls-key`, the port serves HTTPS and
     /// `wss://`; without both, plain HTTP and `ws://`.
     #[arg(long, env = "TLS_CERT", requires = "tls_key")]
@@ -224,6 +228,8 @@ pub struct Config {
     pub jwt_secret: Secret,
     pub require_host_claim: bool,
     pub ping_interval: Duration,
+    /// Least time between two messages to one member (`--max-snapshot-hz`).
+    pub snapshot_spacing: Option<Duration>,
     pub shutdown_grace: Duration,
     pub limits: Limits,
     /// Development mode (see `--dev`).
@@ -532,6 +538,8 @@ impl ServeArgs {
             jwt_secret,
             require_host_claim: self.require_host_claim,
             ping_interval: Duration::from_millis(self.ping_interval_ms),
+            snapshot_spacing: (self.max_snapshot_hz > 0)
+                .then(|| Duration::from_secs(1) / self.max_snapshot_hz),
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
             dev: self.dev,
             admin_token: self.admin_token.filter(|t| !t.is_empty()),

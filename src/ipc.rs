@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 /// Version of the frame definitions below. The supervisor and a worker exchange it
 /// in their first frames and refuse to talk on a mismatch. Bump it on any change to
 /// [`ToWorker`] or [`FromWorker`].
-pub const IPC_VERSION: u32 = 6;
+pub const IPC_VERSION: u32 = 7;
 
 /// Largest IPC frame body accepted. A snapshot of a full room (1000 shapes with
 /// bounded fields) is far below this; anything larger is corruption.
@@ -156,10 +156,15 @@ pub enum FromWorker {
         conn: ConnId,
         reason: JoinRejection,
     },
-    /// The room's full snapshot, encoded once as the JSON text every member gets.
+    /// The room's full snapshot, encoded once as the JSON text every member gets,
+    /// and the protocol v2 ops that turn the room's previous snapshot into this
+    /// one (comma-separated op objects, PROTOCOL-v2.md §2), or `None` when there
+    /// is no previous snapshot they apply to (a new or restored room, stored
+    /// shapes merged, too many ops): v2 members then need this snapshot.
     Snapshot {
         room: RoomId,
         json: String,
+        ops: Option<String>,
     },
     /// The room has been freed after a `CloseRoom`.
     RoomClosed {

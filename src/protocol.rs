@@ -303,6 +303,196 @@ pub fn push_json_timestamp(out: &mut String, time_ms: i64) {
     let _ = write!(out, "\"{}\"", t.format("%Y-%m-%dT%H:%M:%S%.3fZ"));
 }
 
+/// Protocol v2 (PROTOCOL-v2.md): its subprotocol name and message framing.
+pub mod v2 {
+    use serde_json::Value;
+
+    /// The WebSocket subprotocol a client offers to get v2.
+    pub const SUBPROTOCOL: &str = "whiteboard.v2";
+
+    /// Whether a client message is a v2 `resync` request. A cheap test first
+    /// (most messages are cursor moves), then a parse.
+    pub fn is_resync(text: &str) -> bool {
+        #[derive(serde::Deserialize)]
+        struct Typed<'a> {
+            #[serde(borrow, rename = "type")]
+            kind: std::borrow::Cow<'a, str>,
+        }
+        text.contains("resync")
+            && serde_json::from_str::<Typed>(text).is_ok_and(|t| t.kind == "resync")
+    }
+
+    /// `{"type":"snapshot","seq":N,`: a v2 snapshot is this, then a v1
+    /// snapshot without its opening `{`.
+    pub fn snapshot_prefix(seq: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(40);
+        out.extend_from_slice(b"{\"type\":\"snapshot\",\"seq\":");
+        out.extend_from_slice(seq.to_string().as_bytes());
+        out.push(b',');
+        out
+    }
+
+    /// `{"type":"ops","seq":N,"ops":[…]}` from batches of comma-separated ops
+    /// (empty batches are skipped).
+    pub fn ops_message<'a>(seq: u64, batches: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"{\"type\":\"ops\",\"seq\":");
+        out.extend_from_slice(seq.to_string().as_bytes());
+        out.extend_from_slice(b",\"ops\":[");
+        let mut first = true;
+        for batch in batches.into_iter().filter(|b| !b.is_empty()) {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(batch);
+        }
+        out.extend_from_slice(b"]}");
+        out
+    }
+
+    /// A v2 client's copy of a room: what PROTOCOL-v2.md §2 tells a client to
+    /// do, written for tests and the load generator (the reference client is
+    /// `clients/typescript`).
+    #[derive(Debug, Default)]
+    pub struct Replica {
+        /// The room as a v1 snapshot would show it (`None` before the first
+        /// snapshot and while waiting for one after a gap).
+        pub state: Option<Value>,
+        pub last_seq: u64,
+    }
+
+    /// What a client should do after a message.
+    #[derive(Debug, PartialEq)]
+    pub enum Applied {
+        Ok,
+        /// A gap or an op that does not fit: send `{"type":"resync"}` (once)
+        /// and wait for a snapshot.
+        NeedResync,
+        /// Ops while waiting for a snapshot: ignored.
+        Ignored,
+    }
+
+    impl Replica {
+        /// Applies one server message (its JSON text).
+        pub fn receive(&mut self, text: &str) -> Result<Applied, String> {
+            let msg: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+            let seq = msg["seq"].as_u64().ok_or("no seq")?;
+            match msg["type"].as_str() {
+                Some("snapshot") => {
+                    let mut state = msg;
+                    let obj = state.as_object_mut().ok_or("not an object")?;
+                    obj.remove("type");
+                    obj.remove("seq");
+                    self.state = Some(state);
+                    self.last_seq = seq;
+                    Ok(Applied::Ok)
+                }
+                Some("ops") => {
+                    let Some(state) = self.state.as_mut() else {
+                        return Ok(Applied::Ignored);
+                    };
+                    if seq != self.last_seq + 1 {
+                        self.state = None;
+                        return Ok(Applied::NeedResync);
+                    }
+                    let ops = msg["ops"].as_array().ok_or("no ops")?;
+                    for op in ops {
+                        if apply_op(state, op).is_err() {
+                            self.state = None;
+                            return Ok(Applied::NeedResync);
+                        }
+                    }
+                    self.last_seq = seq;
+                    Ok(Applied::Ok)
+                }
+                _ => Err(format!("unknown message: {text}")),
+            }
+        }
+    }
+
+    /// Applies one op to a room (a v1 snapshot's JSON), as the table of
+    /// PROTOCOL-v2.md §2 says; an error for an op naming what is not there.
+    pub fn apply_op(state: &mut Value, op: &Value) -> Result<(), String> {
+        let str_field = |key: &str| {
+            op[key]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| format!("op without {key}: {op}"))
+        };
+        match op["op"].as_str() {
+            Some("join") => {
+                let user = str_field("userId")?;
+                users(state)?.push(Value::String(user));
+            }
+            Some("leave") => {
+                let user = str_field("userId")?;
+                let users = users(state)?;
+                let pos = users
+                    .iter()
+                    .position(|u| u.as_str() == Some(&user))
+                    .ok_or_else(|| format!("leave of an unknown user {user}"))?;
+                users.remove(pos);
+                array(state, "cursors")?.retain(|c| c["userId"].as_str() != Some(&user));
+            }
+            Some("cursor") => {
+                let user = str_field("userId")?;
+                let mut cursor = serde_json::Map::new();
+                cursor.insert("userId".into(), Value::String(user.clone()));
+                for key in ["x", "y", "timestamp"] {
+                    cursor.insert(key.into(), op.get(key).cloned().ok_or("cursor field")?);
+                }
+                let cursors = array(state, "cursors")?;
+                match cursors
+                    .iter_mut()
+                    .find(|c| c["userId"].as_str() == Some(&user))
+                {
+                    Some(c) => *c = Value::Object(cursor),
+                    None => cursors.push(Value::Object(cursor)),
+                }
+            }
+            Some("add") => {
+                let shape = op.get("shape").cloned().ok_or("add without shape")?;
+                array(state, "shapes")?.push(shape);
+            }
+            Some("update") => {
+                let id = str_field("id")?;
+                let set = op["set"].as_object().ok_or("update without set")?;
+                let shape = array(state, "shapes")?
+                    .iter_mut()
+                    .find(|s| s["id"].as_str() == Some(&id))
+                    .ok_or_else(|| format!("update of an unknown shape {id}"))?;
+                let shape = shape.as_object_mut().ok_or("shape not an object")?;
+                for (k, v) in set {
+                    shape.insert(k.clone(), v.clone());
+                }
+            }
+            Some("remove") => {
+                let id = str_field("id")?;
+                let shapes = array(state, "shapes")?;
+                let pos = shapes
+                    .iter()
+                    .position(|s| s["id"].as_str() == Some(&id))
+                    .ok_or_else(|| format!("remove of an unknown shape {id}"))?;
+                shapes.remove(pos);
+            }
+            _ => return Err(format!("unknown op {op}")),
+        }
+        Ok(())
+    }
+
+    fn users(state: &mut Value) -> Result<&mut Vec<Value>, String> {
+        array(state, "connectedUsers")
+    }
+
+    fn array<'a>(state: &'a mut Value, key: &str) -> Result<&'a mut Vec<Value>, String> {
+        state
+            .get_mut(key)
+            .and_then(Value::as_array_mut)
+            .ok_or_else(|| format!("no {key}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
     ALLOW, CONNECTION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT,
-    SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE,
+    SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -298,6 +298,8 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     };
     let key = req.headers().get(SEC_WEBSOCKET_KEY).expect("checked above");
     let accept = derive_accept_key(key.as_bytes());
+    // v2 when the client offers `whiteboard.v2` (PROTOCOL-v2.md), else v1.
+    let protocol = websocket::Protocol::negotiate(req.headers());
 
     // Taken now so the session's task holds the upgrade, not the whole request
     // (the task's size is paid by every connection for its whole life).
@@ -321,7 +323,9 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         })
         .await;
         match socket {
-            Ok(socket) => session::run(shared, socket, entry, conn, identity, conn_state).await,
+            Ok(socket) => {
+                session::run(shared, socket, entry, conn, identity, conn_state, protocol).await
+            }
             Err(e) => {
                 debug!(error = %e, "upgrade failed");
                 let queue = &shared.pool.slot(entry.worker).queue;
@@ -340,5 +344,8 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         SEC_WEBSOCKET_ACCEPT,
         HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
     );
+    if let Some(chosen) = protocol.response_header() {
+        headers.insert(SEC_WEBSOCKET_PROTOCOL, chosen);
+    }
     res
 }

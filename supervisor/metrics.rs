@@ -54,6 +54,10 @@ pub struct Metrics {
     pub snapshots_sent: Counter,
     pub snapshot_bytes: Counter,
     pub snapshots_skipped: Counter,
+    pub connections_v2: Gauge,
+    pub ops_sent: Counter,
+    pub ops_bytes: Counter,
+    pub resyncs: Counter,
     pub saves: Family<Outcome, Counter>,
     pub save_retries: Counter,
     pub save_duration: Histogram,
@@ -93,6 +97,10 @@ impl Metrics {
             snapshots_sent: Counter::default(),
             snapshot_bytes: Counter::default(),
             snapshots_skipped: Counter::default(),
+            connections_v2: Gauge::default(),
+            ops_sent: Counter::default(),
+            ops_bytes: Counter::default(),
+            resyncs: Counter::default(),
             saves: Family::default(),
             save_retries: Counter::default(),
             // 1 ms .. ~16 s
@@ -192,6 +200,26 @@ impl Metrics {
             "snapshots_skipped",
             "Snapshots a slow client skipped because a newer one superseded them",
             m.snapshots_skipped.clone(),
+        );
+        registry.register(
+            "connections_v2",
+            "Open connections speaking protocol v2 (in `connections` too)",
+            m.connections_v2.clone(),
+        );
+        registry.register(
+            "ops_sent",
+            "Protocol v2 ops messages written to clients (v2 snapshots count as snapshots)",
+            m.ops_sent.clone(),
+        );
+        registry.register(
+            "ops_bytes",
+            "Bytes of protocol v2 ops messages written to clients",
+            m.ops_bytes.clone(),
+        );
+        registry.register(
+            "resyncs",
+            "Protocol v2 resync requests from clients",
+            m.resyncs.clone(),
         );
         registry.register("saves", "Save attempts, by result", m.saves.clone());
         registry.register(

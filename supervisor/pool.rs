@@ -810,7 +810,9 @@ async fn read_frames(
 fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &WorkerSlot) {
     let worker = slot.id;
     match msg {
-        FromWorker::Snapshot { room, json } => registry.publish(&room, Bytes::from(json)),
+        FromWorker::Snapshot { room, json, ops } => {
+            registry.publish(&room, Bytes::from(json), ops.map(Bytes::from))
+        }
         FromWorker::JoinAccepted { room, conn } => registry.admit(&room, conn),
         FromWorker::JoinRejected { room, conn, reason } => registry.reject(&room, conn, reason),
         FromWorker::RoomClosed { room } | FromWorker::CloseCancelled { room } => {
@@ -988,6 +990,7 @@ mod tests {
                 let snapshot = FromWorker::Snapshot {
                     room: RoomId("big".into()),
                     json,
+                    ops: None,
                 };
                 w_writer.send(snapshot).await.unwrap();
             }

@@ -21,8 +21,8 @@ use tracing::{Instrument, debug, info, info_span};
 
 use super::auth::Identity;
 use super::ratelimit::{Backlog, Budget, Held, Released};
-use super::registry::{ConnState, Holder, Membership, RoomEntry, SnapshotCell};
-use super::websocket::{ClientReader, ClientWriter};
+use super::registry::{ConnState, Holder, Membership, Published, RoomEntry, SnapshotCell};
+use super::websocket::{ClientReader, ClientWriter, Protocol};
 use super::{SessionsPhase, Shared};
 use crate::ipc::{ConnId, Escaped};
 use crate::protocol::{
@@ -52,6 +52,9 @@ enum End {
     Close(u16, &'static str),
 }
 
+/// A session speaking `protocol` (negotiated at the upgrade: see
+/// [`Protocol::negotiate`]).
+///
 /// Not an `async fn`: that would keep a second copy of the arguments in the
 /// future, which every connection pays for its whole life.
 pub fn run(
@@ -61,12 +64,19 @@ pub fn run(
     conn: ConnId,
     identity: Identity,
     conn_state: watch::Receiver<ConnState>,
+    protocol: Protocol,
 ) -> impl Future<Output = ()> {
     let span = info_span!("session", room = %entry.id, user = %Escaped(&identity.user_id), %conn, worker = %entry.worker);
     async move {
         let started = Instant::now();
         shared.metrics.connections_accepted.inc();
         shared.metrics.connections.inc();
+        let v2 = protocol == Protocol::V2;
+        if v2 {
+            // Before the join: batches are kept from the room's next publish.
+            entry.count_v2_session(true);
+            shared.metrics.connections_v2.inc();
+        }
         debug!("session opened");
         let queue = &shared.pool.slot(entry.worker).queue;
         let replace = take_over(&shared, &entry, conn).await;
@@ -76,7 +86,17 @@ pub fn run(
             .await
             .is_ok();
         let end = if joined {
-            serve(&shared, &entry, conn, &mut sink, &mut stream, conn_state).await
+            let outbox = Outbox::new(v2, shared.config.snapshot_spacing);
+            serve(
+                &shared,
+                &entry,
+                conn,
+                &mut sink,
+                &mut stream,
+                conn_state,
+                outbox,
+            )
+            .await
         } else {
             End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable")
         };
@@ -91,6 +111,10 @@ pub fn run(
         }
         shared.registry.leave(&entry, queue, conn).await;
         shared.metrics.connections.dec();
+        if v2 {
+            entry.count_v2_session(false);
+            shared.metrics.connections_v2.dec();
+        }
         let how = match end {
             End::ClientGone => "client gone".to_owned(),
             End::Close(code, reason) => {
@@ -153,6 +177,7 @@ async fn serve(
     sink: &mut ClientWriter,
     stream: &mut ClientReader,
     mut conn_state: watch::Receiver<ConnState>,
+    mut outbox: Outbox,
 ) -> End {
     let queue = &shared.pool.slot(entry.worker).queue;
     let ping_every = shared.config.ping_interval;
@@ -161,8 +186,6 @@ async fn serve(
     let mut last_heard = Instant::now();
     // Set once the worker admits the join; until then nothing is sent.
     let mut snapshots: Option<watch::Receiver<SnapshotCell>> = None;
-    // Version of the last snapshot sent, to count the ones skipped.
-    let mut last_version: Option<u64> = None;
     let limits = &shared.config.limits;
     let mut budget = Budget::new(
         limits.rate_per_sec,
@@ -224,32 +247,24 @@ async fn serve(
             _ = async { budget_timer.as_mut().expect("guarded").await }, if budget_timer.is_some() => {
                 budget_timer = None;
             }
-            changed = async { snapshots.as_mut().expect("guarded").changed().await }, if snapshots.is_some() => {
+            // The member's rate allows the newest state, held back since a change.
+            _ = async { outbox.timer.as_mut().expect("guarded").await }, if outbox.timer.is_some() => {
+                outbox.timer = None;
+                let rx = snapshots.as_mut().expect("a timer only runs once admitted");
+                if let Err(end) = outbox.send_newest(shared, entry, sink, rx).await {
+                    return end;
+                }
+            }
+            // Not polled while the rate holds a change back: the watch keeps the
+            // newest state, which the timer's branch sends.
+            changed = async { snapshots.as_mut().expect("guarded").changed().await }, if snapshots.is_some() && outbox.timer.is_none() => {
                 if changed.is_err() {
                     return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable");
                 }
-                let snapshot = snapshots.as_mut().expect("guarded").borrow_and_update().clone();
-                if let Some(snapshot) = snapshot {
-                    let metrics = &shared.metrics;
-                    if let Some(last) = last_version {
-                        metrics.snapshots_skipped.inc_by(snapshot.version.saturating_sub(last + 1));
-                    }
-                    last_version = Some(snapshot.version);
-                    let bytes = snapshot.message.len() as u64;
-                    match tokio::time::timeout(WRITE_TIMEOUT, sink.text(&snapshot.message)).await {
-                        Ok(Ok(())) => {
-                            metrics.snapshots_sent.inc();
-                            metrics.snapshot_bytes.inc_by(bytes);
-                            metrics.fanout_latency.observe(snapshot.at.elapsed().as_secs_f64());
-                        }
-                        Ok(Err(e)) => {
-                            debug!(error = %e, "write failed");
-                            return End::ClientGone;
-                        }
-                        Err(_) => {
-                            info!("client not reading for {WRITE_TIMEOUT:?}; dropping it");
-                            return End::ClientGone;
-                        }
+                if !outbox.hold() {
+                    let rx = snapshots.as_mut().expect("guarded");
+                    if let Err(end) = outbox.send_newest(shared, entry, sink, rx).await {
+                        return end;
                     }
                 }
             }
@@ -268,6 +283,20 @@ async fn serve(
                     shared.metrics.frames_rate_limited.inc();
                 }
                 match frame {
+                    Some(Ok(Message::Text(text))) if outbox.v2 && crate::protocol::v2::is_resync(text.as_str()) => {
+                        // Answered here, not forwarded (the room does not
+                        // change), but it counts against the budget.
+                        shared.metrics.resyncs.inc();
+                        backlog.spend();
+                        outbox.resync = true;
+                        if let Some(rx) = snapshots.as_mut()
+                            && outbox.timer.is_none()
+                            && !outbox.hold()
+                            && let Err(end) = outbox.send_newest(shared, entry, sink, rx).await
+                        {
+                            return end;
+                        }
+                    }
                     Some(Ok(Message::Text(text))) => {
                         let text = String::from(text.as_str());
                         if within_budget {
@@ -353,5 +382,183 @@ async fn serve(
             let at = budget.next_token_at().into();
             budget_timer = Some(Box::pin(tokio::time::sleep_until(at)));
         }
+    }
+}
+
+/// What a session sends its client, and when: the room's newest state, at most
+/// once per `--max-snapshot-hz` period. A change after a quiet period goes out
+/// at once; a change within the period waits for its end (one timer, only while
+/// a change waits), and whatever changed meanwhile goes out as one message. The
+/// watch always holds the newest state, so the last one is never lost.
+///
+/// This is the per-member rate. The worker's big-room spacing
+/// (`DELIVERIES_PER_ROOM_PER_SEC` in `worker/core.rs`) stays: it bounds how
+/// often a big busy room's snapshot is encoded and carried over IPC at all
+/// (every 5 ms for 100 members), which saves the worker's CPU; the per-member
+/// rate (every 16.7 ms at the default 60 Hz) then bounds what each member gets.
+/// With the default, the per-member rate is the tighter of the two for every
+/// room size, so members see it alone.
+///
+/// A v1 client gets the snapshot. A v2 client (PROTOCOL-v2.md) gets the ops
+/// batches it missed as one `ops` message when the room keeps them all and
+/// they are smaller than the snapshot, else a `snapshot`; always a snapshot
+/// first, and after a `resync`.
+pub(crate) struct Outbox {
+    v2: bool,
+    /// Least time between two messages (`None`: no cap).
+    spacing: Option<Duration>,
+    /// When the last message was sent (kept only with a cap).
+    last_sent: Option<Instant>,
+    /// Wakes the session when the period ends, while a change waits for it.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Version of the room state the client has, to count the ones skipped
+    /// and, in v2, to know which batches lead from it to the newest.
+    last_version: Option<u64>,
+    /// v2: the `seq` of the next message (consecutive per connection).
+    next_seq: u64,
+    /// v2: the client asked for a snapshot.
+    resync: bool,
+}
+
+/// The first part of a v2 message: a snapshot's prefix (the v1 snapshot follows
+/// without its `{`), or a whole `ops` message.
+enum V2Message {
+    Snapshot(Vec<u8>),
+    Ops(Vec<u8>),
+}
+
+impl Outbox {
+    fn new(v2: bool, spacing: Option<Duration>) -> Outbox {
+        Outbox {
+            v2,
+            spacing,
+            last_sent: None,
+            timer: None,
+            last_version: None,
+            next_seq: 0,
+            resync: false,
+        }
+    }
+
+    /// Whether the member's rate holds a change back; if so, starts the timer
+    /// that sends the newest state when the period ends.
+    fn hold(&mut self) -> bool {
+        let Some(at) = self.last_sent.zip(self.spacing).map(|(l, s)| l + s) else {
+            return false;
+        };
+        if at <= Instant::now() {
+            return false;
+        }
+        self.timer = Some(Box::pin(tokio::time::sleep_until(at.into())));
+        true
+    }
+
+    /// Sends the room's newest state, if the client does not have it yet (or,
+    /// in v2, asked for a snapshot).
+    async fn send_newest(
+        &mut self,
+        shared: &Shared,
+        entry: &RoomEntry,
+        sink: &mut ClientWriter,
+        rx: &mut watch::Receiver<SnapshotCell>,
+    ) -> Result<(), End> {
+        let Some(snapshot) = rx.borrow_and_update().clone() else {
+            return Ok(());
+        };
+        let metrics = &shared.metrics;
+        if let Some(last) = self.last_version {
+            if last == snapshot.version && !self.resync {
+                return Ok(());
+            }
+            metrics
+                .snapshots_skipped
+                .inc_by(snapshot.version.saturating_sub(last + 1));
+        }
+        let message = if self.v2 {
+            match self.v2_message(entry, &snapshot) {
+                Some(message) => Some(message),
+                None => {
+                    // Publishes that changed nothing: nothing to send.
+                    self.last_version = Some(snapshot.version);
+                    return Ok(());
+                }
+            }
+        } else {
+            None
+        };
+        self.last_version = Some(snapshot.version);
+        if self.spacing.is_some() {
+            self.last_sent = Some(Instant::now());
+        }
+        let written = async {
+            match &message {
+                None => sink.text(&snapshot.message).await,
+                Some(V2Message::Snapshot(head)) => {
+                    sink.text_parts(head, &snapshot.message[1..]).await
+                }
+                Some(V2Message::Ops(ops)) => sink.text(ops).await,
+            }
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, written).await {
+            Ok(Ok(())) => {
+                match message {
+                    Some(V2Message::Ops(ops)) => {
+                        metrics.ops_sent.inc();
+                        metrics.ops_bytes.inc_by(ops.len() as u64);
+                    }
+                    Some(V2Message::Snapshot(head)) => {
+                        metrics.snapshots_sent.inc();
+                        metrics
+                            .snapshot_bytes
+                            .inc_by((head.len() + snapshot.message.len() - 1) as u64);
+                    }
+                    None => {
+                        metrics.snapshots_sent.inc();
+                        metrics.snapshot_bytes.inc_by(snapshot.message.len() as u64);
+                    }
+                }
+                metrics
+                    .fanout_latency
+                    .observe(snapshot.at.elapsed().as_secs_f64());
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "write failed");
+                Err(End::ClientGone)
+            }
+            Err(_) => {
+                info!("client not reading for {WRITE_TIMEOUT:?}; dropping it");
+                Err(End::ClientGone)
+            }
+        }
+    }
+
+    /// The v2 message that brings the client to `snapshot` (`None` if the
+    /// publishes since its last message changed nothing).
+    fn v2_message(&mut self, entry: &RoomEntry, snapshot: &Published) -> Option<V2Message> {
+        let batches = match self.last_version {
+            Some(last) if !std::mem::take(&mut self.resync) => {
+                entry
+                    .batches()
+                    .between(last, snapshot.version, snapshot.message.len())
+            }
+            _ => None,
+        };
+        self.resync = false;
+        if batches
+            .as_ref()
+            .is_some_and(|b| b.iter().all(|ops| ops.is_empty()))
+        {
+            return None;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        Some(match batches {
+            Some(batches) => V2Message::Ops(crate::protocol::v2::ops_message(
+                seq,
+                batches.iter().map(|b| &b[..]),
+            )),
+            None => V2Message::Snapshot(crate::protocol::v2::snapshot_prefix(seq)),
+        })
     }
 }

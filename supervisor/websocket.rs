@@ -194,6 +194,26 @@ impl ClientWriter {
         self.frame(OPCODE_TEXT, payload).await
     }
 
+    /// A text frame of `head` then `body`, without copying them together (a
+    /// v2 snapshot is a short prefix and the shared v1 snapshot's bytes).
+    pub async fn text_parts(&mut self, head: &[u8], body: &[u8]) -> io::Result<()> {
+        let (header, header_len) = frame_header(OPCODE_TEXT, head.len() + body.len());
+        let mut parts = [&header[..header_len], head, body];
+        while parts.iter().any(|p| !p.is_empty()) {
+            let written = self.socket.write_vectored(&parts.map(IoSlice::new)).await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            let mut left = written;
+            for part in &mut parts {
+                let n = left.min(part.len());
+                *part = &part[n..];
+                left -= n;
+            }
+        }
+        Ok(())
+    }
+
     pub async fn ping(&mut self) -> io::Result<()> {
         self.frame(OPCODE_PING, &[]).await
     }
@@ -239,6 +259,41 @@ impl ClientWriter {
     }
 }
 
+/// The protocol a client asked for in its upgrade request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// The default: a full snapshot on every change (PROTOCOL.md).
+    V1,
+    /// One snapshot, then ops (PROTOCOL-v2.md).
+    V2,
+}
+
+impl Protocol {
+    /// V2 when `whiteboard.v2` is among the offered subprotocols (the
+    /// `Sec-WebSocket-Protocol` headers: comma-separated, possibly repeated);
+    /// anything else is v1.
+    pub fn negotiate(headers: &hyper::HeaderMap) -> Protocol {
+        let offered = headers
+            .get_all(hyper::header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim() == crate::protocol::v2::SUBPROTOCOL);
+        if offered { Protocol::V2 } else { Protocol::V1 }
+    }
+
+    /// The `Sec-WebSocket-Protocol` the `101` answers with, if any (v1 answers
+    /// without one, as before).
+    pub fn response_header(self) -> Option<hyper::header::HeaderValue> {
+        match self {
+            Protocol::V1 => None,
+            Protocol::V2 => Some(hyper::header::HeaderValue::from_static(
+                crate::protocol::v2::SUBPROTOCOL,
+            )),
+        }
+    }
+}
+
 /// A final, unmasked frame's header: (bytes, length used).
 fn frame_header(opcode: u8, len: usize) -> ([u8; 10], usize) {
     let mut header = [0u8; 10];
@@ -261,6 +316,29 @@ fn frame_header(opcode: u8, len: usize) -> ([u8; 10], usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v2_is_chosen_only_when_offered() {
+        use hyper::header::{HeaderMap, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+        let offer = |values: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(v));
+            }
+            Protocol::negotiate(&headers)
+        };
+        assert_eq!(offer(&[]), Protocol::V1);
+        assert_eq!(offer(&["whiteboard.v3"]), Protocol::V1);
+        assert_eq!(offer(&["whiteboard.v2x, chat"]), Protocol::V1);
+        assert_eq!(offer(&["whiteboard.v2"]), Protocol::V2);
+        assert_eq!(offer(&["chat, whiteboard.v2"]), Protocol::V2);
+        assert_eq!(offer(&["chat", "whiteboard.v2"]), Protocol::V2);
+        assert_eq!(Protocol::V1.response_header(), None);
+        assert_eq!(
+            Protocol::V2.response_header().unwrap(),
+            HeaderValue::from_static("whiteboard.v2")
+        );
+    }
 
     /// Headers for each of the three length encodings, as RFC 6455 §5.2 lays
     /// them out.

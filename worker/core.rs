@@ -767,6 +767,7 @@ impl WorkerCore {
             slot.last_snapshot_at = Some(now);
             out.push(FromWorker::Snapshot {
                 json: slot.room.snapshot_json(),
+                ops: slot.room.take_ops(),
                 room: room_id,
             });
         }

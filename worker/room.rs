@@ -162,7 +162,20 @@ pub struct Room {
     shapes: IndexMap<String, Shape>,
     /// Sequence number of the last event applied.
     last_seq: u64,
+    /// The changes since the last [`Room::take_ops`], as protocol v2 ops
+    /// (PROTOCOL-v2.md §2), comma-separated: a v2 member applies them to the
+    /// snapshot it has to get the one a v1 member gets.
+    ops: String,
+    /// Whether `ops` holds every change since the last `take_ops`. False for a
+    /// new room (there is no previous publish to apply them to), after a restore
+    /// or a merge of stored shapes (not expressed as ops), and when the ops
+    /// outgrew [`MAX_OPS_BYTES`] (a snapshot is then the smaller message).
+    ops_continuous: bool,
 }
+
+/// Bytes of ops a room keeps between two publishes; beyond it members that
+/// missed them get a snapshot instead (a snapshot is at most ~220 KB).
+const MAX_OPS_BYTES: usize = 256 * 1024;
 
 impl Room {
     pub fn new(id: RoomId, id_seed: u64) -> Room {
@@ -173,6 +186,36 @@ impl Room {
             cursors: IndexMap::new(),
             shapes: IndexMap::new(),
             last_seq: 0,
+            ops: String::new(),
+            ops_continuous: false,
+        }
+    }
+
+    /// The ops since the previous call, comma-separated (see `ops`), or `None`
+    /// if they do not cover every change since then: a member that has the
+    /// previous publish then needs a snapshot.
+    pub fn take_ops(&mut self) -> Option<String> {
+        if std::mem::replace(&mut self.ops_continuous, true) {
+            Some(std::mem::take(&mut self.ops))
+        } else {
+            self.ops.clear();
+            None
+        }
+    }
+
+    /// Appends one op, written by `write` (which starts after `{"op":`).
+    fn push_op(&mut self, write: impl FnOnce(&mut String)) {
+        if !self.ops_continuous {
+            return;
+        }
+        if !self.ops.is_empty() {
+            self.ops.push(',');
+        }
+        self.ops.push_str("{\"op\":");
+        write(&mut self.ops);
+        if self.ops.len() > MAX_OPS_BYTES {
+            self.ops_continuous = false;
+            self.ops = String::new();
         }
     }
 
@@ -213,6 +256,9 @@ impl Room {
             keep(&mut merged, id, shape);
         }
         self.shapes = merged;
+        // Not expressed as ops: members get a snapshot.
+        self.ops_continuous = false;
+        self.ops = String::new();
         result
     }
 
@@ -297,6 +343,11 @@ impl Room {
             conn,
             user_id: user_id.to_owned(),
         });
+        self.push_op(|out| {
+            out.push_str("\"join\",\"userId\":");
+            push_json_string(out, user_id);
+            out.push('}');
+        });
         Effect::Joined
     }
 
@@ -306,6 +357,11 @@ impl Room {
         };
         let member = self.members.remove(pos);
         self.cursors.shift_remove(&member.user_id);
+        self.push_op(|out| {
+            out.push_str("\"leave\",\"userId\":");
+            push_json_string(out, &member.user_id);
+            out.push('}');
+        });
         Effect::Presence
     }
 
@@ -313,6 +369,11 @@ impl Room {
         match msg {
             ClientMessage::CursorMove { x, y } => {
                 let cursor = Cursor::new(user_id, x, y, stamped.time_ms);
+                // `{"userId":…}` becomes `{"op":"cursor","userId":…}`.
+                self.push_op(|out| {
+                    out.push_str("\"cursor\",");
+                    out.push_str(&cursor.json[1..]);
+                });
                 self.cursors.insert(user_id.to_owned(), cursor);
                 Effect::Presence
             }
@@ -348,6 +409,11 @@ impl Room {
                 if shape.json.len() > MAX_SHAPE_JSON_BYTES {
                     return Effect::Ignored(Ignored::ShapeTooBig);
                 }
+                self.push_op(|out| {
+                    out.push_str("\"add\",\"shape\":");
+                    out.push_str(&shape.json);
+                    out.push('}');
+                });
                 self.shapes.insert(id, shape);
                 Effect::Shapes
             }
@@ -360,18 +426,37 @@ impl Room {
                 };
                 // Checked on the result: an update may grow a shape past its budget.
                 let mut updated = fields.clone();
+                let present = Present::of(&changes);
                 updated.update(changes, stamped.time_ms);
                 let mut json = String::with_capacity(shape.json.len());
                 updated.encode(&shape_id, &mut json);
                 if json.len() > MAX_SHAPE_JSON_BYTES {
                     return Effect::Ignored(Ignored::ShapeTooBig);
                 }
-                *fields = updated;
                 shape.json = json;
+                self.push_op(|out| {
+                    out.push_str("\"update\",\"id\":");
+                    push_json_string(out, &shape_id);
+                    out.push_str(",\"set\":{");
+                    updated.encode_set(present, out);
+                    out.push_str("}}");
+                });
+                if let Some(fields) = self
+                    .shapes
+                    .get_mut(&shape_id)
+                    .and_then(|s| s.fields.as_mut())
+                {
+                    *fields = updated;
+                }
                 Effect::Shapes
             }
             ClientMessage::ShapeDelete { shape_id } => {
                 if self.shapes.shift_remove(&shape_id).is_some() {
+                    self.push_op(|out| {
+                        out.push_str("\"remove\",\"id\":");
+                        push_json_string(out, &shape_id);
+                        out.push('}');
+                    });
                     Effect::Shapes
                 } else {
                     Effect::Ignored(Ignored::UnknownShape)
@@ -449,6 +534,34 @@ impl Room {
         self.push_shapes(&mut out);
         out.push('}');
         out
+    }
+}
+
+/// Which fields of a `shape_update` were present (the ones it changes).
+#[derive(Clone, Copy)]
+struct Present {
+    x: bool,
+    y: bool,
+    width: bool,
+    height: bool,
+    rotation: bool,
+    text: bool,
+    fill: bool,
+    stroke: bool,
+}
+
+impl Present {
+    fn of(changes: &ShapeChanges) -> Present {
+        Present {
+            x: changes.x.is_some(),
+            y: changes.y.is_some(),
+            width: changes.width.is_some(),
+            height: changes.height.is_some(),
+            rotation: changes.rotation.is_some(),
+            text: changes.text.is_some(),
+            fill: changes.fill.is_some(),
+            stroke: changes.stroke.is_some(),
+        }
     }
 }
 
@@ -561,6 +674,42 @@ impl ShapeFields {
         self.fill = fill.unwrap_or_else(|| std::mem::take(&mut self.fill));
         self.stroke = stroke.unwrap_or_else(|| std::mem::take(&mut self.stroke));
         self.time_ms = time_ms;
+    }
+
+    /// The fields an update changed, with the new timestamp, as the members of
+    /// the `set` object of an `update` op.
+    fn encode_set(&self, present: Present, out: &mut String) {
+        out.push_str("\"timestamp\":");
+        push_json_timestamp(out, self.time_ms);
+        for (name, on, value) in [
+            ("x", present.x, self.x),
+            ("y", present.y, self.y),
+            ("width", present.width, self.width),
+            ("height", present.height, self.height),
+            ("rotation", present.rotation, self.rotation),
+        ] {
+            if on {
+                out.push_str(",\"");
+                out.push_str(name);
+                out.push_str("\":");
+                push_js_number(out, value);
+            }
+        }
+        for (name, value) in [
+            ("text", self.text.as_deref().filter(|_| present.text)),
+            ("fill", Some(self.fill.as_str()).filter(|_| present.fill)),
+            (
+                "stroke",
+                Some(self.stroke.as_str()).filter(|_| present.stroke),
+            ),
+        ] {
+            if let Some(value) = value {
+                out.push_str(",\"");
+                out.push_str(name);
+                out.push_str("\":");
+                push_json_string(out, value);
+            }
+        }
     }
 
     /// Encodes the shape with the reference's field order.
@@ -951,5 +1100,114 @@ mod tests {
             script.apply(RoomEvent::Leave { conn: ConnId(1) });
         }
         assert_eq!(copy.snapshot(), original.snapshot());
+    }
+
+    /// The room as a v2 client sees it: its snapshot with `ops` applied.
+    fn apply_ops(snapshot: &str, ops: &str) -> serde_json::Value {
+        let mut state: serde_json::Value = serde_json::from_str(snapshot).unwrap();
+        let ops: Vec<serde_json::Value> = serde_json::from_str(&format!("[{ops}]")).unwrap();
+        for op in &ops {
+            crate::protocol::v2::apply_op(&mut state, op).unwrap();
+        }
+        state
+    }
+
+    #[test]
+    fn ops_turn_each_published_snapshot_into_the_next() {
+        let mut s = Script::new();
+        assert_eq!(
+            s.room.take_ops(),
+            None,
+            "a new room has no previous snapshot"
+        );
+        s.join(1, "alice");
+        let before = s.snapshot();
+        assert_eq!(
+            s.room.take_ops().as_deref(),
+            Some(r#"{"op":"join","userId":"alice"}"#)
+        );
+        assert_eq!(s.room.take_ops().as_deref(), Some(""));
+        s.join(2, "bob");
+        s.send(1, r#"{"type":"cursor_move","x":1,"y":2.5}"#);
+        s.send(2, r#"{"type":"cursor_move","x":3,"y":4}"#);
+        s.send(1, r#"{"type":"cursor_move","x":5,"y":6}"#);
+        s.send(
+            1,
+            r#"{"type":"shape_create","shapeType":"text","x":0,"y":0,"width":10,"height":10}"#,
+        );
+        s.send(2, r#"{"type":"shape_create","shapeType":"oval","x":1,"y":1,"width":2,"height":2,"fill":"red"}"#);
+        let ops = s.room.take_ops().unwrap();
+        let after = s.snapshot();
+        assert_eq!(
+            apply_ops(&before, &ops),
+            serde_json::from_str::<serde_json::Value>(&after).unwrap()
+        );
+        assert!(ops.starts_with(r#"{"op":"join","userId":"bob"},{"op":"cursor","userId":"alice","x":1,"y":2.5,"timestamp":"#), "{ops}");
+
+        let before = after;
+        let shapes: serde_json::Value = serde_json::from_str(&before).unwrap();
+        let first = shapes["shapes"][0]["id"].as_str().unwrap().to_owned();
+        let second = shapes["shapes"][1]["id"].as_str().unwrap().to_owned();
+        s.send(
+            2,
+            &format!(
+                r#"{{"type":"shape_update","shapeId":"{first}","x":40,"text":"hi","stroke":""}}"#
+            ),
+        );
+        s.send(
+            2,
+            &format!(r#"{{"type":"shape_update","shapeId":"{first}","rotation":0.5,"width":0.1}}"#),
+        );
+        s.send(
+            1,
+            &format!(r#"{{"type":"shape_delete","shapeId":"{second}"}}"#),
+        );
+        s.send(1, r#"{"type":"shape_delete","shapeId":"nope"}"#);
+        s.apply(RoomEvent::Leave { conn: ConnId(1) });
+        let ops = s.room.take_ops().unwrap();
+        let after = s.snapshot();
+        assert_eq!(
+            apply_ops(&before, &ops),
+            serde_json::from_str::<serde_json::Value>(&after).unwrap()
+        );
+        assert!(ops.contains(&format!(r#"{{"op":"update","id":"{first}","set":{{"timestamp":"2024-01-01T12:00:00.008Z","x":40,"text":"hi","stroke":""}}}}"#)), "{ops}");
+        assert!(
+            ops.contains(
+                r#""set":{"timestamp":"2024-01-01T12:00:00.009Z","width":0.1,"rotation":0.5}"#
+            ),
+            "{ops}"
+        );
+        assert!(ops.ends_with(r#"{"op":"leave","userId":"alice"}"#), "{ops}");
+    }
+
+    #[test]
+    fn a_merge_or_a_restore_breaks_the_chain_of_ops() {
+        let mut s = Script::new();
+        s.room.take_ops();
+        s.join(1, "alice");
+        s.room.merge_stored(vec![]);
+        assert_eq!(s.room.take_ops(), None, "a merge is not expressed as ops");
+        s.send(1, r#"{"type":"cursor_move","x":1,"y":2}"#);
+        assert!(s.room.take_ops().is_some());
+        let mut restored = Room::from_image(RoomId("r".into()), s.room.image());
+        assert_eq!(
+            restored.take_ops(),
+            None,
+            "a restored room has no previous snapshot"
+        );
+    }
+
+    #[test]
+    fn ops_that_outgrow_their_budget_become_a_snapshot() {
+        let mut s = Script::new();
+        s.room.take_ops();
+        s.join(1, "alice");
+        let text = "x".repeat(9_000);
+        for _ in 0..40 {
+            s.send(1, &format!(r#"{{"type":"shape_create","shapeType":"text","x":0,"y":0,"width":1,"height":1,"text":"{text}"}}"#));
+        }
+        assert_eq!(s.room.take_ops(), None);
+        s.send(1, r#"{"type":"cursor_move","x":1,"y":2}"#);
+        assert!(s.room.take_ops().is_some_and(|ops| ops.len() < 200));
     }
 }

@@ -683,3 +683,54 @@ pub fn text_shape_creates(count: usize, chars: usize) -> Vec<String> {
         })
         .collect()
 }
+
+impl Server {
+    /// Connects `user` to `room` offering the WebSocket subprotocols
+    /// `protocols` (one `Sec-WebSocket-Protocol` value); returns the client and
+    /// the subprotocol the server chose, without waiting for a message.
+    pub async fn connect_offering(
+        &self,
+        user: &str,
+        room: &str,
+        protocols: &str,
+    ) -> (Client, Option<String>) {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = self
+            .url(&self.token(user, room))
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", protocols.parse().unwrap());
+        match tokio::time::timeout(PATIENCE, connect_async(request)).await {
+            Ok(Ok((ws, response))) => {
+                let chosen = response
+                    .headers()
+                    .get("Sec-WebSocket-Protocol")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                (Client { ws, last: None }, chosen)
+            }
+            Ok(Err(e)) => panic!("connect failed: {e}\nlogs:\n{}", self.logs()),
+            Err(_) => panic!("connect timed out"),
+        }
+    }
+}
+
+impl Client {
+    /// The next text message if one arrives within `wait`. Panics on close.
+    pub async fn next_text_within(&mut self, wait: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return None,
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    self.last = Some(t.to_string());
+                    return Some(t.to_string());
+                }
+                Ok(Some(Ok(Message::Close(frame)))) => panic!("unexpected close: {frame:?}"),
+                Ok(Some(Ok(_))) => continue,
+                Ok(other) => panic!("connection ended: {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! Protocol v2 (PROTOCOL-v2.md) and the per-member snapshot rate
+//! (`--max-snapshot-hz`), against the real server binary: v1 stays the default
+//! and byte-for-byte what it was; a v2 client that applies the ops it gets keeps
+//! the room a v1 client sees; a fast room sends each v1 member at most 60
+//! snapshots a second and never loses the last one.
+
+mod util;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use session_server::protocol::v2::{Applied, Replica};
+use util::*;
+
+const V2: &str = "whiteboard.v2";
+
+/// A v2 client: its connection, its copy of the room and what it received.
+struct V2Client {
+    client: Client,
+    replica: Replica,
+    snapshots: usize,
+    ops: usize,
+    /// Gaps the client saw (each answered by a resync request).
+    resyncs: usize,
+}
+
+impl V2Client {
+    /// Connects offering v2 and reads the first message, which must be a
+    /// snapshot.
+    async fn join(server: &Server, user: &str, room: &str) -> V2Client {
+        let (client, chosen) = server
+            .connect_offering(user, room, &format!("chat, {V2}"))
+            .await;
+        assert_eq!(chosen.as_deref(), Some(V2), "v2 not negotiated");
+        let mut c = V2Client {
+            client,
+            replica: Replica::default(),
+            snapshots: 0,
+            ops: 0,
+            resyncs: 0,
+        };
+        let first = c.client.next_text().await;
+        let parsed: Value = serde_json::from_str(&first).unwrap();
+        assert_eq!(parsed["type"], "snapshot", "first message: {first}");
+        c.apply(&first).await;
+        c
+    }
+
+    /// Applies one message as a client does: on a gap, asks for a resync.
+    async fn apply(&mut self, text: &str) {
+        let kind = serde_json::from_str::<Value>(text).unwrap()["type"].clone();
+        if kind == "snapshot" {
+            self.snapshots += 1;
+        } else {
+            self.ops += 1;
+        }
+        match self.replica.receive(text).unwrap() {
+            Applied::Ok | Applied::Ignored => {}
+            Applied::NeedResync => {
+                self.resyncs += 1;
+                self.client.send(json!({"type":"resync"})).await
+            }
+        }
+    }
+
+    /// Reads and applies what arrives for `wait`.
+    async fn pump_for(&mut self, wait: Duration) {
+        let until = Instant::now() + wait;
+        while let Some(text) = self
+            .client
+            .next_text_within(until.saturating_duration_since(Instant::now()))
+            .await
+        {
+            self.apply(&text).await;
+        }
+    }
+
+    /// Reads and applies messages until the copy satisfies `pred`.
+    async fn until(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.replica.state.as_ref().is_some_and(&pred) {
+            assert!(
+                Instant::now() < deadline,
+                "state never matched: {:?}",
+                self.replica.state
+            );
+            let text = self.client.next_text().await;
+            self.apply(&text).await;
+        }
+        self.replica.state.clone().unwrap()
+    }
+}
+
+fn cursor_x(snap: &Value, user: &str) -> Option<f64> {
+    snap["cursors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["userId"] == user)
+        .and_then(|c| c["x"].as_f64())
+}
+
+#[tokio::test]
+async fn v2_is_chosen_only_when_offered_and_starts_with_a_snapshot() {
+    let server = Server::start(&[]);
+    // Not offered: the upgrade is answered as before, without the header.
+    let (code, head) = server.raw_upgrade(&server.token("zed", "elsewhere")).await;
+    assert_eq!(code, 101);
+    assert!(
+        !head.to_ascii_lowercase().contains("sec-websocket-protocol"),
+        "{head}"
+    );
+    let mut v1 = server
+        .connect(&server.url(&server.token("alice", "neg")))
+        .await;
+    assert_eq!(
+        v1.next_text().await,
+        r#"{"connectedUsers":["alice"],"cursors":[],"shapes":[]}"#
+    );
+    let bob = V2Client::join(&server, "bob", "neg").await;
+    let state = bob.replica.state.as_ref().unwrap();
+    assert_eq!(state["connectedUsers"], json!(["alice", "bob"]));
+    // The v1 member's next snapshot is still a bare v1 snapshot.
+    let snap = v1.next_snapshot().await;
+    assert_eq!(snap, *state);
+    assert_eq!(metric(&server, "session_server_connections_v2").await, 1.0);
+}
+
+#[tokio::test]
+async fn ops_keep_a_v2_client_equal_to_a_v1_client_through_a_mixed_session() {
+    let server = Server::start(&[]);
+    let room = "mixed";
+    let mut alice = server.join("alice", room).await;
+    let mut bob = V2Client::join(&server, "bob", room).await;
+    let pump = Duration::from_millis(3);
+
+    // Shapes from both, as a v1 and a v2 client send them (the same messages).
+    for i in 0..5 {
+        alice
+            .send(json!({"type":"shape_create","shapeType":"rectangle","x":i*10,"y":0,"width":50,"height":40}))
+            .await;
+        bob.pump_for(pump).await;
+    }
+    bob.client
+        .send(json!({"type":"shape_create","shapeType":"text","x":1.5,"y":2,"width":3,"height":4,"text":"héllo \"q\"\n"}))
+        .await;
+    let snap = alice.until(|s| shapes(s).len() == 6).await;
+    let ids: Vec<String> = shapes(&snap)
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect();
+
+    // A drag: the whole shape every few ms with cursor moves, while bob moves.
+    for step in 0..40 {
+        let x = 100.0 + f64::from(step) * 0.5;
+        alice.send(json!({"type":"cursor_move","x":x,"y":7})).await;
+        if step % 4 == 0 {
+            alice
+                .send(json!({"type":"shape_update","shapeId":ids[0],"x":x,"y":3,"width":50,"height":40,"rotation":0.25}))
+                .await;
+        }
+        bob.client
+            .send(json!({"type":"cursor_move","x":-x,"y":1e-7}))
+            .await;
+        bob.pump_for(pump).await;
+    }
+
+    // Someone joins, draws, and leaves; edits and deletes.
+    let mut carol = server.join("carol", room).await;
+    carol.send(json!({"type":"cursor_move","x":5,"y":5})).await;
+    carol
+        .send(json!({"type":"shape_create","shapeType":"oval","x":9,"y":9,"width":1,"height":1,"fill":""}))
+        .await;
+    bob.pump_for(Duration::from_millis(50)).await;
+    carol.close().await;
+    alice
+        .send(json!({"type":"shape_delete","shapeId":ids[1]}))
+        .await;
+    bob.client
+        .send(
+            json!({"type":"shape_update","shapeId":ids[5],"text":"bye","fill":"#000","stroke":""}),
+        )
+        .await;
+    bob.client
+        .send(json!({"type":"shape_update","shapeId":"unknown","x":1}))
+        .await;
+    bob.pump_for(Duration::from_millis(50)).await;
+
+    // Once alice's last move is in, both see the same room.
+    let marker = 12_345.0;
+    let v1 = alice.sync("alice", marker).await;
+    let v2 = bob.until(|s| cursor_x(s, "alice") == Some(marker)).await;
+    assert_eq!(v2, v1);
+    assert_eq!(shapes(&v1).len(), 6, "5 + 1 + carol's - the deleted one");
+    assert!(!users(&v1).contains(&"carol".to_owned()));
+    // Never a gap; snapshots only first and where one is smaller than the
+    // ops it replaces (several shapes added to a nearly empty room).
+    assert_eq!(bob.resyncs, 0);
+    assert!(bob.snapshots < bob.ops, "{} snapshots", bob.snapshots);
+    assert!(bob.ops >= 10, "ops messages: {}", bob.ops);
+    assert!(metric(&server, "session_server_ops_bytes_total").await > 0.0);
+}
+
+#[tokio::test]
+async fn a_resync_is_answered_with_a_snapshot_and_never_reaches_the_room() {
+    let server = Server::start(&[]);
+    let mut alice = server.join("alice", "re").await;
+    let mut bob = V2Client::join(&server, "bob", "re").await;
+    alice
+        .send(json!({"type":"shape_create","shapeType":"oval","x":1,"y":2,"width":3,"height":4}))
+        .await;
+    let v1 = alice.until(|s| shapes(s).len() == 1).await;
+    let v1_text = alice.last.clone().unwrap();
+    bob.until(|s| shapes(s).len() == 1).await;
+    let last_seq = bob.replica.last_seq;
+
+    bob.client.send(json!({"type":"resync"})).await;
+    let text = bob.client.next_text().await;
+    let msg: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(msg["type"], "snapshot");
+    assert_eq!(
+        msg["seq"],
+        last_seq + 1,
+        "seq stays consecutive per connection"
+    );
+    // The v1 snapshot's bytes, after the v2 header.
+    let header = format!(r#"{{"type":"snapshot","seq":{},"#, last_seq + 1);
+    assert_eq!(text, format!("{header}{}", &v1_text[1..]));
+    bob.apply(&text).await;
+    assert_eq!(bob.replica.state.as_ref(), Some(&v1));
+
+    // The room did not change: alice gets nothing.
+    assert_eq!(
+        alice.next_text_within(Duration::from_millis(300)).await,
+        None
+    );
+    assert_eq!(metric(&server, "session_server_resyncs_total").await, 1.0);
+}
+
+/// A quiet room (changes slower than the member's rate) sends each v1 member
+/// every change at once, as exactly the bytes v1 always sent.
+#[tokio::test]
+async fn a_quiet_room_sends_v1_members_every_change_byte_for_byte() {
+    let server = Server::start(&[]);
+    let mut alice = server.join("alice", "quiet").await;
+    assert_eq!(
+        alice.last.as_deref(),
+        Some(r#"{"connectedUsers":["alice"],"cursors":[],"shapes":[]}"#)
+    );
+    for i in 1..=5 {
+        alice
+            .send(json!({"type":"cursor_move","x":i,"y":2.5}))
+            .await;
+        let text = alice.next_text().await;
+        let snap: Value = serde_json::from_str(&text).unwrap();
+        let timestamp = snap["cursors"][0]["timestamp"].as_str().unwrap();
+        assert_eq!(
+            text,
+            format!(
+                r#"{{"connectedUsers":["alice"],"cursors":[{{"userId":"alice","x":{i},"y":2.5,"timestamp":"{timestamp}"}}],"shapes":[]}}"#
+            )
+        );
+        // Quiet: nothing else comes (a skipped change would show here as a
+        // missing x, a duplicate as an extra snapshot).
+        assert_eq!(
+            alice.next_text_within(Duration::from_millis(100)).await,
+            None
+        );
+    }
+}
+
+/// Cursors moving at 144 Hz: what a v1 member gets in `window`, and its last
+/// snapshot once the movers stop. Returns (snapshots, seconds, last snapshot,
+/// final x of every mover).
+async fn watch_movers_at_144_hz(server: &Server, room: &str) -> (usize, f64, Value, f64) {
+    const MOVERS: usize = 3;
+    const TICKS: u32 = 288; // 2 s at 144 Hz
+    let mut watcher = server.join("watcher", room).await;
+    let mut movers = Vec::new();
+    for m in 0..MOVERS {
+        movers.push(server.join(&format!("mover{m}"), room).await);
+    }
+    let moving = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / 144.0));
+        for t in 0..TICKS {
+            tick.tick().await;
+            for mover in &mut movers {
+                mover.send(json!({"type":"cursor_move","x":t,"y":1})).await;
+            }
+        }
+        movers
+    });
+    // Past the joins' snapshots: count from the first move on.
+    watcher
+        .until(|s| s["cursors"].as_array().unwrap().len() == MOVERS)
+        .await;
+    let started = Instant::now();
+    let mut count = 1;
+    let mut last_at = started;
+    while let Some(text) = watcher.next_text_within(Duration::from_millis(500)).await {
+        count += 1;
+        last_at = Instant::now();
+        assert!(count < 10_000, "{text}");
+    }
+    let _movers = moving.await.unwrap();
+    let last: Value = serde_json::from_str(watcher.last.as_deref().unwrap()).unwrap();
+    let seconds = (last_at - started).as_secs_f64();
+    (count, seconds, last, f64::from(TICKS - 1))
+}
+
+#[tokio::test]
+async fn at_144_hz_a_v1_member_gets_at_most_60_snapshots_a_second_and_the_last_state() {
+    let server = Server::start(&[]);
+    let (count, seconds, last, final_x) = watch_movers_at_144_hz(&server, "fast").await;
+    let rate = count as f64 / seconds;
+    // At most one per 1/60 s (the timer never fires early), plus the first.
+    assert!(
+        count as f64 <= seconds * 60.0 + 2.0,
+        "{count} snapshots in {seconds:.2} s"
+    );
+    // And the cap does not starve it: well above half the rate.
+    assert!(rate > 30.0, "{count} snapshots in {seconds:.2} s");
+    for m in 0..3 {
+        assert_eq!(
+            cursor_x(&last, &format!("mover{m}")),
+            Some(final_x),
+            "{last}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_the_cap_the_same_room_sends_far_more() {
+    let server = Server::start(&["--max-snapshot-hz", "0"]);
+    let (count, seconds, last, final_x) = watch_movers_at_144_hz(&server, "fast").await;
+    assert!(
+        count as f64 > seconds * 100.0,
+        "{count} snapshots in {seconds:.2} s"
+    );
+    for m in 0..3 {
+        assert_eq!(
+            cursor_x(&last, &format!("mover{m}")),
+            Some(final_x),
+            "{last}"
+        );
+    }
+}
