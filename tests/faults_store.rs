@@ -372,11 +372,8 @@ async fn a_deleted_data_dir_makes_saves_fail_loudly_and_never_starts_a_fresh_dat
     // A worker started now (the old one killed) must not create a fresh database.
     let old = server.worker_pids().await;
     send_signal(old[0], "KILL");
-    eventually(PATIENCE, "a replacement worker", || async {
-        let pids = server.worker_pids().await;
-        (pids != old).then_some(())
-    })
-    .await;
+    // (`/status` shows no pid between the death and the replacement.)
+    wait_replaced_within(&server, 0, old[0], PATIENCE).await;
     alice.send(create(3, "after the respawn")).await;
     alice.until(|s| shapes(s).len() == 3).await;
     let (status, body) = eventually(Duration::from_secs(25), "/readyz to turn 503", || async {
