@@ -333,22 +333,98 @@ pub mod v2 {
     }
 
     /// `{"type":"ops","seq":N,"ops":[…]}` from batches of comma-separated ops
-    /// (empty batches are skipped).
+    /// as the worker writes them (empty batches are skipped). A user's cursor
+    /// ops that follow each other (no join or leave of the user in between) are
+    /// folded into one: the first one's place (where an absent cursor would be
+    /// appended) with the last one's values, which gives the same state.
     pub fn ops_message<'a>(seq: u64, batches: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
+        let mut ops: Vec<&[u8]> = Vec::new();
+        // A user's cursor op in `ops`, while it may absorb later ones.
+        let mut cursor_at: Vec<(&[u8], usize)> = Vec::new();
+        for batch in batches {
+            for op in split_ops(batch) {
+                match op_user(op) {
+                    Some((OpKind::Cursor, user)) => {
+                        match cursor_at.iter().find(|(u, _)| *u == user) {
+                            Some(&(_, at)) => ops[at] = op,
+                            None => {
+                                cursor_at.push((user, ops.len()));
+                                ops.push(op);
+                            }
+                        }
+                    }
+                    Some((OpKind::Presence, user)) => {
+                        cursor_at.retain(|(u, _)| *u != user);
+                        ops.push(op);
+                    }
+                    None => ops.push(op),
+                }
+            }
+        }
+        let len: usize = ops.iter().map(|op| op.len() + 1).sum();
+        let mut out = Vec::with_capacity(len + 40);
         out.extend_from_slice(b"{\"type\":\"ops\",\"seq\":");
         out.extend_from_slice(seq.to_string().as_bytes());
         out.extend_from_slice(b",\"ops\":[");
-        let mut first = true;
-        for batch in batches.into_iter().filter(|b| !b.is_empty()) {
-            if !first {
+        for (i, op) in ops.iter().enumerate() {
+            if i > 0 {
                 out.push(b',');
             }
-            first = false;
-            out.extend_from_slice(batch);
+            out.extend_from_slice(op);
         }
         out.extend_from_slice(b"]}");
         out
+    }
+
+    /// The ops of a batch (`{"op":…},{"op":…}`). `,{"op":"` only occurs between
+    /// ops: inside a JSON string a `"` is always escaped.
+    fn split_ops(batch: &[u8]) -> impl Iterator<Item = &[u8]> {
+        const SEP: &[u8] = b",{\"op\":\"";
+        let mut rest = (!batch.is_empty()).then_some(batch);
+        std::iter::from_fn(move || {
+            let text = rest?;
+            match text.windows(SEP.len()).position(|w| w == SEP) {
+                Some(end) => {
+                    rest = Some(&text[end + 1..]);
+                    Some(&text[..end])
+                }
+                None => {
+                    rest = None;
+                    Some(text)
+                }
+            }
+        })
+    }
+
+    enum OpKind {
+        Cursor,
+        /// A join or a leave.
+        Presence,
+    }
+
+    /// A cursor, join or leave op's kind and user (its JSON string, quotes
+    /// included, as written: one user is always written the same way).
+    fn op_user(op: &[u8]) -> Option<(OpKind, &[u8])> {
+        let (kind, rest) = if let Some(rest) = op.strip_prefix(b"{\"op\":\"cursor\",\"userId\":") {
+            (OpKind::Cursor, rest)
+        } else if let Some(rest) = op
+            .strip_prefix(b"{\"op\":\"join\",\"userId\":")
+            .or_else(|| op.strip_prefix(b"{\"op\":\"leave\",\"userId\":"))
+        {
+            (OpKind::Presence, rest)
+        } else {
+            return None;
+        };
+        // The string's closing quote: the first `"` not escaped.
+        let mut i = 1;
+        while i < rest.len() {
+            match rest[i] {
+                b'\\' => i += 2,
+                b'"' => return Some((kind, &rest[..=i])),
+                _ => i += 1,
+            }
+        }
+        None
     }
 
     /// A v2 client's copy of a room: what PROTOCOL-v2.md §2 tells a client to
@@ -496,6 +572,74 @@ pub mod v2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A merged `ops` message means the same as its batches applied one op at
+    /// a time, with a user's consecutive cursor ops folded into one.
+    #[test]
+    fn merged_ops_fold_a_user_s_cursor_moves_but_not_across_a_leave() {
+        let cursor = |user: &str, x: i32| {
+            format!(
+                r#"{{"op":"cursor","userId":{},"x":{x},"y":0,"timestamp":"t{x}"}}"#,
+                serde_json::to_string(user).unwrap()
+            )
+        };
+        let presence = |op: &str, user: &str| {
+            format!(
+                r#"{{"op":"{op}","userId":{}}}"#,
+                serde_json::to_string(user).unwrap()
+            )
+        };
+        let odd = "a\",{\"op\":\"x";
+        let batches = [
+            [cursor("a", 1), cursor("b", 2), cursor("a", 3)].join(","),
+            String::new(),
+            [
+                presence("leave", "a"),
+                presence("join", "a"),
+                cursor("a", 4),
+                cursor(odd, 5),
+            ]
+            .join(","),
+            [
+                cursor("b", 6),
+                cursor(odd, 7),
+                r#"{"op":"remove","id":"s"}"#.to_owned(),
+            ]
+            .join(","),
+        ];
+        let message = v2::ops_message(3, batches.iter().map(|b| b.as_bytes()));
+        let message: serde_json::Value = serde_json::from_slice(&message).unwrap();
+        assert_eq!(message["seq"], 3);
+        let ops = message["ops"].as_array().unwrap();
+        let want: Vec<serde_json::Value> = [
+            cursor("a", 3),
+            cursor("b", 6),
+            presence("leave", "a"),
+            presence("join", "a"),
+            cursor("a", 4),
+            cursor(odd, 7),
+            r#"{"op":"remove","id":"s"}"#.to_owned(),
+        ]
+        .iter()
+        .map(|op| serde_json::from_str(op).unwrap())
+        .collect();
+        assert_eq!(*ops, want);
+        // The same state as every op applied in turn.
+        let start =
+            serde_json::json!({"connectedUsers":["a","b",odd],"cursors":[],"shapes":[{"id":"s"}]});
+        let (mut folded, mut each) = (start.clone(), start);
+        for op in message["ops"].as_array().unwrap() {
+            v2::apply_op(&mut folded, op).unwrap();
+        }
+        for batch in &batches {
+            let batch: Vec<serde_json::Value> =
+                serde_json::from_str(&format!("[{batch}]")).unwrap();
+            for op in &batch {
+                v2::apply_op(&mut each, op).unwrap();
+            }
+        }
+        assert_eq!(folded, each);
+    }
 
     fn js(x: f64) -> String {
         let mut s = String::new();

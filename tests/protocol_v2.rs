@@ -345,3 +345,41 @@ async fn without_the_cap_the_same_room_sends_far_more() {
         );
     }
 }
+
+/// A worker crash rebuilds the room on a replacement: its versions start a new
+/// chain, so a v2 member gets a snapshot (not ops that would not apply) and goes
+/// on equal to a v1 member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs supervisor/http.rs to negotiate the subprotocol (Protocol::negotiate + run_with)"]
+async fn after_a_worker_crash_a_v2_member_gets_a_snapshot_and_stays_equal() {
+    let server = Server::start(&[]);
+    let room = "crash";
+    let mut alice = server.join("alice", room).await;
+    let mut bob = V2Client::join(&server, "bob", room).await;
+    for x in 0..3 {
+        alice
+            .send(json!({"type":"shape_create","shapeType":"rectangle","x":x,"y":0,"width":5,"height":5}))
+            .await;
+    }
+    bob.until(|s| shapes(s).len() == 3).await;
+    let snapshots_before = bob.snapshots;
+
+    let index = worker_of(&server, room).await;
+    let old_pid = worker_pids_or_zero(&server).await[index];
+    send_signal(old_pid, "KILL");
+    alice
+        .send(json!({"type":"shape_create","shapeType":"oval","x":9,"y":9,"width":1,"height":1}))
+        .await;
+    wait_replaced_within(&server, index, old_pid, PATIENCE).await;
+
+    let marker = 777.0;
+    let v1 = alice.sync("alice", marker).await;
+    let v2 = bob.until(|s| cursor_x(s, "alice") == Some(marker)).await;
+    assert_eq!(v2, v1);
+    assert_eq!(shapes(&v1).len(), 4);
+    assert!(
+        bob.snapshots > snapshots_before,
+        "the restored room's first publish reaches v2 members as a snapshot"
+    );
+    assert_eq!(bob.resyncs, 0);
+}

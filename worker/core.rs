@@ -110,6 +110,9 @@ const MAX_FALLBACKS_PER_TICK: usize = 8;
 /// second): a room of 100 gets a snapshot at most every 5 ms, and changes in
 /// between are folded into it. Sending each member every intermediate state would
 /// cost a `send` per member per change and could not be read faster anyway.
+/// Kept next to the supervisor's per-member rate (`--max-snapshot-hz`, see
+/// `Outbox` in `supervisor/session.rs`): this one saves the worker encoding and
+/// sending a big busy room's snapshots, that one bounds what each member gets.
 const DELIVERIES_PER_ROOM_PER_SEC: u32 = 20_000;
 
 /// Below this spacing a room is not held back: the worker's timer is not finer,
