@@ -350,7 +350,6 @@ async fn without_the_cap_the_same_room_sends_far_more() {
 /// chain, so a v2 member gets a snapshot (not ops that would not apply) and goes
 /// on equal to a v1 member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs supervisor/http.rs to negotiate the subprotocol (Protocol::negotiate + run_with)"]
 async fn after_a_worker_crash_a_v2_member_gets_a_snapshot_and_stays_equal() {
     let server = Server::start(&[]);
     let room = "crash";
