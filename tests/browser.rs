@@ -13,66 +13,60 @@ use std::process::Command;
 
 use util::*;
 
+/// Where the scripts keep their screenshots.
+const ARTIFACTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/browser-artifacts");
+
+/// Runs `tests/browser/<script>` (playwright-core driving chromium) against the
+/// dev server `server`; returns what it printed, after checking it passed.
+fn run_script(script: &str, server: &Server, pass: &str) -> String {
+    let output = Command::new("node")
+        .arg(format!(
+            "{}/tests/browser/{script}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .arg(format!("http://127.0.0.1:{}", server.port))
+        .arg(ARTIFACTS)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{script} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains(pass), "{stdout}");
+    // The steps, with what the page sent (shown with `--nocapture`).
+    eprintln!("{stdout}");
+    stdout
+}
+
 #[test]
 #[ignore = "needs chromium and tests/browser/node_modules (installed by .ci/run)"]
 fn two_pages_draw_together_and_survive_a_worker_crash() {
     let server = Server::start_raw(&["--dev", "--workers", "2"], &[]);
-    let artifacts = concat!(env!("CARGO_MANIFEST_DIR"), "/target/browser-artifacts");
-    let output = Command::new("node")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/browser/board.mjs"
-        ))
-        .arg(format!("http://127.0.0.1:{}", server.port))
-        .arg(artifacts)
-        .output()
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "browser test failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    assert!(stdout.contains("[browser] pass"), "{stdout}");
-    // The steps, with what the page sent (shown with `--nocapture`).
-    eprintln!("{stdout}");
+    run_script("board.mjs", &server, "[browser] pass");
     for shot in [
         "1-bob-sees.png",
         "2-bob-after-crash.png",
         "3-bob-after-drag.png",
     ] {
-        let size = std::fs::metadata(format!("{artifacts}/{shot}"))
+        let size = std::fs::metadata(format!("{ARTIFACTS}/{shot}"))
             .unwrap()
             .len();
         assert!(size > 1000, "{shot} is {size} bytes");
     }
 }
 
-/// The board over v2 before the server speaks it: `tests/browser/board-v2-fake.mjs`
-/// serves the page this server serves in dev mode, with a small v2 room of its
-/// own (which loses one batch for one page on purpose).
+/// The board's v2 path where the real server cannot be made to misbehave:
+/// `tests/browser/board-v2-fake.mjs` serves the page this server serves in dev
+/// mode with a small v2 room of its own, which loses one batch for one page on
+/// purpose (one resync must follow) and answers one token slowly (a double
+/// click on Join must make one connection).
 #[test]
 #[ignore = "needs chromium and tests/browser/node_modules (installed by .ci/run)"]
 fn the_board_speaks_v2_to_a_v2_server() {
     let server = Server::start_raw(&["--dev", "--workers", "1"], &[]);
-    let artifacts = concat!(env!("CARGO_MANIFEST_DIR"), "/target/browser-artifacts");
-    let output = Command::new("node")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/browser/board-v2-fake.mjs"
-        ))
-        .arg(format!("http://127.0.0.1:{}", server.port))
-        .arg(artifacts)
-        .output()
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "browser test (fake v2 server) failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    assert!(stdout.contains("[browser-v2] pass"), "{stdout}");
-    eprintln!("{stdout}");
+    run_script("board-v2-fake.mjs", &server, "[browser-v2] pass");
 }
 
 #[tokio::test]
