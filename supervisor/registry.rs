@@ -222,8 +222,13 @@ impl RoomEntry {
     pub fn count_v2_session(&self, starts: bool) {
         if starts {
             self.v2_sessions.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.v2_sessions.fetch_sub(1, Ordering::Relaxed);
+        } else if self.v2_sessions.fetch_sub(1, Ordering::Relaxed) == 1 {
+            // The last v2 member left: its batches would only hold memory
+            // (a room is not pushed any while it has none; a push after a gap
+            // starts a new chain).
+            let mut batches = lock(&self.batches);
+            let base = batches.base;
+            batches.reset(base);
         }
     }
 
@@ -1078,6 +1083,31 @@ mod tests {
 
     fn commands() -> (ConnStateSender, watch::Receiver<ConnState>) {
         watch::channel(ConnState::pending())
+    }
+
+    #[test]
+    fn a_room_keeps_batches_only_while_it_has_v2_members() {
+        let registry = Registry::new(1, 10, 10);
+        let entry = registry
+            .register(&room("v2"), ConnId(1), "u".into(), commands().0)
+            .unwrap();
+        registry.publish(&room("v2"), Bytes::from_static(b"{}"), None);
+        entry.count_v2_session(true);
+        entry.count_v2_session(true);
+        for n in ["a", "b", "c"] {
+            registry.publish(&room("v2"), Bytes::from_static(b"{}"), ops(n));
+        }
+        assert_eq!(entry.batches().entries.len(), 3);
+        entry.count_v2_session(false);
+        assert_eq!(entry.batches().entries.len(), 3, "one v2 member is left");
+        entry.count_v2_session(false);
+        assert!(entry.batches().entries.is_empty());
+        assert_eq!(entry.batches().bytes, 0);
+        registry.publish(&room("v2"), Bytes::from_static(b"{}"), ops("d"));
+        assert!(
+            entry.batches().entries.is_empty(),
+            "none kept without v2 members"
+        );
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub fn run(
             entry.count_v2_session(true);
             shared.metrics.connections_v2.inc();
         }
-        debug!("session opened");
+        debug!(?protocol, "session opened");
         let queue = &shared.pool.slot(entry.worker).queue;
         let replace = take_over(&shared, &entry, conn).await;
         let joined = shared
@@ -248,8 +248,8 @@ async fn serve(
                 budget_timer = None;
             }
             // The member's rate allows the newest state, held back since a change.
-            _ = async { outbox.timer.as_mut().expect("guarded").await }, if outbox.timer.is_some() => {
-                outbox.timer = None;
+            _ = async { outbox.timer.as_mut().expect("guarded").await }, if outbox.timer_armed => {
+                outbox.timer_armed = false;
                 let rx = snapshots.as_mut().expect("a timer only runs once admitted");
                 if let Err(end) = outbox.send_newest(shared, entry, sink, rx).await {
                     return end;
@@ -257,7 +257,7 @@ async fn serve(
             }
             // Not polled while the rate holds a change back: the watch keeps the
             // newest state, which the timer's branch sends.
-            changed = async { snapshots.as_mut().expect("guarded").changed().await }, if snapshots.is_some() && outbox.timer.is_none() => {
+            changed = async { snapshots.as_mut().expect("guarded").changed().await }, if snapshots.is_some() && !outbox.timer_armed => {
                 if changed.is_err() {
                     return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable");
                 }
@@ -288,9 +288,12 @@ async fn serve(
                         // change), but it counts against the budget.
                         shared.metrics.resyncs.inc();
                         backlog.spend();
-                        outbox.resync = true;
-                        if let Some(rx) = snapshots.as_mut()
-                            && outbox.timer.is_none()
+                        // One answer per room version: a resync flood in a quiet
+                        // room costs one snapshot, not one each.
+                        outbox.resync = !snapshots.as_ref().is_some_and(|rx| outbox.resync_answered(rx));
+                        if outbox.resync
+                            && let Some(rx) = snapshots.as_mut()
+                            && !outbox.timer_armed
                             && !outbox.hold()
                             && let Err(end) = outbox.send_newest(shared, entry, sink, rx).await
                         {
@@ -409,8 +412,14 @@ pub(crate) struct Outbox {
     spacing: Option<Duration>,
     /// When the last message was sent (kept only with a cap).
     last_sent: Option<Instant>,
-    /// Wakes the session when the period ends, while a change waits for it.
+    /// Wakes the session when the period ends, while a change waits for it
+    /// (`timer_armed`). Made at the first hold and reset after: a busy room
+    /// holds each member up to 60 times a second.
     timer: Option<Pin<Box<Sleep>>>,
+    timer_armed: bool,
+    /// v2: the version of the last snapshot sent for a resync (another resync
+    /// is answered only once the room has moved on).
+    resync_version: Option<u64>,
     /// Version of the room state the client has, to count the ones skipped
     /// and, in v2, to know which batches lead from it to the newest.
     last_version: Option<u64>,
@@ -434,6 +443,8 @@ impl Outbox {
             spacing,
             last_sent: None,
             timer: None,
+            timer_armed: false,
+            resync_version: None,
             last_version: None,
             next_seq: 0,
             resync: false,
@@ -449,8 +460,18 @@ impl Outbox {
         if at <= Instant::now() {
             return false;
         }
-        self.timer = Some(Box::pin(tokio::time::sleep_until(at.into())));
+        match &mut self.timer {
+            Some(timer) => timer.as_mut().reset(at.into()),
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(at.into()))),
+        }
+        self.timer_armed = true;
         true
+    }
+
+    /// v2: a resync was answered with a snapshot of the room's newest version.
+    fn resync_answered(&self, rx: &watch::Receiver<SnapshotCell>) -> bool {
+        let newest = rx.borrow().as_ref().map(|p| p.version);
+        newest.is_some() && self.resync_version == newest
     }
 
     /// Sends the room's newest state, if the client does not have it yet (or,
@@ -536,6 +557,9 @@ impl Outbox {
     /// The v2 message that brings the client to `snapshot` (`None` if the
     /// publishes since its last message changed nothing).
     fn v2_message(&mut self, entry: &RoomEntry, snapshot: &Published) -> Option<V2Message> {
+        if self.resync {
+            self.resync_version = Some(snapshot.version);
+        }
         let batches = match self.last_version {
             Some(last) if !std::mem::take(&mut self.resync) => {
                 entry

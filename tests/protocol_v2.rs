@@ -235,6 +235,28 @@ async fn a_resync_is_answered_with_a_snapshot_and_never_reaches_the_room() {
         None
     );
     assert_eq!(metric(&server, "session_server_resyncs_total").await, 1.0);
+
+    // A flood of resyncs while the room stays as it was costs nothing more:
+    // one answer per room version.
+    for _ in 0..50 {
+        bob.client.send(json!({"type":"resync"})).await;
+    }
+    assert_eq!(
+        bob.client
+            .next_text_within(Duration::from_millis(500))
+            .await,
+        None
+    );
+    assert_eq!(metric(&server, "session_server_resyncs_total").await, 51.0);
+    // Once the room moves on, a resync is answered again.
+    alice.send(json!({"type":"cursor_move","x":5,"y":6})).await;
+    let moved = alice.until(|s| s["cursors"][0]["x"] == 5).await;
+    bob.until(|s| s["cursors"][0]["x"] == 5).await;
+    bob.client.send(json!({"type":"resync"})).await;
+    let text = bob.client.next_text().await;
+    assert!(text.starts_with(r#"{"type":"snapshot","#), "{text}");
+    bob.apply(&text).await;
+    assert_eq!(bob.replica.state.as_ref(), Some(&moved));
 }
 
 /// A quiet room (changes slower than the member's rate) sends each v1 member

@@ -174,7 +174,8 @@ pub struct Room {
 }
 
 /// Bytes of ops a room keeps between two publishes; beyond it members that
-/// missed them get a snapshot instead (a snapshot is at most ~220 KB).
+/// missed them get a snapshot instead (the smaller message by then for most
+/// rooms; a snapshot is at most [`MAX_SNAPSHOT_BYTES`]).
 const MAX_OPS_BYTES: usize = 256 * 1024;
 
 impl Room {
