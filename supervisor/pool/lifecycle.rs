@@ -223,9 +223,7 @@ pub(super) async fn supervise(
         slot.restarts.fetch_add(1, Ordering::Relaxed);
         metrics
             .worker_restarts
-            .get_or_create(&crate::supervisor::metrics::Worker {
-                worker: slot.id.to_string(),
-            })
+            .get_or_create(&crate::supervisor::metrics::Worker { worker: slot.id })
             .inc();
     }
 }
