@@ -9,8 +9,6 @@ use std::time::Duration;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use crate::ipc::WorkerId;
-
 #[derive(Debug, Parser)]
 #[command(name = "session-server", version, about)]
 pub struct Cli {
@@ -561,12 +559,6 @@ impl ServeArgs {
                 store_identity: None,
             },
         })
-    }
-}
-
-impl WorkerArgs {
-    pub fn worker_id(&self) -> WorkerId {
-        WorkerId(self.worker_id)
     }
 }
 

@@ -184,7 +184,7 @@ pub fn monitor_json<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
     if let Some(refused) = admin_only(req, shared) {
         return refused;
     }
-    let workers = super::http::workers_json(shared);
+    let workers = shared.workers_json();
     let body = json!({
         "workers": workers,
         "rooms": shared.registry.monitor(),

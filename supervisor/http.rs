@@ -176,9 +176,7 @@ fn metrics(shared: &Shared) -> Response<Body> {
         .set(rooms.iter().map(Vec::len).sum::<usize>() as i64);
     let mut up = 0;
     for (slot, rooms) in shared.pool.slots().iter().zip(&rooms) {
-        let worker = super::metrics::Worker {
-            worker: slot.id.to_string(),
-        };
+        let worker = super::metrics::Worker { worker: slot.id };
         m.rooms_by_worker
             .get_or_create(&worker)
             .set(rooms.len() as i64);
@@ -196,30 +194,11 @@ fn metrics(shared: &Shared) -> Response<Body> {
 }
 
 fn status(shared: &Shared) -> Response<Body> {
-    let body = serde_json::json!({ "workers": workers_json(shared) }).to_string();
+    let body = serde_json::json!({ "workers": shared.workers_json() }).to_string();
     let mut res = text(StatusCode::OK, body);
     res.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res
-}
-
-/// Each worker's id, pid, restarts and rooms (for `/status` and the monitor).
-pub fn workers_json(shared: &Shared) -> Vec<serde_json::Value> {
-    let rooms = shared.registry.rooms_by_worker();
-    shared
-        .pool
-        .slots()
-        .iter()
-        .zip(rooms)
-        .map(|(slot, rooms)| {
-            serde_json::json!({
-                "id": slot.id.0,
-                "pid": slot.pid(),
-                "restarts": slot.restarts(),
-                "rooms": rooms.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
-            })
-        })
-        .collect()
 }
 
 fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {

@@ -73,6 +73,26 @@ pub struct Shared {
     pub connection_permits: Arc<tokio::sync::Semaphore>,
 }
 
+impl Shared {
+    /// Each worker's id, pid, restarts and rooms (for `/status` and the monitor).
+    pub fn workers_json(&self) -> Vec<serde_json::Value> {
+        let rooms = self.registry.rooms_by_worker();
+        self.pool
+            .slots()
+            .iter()
+            .zip(rooms)
+            .map(|(slot, rooms)| {
+                serde_json::json!({
+                    "id": slot.id.0,
+                    "pid": slot.pid(),
+                    "restarts": slot.restarts(),
+                    "rooms": rooms.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+                })
+            })
+            .collect()
+    }
+}
+
 /// Entry point: binds the port, handles signals, runs the server.
 pub fn main(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()

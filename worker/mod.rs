@@ -20,7 +20,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::info;
 
 use crate::config::{WORKER_NONCE_ENV, WorkerArgs};
-use crate::ipc::{CodecError, FromWorker, IPC_VERSION, IpcCodec, ToWorker};
+use crate::ipc::{CodecError, FromWorker, IPC_VERSION, IpcCodec, ToWorker, WorkerId};
 use crate::ipc_socket::{self, IpcReader, IpcWriter};
 use core::{StoreResult, WorkerCore};
 
@@ -95,7 +95,7 @@ fn ignore_signals() -> anyhow::Result<()> {
 /// Connects to the supervisor, checks its hello, then applies frames until the
 /// socket closes.
 async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
-    let worker_id = args.worker_id();
+    let worker_id = WorkerId(args.worker_id);
     let span = tracing::info_span!("worker", id = %worker_id, pid = std::process::id());
     let _enter = span.enter();
 

@@ -87,10 +87,6 @@ impl SqliteStore {
         *self.identity.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Checks that `path` is still the file the store started with (and its
     /// folder writable), opening it without creating it if not open yet.
     fn connect(

@@ -1,0 +1,424 @@
+//! A worker process's life: spawn it, check its handshake, serve it until it
+//! ends (killing it when it stops answering pings), replace it when it fails,
+//! and stop it when the server stops.
+
+use std::fmt;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::{SinkExt, StreamExt};
+use interprocess::local_socket::tokio::Stream as LocalStream;
+use interprocess::local_socket::traits::tokio::Listener as _;
+use interprocess::local_socket::{GenericNamespaced, ListenerOptions, ToNsName};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::link::{self, LinkEnd, PING_QUEUE, Reader, Writer, read_frames, watchdog, write_frames};
+use super::recovery::{RESTORE_ANSWER_MARGIN, Recovery, restore_rooms};
+use super::{DrainReport, WorkerSlot, lock};
+use crate::config::{PersistSettings, WORKER_NONCE_ENV};
+use crate::ipc::{FromWorker, IPC_VERSION, RoomId, ToWorker, WorkerId};
+use crate::supervisor::metrics::Metrics;
+use crate::supervisor::registry::Registry;
+
+/// A worker must connect and answer the hello within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Respawn delays: the first replacement starts at once (clients are waiting);
+/// after a further quick failure the delay starts here and doubles, so a crash
+/// loop is throttled.
+const MIN_RESPAWN_DELAY: Duration = Duration::from_millis(50);
+const MAX_RESPAWN_DELAY: Duration = Duration::from_secs(5);
+/// A worker that ran this long before failing was not crash-looping: the next
+/// replacement starts at once again.
+const STABLE_RUN: Duration = Duration::from_secs(5);
+
+/// How a worker process ended, or failed to start: what its log lines say.
+#[derive(Debug)]
+pub(super) enum WorkerExit {
+    /// It could not be spawned, or did not connect to its socket.
+    Spawn(anyhow::Error),
+    /// Its connected socket could not be set up.
+    Socket(std::io::Error),
+    /// The hello exchange failed; the process was killed.
+    Handshake {
+        pid: u32,
+        error: anyhow::Error,
+        status: std::io::Result<ExitStatus>,
+    },
+    /// Still starting (or restoring rooms) at the shutdown deadline: dropped,
+    /// which kills it.
+    StillStarting,
+    /// It exited after its socket was closed at shutdown.
+    Stopped {
+        pid: u32,
+        status: std::io::Result<ExitStatus>,
+    },
+    /// It was being served when `cause` ended it; then it was killed (if still
+    /// running) and reaped.
+    Ended {
+        pid: u32,
+        cause: EndCause,
+        status: std::io::Result<ExitStatus>,
+    },
+}
+
+/// What ended a worker that was being served.
+#[derive(Debug)]
+pub(super) enum EndCause {
+    /// Its IPC link ended (the socket or the slot's queue).
+    Link(LinkEnd),
+    /// The watchdog's kill: no answer to pings for this long.
+    Unresponsive(Duration),
+    /// The process exited by itself.
+    ProcessExited,
+    /// It did not exit in time after its socket was closed at shutdown.
+    ShutdownTimeout,
+}
+
+impl fmt::Display for WorkerExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WorkerExit::Spawn(e) => write!(f, "{e:#}"),
+            WorkerExit::Socket(e) => write!(f, "cannot set up the worker's socket: {e}"),
+            WorkerExit::Handshake { pid, error, status } => write!(
+                f,
+                "handshake with pid {pid} failed: {error:#} (process {status:?})"
+            ),
+            WorkerExit::StillStarting => {
+                f.write_str("still starting at the shutdown deadline; killed")
+            }
+            WorkerExit::Stopped { pid, status } => {
+                write!(f, "pid {pid} stopped: {}", Described(status))
+            }
+            WorkerExit::Ended { pid, cause, status } => {
+                write!(f, "{cause}; pid {pid} exit status: {}", Described(status))
+            }
+        }
+    }
+}
+
+impl fmt::Display for EndCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndCause::Link(end) => end.fmt(f),
+            EndCause::Unresponsive(silent) => {
+                write!(f, "no answer to pings for {} ms", silent.as_millis())
+            }
+            EndCause::ProcessExited => f.write_str("process exited"),
+            EndCause::ShutdownTimeout => f.write_str("killed after shutdown timeout"),
+        }
+    }
+}
+
+/// A process's exit status as logs show it: the status (exit code or signal),
+/// or why it is unknown.
+struct Described<'a>(&'a std::io::Result<ExitStatus>);
+
+impl fmt::Display for Described<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Ok(status) => status.fmt(f),
+            Err(e) => write!(f, "status unknown: {e}"),
+        }
+    }
+}
+
+/// How a worker process ended.
+struct Ended {
+    how: WorkerExit,
+    /// Rooms being restored into it when it ended (their frames had started
+    /// going to it, and it had not answered their `Sync`): the crash is
+    /// attributed to them.
+    restoring: Vec<RoomId>,
+}
+
+impl Ended {
+    fn plain(how: WorkerExit) -> Ended {
+        Ended {
+            how,
+            restoring: Vec::new(),
+        }
+    }
+}
+
+/// The two steps of a shutdown, as a worker slot sees them.
+pub(super) struct Stopping {
+    /// The server is shutting down: a worker that ends is not replaced.
+    pub(super) server: CancellationToken,
+    /// Then: close the socket, and kill the process if it still runs at this
+    /// instant.
+    pub(super) exit_by: watch::Receiver<Option<tokio::time::Instant>>,
+}
+
+/// Runs one slot: start a worker, serve it until it ends, then start a
+/// replacement and restore the rooms the failed one held.
+pub(super) async fn supervise(
+    slot: Arc<WorkerSlot>,
+    mut frames: mpsc::Receiver<ToWorker>,
+    settings: PersistSettings,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    mut stopping: Stopping,
+    ready: oneshot::Sender<Result<(), WorkerExit>>,
+) {
+    let mut ready = Some(ready);
+    let mut delay = Duration::ZERO;
+    let mut recovery = Recovery::default();
+    loop {
+        let started = Instant::now();
+        // Serving ends by itself at the shutdown deadline; this bounds a worker
+        // still starting or restoring rooms then (dropping it kills the process).
+        let mut deadline = stopping.exit_by.clone();
+        let mut serve = Serve {
+            slot: &slot,
+            frames: &mut frames,
+            settings: &settings,
+            registry: &registry,
+            metrics: &metrics,
+            exit_by: &mut stopping.exit_by,
+            ready: &mut ready,
+            recovery: &mut recovery,
+        };
+        let ended = tokio::select! {
+            biased;
+            ended = serve.run() => ended,
+            _ = async {
+                let at = exit_requested(&mut deadline).await;
+                tokio::time::sleep_until(at).await;
+            } => Ended::plain(WorkerExit::StillStarting),
+        };
+        slot.pid.store(0, Ordering::Relaxed);
+        if stopping.exit_by.borrow().is_some() {
+            info!(worker = %slot.id, "{}", ended.how);
+            return;
+        }
+        if stopping.server.is_cancelled() {
+            // A replacement would only be killed again; rooms are not restored.
+            let unsaved = registry.unconfirmed_rooms(slot.id);
+            error!(worker = %slot.id, ?unsaved, "worker ended during shutdown ({}); not replaced; changes since these rooms' last save may be lost", ended.how);
+            slot.answer_drain(DrainReport { saved: 0, unsaved });
+            return;
+        }
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(Err(ended.how));
+            return;
+        }
+        recovery.worker_failed(&ended.restoring, &mut frames, &registry, &slot);
+        let rooms = recovery.rooms();
+        error!(worker = %slot.id, rooms = ?rooms, "worker failed ({}); restoring its rooms on a replacement", ended.how);
+        if started.elapsed() > STABLE_RUN {
+            delay = Duration::ZERO;
+        }
+        tokio::select! {
+            biased;
+            _ = stopping.server.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).clamp(MIN_RESPAWN_DELAY, MAX_RESPAWN_DELAY);
+        slot.restarts.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .worker_restarts
+            .get_or_create(&crate::supervisor::metrics::Worker { worker: slot.id })
+            .inc();
+    }
+}
+
+/// One worker process's life, with what it needs from its slot.
+struct Serve<'a> {
+    slot: &'a WorkerSlot,
+    frames: &'a mut mpsc::Receiver<ToWorker>,
+    settings: &'a PersistSettings,
+    registry: &'a Registry,
+    metrics: &'a Metrics,
+    exit_by: &'a mut watch::Receiver<Option<tokio::time::Instant>>,
+    ready: &'a mut Option<oneshot::Sender<Result<(), WorkerExit>>>,
+    recovery: &'a mut Recovery,
+}
+
+/// Waits until the pool is told to stop; returns when its workers must be gone.
+async fn exit_requested(
+    exit_by: &mut watch::Receiver<Option<tokio::time::Instant>>,
+) -> tokio::time::Instant {
+    match exit_by.wait_for(Option::is_some).await {
+        Ok(deadline) => deadline.expect("waited for a deadline"),
+        // The pool itself is gone: nothing waits for these workers any more.
+        Err(_) => tokio::time::Instant::now(),
+    }
+}
+
+/// Path of the running executable. `/proc/self/exe` names the image this process
+/// runs even if the file was replaced since (a new build), so workers are always
+/// the same build as their supervisor.
+fn own_executable() -> std::io::Result<std::path::PathBuf> {
+    let proc_exe = std::path::Path::new("/proc/self/exe");
+    if proc_exe.exists() {
+        Ok(proc_exe.to_path_buf())
+    } else {
+        std::env::current_exe()
+    }
+}
+
+impl Serve<'_> {
+    /// Starts one worker process, restores the rooms it inherits, and serves it
+    /// until it ends; returns how it ended.
+    async fn run(&mut self) -> Ended {
+        let slot = self.slot;
+        let (mut child, stream, nonce) = match spawn_and_connect(slot.id).await {
+            Ok(started) => started,
+            Err(e) => return Ended::plain(WorkerExit::Spawn(e)),
+        };
+        let pid = child.id().unwrap_or(0);
+        let (mut reader, mut writer) = match link::framed(stream) {
+            Ok(framed) => framed,
+            Err(e) => {
+                let _ = child.start_kill();
+                return Ended::plain(WorkerExit::Socket(e));
+            }
+        };
+
+        let handshake = async {
+            handshake(slot.id, &mut reader, &mut writer, nonce).await?;
+            writer
+                .send(ToWorker::Configure(self.settings.clone()))
+                .await
+                .context("sending settings")
+        };
+        if let Err(e) = handshake.await {
+            let _ = child.start_kill();
+            let status = child.wait().await;
+            return Ended::plain(WorkerExit::Handshake {
+                pid,
+                error: e,
+                status,
+            });
+        }
+        *lock(&slot.last_pong) = Instant::now();
+        slot.unresponsive.store(false, Ordering::Relaxed);
+        self.registry.set_unresponsive(slot.id, false);
+        lock(&slot.restores).clear();
+        slot.pid.store(pid, Ordering::Relaxed);
+        info!(worker = %slot.id, pid, "worker ready");
+        if let Some(ready) = self.ready.take() {
+            let _ = ready.send(Ok(()));
+        }
+
+        let (pinger, mut pings) = mpsc::channel(PING_QUEUE);
+        let (carry, rooms) = self.recovery.take_next();
+        let wait = Duration::from_millis(self.settings.load_wait_ms) + RESTORE_ANSWER_MARGIN;
+        let (registry, metrics, suspects) = (self.registry, self.metrics, self.recovery.suspects());
+        // Runs alongside reading and writing, never in their way; once done it
+        // only waits for the others to end.
+        let restores = async {
+            restore_rooms(rooms, suspects, registry, slot, wait).await;
+            slot.restoring.store(false, Ordering::Relaxed);
+            std::future::pending::<()>().await
+        };
+        let ended = tokio::select! {
+            why = write_frames(carry, self.frames, &mut pings, &mut writer, slot) => EndCause::Link(why),
+            why = read_frames(&mut reader, registry, metrics, slot) => EndCause::Link(why),
+            silent = watchdog(slot, self.registry, pinger) => EndCause::Unresponsive(silent),
+            () = restores => unreachable!("restoring ends by waiting forever"),
+            _ = child.wait() => EndCause::ProcessExited,
+            deadline = exit_requested(self.exit_by) => {
+                // Closing the socket tells the worker to exit.
+                drop(writer);
+                drop(reader);
+                match tokio::time::timeout_at(deadline, child.wait()).await {
+                    Ok(status) => return Ended::plain(WorkerExit::Stopped { pid, status }),
+                    Err(_) => {
+                        warn!(worker = %slot.id, pid, "worker did not exit in time; killing it");
+                        EndCause::ShutdownTimeout
+                    }
+                }
+            }
+        };
+        let restoring = slot.take_in_flight();
+        // Whatever ended first, make sure the process is gone and reaped.
+        let _ = child.start_kill();
+        let status = child.wait().await;
+        Ended {
+            how: WorkerExit::Ended {
+                pid,
+                cause: ended,
+                status,
+            },
+            restoring,
+        }
+    }
+}
+
+async fn spawn_and_connect(id: WorkerId) -> anyhow::Result<(Child, LocalStream, u64)> {
+    let name = format!(
+        "session-server.{}.{}.{:016x}.sock",
+        std::process::id(),
+        id.0,
+        rand::random::<u64>()
+    );
+    let listener = ListenerOptions::new()
+        .name(name.as_str().to_ns_name::<GenericNamespaced>()?)
+        .create_tokio()
+        .with_context(|| format!("creating IPC socket {name}"))?;
+    let nonce = rand::random::<u64>();
+    // argv[0] is the executable's real path, so `ps` shows what runs.
+    let shown_name = std::env::current_exe().unwrap_or_else(|_| "session-server".into());
+    let mut child = Command::new(own_executable()?)
+        .arg0(shown_name)
+        .arg("worker")
+        .arg("--ipc")
+        .arg(&name)
+        .arg("--worker-id")
+        .arg(id.0.to_string())
+        .env(WORKER_NONCE_ENV, nonce.to_string())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning worker process")?;
+    let stream = tokio::select! {
+        accepted = listener.accept() => accepted.context("accepting worker connection")?,
+        status = child.wait() => anyhow::bail!("worker exited before connecting: {}", Described(&status)),
+        _ = tokio::time::sleep(HANDSHAKE_TIMEOUT) => anyhow::bail!("worker did not connect within {HANDSHAKE_TIMEOUT:?}"),
+    };
+    Ok((child, stream, nonce))
+}
+
+/// Exchanges hellos: same IPC version, and the peer is the process we spawned.
+pub(super) async fn handshake(
+    id: WorkerId,
+    reader: &mut Reader,
+    writer: &mut Writer,
+    nonce: u64,
+) -> anyhow::Result<()> {
+    writer
+        .send(ToWorker::Hello {
+            ipc_version: IPC_VERSION,
+            worker_id: id,
+        })
+        .await?;
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next())
+        .await
+        .context("no hello from worker")?;
+    match hello {
+        Some(Ok(FromWorker::Hello {
+            ipc_version,
+            nonce: theirs,
+            ..
+        })) => {
+            anyhow::ensure!(
+                ipc_version == IPC_VERSION,
+                "worker speaks IPC version {ipc_version}, supervisor speaks {IPC_VERSION}"
+            );
+            anyhow::ensure!(
+                theirs == nonce,
+                "peer is not the spawned worker (wrong nonce)"
+            );
+            Ok(())
+        }
+        Some(Ok(other)) => anyhow::bail!("expected hello, got {other:?}"),
+        Some(Err(e)) => Err(e.into()),
+        None => anyhow::bail!("worker closed the socket during the handshake"),
+    }
+}

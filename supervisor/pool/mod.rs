@@ -1,0 +1,236 @@
+//! The worker pool: spawns each worker process (this same executable, in worker
+//! mode), checks its IPC handshake, carries frames both ways, and replaces the
+//! process when it ends.
+//!
+//! Each worker slot has one queue that outlives its processes, so sessions keep a
+//! valid sender across a respawn.
+//!
+//! Nothing here waits on its own writes: while a worker is served, its socket is
+//! read, written, pinged and its inherited rooms restored by separate branches of
+//! one `select!`, so a full socket in one direction never stops the other
+//! (restores go through the slot's queue like every other frame).
+//!
+//! The pool's three jobs, one module each: [`lifecycle`] (spawn, handshake,
+//! respawn, the watchdog's kill, stop), [`link`] (framing, the reader and the
+//! writer, pings) and [`recovery`] (restoring a failed worker's rooms on its
+//! replacement, blaming a crash on the rooms being restored).
+
+mod lifecycle;
+mod link;
+mod recovery;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::metrics::Metrics;
+use super::registry::Registry;
+use crate::config::PersistSettings;
+use crate::ipc::{RoomId, ToWorker, WorkerId};
+use lifecycle::{Stopping, supervise};
+use recovery::InFlight;
+
+/// Frames queued per worker before senders wait. Large enough to absorb bursts
+/// from many rooms; when full, each session waits (backpressure on its client).
+const WORKER_QUEUE: usize = 8192;
+/// A worker answers a drain this long before the supervisor stops waiting, so
+/// the answer (and the unsaved rooms it names) arrives in time.
+const DRAIN_ANSWER_MARGIN: Duration = Duration::from_millis(250);
+
+/// One worker position in the pool.
+pub struct WorkerSlot {
+    pub id: WorkerId,
+    /// Frames for this worker's rooms.
+    pub queue: mpsc::Sender<ToWorker>,
+    /// Pid of the running process, 0 while none runs.
+    pid: AtomicU32,
+    /// Processes started after the first one.
+    restarts: AtomicU64,
+    /// Where the answer to a `Drain` goes.
+    drained: Mutex<Option<oneshot::Sender<DrainReport>>>,
+    /// When the running process last answered a ping (or finished its handshake).
+    last_pong: Mutex<Instant>,
+    /// The running process has not answered pings for [`link::UNRESPONSIVE_AFTER`].
+    unresponsive: AtomicBool,
+    /// The slot's process failed and its rooms are not all restored yet.
+    restoring: AtomicBool,
+    /// Restores under way on the running process, by room: a crash is blamed on
+    /// those whose frames had started going to it.
+    restores: Mutex<HashMap<RoomId, InFlight>>,
+}
+
+/// A worker's answer to a drain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DrainReport {
+    /// Saves that succeeded during the drain.
+    pub saved: u32,
+    /// Rooms still holding unsaved changes when the drain ended.
+    pub unsaved: Vec<RoomId>,
+}
+
+impl WorkerSlot {
+    fn new(id: WorkerId, queue: mpsc::Sender<ToWorker>) -> WorkerSlot {
+        WorkerSlot {
+            id,
+            queue,
+            pid: AtomicU32::new(0),
+            restarts: AtomicU64::new(0),
+            drained: Mutex::new(None),
+            last_pong: Mutex::new(Instant::now()),
+            unresponsive: AtomicBool::new(false),
+            restoring: AtomicBool::new(false),
+            restores: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.pid.load(Ordering::Relaxed)).filter(|&p| p != 0)
+    }
+
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// The slot's process runs and answers pings (restoring rooms or not): what
+    /// the Agones `Health()` pings stand for.
+    pub fn answering(&self) -> bool {
+        self.pid().is_some() && !self.unresponsive.load(Ordering::Relaxed)
+    }
+
+    /// The slot's process runs, answers pings and holds all its rooms (not
+    /// being replaced or restoring them): what `/readyz` reports.
+    pub fn ready(&self) -> bool {
+        self.pid().is_some()
+            && !self.unresponsive.load(Ordering::Relaxed)
+            && !self.restoring.load(Ordering::Relaxed)
+    }
+
+    /// Hands `report` to the pending drain, if one waits.
+    fn answer_drain(&self, report: DrainReport) {
+        let answer = self
+            .drained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(answer) = answer {
+            let _ = answer.send(report);
+        }
+    }
+}
+
+pub struct WorkerPool {
+    slots: Vec<Arc<WorkerSlot>>,
+    tasks: TaskTracker,
+    /// Set by [`WorkerPool::stop`]: close every worker's socket; kill the
+    /// workers still running at this instant.
+    exit_by: watch::Sender<Option<tokio::time::Instant>>,
+}
+
+impl WorkerPool {
+    /// Starts `count` workers and waits until each has completed its handshake.
+    /// Once `stopping` is cancelled (the server is shutting down), a worker that
+    /// ends is not replaced.
+    pub async fn start(
+        count: usize,
+        settings: PersistSettings,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        stopping: CancellationToken,
+    ) -> anyhow::Result<WorkerPool> {
+        let tasks = TaskTracker::new();
+        let (exit_by, _) = watch::channel(None);
+        let mut slots = Vec::with_capacity(count);
+        let mut ready = Vec::with_capacity(count);
+        for i in 0..count {
+            let (queue, frames) = mpsc::channel(WORKER_QUEUE);
+            let slot = Arc::new(WorkerSlot::new(WorkerId(i as u32), queue));
+            let (ready_tx, ready_rx) = oneshot::channel();
+            tasks.spawn(supervise(
+                slot.clone(),
+                frames,
+                settings.clone(),
+                registry.clone(),
+                metrics.clone(),
+                Stopping {
+                    server: stopping.clone(),
+                    exit_by: exit_by.subscribe(),
+                },
+                ready_tx,
+            ));
+            slots.push(slot);
+            ready.push(ready_rx);
+        }
+        tasks.close();
+        for (i, ready) in ready.into_iter().enumerate() {
+            match ready.await {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => return Err(anyhow!("worker w{i} failed to start: {why}")),
+                Err(_) => return Err(anyhow!("worker w{i} failed to start")),
+            }
+        }
+        Ok(WorkerPool {
+            slots,
+            tasks,
+            exit_by,
+        })
+    }
+
+    pub fn slot(&self, id: WorkerId) -> &WorkerSlot {
+        &self.slots[id.0 as usize]
+    }
+
+    pub fn slots(&self) -> &[Arc<WorkerSlot>] {
+        &self.slots
+    }
+
+    /// Asks every worker to save its unsaved rooms and to answer by `deadline`;
+    /// returns each worker's report (`None`: no answer in time).
+    pub async fn drain(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Vec<(WorkerId, Option<DrainReport>)> {
+        let grace = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .saturating_sub(DRAIN_ANSWER_MARGIN);
+        // All at once: a worker whose queue is full must not eat the others' time.
+        let drains = self.slots.iter().map(|slot| async move {
+            let (tx, rx) = oneshot::channel();
+            *slot.drained.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+            let drain = ToWorker::Drain {
+                grace_ms: grace.as_millis() as u64,
+            };
+            let sent = tokio::time::timeout_at(deadline, slot.queue.send(drain)).await;
+            let report = match sent {
+                Ok(Ok(())) => tokio::time::timeout_at(deadline, rx)
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                _ => None,
+            };
+            (slot.id, report)
+        });
+        futures_util::future::join_all(drains).await
+    }
+
+    /// Closes every worker's socket (they exit at once after a drain) and waits
+    /// until every process has ended; those still running at `deadline` are
+    /// killed.
+    pub async fn stop(&self, deadline: tokio::time::Instant) {
+        self.exit_by.send_replace(Some(deadline));
+        self.tasks.wait().await;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every update under these locks is a few assignments: data stays
+    // consistent even after a panic elsewhere.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
