@@ -28,6 +28,7 @@ fn room_with(shapes: u64) -> (Room, u64) {
             RoomEvent::Join {
                 conn: ConnId(m),
                 user_id: format!("user-{m}"),
+                v2: false,
             },
         );
     }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 /// Version of the frame definitions below. The supervisor and a worker exchange it
 /// in their first frames and refuse to talk on a mismatch. Bump it on any change to
 /// [`ToWorker`] or [`FromWorker`].
-pub const IPC_VERSION: u32 = 7;
+pub const IPC_VERSION: u32 = 8;
 
 /// Largest IPC frame body accepted. A snapshot of a full room (1000 shapes with
 /// bounded fields) is far below this; anything larger is corruption.
@@ -129,8 +129,13 @@ pub struct Stamped {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum RoomEvent {
-    /// An authenticated connection asks to join.
-    Join { conn: ConnId, user_id: String },
+    /// An authenticated connection asks to join. `v2`: it speaks protocol v2
+    /// (PROTOCOL-v2.md), so the room records ops while it is a member.
+    Join {
+        conn: ConnId,
+        user_id: String,
+        v2: bool,
+    },
     /// The connection has closed (whether or not it was admitted).
     Leave { conn: ConnId },
     /// A text frame from the client, uninterpreted by the supervisor.

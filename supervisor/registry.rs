@@ -218,9 +218,13 @@ pub struct RoomEntry {
 }
 
 impl RoomEntry {
-    /// A v2 session starts (`true`) or ends (`false`).
-    pub fn count_v2_session(&self, starts: bool) {
+    /// The v2 session of `conn` starts (`true`: before its join, so that the
+    /// join tells the worker to record ops) or ends (`false`).
+    pub fn v2_session(&self, conn: ConnId, starts: bool) {
         if starts {
+            if let Some(member) = lock(&self.state).conns.get_mut(&conn) {
+                member.v2 = true;
+            }
             self.v2_sessions.fetch_add(1, Ordering::Relaxed);
         } else if self.v2_sessions.fetch_sub(1, Ordering::Relaxed) == 1 {
             // The last v2 member left: its batches would only hold memory
@@ -246,6 +250,8 @@ struct Member {
     user_id: Box<str>,
     /// A join was stamped for it and no leave since.
     joined: bool,
+    /// Speaks protocol v2 (told to the worker with its join).
+    v2: bool,
     /// Set while newer connections of the same user wait to learn whether this
     /// one is alive: set to true when its client is heard from, dropped when it
     /// leaves.
@@ -437,6 +443,7 @@ impl Registry {
             state,
             user_id: user_id.into(),
             joined: false,
+            v2: false,
             probe: None,
         };
         let mut inner = lock(&self.inner);
@@ -536,7 +543,11 @@ impl Registry {
         if state.lost {
             return Err(RoomLost);
         }
-        let Some(user_id) = state.conns.get(&conn).map(|m| m.user_id.to_string()) else {
+        let Some((user_id, v2)) = state
+            .conns
+            .get(&conn)
+            .map(|m| (m.user_id.to_string(), m.v2))
+        else {
             return Err(RoomLost);
         };
         if let Some(old) = replace
@@ -568,7 +579,7 @@ impl Registry {
                 permits.next().expect("reserved").send(open);
             }
         }
-        let join = state.stamp(&entry.id, RoomEvent::Join { conn, user_id });
+        let join = state.stamp(&entry.id, RoomEvent::Join { conn, user_id, v2 });
         state.joined += 1;
         if let Some(member) = state.conns.get_mut(&conn) {
             member.joined = true;
@@ -1092,15 +1103,15 @@ mod tests {
             .register(&room("v2"), ConnId(1), "u".into(), commands().0)
             .unwrap();
         registry.publish(&room("v2"), Bytes::from_static(b"{}"), None);
-        entry.count_v2_session(true);
-        entry.count_v2_session(true);
+        entry.v2_session(ConnId(1), true);
+        entry.v2_session(ConnId(2), true);
         for n in ["a", "b", "c"] {
             registry.publish(&room("v2"), Bytes::from_static(b"{}"), ops(n));
         }
         assert_eq!(entry.batches().entries.len(), 3);
-        entry.count_v2_session(false);
+        entry.v2_session(ConnId(1), false);
         assert_eq!(entry.batches().entries.len(), 3, "one v2 member is left");
-        entry.count_v2_session(false);
+        entry.v2_session(ConnId(2), false);
         assert!(entry.batches().entries.is_empty());
         assert_eq!(entry.batches().bytes, 0);
         registry.publish(&room("v2"), Bytes::from_static(b"{}"), ops("d"));
@@ -1338,12 +1349,14 @@ mod tests {
             [
                 RoomEvent::Join {
                     conn: ConnId(1),
-                    user_id: "u".into()
+                    user_id: "u".into(),
+                    v2: false,
                 },
                 RoomEvent::Leave { conn: ConnId(1) },
                 RoomEvent::Join {
                     conn: ConnId(2),
-                    user_id: "u".into()
+                    user_id: "u".into(),
+                    v2: false,
                 },
             ]
         );

@@ -74,7 +74,7 @@ pub fn run(
         let v2 = protocol == Protocol::V2;
         if v2 {
             // Before the join: batches are kept from the room's next publish.
-            entry.count_v2_session(true);
+            entry.v2_session(conn, true);
             shared.metrics.connections_v2.inc();
         }
         debug!(?protocol, "session opened");
@@ -112,7 +112,7 @@ pub fn run(
         shared.registry.leave(&entry, queue, conn).await;
         shared.metrics.connections.dec();
         if v2 {
-            entry.count_v2_session(false);
+            entry.v2_session(conn, false);
             shared.metrics.connections_v2.dec();
         }
         let how = match end {

@@ -105,9 +105,12 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn stamped(seq: u64, op: &Op) -> Stamped {
     let event = match op {
+        // Even connections speak v2: the room records ops only while one of
+        // them is a member, so the v2 property also crosses rooms without.
         Op::Join(c, u) => RoomEvent::Join {
             conn: ConnId(*c),
             user_id: format!("user{u}"),
+            v2: c % 2 == 0,
         },
         Op::Leave(c) => RoomEvent::Leave { conn: ConnId(*c) },
         Op::Send(c, text) => RoomEvent::Message {

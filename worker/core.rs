@@ -1081,6 +1081,7 @@ mod tests {
             self.event(RoomEvent::Join {
                 conn: ConnId(1),
                 user_id: "a".into(),
+                v2: false,
             });
         }
 
@@ -1092,6 +1093,7 @@ mod tests {
                 h.event(RoomEvent::Join {
                     conn: ConnId(conn),
                     user_id: format!("u{conn}"),
+                    v2: false,
                 });
             }
             h.run_until(t0 + Duration::from_millis(10)).await;

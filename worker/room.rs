@@ -86,7 +86,8 @@ pub struct Merged {
 pub struct RoomImage {
     pub id_seed: u64,
     pub last_seq: u64,
-    pub members: Vec<(ConnId, String)>,
+    /// (connection, user, speaks v2)
+    pub members: Vec<(ConnId, String, bool)>,
     pub cursors: Vec<(String, f64, f64, i64)>,
     pub shapes_json: String,
 }
@@ -94,6 +95,8 @@ pub struct RoomImage {
 struct Member {
     conn: ConnId,
     user_id: String,
+    /// Speaks protocol v2: while one member does, the room records ops.
+    v2: bool,
 }
 
 /// A cursor and its JSON encoding, made when it moves (a room's snapshots
@@ -171,6 +174,8 @@ pub struct Room {
     /// or a merge of stored shapes (not expressed as ops), and when the ops
     /// outgrew [`MAX_OPS_BYTES`] (a snapshot is then the smaller message).
     ops_continuous: bool,
+    /// Members speaking v2 (ops are recorded only while there is one).
+    v2_members: usize,
 }
 
 /// Bytes of ops a room keeps between two publishes; beyond it members that
@@ -189,6 +194,7 @@ impl Room {
             last_seq: 0,
             ops: String::new(),
             ops_continuous: false,
+            v2_members: 0,
         }
     }
 
@@ -204,8 +210,15 @@ impl Room {
         }
     }
 
-    /// Appends one op, written by `write` (which starts after `{"op":`).
+    /// Appends one op, written by `write` (which starts after `{"op":`). Only
+    /// while a member speaks v2: a v1-only room records none (its publishes
+    /// carry no ops, and a v2 member's first message is a snapshot anyway).
     fn push_op(&mut self, write: impl FnOnce(&mut String)) {
+        if self.v2_members == 0 {
+            self.ops_continuous = false;
+            self.ops.clear();
+            return;
+        }
         if !self.ops_continuous {
             return;
         }
@@ -308,7 +321,7 @@ impl Room {
     pub fn apply_counted(&mut self, stamped: &Stamped) -> (Effect, Option<&'static str>) {
         self.last_seq = stamped.seq;
         match &stamped.event {
-            RoomEvent::Join { conn, user_id } => (self.join(*conn, user_id), None),
+            RoomEvent::Join { conn, user_id, v2 } => (self.join(*conn, user_id, *v2), None),
             RoomEvent::Leave { conn } => (self.leave(*conn), None),
             RoomEvent::Message { conn, text } => {
                 let Some(user_id) = self.user_of(*conn) else {
@@ -333,7 +346,7 @@ impl Room {
             .map(|m| m.user_id.as_str())
     }
 
-    fn join(&mut self, conn: ConnId, user_id: &str) -> Effect {
+    fn join(&mut self, conn: ConnId, user_id: &str, v2: bool) -> Effect {
         if self.members.iter().any(|m| m.user_id == user_id) {
             return Effect::Rejected(JoinRejection::DuplicateUser);
         }
@@ -343,7 +356,9 @@ impl Room {
         self.members.push(Member {
             conn,
             user_id: user_id.to_owned(),
+            v2,
         });
+        self.v2_members += usize::from(v2);
         self.push_op(|out| {
             out.push_str("\"join\",\"userId\":");
             push_json_string(out, user_id);
@@ -357,6 +372,7 @@ impl Room {
             return Effect::Ignored(Ignored::NotAMember);
         };
         let member = self.members.remove(pos);
+        self.v2_members -= usize::from(member.v2);
         self.cursors.shift_remove(&member.user_id);
         self.push_op(|out| {
             out.push_str("\"leave\",\"userId\":");
@@ -480,7 +496,7 @@ impl Room {
             members: self
                 .members
                 .iter()
-                .map(|m| (m.conn, m.user_id.clone()))
+                .map(|m| (m.conn, m.user_id.clone(), m.v2))
                 .collect(),
             cursors: self
                 .cursors
@@ -498,8 +514,9 @@ impl Room {
         room.members = image
             .members
             .into_iter()
-            .map(|(conn, user_id)| Member { conn, user_id })
+            .map(|(conn, user_id, v2)| Member { conn, user_id, v2 })
             .collect();
+        room.v2_members = room.members.iter().filter(|m| m.v2).count();
         room.cursors = image
             .cursors
             .into_iter()
@@ -779,10 +796,17 @@ mod tests {
             self.room.apply(&stamped)
         }
 
+        /// A v2 member joins (so the room records ops; see
+        /// `a_room_records_ops_only_while_a_member_speaks_v2` for v1 members).
         fn join(&mut self, conn: u64, user: &str) -> Effect {
+            self.join_speaking(conn, user, true)
+        }
+
+        fn join_speaking(&mut self, conn: u64, user: &str, v2: bool) -> Effect {
             self.apply(RoomEvent::Join {
                 conn: ConnId(conn),
                 user_id: user.into(),
+                v2,
             })
         }
 
@@ -796,6 +820,45 @@ mod tests {
         fn snapshot(&self) -> String {
             self.room.snapshot_json()
         }
+    }
+
+    #[test]
+    fn a_room_records_ops_only_while_a_member_speaks_v2() {
+        let mut s = Script::new();
+        s.join_speaking(1, "ann", false);
+        s.room.take_ops();
+        s.send(1, r#"{"type":"cursor_move","x":1,"y":2}"#);
+        assert_eq!(s.room.take_ops(), None, "a v1-only room records none");
+        assert!(s.room.ops.capacity() == 0 || s.room.ops.is_empty());
+        // A v1 change, then a v2 member joins, between two publishes: the ops
+        // cannot lead from the previous publish (the change was not recorded).
+        s.send(1, r#"{"type":"cursor_move","x":2,"y":2}"#);
+        s.join_speaking(2, "bob", true);
+        assert_eq!(s.room.take_ops(), None);
+        // From then on every change is recorded.
+        s.send(1, r#"{"type":"cursor_move","x":3,"y":4}"#);
+        let ops = s.room.take_ops().expect("recorded while bob speaks v2");
+        assert!(
+            ops.starts_with(r#"{"op":"cursor","userId":"ann","x":3,"y":4,"#),
+            "{ops}"
+        );
+        // A restore keeps who speaks v2.
+        s.room = Room::from_image(RoomId("r".into()), s.room.image());
+        s.room.take_ops();
+        s.send(1, r#"{"type":"cursor_move","x":5,"y":6}"#);
+        assert!(s.room.take_ops().is_some());
+        // The last v2 member leaves: nothing is recorded any more.
+        s.apply(RoomEvent::Leave { conn: ConnId(2) });
+        s.room.take_ops();
+        s.send(1, r#"{"type":"cursor_move","x":7,"y":8}"#);
+        assert_eq!(s.room.take_ops(), None);
+        // A v2 member joining right after a publish, nothing else between:
+        // its join leads from that publish.
+        s.join_speaking(3, "cy", true);
+        assert_eq!(
+            s.room.take_ops().as_deref(),
+            Some(r#"{"op":"join","userId":"cy"}"#)
+        );
     }
 
     #[test]
