@@ -86,7 +86,6 @@ pub fn run(
             .await
             .is_ok();
         let end = if joined {
-            let outbox = Outbox::new(v2, shared.config.snapshot_spacing);
             serve(
                 &shared,
                 &entry,
@@ -94,7 +93,7 @@ pub fn run(
                 &mut sink,
                 &mut stream,
                 conn_state,
-                outbox,
+                v2,
             )
             .await
         } else {
@@ -177,8 +176,11 @@ async fn serve(
     sink: &mut ClientWriter,
     stream: &mut ClientReader,
     mut conn_state: watch::Receiver<ConnState>,
-    mut outbox: Outbox,
+    v2: bool,
 ) -> End {
+    // Made here, not passed in: a value moved into an `async fn` keeps a slot
+    // in the caller's future too, and every connection pays for both.
+    let mut outbox = Outbox::new(v2, shared.config.snapshot_spacing);
     let queue = &shared.pool.slot(entry.worker).queue;
     let ping_every = shared.config.ping_interval;
     let mut ping = tokio::time::interval(ping_every);
@@ -283,15 +285,17 @@ async fn serve(
                     shared.metrics.frames_rate_limited.inc();
                 }
                 match frame {
-                    Some(Ok(Message::Text(text))) if outbox.v2 && crate::protocol::v2::is_resync(text.as_str()) => {
+                    Some(Ok(Message::Text(text))) if outbox.v2.is_some() && crate::protocol::v2::is_resync(text.as_str()) => {
                         // Answered here, not forwarded (the room does not
                         // change), but it counts against the budget.
                         shared.metrics.resyncs.inc();
                         backlog.spend();
                         // One answer per room version: a resync flood in a quiet
                         // room costs one snapshot, not one each.
-                        outbox.resync = !snapshots.as_ref().is_some_and(|rx| outbox.resync_answered(rx));
-                        if outbox.resync
+                        let answered = snapshots.as_ref().is_some_and(|rx| outbox.resync_answered(rx));
+                        let v2 = outbox.v2.as_mut().expect("guarded");
+                        v2.resync = !answered;
+                        if v2.resync
                             && let Some(rx) = snapshots.as_mut()
                             && !outbox.timer_armed
                             && !outbox.hold()
@@ -407,7 +411,6 @@ async fn serve(
 /// they are smaller than the snapshot, else a `snapshot`; always a snapshot
 /// first, and after a `resync`.
 pub(crate) struct Outbox {
-    v2: bool,
     /// Least time between two messages (`None`: no cap).
     spacing: Option<Duration>,
     /// When the last message was sent (kept only with a cap).
@@ -417,16 +420,23 @@ pub(crate) struct Outbox {
     /// holds each member up to 60 times a second.
     timer: Option<Pin<Box<Sleep>>>,
     timer_armed: bool,
-    /// v2: the version of the last snapshot sent for a resync (another resync
-    /// is answered only once the room has moved on).
-    resync_version: Option<u64>,
     /// Version of the room state the client has, to count the ones skipped
     /// and, in v2, to know which batches lead from it to the newest.
     last_version: Option<u64>,
-    /// v2: the `seq` of the next message (consecutive per connection).
+    /// A v2 member's own state (`None` for v1: every connection pays for
+    /// what is inline here, idle or not).
+    v2: Option<Box<V2Outbox>>,
+}
+
+#[derive(Default)]
+struct V2Outbox {
+    /// The `seq` of the next message (consecutive per connection).
     next_seq: u64,
-    /// v2: the client asked for a snapshot.
+    /// The client asked for a snapshot.
     resync: bool,
+    /// The version of the last snapshot sent for a resync (another resync is
+    /// answered only once the room has moved on).
+    resync_version: Option<u64>,
 }
 
 /// The first part of a v2 message: a snapshot's prefix (the v1 snapshot follows
@@ -439,15 +449,12 @@ enum V2Message {
 impl Outbox {
     fn new(v2: bool, spacing: Option<Duration>) -> Outbox {
         Outbox {
-            v2,
             spacing,
             last_sent: None,
             timer: None,
             timer_armed: false,
-            resync_version: None,
             last_version: None,
-            next_seq: 0,
-            resync: false,
+            v2: v2.then(Box::default),
         }
     }
 
@@ -471,12 +478,31 @@ impl Outbox {
     /// v2: a resync was answered with a snapshot of the room's newest version.
     fn resync_answered(&self, rx: &watch::Receiver<SnapshotCell>) -> bool {
         let newest = rx.borrow().as_ref().map(|p| p.version);
-        newest.is_some() && self.resync_version == newest
+        newest.is_some()
+            && self
+                .v2
+                .as_ref()
+                .is_some_and(|v2| v2.resync_version == newest)
     }
 
     /// Sends the room's newest state, if the client does not have it yet (or,
     /// in v2, asked for a snapshot).
-    async fn send_newest(
+    ///
+    /// Boxed: the send's state (the message, a write timeout, the vectored
+    /// write) inline would grow every session's future by ~200 bytes for the
+    /// connection's whole life (idle memory per connection is a target); one
+    /// allocation per message sent costs far less than the write.
+    fn send_newest<'a>(
+        &'a mut self,
+        shared: &'a Shared,
+        entry: &'a RoomEntry,
+        sink: &'a mut ClientWriter,
+        rx: &'a mut watch::Receiver<SnapshotCell>,
+    ) -> Pin<Box<impl Future<Output = Result<(), End>> + 'a>> {
+        Box::pin(self.send_newest_inline(shared, entry, sink, rx))
+    }
+
+    async fn send_newest_inline(
         &mut self,
         shared: &Shared,
         entry: &RoomEntry,
@@ -488,15 +514,16 @@ impl Outbox {
         };
         let metrics = &shared.metrics;
         if let Some(last) = self.last_version {
-            if last == snapshot.version && !self.resync {
+            if last == snapshot.version && !self.v2.as_ref().is_some_and(|v2| v2.resync) {
                 return Ok(());
             }
             metrics
                 .snapshots_skipped
                 .inc_by(snapshot.version.saturating_sub(last + 1));
         }
-        let message = if self.v2 {
-            match self.v2_message(entry, &snapshot) {
+        let last_version = self.last_version;
+        let message = if let Some(v2) = self.v2.as_mut() {
+            match v2.message(last_version, entry, &snapshot) {
                 Some(message) => Some(message),
                 None => {
                     // Publishes that changed nothing: nothing to send.
@@ -553,14 +580,21 @@ impl Outbox {
             }
         }
     }
+}
 
+impl V2Outbox {
     /// The v2 message that brings the client to `snapshot` (`None` if the
     /// publishes since its last message changed nothing).
-    fn v2_message(&mut self, entry: &RoomEntry, snapshot: &Published) -> Option<V2Message> {
+    fn message(
+        &mut self,
+        last_version: Option<u64>,
+        entry: &RoomEntry,
+        snapshot: &Published,
+    ) -> Option<V2Message> {
         if self.resync {
             self.resync_version = Some(snapshot.version);
         }
-        let batches = match self.last_version {
+        let batches = match last_version {
             Some(last) if !std::mem::take(&mut self.resync) => {
                 entry
                     .batches()
