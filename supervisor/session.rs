@@ -487,22 +487,7 @@ impl Outbox {
 
     /// Sends the room's newest state, if the client does not have it yet (or,
     /// in v2, asked for a snapshot).
-    ///
-    /// Boxed: the send's state (the message, a write timeout, the vectored
-    /// write) inline would grow every session's future by ~200 bytes for the
-    /// connection's whole life (idle memory per connection is a target); one
-    /// allocation per message sent costs far less than the write.
-    fn send_newest<'a>(
-        &'a mut self,
-        shared: &'a Shared,
-        entry: &'a RoomEntry,
-        sink: &'a mut ClientWriter,
-        rx: &'a mut watch::Receiver<SnapshotCell>,
-    ) -> Pin<Box<impl Future<Output = Result<(), End>> + 'a>> {
-        Box::pin(self.send_newest_inline(shared, entry, sink, rx))
-    }
-
-    async fn send_newest_inline(
+    async fn send_newest(
         &mut self,
         shared: &Shared,
         entry: &RoomEntry,
