@@ -163,12 +163,6 @@ enum Call {
     Shutdown,
 }
 
-/// What to do once the server holds nothing.
-enum Empty {
-    Ready,
-    Shutdown,
-}
-
 struct Lifecycle {
     sdk: Sdk,
     when_empty: WhenEmpty,
@@ -254,7 +248,7 @@ impl Lifecycle {
                 }
             }
             match self.when_empty_now() {
-                Some(Empty::Ready) => {
+                Some(WhenEmpty::Ready) => {
                     if self.call(Call::Ready).await {
                         self.allocated = false;
                         info!("agones: no room for the grace period; Ready for a new allocation");
@@ -263,7 +257,7 @@ impl Lifecycle {
                         self.allocated = false;
                     }
                 }
-                Some(Empty::Shutdown) => {
+                Some(WhenEmpty::Shutdown) => {
                     info!("agones: no room left; shutting down");
                     break;
                 }
@@ -291,22 +285,19 @@ impl Lifecycle {
     }
 
     /// The action due when the server has held nothing long enough.
-    fn when_empty_now(&mut self) -> Option<Empty> {
+    fn when_empty_now(&mut self) -> Option<WhenEmpty> {
         if !self.holds_nothing() {
             self.empty_since = None;
             return None;
         }
         let since = *self.empty_since.get_or_insert_with(Instant::now);
         if self.retiring {
-            return Some(Empty::Shutdown);
+            return Some(WhenEmpty::Shutdown);
         }
         if !self.allocated || since.elapsed() < self.grace {
             return None;
         }
-        Some(match self.when_empty {
-            WhenEmpty::Ready => Empty::Ready,
-            WhenEmpty::Shutdown => Empty::Shutdown,
-        })
+        Some(self.when_empty)
     }
 
     /// One lifecycle call, bounded; a failure is logged. True if it succeeded.
