@@ -10,25 +10,32 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# Dependencies first, in their own layer: rebuilt only when the manifest, the
-# lock file or the build script change, not on every source change.
+# Dependencies first, in their own layer: rebuilt only when a manifest, the
+# lock file or the build script change, not on every source change. Every
+# workspace member's manifest and an empty root stand in for the sources.
 COPY Cargo.toml Cargo.lock build.rs ./
+COPY contract/Cargo.toml contract/
+COPY transport/Cargo.toml transport/
+COPY supervisor/Cargo.toml supervisor/
+COPY worker/Cargo.toml worker/
+COPY loadgen/Cargo.toml loadgen/
 COPY tests/agones/proto tests/agones/proto
-RUN mkdir -p src benches bench \
- && echo 'fn main() {}' > src/main.rs \
- && touch src/lib.rs \
- && for f in benches/recovery.rs benches/encode.rs bench/loadgen.rs; do echo 'fn main() {}' > $f; done \
+RUN mkdir -p src benches loadgen/src \
+ && for f in contract/lib.rs transport/lib.rs supervisor/lib.rs worker/lib.rs; do touch $f; done \
+ && for f in src/main.rs loadgen/src/main.rs benches/recovery.rs benches/encode.rs; do echo 'fn main() {}' > $f; done \
  && cargo build --release --locked --features agones --bin session-server \
- && rm -rf src benches bench
-# Then the sources.
+ && rm -rf src benches loadgen/src contract/lib.rs transport/lib.rs supervisor/lib.rs worker/lib.rs
+# Then the sources (the load generator's only as far as the workspace needs).
 COPY src src
+COPY contract contract
+COPY transport transport
 COPY supervisor supervisor
 COPY worker worker
+COPY loadgen/src loadgen/src
+COPY benches benches
 # The dev board's TypeScript client (compiled, committed).
 COPY clients/typescript/dist clients/typescript/dist
-COPY benches benches
-COPY bench bench
-RUN touch src/main.rs src/lib.rs \
+RUN touch src/main.rs contract/lib.rs transport/lib.rs supervisor/lib.rs worker/lib.rs \
  && cargo build --release --locked --features agones --bin session-server \
  && strip target/release/session-server
 

@@ -3,8 +3,8 @@
 //! after a cursor move copies the cached bytes instead of re-encoding every shape.
 //! Run with `cargo bench --bench encode`.
 
-use session_server::ipc::{ConnId, RoomEvent, RoomId, Stamped};
-use session_server::worker::room::Room;
+use contract::ipc::{ConnId, RoomEvent, RoomId, Stamped};
+use worker::room::Room;
 
 fn main() {
     divan::main();

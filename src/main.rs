@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use session_server::config::{Cli, Mode};
+use contract::config::{Cli, ConfigError, Mode};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -13,19 +13,22 @@ fn main() -> ExitCode {
     init_logs();
 
     let result = match cli.mode {
-        Some(Mode::Worker(args)) => session_server::worker::main(args),
-        None => match cli.serve.validate() {
+        Some(Mode::Worker(args)) => worker::main(args),
+        None => match cli.serve.validate(&supervisor::host::detect()) {
+            Ok(config) if config.agones.is_some() && !supervisor::host::AGONES_BUILT => {
+                eprintln!(
+                    "session-server: configuration error: {}",
+                    ConfigError::AgonesNotBuilt
+                );
+                return ExitCode::from(2);
+            }
             Ok(config) => {
                 // Unusable TLS files are a configuration error like any other.
-                if let Some(Err(e)) = config
-                    .tls
-                    .as_ref()
-                    .map(session_server::supervisor::tls::load)
-                {
+                if let Some(Err(e)) = config.tls.as_ref().map(supervisor::tls::load) {
                     eprintln!("session-server: configuration error: {e}");
                     return ExitCode::from(2);
                 }
-                session_server::supervisor::main(config)
+                supervisor::main(config)
             }
             Err(e) => {
                 eprintln!("session-server: configuration error: {e}");

@@ -176,7 +176,7 @@ fn metrics(shared: &Shared) -> Response<Body> {
         .set(rooms.iter().map(Vec::len).sum::<usize>() as i64);
     let mut up = 0;
     for (slot, rooms) in shared.pool.slots().iter().zip(&rooms) {
-        let worker = super::metrics::Worker { worker: slot.id };
+        let worker = super::metrics::Worker::of(slot.id);
         m.rooms_by_worker
             .get_or_create(&worker)
             .set(rooms.len() as i64);

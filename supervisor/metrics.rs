@@ -27,14 +27,25 @@ pub struct Kind {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Worker {
-    pub worker: WorkerId,
+    pub worker: WorkerLabel,
 }
 
-/// A worker label reads as the worker's id (`w0`): here rather than in `ipc`,
-/// which the metrics library has no business in.
-impl EncodeLabelValue for WorkerId {
+impl Worker {
+    pub fn of(id: WorkerId) -> Worker {
+        Worker {
+            worker: WorkerLabel(id),
+        }
+    }
+}
+
+/// A worker label reads as the worker's id (`w0`). A wrapper: the id is the
+/// contract's, which the metrics library has no business in.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct WorkerLabel(pub WorkerId);
+
+impl EncodeLabelValue for WorkerLabel {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        write!(encoder, "{self}")
+        write!(encoder, "{}", self.0)
     }
 }
 
@@ -304,9 +315,7 @@ mod tests {
     #[test]
     fn a_worker_label_shows_the_worker_id() {
         let m = Metrics::new(&HathoraInfo::default());
-        let worker = Worker {
-            worker: WorkerId(3),
-        };
+        let worker = Worker::of(WorkerId(3));
         m.worker_restarts.get_or_create(&worker).inc();
         m.rooms_by_worker.get_or_create(&worker).set(2);
         let text = m.encode();

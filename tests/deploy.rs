@@ -9,7 +9,7 @@ mod util;
 use std::time::Duration;
 
 use clap::Parser;
-use session_server::config::{Cli, Config, Secret};
+use contract::config::{Cli, Config, Host, Secret};
 use yaml_rust2::{Yaml, YamlLoader};
 
 /// Every document of a manifest file.
@@ -56,7 +56,9 @@ fn server_config(container: &Yaml) -> (Config, Vec<String>) {
     // The secret comes from a Kubernetes Secret; any long one does here.
     cli.serve.jwt_secret = Some(Secret("a-secret-from-a-kubernetes-secret-0123".into()));
     (
-        cli.serve.validate().expect("the manifest's args validate"),
+        cli.serve
+            .validate(&Host::default())
+            .expect("the manifest's args validate"),
         args,
     )
 }

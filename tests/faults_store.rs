@@ -30,7 +30,7 @@ fn db_path(dir: &Path) -> PathBuf {
 /// row's raw text) for `room`, as an earlier server would have.
 fn seed_store(dir: &Path, room: &str, shapes_text: &str) {
     // The store's own schema, created as the server creates it.
-    drop(session_server::worker::store::sqlite::SqliteStore::open(&db_path(dir)).unwrap());
+    drop(worker::store::sqlite::SqliteStore::open(&db_path(dir)).unwrap());
     let conn = rusqlite::Connection::open(db_path(dir)).unwrap();
     conn.execute(
         "INSERT INTO boards (room_id, shapes, updated_at_ms) VALUES (?1, ?2, 0)",

@@ -5,12 +5,12 @@
 //! under arbitrary sequences of valid and invalid messages from several members.
 
 use bytes::{BufMut, BytesMut};
+use contract::ipc::{self, ConnId, FromWorker, RoomEvent, RoomId, Stamped, ToWorker};
+use contract::protocol::{ClientMessage, MAX_MEMBERS_PER_ROOM, MAX_SHAPES_PER_ROOM, v2};
 use proptest::prelude::*;
 use serde_json::{Value, json};
-use session_server::ipc::{self, ConnId, FromWorker, RoomEvent, RoomId, Stamped, ToWorker};
-use session_server::protocol::{ClientMessage, MAX_MEMBERS_PER_ROOM, MAX_SHAPES_PER_ROOM, v2};
-use session_server::supervisor::auth::Authenticator;
-use session_server::worker::room::Room;
+use supervisor::auth::Authenticator;
+use worker::room::Room;
 
 const SEED: u64 = 0xab;
 

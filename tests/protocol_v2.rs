@@ -8,8 +8,8 @@ mod util;
 
 use std::time::{Duration, Instant};
 
+use contract::protocol::v2::{Applied, Replica};
 use serde_json::{Value, json};
-use session_server::protocol::v2::{Applied, Replica};
 use util::*;
 
 const V2: &str = "whiteboard.v2";

@@ -23,8 +23,8 @@ use super::recovery::{RESTORE_ANSWER_MARGIN, Recovery, restore_rooms};
 use super::{DrainReport, WorkerSlot, lock};
 use crate::config::{PersistSettings, WORKER_NONCE_ENV};
 use crate::ipc::{FromWorker, IPC_VERSION, RoomId, ToWorker, WorkerId};
-use crate::supervisor::metrics::Metrics;
-use crate::supervisor::registry::Registry;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
 
 /// A worker must connect and answer the hello within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -223,7 +223,7 @@ pub(super) async fn supervise(
         slot.restarts.fetch_add(1, Ordering::Relaxed);
         metrics
             .worker_restarts
-            .get_or_create(&crate::supervisor::metrics::Worker { worker: slot.id })
+            .get_or_create(&crate::metrics::Worker::of(slot.id))
             .inc();
     }
 }

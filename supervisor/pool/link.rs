@@ -13,10 +13,11 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{error, info, warn};
 
 use super::{DrainReport, WorkerSlot, lock};
-use crate::ipc::{CodecError, FromWorker, IpcCodec, RoomId, ToWorker};
-use crate::ipc_socket::{self, IpcReader, IpcWriter};
-use crate::supervisor::metrics::{Kind, Metrics, Outcome, Reason};
-use crate::supervisor::registry::Registry;
+use crate::ipc::{CodecError, FromWorker, RoomId, ToWorker};
+use crate::metrics::{Kind, Metrics, Outcome, Reason};
+use crate::registry::Registry;
+use transport::IpcCodec;
+use transport::{IpcReader, IpcWriter};
 
 /// Frames written per batch before flushing the socket.
 const WRITE_BATCH: usize = 512;
@@ -59,7 +60,7 @@ pub(super) enum LinkEnd {
 
 /// Frames a worker's connected socket.
 pub(super) fn framed(stream: LocalStream) -> std::io::Result<(Reader, Writer)> {
-    let (read_half, write_half) = ipc_socket::split(stream)?;
+    let (read_half, write_half) = transport::split(stream)?;
     Ok((
         FramedRead::new(read_half, IpcCodec::new()),
         FramedWrite::new(write_half, IpcCodec::new()),

@@ -8,8 +8,9 @@ use super::lifecycle::handshake;
 use super::link::{LinkEnd, PING_QUEUE, Reader, Writer, read_frames, write_frames};
 use super::recovery::restore_room;
 use super::*;
-use crate::ipc::{FromWorker, IPC_VERSION, IpcCodec};
-use crate::ipc_socket::{self, IpcReader, IpcWriter};
+use crate::ipc::{FromWorker, IPC_VERSION};
+use transport::IpcCodec;
+use transport::{IpcReader, IpcWriter};
 
 /// A connected pair of local sockets, as supervisor (reader, writer) and the
 /// fake worker's (reader, writer).
@@ -28,8 +29,8 @@ async fn socket_pair() -> (
         .unwrap();
     let ns_name = name.as_str().to_ns_name::<GenericNamespaced>().unwrap();
     let (accepted, connected) = tokio::join!(listener.accept(), LocalStream::connect(ns_name));
-    let (sr, sw) = ipc_socket::split(accepted.unwrap()).unwrap();
-    let (wr, ww) = ipc_socket::split(connected.unwrap()).unwrap();
+    let (sr, sw) = transport::split(accepted.unwrap()).unwrap();
+    let (wr, ww) = transport::split(connected.unwrap()).unwrap();
     (
         (
             FramedRead::new(sr, IpcCodec::new()),
@@ -69,7 +70,7 @@ async fn handshake_with(reply: FromWorker) -> anyhow::Result<()> {
 /// snapshot reaches the room.
 #[tokio::test]
 async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
-    use crate::supervisor::registry::ConnState;
+    use crate::registry::ConnState;
     const EVENTS: usize = 4000;
     const SNAPSHOTS: usize = 16;
     const SNAPSHOT_BYTES: usize = 256 * 1024;
@@ -142,7 +143,7 @@ async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
     })
     .await
     .expect("restore and snapshots went through (no deadlock)");
-    let crate::supervisor::registry::Membership::Admitted(snapshots) =
+    let crate::registry::Membership::Admitted(snapshots) =
         conn.borrow_and_update().membership.clone()
     else {
         panic!("member not admitted");

@@ -3,10 +3,10 @@
 //! socket.
 //!
 //! Frames are `[u32 big-endian length][postcard body]`. The codec is a pair of pure
-//! functions ([`encode`], [`decode`]) plus a `tokio_util` adapter ([`IpcCodec`]).
+//! functions ([`encode`], [`decode`]); the `transport` crate carries them over
+//! the socket.
 
 use std::fmt;
-use std::marker::PhantomData;
 
 use bytes::{Buf, BufMut, BytesMut};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -319,38 +319,6 @@ pub fn decode<T: DeserializeOwned>(src: &mut BytesMut) -> Result<Option<T>, Code
         ));
     }
     Ok(Some(msg))
-}
-
-/// `tokio_util` codec reading `In` frames and writing `Out` frames.
-pub struct IpcCodec<In, Out>(PhantomData<fn(Out) -> In>);
-
-impl<In, Out> IpcCodec<In, Out> {
-    pub fn new() -> Self {
-        IpcCodec(PhantomData)
-    }
-}
-
-impl<In, Out> Default for IpcCodec<In, Out> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl<In: DeserializeOwned, Out> tokio_util::codec::Decoder for IpcCodec<In, Out> {
-    type Item = In;
-    type Error = CodecError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, CodecError> {
-        decode(src)
-    }
-}
-
-impl<In, Out: Serialize> tokio_util::codec::Encoder<Out> for IpcCodec<In, Out> {
-    type Error = CodecError;
-
-    fn encode(&mut self, msg: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
-        encode(&msg, dst)
-    }
 }
 
 #[cfg(test)]

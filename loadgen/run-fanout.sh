@@ -3,7 +3,7 @@
 # fan-out server), each pinned to core 1 with the load generator on core 0, RUNS
 # times each; prints one line per run (JSON) plus a table of medians.
 #
-# Usage: bench/run-fanout.sh [RUNS] [SECONDS]
+# Usage: loadgen/run-fanout.sh [RUNS] [SECONDS]
 # Environment:
 #   SCENARIOS  ';'-separated "rooms members hz shapes slow_members [protocol
 #              [max_snapshot_hz]]" (default: the issue 5 layouts); protocol is v1

@@ -4,7 +4,7 @@
 # server on core 1, load generator on core 0 (as run-fanout.sh); prints each
 # run's JSON line, then a table of medians.
 #
-# Usage: VARIANTS="base=/path/a;new=/path/b --max-snapshot-hz 0" bench/run-ab.sh [RUNS] [SECONDS]
+# Usage: VARIANTS="base=/path/a;new=/path/b --max-snapshot-hz 0" loadgen/run-ab.sh [RUNS] [SECONDS]
 # Environment:
 #   VARIANTS   ';'-separated "label=binary [flags…]"
 #   SCENARIOS  ';'-separated "rooms members hz shapes [v2]" (default below)

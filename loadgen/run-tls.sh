@@ -4,7 +4,7 @@
 # with one worker, generator on core 0, RUNS runs of each, alternating.
 # A throwaway CA and a certificate for localhost are made with openssl.
 #
-# Usage: bench/run-tls.sh [RUNS]
+# Usage: loadgen/run-tls.sh [RUNS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}

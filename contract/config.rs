@@ -9,8 +9,14 @@ use std::time::Duration;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+/// The command line: serve (the supervisor), or `worker` (what the supervisor
+/// starts).
 #[derive(Debug, Parser)]
-#[command(name = "session-server", version, about)]
+#[command(
+    name = "session-server",
+    version,
+    about = "Real-time session server for collaborative whiteboards: a supervisor owning client connections and worker processes owning rooms"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub mode: Option<Mode>,
@@ -251,34 +257,13 @@ pub struct HathoraInfo {
     pub app_id: Option<String>,
 }
 
-impl HathoraInfo {
-    pub fn from_env() -> HathoraInfo {
-        let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
-        HathoraInfo {
-            process_id: var("HATHORA_PROCESS_ID"),
-            region: var("HATHORA_REGION"),
-            app_id: var("HATHORA_APP_ID"),
-        }
-    }
-}
-
-/// Workers by default: the CPUs this process may use. A cgroup CPU quota (what
-/// Hathora's `--requested-cpu` sets) is rounded up, so 0.5 CPU gives one worker.
-fn default_workers() -> usize {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cpu.max").ok();
-    let v1 = || {
-        let quota = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").ok()?;
-        let period = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_period_us").ok()?;
-        Some(format!("{} {}", quota.trim(), period.trim()))
-    };
-    match v2.or_else(v1).and_then(|text| cpu_quota(&text)) {
-        // available_parallelism floors the quota; the quota decides when set.
-        Some(quota) => quota.ceil().max(1.0) as usize,
-        None => cpus,
-    }
+/// What the settings depend on beyond the command line, read from the machine
+/// by the binary (this crate does no I/O): the CPUs this process may use (a
+/// cgroup quota rounded up) and the Hathora process's identity.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Host {
+    pub cpus: usize,
+    pub hathora: HathoraInfo,
 }
 
 /// Parses a CPU quota as `"<quota> <period>"` (cgroup v2 `cpu.max`, or v1's two
@@ -425,7 +410,8 @@ pub enum ConfigError {
 }
 
 impl ServeArgs {
-    pub fn validate(self) -> Result<Config, ConfigError> {
+    /// Checks the arguments and resolves their defaults against `host`.
+    pub fn validate(self, host: &Host) -> Result<Config, ConfigError> {
         let generated = || {
             format!(
                 "{:016x}{:016x}",
@@ -459,7 +445,7 @@ impl ServeArgs {
         {
             return Err(ConfigError::ZeroLimit);
         }
-        let workers = self.workers.unwrap_or_else(default_workers);
+        let workers = self.workers.unwrap_or(host.cpus.max(1));
         if workers == 0 {
             return Err(ConfigError::NoWorkers);
         }
@@ -503,9 +489,6 @@ impl ServeArgs {
             return Err(ConfigError::MaxWaitBelowDebounce);
         }
         let agones = if self.agones || self.agones_sdk_port.is_some() {
-            if !cfg!(feature = "agones") {
-                return Err(ConfigError::AgonesNotBuilt);
-            }
             if self.agones_health_interval_ms < 10 {
                 return Err(ConfigError::AgonesHealthTooShort);
             }
@@ -526,7 +509,7 @@ impl ServeArgs {
             workers,
             rooms_per_worker,
             max_rooms,
-            hathora: HathoraInfo::from_env(),
+            hathora: host.hathora.clone(),
             takeover_wait: Duration::from_millis(self.takeover_wait_ms),
             tls: self
                 .tls_cert
@@ -566,6 +549,14 @@ impl ServeArgs {
 mod tests {
     use super::*;
 
+    /// A two-CPU machine outside Hathora.
+    fn host() -> Host {
+        Host {
+            cpus: 2,
+            hathora: HathoraInfo::default(),
+        }
+    }
+
     fn parse(args: &[&str]) -> Cli {
         Cli::try_parse_from(std::iter::once("session-server").chain(args.iter().copied())).unwrap()
     }
@@ -576,7 +567,10 @@ mod tests {
         // The environment may define JWT_SECRET; the check is on the value.
         let mut serve = cli.serve;
         serve.jwt_secret = None;
-        assert_eq!(serve.validate().unwrap_err(), ConfigError::MissingJwtSecret);
+        assert_eq!(
+            serve.validate(&host()).unwrap_err(),
+            ConfigError::MissingJwtSecret
+        );
     }
 
     #[test]
@@ -595,7 +589,7 @@ mod tests {
         ]);
         let mut serve = cli.serve;
         serve.max_rooms = None;
-        let config = serve.validate().unwrap();
+        let config = serve.validate(&host()).unwrap();
         assert_eq!(config.port, 0);
         assert_eq!(config.workers, 3);
         assert_eq!(config.rooms_per_worker, 7);
@@ -610,7 +604,7 @@ mod tests {
         serve.admin_token = Some(Secret("admin-token-value-0123".into()));
         serve.backend_url = Some("http://localhost:3000".into());
         serve.session_server_secret = Some(Secret("backend-secret-value-0123".into()));
-        let shown = format!("{serve:?} {:?}", serve.clone().validate().unwrap());
+        let shown = format!("{serve:?} {:?}", serve.clone().validate(&host()).unwrap());
         for secret in [
             "jwt-secret-value",
             "admin-token-value",
@@ -627,16 +621,16 @@ mod tests {
         serve.backend_url = Some("http://localhost:3000/".into());
         serve.session_server_secret = None;
         assert_eq!(
-            serve.clone().validate().unwrap_err(),
+            serve.clone().validate(&host()).unwrap_err(),
             ConfigError::MissingBackendSecret
         );
         serve.session_server_secret = Some(Secret("b".into()));
         assert_eq!(
-            serve.clone().validate().unwrap_err(),
+            serve.clone().validate(&host()).unwrap_err(),
             ConfigError::WeakSecret("SESSION_SERVER_SECRET")
         );
         serve.allow_weak_secret = true;
-        let config = serve.clone().validate().unwrap();
+        let config = serve.clone().validate(&host()).unwrap();
         assert_eq!(
             config.persistence.store,
             StoreConfig::Backend {
@@ -647,7 +641,7 @@ mod tests {
         assert!(!format!("{:?}", config.persistence).contains("\"b\""));
         serve.backend_url = Some("localhost:3000".into());
         assert!(matches!(
-            serve.validate().unwrap_err(),
+            serve.validate(&host()).unwrap_err(),
             ConfigError::BadBackendUrl(_)
         ));
     }
@@ -663,7 +657,7 @@ mod tests {
         .serve;
         serve.backend_url = None;
         assert_eq!(
-            serve.validate().unwrap().persistence.store,
+            serve.validate(&host()).unwrap().persistence.store,
             StoreConfig::Embedded {
                 path: "/tmp/x/boards.sqlite3".into()
             }
@@ -686,10 +680,10 @@ mod tests {
         let mut serve = parse(&["--jwt-secret", "a-long-enough-secret", "--workers", "3"]).serve;
         serve.max_rooms = Some(10);
         serve.rooms_per_worker = None;
-        let config = serve.clone().validate().unwrap();
+        let config = serve.clone().validate(&host()).unwrap();
         assert_eq!((config.max_rooms, config.rooms_per_worker), (10, 4));
         serve.rooms_per_worker = Some(2);
-        let config = serve.validate().unwrap();
+        let config = serve.validate(&host()).unwrap();
         assert_eq!((config.max_rooms, config.rooms_per_worker), (10, 2));
     }
 
@@ -697,16 +691,19 @@ mod tests {
     fn weak_secrets_are_refused_unless_allowed() {
         let mut serve = parse(&["--jwt-secret", "short"]).serve;
         assert_eq!(
-            serve.clone().validate().unwrap_err(),
+            serve.clone().validate(&host()).unwrap_err(),
             ConfigError::WeakSecret("JWT_SECRET")
         );
         serve.allow_weak_secret = true;
-        assert!(serve.validate().is_ok());
+        assert!(serve.validate(&host()).is_ok());
     }
 
     #[test]
     fn zero_workers_is_refused() {
         let cli = parse(&["--workers", "0", "--jwt-secret", "a-long-enough-secret"]);
-        assert_eq!(cli.serve.validate().unwrap_err(), ConfigError::NoWorkers);
+        assert_eq!(
+            cli.serve.validate(&host()).unwrap_err(),
+            ConfigError::NoWorkers
+        );
     }
 }

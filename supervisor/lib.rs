@@ -3,10 +3,14 @@
 //! owning worker, fans the worker's snapshots out, and keeps the worker processes
 //! running. It never interprets room state.
 
+// The contract's modules, named at the crate root like the supervisor's own.
+use contract::{config, ipc, protocol};
+
 #[cfg(feature = "agones")]
 pub mod agones;
 pub mod auth;
 pub mod dev;
+pub mod host;
 pub mod http;
 pub mod journal;
 mod memory;
@@ -424,7 +428,7 @@ fn check_store(settings: &mut PersistSettings) -> anyhow::Result<Option<std::fs:
             return Err(e).with_context(|| format!("locking {}", lock_path.display()));
         }
     }
-    let store = crate::worker::store::sqlite::SqliteStore::open(path)?;
+    let store = worker::store::sqlite::SqliteStore::open(path)?;
     settings.store_identity = store.identity();
     Ok(Some(lock))
 }

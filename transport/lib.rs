@@ -12,14 +12,52 @@
 //! which happens only under backpressure.
 
 use std::io::{self, Read, Write};
+use std::marker::PhantomData;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::BytesMut;
+use contract::ipc::{CodecError, decode, encode};
 use interprocess::local_socket::tokio::Stream as LocalStream;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+
+/// `tokio_util` codec reading `In` frames and writing `Out` frames (the
+/// contract's [`encode`] and [`decode`]).
+pub struct IpcCodec<In, Out>(PhantomData<fn(Out) -> In>);
+
+impl<In, Out> IpcCodec<In, Out> {
+    pub fn new() -> Self {
+        IpcCodec(PhantomData)
+    }
+}
+
+impl<In, Out> Default for IpcCodec<In, Out> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<In: DeserializeOwned, Out> tokio_util::codec::Decoder for IpcCodec<In, Out> {
+    type Item = In;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, CodecError> {
+        decode(src)
+    }
+}
+
+impl<In, Out: Serialize> tokio_util::codec::Encoder<Out> for IpcCodec<In, Out> {
+    type Error = CodecError;
+
+    fn encode(&mut self, msg: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
+        encode(&msg, dst)
+    }
+}
 
 /// Largest read per call: bounds the buffer space initialised for each read.
 const MAX_READ: usize = 64 * 1024;

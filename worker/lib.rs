@@ -3,6 +3,9 @@
 //! them, and answers with join verdicts and snapshots. It exits when the socket
 //! closes, so it never outlives its supervisor.
 
+// The contract's modules, named at the crate root like the worker's own.
+use contract::{config, ipc, protocol};
+
 pub mod core;
 pub mod persist;
 pub mod room;
@@ -20,9 +23,10 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::info;
 
 use crate::config::{WORKER_NONCE_ENV, WorkerArgs};
-use crate::ipc::{CodecError, FromWorker, IPC_VERSION, IpcCodec, ToWorker, WorkerId};
-use crate::ipc_socket::{self, IpcReader, IpcWriter};
+use crate::ipc::{CodecError, FromWorker, IPC_VERSION, ToWorker, WorkerId};
 use core::{StoreResult, WorkerCore};
+use transport::IpcCodec;
+use transport::{IpcReader, IpcWriter};
 
 /// Frames applied before pending snapshots are encoded and sent. Batching lets a
 /// burst of events produce one snapshot per room; the bound keeps latency low.
@@ -103,7 +107,7 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
     let stream = LocalStream::connect(name)
         .await
         .with_context(|| format!("connecting to supervisor socket {}", args.ipc))?;
-    let (read_half, write_half) = ipc_socket::split(stream)?;
+    let (read_half, write_half) = transport::split(stream)?;
     let mut reader: Reader = FramedRead::new(read_half, IpcCodec::new());
     let mut writer: Writer = FramedWrite::new(write_half, IpcCodec::new());
 

@@ -1,0 +1,14 @@
+//! The contract of session-server: everything the supervisor and its workers
+//! agree on, and nothing else. Types and pure functions only (no sockets, no
+//! files, no tasks), so either role can use it and neither can reach the other
+//! through it.
+//!
+//! - [`protocol`]: what clients send and receive (protocol v1, and v2 in
+//!   [`protocol::v2`]), the close codes and limits;
+//! - [`ipc`]: the frames the supervisor and a worker exchange, and their
+//!   length-prefixed `postcard` encoding;
+//! - [`config`]: the command line and environment, validated into settings.
+
+pub mod config;
+pub mod ipc;
+pub mod protocol;
