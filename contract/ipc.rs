@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 /// Version of the frame definitions below. The supervisor and a worker exchange it
 /// in their first frames and refuse to talk on a mismatch. Bump it on any change to
 /// [`ToWorker`] or [`FromWorker`].
-pub const IPC_VERSION: u32 = 8;
+pub const IPC_VERSION: u32 = 9;
 
 /// Largest IPC frame body accepted. A snapshot of a full room (1000 shapes with
 /// bounded fields) is far below this; anything larger is corruption.
@@ -95,7 +95,8 @@ pub enum ToWorker {
     /// Every member has left: save the room if needed, then free it. Answered by
     /// `RoomClosed`, or by `CloseCancelled` if an `OpenRoom` comes first.
     CloseRoom { room: RoomId },
-    /// Sent once, right after a successful hello: how to persist rooms.
+    /// Sent once, right after a successful hello: how to persist rooms. Answered
+    /// by [`FromWorker::Configured`] or [`FromWorker::StoreUnusable`].
     Configure(crate::config::PersistSettings),
     /// The server is stopping: save every room with unsaved changes within
     /// `grace_ms`, then answer `Drained`.
@@ -220,6 +221,17 @@ pub enum FromWorker {
     /// worker has freed the room; its members are closed with 1011.
     RoomFailed {
         room: RoomId,
+    },
+    /// The answer to [`ToWorker::Configure`]: the worker opened the store. For
+    /// the embedded store, the file's identity (device, inode): the first worker
+    /// creates the file, every later one must find this one.
+    Configured {
+        store_identity: Option<(u64, u64)>,
+    },
+    /// The other answer to [`ToWorker::Configure`]: the store cannot be used
+    /// (say why); the worker exits, and at start-up the server does not start.
+    StoreUnusable {
+        error: String,
     },
 }
 

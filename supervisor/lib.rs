@@ -181,12 +181,12 @@ impl ShutdownPlan {
 
 /// Runs the server on `listener` until `stop` is cancelled.
 pub async fn run(
-    mut config: Config,
+    config: Config,
     listener: TcpListener,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     // Held (locked) until `run` returns, that is for the server's life.
-    let _data_lock = check_store(&mut config.persistence)?;
+    let _data_lock = lock_data_dir(&config.persistence)?;
     raise_fd_limit(config.limits.max_connections);
     // Agones first: without its SDK server there is nothing to run for (exit 2).
     #[cfg(feature = "agones")]
@@ -398,13 +398,13 @@ const DATA_LOCK_FILE: &str = "session-server.lock";
 )]
 pub struct DataDirInUse(String, String);
 
-/// Fails start-up with a clear message if the embedded store cannot be opened
-/// or its folder is locked by another server (the backend is checked by use:
-/// it may legitimately be down at start). Returns the folder's lock, held by
-/// the caller for the server's life, and records the store file's identity so
-/// workers write into this file only.
-fn check_store(settings: &mut PersistSettings) -> anyhow::Result<Option<std::fs::File>> {
-    let StoreConfig::Embedded { path } = &settings.store else {
+/// Fails start-up with a clear message if the embedded store's folder is locked
+/// by another server. Returns the folder's lock, held by the caller for the
+/// server's life. (The store itself is checked by the first worker, whose answer
+/// to its settings says whether it could open it: see `pool::WorkerPool::start`.
+/// The backend is checked by use: it may legitimately be down at start.)
+fn lock_data_dir(settings: &PersistSettings) -> anyhow::Result<Option<std::fs::File>> {
+    let StoreConfig::Embedded { .. } = &settings.store else {
         return Ok(None);
     };
     let dir = &settings.data_dir;
@@ -428,8 +428,6 @@ fn check_store(settings: &mut PersistSettings) -> anyhow::Result<Option<std::fs:
             return Err(e).with_context(|| format!("locking {}", lock_path.display()));
         }
     }
-    let store = worker::store::sqlite::SqliteStore::open(path)?;
-    settings.store_identity = store.identity();
     Ok(Some(lock))
 }
 

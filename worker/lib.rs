@@ -129,7 +129,19 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
         Some(Ok(ToWorker::Configure(settings))) => settings,
         other => bail!("expected the supervisor's settings, got {other:?}"),
     };
-    let store = store::open(&settings.store, settings.store_identity)?;
+    let store = match store::open(&settings.store, settings.store_identity) {
+        Ok((store, store_identity)) => {
+            writer
+                .send(FromWorker::Configured { store_identity })
+                .await?;
+            store
+        }
+        Err(e) => {
+            let error = format!("{e:#}");
+            let _ = writer.send(FromWorker::StoreUnusable { error }).await;
+            return Err(e);
+        }
+    };
     info!("worker ready");
 
     let (results_tx, mut results) = mpsc::channel::<StoreResult>(RESULTS_QUEUE);

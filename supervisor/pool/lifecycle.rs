@@ -28,6 +28,12 @@ use crate::registry::Registry;
 
 /// A worker must connect and answer the hello within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a worker may take to open the store (creating the embedded file
+/// and its schema at the first start; a slow disk can take a while).
+const CONFIGURE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The embedded store file's identity (device, inode), `None` for the backend.
+pub(super) type StoreIdentity = Option<(u64, u64)>;
 /// Respawn delays: the first replacement starts at once (clients are waiting);
 /// after a further quick failure the delay starts here and doubles, so a crash
 /// loop is throttled.
@@ -160,11 +166,11 @@ pub(super) struct Stopping {
 pub(super) async fn supervise(
     slot: Arc<WorkerSlot>,
     mut frames: mpsc::Receiver<ToWorker>,
-    settings: PersistSettings,
+    mut settings: PersistSettings,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     mut stopping: Stopping,
-    ready: oneshot::Sender<Result<(), WorkerExit>>,
+    ready: oneshot::Sender<Result<StoreIdentity, WorkerExit>>,
 ) {
     let mut ready = Some(ready);
     let mut delay = Duration::ZERO;
@@ -177,7 +183,7 @@ pub(super) async fn supervise(
         let mut serve = Serve {
             slot: &slot,
             frames: &mut frames,
-            settings: &settings,
+            settings: &mut settings,
             registry: &registry,
             metrics: &metrics,
             exit_by: &mut stopping.exit_by,
@@ -232,11 +238,13 @@ pub(super) async fn supervise(
 struct Serve<'a> {
     slot: &'a WorkerSlot,
     frames: &'a mut mpsc::Receiver<ToWorker>,
-    settings: &'a PersistSettings,
+    /// The embedded store's identity is filled in from the first worker's
+    /// answer, so that its replacements attach to that file only.
+    settings: &'a mut PersistSettings,
     registry: &'a Registry,
     metrics: &'a Metrics,
     exit_by: &'a mut watch::Receiver<Option<tokio::time::Instant>>,
-    ready: &'a mut Option<oneshot::Sender<Result<(), WorkerExit>>>,
+    ready: &'a mut Option<oneshot::Sender<Result<StoreIdentity, WorkerExit>>>,
     recovery: &'a mut Recovery,
 }
 
@@ -283,20 +291,21 @@ impl Serve<'_> {
 
         let handshake = async {
             handshake(slot.id, &mut reader, &mut writer, nonce).await?;
-            writer
-                .send(ToWorker::Configure(self.settings.clone()))
-                .await
-                .context("sending settings")
+            configure(&mut reader, &mut writer, self.settings).await
         };
-        if let Err(e) = handshake.await {
-            let _ = child.start_kill();
-            let status = child.wait().await;
-            return Ended::plain(WorkerExit::Handshake {
-                pid,
-                error: e,
-                status,
-            });
-        }
+        let store_identity = match handshake.await {
+            Ok(identity) => identity,
+            Err(e) => {
+                let _ = child.start_kill();
+                let status = child.wait().await;
+                return Ended::plain(WorkerExit::Handshake {
+                    pid,
+                    error: e,
+                    status,
+                });
+            }
+        };
+        self.settings.store_identity = self.settings.store_identity.or(store_identity);
         *lock(&slot.last_pong) = Instant::now();
         slot.unresponsive.store(false, Ordering::Relaxed);
         self.registry.set_unresponsive(slot.id, false);
@@ -304,7 +313,7 @@ impl Serve<'_> {
         slot.pid.store(pid, Ordering::Relaxed);
         info!(worker = %slot.id, pid, "worker ready");
         if let Some(ready) = self.ready.take() {
-            let _ = ready.send(Ok(()));
+            let _ = ready.send(Ok(store_identity));
         }
 
         let (pinger, mut pings) = mpsc::channel(PING_QUEUE);
@@ -383,6 +392,31 @@ async fn spawn_and_connect(id: WorkerId) -> anyhow::Result<(Child, LocalStream, 
         _ = tokio::time::sleep(HANDSHAKE_TIMEOUT) => anyhow::bail!("worker did not connect within {HANDSHAKE_TIMEOUT:?}"),
     };
     Ok((child, stream, nonce))
+}
+
+/// Sends the worker its settings and waits for its answer: the store it opened
+/// (the embedded file's identity) or why the store cannot be used.
+async fn configure(
+    reader: &mut Reader,
+    writer: &mut Writer,
+    settings: &PersistSettings,
+) -> anyhow::Result<StoreIdentity> {
+    writer
+        .send(ToWorker::Configure(settings.clone()))
+        .await
+        .context("sending settings")?;
+    let answer = tokio::time::timeout(CONFIGURE_TIMEOUT, reader.next())
+        .await
+        .with_context(|| format!("no answer to the settings within {CONFIGURE_TIMEOUT:?}"))?;
+    match answer {
+        Some(Ok(FromWorker::Configured { store_identity })) => Ok(store_identity),
+        Some(Ok(FromWorker::StoreUnusable { error })) => {
+            anyhow::bail!("the store is unusable: {error}")
+        }
+        Some(Ok(other)) => anyhow::bail!("expected the answer to the settings, got {other:?}"),
+        Some(Err(e)) => Err(e.into()),
+        None => anyhow::bail!("worker closed the socket before answering the settings"),
+    }
 }
 
 /// Exchanges hellos: same IPC version, and the peer is the process we spawned.

@@ -239,5 +239,8 @@ fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &Work
             registry.room_failed(&room, worker);
         }
         FromWorker::Hello { .. } => warn!(%worker, "unexpected second hello from worker"),
+        FromWorker::Configured { .. } | FromWorker::StoreUnusable { .. } => {
+            warn!(%worker, "unexpected second answer to the settings from worker")
+        }
     }
 }

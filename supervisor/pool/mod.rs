@@ -35,7 +35,7 @@ use super::metrics::Metrics;
 use super::registry::Registry;
 use crate::config::PersistSettings;
 use crate::ipc::{RoomId, ToWorker, WorkerId};
-use lifecycle::{Stopping, supervise};
+use lifecycle::{Stopping, StoreIdentity, WorkerExit, supervise};
 use recovery::InFlight;
 
 /// Frames queued per worker before senders wait. Large enough to absorb bursts
@@ -134,13 +134,26 @@ pub struct WorkerPool {
     exit_by: watch::Sender<Option<tokio::time::Instant>>,
 }
 
+/// A worker's start as the pool's start sees it: the store identity it answered,
+/// or why it did not start.
+fn started(
+    index: usize,
+    ready: Result<Result<StoreIdentity, WorkerExit>, oneshot::error::RecvError>,
+) -> anyhow::Result<StoreIdentity> {
+    match ready {
+        Ok(Ok(identity)) => Ok(identity),
+        Ok(Err(why)) => Err(anyhow!("worker w{index} failed to start: {why}")),
+        Err(_) => Err(anyhow!("worker w{index} failed to start")),
+    }
+}
+
 impl WorkerPool {
     /// Starts `count` workers and waits until each has completed its handshake.
     /// Once `stopping` is cancelled (the server is shutting down), a worker that
     /// ends is not replaced.
     pub async fn start(
         count: usize,
-        settings: PersistSettings,
+        mut settings: PersistSettings,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         stopping: CancellationToken,
@@ -166,15 +179,18 @@ impl WorkerPool {
                 ready_tx,
             ));
             slots.push(slot);
-            ready.push(ready_rx);
+            if i == 0 {
+                // The first worker opens the store (creating the embedded file):
+                // its answer is the start-up check, and the others attach to the
+                // file it names.
+                settings.store_identity = started(0, ready_rx.await)?;
+            } else {
+                ready.push(ready_rx);
+            }
         }
         tasks.close();
         for (i, ready) in ready.into_iter().enumerate() {
-            match ready.await {
-                Ok(Ok(())) => {}
-                Ok(Err(why)) => return Err(anyhow!("worker w{i} failed to start: {why}")),
-                Err(_) => return Err(anyhow!("worker w{i} failed to start")),
-            }
+            started(i + 1, ready.await)?;
         }
         Ok(WorkerPool {
             slots,

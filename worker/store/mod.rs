@@ -78,14 +78,27 @@ pub trait BoardStore: Send + Sync {
     ) -> BoxFuture<'static, Result<SaveOutcome, StoreError>>;
 }
 
-/// Opens the configured store in a worker. The embedded store's file must be
-/// the one the supervisor created (`identity`); a worker never creates it.
+/// Opens the configured store: the worker's answer to its settings. The
+/// embedded store's file is created by the server's first worker (`identity`
+/// is `None` then; an error here stops the server's start), and every later
+/// worker must find that same file (it never creates one). Returns the store
+/// and the embedded file's identity.
 pub fn open(
     config: &StoreConfig,
     identity: Option<(u64, u64)>,
-) -> anyhow::Result<Arc<dyn BoardStore>> {
-    Ok(match config {
-        StoreConfig::Backend { url, secret } => Arc::new(http::HttpStore::new(url, &secret.0)?),
-        StoreConfig::Embedded { path } => Arc::new(sqlite::SqliteStore::attach(path, identity)),
+) -> anyhow::Result<(Arc<dyn BoardStore>, Option<(u64, u64)>)> {
+    Ok(match (config, identity) {
+        (StoreConfig::Backend { url, secret }, _) => {
+            (Arc::new(http::HttpStore::new(url, &secret.0)?), None)
+        }
+        (StoreConfig::Embedded { path }, None) => {
+            let store = sqlite::SqliteStore::open(path)?;
+            let identity = store.identity();
+            (Arc::new(store), identity)
+        }
+        (StoreConfig::Embedded { path }, Some(identity)) => (
+            Arc::new(sqlite::SqliteStore::attach(path, Some(identity))),
+            Some(identity),
+        ),
     })
 }

@@ -33,7 +33,7 @@ fn identity_of(path: &Path) -> std::io::Result<(u64, u64)> {
 
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path`, creating its folder: the
-    /// supervisor does this once at start-up.
+    /// server's first worker does this once at start-up.
     pub fn open(path: &Path) -> anyhow::Result<SqliteStore> {
         use anyhow::Context;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -42,11 +42,14 @@ impl SqliteStore {
         }
         let conn = Connection::open(path)
             .with_context(|| format!("opening embedded store {}", path.display()))?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let opening = || format!("opening embedded store {}", path.display());
+        conn.busy_timeout(BUSY_TIMEOUT).with_context(opening)?;
         // WAL: readers never block the writer; FULL: a committed save survives a
         // power cut, not just a crash of the process.
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .with_context(opening)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .with_context(opening)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS boards (
                 room_id TEXT PRIMARY KEY,
