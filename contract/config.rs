@@ -363,10 +363,14 @@ pub struct PersistSettings {
     /// The embedded store's file as the supervisor found it at start-up
     /// (device, inode): workers refuse to save into another file at that path
     /// (the folder was deleted or the file replaced). `None` with a backend.
-    pub store_identity: Option<(u64, u64)>,
+    pub store_identity: Option<FileIdentity>,
 }
 
 /// File name of the embedded store inside `--data-dir`.
+/// A file's identity, (device, inode): the embedded store's file is known by it,
+/// so that a worker never writes into another file at the same path.
+pub type FileIdentity = (u64, u64);
+
 pub const EMBEDDED_STORE_FILE: &str = "boards.sqlite3";
 
 #[derive(Debug, thiserror::Error, PartialEq)]

@@ -226,7 +226,7 @@ pub enum FromWorker {
     /// the embedded store, the file's identity (device, inode): the first worker
     /// creates the file, every later one must find this one.
     Configured {
-        store_identity: Option<(u64, u64)>,
+        store_identity: Option<crate::config::FileIdentity>,
     },
     /// The other answer to [`ToWorker::Configure`]: the store cannot be used
     /// (say why); the worker exits, and at start-up the server does not start.

@@ -33,7 +33,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONFIGURE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The embedded store file's identity (device, inode), `None` for the backend.
-pub(super) type StoreIdentity = Option<(u64, u64)>;
+pub(super) type StoreIdentity = Option<crate::config::FileIdentity>;
 /// Respawn delays: the first replacement starts at once (clients are waiting);
 /// after a further quick failure the delay starts here and doubles, so a crash
 /// loop is throttled.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-use crate::config::StoreConfig;
+use crate::config::{FileIdentity, StoreConfig};
 use crate::ipc::RoomId;
 
 /// How the store names a board (the backend's board id; the room id in the
@@ -85,8 +85,8 @@ pub trait BoardStore: Send + Sync {
 /// and the embedded file's identity.
 pub fn open(
     config: &StoreConfig,
-    identity: Option<(u64, u64)>,
-) -> anyhow::Result<(Arc<dyn BoardStore>, Option<(u64, u64)>)> {
+    identity: Option<FileIdentity>,
+) -> anyhow::Result<(Arc<dyn BoardStore>, Option<FileIdentity>)> {
     Ok(match (config, identity) {
         (StoreConfig::Backend { url, secret }, _) => {
             (Arc::new(http::HttpStore::new(url, &secret.0)?), None)
