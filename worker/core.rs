@@ -16,8 +16,8 @@ use tracing::{debug, error, info, warn};
 use super::persist::{LoadRetry, Policy, SaveState};
 use super::room::{Effect, Ignored, Room, RoomImage};
 use super::store::{BoardId, BoardStore, LoadedBoard, SaveOutcome, StoreError, fallback};
-use crate::config::PersistSettings;
-use crate::ipc::{FromWorker, RoomEvent, RoomId, RoomSummary, SaveResult, Stamped, ToWorker};
+use contract::config::PersistSettings;
+use contract::ipc::{FromWorker, RoomEvent, RoomId, RoomSummary, SaveResult, Stamped, ToWorker};
 
 /// Events held per room while its load is pending. Past this, members are
 /// admitted at once (degraded) rather than buffering without bound.
@@ -515,7 +515,7 @@ impl WorkerCore {
                     Ok(SaveOutcome::Saved { board }) => {
                         slot.board = Some(board);
                         slot.save.succeeded();
-                        slot.last_save_ms = Some(crate::protocol::unix_time_ms());
+                        slot.last_save_ms = Some(contract::protocol::unix_time_ms());
                         slot.warned_no_board = false;
                         debug!(%room, seq, shapes = slot.room.shape_count(), "saved");
                         if let Some(drain) = &mut self.drain {
@@ -825,8 +825,8 @@ fn keep_cut_shapes(data_dir: &Path, room: &RoomId, cut: Vec<(String, String)>) {
             file = %file.display(),
             first_ids = ?&ids[..ids.len().min(MAX_LOGGED_IDS)],
             "stored board over the room's limits ({} shapes, {} bytes each): cut shapes are in the file; the room is trimmed",
-            crate::protocol::MAX_SHAPES_PER_ROOM,
-            crate::protocol::MAX_SHAPE_JSON_BYTES,
+            contract::protocol::MAX_SHAPES_PER_ROOM,
+            contract::protocol::MAX_SHAPE_JSON_BYTES,
         ),
         Err(e) => {
             error!(%room, cut = cut.len(), ids = ?ids, error = %e, "stored board over the room's limits: cut shapes could not be written to a file")
@@ -907,7 +907,7 @@ fn encode_checkpoint(
 /// builds do not contain this code.
 #[cfg(debug_assertions)]
 mod poison {
-    use crate::ipc::{RoomEvent, Stamped};
+    use contract::ipc::{RoomEvent, Stamped};
 
     pub const MARKER: &str = "__poison_test_frame__";
 
@@ -927,8 +927,8 @@ mod poison {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::StoreConfig;
-    use crate::ipc::ConnId;
+    use contract::config::StoreConfig;
+    use contract::ipc::ConnId;
     use futures_util::FutureExt;
     use futures_util::future::BoxFuture;
     use serde_json::{Value, json};

@@ -3,9 +3,6 @@
 //! them, and answers with join verdicts and snapshots. It exits when the socket
 //! closes, so it never outlives its supervisor.
 
-// The contract's modules, named at the crate root like the worker's own.
-use contract::{config, ipc, protocol};
-
 pub mod core;
 pub mod persist;
 pub mod room;
@@ -22,8 +19,8 @@ use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::info;
 
-use crate::config::{WORKER_NONCE_ENV, WorkerArgs};
-use crate::ipc::{CodecError, FromWorker, IPC_VERSION, ToWorker, WorkerId};
+use contract::config::{WORKER_NONCE_ENV, WorkerArgs};
+use contract::ipc::{CodecError, FromWorker, IPC_VERSION, ToWorker, WorkerId};
 use core::{StoreResult, WorkerCore};
 use transport::IpcCodec;
 use transport::{IpcReader, IpcWriter};
@@ -247,7 +244,7 @@ async fn write_output(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ipc::WorkerId;
+    use contract::ipc::WorkerId;
     use interprocess::local_socket::ListenerOptions;
     use interprocess::local_socket::traits::tokio::Listener as _;
 

@@ -5,8 +5,8 @@
 
 use indexmap::IndexMap;
 
-use crate::ipc::{ConnId, JoinRejection, MAX_FRAME_LEN, RoomEvent, RoomId, Stamped};
-use crate::protocol::{
+use contract::ipc::{ConnId, JoinRejection, MAX_FRAME_LEN, RoomEvent, RoomId, Stamped};
+use contract::protocol::{
     ClientMessage, DEFAULT_FILL, DEFAULT_STROKE, InvalidMessage, MAX_MEMBERS_PER_ROOM,
     MAX_SHAPE_JSON_BYTES, MAX_SHAPES_PER_ROOM, MAX_SNAPSHOT_BYTES, ShapeChanges, ShapeType,
     push_js_number, push_json_string, push_json_timestamp,
@@ -1088,7 +1088,7 @@ mod tests {
         s.join(1, "a");
         // 10 000 control characters pass the text limit but take 60 000 bytes
         // once escaped: the create is refused, the room unchanged.
-        let controls = "\\u0001".repeat(crate::protocol::MAX_TEXT_BYTES);
+        let controls = "\\u0001".repeat(contract::protocol::MAX_TEXT_BYTES);
         let create = |text: &str| {
             format!(
                 r#"{{"type":"shape_create","shapeType":"text","x":1,"y":2,"width":3,"height":4,"text":"{text}"}}"#
@@ -1102,7 +1102,7 @@ mod tests {
         assert_eq!(s.snapshot(), before);
         // Plain text at the text limit fits; an update that would grow it past the
         // budget is refused and leaves the shape as it was.
-        let plain = "x".repeat(crate::protocol::MAX_TEXT_BYTES);
+        let plain = "x".repeat(contract::protocol::MAX_TEXT_BYTES);
         assert_eq!(s.send(1, &create(&plain)), Effect::Shapes);
         let id = "ab-3";
         let shapes = s.room.shapes_json();
@@ -1120,7 +1120,7 @@ mod tests {
             serde_json::json!({"id":format!("s{i}"),"type":"text","x":1,"y":2,"width":3,"height":4,
                 "userId":"u","timestamp":"2024-01-01T12:00:00.000Z","text":text,"fill":"#000","stroke":"#fff","rotation":0})
         };
-        let big = "\u{1}".repeat(crate::protocol::MAX_TEXT_BYTES);
+        let big = "\u{1}".repeat(contract::protocol::MAX_TEXT_BYTES);
         let mut board: Vec<serde_json::Value> = (0..MAX_SHAPES_PER_ROOM + 5)
             .map(|i| stored(i, "t"))
             .collect();
@@ -1171,7 +1171,7 @@ mod tests {
         let mut state: serde_json::Value = serde_json::from_str(snapshot).unwrap();
         let ops: Vec<serde_json::Value> = serde_json::from_str(&format!("[{ops}]")).unwrap();
         for op in &ops {
-            crate::protocol::v2::apply_op(&mut state, op).unwrap();
+            contract::protocol::v2::apply_op(&mut state, op).unwrap();
         }
         state
     }

@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::ipc::RoomId;
+use contract::ipc::RoomId;
 
 /// Folder of fallback files inside `--data-dir`.
 pub const FALLBACK_DIR: &str = "unsaved";
@@ -31,7 +31,7 @@ pub fn write(
     let stem = format!(
         "{}-{}-{kind}",
         file_safe(&room.0),
-        crate::protocol::unix_time_ms()
+        contract::protocol::unix_time_ms()
     );
     let body = format!(r#"{{"data":{{"shapes":{shapes_json},"cursors":[]}}}}"#);
     // Never overwrite an earlier fallback: add a counter on a name clash.

@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 use super::{BoardId, BoardStore, LoadedBoard, SaveOutcome, StoreError};
-use crate::ipc::RoomId;
+use contract::ipc::RoomId;
 
 /// A backend that does not accept a connection within this is treated as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);

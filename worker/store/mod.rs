@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-use crate::config::{FileIdentity, StoreConfig};
-use crate::ipc::RoomId;
+use contract::config::{FileIdentity, StoreConfig};
+use contract::ipc::RoomId;
 
 /// How the store names a board (the backend's board id; the room id in the
 /// embedded store). Kept from the load so saves need no lookup.

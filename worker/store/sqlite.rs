@@ -11,7 +11,7 @@ use futures_util::future::BoxFuture;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{BoardId, BoardStore, LoadedBoard, SaveOutcome, StoreError};
-use crate::ipc::RoomId;
+use contract::ipc::RoomId;
 
 /// How long a write waits for another process's write to finish.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -190,7 +190,7 @@ impl BoardStore for SqliteStore {
         shapes_json: String,
     ) -> BoxFuture<'static, Result<SaveOutcome, StoreError>> {
         self.with_conn(move |conn| {
-            let now_ms = crate::protocol::unix_time_ms();
+            let now_ms = contract::protocol::unix_time_ms();
             conn.execute(
                 "INSERT INTO boards (room_id, shapes, updated_at_ms) VALUES (?1, ?2, ?3)
                  ON CONFLICT(room_id) DO UPDATE SET shapes = excluded.shapes,
