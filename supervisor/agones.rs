@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::Shared;
-use super::registry::Placed;
+use super::rooms::Placed;
 use crate::config::{AgonesSettings, WhenEmpty};
 
 /// The Counter a fleet declares for this server (see `deploy/agones/fleet.yaml`).

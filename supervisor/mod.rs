@@ -8,12 +8,11 @@ pub mod agones;
 pub mod auth;
 pub mod dev;
 pub mod http;
-pub mod journal;
 mod memory;
 pub mod metrics;
 pub mod pool;
 pub mod ratelimit;
-pub mod registry;
+pub mod rooms;
 pub mod session;
 pub mod tls;
 pub mod websocket;
@@ -31,7 +30,7 @@ use tracing::{error, info, warn};
 use crate::config::{Config, PersistSettings, StoreConfig};
 use auth::Authenticator;
 use pool::WorkerPool;
-use registry::Registry;
+use rooms::Registry;
 
 /// Of the shutdown budget (`--shutdown-grace-ms`), what is kept after the saves
 /// for closing clients (a session waits up to 1 s for the client's answer to its
@@ -195,15 +194,16 @@ pub async fn run(
         None => None,
     };
     info!(store = %config.persistence.store, "persistence");
+    let (queues, frames) = pool::worker_queues(config.workers);
     let registry = Arc::new(Registry::new(
-        config.workers,
+        queues,
         config.rooms_per_worker,
         config.max_rooms,
     ));
     let metrics = Arc::new(metrics::Metrics::new(&config.hathora));
     let connection_permits = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
     let pool = WorkerPool::start(
-        config.workers,
+        frames,
         config.persistence.clone(),
         registry.clone(),
         metrics.clone(),
@@ -253,7 +253,7 @@ pub async fn run(
     // upgrades get a clear 503); it stops once every client is closed.
     let stop_accepting = CancellationToken::new();
     let acceptor = tokio::spawn(accept(listener, shared.clone(), stop_accepting.clone()));
-    tokio::spawn(memory::return_freed_memory(shared.registry.clone()));
+    tokio::spawn(memory::return_freed_memory(shared.registry.placed_rooms()));
     // The line the seed documents; printed whatever the log filter is.
     println!("Listening on *:{port}");
     if shared.config.dev {

@@ -24,7 +24,7 @@ use super::{DrainReport, WorkerSlot, lock};
 use crate::config::{PersistSettings, WORKER_NONCE_ENV};
 use crate::ipc::{FromWorker, IPC_VERSION, RoomId, ToWorker, WorkerId};
 use crate::supervisor::metrics::Metrics;
-use crate::supervisor::registry::Registry;
+use crate::supervisor::rooms::Registry;
 
 /// A worker must connect and answer the hello within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

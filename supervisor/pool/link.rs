@@ -16,7 +16,7 @@ use super::{DrainReport, WorkerSlot, lock};
 use crate::ipc::{CodecError, FromWorker, IpcCodec, RoomId, ToWorker};
 use crate::ipc_socket::{self, IpcReader, IpcWriter};
 use crate::supervisor::metrics::{Kind, Metrics, Outcome, Reason};
-use crate::supervisor::registry::Registry;
+use crate::supervisor::rooms::Registry;
 
 /// Frames written per batch before flushing the socket.
 const WRITE_BATCH: usize = 512;

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::metrics::Metrics;
-use super::registry::Registry;
+use super::rooms::Registry;
 use crate::config::PersistSettings;
 use crate::ipc::{RoomId, ToWorker, WorkerId};
 use lifecycle::{Stopping, supervise};
@@ -126,6 +126,12 @@ impl WorkerSlot {
     }
 }
 
+/// Each worker's frame queue: the senders (sessions reach them through the
+/// [`Registry`]) and the receivers (for [`WorkerPool::start`]).
+pub fn worker_queues(count: usize) -> (Vec<mpsc::Sender<ToWorker>>, Vec<mpsc::Receiver<ToWorker>>) {
+    (0..count).map(|_| mpsc::channel(WORKER_QUEUE)).unzip()
+}
+
 pub struct WorkerPool {
     slots: Vec<Arc<WorkerSlot>>,
     tasks: TaskTracker,
@@ -135,11 +141,12 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
-    /// Starts `count` workers and waits until each has completed its handshake.
+    /// Starts one worker per queue of `frames` (see [`worker_queues`]) and waits
+    /// until each has completed its handshake.
     /// Once `stopping` is cancelled (the server is shutting down), a worker that
     /// ends is not replaced.
     pub async fn start(
-        count: usize,
+        frames: Vec<mpsc::Receiver<ToWorker>>,
         settings: PersistSettings,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
@@ -147,11 +154,11 @@ impl WorkerPool {
     ) -> anyhow::Result<WorkerPool> {
         let tasks = TaskTracker::new();
         let (exit_by, _) = watch::channel(None);
-        let mut slots = Vec::with_capacity(count);
-        let mut ready = Vec::with_capacity(count);
-        for i in 0..count {
-            let (queue, frames) = mpsc::channel(WORKER_QUEUE);
-            let slot = Arc::new(WorkerSlot::new(WorkerId(i as u32), queue));
+        let mut slots = Vec::with_capacity(frames.len());
+        let mut ready = Vec::with_capacity(frames.len());
+        for (i, frames) in frames.into_iter().enumerate() {
+            let id = WorkerId(i as u32);
+            let slot = Arc::new(WorkerSlot::new(id, registry.queue(id).clone()));
             let (ready_tx, ready_rx) = oneshot::channel();
             tasks.spawn(supervise(
                 slot.clone(),

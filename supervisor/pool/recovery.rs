@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use super::{WorkerSlot, lock};
 use crate::ipc::{RoomId, ToWorker};
-use crate::supervisor::registry::{POISON_CRASHES, POISON_WINDOW, Registry, RoomEntry};
+use crate::supervisor::rooms::{POISON_CRASHES, POISON_WINDOW, Registry, RoomEntry};
 
 /// Beyond the load wait, how long a restoring room may take to answer.
 pub(super) const RESTORE_ANSWER_MARGIN: Duration = Duration::from_secs(2);

@@ -69,33 +69,30 @@ async fn handshake_with(reply: FromWorker) -> anyhow::Result<()> {
 /// snapshot reaches the room.
 #[tokio::test]
 async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
-    use crate::supervisor::registry::ConnState;
+    use crate::supervisor::rooms::ConnState;
     const EVENTS: usize = 4000;
     const SNAPSHOTS: usize = 16;
     const SNAPSHOT_BYTES: usize = 256 * 1024;
     let ((mut reader, mut writer), (mut w_reader, mut w_writer)) = socket_pair().await;
-    let registry = Registry::new(1, 1, 1);
+    let (queues, frames) = worker_queues(1);
+    let mut frames = frames.into_iter().next().unwrap();
+    let registry = Registry::new(queues, 1, 1);
     let metrics = Metrics::new(&Default::default());
-    let (queue, mut frames) = mpsc::channel(WORKER_QUEUE);
-    let slot = WorkerSlot::new(WorkerId(0), queue);
+    let slot = WorkerSlot::new(WorkerId(0), registry.queue(WorkerId(0)).clone());
     let room = RoomId("big".into());
-    let (conn_state, mut conn) = watch::channel(ConnState::pending());
-    let entry = registry
+    let (conn_state, mut conn) = tokio::sync::watch::channel(ConnState::pending());
+    let handle = registry
         .register(&room, crate::ipc::ConnId(1), "u".into(), conn_state)
         .unwrap();
-    registry
-        .join(&entry, &slot.queue, crate::ipc::ConnId(1), None)
-        .await
-        .unwrap();
+    handle.join(crate::ipc::ConnId(1), None).await.unwrap();
     for _ in 0..EVENTS {
         let text = "x".repeat(1000);
-        registry
-            .forward(&entry, &slot.queue, crate::ipc::ConnId(1), text)
-            .await
-            .unwrap();
+        handle.forward(crate::ipc::ConnId(1), text).await.unwrap();
     }
     while frames.try_recv().is_ok() {}
-    assert_eq!(registry.worker_failed(WorkerId(0)).len(), 1);
+    let restoring = registry.worker_failed(WorkerId(0));
+    assert_eq!(restoring.len(), 1);
+    let entry = &restoring[0];
 
     let fake_worker = async {
         let admit = FromWorker::JoinAccepted {
@@ -134,7 +131,7 @@ async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
         tokio::select! {
             why = write_frames(Vec::new(), &mut frames, &mut pings, &mut writer, &slot) => panic!("{why}"),
             why = read_frames(&mut reader, &registry, &metrics, &slot) => panic!("{why}"),
-            () = restore_room(&entry, &registry, &slot, Duration::from_secs(30)) => {}
+            () = restore_room(entry, &registry, &slot, Duration::from_secs(30)) => {}
         }
     };
     let (_, _keep_open) = tokio::time::timeout(Duration::from_secs(20), async {
@@ -142,7 +139,7 @@ async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
     })
     .await
     .expect("restore and snapshots went through (no deadlock)");
-    let crate::supervisor::registry::Membership::Admitted(snapshots) =
+    let crate::supervisor::rooms::Membership::Admitted(snapshots) =
         conn.borrow_and_update().membership.clone()
     else {
         panic!("member not admitted");
@@ -163,8 +160,8 @@ async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
 async fn only_restores_taken_and_unanswered_are_blamed() {
     let ((mut reader, mut writer), (mut w_reader, mut w_writer)) = socket_pair().await;
     let metrics = Metrics::new(&Default::default());
-    let registry = Registry::new(1, 1, 1);
     let (queue, mut frames) = mpsc::channel(16);
+    let registry = Registry::new(vec![queue.clone()], 1, 1);
     let slot = WorkerSlot::new(WorkerId(0), queue);
     for (token, name) in [(1, "answered"), (2, "taken"), (3, "queued-only")] {
         let (answered, _answer) = oneshot::channel();
