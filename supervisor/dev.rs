@@ -189,7 +189,7 @@ pub fn monitor_json<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
         "workers": workers,
         "rooms": shared.registry.monitor(),
         "connections": shared.metrics.connections.get(),
-        "draining": shared.stop.is_cancelled(),
+        "draining": shared.shutdown.is_stopping(),
     });
     respond(StatusCode::OK, "application/json", body.to_string())
 }

@@ -149,7 +149,7 @@ fn ready(shared: &Shared) -> Response<Body> {
         .iter()
         .filter(|slot| !slot.ready())
         .count();
-    if shared.stop.is_cancelled() {
+    if shared.shutdown.is_stopping() {
         text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else if down > 0 {
         text(
@@ -237,7 +237,7 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
             .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         return res;
     }
-    if shared.stop.is_cancelled() {
+    if shared.shutdown.is_stopping() {
         shared.metrics.reject("draining");
         return text(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n");
     }

@@ -19,11 +19,12 @@ use tokio::time::Sleep;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug, info, info_span};
 
+use super::Shared;
 use super::auth::Identity;
 use super::ratelimit::{Backlog, Budget, Held, Released};
 use super::rooms::{ConnState, Holder, Membership, Published, RoomHandle, SnapshotCell};
+use super::shutdown::Phase;
 use super::websocket::{ClientReader, ClientWriter, Protocol};
-use super::{SessionsPhase, Shared};
 use crate::ipc::{ConnId, Escaped};
 use crate::protocol::{
     CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_POLICY, REASON_DUPLICATE_USER, REASON_RATE_LIMIT,
@@ -190,15 +191,15 @@ async fn serve(
     // seen, and whether one waits for the client to be heard from.
     let mut probes_seen = 0;
     let mut probe_waiting = false;
-    let mut phase = shared.sessions_phase.subscribe();
+    let mut phase = shared.shutdown.subscribe();
     phase.mark_changed();
     let mut reading = true;
 
     loop {
         tokio::select! {
             changed = phase.changed() => match (changed, *phase.borrow_and_update()) {
-                (Ok(()), SessionsPhase::Serving) => {}
-                (Ok(()), SessionsPhase::Saving) => reading = false,
+                (Ok(()), Phase::Running) => {}
+                (Ok(()), Phase::Draining) => reading = false,
                 _ => return End::Close(CLOSE_GOING_AWAY, "Going Away"),
             },
             changed = conn_state.changed() => {

@@ -27,15 +27,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use super::metrics::Metrics;
 use super::rooms::Registry;
+use super::shutdown::Shutdown;
 use crate::config::PersistSettings;
 use crate::ipc::{RoomId, ToWorker, WorkerId};
-use lifecycle::{Stopping, supervise};
+use lifecycle::supervise;
 use recovery::InFlight;
 
 /// Frames queued per worker before senders wait. Large enough to absorb bursts
@@ -132,28 +132,27 @@ pub fn worker_queues(count: usize) -> (Vec<mpsc::Sender<ToWorker>>, Vec<mpsc::Re
     (0..count).map(|_| mpsc::channel(WORKER_QUEUE)).unzip()
 }
 
+/// The worker processes, one per slot, each run by its own task for the
+/// server's life. They follow the server's [`Shutdown`]: from
+/// `Phase::Draining` a worker that ends is not replaced; at `Phase::Stopped`
+/// every worker's socket is closed, and those still running at the plan's
+/// `exit_by` are killed.
 pub struct WorkerPool {
     slots: Vec<Arc<WorkerSlot>>,
     tasks: TaskTracker,
-    /// Set by [`WorkerPool::stop`]: close every worker's socket; kill the
-    /// workers still running at this instant.
-    exit_by: watch::Sender<Option<tokio::time::Instant>>,
 }
 
 impl WorkerPool {
     /// Starts one worker per queue of `frames` (see [`worker_queues`]) and waits
     /// until each has completed its handshake.
-    /// Once `stopping` is cancelled (the server is shutting down), a worker that
-    /// ends is not replaced.
     pub async fn start(
         frames: Vec<mpsc::Receiver<ToWorker>>,
         settings: PersistSettings,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
-        stopping: CancellationToken,
+        shutdown: Shutdown,
     ) -> anyhow::Result<WorkerPool> {
         let tasks = TaskTracker::new();
-        let (exit_by, _) = watch::channel(None);
         let mut slots = Vec::with_capacity(frames.len());
         let mut ready = Vec::with_capacity(frames.len());
         for (i, frames) in frames.into_iter().enumerate() {
@@ -166,10 +165,7 @@ impl WorkerPool {
                 settings.clone(),
                 registry.clone(),
                 metrics.clone(),
-                Stopping {
-                    server: stopping.clone(),
-                    exit_by: exit_by.subscribe(),
-                },
+                shutdown.clone(),
                 ready_tx,
             ));
             slots.push(slot);
@@ -183,11 +179,7 @@ impl WorkerPool {
                 Err(_) => return Err(anyhow!("worker w{i} failed to start")),
             }
         }
-        Ok(WorkerPool {
-            slots,
-            tasks,
-            exit_by,
-        })
+        Ok(WorkerPool { slots, tasks })
     }
 
     pub fn slot(&self, id: WorkerId) -> &WorkerSlot {
@@ -227,11 +219,10 @@ impl WorkerPool {
         futures_util::future::join_all(drains).await
     }
 
-    /// Closes every worker's socket (they exit at once after a drain) and waits
-    /// until every process has ended; those still running at `deadline` are
-    /// killed.
-    pub async fn stop(&self, deadline: tokio::time::Instant) {
-        self.exit_by.send_replace(Some(deadline));
+    /// Waits until every worker process has ended: from `Phase::Stopped`, each
+    /// socket is closed (a worker exits at once after a drain), and those still
+    /// running at the plan's `exit_by` are killed.
+    pub async fn stopped(&self) {
         self.tasks.wait().await;
     }
 }
