@@ -32,6 +32,7 @@ impl RoomHandle {
         RoomHandle(entry)
     }
 
+    /// The room's id.
     pub fn id(&self) -> &RoomId {
         &self.0.id
     }

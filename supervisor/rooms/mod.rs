@@ -60,7 +60,9 @@ pub enum PlacementError {
 /// opened and closed between two looks is still seen).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Placed {
+    /// Rooms placed now (open, closing or being restored).
     pub now: usize,
+    /// Rooms placed since the server started.
     pub opened: u64,
 }
 

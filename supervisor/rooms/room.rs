@@ -21,6 +21,7 @@ use crate::ipc::{ConnId, RoomId, RoomSummary, ToWorker, WorkerId};
 /// allocates a 32-slot block.)
 #[derive(Debug, Clone)]
 pub struct ConnState {
+    /// Where the connection stands in its room.
     pub membership: Membership,
     /// Bumped to ask the session to ping its client at once; the session answers
     /// with [`RoomHandle::alive`](super::RoomHandle::alive) when its client is
@@ -29,6 +30,7 @@ pub struct ConnState {
 }
 
 impl ConnState {
+    /// A connection registered and not yet admitted.
     pub fn pending() -> ConnState {
         ConnState {
             membership: Membership::Pending,
@@ -67,6 +69,8 @@ pub enum Holder {
 /// connection has gone and the worker has confirmed the room is freed.
 pub struct RoomEntry {
     pub id: RoomId,
+    /// The worker it is placed on (for the room's life: a failed worker's
+    /// rooms are restored on its slot's replacement).
     pub worker: WorkerId,
     /// The worker's frame queue (its slot's: it outlives the worker's processes).
     pub(super) queue: mpsc::Sender<ToWorker>,
