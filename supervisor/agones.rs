@@ -32,8 +32,9 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::Shared;
-use super::registry::Placed;
-use crate::config::{AgonesSettings, WhenEmpty};
+use super::rooms::Placed;
+use super::shutdown::Phase;
+use contract::config::{AgonesSettings, WhenEmpty};
 
 /// The Counter a fleet declares for this server (see `deploy/agones/fleet.yaml`).
 pub const ROOMS_COUNTER: &str = "rooms";
@@ -86,7 +87,7 @@ pub async fn run(sdk: Sdk, shared: Arc<Shared>, settings: AgonesSettings) {
     // Ready only once every worker is up (they start in parallel with this).
     while !workers_answering(&shared) {
         tokio::select! {
-            _ = shared.stop.cancelled() => return lifecycle.shutdown(&shared).await,
+            () = shared.shutdown.wait_for(Phase::Draining) => return lifecycle.shutdown(&shared).await,
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
@@ -225,7 +226,7 @@ impl Lifecycle {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shared.stop.cancelled() => break,
+                () = shared.shutdown.wait_for(Phase::Draining) => break,
                 changed = placed.changed() => {
                     if changed.is_err() {
                         break;
@@ -411,6 +412,6 @@ impl Lifecycle {
         if !std::mem::replace(&mut self.shut_down, true) && self.call(Call::Shutdown).await {
             info!("agones: Shutdown");
         }
-        shared.stop.cancel();
+        shared.shutdown.stop();
     }
 }

@@ -4,8 +4,8 @@
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::ipc::RoomId;
-use crate::protocol::MAX_ID_BYTES;
+use contract::ipc::RoomId;
+use contract::protocol::MAX_ID_BYTES;
 
 /// Clock skew tolerated on `exp` and `nbf`, between the backend that mints tokens
 /// and this server.

@@ -78,7 +78,7 @@ pub fn token<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
         form_urlencoded::parse(query.as_bytes())
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.into_owned())
-            .filter(|v| !v.is_empty() && v.len() <= crate::protocol::MAX_ID_BYTES)
+            .filter(|v| !v.is_empty() && v.len() <= contract::protocol::MAX_ID_BYTES)
     };
     let (Some(user_id), Some(room_id)) = (param("userId"), param("roomId")) else {
         return respond(
@@ -189,7 +189,7 @@ pub fn monitor_json<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
         "workers": workers,
         "rooms": shared.registry.monitor(),
         "connections": shared.metrics.connections.get(),
-        "draining": shared.stop.is_cancelled(),
+        "draining": shared.shutdown.is_stopping(),
     });
     respond(StatusCode::OK, "application/json", body.to_string())
 }

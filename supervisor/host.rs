@@ -2,7 +2,7 @@
 //! the Hathora process's identity (the contract's [`Host`], read here because the
 //! contract does no I/O).
 
-use crate::config::{HathoraInfo, Host, cpu_quota};
+use contract::config::{HathoraInfo, Host, cpu_quota};
 
 /// Whether this build has the Agones SDK lifecycle (cargo feature `agones`).
 pub const AGONES_BUILT: bool = cfg!(feature = "agones");

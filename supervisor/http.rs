@@ -23,9 +23,9 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{debug, info, warn};
 
-use super::registry::ConnState;
+use super::rooms::ConnState;
 use super::{Shared, session, websocket};
-use crate::ipc::ConnId;
+use contract::ipc::ConnId;
 
 /// Read buffer per WebSocket. tungstenite's default (128 KiB) is zero-filled on
 /// every read: a quarter of the supervisor's CPU at 10 rooms × 10 members, and the
@@ -138,7 +138,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 /// being replaced or restored), the server is not draining, and the store takes
 /// saves (not failing for [`SAVES_FAILING_UNREADY_AFTER`]).
 fn ready(shared: &Shared) -> Response<Body> {
-    use super::registry::SAVES_FAILING_UNREADY_AFTER;
+    use super::rooms::SAVES_FAILING_UNREADY_AFTER;
     let failing = shared
         .registry
         .saves_failing_for()
@@ -149,7 +149,7 @@ fn ready(shared: &Shared) -> Response<Body> {
         .iter()
         .filter(|slot| !slot.ready())
         .count();
-    if shared.stop.is_cancelled() {
+    if shared.shutdown.is_stopping() {
         text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else if down > 0 {
         text(
@@ -237,7 +237,7 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
             .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         return res;
     }
-    if shared.stop.is_cancelled() {
+    if shared.shutdown.is_stopping() {
         shared.metrics.reject("draining");
         return text(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n");
     }
@@ -259,13 +259,13 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     };
     let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
     let (conn_state_tx, conn_state) = watch::channel(ConnState::pending());
-    let entry = match shared.registry.register(
+    let room = match shared.registry.register(
         &identity.room,
         conn,
         identity.user_id.clone(),
         conn_state_tx,
     ) {
-        Ok(entry) => entry,
+        Ok(room) => room,
         Err(e) => {
             shared.metrics.reject("no_capacity");
             warn!(room = %identity.room, "connection refused (503): {e}");
@@ -303,12 +303,11 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         .await;
         match socket {
             Ok(socket) => {
-                session::run(shared, socket, entry, conn, identity, conn_state, protocol).await
+                session::run(shared, socket, room, conn, identity, conn_state, protocol).await
             }
             Err(e) => {
                 debug!(error = %e, "upgrade failed");
-                let queue = &shared.pool.slot(entry.worker).queue;
-                shared.registry.leave(&entry, queue, conn).await;
+                room.leave(conn).await;
             }
         }
         drop(permit);

@@ -3,22 +3,19 @@
 //! owning worker, fans the worker's snapshots out, and keeps the worker processes
 //! running. It never interprets room state.
 
-// The contract's modules, named at the crate root like the supervisor's own.
-use contract::{config, ipc, protocol};
-
 #[cfg(feature = "agones")]
 pub mod agones;
 pub mod auth;
 pub mod dev;
 pub mod host;
 pub mod http;
-pub mod journal;
 mod memory;
 pub mod metrics;
 pub mod pool;
 pub mod ratelimit;
-pub mod registry;
+pub mod rooms;
 pub mod session;
+pub mod shutdown;
 pub mod tls;
 pub mod websocket;
 
@@ -28,30 +25,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, PersistSettings, StoreConfig};
 use auth::Authenticator;
+use contract::config::{Config, PersistSettings, StoreConfig};
 use pool::WorkerPool;
-use registry::Registry;
-
-/// Of the shutdown budget (`--shutdown-grace-ms`), what is kept after the saves
-/// for closing clients (a session waits up to 1 s for the client's answer to its
-/// close frame) and then stopping workers (they exit at once after a drain).
-const SHUTDOWN_RESERVE: Duration = Duration::from_millis(1500);
-
-/// The sessions' part in a shutdown, in order.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum SessionsPhase {
-    Serving,
-    /// Rooms are being saved: client frames are no longer read (nothing new is
-    /// applied, so nothing applied is left unsaved); snapshots still go out.
-    Saving,
-    /// Close every client with 1001.
-    Closing,
-}
+use rooms::Registry;
+use shutdown::{Phase, Shutdown};
 
 /// State shared by every connection task.
 pub struct Shared {
@@ -64,12 +45,8 @@ pub struct Shared {
     pub next_conn: AtomicU64,
     /// Every WebSocket session, so shutdown can wait for their close frames.
     pub sessions: TaskTracker,
-    /// Cancelled when the server begins to shut down: no new connections.
-    pub stop: CancellationToken,
-    /// What sessions do in a shutdown: read their clients while `Serving`, stop
-    /// reading them while rooms are saved (so every edit a client saw applied is
-    /// in the save), then close them with 1001.
-    pub sessions_phase: tokio::sync::watch::Sender<SessionsPhase>,
+    /// Where the server is in its life (running, or which step of its stop).
+    pub shutdown: Shutdown,
     /// The TLS acceptor, when the server has a certificate (`--tls-cert`).
     pub tls: Option<Arc<tls::Tls>>,
     /// `--max-connections` permits: one per open TCP connection in its HTTP phase,
@@ -107,9 +84,9 @@ pub fn main(config: Config) -> anyhow::Result<()> {
             let listener = TcpListener::bind((config.bind, config.port))
                 .await
                 .with_context(|| format!("cannot listen on {}:{}", config.bind, config.port))?;
-            let stop = CancellationToken::new();
-            tokio::spawn(watch_signals(stop.clone()));
-            run(config, listener, stop).await
+            let shutdown = Shutdown::new(config.shutdown_grace);
+            tokio::spawn(watch_signals(shutdown.clone()));
+            run(config, listener, shutdown).await
         })
         .inspect_err(|e| {
             // Another server owns the data: a configuration error, one line, exit 2.
@@ -126,7 +103,7 @@ pub fn main(config: Config) -> anyhow::Result<()> {
 }
 
 /// SIGTERM, SIGINT or SIGHUP starts a graceful stop; a second one exits at once.
-async fn watch_signals(stop: CancellationToken) {
+async fn watch_signals(shutdown: Shutdown) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -147,44 +124,16 @@ async fn watch_signals(stop: CancellationToken) {
     // level is filtered out (RUST_LOG=warn would then stop the server at once).
     let first = next().await;
     info!("{first}: shutting down");
-    stop.cancel();
+    shutdown.stop();
     let second = next().await;
     warn!("second signal ({second}): exiting now");
     std::process::exit(130);
 }
 
-/// The deadlines of one shutdown, all within the budget from the signal.
-#[derive(Debug, PartialEq)]
-struct ShutdownPlan {
-    /// Workers answer their drain (saved, or not) by then.
-    saves_until: tokio::time::Instant,
-    /// Clients have had their `1001` by then.
-    clients_until: tokio::time::Instant,
-    /// Workers still running then are killed, and the process exits.
-    exit_by: tokio::time::Instant,
-}
-
-impl ShutdownPlan {
-    /// Saves get the budget less [`SHUTDOWN_RESERVE`] (at least half of it, so a
-    /// short budget still saves); closing clients gets two thirds of the rest,
-    /// stopping workers one third.
-    fn new(signalled: tokio::time::Instant, budget: Duration) -> ShutdownPlan {
-        let reserve = SHUTDOWN_RESERVE.min(budget / 2);
-        let exit_by = signalled + budget;
-        ShutdownPlan {
-            saves_until: exit_by - reserve,
-            clients_until: exit_by - reserve / 3,
-            exit_by,
-        }
-    }
-}
-
-/// Runs the server on `listener` until `stop` is cancelled.
-pub async fn run(
-    config: Config,
-    listener: TcpListener,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
+/// Runs the server on `listener` until `shutdown` is stopped, then runs the
+/// stop through its phases (see [`shutdown`]). `shutdown` is made with
+/// `config.shutdown_grace` as its budget (see [`main`]).
+pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
     // Held (locked) until `run` returns, that is for the server's life.
     let _data_lock = lock_data_dir(&config.persistence)?;
     raise_fd_limit(config.limits.max_connections);
@@ -194,24 +143,25 @@ pub async fn run(
         Some(settings) => tokio::select! {
             sdk = agones::connect(settings) => Some(sdk?),
             // A stop while waiting for the sidecar: nothing to drain yet.
-            _ = stop.cancelled() => return Ok(()),
+            () = shutdown.wait_for(Phase::Draining) => return Ok(()),
         },
         None => None,
     };
     info!(store = %config.persistence.store, "persistence");
+    let (queues, frames) = pool::worker_queues(config.workers);
     let registry = Arc::new(Registry::new(
-        config.workers,
+        queues,
         config.rooms_per_worker,
         config.max_rooms,
     ));
     let metrics = Arc::new(metrics::Metrics::new(&config.hathora));
     let connection_permits = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
     let pool = WorkerPool::start(
-        config.workers,
+        frames,
         config.persistence.clone(),
         registry.clone(),
         metrics.clone(),
-        stop.clone(),
+        shutdown.clone(),
     )
     .await?;
     let hathora = &config.hathora;
@@ -247,17 +197,15 @@ pub async fn run(
         pool,
         next_conn: AtomicU64::new(1),
         sessions: TaskTracker::new(),
-        stop: stop.clone(),
-        sessions_phase: tokio::sync::watch::Sender::new(SessionsPhase::Serving),
+        shutdown: shutdown.clone(),
         connection_permits,
     });
 
     let port = listener.local_addr()?.port();
     // Accepting goes on while draining (so `/readyz` can say 503 and late
     // upgrades get a clear 503); it stops once every client is closed.
-    let stop_accepting = CancellationToken::new();
-    let acceptor = tokio::spawn(accept(listener, shared.clone(), stop_accepting.clone()));
-    tokio::spawn(memory::return_freed_memory(shared.registry.clone()));
+    let acceptor = tokio::spawn(accept(listener, shared.clone()));
+    tokio::spawn(memory::return_freed_memory(shared.registry.placed_rooms()));
     // The line the seed documents; printed whatever the log filter is.
     println!("Listening on *:{port}");
     if shared.config.dev {
@@ -278,17 +226,16 @@ pub async fn run(
             info!("agones: SDK server reached");
             tokio::spawn(agones::run(sdk, shared.clone(), settings))
         });
-    stop.cancelled().await;
+    shutdown.wait_for(Phase::Draining).await;
 
-    // Save first, while clients are still connected; then say goodbye. Every
-    // step is cut to the plan, so the whole shutdown fits in the budget.
-    let budget = shared.config.shutdown_grace;
-    let plan = ShutdownPlan::new(tokio::time::Instant::now(), budget);
+    // Save first, while clients are still connected (and not read: see
+    // `Phase::Draining`); then say goodbye. Every step is cut to the plan, so
+    // the whole shutdown fits in the budget.
+    let plan = shutdown.plan().expect("a stop fixes its plan first");
     info!(
-        budget_ms = budget.as_millis() as u64,
+        budget_ms = shared.config.shutdown_grace.as_millis() as u64,
         "saving rooms before exit"
     );
-    shared.sessions_phase.send_replace(SessionsPhase::Saving);
     let reports = shared.pool.drain(plan.saves_until).await;
     let saved: u32 = reports.iter().flat_map(|(_, r)| r).map(|r| r.saved).sum();
     let unsaved: Vec<String> = reports
@@ -309,7 +256,7 @@ pub async fn run(
         error!(saved, ?unsaved, workers_not_answering = ?silent, "shutdown: some rooms could not be saved");
     }
 
-    shared.sessions_phase.send_replace(SessionsPhase::Closing);
+    shutdown.advance(Phase::Closing);
     shared.sessions.close();
     if tokio::time::timeout_at(plan.clients_until, shared.sessions.wait())
         .await
@@ -317,9 +264,9 @@ pub async fn run(
     {
         warn!("some sessions did not close in time");
     }
-    stop_accepting.cancel();
+    shutdown.advance(Phase::Stopped);
     let _ = acceptor.await;
-    shared.pool.stop(plan.exit_by).await;
+    shared.pool.stopped().await;
     #[cfg(feature = "agones")]
     if let Some(task) = agones_task {
         // It told Agones `Shutdown()` when the stop began; wait for nothing more.
@@ -329,14 +276,17 @@ pub async fn run(
     Ok(())
 }
 
-/// Accepts connections until `stop` is cancelled. Each connection holds one of
-/// `--max-connections` permits for its whole life (HTTP and WebSocket); without a
-/// free permit a new connection is closed at once and counted.
-async fn accept(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+/// Accepts connections until the server is [`Phase::Stopped`]. Each connection
+/// holds one of `--max-connections` permits for its whole life (HTTP and
+/// WebSocket); without a free permit a new connection is closed at once and
+/// counted.
+async fn accept(listener: TcpListener, shared: Arc<Shared>) {
     let permits = shared.connection_permits.clone();
+    let stopped = shared.shutdown.wait_for(Phase::Stopped);
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            () = &mut stopped => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let Ok(permit) = permits.clone().try_acquire_owned() else {
@@ -429,34 +379,4 @@ fn lock_data_dir(settings: &PersistSettings) -> anyhow::Result<Option<std::fs::F
         }
     }
     Ok(Some(lock))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_shutdown_plan_fits_the_budget_and_keeps_the_reserve() {
-        let t = tokio::time::Instant::now();
-        let ms = Duration::from_millis;
-        assert_eq!(
-            ShutdownPlan::new(t, ms(9000)),
-            ShutdownPlan {
-                saves_until: t + ms(7500),
-                clients_until: t + ms(8500),
-                exit_by: t + ms(9000),
-            }
-        );
-        // A short budget: half for saves, the other half split as usual.
-        assert_eq!(
-            ShutdownPlan::new(t, ms(1500)),
-            ShutdownPlan {
-                saves_until: t + ms(750),
-                clients_until: t + ms(1250),
-                exit_by: t + ms(1500),
-            }
-        );
-        let none = ShutdownPlan::new(t, Duration::ZERO);
-        assert_eq!((none.saves_until, none.exit_by), (t, t));
-    }
 }

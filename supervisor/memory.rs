@@ -4,22 +4,23 @@
 //! thread freed them, so a burst (an outage, big messages) would otherwise leave
 //! the process at its peak size for good.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use super::registry::Registry;
+use tokio::sync::watch;
+
+use super::rooms::Placed;
 
 /// How often to look; trimming walks the heap, so only after rooms were freed.
 const CHECK_EVERY: Duration = Duration::from_secs(10);
 
-/// Runs for the life of the server.
-pub async fn return_freed_memory(registry: Arc<Registry>) {
+/// Runs for the life of the server, watching the rooms placed.
+pub async fn return_freed_memory(placed: watch::Receiver<Placed>) {
     let mut ticks = tokio::time::interval(CHECK_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rooms_before = 0;
     loop {
         ticks.tick().await;
-        let rooms = registry.room_count();
+        let rooms = placed.borrow().now;
         if rooms < rooms_before {
             trim();
         }

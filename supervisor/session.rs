@@ -19,13 +19,14 @@ use tokio::time::Sleep;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug, info, info_span};
 
+use super::Shared;
 use super::auth::Identity;
 use super::ratelimit::{Backlog, Budget, Held, Released};
-use super::registry::{ConnState, Holder, Membership, Published, RoomEntry, SnapshotCell};
+use super::rooms::{ConnState, Holder, Membership, Published, RoomHandle, SnapshotCell};
+use super::shutdown::Phase;
 use super::websocket::{ClientReader, ClientWriter, Protocol};
-use super::{SessionsPhase, Shared};
-use crate::ipc::{ConnId, Escaped};
-use crate::protocol::{
+use contract::ipc::{ConnId, Escaped};
+use contract::protocol::{
     CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_POLICY, REASON_DUPLICATE_USER, REASON_RATE_LIMIT,
     REASON_ROOM_FULL,
 };
@@ -60,13 +61,13 @@ enum End {
 pub fn run(
     shared: Arc<Shared>,
     (mut stream, mut sink): (ClientReader, ClientWriter),
-    entry: Arc<RoomEntry>,
+    room: RoomHandle,
     conn: ConnId,
     identity: Identity,
     conn_state: watch::Receiver<ConnState>,
     protocol: Protocol,
 ) -> impl Future<Output = ()> {
-    let span = info_span!("session", room = %entry.id, user = %Escaped(&identity.user_id), %conn, worker = %entry.worker);
+    let span = info_span!("session", room = %room.id(), user = %Escaped(&identity.user_id), %conn, worker = %room.worker());
     async move {
         let started = Instant::now();
         shared.metrics.connections_accepted.inc();
@@ -74,28 +75,14 @@ pub fn run(
         let v2 = protocol == Protocol::V2;
         if v2 {
             // Before the join: batches are kept from the room's next publish.
-            entry.v2_session(conn, true);
+            room.v2_session(conn, true);
             shared.metrics.connections_v2.inc();
         }
         debug!(?protocol, "session opened");
-        let queue = &shared.pool.slot(entry.worker).queue;
-        let replace = take_over(&shared, &entry, conn).await;
-        let joined = shared
-            .registry
-            .join(&entry, queue, conn, replace)
-            .await
-            .is_ok();
+        let replace = take_over(&shared, &room, conn).await;
+        let joined = room.join(conn, replace).await.is_ok();
         let end = if joined {
-            serve(
-                &shared,
-                &entry,
-                conn,
-                &mut sink,
-                &mut stream,
-                conn_state,
-                v2,
-            )
-            .await
+            serve(&shared, &room, conn, &mut sink, &mut stream, conn_state, v2).await
         } else {
             End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable")
         };
@@ -108,10 +95,10 @@ pub fn run(
             })
             .await;
         }
-        shared.registry.leave(&entry, queue, conn).await;
+        room.leave(conn).await;
         shared.metrics.connections.dec();
         if v2 {
-            entry.v2_session(conn, false);
+            room.v2_session(conn, false);
             shared.metrics.connections_v2.dec();
         }
         let how = match end {
@@ -140,11 +127,11 @@ pub fn run(
 /// silent for `--takeover-wait-ms`, this connection takes its place (returned).
 /// If it answers, this one joins as usual and the worker refuses it as a
 /// duplicate; if it leaves meanwhile, this one simply joins.
-async fn take_over(shared: &Shared, entry: &RoomEntry, conn: ConnId) -> Option<ConnId> {
+async fn take_over(shared: &Shared, room: &RoomHandle, conn: ConnId) -> Option<ConnId> {
     let Holder::Probed {
         conn: old,
         mut answer,
-    } = shared.registry.probe_holder(entry, conn)
+    } = room.probe_holder(conn)
     else {
         return None;
     };
@@ -154,7 +141,7 @@ async fn take_over(shared: &Shared, entry: &RoomEntry, conn: ConnId) -> Option<C
             // Alive, or heard from just now: perhaps a reloading page whose close
             // is on its way. Give it a moment to leave before the worker decides.
             let until = Instant::now() + LEAVING_GRACE;
-            while Instant::now() < until && shared.registry.is_joined(entry, old) {
+            while Instant::now() < until && room.is_joined(old) {
                 tokio::time::sleep(LEAVING_POLL).await;
             }
             info!(%old, "the user's earlier connection is alive");
@@ -171,7 +158,7 @@ async fn take_over(shared: &Shared, entry: &RoomEntry, conn: ConnId) -> Option<C
 
 async fn serve(
     shared: &Shared,
-    entry: &RoomEntry,
+    room: &RoomHandle,
     conn: ConnId,
     sink: &mut ClientWriter,
     stream: &mut ClientReader,
@@ -181,7 +168,6 @@ async fn serve(
     // Made here, not passed in: a value moved into an `async fn` keeps a slot
     // in the caller's future too, and every connection pays for both.
     let mut outbox = Outbox::new(v2, shared.config.snapshot_spacing);
-    let queue = &shared.pool.slot(entry.worker).queue;
     let ping_every = shared.config.ping_interval;
     let mut ping = tokio::time::interval(ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -205,15 +191,15 @@ async fn serve(
     // seen, and whether one waits for the client to be heard from.
     let mut probes_seen = 0;
     let mut probe_waiting = false;
-    let mut phase = shared.sessions_phase.subscribe();
+    let mut phase = shared.shutdown.subscribe();
     phase.mark_changed();
     let mut reading = true;
 
     loop {
         tokio::select! {
             changed = phase.changed() => match (changed, *phase.borrow_and_update()) {
-                (Ok(()), SessionsPhase::Serving) => {}
-                (Ok(()), SessionsPhase::Saving) => reading = false,
+                (Ok(()), Phase::Running) => {}
+                (Ok(()), Phase::Draining) => reading = false,
                 _ => return End::Close(CLOSE_GOING_AWAY, "Going Away"),
             },
             changed = conn_state.changed() => {
@@ -236,7 +222,7 @@ async fn serve(
                 if probed {
                     if last_heard.elapsed() < shared.config.takeover_wait {
                         // Heard from just now: alive, no need to ask.
-                        shared.registry.alive(entry, conn);
+                        room.alive(conn);
                     } else {
                         probe_waiting = true;
                         if !matches!(tokio::time::timeout(WRITE_TIMEOUT, sink.ping()).await, Ok(Ok(()))) {
@@ -253,7 +239,7 @@ async fn serve(
             _ = async { outbox.timer.as_mut().expect("guarded").await }, if outbox.timer_armed => {
                 outbox.timer_armed = false;
                 let rx = snapshots.as_mut().expect("a timer only runs once admitted");
-                if let Err(end) = outbox.send_newest(shared, entry, sink, rx).await {
+                if let Err(end) = outbox.send_newest(shared, room, sink, rx).await {
                     return end;
                 }
             }
@@ -265,7 +251,7 @@ async fn serve(
                 }
                 if !outbox.hold() {
                     let rx = snapshots.as_mut().expect("guarded");
-                    if let Err(end) = outbox.send_newest(shared, entry, sink, rx).await {
+                    if let Err(end) = outbox.send_newest(shared, room, sink, rx).await {
                         return end;
                     }
                 }
@@ -278,14 +264,14 @@ async fn serve(
                 last_heard = now;
                 if probe_waiting && matches!(frame, Some(Ok(ref m)) if !m.is_close()) {
                     probe_waiting = false;
-                    shared.registry.alive(entry, conn);
+                    room.alive(conn);
                 }
                 let within_budget = backlog.is_empty() && budget.has_token(now);
                 if !within_budget && matches!(frame, Some(Ok(ref m)) if m.is_text() || m.is_binary() || m.is_ping() || m.is_pong()) {
                     shared.metrics.frames_rate_limited.inc();
                 }
                 match frame {
-                    Some(Ok(Message::Text(text))) if outbox.v2.is_some() && crate::protocol::v2::is_resync(text.as_str()) => {
+                    Some(Ok(Message::Text(text))) if outbox.v2.is_some() && contract::protocol::v2::is_resync(text.as_str()) => {
                         // Answered here, not forwarded (the room does not
                         // change), but it counts against the budget.
                         shared.metrics.resyncs.inc();
@@ -299,7 +285,7 @@ async fn serve(
                             && let Some(rx) = snapshots.as_mut()
                             && !outbox.timer_armed
                             && !outbox.hold()
-                            && let Err(end) = outbox.send_newest(shared, entry, sink, rx).await
+                            && let Err(end) = outbox.send_newest(shared, room, sink, rx).await
                         {
                             return end;
                         }
@@ -376,11 +362,7 @@ async fn serve(
         // allows, oldest first.
         while !backlog.is_empty() && budget.try_take(Instant::now()) {
             if let Some(Released::Message(text)) = backlog.pop()
-                && shared
-                    .registry
-                    .forward(entry, queue, conn, text)
-                    .await
-                    .is_err()
+                && room.forward(conn, text).await.is_err()
             {
                 return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable");
             }
@@ -490,7 +472,7 @@ impl Outbox {
     async fn send_newest(
         &mut self,
         shared: &Shared,
-        entry: &RoomEntry,
+        room: &RoomHandle,
         sink: &mut ClientWriter,
         rx: &mut watch::Receiver<SnapshotCell>,
     ) -> Result<(), End> {
@@ -508,7 +490,7 @@ impl Outbox {
         }
         let last_version = self.last_version;
         let message = if let Some(v2) = self.v2.as_mut() {
-            match v2.message(last_version, entry, &snapshot) {
+            match v2.message(last_version, room, &snapshot) {
                 Some(message) => Some(message),
                 None => {
                     // Publishes that changed nothing: nothing to send.
@@ -573,7 +555,7 @@ impl V2Outbox {
     fn message(
         &mut self,
         last_version: Option<u64>,
-        entry: &RoomEntry,
+        room: &RoomHandle,
         snapshot: &Published,
     ) -> Option<V2Message> {
         if self.resync {
@@ -581,8 +563,7 @@ impl V2Outbox {
         }
         let batches = match last_version {
             Some(last) if !std::mem::take(&mut self.resync) => {
-                entry
-                    .batches()
+                room.batches()
                     .between(last, snapshot.version, snapshot.message.len())
             }
             _ => None,
@@ -597,11 +578,11 @@ impl V2Outbox {
         let seq = self.next_seq;
         self.next_seq += 1;
         Some(match batches {
-            Some(batches) => V2Message::Ops(crate::protocol::v2::ops_message(
+            Some(batches) => V2Message::Ops(contract::protocol::v2::ops_message(
                 seq,
                 batches.iter().map(|b| &b[..]),
             )),
-            None => V2Message::Snapshot(crate::protocol::v2::snapshot_prefix(seq)),
+            None => V2Message::Snapshot(contract::protocol::v2::snapshot_prefix(seq)),
         })
     }
 }

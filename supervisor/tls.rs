@@ -18,7 +18,7 @@ use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 use tracing::{error, info};
 
-use crate::config::TlsFiles;
+use contract::config::TlsFiles;
 
 /// Why a certificate and key cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -278,7 +278,7 @@ impl Protocol {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .any(|p| p.trim() == crate::protocol::v2::SUBPROTOCOL);
+            .any(|p| p.trim() == contract::protocol::v2::SUBPROTOCOL);
         if offered { Protocol::V2 } else { Protocol::V1 }
     }
 
@@ -288,7 +288,7 @@ impl Protocol {
         match self {
             Protocol::V1 => None,
             Protocol::V2 => Some(hyper::header::HeaderValue::from_static(
-                crate::protocol::v2::SUBPROTOCOL,
+                contract::protocol::v2::SUBPROTOCOL,
             )),
         }
     }

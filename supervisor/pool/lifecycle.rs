@@ -14,17 +14,17 @@ use interprocess::local_socket::tokio::Stream as LocalStream;
 use interprocess::local_socket::traits::tokio::Listener as _;
 use interprocess::local_socket::{GenericNamespaced, ListenerOptions, ToNsName};
 use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::link::{self, LinkEnd, PING_QUEUE, Reader, Writer, read_frames, watchdog, write_frames};
 use super::recovery::{RESTORE_ANSWER_MARGIN, Recovery, restore_rooms};
 use super::{DrainReport, WorkerSlot, lock};
-use crate::config::{PersistSettings, WORKER_NONCE_ENV};
-use crate::ipc::{FromWorker, IPC_VERSION, RoomId, ToWorker, WorkerId};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::rooms::Registry;
+use crate::shutdown::{Phase, Shutdown};
+use contract::config::{PersistSettings, WORKER_NONCE_ENV};
+use contract::ipc::{FromWorker, IPC_VERSION, RoomId, ToWorker, WorkerId};
 
 /// A worker must connect and answer the hello within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,7 +33,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONFIGURE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The embedded store file's identity (device, inode), `None` for the backend.
-pub(super) type StoreIdentity = Option<crate::config::FileIdentity>;
+pub(super) type StoreIdentity = Option<contract::config::FileIdentity>;
 /// Respawn delays: the first replacement starts at once (clients are waiting);
 /// after a further quick failure the delay starts here and doubles, so a crash
 /// loop is throttled.
@@ -152,24 +152,18 @@ impl Ended {
     }
 }
 
-/// The two steps of a shutdown, as a worker slot sees them.
-pub(super) struct Stopping {
-    /// The server is shutting down: a worker that ends is not replaced.
-    pub(super) server: CancellationToken,
-    /// Then: close the socket, and kill the process if it still runs at this
-    /// instant.
-    pub(super) exit_by: watch::Receiver<Option<tokio::time::Instant>>,
-}
-
 /// Runs one slot: start a worker, serve it until it ends, then start a
-/// replacement and restore the rooms the failed one held.
+/// replacement and restore the rooms the failed one held. A shutdown, as a
+/// slot sees it: from [`Phase::Draining`] a worker that ends is not replaced;
+/// at [`Phase::Stopped`] its socket is closed, and the process is killed if it
+/// still runs at the plan's `exit_by`.
 pub(super) async fn supervise(
     slot: Arc<WorkerSlot>,
     mut frames: mpsc::Receiver<ToWorker>,
     mut settings: PersistSettings,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    mut stopping: Stopping,
+    shutdown: Shutdown,
     ready: oneshot::Sender<Result<StoreIdentity, WorkerExit>>,
 ) {
     let mut ready = Some(ready);
@@ -179,14 +173,13 @@ pub(super) async fn supervise(
         let started = Instant::now();
         // Serving ends by itself at the shutdown deadline; this bounds a worker
         // still starting or restoring rooms then (dropping it kills the process).
-        let mut deadline = stopping.exit_by.clone();
         let mut serve = Serve {
             slot: &slot,
             frames: &mut frames,
             settings: &mut settings,
             registry: &registry,
             metrics: &metrics,
-            exit_by: &mut stopping.exit_by,
+            shutdown: &shutdown,
             ready: &mut ready,
             recovery: &mut recovery,
         };
@@ -194,16 +187,16 @@ pub(super) async fn supervise(
             biased;
             ended = serve.run() => ended,
             _ = async {
-                let at = exit_requested(&mut deadline).await;
+                let at = exit_requested(&shutdown).await;
                 tokio::time::sleep_until(at).await;
             } => Ended::plain(WorkerExit::StillStarting),
         };
         slot.pid.store(0, Ordering::Relaxed);
-        if stopping.exit_by.borrow().is_some() {
+        if shutdown.phase() == Phase::Stopped {
             info!(worker = %slot.id, "{}", ended.how);
             return;
         }
-        if stopping.server.is_cancelled() {
+        if shutdown.is_stopping() {
             // A replacement would only be killed again; rooms are not restored.
             let unsaved = registry.unconfirmed_rooms(slot.id);
             error!(worker = %slot.id, ?unsaved, "worker ended during shutdown ({}); not replaced; changes since these rooms' last save may be lost", ended.how);
@@ -222,7 +215,7 @@ pub(super) async fn supervise(
         }
         tokio::select! {
             biased;
-            _ = stopping.server.cancelled() => return,
+            () = shutdown.wait_for(Phase::Draining) => return,
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).clamp(MIN_RESPAWN_DELAY, MAX_RESPAWN_DELAY);
@@ -243,20 +236,18 @@ struct Serve<'a> {
     settings: &'a mut PersistSettings,
     registry: &'a Registry,
     metrics: &'a Metrics,
-    exit_by: &'a mut watch::Receiver<Option<tokio::time::Instant>>,
+    shutdown: &'a Shutdown,
     ready: &'a mut Option<oneshot::Sender<Result<StoreIdentity, WorkerExit>>>,
     recovery: &'a mut Recovery,
 }
 
-/// Waits until the pool is told to stop; returns when its workers must be gone.
-async fn exit_requested(
-    exit_by: &mut watch::Receiver<Option<tokio::time::Instant>>,
-) -> tokio::time::Instant {
-    match exit_by.wait_for(Option::is_some).await {
-        Ok(deadline) => deadline.expect("waited for a deadline"),
-        // The pool itself is gone: nothing waits for these workers any more.
-        Err(_) => tokio::time::Instant::now(),
-    }
+/// Waits until the server is [`Phase::Stopped`]; returns when its workers must
+/// be gone.
+async fn exit_requested(shutdown: &Shutdown) -> tokio::time::Instant {
+    shutdown.wait_for(Phase::Stopped).await;
+    shutdown
+        .plan()
+        .map_or_else(tokio::time::Instant::now, |plan| plan.exit_by)
 }
 
 /// Path of the running executable. `/proc/self/exe` names the image this process
@@ -333,7 +324,7 @@ impl Serve<'_> {
             silent = watchdog(slot, self.registry, pinger) => EndCause::Unresponsive(silent),
             () = restores => unreachable!("restoring ends by waiting forever"),
             _ = child.wait() => EndCause::ProcessExited,
-            deadline = exit_requested(self.exit_by) => {
+            deadline = exit_requested(self.shutdown) => {
                 // Closing the socket tells the worker to exit.
                 drop(writer);
                 drop(reader);

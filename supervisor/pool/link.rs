@@ -13,9 +13,9 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{error, info, warn};
 
 use super::{DrainReport, WorkerSlot, lock};
-use crate::ipc::{CodecError, FromWorker, RoomId, ToWorker};
 use crate::metrics::{Kind, Metrics, Outcome, Reason};
-use crate::registry::Registry;
+use crate::rooms::Registry;
+use contract::ipc::{CodecError, FromWorker, RoomId, ToWorker};
 use transport::IpcCodec;
 use transport::{IpcReader, IpcWriter};
 
@@ -230,8 +230,8 @@ fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &Work
             }
             metrics.save_duration.observe(micros as f64 / 1e6);
             // "No board yet" is a backend's normal state, not a failing store.
-            if outcome != crate::ipc::SaveResult::NoBoard {
-                registry.save_finished(outcome == crate::ipc::SaveResult::Ok);
+            if outcome != contract::ipc::SaveResult::NoBoard {
+                registry.save_finished(outcome == contract::ipc::SaveResult::Ok);
             }
         }
         FromWorker::RoomFailed { room } => {

@@ -27,15 +27,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use super::metrics::Metrics;
-use super::registry::Registry;
-use crate::config::PersistSettings;
-use crate::ipc::{RoomId, ToWorker, WorkerId};
-use lifecycle::{Stopping, StoreIdentity, WorkerExit, supervise};
+use super::rooms::Registry;
+use super::shutdown::Shutdown;
+use contract::config::PersistSettings;
+use contract::ipc::{RoomId, ToWorker, WorkerId};
+use lifecycle::{StoreIdentity, WorkerExit, supervise};
 use recovery::InFlight;
 
 /// Frames queued per worker before senders wait. Large enough to absorb bursts
@@ -126,12 +126,20 @@ impl WorkerSlot {
     }
 }
 
+/// Each worker's frame queue: the senders (sessions reach them through the
+/// [`Registry`]) and the receivers (for [`WorkerPool::start`]).
+pub fn worker_queues(count: usize) -> (Vec<mpsc::Sender<ToWorker>>, Vec<mpsc::Receiver<ToWorker>>) {
+    (0..count).map(|_| mpsc::channel(WORKER_QUEUE)).unzip()
+}
+
+/// The worker processes, one per slot, each run by its own task for the
+/// server's life. They follow the server's [`Shutdown`]: from
+/// `Phase::Draining` a worker that ends is not replaced; at `Phase::Stopped`
+/// every worker's socket is closed, and those still running at the plan's
+/// `exit_by` are killed.
 pub struct WorkerPool {
     slots: Vec<Arc<WorkerSlot>>,
     tasks: TaskTracker,
-    /// Set by [`WorkerPool::stop`]: close every worker's socket; kill the
-    /// workers still running at this instant.
-    exit_by: watch::Sender<Option<tokio::time::Instant>>,
 }
 
 /// A worker's start as the pool's start sees it: the store identity it answered,
@@ -148,23 +156,21 @@ fn started(
 }
 
 impl WorkerPool {
-    /// Starts `count` workers and waits until each has completed its handshake.
-    /// Once `stopping` is cancelled (the server is shutting down), a worker that
-    /// ends is not replaced.
+    /// Starts one worker per queue of `frames` (see [`worker_queues`]) and waits
+    /// until each has completed its handshake.
     pub async fn start(
-        count: usize,
+        frames: Vec<mpsc::Receiver<ToWorker>>,
         mut settings: PersistSettings,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
-        stopping: CancellationToken,
+        shutdown: Shutdown,
     ) -> anyhow::Result<WorkerPool> {
         let tasks = TaskTracker::new();
-        let (exit_by, _) = watch::channel(None);
-        let mut slots = Vec::with_capacity(count);
-        let mut ready = Vec::with_capacity(count);
-        for i in 0..count {
-            let (queue, frames) = mpsc::channel(WORKER_QUEUE);
-            let slot = Arc::new(WorkerSlot::new(WorkerId(i as u32), queue));
+        let mut slots = Vec::with_capacity(frames.len());
+        let mut ready = Vec::with_capacity(frames.len());
+        for (i, frames) in frames.into_iter().enumerate() {
+            let id = WorkerId(i as u32);
+            let slot = Arc::new(WorkerSlot::new(id, registry.queue(id).clone()));
             let (ready_tx, ready_rx) = oneshot::channel();
             tasks.spawn(supervise(
                 slot.clone(),
@@ -172,10 +178,7 @@ impl WorkerPool {
                 settings.clone(),
                 registry.clone(),
                 metrics.clone(),
-                Stopping {
-                    server: stopping.clone(),
-                    exit_by: exit_by.subscribe(),
-                },
+                shutdown.clone(),
                 ready_tx,
             ));
             slots.push(slot);
@@ -192,11 +195,7 @@ impl WorkerPool {
         for (i, ready) in ready.into_iter().enumerate() {
             started(i + 1, ready.await)?;
         }
-        Ok(WorkerPool {
-            slots,
-            tasks,
-            exit_by,
-        })
+        Ok(WorkerPool { slots, tasks })
     }
 
     pub fn slot(&self, id: WorkerId) -> &WorkerSlot {
@@ -236,11 +235,10 @@ impl WorkerPool {
         futures_util::future::join_all(drains).await
     }
 
-    /// Closes every worker's socket (they exit at once after a drain) and waits
-    /// until every process has ended; those still running at `deadline` are
-    /// killed.
-    pub async fn stop(&self, deadline: tokio::time::Instant) {
-        self.exit_by.send_replace(Some(deadline));
+    /// Waits until every worker process has ended: from `Phase::Stopped`, each
+    /// socket is closed (a worker exits at once after a drain), and those still
+    /// running at the plan's `exit_by` are killed.
+    pub async fn stopped(&self) {
         self.tasks.wait().await;
     }
 }

@@ -12,8 +12,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::{WorkerSlot, lock};
-use crate::ipc::{RoomId, ToWorker};
-use crate::registry::{POISON_CRASHES, POISON_WINDOW, Registry, RoomEntry};
+use crate::rooms::{POISON_CRASHES, POISON_WINDOW, Registry, RoomEntry};
+use contract::ipc::{RoomId, ToWorker};
 
 /// Beyond the load wait, how long a restoring room may take to answer.
 pub(super) const RESTORE_ANSWER_MARGIN: Duration = Duration::from_secs(2);

@@ -8,7 +8,7 @@ use super::lifecycle::handshake;
 use super::link::{LinkEnd, PING_QUEUE, Reader, Writer, read_frames, write_frames};
 use super::recovery::restore_room;
 use super::*;
-use crate::ipc::{FromWorker, IPC_VERSION};
+use contract::ipc::{FromWorker, IPC_VERSION};
 use transport::IpcCodec;
 use transport::{IpcReader, IpcWriter};
 
@@ -70,38 +70,38 @@ async fn handshake_with(reply: FromWorker) -> anyhow::Result<()> {
 /// snapshot reaches the room.
 #[tokio::test]
 async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
-    use crate::registry::ConnState;
+    use crate::rooms::ConnState;
     const EVENTS: usize = 4000;
     const SNAPSHOTS: usize = 16;
     const SNAPSHOT_BYTES: usize = 256 * 1024;
     let ((mut reader, mut writer), (mut w_reader, mut w_writer)) = socket_pair().await;
-    let registry = Registry::new(1, 1, 1);
+    let (queues, frames) = worker_queues(1);
+    let mut frames = frames.into_iter().next().unwrap();
+    let registry = Registry::new(queues, 1, 1);
     let metrics = Metrics::new(&Default::default());
-    let (queue, mut frames) = mpsc::channel(WORKER_QUEUE);
-    let slot = WorkerSlot::new(WorkerId(0), queue);
+    let slot = WorkerSlot::new(WorkerId(0), registry.queue(WorkerId(0)).clone());
     let room = RoomId("big".into());
-    let (conn_state, mut conn) = watch::channel(ConnState::pending());
-    let entry = registry
-        .register(&room, crate::ipc::ConnId(1), "u".into(), conn_state)
+    let (conn_state, mut conn) = tokio::sync::watch::channel(ConnState::pending());
+    let handle = registry
+        .register(&room, contract::ipc::ConnId(1), "u".into(), conn_state)
         .unwrap();
-    registry
-        .join(&entry, &slot.queue, crate::ipc::ConnId(1), None)
-        .await
-        .unwrap();
+    handle.join(contract::ipc::ConnId(1), None).await.unwrap();
     for _ in 0..EVENTS {
         let text = "x".repeat(1000);
-        registry
-            .forward(&entry, &slot.queue, crate::ipc::ConnId(1), text)
+        handle
+            .forward(contract::ipc::ConnId(1), text)
             .await
             .unwrap();
     }
     while frames.try_recv().is_ok() {}
-    assert_eq!(registry.worker_failed(WorkerId(0)).len(), 1);
+    let restoring = registry.worker_failed(WorkerId(0));
+    assert_eq!(restoring.len(), 1);
+    let entry = &restoring[0];
 
     let fake_worker = async {
         let admit = FromWorker::JoinAccepted {
             room: RoomId("big".into()),
-            conn: crate::ipc::ConnId(1),
+            conn: contract::ipc::ConnId(1),
         };
         w_writer.send(admit).await.unwrap();
         for i in 0..SNAPSHOTS {
@@ -135,7 +135,7 @@ async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
         tokio::select! {
             why = write_frames(Vec::new(), &mut frames, &mut pings, &mut writer, &slot) => panic!("{why}"),
             why = read_frames(&mut reader, &registry, &metrics, &slot) => panic!("{why}"),
-            () = restore_room(&entry, &registry, &slot, Duration::from_secs(30)) => {}
+            () = restore_room(entry, &registry, &slot, Duration::from_secs(30)) => {}
         }
     };
     let (_, _keep_open) = tokio::time::timeout(Duration::from_secs(20), async {
@@ -143,8 +143,7 @@ async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
     })
     .await
     .expect("restore and snapshots went through (no deadlock)");
-    let crate::registry::Membership::Admitted(snapshots) =
-        conn.borrow_and_update().membership.clone()
+    let crate::rooms::Membership::Admitted(snapshots) = conn.borrow_and_update().membership.clone()
     else {
         panic!("member not admitted");
     };
@@ -164,8 +163,8 @@ async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
 async fn only_restores_taken_and_unanswered_are_blamed() {
     let ((mut reader, mut writer), (mut w_reader, mut w_writer)) = socket_pair().await;
     let metrics = Metrics::new(&Default::default());
-    let registry = Registry::new(1, 1, 1);
     let (queue, mut frames) = mpsc::channel(16);
+    let registry = Registry::new(vec![queue.clone()], 1, 1);
     let slot = WorkerSlot::new(WorkerId(0), queue);
     for (token, name) in [(1, "answered"), (2, "taken"), (3, "queued-only")] {
         let (answered, _answer) = oneshot::channel();

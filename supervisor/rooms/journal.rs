@@ -8,8 +8,8 @@
 
 use std::collections::VecDeque;
 
-use crate::ipc::{RoomEvent, Stamped};
-use crate::protocol::ClientMessage;
+use contract::ipc::{RoomEvent, Stamped};
+use contract::protocol::ClientMessage;
 
 /// Events, and bytes, after which the worker is asked for a checkpoint (then
 /// again after as many more), so a room with no saves (cursor traffic, or a
@@ -186,7 +186,7 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ipc::{ConnId, RoomId};
+    use contract::ipc::{ConnId, RoomId};
     use serde_json::json;
 
     fn stamped(seq: u64, text: String) -> Stamped {

@@ -1,0 +1,208 @@
+//! What a room's members are sent: the room's newest snapshot, shared by all of
+//! them, and (while it has protocol v2 members) its recent ops batches.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::lock;
+use super::room::RoomEntry;
+
+/// The newest snapshot of a room, shared by all its members (one encoding, one
+/// allocation; each member clones a reference).
+pub type SnapshotCell = Option<Published>;
+
+/// A snapshot as published to a room's members.
+#[derive(Clone, Debug)]
+pub struct Published {
+    /// The snapshot's JSON, shared by every member's session.
+    pub message: Bytes,
+    /// When the supervisor received it (for the fan-out latency).
+    pub at: Instant,
+    /// Counts the room's snapshots, so a member can tell how many it skipped.
+    pub version: u64,
+}
+
+/// Batches of protocol v2 ops kept per room: at most this many…
+const MAX_BATCHES: usize = 64;
+/// …and this many bytes. A v2 member further behind gets a snapshot.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// A room's recent ops batches (see `FromWorker::Snapshot`), one per published
+/// version, so that a v2 member that missed some versions gets their ops
+/// instead of a snapshot. Kept only while the room has v2 members.
+#[derive(Debug, Default)]
+pub struct Batches {
+    /// The snapshot of this version cannot be reached by ops from an earlier
+    /// one (the room was new or restored, or no batches were kept before it).
+    base: u64,
+    /// Ops of versions `base + 1 ..`, consecutive, oldest first.
+    entries: VecDeque<(u64, Bytes)>,
+    bytes: usize,
+}
+
+impl Batches {
+    /// Records the ops that lead to `version` (`None`: none do).
+    pub(super) fn push(&mut self, version: u64, ops: Option<Bytes>) {
+        let Some(ops) = ops else {
+            self.reset(version);
+            return;
+        };
+        if self.entries.back().map_or(self.base, |(v, _)| *v) + 1 != version {
+            self.reset(version - 1);
+        }
+        self.bytes += ops.len();
+        self.entries.push_back((version, ops));
+        while self.entries.len() > MAX_BATCHES || self.bytes > MAX_BATCH_BYTES {
+            let (v, dropped) = self.entries.pop_front().expect("not empty");
+            self.bytes -= dropped.len();
+            self.base = v;
+        }
+    }
+
+    /// Drops every batch kept (a push after this starts a new chain).
+    pub(super) fn clear(&mut self) {
+        let base = self.base;
+        self.reset(base);
+    }
+
+    fn reset(&mut self, base: u64) {
+        self.base = base;
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// The batches that lead from version `from` to version `to`, if all are
+    /// kept and together smaller than `limit` bytes.
+    pub fn between(&self, from: u64, to: u64, limit: usize) -> Option<Vec<Bytes>> {
+        let first = self.entries.front()?.0;
+        if from < self.base || from + 1 < first || to < from {
+            return None;
+        }
+        let start = (from + 1 - first) as usize;
+        let count = (to - from) as usize;
+        if start + count > self.entries.len() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut out = Vec::with_capacity(count);
+        for (_, ops) in self.entries.range(start..start + count) {
+            bytes += ops.len() + 1;
+            if bytes > limit {
+                return None;
+            }
+            out.push(ops.clone());
+        }
+        Some(out)
+    }
+}
+
+impl RoomEntry {
+    /// Publishes the room's newest snapshot to its members, and for v2 members
+    /// the ops that lead to it from the previous one (`None`: none do).
+    pub(super) fn publish(&self, snapshot: Bytes, ops: Option<Bytes>) {
+        self.snapshots.send_modify(|cell| {
+            let version = cell.as_ref().map_or(1, |p| p.version + 1);
+            // Under the watch's lock, so batches are kept in version order.
+            // Without v2 sessions, none are kept (nor locked): a v2 session
+            // counts itself before it joins, and its first message is a
+            // snapshot; the first batch kept after a pause starts a new chain
+            // (see `Batches::push`).
+            if self.v2_sessions.load(Ordering::Relaxed) > 0 {
+                lock(&self.batches).push(version, ops);
+            }
+            *cell = Some(Published {
+                message: snapshot,
+                at: Instant::now(),
+                version,
+            });
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::*;
+    use contract::ipc::ConnId;
+
+    fn ops(text: &'static str) -> Option<Bytes> {
+        Some(Bytes::from_static(text.as_bytes()))
+    }
+
+    #[test]
+    fn batches_lead_from_a_kept_version_to_a_newer_one_or_not_at_all() {
+        let mut b = Batches::default();
+        assert_eq!(b.between(0, 1, 1000), None, "nothing kept");
+        b.push(1, None); // a new room: its first snapshot has no ops
+        b.push(2, ops("a"));
+        b.push(3, ops("b"));
+        b.push(4, ops("c"));
+        let got = |b: &Batches, from, to| b.between(from, to, 1000).map(|v| v.concat());
+        assert_eq!(got(&b, 1, 4).as_deref(), Some(&b"abc"[..]));
+        assert_eq!(got(&b, 2, 3).as_deref(), Some(&b"b"[..]));
+        assert_eq!(got(&b, 4, 4).as_deref(), Some(&b""[..]), "nothing missed");
+        assert_eq!(got(&b, 0, 4), None, "version 1 is not reached by ops");
+        assert_eq!(got(&b, 3, 5), None, "not published yet");
+        assert_eq!(
+            b.between(1, 4, 5),
+            None,
+            "more than the limit: a snapshot is smaller"
+        );
+        // A restore: the chain starts again at its first snapshot.
+        b.push(5, None);
+        b.push(6, ops("d"));
+        assert_eq!(got(&b, 4, 6), None);
+        assert_eq!(got(&b, 5, 6).as_deref(), Some(&b"d"[..]));
+        // Versions published while no v2 session was there were not kept.
+        b.push(9, ops("g"));
+        assert_eq!(got(&b, 6, 9), None);
+        assert_eq!(got(&b, 8, 9).as_deref(), Some(&b"g"[..]));
+    }
+
+    #[test]
+    fn batches_are_bounded_by_count_and_bytes() {
+        let mut b = Batches::default();
+        b.push(1, None);
+        for v in 2..200 {
+            b.push(v, ops("x"));
+        }
+        assert_eq!(b.entries.len(), MAX_BATCHES);
+        assert!(b.between(199 - MAX_BATCHES as u64, 199, 1000).is_some());
+        assert_eq!(b.between(198 - MAX_BATCHES as u64, 199, 1000), None);
+        let big = Bytes::from(vec![b'y'; MAX_BATCH_BYTES / 2 + 1]);
+        b.push(200, Some(big.clone()));
+        b.push(201, Some(big));
+        assert_eq!(b.entries.len(), 1);
+        assert!(b.bytes <= MAX_BATCH_BYTES);
+        assert!(b.between(200, 201, usize::MAX).is_some());
+        assert_eq!(b.between(199, 201, usize::MAX), None);
+    }
+
+    #[test]
+    fn a_room_keeps_batches_only_while_it_has_v2_members() {
+        let (registry, _frames) = registry(1, 10, 10);
+        let entry = registry
+            .register(&room("v2"), ConnId(1), "u".into(), commands().0)
+            .unwrap();
+        registry.publish(&room("v2"), Bytes::from_static(b"{}"), None);
+        entry.v2_session(ConnId(1), true);
+        entry.v2_session(ConnId(2), true);
+        for n in ["a", "b", "c"] {
+            registry.publish(&room("v2"), Bytes::from_static(b"{}"), ops(n));
+        }
+        assert_eq!(entry.batches().entries.len(), 3);
+        entry.v2_session(ConnId(1), false);
+        assert_eq!(entry.batches().entries.len(), 3, "one v2 member is left");
+        entry.v2_session(ConnId(2), false);
+        assert!(entry.batches().entries.is_empty());
+        assert_eq!(entry.batches().bytes, 0);
+        registry.publish(&room("v2"), Bytes::from_static(b"{}"), ops("d"));
+        assert!(
+            entry.batches().entries.is_empty(),
+            "none kept without v2 members"
+        );
+    }
+}

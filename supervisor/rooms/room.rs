@@ -1,0 +1,160 @@
+//! One placed room: its members, what its worker has been sent, and its
+//! snapshots. Sessions reach it through a [`RoomHandle`](super::RoomHandle);
+//! the IPC reader through the [`Registry`](super::Registry).
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Mutex, Weak};
+
+use tokio::sync::{mpsc, watch};
+
+use super::Table;
+use super::fanout::{Batches, SnapshotCell};
+use super::recovery::Recovery;
+use contract::ipc::{ConnId, RoomId, RoomSummary, ToWorker, WorkerId};
+
+/// What the supervisor tells a connection's session: its membership, which only
+/// moves forward (pending → admitted → closed), and how many times a newer
+/// connection of the same user asked whether this one is still alive. A `watch`
+/// carries it: a session that sees only the last value has missed nothing it
+/// needs. (A `watch` costs a few hundred bytes per connection; an `mpsc` channel
+/// allocates a 32-slot block.)
+#[derive(Debug, Clone)]
+pub struct ConnState {
+    /// Where the connection stands in its room.
+    pub membership: Membership,
+    /// Bumped to ask the session to ping its client at once; the session answers
+    /// with [`RoomHandle::alive`](super::RoomHandle::alive) when its client is
+    /// next heard from.
+    pub probes: u32,
+}
+
+impl ConnState {
+    /// A connection registered and not yet admitted.
+    pub fn pending() -> ConnState {
+        ConnState {
+            membership: Membership::Pending,
+            probes: 0,
+        }
+    }
+}
+
+/// A connection's standing in its room.
+#[derive(Debug, Clone)]
+pub enum Membership {
+    /// Waiting for the worker to admit the join.
+    Pending,
+    /// The worker admitted the join: from now on, send the room's snapshots.
+    Admitted(watch::Receiver<SnapshotCell>),
+    /// Close the connection with this code and reason.
+    Closed { code: u16, reason: &'static str },
+}
+
+/// The registry's end of a connection's [`ConnState`].
+pub type ConnStateSender = watch::Sender<ConnState>;
+
+/// What a connection joining a room finds of its user.
+pub enum Holder {
+    /// The user is not in the room.
+    None,
+    /// Another connection holds the user's place: the receiver turns true if it
+    /// is alive, and fails if it leaves.
+    Probed {
+        conn: ConnId,
+        answer: watch::Receiver<bool>,
+    },
+}
+
+/// A room placed on a worker. Lives from its first connection until every
+/// connection has gone and the worker has confirmed the room is freed.
+pub struct RoomEntry {
+    pub id: RoomId,
+    /// The worker it is placed on (for the room's life: a failed worker's
+    /// rooms are restored on its slot's replacement).
+    pub worker: WorkerId,
+    /// The worker's frame queue (its slot's: it outlives the worker's processes).
+    pub(super) queue: mpsc::Sender<ToWorker>,
+    /// The placement table, to free the room's place when its last member
+    /// leaves (weak: the table holds the entry).
+    pub(super) table: Weak<Mutex<Table>>,
+    pub(super) snapshots: watch::Sender<SnapshotCell>,
+    /// Sessions of the room that speak protocol v2; while there are none, no
+    /// ops batches are kept.
+    pub(super) v2_sessions: AtomicUsize,
+    pub(super) batches: Mutex<Batches>,
+    pub(super) state: Mutex<RoomState>,
+}
+
+impl RoomEntry {
+    pub(super) fn new(
+        id: RoomId,
+        worker: WorkerId,
+        queue: mpsc::Sender<ToWorker>,
+        table: Weak<Mutex<Table>>,
+    ) -> RoomEntry {
+        RoomEntry {
+            id,
+            worker,
+            queue,
+            table,
+            snapshots: watch::Sender::new(None),
+            v2_sessions: AtomicUsize::new(0),
+            batches: Mutex::default(),
+            state: Mutex::new(RoomState::default()),
+        }
+    }
+}
+
+/// A connection registered for a room (joined or about to).
+pub(super) struct Member {
+    /// The connection's session is told its state through this.
+    pub(super) state: ConnStateSender,
+    /// From the token.
+    pub(super) user_id: Box<str>,
+    /// A join was stamped for it and no leave since.
+    pub(super) joined: bool,
+    /// Speaks protocol v2 (told to the worker with its join).
+    pub(super) v2: bool,
+    /// Set while newer connections of the same user wait to learn whether this
+    /// one is alive: set to true when its client is heard from, dropped when it
+    /// leaves.
+    pub(super) probe: Option<watch::Sender<bool>>,
+}
+
+impl Member {
+    pub(super) fn new(state: ConnStateSender, user_id: String) -> Member {
+        Member {
+            state,
+            user_id: user_id.into(),
+            joined: false,
+            v2: false,
+            probe: None,
+        }
+    }
+
+    pub(super) fn close(&self, code: u16, reason: &'static str) {
+        self.state
+            .send_modify(|s| s.membership = Membership::Closed { code, reason });
+    }
+}
+
+/// A room's state under its lock: its members and what its worker was sent
+/// (membership here; stamping, checkpoint, journal and restore in `recovery`).
+#[derive(Default)]
+pub(super) struct RoomState {
+    /// Connections registered for the room (joined or about to).
+    pub(super) conns: HashMap<ConnId, Member>,
+    /// Joins sent to the worker and not yet followed by a leave.
+    pub(super) joined: usize,
+    /// An `OpenRoom` was sent and no `CloseRoom` since.
+    pub(super) open: bool,
+    /// `CloseRoom`s sent and not yet confirmed by the worker.
+    pub(super) closing: usize,
+    /// The room is gone (closed after repeated crashes, or not restorable); the
+    /// entry is no longer in the map.
+    pub(super) lost: bool,
+    /// The worker's latest summary of the room (for the monitor).
+    pub(super) summary: Option<RoomSummary>,
+    /// What rebuilds the room if its worker fails.
+    pub(super) recovery: Recovery,
+}
