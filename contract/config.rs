@@ -18,12 +18,15 @@ use serde::{Deserialize, Serialize};
     about = "Real-time session server for collaborative whiteboards: a supervisor owning client connections and worker processes owning rooms"
 )]
 pub struct Cli {
+    /// A role other than the server, if one is named.
     #[command(subcommand)]
     pub mode: Option<Mode>,
+    /// The flags of the server, the default role.
     #[command(flatten)]
     pub serve: ServeArgs,
 }
 
+/// The roles the binary runs besides the server.
 #[derive(Debug, Subcommand)]
 pub enum Mode {
     /// Internal: run as a room worker for the supervisor that spawned this process.
@@ -191,10 +194,16 @@ pub enum WhenEmpty {
 pub struct AgonesSettings {
     /// The SDK server's port; `None`: the SDK's default (9357).
     pub sdk_port: Option<u16>,
+    /// What to do when the last room closes (`--agones-when-empty`).
     pub when_empty: WhenEmpty,
+    /// Past this, no more allocations, and shut down once empty.
     pub max_lifetime: Option<Duration>,
+    /// How long an allocation waits for its room, and an allocated server
+    /// stays empty, before it gives its place back (`--agones-empty-grace-ms`).
     pub empty_grace: Duration,
+    /// Between two `Health()` pings.
     pub health_interval: Duration,
+    /// How long start-up waits for the SDK server.
     pub connect_timeout: Duration,
 }
 
@@ -204,6 +213,7 @@ pub struct WorkerArgs {
     /// Name of the supervisor's local socket to connect to.
     #[arg(long)]
     pub ipc: String,
+    /// Slot of this worker in the supervisor's pool (for its logs).
     #[arg(long)]
     pub worker_id: u32,
 }
@@ -215,9 +225,13 @@ pub const WORKER_NONCE_ENV: &str = "SESSION_SERVER_WORKER_NONCE";
 /// Validated server configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Port to listen on (0: a free one).
     pub port: u16,
+    /// Address to listen on.
     pub bind: IpAddr,
+    /// Worker processes.
     pub workers: usize,
+    /// Most rooms one worker holds.
     pub rooms_per_worker: usize,
     /// Total rooms across all workers.
     pub max_rooms: usize,
@@ -228,13 +242,19 @@ pub struct Config {
     pub takeover_wait: Duration,
     /// Serve TLS with these files (re-read when they change).
     pub tls: Option<TlsFiles>,
+    /// How often the TLS files are checked for a change.
     pub tls_reload_check: Duration,
+    /// Verifies client tokens (HS256); generated in dev mode when none is given.
     pub jwt_secret: Secret,
+    /// Tokens must carry a `host` claim (a present one is checked either way).
     pub require_host_claim: bool,
+    /// Between pings to an idle client; silent for two, it is dropped.
     pub ping_interval: Duration,
     /// Least time between two messages to one member (`--max-snapshot-hz`).
     pub snapshot_spacing: Option<Duration>,
+    /// From the shutdown signal to exit, everything included.
     pub shutdown_grace: Duration,
+    /// What clients may do.
     pub limits: Limits,
     /// Development mode (see `--dev`).
     pub dev: bool,
@@ -252,8 +272,11 @@ const DEFAULT_ROOMS_PER_WORKER: usize = 100;
 /// Identity of the Hathora process, from the variables Hathora sets.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HathoraInfo {
+    /// `HATHORA_PROCESS_ID`.
     pub process_id: Option<String>,
+    /// `HATHORA_REGION`.
     pub region: Option<String>,
+    /// `HATHORA_APP_ID`.
     pub app_id: Option<String>,
 }
 
@@ -262,7 +285,9 @@ pub struct HathoraInfo {
 /// cgroup quota rounded up) and the Hathora process's identity.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Host {
+    /// CPUs this process may use: the default number of workers.
     pub cpus: usize,
+    /// The Hathora variables that are set.
     pub hathora: HathoraInfo,
 }
 
@@ -278,11 +303,18 @@ pub fn cpu_quota(text: &str) -> Option<f64> {
 /// Bounds on what clients may do (README, "Limits and security").
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
+    /// Open connections (HTTP and WebSocket) at once; more are closed at once.
     pub max_connections: usize,
+    /// Time a client has to send its HTTP request headers.
     pub handshake_timeout: Duration,
+    /// Largest client message; larger closes the connection with 1009.
     pub max_message_bytes: usize,
+    /// Client messages per second per connection (the token bucket's rate).
     pub rate_per_sec: u32,
+    /// Messages a client may send at once (the token bucket's size).
     pub rate_burst: u32,
+    /// Seconds in a row over 1.5× the rate before a client is closed with 1008
+    /// "Rate limit"; 0: never.
     pub rate_close_after: u32,
 }
 
@@ -296,14 +328,17 @@ pub const MIN_SECRET_BYTES: usize = 16;
 pub struct Secret(pub String);
 
 impl Secret {
+    /// The secret itself, for the code that signs or checks with it.
     pub fn as_str(&self) -> &str {
         &self.0
     }
 
+    /// Length in bytes (see [`MIN_SECRET_BYTES`]).
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
+    /// Empty: given, but counted as not set.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -326,7 +361,9 @@ impl std::str::FromStr for Secret {
 /// The PEM files of the server's TLS certificate chain and key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TlsFiles {
+    /// The certificate chain (`--tls-cert`).
     pub cert: PathBuf,
+    /// The private key (`--tls-key`).
     pub key: PathBuf,
 }
 
@@ -334,9 +371,17 @@ pub struct TlsFiles {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StoreConfig {
     /// The HTTP backend of PROTOCOL.md §5.
-    Backend { url: String, secret: Secret },
+    Backend {
+        /// `BACKEND_URL`, without a trailing `/`.
+        url: String,
+        /// `SESSION_SERVER_SECRET`, which signs the requests.
+        secret: Secret,
+    },
     /// The embedded SQLite store, one file.
-    Embedded { path: PathBuf },
+    Embedded {
+        /// The file: [`EMBEDDED_STORE_FILE`] in `--data-dir`.
+        path: PathBuf,
+    },
 }
 
 impl fmt::Display for StoreConfig {
@@ -353,60 +398,84 @@ impl fmt::Display for StoreConfig {
 /// The persistence policy, shared by every worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PersistSettings {
+    /// Where boards are kept.
     pub store: StoreConfig,
+    /// Save a room once it has been quiet this long after a shape change.
     pub debounce_ms: u64,
+    /// Save a room at the latest this long after its first unsaved change.
     pub max_wait_ms: u64,
+    /// How long members of a new room wait for its load before they are
+    /// admitted to a degraded room.
     pub load_wait_ms: u64,
     /// `--data-dir`: where shapes no store would take are written
     /// (`unsaved/`), with a backend too.
     pub data_dir: PathBuf,
-    /// The embedded store's file as the supervisor found it at start-up
-    /// (device, inode): workers refuse to save into another file at that path
-    /// (the folder was deleted or the file replaced). `None` with a backend.
+    /// The embedded store's file as the server's first worker opened it at
+    /// start-up (its [`Configured`](crate::ipc::FromWorker::Configured) answer):
+    /// later workers refuse to save into another file at that path (the folder
+    /// was deleted or the file replaced). `None` with a backend, and for the
+    /// first worker.
     pub store_identity: Option<FileIdentity>,
 }
 
-/// File name of the embedded store inside `--data-dir`.
 /// A file's identity, (device, inode): the embedded store's file is known by it,
 /// so that a worker never writes into another file at the same path.
 pub type FileIdentity = (u64, u64);
 
+/// File name of the embedded store inside `--data-dir`.
 pub const EMBEDDED_STORE_FILE: &str = "boards.sqlite3";
 
+/// A configuration the server cannot run with: start-up stops with its message,
+/// one line that says what to change.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConfigError {
+    /// No `JWT_SECRET`, outside dev mode.
     #[error("JWT_SECRET is required: set it to the secret the backend signs client tokens with")]
     MissingJwtSecret,
+    /// `--workers 0`.
     #[error("--workers must be at least 1")]
     NoWorkers,
+    /// No room per worker, or none in all.
     #[error("--rooms-per-worker and HATHORA_ROOMS_PER_PROCESS must be at least 1")]
     NoRooms,
+    /// A ping interval too short to measure an answer.
     #[error("--ping-interval-ms must be at least 10")]
     PingTooShort,
+    /// A takeover wait too short for a live connection to answer.
     #[error(
         "--takeover-wait-ms must be at least 10 (a live connection needs time to answer a ping)"
     )]
     TakeoverTooShort,
+    /// The named secret is shorter than [`MIN_SECRET_BYTES`], and
+    /// `--allow-weak-secret` is not set.
     #[error(
         "{0} is shorter than {MIN_SECRET_BYTES} bytes: use a long random secret (or --allow-weak-secret for development)"
     )]
     WeakSecret(&'static str),
+    /// A limit of 0 would refuse everything.
     #[error("the rate limit and the connection and message limits must be at least 1")]
     ZeroLimit,
+    /// A backend without the secret that signs requests to it.
     #[error(
         "SESSION_SERVER_SECRET is required when BACKEND_URL is set: it signs the requests to the backend"
     )]
     MissingBackendSecret,
+    /// A `BACKEND_URL` that is not HTTP(S) (the value given).
     #[error("BACKEND_URL must start with http:// or https://, got {0:?}")]
     BadBackendUrl(String),
+    /// A maximum wait before a save shorter than its debounce.
     #[error("--persist-max-wait-ms must be at least --persist-debounce-ms")]
     MaxWaitBelowDebounce,
+    /// Agones asked for, in a build without it.
     #[error(
         "--agones (or AGONES_SDK_GRPC_PORT) needs a build with the `agones` feature: cargo build --release --features agones (the container image has it)"
     )]
     AgonesNotBuilt,
+    /// A health interval too short to be useful.
     #[error("--agones-health-interval-ms must be at least 10")]
     AgonesHealthTooShort,
+    /// Dev mode with a real `JWT_SECRET` on an address other than loopback
+    /// (the address given).
     #[error(
         "dev mode with JWT_SECRET set listens only on loopback: --bind {0} would let anyone mint tokens that verify under that secret (unset JWT_SECRET, or drop --dev)"
     )]

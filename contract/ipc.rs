@@ -83,83 +83,134 @@ impl fmt::Display for WorkerId {
 /// a mismatched peer can still decode it and refuse with a clear error.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ToWorker {
+    /// The supervisor's half of the handshake, first on a new socket; answered
+    /// by [`FromWorker::Hello`].
     Hello {
+        /// The supervisor's [`IPC_VERSION`]; a worker with another refuses to run.
         ipc_version: u32,
+        /// The slot the process fills.
         worker_id: WorkerId,
     },
     /// Create the room's state. `id_seed` is random per room instance; with the
     /// frame sequence numbers it makes shape ids unique and reproducible on replay.
-    OpenRoom { room: RoomId, id_seed: u64 },
+    OpenRoom {
+        /// The room to create (or keep, if it is closing).
+        room: RoomId,
+        /// Seed of this room instance's shape ids.
+        id_seed: u64,
+    },
     /// A room event, stamped by the supervisor.
     Event(Stamped),
     /// Every member has left: save the room if needed, then free it. Answered by
     /// `RoomClosed`, or by `CloseCancelled` if an `OpenRoom` comes first.
-    CloseRoom { room: RoomId },
+    CloseRoom {
+        /// The room nobody is in any more.
+        room: RoomId,
+    },
     /// Sent once, right after a successful hello: how to persist rooms. Answered
     /// by [`FromWorker::Configured`] or [`FromWorker::StoreUnusable`].
     Configure(crate::config::PersistSettings),
     /// The server is stopping: save every room with unsaved changes within
     /// `grace_ms`, then answer `Drained`.
-    Drain { grace_ms: u64 },
+    Drain {
+        /// Time the saves may take, from this frame's arrival.
+        grace_ms: u64,
+    },
     /// Re-create a room lost with a failed worker: from `image` (a checkpoint this
     /// worker type produced) if there is one, else from the store. The room's
     /// journal (events after the checkpoint) follows as ordinary `Event`s.
     RestoreRoom {
+        /// The lost room.
         room: RoomId,
+        /// The seed of its `OpenRoom`, so replayed events get the same shape ids.
         id_seed: u64,
+        /// Its latest [`FromWorker::Checkpoint`], if it had one.
         image: Option<Vec<u8>>,
     },
     /// Answer `Synced` once every frame sent before this one for the room has
     /// been applied (used to attribute a crash to the room being restored).
-    Sync { room: RoomId, token: u64 },
+    Sync {
+        /// The room whose earlier frames must be applied first.
+        room: RoomId,
+        /// Returned in the answer, to match it to this request.
+        token: u64,
+    },
     /// Send a `Checkpoint` of the room now (its journal is getting long).
-    CheckpointRequest { room: RoomId },
+    CheckpointRequest {
+        /// The room whose journal is long.
+        room: RoomId,
+    },
 }
 
 /// A room event with everything the worker needs to apply it deterministically:
 /// the room's state is a pure function of its `OpenRoom` and its stamped events.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Stamped {
+    /// The room the event happens in.
     pub room: RoomId,
     /// Per-room sequence number, strictly increasing in the order frames are sent.
     pub seq: u64,
     /// Wall-clock time of the event, milliseconds since the Unix epoch.
     pub time_ms: i64,
+    /// What happened.
     pub event: RoomEvent,
 }
 
+/// What happens to a room: a connection joins or leaves, or a member sends a
+/// frame. A room's state changes by these alone.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum RoomEvent {
     /// An authenticated connection asks to join. `v2`: it speaks protocol v2
     /// (PROTOCOL-v2.md), so the room records ops while it is a member.
     Join {
+        /// The connection asking.
         conn: ConnId,
+        /// The `userId` claim of its token.
         user_id: String,
+        /// It negotiated the v2 subprotocol.
         v2: bool,
     },
     /// The connection has closed (whether or not it was admitted).
-    Leave { conn: ConnId },
+    Leave {
+        /// The closed connection.
+        conn: ConnId,
+    },
     /// A text frame from the client, uninterpreted by the supervisor.
-    Message { conn: ConnId, text: String },
+    Message {
+        /// The connection it came on.
+        conn: ConnId,
+        /// The frame, as the client sent it.
+        text: String,
+    },
 }
 
 /// Worker -> supervisor. `Hello` first, as for [`ToWorker`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum FromWorker {
+    /// The worker's half of the handshake, answering [`ToWorker::Hello`].
     Hello {
+        /// The worker's [`IPC_VERSION`]; the supervisor refuses another.
         ipc_version: u32,
+        /// The worker's process id, as it sees it.
         pid: u32,
         /// The nonce the supervisor passed in the worker's environment, proving the
         /// peer on the socket is the process it spawned.
         nonce: u64,
     },
+    /// The connection is a member now; the room's next snapshot shows it.
     JoinAccepted {
+        /// The room joined.
         room: RoomId,
+        /// The connection admitted.
         conn: ConnId,
     },
+    /// The connection may not join: the supervisor closes it with 1008.
     JoinRejected {
+        /// The room refused.
         room: RoomId,
+        /// The connection refused.
         conn: ConnId,
+        /// Why, which gives the close reason.
         reason: JoinRejection,
     },
     /// The room's full snapshot, encoded once as the JSON text every member gets,
@@ -168,69 +219,90 @@ pub enum FromWorker {
     /// is no previous snapshot they apply to (a new or restored room, stored
     /// shapes merged, too many ops): v2 members then need this snapshot.
     Snapshot {
+        /// The room shown.
         room: RoomId,
+        /// The v1 snapshot (PROTOCOL.md §4).
         json: String,
+        /// The v2 ops since the previous snapshot, if they cover every change.
         ops: Option<String>,
     },
     /// The room has been freed after a `CloseRoom`.
     RoomClosed {
+        /// The room freed.
         room: RoomId,
     },
     /// The room's shapes up to and including frame `seq` are in the store.
     Saved {
+        /// The room saved.
         room: RoomId,
+        /// The last frame the save covers.
         seq: u64,
     },
     /// A `CloseRoom` was overtaken by an `OpenRoom`: the room stays.
     CloseCancelled {
+        /// The room kept.
         room: RoomId,
     },
     /// Answer to `Drain`: rooms saved meanwhile, and rooms left with unsaved changes.
     Drained {
+        /// Saves that succeeded since the `Drain`.
         saved: u32,
+        /// Rooms still holding changes the store does not have, sorted.
         unsaved: Vec<RoomId>,
     },
     /// The room's full state as of frame `seq`, opaque to the supervisor: with the
     /// events after `seq` it rebuilds the room exactly on another worker.
     Checkpoint {
+        /// The room it captures.
         room: RoomId,
+        /// The last frame the image includes.
         seq: u64,
+        /// The encoded state, for [`ToWorker::RestoreRoom`].
         image: Vec<u8>,
     },
     /// Answer to `Sync`.
     Synced {
+        /// The room of the `Sync`.
         room: RoomId,
+        /// The `Sync`'s token.
         token: u64,
     },
     /// Counts since the previous `Stats`: valid client frames by `type`, and
     /// ignored ones by reason.
     Stats {
+        /// Valid client frames, by `type`.
         frames: Vec<(String, u64)>,
+        /// Ignored client frames, by reason.
         ignored: Vec<(String, u64)>,
         /// Every room the worker holds, for the room monitor.
         rooms: Vec<RoomSummary>,
     },
     /// A save attempt ended.
     SaveFinished {
+        /// How it ended.
         outcome: SaveResult,
         /// The room's previous save attempt had failed.
         retry: bool,
+        /// How long it took, in microseconds.
         micros: u64,
     },
     /// The room's stored board cannot be read (it is not a list of shapes): the
     /// worker has freed the room; its members are closed with 1011.
     RoomFailed {
+        /// The room freed.
         room: RoomId,
     },
     /// The answer to [`ToWorker::Configure`]: the worker opened the store. For
     /// the embedded store, the file's identity (device, inode): the first worker
     /// creates the file, every later one must find this one.
     Configured {
+        /// The embedded store's file; `None` with a backend.
         store_identity: Option<crate::config::FileIdentity>,
     },
     /// The other answer to [`ToWorker::Configure`]: the store cannot be used
     /// (say why); the worker exits, and at start-up the server does not start.
     StoreUnusable {
+        /// Why, with its causes, for the log and the start-up error.
         error: String,
     },
 }
@@ -238,8 +310,11 @@ pub enum FromWorker {
 /// A room as the monitor shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoomSummary {
+    /// The room shown.
     pub room: RoomId,
+    /// Connections admitted.
     pub members: u32,
+    /// Shapes on the board.
     pub shapes: u32,
     /// Shape changes not yet in the store.
     pub unsaved: bool,
@@ -247,15 +322,20 @@ pub struct RoomSummary {
     pub last_save_ms: Option<i64>,
 }
 
+/// How a save attempt ended, for the supervisor's metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum SaveResult {
+    /// The shapes are in the store.
     Ok,
+    /// The store refused or could not be reached; the room stays unsaved and
+    /// the save is retried.
     Failed,
     /// The backend has no board for the room yet.
     NoBoard,
 }
 
 impl SaveResult {
+    /// Label for metrics.
     pub fn label(self) -> &'static str {
         match self {
             SaveResult::Ok => "ok",
@@ -268,7 +348,10 @@ impl SaveResult {
 /// Why a join was refused; the supervisor closes the connection with code 1008.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JoinRejection {
+    /// The room has [`MAX_MEMBERS_PER_ROOM`](crate::protocol::MAX_MEMBERS_PER_ROOM)
+    /// members already.
     RoomFull,
+    /// A member of the room has the same `userId`.
     DuplicateUser,
 }
 
@@ -282,12 +365,17 @@ impl JoinRejection {
     }
 }
 
+/// Why frames could not be sent or read: the IPC link cannot go on.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
+    /// A body over [`MAX_FRAME_LEN`] bytes (its length given): corruption, or a
+    /// message no peer would accept.
     #[error("IPC frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
     TooLarge(usize),
+    /// A body that is not one message of the expected type, exactly.
     #[error("malformed IPC frame: {0}")]
     Malformed(#[from] postcard::Error),
+    /// The socket failed (raised by the transport that carries the frames).
     #[error("IPC socket: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -9,6 +9,8 @@
 //!   length-prefixed `postcard` encoding;
 //! - [`config`]: the command line and environment, validated into settings.
 
+#![deny(missing_docs)]
+
 pub mod config;
 pub mod ipc;
 pub mod protocol;

@@ -19,9 +19,16 @@ pub const CLOSE_INTERNAL_ERROR: u16 = 1011;
 /// was replaced by a newer connection of the same user.
 pub const CLOSE_REPLACED: u16 = 4000;
 
+/// Close reason (with [`CLOSE_POLICY`]) for a join past [`MAX_MEMBERS_PER_ROOM`].
 pub const REASON_ROOM_FULL: &str = "Room is full";
+/// Close reason (with [`CLOSE_POLICY`]) for a join of a user already in the
+/// room on a connection that still answers (a second tab); the member stays.
 pub const REASON_DUPLICATE_USER: &str = "Duplicate user";
+/// Close reason (with [`CLOSE_POLICY`]) for a client that keeps sending over its
+/// rate (`--rate-limit-close-after-secs`).
 pub const REASON_RATE_LIMIT: &str = "Rate limit";
+/// Close reason (with [`CLOSE_REPLACED`]) for a silent connection whose user
+/// joined again: the new connection takes its place.
 pub const REASON_REPLACED: &str = "Replaced by a new connection";
 /// Close reason (with [`CLOSE_INTERNAL_ERROR`]) when a room's stored board cannot
 /// be parsed: starting empty would overwrite it at the next save.
@@ -48,21 +55,31 @@ pub const MAX_SHAPE_JSON_BYTES: usize = 12 * 1024;
 pub const MAX_SNAPSHOT_BYTES: usize =
     MAX_SHAPES_PER_ROOM * MAX_SHAPE_JSON_BYTES + 2 * MAX_MEMBERS_PER_ROOM * 1024 + 256 * 1024;
 
+/// `fill` of a shape created without one (absent or empty, as the reference's
+/// `fill || default`).
 pub const DEFAULT_FILL: &str = "#3b82f6";
+/// `stroke` of a shape created without one (absent or empty).
 pub const DEFAULT_STROKE: &str = "#1d4ed8";
 
 /// The shape types clients draw; any other `shapeType` is invalid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ShapeType {
+    /// `"rectangle"`.
     Rectangle,
+    /// `"oval"`.
     Oval,
+    /// `"text"`.
     Text,
+    /// `"line"`.
     Line,
+    /// `"arrow"`.
     Arrow,
 }
 
 impl ShapeType {
+    /// The name on the wire: `shapeType` in a `shape_create`, `type` in a
+    /// snapshot's and a store's shapes.
     pub fn as_str(self) -> &'static str {
         match self {
             ShapeType::Rectangle => "rectangle",
@@ -83,26 +100,49 @@ impl ShapeType {
     rename_all_fields = "camelCase"
 )]
 pub enum ClientMessage {
+    /// `cursor_move`: the sender's pointer moved. Changes only its cursor
+    /// (never saved).
     CursorMove {
+        /// Horizontal position on the board.
         x: f64,
+        /// Vertical position on the board.
         y: f64,
     },
+    /// `shape_create`: a new shape at the end of the room's list; the server
+    /// gives it its `id`, `userId`, `timestamp`, and `rotation` 0. Ignored past
+    /// [`MAX_SHAPES_PER_ROOM`].
     ShapeCreate {
+        /// `shapeType`: what to draw.
         shape_type: ShapeType,
+        /// Horizontal position on the board.
         x: f64,
+        /// Vertical position on the board.
         y: f64,
+        /// Horizontal size.
         width: f64,
+        /// Vertical size.
         height: f64,
+        /// The shape's text, at most [`MAX_TEXT_BYTES`].
         text: Option<String>,
+        /// Fill colour (CSS), at most [`MAX_COLOUR_BYTES`]; absent or empty:
+        /// [`DEFAULT_FILL`].
         fill: Option<String>,
+        /// Outline colour (CSS), at most [`MAX_COLOUR_BYTES`]; absent or empty:
+        /// [`DEFAULT_STROKE`].
         stroke: Option<String>,
     },
+    /// `shape_update`: changes the fields present in one shape (any member may
+    /// edit any shape) and refreshes its `timestamp`.
     ShapeUpdate {
+        /// `shapeId`: the shape to change; an unknown one is ignored.
         shape_id: String,
+        /// The fields to change, beside `shapeId` at the message's top level.
         #[serde(flatten)]
         changes: ShapeChanges,
     },
+    /// `shape_delete`: removes one shape.
     ShapeDelete {
+        /// `shapeId`: the shape to remove; an unknown one is ignored.
         shape_id: String,
     },
 }
@@ -110,13 +150,21 @@ pub enum ClientMessage {
 /// The fields a `shape_update` may carry; only those present change.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct ShapeChanges {
+    /// New horizontal position.
     pub x: Option<f64>,
+    /// New vertical position.
     pub y: Option<f64>,
+    /// New horizontal size.
     pub width: Option<f64>,
+    /// New vertical size.
     pub height: Option<f64>,
+    /// New rotation (0 when created).
     pub rotation: Option<f64>,
+    /// New text, at most [`MAX_TEXT_BYTES`].
     pub text: Option<String>,
+    /// New fill colour, at most [`MAX_COLOUR_BYTES`].
     pub fill: Option<String>,
+    /// New outline colour, at most [`MAX_COLOUR_BYTES`].
     pub stroke: Option<String>,
 }
 
@@ -124,12 +172,17 @@ pub struct ShapeChanges {
 /// existing clients parse every server message as a snapshot).
 #[derive(Debug, thiserror::Error)]
 pub enum InvalidMessage {
+    /// Not JSON, or not one of the messages: an unknown `type` or `shapeType`,
+    /// a field missing or of the wrong type.
     #[error("not a valid message: {0}")]
     Malformed(#[from] serde_json::Error),
+    /// A number that is infinite or NaN.
     #[error("number is not finite")]
     NotFinite,
+    /// A number whose magnitude is over [`MAX_COORDINATE`].
     #[error("number beyond ±{MAX_COORDINATE}")]
     OutOfRange,
+    /// A string over its limit: `shapeId`, `text` or `colour`, as named.
     #[error("{0} is too long")]
     TooLong(&'static str),
 }
@@ -435,12 +488,14 @@ pub mod v2 {
         /// The room as a v1 snapshot would show it (`None` before the first
         /// snapshot and while waiting for one after a gap).
         pub state: Option<Value>,
+        /// `seq` of the last message applied.
         pub last_seq: u64,
     }
 
     /// What a client should do after a message.
     #[derive(Debug, PartialEq)]
     pub enum Applied {
+        /// Applied: the replica shows the room as of this message.
         Ok,
         /// A gap or an op that does not fit: send `{"type":"resync"}` (once)
         /// and wait for a snapshot.

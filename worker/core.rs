@@ -1,5 +1,5 @@
 //! The worker's logic without its socket: rooms, their loads and saves, and the
-//! replies they produce. The IPC loop (`mod.rs`) feeds it frames, store results
+//! replies they produce. The IPC loop (`lib.rs`) feeds it frames, store results
 //! and clock ticks, and sends what it outputs; tests drive it the same way with a
 //! fake store and a paused clock.
 
@@ -35,13 +35,20 @@ const MAX_LOGGED_IDS: usize = 20;
 /// The outcome of a store task, sent back to the loop.
 #[derive(Debug)]
 pub enum StoreResult {
+    /// A board load ended.
     Loaded {
+        /// The room it was for.
         room: RoomId,
+        /// The room instance that started it: a result for a freed one is dropped.
         instance: u64,
+        /// The board, or why not.
         result: Result<LoadedBoard, StoreError>,
     },
+    /// A save ended.
     Saved {
+        /// The room it was for.
         room: RoomId,
+        /// The room instance that started it: a result for a freed one is dropped.
         instance: u64,
         /// Last frame covered by the save.
         seq: u64,
@@ -49,7 +56,9 @@ pub enum StoreResult {
         image: Vec<u8>,
         /// The previous attempt had failed.
         retry: bool,
+        /// How long the store took.
         took: Duration,
+        /// What the store did, or why it failed.
         result: Result<SaveOutcome, StoreError>,
     },
 }
@@ -158,6 +167,15 @@ struct Drain {
     answered: bool,
 }
 
+/// Everything a worker holds, driven from outside: its rooms ([`Room`]s), the
+/// loads, saves and snapshots they wait for, and the replies to send. The IPC
+/// loop hands it frames ([`handle`](Self::handle)), store results
+/// ([`on_result`](Self::on_result)) and the time ([`tick`](Self::tick)), and
+/// sends what [`take_output`](Self::take_output) and
+/// [`take_stats`](Self::take_stats) return. Loads and saves run as tasks on the
+/// store and report back through the channel given to [`new`](Self::new).
+/// Instants come from the caller, so tests drive it on a paused clock with a
+/// fake store.
 pub struct WorkerCore {
     store: Arc<dyn BoardStore>,
     policy: Policy,
@@ -180,6 +198,9 @@ pub struct WorkerCore {
 }
 
 impl WorkerCore {
+    /// A worker with no rooms, saving to `store` as `settings` say; store tasks
+    /// send their results to `results`, for the loop to pass to
+    /// [`on_result`](Self::on_result).
     pub fn new(
         store: Arc<dyn BoardStore>,
         settings: &PersistSettings,
@@ -205,10 +226,15 @@ impl WorkerCore {
         }
     }
 
+    /// Rooms held, loading and closing ones included.
     pub fn room_count(&self) -> usize {
         self.rooms.len()
     }
 
+    /// Acts on one frame from the supervisor: opens, restores, closes or
+    /// checkpoints a room, applies an event (held while the room's board
+    /// loads), answers a `Sync`, starts a drain. Replies wait for
+    /// [`take_output`](Self::take_output).
     pub fn handle(&mut self, frame: ToWorker, now: Instant) {
         match frame {
             ToWorker::Hello { .. } | ToWorker::Configure(_) => {
@@ -440,6 +466,10 @@ impl WorkerCore {
         }
     }
 
+    /// Takes in a finished load or save: a loaded board is merged and the held
+    /// events applied (an unreadable one fails the room); a successful save
+    /// marks the room clean and sends its checkpoint; a failure is retried
+    /// after a backoff. Results for a room freed since are dropped.
     pub fn on_result(&mut self, result: StoreResult, now: Instant) {
         match result {
             StoreResult::Loaded {
@@ -752,7 +782,7 @@ impl WorkerCore {
 
     /// The replies since the last call, then one snapshot per changed room
     /// (a busy big room's snapshot may be held until its spacing has passed; see
-    /// [`DELIVERIES_PER_ROOM_PER_SEC`]).
+    /// `DELIVERIES_PER_ROOM_PER_SEC`).
     pub fn take_output(&mut self, now: Instant) -> Vec<FromWorker> {
         let mut out = std::mem::take(&mut self.replies);
         let mut held = Vec::new();

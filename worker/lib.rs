@@ -3,6 +3,8 @@
 //! them, and answers with join verdicts and snapshots. It exits when the socket
 //! closes, so it never outlives its supervisor.
 
+#![deny(missing_docs)]
+
 pub mod core;
 pub mod persist;
 pub mod room;
@@ -45,7 +47,10 @@ const STATS_EVERY: Duration = Duration::from_secs(1);
 /// may hold a full snapshot of every changed room.
 const OUTPUT_QUEUE: usize = 4;
 
-/// Entry point of `session-server worker`.
+/// Entry point of `session-server worker`: [`run`] on a single-threaded
+/// runtime. Returns once the supervisor's socket has closed and what was unsaved
+/// has been saved (or its time is up); an error (a failed handshake, an unusable
+/// store, a broken link) is the process's failure.
 pub fn main(args: WorkerArgs) -> anyhow::Result<()> {
     // One thread per worker: workers are the unit of parallelism. (The embedded
     // store's blocking calls run on tokio's blocking pool.)
@@ -58,6 +63,10 @@ pub fn main(args: WorkerArgs) -> anyhow::Result<()> {
 type Reader = FramedRead<IpcReader, IpcCodec<ToWorker, FromWorker>>;
 type Writer = FramedWrite<IpcWriter, IpcCodec<ToWorker, FromWorker>>;
 
+/// The worker itself: ignores the stop signals (the supervisor decides), takes
+/// its handshake nonce from [`WORKER_NONCE_ENV`], connects to the supervisor's
+/// socket named in `args`, opens the store it is configured with, then applies
+/// frames until the socket closes.
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     // First of all, so a signal sent to the whole process group during start-up
     // cannot kill a worker either.

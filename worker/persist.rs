@@ -12,15 +12,22 @@ use tokio::time::Instant;
 
 /// First retry delay after a failed save, doubled per failure up to the cap.
 pub const SAVE_RETRY_MIN: Duration = Duration::from_millis(500);
+/// Longest wait between save retries: a store that is back is used within this.
 pub const SAVE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Load retries start fast, so a short backend hiccup only delays the first
 /// snapshot a little, and stay frequent while members wait.
 pub const LOAD_RETRY_MIN: Duration = Duration::from_millis(250);
+/// Longest wait between load retries: a degraded room gets its stored shapes
+/// soon after the store is back.
 pub const LOAD_RETRY_MAX: Duration = Duration::from_secs(2);
 
+/// When saves are due, shared by a worker's rooms (`--persist-debounce-ms`,
+/// `--persist-max-wait-ms`).
 #[derive(Clone, Copy, Debug)]
 pub struct Policy {
+    /// Quiet time after a shape change before a save.
     pub debounce: Duration,
+    /// Longest a change stays unsaved while changes keep coming.
     pub max_wait: Duration,
 }
 

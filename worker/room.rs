@@ -31,14 +31,19 @@ pub enum Effect {
     Ignored(Ignored),
 }
 
+/// Why an event changed nothing: logged and counted by its
+/// [`reason`](Self::reason), never sent to the client.
 #[derive(Debug)]
 pub enum Ignored {
     /// A frame or leave from a connection that is not a member (refused or gone).
     NotAMember,
+    /// The frame does not parse or breaks a limit.
     Invalid(InvalidMessage),
+    /// An update or delete of a shape the room does not have.
     UnknownShape,
-    /// An update to a stored shape kept verbatim (see [`Shape`]).
+    /// An update to a stored shape kept verbatim (see `Shape`).
     OpaqueShape,
+    /// A create in a room that has [`MAX_SHAPES_PER_ROOM`] shapes.
     ShapeLimit,
     /// The shape's JSON would exceed [`MAX_SHAPE_JSON_BYTES`] (escapes included).
     ShapeTooBig,
@@ -84,11 +89,15 @@ pub struct Merged {
 /// A room's whole state (see [`Room::image`]).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RoomImage {
+    /// The room instance's seed of shape ids.
     pub id_seed: u64,
+    /// The last event applied.
     pub last_seq: u64,
     /// (connection, user, speaks v2)
     pub members: Vec<(ConnId, String, bool)>,
+    /// (user, x, y, time in ms since the Unix epoch), in first-move order.
     pub cursors: Vec<(String, f64, f64, i64)>,
+    /// The shapes, as the JSON array the store keeps.
     pub shapes_json: String,
 }
 
@@ -154,6 +163,11 @@ struct ShapeFields {
     stroke: String,
 }
 
+/// One room's members, cursors and shapes, each kept with its JSON (so a
+/// snapshot re-encodes only what changed), and the v2 ops since the last
+/// publish. Changed only by [`apply`](Self::apply) and
+/// [`merge_stored`](Self::merge_stored); a checkpoint holds its
+/// [`image`](Self::image).
 pub struct Room {
     id: RoomId,
     id_seed: u64,
@@ -184,6 +198,8 @@ pub struct Room {
 const MAX_OPS_BYTES: usize = 256 * 1024;
 
 impl Room {
+    /// An empty room; `id_seed` (random per room instance) starts the id of
+    /// every shape it creates.
     pub fn new(id: RoomId, id_seed: u64) -> Room {
         Room {
             id,
@@ -300,18 +316,22 @@ impl Room {
         out.push(']');
     }
 
+    /// Shapes on the board.
     pub fn shape_count(&self) -> usize {
         self.shapes.len()
     }
 
+    /// Which room this is.
     pub fn id(&self) -> &RoomId {
         &self.id
     }
 
+    /// Connections admitted.
     pub fn member_count(&self) -> usize {
         self.members.len()
     }
 
+    /// Applies an event (see [`apply_counted`](Self::apply_counted)).
     pub fn apply(&mut self, stamped: &Stamped) -> Effect {
         self.apply_counted(stamped).0
     }

@@ -27,6 +27,8 @@ const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
+/// A client of the backend: one connection pool, and a fresh bearer token
+/// signed for each request.
 pub struct HttpStore {
     client: reqwest::Client,
     base: String,
@@ -34,6 +36,8 @@ pub struct HttpStore {
 }
 
 impl HttpStore {
+    /// A client of the backend at `base` (a trailing `/` dropped), signing
+    /// with `secret`; fails only if the HTTP client cannot be built.
     pub fn new(base: &str, secret: &str) -> anyhow::Result<HttpStore> {
         // reqwest is built without a bundled crypto provider; use ring's.
         let _ = rustls::crypto::ring::default_provider().install_default();

@@ -29,23 +29,38 @@ pub struct LoadedBoard {
 /// What a save did.
 #[derive(Debug, PartialEq)]
 pub enum SaveOutcome {
+    /// The shapes are in the store.
     Saved {
+        /// The board written, kept for the room's next saves.
         board: BoardId,
     },
     /// There is still no board for the room: nothing was written.
     NoBoard,
 }
 
+/// Why a load or a save failed. The worker retries every kind but
+/// [`Malformed`](Self::Malformed), which no retry can fix.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The backend could not be reached, or did not answer in time.
     #[error("backend request failed: {0}")]
     Request(#[from] reqwest::Error),
+    /// The backend answered with an error status.
     #[error("backend answered {status} to {what}")]
-    Status { status: u16, what: &'static str },
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The request: `the board lookup` or `the board save`.
+        what: &'static str,
+    },
+    /// The stored board is not a list of shapes (what is wrong with it).
     #[error("backend sent a malformed board: {0}")]
     Malformed(String),
+    /// The embedded store's database failed.
     #[error("embedded store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The embedded store's blocking task did not finish (it panicked, or the
+    /// runtime stopped).
     #[error("embedded store task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
     /// The embedded store's file is not the one the server started with (its
@@ -66,6 +81,8 @@ impl StoreError {
 /// A place boards are loaded from and saved to. Futures are `'static` so a
 /// worker can run them as tasks beside its frame loop.
 pub trait BoardStore: Send + Sync {
+    /// Reads the room's board: its id and shapes, or no board (start empty).
+    /// A board that cannot be parsed is [`StoreError::Malformed`], never empty.
     fn load(&self, room: RoomId) -> BoxFuture<'static, Result<LoadedBoard, StoreError>>;
 
     /// Writes `shapes_json` (a JSON array) as the room's shapes. `board` is the id

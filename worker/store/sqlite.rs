@@ -16,6 +16,8 @@ use contract::ipc::RoomId;
 /// How long a write waits for another process's write to finish.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A handle on the embedded store: one connection, used on the blocking pool,
+/// and the identity the file must have (checked before every load and save).
 pub struct SqliteStore {
     /// `None` until the file could be opened (a worker never creates it).
     conn: Arc<Mutex<Option<Connection>>>,
