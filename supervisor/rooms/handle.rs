@@ -245,11 +245,7 @@ mod tests {
     async fn a_silent_holder_of_the_user_is_replaced_in_one_step() {
         let (registry, mut frames) = registry(1, 1, 1);
         let rx = &mut frames[0];
-        let (old_tx, old_rx) = commands();
-        let handle = registry
-            .register(&room("a"), ConnId(1), "u".into(), old_tx)
-            .unwrap();
-        handle.join(ConnId(1), None).await.unwrap();
+        let (handle, old_rx) = joined(&registry, "a", 1).await;
         let (new_tx, _new_rx) = commands();
         registry
             .register(&room("a"), ConnId(2), "u".into(), new_tx)

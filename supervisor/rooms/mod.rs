@@ -198,11 +198,7 @@ impl Registry {
 
     /// The room placed as `room` on `worker`, if it is.
     fn on_worker(&self, room: &RoomId, worker: WorkerId) -> Option<Arc<RoomEntry>> {
-        lock(&self.table)
-            .rooms
-            .get(room)
-            .filter(|e| e.worker == worker)
-            .cloned()
+        lock(&self.table).on_worker(room, worker)
     }
 
     /// Whether `room` is placed on `worker`.
@@ -258,12 +254,9 @@ impl Registry {
     /// stays because it was reopened first (`CloseCancelled`).
     pub fn close_resolved(&self, room: &RoomId, worker: WorkerId) {
         let mut table = lock(&self.table);
-        let Some(entry) = table.rooms.get(room).cloned() else {
+        let Some(entry) = table.on_worker(room, worker) else {
             return;
         };
-        if entry.worker != worker {
-            return;
-        }
         let mut state = lock(&entry.state);
         state.closing = state.closing.saturating_sub(1);
         table.remove_if_done(&entry, &state);
@@ -325,6 +318,15 @@ impl Registry {
 }
 
 impl Table {
+    /// The room named `room` if it is placed on `worker`: a worker's message
+    /// about a room it no longer holds (placed elsewhere since) is ignored.
+    fn on_worker(&self, room: &RoomId, worker: WorkerId) -> Option<Arc<RoomEntry>> {
+        self.rooms
+            .get(room)
+            .filter(|entry| entry.worker == worker)
+            .cloned()
+    }
+
     /// Closes every connection of a room with 1011 and forgets the room.
     fn close_room(&mut self, entry: &Arc<RoomEntry>, state: &mut RoomState, reason: &'static str) {
         state.lost = true;
@@ -417,10 +419,7 @@ mod tests {
     async fn lifecycle_frames_are_ordered_and_room_freed_after_confirmation() {
         let (registry, mut frames) = registry(1, 1, 100);
         let rx = &mut frames[0];
-        let handle = registry
-            .register(&room("a"), ConnId(1), "u".into(), commands().0)
-            .unwrap();
-        handle.join(ConnId(1), None).await.unwrap();
+        let (handle, _) = joined(&registry, "a", 1).await;
         handle.forward(ConnId(1), "hi".into()).await.unwrap();
         handle.leave(ConnId(1)).await;
 

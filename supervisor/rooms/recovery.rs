@@ -77,12 +77,9 @@ impl Registry {
     /// it: its members are closed with 1011 and the room is forgotten.
     pub fn room_failed(&self, room: &RoomId, worker: WorkerId) {
         let mut table = lock(&self.table);
-        let Some(entry) = table.rooms.get(room).cloned() else {
+        let Some(entry) = table.on_worker(room, worker) else {
             return;
         };
-        if entry.worker != worker {
-            return;
-        }
         let mut state = lock(&entry.state);
         table.close_room(
             &entry,
@@ -301,15 +298,8 @@ mod tests {
     #[tokio::test]
     async fn a_room_blamed_for_three_crashes_is_closed_alone() {
         let (registry, _frames) = registry(1, 2, 2);
-        let (ctx, crx) = commands();
-        let poison = registry
-            .register(&room("p"), ConnId(1), "u".into(), ctx)
-            .unwrap();
-        poison.join(ConnId(1), None).await.unwrap();
-        let other = registry
-            .register(&room("o"), ConnId(2), "u".into(), commands().0)
-            .unwrap();
-        other.join(ConnId(2), None).await.unwrap();
+        let (_poison, crx) = joined(&registry, "p", 1).await;
+        let (_other, _) = joined(&registry, "o", 2).await;
         assert!(!registry.blame(&room("p")));
         assert!(!registry.blame(&room("p")));
         // Blamed rooms are restored after the others.
@@ -332,10 +322,7 @@ mod tests {
     #[tokio::test]
     async fn a_rejoin_during_a_restore_keeps_the_checkpoint() {
         let (registry, _frames) = registry(1, 1, 1);
-        let handle = registry
-            .register(&room("a"), ConnId(1), "u".into(), commands().0)
-            .unwrap();
-        handle.join(ConnId(1), None).await.unwrap();
+        let (handle, _) = joined(&registry, "a", 1).await;
         registry.checkpoint(&room("a"), WorkerId(0), 1, b"image@1".to_vec());
         registry.worker_failed(WorkerId(0));
         registry
@@ -360,11 +347,7 @@ mod tests {
     #[tokio::test]
     async fn a_journal_overflowing_during_a_restore_closes_the_room() {
         let (registry, _frames) = registry(1, 1, 1);
-        let (ctx, crx) = commands();
-        let handle = registry
-            .register(&room("a"), ConnId(1), "u".into(), ctx)
-            .unwrap();
-        handle.join(ConnId(1), None).await.unwrap();
+        let (handle, crx) = joined(&registry, "a", 1).await;
         registry.worker_failed(WorkerId(0));
         let big = format!(
             r#"{{"type":"shape_create","shapeType":"text","x":0,"y":0,"width":1,"height":1,"text":"{}"}}"#,

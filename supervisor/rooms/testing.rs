@@ -2,8 +2,8 @@
 
 use tokio::sync::{mpsc, watch};
 
-use super::{ConnState, ConnStateSender, Registry};
-use contract::ipc::{RoomId, ToWorker};
+use super::{ConnState, ConnStateSender, Registry, RoomHandle};
+use contract::ipc::{ConnId, RoomId, ToWorker};
 
 pub fn room(name: &str) -> RoomId {
     RoomId(name.into())
@@ -33,4 +33,19 @@ pub fn events(frames: &[ToWorker]) -> Vec<u64> {
             _ => None,
         })
         .collect()
+}
+
+/// `conn` (user "u") registered in the room `name` and its join stamped: the
+/// room's handle and the connection's state.
+pub async fn joined(
+    registry: &Registry,
+    name: &str,
+    conn: u64,
+) -> (RoomHandle, watch::Receiver<ConnState>) {
+    let (tx, rx) = commands();
+    let handle = registry
+        .register(&room(name), ConnId(conn), "u".into(), tx)
+        .unwrap();
+    handle.join(ConnId(conn), None).await.unwrap();
+    (handle, rx)
 }
