@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{debug, info, warn};
 
+use super::metrics::Rejection;
 use super::rooms::ConnState;
 use super::{Shared, session, websocket};
 use contract::ipc::ConnId;
@@ -228,7 +229,7 @@ fn token_param(req: &Request<Incoming>) -> Option<String> {
 
 fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     if !is_websocket_upgrade(&req) {
-        shared.metrics.reject("not_websocket");
+        shared.metrics.reject(Rejection::NotWebsocket);
         let mut res = text(
             StatusCode::UPGRADE_REQUIRED,
             "this endpoint takes WebSocket connections: ws://HOST/?token=JWT\n",
@@ -238,14 +239,14 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         return res;
     }
     if shared.shutdown.is_stopping() {
-        shared.metrics.reject("draining");
+        shared.metrics.reject(Rejection::Draining);
         return text(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n");
     }
     let host = req.headers().get(HOST).and_then(|h| h.to_str().ok());
     let identity = match shared.auth.verify(token_param(&req).as_deref(), host) {
         Ok(identity) => identity,
         Err(e) => {
-            shared.metrics.reject("unauthorized");
+            shared.metrics.reject(Rejection::Unauthorized);
             shared.metrics.auth_failure(e.reason());
             info!(reason = %e, "connection refused (401)");
             return text(StatusCode::UNAUTHORIZED, "unauthorized\n");
@@ -254,7 +255,7 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     // The session holds a connection permit for its life (the HTTP phase's permit
     // ends with the upgrade).
     let Ok(permit) = shared.connection_permits.clone().try_acquire_owned() else {
-        shared.metrics.reject("too_many_connections");
+        shared.metrics.reject(Rejection::TooManyConnections);
         return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
     };
     let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
@@ -267,7 +268,7 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     ) {
         Ok(room) => room,
         Err(e) => {
-            shared.metrics.reject("no_capacity");
+            shared.metrics.reject(Rejection::NoCapacity);
             warn!(room = %identity.room, "connection refused (503): {e}");
             let mut res = text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"));
             res.headers_mut()

@@ -30,7 +30,7 @@ use tracing::{error, info, warn};
 
 use auth::Authenticator;
 use contract::config::{Config, PersistSettings, StoreConfig};
-use pool::WorkerPool;
+use pool::{WorkerPool, WorkerProgram};
 use rooms::Registry;
 use shutdown::{Phase, Shutdown};
 
@@ -86,7 +86,7 @@ pub fn main(config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {}:{}", config.bind, config.port))?;
             let shutdown = Shutdown::new(config.shutdown_grace);
             tokio::spawn(watch_signals(shutdown.clone()));
-            run(config, listener, shutdown).await
+            run(config, listener, shutdown, WorkerProgram::ThisExecutable).await
         })
         .inspect_err(|e| {
             // Another server owns the data: a configuration error, one line, exit 2.
@@ -132,8 +132,15 @@ async fn watch_signals(shutdown: Shutdown) {
 
 /// Runs the server on `listener` until `shutdown` is stopped, then runs the
 /// stop through its phases (see [`shutdown`]). `shutdown` is made with
-/// `config.shutdown_grace` as its budget (see [`main`]).
-pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+/// `config.shutdown_grace` as its budget (see [`main`]); workers run `program`
+/// (the server itself: [`WorkerProgram::ThisExecutable`]; tests that run the
+/// supervisor in their own process name the server's binary).
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: Shutdown,
+    program: WorkerProgram,
+) -> anyhow::Result<()> {
     // Held (locked) until `run` returns, that is for the server's life.
     let _data_lock = lock_data_dir(&config.persistence)?;
     raise_fd_limit(config.limits.max_connections);
@@ -159,6 +166,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let pool = WorkerPool::start(
         frames,
         config.persistence.clone(),
+        program,
         registry.clone(),
         metrics.clone(),
         shutdown.clone(),
@@ -290,7 +298,7 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let Ok(permit) = permits.clone().try_acquire_owned() else {
-                        shared.metrics.reject("too_many_connections");
+                        shared.metrics.reject(metrics::Rejection::TooManyConnections);
                         drop(stream);
                         continue;
                     };

@@ -15,9 +15,70 @@ use prometheus_client::registry::Registry as PromRegistry;
 use contract::config::HathoraInfo;
 use contract::ipc::WorkerId;
 
+/// A reason label whose values come from the worker (frames it ignored, by
+/// why): strings over IPC.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
     pub reason: String,
+}
+
+/// Why a connection was refused: `connections_rejected_total{reason}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Rejected {
+    pub reason: Rejection,
+}
+
+/// Every reason a connection is refused (the label values are the snake_case
+/// names dashboards already use).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Rejection {
+    /// A plain HTTP request to the WebSocket path.
+    NotWebsocket,
+    /// The server is shutting down.
+    Draining,
+    /// The token did not verify (`auth_failures_total` says why).
+    Unauthorized,
+    /// `--max-connections` reached.
+    TooManyConnections,
+    /// No worker can take another room.
+    NoCapacity,
+    /// The room has its maximum of members.
+    RoomFull,
+    /// The user is already in the room (and replacing is off).
+    DuplicateUser,
+    /// The client sent faster than its rate limit.
+    RateLimit,
+    /// A client frame over `--max-message-bytes`.
+    MessageTooBig,
+}
+
+impl Rejection {
+    fn label(self) -> &'static str {
+        match self {
+            Rejection::NotWebsocket => "not_websocket",
+            Rejection::Draining => "draining",
+            Rejection::Unauthorized => "unauthorized",
+            Rejection::TooManyConnections => "too_many_connections",
+            Rejection::NoCapacity => "no_capacity",
+            Rejection::RoomFull => "room_full",
+            Rejection::DuplicateUser => "duplicate_user",
+            Rejection::RateLimit => "rate_limit",
+            Rejection::MessageTooBig => "message_too_big",
+        }
+    }
+}
+
+impl EncodeLabelValue for Rejection {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.label())
+    }
+}
+
+/// A reason label whose values the supervisor's own code names (an
+/// authentication failure's, a TLS handshake failure's): fixed strings.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Why {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -51,20 +112,20 @@ impl EncodeLabelValue for WorkerLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
-    pub result: String,
+    pub result: &'static str,
 }
 
 pub struct Metrics {
     registry: PromRegistry,
     pub connections: Gauge,
     pub connections_accepted: Counter,
-    pub connections_rejected: Family<Reason, Counter>,
-    pub auth_failures: Family<Reason, Counter>,
+    pub connections_rejected: Family<Rejected, Counter>,
+    pub auth_failures: Family<Why, Counter>,
     pub frames_rate_limited: Counter,
     pub cursor_moves_folded: Counter,
     pub connections_replaced: Counter,
     pub binary_frames: Counter,
-    pub tls_handshake_failures: Family<Reason, Counter>,
+    pub tls_handshake_failures: Family<Why, Counter>,
     pub tls_reloads: Family<Outcome, Counter>,
     pub rooms: Gauge,
     pub rooms_by_worker: Family<Worker, Gauge>,
@@ -266,36 +327,26 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    pub fn tls_reload(&self, result: &str) {
-        self.tls_reloads
-            .get_or_create(&Outcome {
-                result: result.to_owned(),
-            })
-            .inc();
+    /// A changed certificate was loaded (`ok`) or refused (`failed`).
+    pub fn tls_reload(&self, loaded: bool) {
+        let result = if loaded { "ok" } else { "failed" };
+        self.tls_reloads.get_or_create(&Outcome { result }).inc();
     }
 
-    pub fn tls_failure(&self, reason: &str) {
+    pub fn tls_failure(&self, reason: &'static str) {
         self.tls_handshake_failures
-            .get_or_create(&Reason {
-                reason: reason.to_owned(),
-            })
+            .get_or_create(&Why { reason })
             .inc();
     }
 
-    pub fn reject(&self, reason: &str) {
+    pub fn reject(&self, reason: Rejection) {
         self.connections_rejected
-            .get_or_create(&Reason {
-                reason: reason.to_owned(),
-            })
+            .get_or_create(&Rejected { reason })
             .inc();
     }
 
-    pub fn auth_failure(&self, reason: &str) {
-        self.auth_failures
-            .get_or_create(&Reason {
-                reason: reason.to_owned(),
-            })
-            .inc();
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures.get_or_create(&Why { reason }).inc();
     }
 
     /// The text exposition of every metric.

@@ -21,6 +21,7 @@ use tracing::{Instrument, debug, info, info_span};
 
 use super::Shared;
 use super::auth::Identity;
+use super::metrics::Rejection;
 use super::ratelimit::{Backlog, Budget, Held, Released};
 use super::rooms::{ConnState, Holder, Membership, Published, RoomHandle, SnapshotCell};
 use super::shutdown::Phase;
@@ -105,9 +106,9 @@ pub fn run(
             End::ClientGone => "client gone".to_owned(),
             End::Close(code, reason) => {
                 match reason {
-                    REASON_ROOM_FULL => shared.metrics.reject("room_full"),
-                    REASON_DUPLICATE_USER => shared.metrics.reject("duplicate_user"),
-                    REASON_RATE_LIMIT => shared.metrics.reject("rate_limit"),
+                    REASON_ROOM_FULL => shared.metrics.reject(Rejection::RoomFull),
+                    REASON_DUPLICATE_USER => shared.metrics.reject(Rejection::DuplicateUser),
+                    REASON_RATE_LIMIT => shared.metrics.reject(Rejection::RateLimit),
                     _ => {}
                 }
                 format!("closed {code} {reason}")
@@ -331,7 +332,7 @@ async fn serve(
                     }
                     None => return End::ClientGone,
                     Some(Err(WsError::Capacity(e))) => {
-                        shared.metrics.reject("message_too_big");
+                        shared.metrics.reject(Rejection::MessageTooBig);
                         info!(error = %e, "client frame over the size limit");
                         return End::Close(CLOSE_TOO_BIG, "Message too big");
                     }

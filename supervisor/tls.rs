@@ -165,11 +165,11 @@ impl Tls {
             match load(&files) {
                 Ok(new) => {
                     *self.cert.current.write().unwrap_or_else(|e| e.into_inner()) = new;
-                    metrics.tls_reload("ok");
+                    metrics.tls_reload(true);
                     info!(cert = %files.cert.display(), "TLS certificate reloaded; new handshakes use it");
                 }
                 Err(e) => {
-                    metrics.tls_reload("failed");
+                    metrics.tls_reload(false);
                     error!(error = %e, "TLS certificate files changed but cannot be used; keeping the previous certificate");
                 }
             }

@@ -3,6 +3,7 @@
 //! and stop it when the server stops.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -160,7 +161,7 @@ impl Ended {
 pub(super) async fn supervise(
     slot: Arc<WorkerSlot>,
     mut frames: mpsc::Receiver<ToWorker>,
-    mut settings: PersistSettings,
+    mut worker: WorkerSpec,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
@@ -176,7 +177,7 @@ pub(super) async fn supervise(
         let mut serve = Serve {
             slot: &slot,
             frames: &mut frames,
-            settings: &mut settings,
+            worker: &mut worker,
             registry: &registry,
             metrics: &metrics,
             shutdown: &shutdown,
@@ -231,9 +232,7 @@ pub(super) async fn supervise(
 struct Serve<'a> {
     slot: &'a WorkerSlot,
     frames: &'a mut mpsc::Receiver<ToWorker>,
-    /// The embedded store's identity is filled in from the first worker's
-    /// answer, so that its replacements attach to that file only.
-    settings: &'a mut PersistSettings,
+    worker: &'a mut WorkerSpec,
     registry: &'a Registry,
     metrics: &'a Metrics,
     shutdown: &'a Shutdown,
@@ -250,15 +249,43 @@ async fn exit_requested(shutdown: &Shutdown) -> tokio::time::Instant {
         .map_or_else(tokio::time::Instant::now, |plan| plan.exit_by)
 }
 
-/// Path of the running executable. `/proc/self/exe` names the image this process
-/// runs even if the file was replaced since (a new build), so workers are always
-/// the same build as their supervisor.
-fn own_executable() -> std::io::Result<std::path::PathBuf> {
-    let proc_exe = std::path::Path::new("/proc/self/exe");
-    if proc_exe.exists() {
-        Ok(proc_exe.to_path_buf())
-    } else {
-        std::env::current_exe()
+/// What a slot starts: the settings every worker gets, and its program.
+pub(super) struct WorkerSpec {
+    /// The embedded store's identity is filled in from the first worker's
+    /// answer, so that its replacements attach to that file only.
+    pub(super) settings: PersistSettings,
+    pub(super) program: WorkerProgram,
+}
+
+/// The program a worker process runs (in worker mode).
+#[derive(Clone, Debug, Default)]
+pub enum WorkerProgram {
+    /// This same executable, so workers are always the same build as their
+    /// supervisor: the server's only choice.
+    #[default]
+    ThisExecutable,
+    /// The server binary at this path: for tests that run the supervisor in
+    /// their own process (whose executable is the test, not the server).
+    Binary(PathBuf),
+}
+
+impl WorkerProgram {
+    /// The path to execute and the `argv[0]` to show (`ps` shows what runs).
+    fn path(&self) -> std::io::Result<(PathBuf, PathBuf)> {
+        match self {
+            // `/proc/self/exe` names the image this process runs even if the
+            // file was replaced since (a new build); argv[0] is its real path.
+            WorkerProgram::ThisExecutable => {
+                let shown = std::env::current_exe().unwrap_or_else(|_| "session-server".into());
+                let proc_exe = Path::new("/proc/self/exe");
+                if proc_exe.exists() {
+                    Ok((proc_exe.to_path_buf(), shown))
+                } else {
+                    Ok((std::env::current_exe()?, shown))
+                }
+            }
+            WorkerProgram::Binary(path) => Ok((path.clone(), path.clone())),
+        }
     }
 }
 
@@ -267,10 +294,11 @@ impl Serve<'_> {
     /// until it ends; returns how it ended.
     async fn run(&mut self) -> Ended {
         let slot = self.slot;
-        let (mut child, stream, nonce) = match spawn_and_connect(slot.id).await {
-            Ok(started) => started,
-            Err(e) => return Ended::plain(WorkerExit::Spawn(e)),
-        };
+        let (mut child, stream, nonce) =
+            match spawn_and_connect(slot.id, &self.worker.program).await {
+                Ok(started) => started,
+                Err(e) => return Ended::plain(WorkerExit::Spawn(e)),
+            };
         let pid = child.id().unwrap_or(0);
         let (mut reader, mut writer) = match link::framed(stream) {
             Ok(framed) => framed,
@@ -282,7 +310,7 @@ impl Serve<'_> {
 
         let handshake = async {
             handshake(slot.id, &mut reader, &mut writer, nonce).await?;
-            configure(&mut reader, &mut writer, self.settings).await
+            configure(&mut reader, &mut writer, &self.worker.settings).await
         };
         let store_identity = match handshake.await {
             Ok(identity) => identity,
@@ -296,7 +324,8 @@ impl Serve<'_> {
                 });
             }
         };
-        self.settings.store_identity = self.settings.store_identity.or(store_identity);
+        let settings = &mut self.worker.settings;
+        settings.store_identity = settings.store_identity.or(store_identity);
         *lock(&slot.last_pong) = Instant::now();
         slot.unresponsive.store(false, Ordering::Relaxed);
         self.registry.set_unresponsive(slot.id, false);
@@ -309,7 +338,7 @@ impl Serve<'_> {
 
         let (pinger, mut pings) = mpsc::channel(PING_QUEUE);
         let (carry, rooms) = self.recovery.take_next();
-        let wait = Duration::from_millis(self.settings.load_wait_ms) + RESTORE_ANSWER_MARGIN;
+        let wait = Duration::from_millis(self.worker.settings.load_wait_ms) + RESTORE_ANSWER_MARGIN;
         let (registry, metrics, suspects) = (self.registry, self.metrics, self.recovery.suspects());
         // Runs alongside reading and writing, never in their way; once done it
         // only waits for the others to end.
@@ -352,7 +381,10 @@ impl Serve<'_> {
     }
 }
 
-async fn spawn_and_connect(id: WorkerId) -> anyhow::Result<(Child, LocalStream, u64)> {
+async fn spawn_and_connect(
+    id: WorkerId,
+    program: &WorkerProgram,
+) -> anyhow::Result<(Child, LocalStream, u64)> {
     let name = format!(
         "session-server.{}.{}.{:016x}.sock",
         std::process::id(),
@@ -364,9 +396,8 @@ async fn spawn_and_connect(id: WorkerId) -> anyhow::Result<(Child, LocalStream, 
         .create_tokio()
         .with_context(|| format!("creating IPC socket {name}"))?;
     let nonce = rand::random::<u64>();
-    // argv[0] is the executable's real path, so `ps` shows what runs.
-    let shown_name = std::env::current_exe().unwrap_or_else(|_| "session-server".into());
-    let mut child = Command::new(own_executable()?)
+    let (path, shown_name) = program.path()?;
+    let mut child = Command::new(path)
         .arg0(shown_name)
         .arg("worker")
         .arg("--ipc")

@@ -222,7 +222,7 @@ fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &Work
             metrics
                 .saves
                 .get_or_create(&Outcome {
-                    result: outcome.label().to_owned(),
+                    result: outcome.label(),
                 })
                 .inc();
             if retry {

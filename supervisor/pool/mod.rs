@@ -35,7 +35,8 @@ use super::rooms::Registry;
 use super::shutdown::Shutdown;
 use contract::config::PersistSettings;
 use contract::ipc::{RoomId, ToWorker, WorkerId};
-use lifecycle::{StoreIdentity, WorkerExit, supervise};
+pub use lifecycle::WorkerProgram;
+use lifecycle::{StoreIdentity, WorkerExit, WorkerSpec, supervise};
 use recovery::InFlight;
 
 /// Frames queued per worker before senders wait. Large enough to absorb bursts
@@ -161,6 +162,7 @@ impl WorkerPool {
     pub async fn start(
         frames: Vec<mpsc::Receiver<ToWorker>>,
         mut settings: PersistSettings,
+        program: WorkerProgram,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
@@ -175,7 +177,10 @@ impl WorkerPool {
             tasks.spawn(supervise(
                 slot.clone(),
                 frames,
-                settings.clone(),
+                WorkerSpec {
+                    settings: settings.clone(),
+                    program: program.clone(),
+                },
                 registry.clone(),
                 metrics.clone(),
                 shutdown.clone(),
