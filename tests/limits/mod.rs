@@ -2,18 +2,18 @@
 //! malformed frames, floods, clients that never read, half-open upgrades and
 //! connection churn. After each attack the server still serves a normal client.
 
-mod util;
+mod real_clients;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::util::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use util::*;
 
 fn parse_metrics(text: &str) -> HashMap<String, f64> {
     text.lines()
@@ -479,13 +479,16 @@ async fn operational_endpoints_need_the_admin_token_and_health_answers_head() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn room_ids_that_are_path_segments_are_refused_before_the_backend() {
-    let backend = util::backend::Backend::start().await;
+    let backend = crate::util::backend::Backend::start().await;
     let url = backend.url();
     let server = Server::start_raw(
         &["--workers", "1", "--backend-url", url.as_str()],
         &[
             ("JWT_SECRET", SECRET),
-            ("SESSION_SERVER_SECRET", util::backend::BACKEND_SECRET),
+            (
+                "SESSION_SERVER_SECRET",
+                crate::util::backend::BACKEND_SECRET,
+            ),
         ],
     );
     for room in [".", ".."] {

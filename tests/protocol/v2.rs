@@ -4,13 +4,11 @@
 //! the room a v1 client sees; a fast room sends each v1 member at most 60
 //! snapshots a second and never loses the last one.
 
-mod util;
-
 use std::time::{Duration, Instant};
 
+use crate::util::*;
 use serde_json::{Value, json};
 use session_server::protocol::v2::{Applied, Replica};
-use util::*;
 
 const V2: &str = "whiteboard.v2";
 

@@ -2,13 +2,13 @@
 //! real WebSocket clients, one test per rule of PROTOCOL.md §1–4 plus the
 //! architecture's promises (placement, capacity, slow readers, pings, shutdown).
 
-mod util;
+mod v2;
 
 use std::time::Duration;
 
+use crate::util::*;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-use util::*;
 
 fn rect(x: f64) -> Value {
     json!({"type":"shape_create","shapeType":"rectangle","x":x,"y":200,"width":150,"height":100})

@@ -3,14 +3,14 @@
 //! keeps refusing a room, an unreadable board row, the data folder's lock and a
 //! data folder deleted while running.
 
-mod util;
-
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::util::backend::BACKEND_SECRET;
+use crate::util::*;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::server::conn::http1;
@@ -18,8 +18,6 @@ use hyper::service::service_fn;
 use hyper::{Method, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use util::backend::BACKEND_SECRET;
-use util::*;
 
 /// The embedded store's file in a data folder (as the server names it).
 fn db_path(dir: &Path) -> PathBuf {

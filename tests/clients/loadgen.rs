@@ -2,10 +2,8 @@
 //! scenario for about a second against a test server (or the ceiling). No timing
 //! is asserted.
 
-mod util;
-
+use crate::util::*;
 use serde_json::Value;
-use util::*;
 
 /// Runs `loadgen ARGS` with the test secret; returns its one JSON result.
 fn loadgen(args: &[&str]) -> Value {

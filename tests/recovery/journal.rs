@@ -4,13 +4,11 @@
 //! thousands of events a worker crash still loses nothing acknowledged, and big
 //! messages cost the journal bytes only until the next checkpoint.
 
-mod util;
-
 use std::time::{Duration, Instant};
 
+use crate::util::backend::{Backend, Mode};
+use crate::util::*;
 use serde_json::{Value, json};
-use util::backend::{Backend, Mode};
-use util::*;
 
 fn rect(x: i64) -> Value {
     json!({"type":"shape_create","shapeType":"rectangle","x":x,"y":0,"width":10,"height":10})

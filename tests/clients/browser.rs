@@ -7,11 +7,9 @@
 //! `cargo test --test browser -- --include-ignored`. Screenshots are kept in
 //! `target/browser-artifacts/`.
 
-mod util;
-
 use std::process::Command;
 
-use util::*;
+use crate::util::*;
 
 /// Where the scripts keep their screenshots.
 const ARTIFACTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/browser-artifacts");

@@ -2,13 +2,13 @@
 //! HTTP backend implementing the contract, and against the embedded SQLite store
 //! across restarts.
 
-mod util;
+mod faults;
 
 use std::time::{Duration, Instant};
 
+use crate::util::backend::{BACKEND_SECRET, Backend, Mode};
+use crate::util::*;
 use serde_json::{Value, json};
-use util::backend::{BACKEND_SECRET, Backend, Mode};
-use util::*;
 
 fn with_backend(backend: &Backend, extra: &[&str]) -> Server {
     let url = backend.url();

@@ -1,14 +1,17 @@
 //! What production needs (issue 6): metrics that count what happened, health and
 //! readiness, capacity from Hathora's settings, JSON logs, and a graceful drain.
 
-mod util;
+mod agones;
+mod deploy;
+mod shutdown;
+mod tls;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::util::backend::{BACKEND_SECRET, Backend, Mode};
+use crate::util::*;
 use serde_json::json;
-use util::backend::{BACKEND_SECRET, Backend, Mode};
-use util::*;
 
 /// Parses the Prometheus text format into `name{labels}` → value.
 fn parse_metrics(text: &str) -> HashMap<String, f64> {

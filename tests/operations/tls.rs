@@ -2,12 +2,11 @@
 //! made at run time. Certificates rotate when their files change; bad files stop
 //! start-up with a clear line; a bad replacement keeps the old certificate.
 
-mod util;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::util::*;
 use futures_util::{SinkExt, StreamExt};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -18,7 +17,6 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use util::*;
 
 /// A certificate authority the test clients trust.
 struct Ca {

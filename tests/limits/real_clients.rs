@@ -2,12 +2,10 @@
 //! at display rate while dragging, a paste of many shapes, a reconnect after the
 //! network dropped. No limit may lose or close such a client's work.
 
-mod util;
-
 use std::time::{Duration, Instant};
 
+use crate::util::*;
 use serde_json::json;
-use util::*;
 
 /// The fastest display the real client meets: a cursor move per frame.
 const MOUSE_HZ: u32 = 240;

@@ -5,13 +5,11 @@
 //! allow before SIGKILL), even when the backend never answers or a worker dies
 //! during the shutdown.
 
-mod util;
-
 use std::time::{Duration, Instant};
 
+use crate::util::backend::{BACKEND_SECRET, Backend, Mode};
+use crate::util::*;
 use serde_json::{Value, json};
-use util::backend::{BACKEND_SECRET, Backend, Mode};
-use util::*;
 
 /// What `docker stop` and Kubernetes wait before SIGKILL.
 const KILL_AFTER: Duration = Duration::from_secs(10);

@@ -1,0 +1,13 @@
+//! The server's integration tests, one binary, one module per topic of the
+//! specification. Most start the real `session-server` binary on a free loopback
+//! port (the harness in `util`) and talk to it as clients, backends and
+//! operators do.
+
+mod clients;
+mod limits;
+mod operations;
+mod persistence;
+mod properties;
+mod protocol;
+mod recovery;
+mod util;
