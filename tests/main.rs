@@ -3,10 +3,13 @@
 //! port (the harness in `util`) and talk to it as clients, backends and
 //! operators do.
 
+mod auth;
 mod clients;
+mod dev_mode;
 mod limits;
 mod operations;
 mod persistence;
+mod placement;
 mod properties;
 mod protocol;
 mod recovery;

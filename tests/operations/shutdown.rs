@@ -3,7 +3,8 @@
 //! KillMode=control-group) save every unsaved room, close clients with 1001 and
 //! end every process of the group within 10 s (what `docker stop` and Kubernetes
 //! allow before SIGKILL), even when the backend never answers or a worker dies
-//! during the shutdown.
+//! during the shutdown; meanwhile `/readyz` says draining and new upgrades get
+//! `503`.
 
 use std::time::{Duration, Instant};
 
@@ -272,4 +273,74 @@ async fn a_quiet_log_level_serves_until_the_signal() {
     goes_away(client).await;
     let (code, _) = exit_within_budget(&mut server, &pids, signalled);
     assert_eq!(code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_readyz_503_new_upgrades_503_then_going_away_and_exit_zero() {
+    let backend = Backend::start().await;
+    backend.create_board("r1", json!([]));
+    let url = backend.url();
+    let mut server = Server::start_raw(
+        &[
+            "--workers",
+            "1",
+            "--backend-url",
+            url.as_str(),
+            "--shutdown-grace-ms",
+            "1500",
+        ],
+        &[
+            ("JWT_SECRET", SECRET),
+            ("SESSION_SERVER_SECRET", BACKEND_SECRET),
+        ],
+    );
+    let mut alice = server.join("alice", "r1").await;
+    // A hung backend keeps the drain busy for the whole grace period.
+    backend.set_mode(Mode::Hang);
+    alice
+        .send(json!({"type":"shape_create","shapeType":"oval","x":1,"y":0,"width":1,"height":1}))
+        .await;
+    alice.until(|s| shapes(s).len() == 1).await;
+    assert_eq!(server.get("/readyz").await.0, 200);
+    let signalled = Instant::now();
+    server.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(server.get("/readyz").await, (503, "draining\n".to_owned()));
+    assert_eq!(server.raw_upgrade(&server.token("late", "r2")).await.0, 503);
+    assert_eq!(
+        alice.closed().await,
+        Closed::Frame(1001, "Going Away".into())
+    );
+    let code = tokio::task::block_in_place(|| server.wait_exit(PATIENCE));
+    assert_eq!(code, Some(0));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "exit within the grace period"
+    );
+    assert!(
+        server.logs().contains("some rooms could not be saved"),
+        "{}",
+        server.logs()
+    );
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
+    let mut server = Server::start(&[]);
+    let mut alice = server.join("alice", "r1").await;
+    let worker_pids: Vec<u32> = server.status().await["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap() as u32)
+        .collect();
+    server.signal("TERM");
+    assert_eq!(
+        alice.closed().await,
+        Closed::Frame(1001, "Going Away".into())
+    );
+    assert_eq!(server.wait_exit(PATIENCE), Some(0));
+    for pid in worker_pids {
+        assert!(!process_exists(pid), "worker {pid} outlived the supervisor");
+    }
 }

@@ -1,6 +1,6 @@
 //! Persistence end to end (PROTOCOL.md §5): the real server against an in-test
 //! HTTP backend implementing the contract, and against the embedded SQLite store
-//! across restarts.
+//! across restarts; faults from the store's side in `faults`.
 
 mod faults;
 

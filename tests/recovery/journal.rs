@@ -174,7 +174,7 @@ fn rss_mib(pid: u32) -> f64 {
 /// send 50 KB messages at 400/s each (within their budget: 20 MB/s each) for
 /// `OUTAGE_FLOOD_SECS` (default 60) into degraded rooms, then leave. Prints the supervisor's RSS before,
 /// at its peak, and once the rooms are freed. A measurement, not a test (run
-/// with `cargo test --release --test faults_journal -- --ignored --nocapture`).
+/// with `cargo test --release --test server recovery::journal -- --ignored --nocapture`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement (about a minute)"]
 async fn supervisor_memory_through_an_outage_with_big_messages() {

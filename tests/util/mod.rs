@@ -5,6 +5,7 @@
 
 pub mod backend;
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
@@ -732,5 +733,46 @@ impl Client {
                 Ok(other) => panic!("connection ended: {other:?}"),
             }
         }
+    }
+}
+
+/// A normal client still gets in and gets answers.
+pub async fn still_serves(server: &Server, room: &str) {
+    let mut client = server.join("normal-user", room).await;
+    let snap = client.sync("normal-user", 3.0).await;
+    assert_eq!(users(&snap), ["normal-user"]);
+    client.close().await;
+}
+
+/// Parses the Prometheus text format into `name{labels}` → value.
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap();
+            (name.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+pub async fn metrics(server: &Server) -> HashMap<String, f64> {
+    let (code, body) = server.get("/metrics").await;
+    assert_eq!(code, 200);
+    parse_metrics(&body)
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, for at most `within`.
+pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    within: Duration,
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
