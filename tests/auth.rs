@@ -15,46 +15,88 @@ async fn token_is_found_among_other_query_parameters() {
     assert_eq!(users(&alice.next_snapshot().await), ["alice"]);
 }
 
+/// Every bad token is refused with `401` before the upgrade, counted under its
+/// reason and never written to the logs; the server still serves afterwards.
 #[tokio::test]
-async fn bad_tokens_are_refused_with_401_before_the_upgrade() {
+async fn every_bad_token_is_refused_before_the_upgrade_and_counted_by_reason() {
     let server = Server::start(&[]);
     let host = server.host();
+    // The signature's first character changed (its last one carries padding
+    // bits: changed, it can make bad base64 rather than a wrong signature).
     let good = server.token("alice", "r1");
-    let mut tampered = good.clone();
-    tampered.pop();
-    tampered.push(if good.ends_with('A') { 'B' } else { 'A' });
-    let cases: Vec<(&str, String)> = vec![
-        ("bad signature", tampered),
+    let (signed, signature) = good.rsplit_once('.').unwrap();
+    let other = if signature.starts_with('A') { 'B' } else { 'A' };
+    let tampered = format!("{signed}.{other}{}", &signature[1..]);
+    // (what, the reason it is counted under, the token)
+    let cases: Vec<(&str, &str, String)> = vec![
+        ("bad signature", "bad_signature", tampered),
         (
             "wrong secret",
+            "bad_signature",
             sign_with(
                 json!({"userId":"a","roomId":"r1","host":host}),
                 "not-the-secret",
             ),
         ),
         (
+            "another long secret",
+            "bad_signature",
+            sign_with(
+                json!({"userId":"a","roomId":"r","host":host}),
+                "some-other-long-secret",
+            ),
+        ),
+        (
             // {"alg":"none","typ":"JWT"}.{"userId":"a","roomId":"r1"}.
             "alg none",
+            "malformed",
             "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJ1c2VySWQiOiJhIiwicm9vbUlkIjoicjEifQ.".into(),
         ),
         (
+            "expired",
             "expired",
             sign(json!({"userId":"a","roomId":"r1","host":host,"exp":now() - 3600})),
         ),
         (
             "not yet valid",
+            "not_yet_valid",
             sign(json!({"userId":"a","roomId":"r1","host":host,"nbf":now() + 3600})),
         ),
         (
             "wrong host",
+            "wrong_host",
             sign(json!({"userId":"a","roomId":"r1","host":"other.example:8000"})),
         ),
-        ("missing host", sign(json!({"userId":"a","roomId":"r1"}))),
-        ("missing userId", sign(json!({"roomId":"r1","host":host}))),
-        ("missing roomId", sign(json!({"userId":"a","host":host}))),
-        ("not a JWT", "hello".into()),
+        (
+            "another wrong host",
+            "wrong_host",
+            sign(json!({"userId":"a","roomId":"r","host":"evil:1"})),
+        ),
+        (
+            "missing host",
+            "wrong_host",
+            sign(json!({"userId":"a","roomId":"r1"})),
+        ),
+        (
+            "missing userId",
+            "malformed",
+            sign(json!({"roomId":"r1","host":host})),
+        ),
+        (
+            "missing roomId",
+            "malformed",
+            sign(json!({"userId":"a","host":host})),
+        ),
+        (
+            "userId too long",
+            "bad_claims",
+            sign(json!({"userId":"a".repeat(200),"roomId":"r","host":host})),
+        ),
+        ("not a JWT", "malformed", "hello".into()),
+        ("empty parts", "malformed", "e30.e30.e30".to_owned()),
+        ("too large", "too_large", "a".repeat(5000)),
     ];
-    for (what, token) in &cases {
+    for (what, _, token) in &cases {
         let status = server.try_connect(&server.url(token)).await.err();
         assert_eq!(status, Some(401), "{what}");
     }
@@ -64,15 +106,31 @@ async fn bad_tokens_are_refused_with_401_before_the_upgrade() {
         Some(401),
         "no token"
     );
+    let m = metrics(&server).await;
+    let count = |reason: &str| {
+        m.get(&format!(
+            "session_server_auth_failures_total{{reason=\"{reason}\"}}"
+        ))
+        .copied()
+    };
+    let mut expected: std::collections::BTreeMap<&str, f64> = [("missing_token", 1.0)].into();
+    for (_, reason, _) in &cases {
+        *expected.entry(reason).or_default() += 1.0;
+    }
+    for (reason, n) in expected {
+        assert_eq!(count(reason), Some(n), "{reason}");
+    }
     // Tokens never reach the logs.
     let logs = server.logs();
-    for (what, token) in &cases {
+    for (what, _, token) in &cases {
         let signature = token.rsplit('.').next().unwrap();
         if signature.len() > 8 {
             assert!(!logs.contains(signature), "{what}: token in logs");
         }
     }
+    assert!(!logs.contains(&"a".repeat(5000)));
     assert!(logs.contains("connection refused (401)"));
+    still_serves(&server, "r").await;
 }
 
 #[tokio::test]
@@ -106,63 +164,6 @@ fn missing_jwt_secret_stops_start_up_with_one_clear_line() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("JWT_SECRET is required"), "{stderr}");
-}
-
-#[tokio::test]
-async fn every_bad_token_is_refused_before_the_upgrade_and_counted_by_reason() {
-    let server = Server::start(&[]);
-    let host = server.host();
-    let cases = [
-        (
-            "bad_signature",
-            sign_with(
-                json!({"userId":"a","roomId":"r","host":host}),
-                "some-other-long-secret",
-            ),
-        ),
-        (
-            "expired",
-            sign(json!({"userId":"a","roomId":"r","host":host,"exp":now() - 3600})),
-        ),
-        (
-            "not_yet_valid",
-            sign(json!({"userId":"a","roomId":"r","host":host,"nbf":now() + 3600})),
-        ),
-        (
-            "wrong_host",
-            sign(json!({"userId":"a","roomId":"r","host":"evil:1"})),
-        ),
-        ("malformed", sign(json!({"roomId":"r","host":host}))),
-        (
-            "bad_claims",
-            sign(json!({"userId":"a".repeat(200),"roomId":"r","host":host})),
-        ),
-        ("malformed", "e30.e30.e30".to_owned()),
-        ("too_large", "a".repeat(5000)),
-    ];
-    for (_, token) in &cases {
-        assert_eq!(
-            server.try_connect(&server.url(token)).await.err(),
-            Some(401)
-        );
-    }
-    let (_, body) = server.get("/metrics").await;
-    let m = parse_metrics(&body);
-    let count = |reason: &str| {
-        m.get(&format!(
-            "session_server_auth_failures_total{{reason=\"{reason}\"}}"
-        ))
-        .copied()
-    };
-    assert_eq!(count("bad_signature"), Some(1.0));
-    assert_eq!(count("expired"), Some(1.0));
-    assert_eq!(count("not_yet_valid"), Some(1.0));
-    assert_eq!(count("wrong_host"), Some(1.0));
-    assert_eq!(count("bad_claims"), Some(1.0));
-    assert_eq!(count("malformed"), Some(2.0));
-    assert_eq!(count("too_large"), Some(1.0));
-    assert!(!server.logs().contains(&"a".repeat(5000)));
-    still_serves(&server, "r").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
