@@ -4,7 +4,7 @@
 
 use serde_json::json;
 
-use crate::util::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn token_is_found_among_other_query_parameters() {
@@ -168,7 +168,7 @@ fn missing_jwt_secret_stops_start_up_with_one_clear_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn room_ids_that_are_path_segments_are_refused_before_the_backend() {
-    let backend = crate::util::backend::Backend::start().await;
+    let backend = crate::support::backend::Backend::start().await;
     let url = backend.url();
     let server = Server::start_raw(
         &["--workers", "1", "--backend-url", url.as_str()],
@@ -176,7 +176,7 @@ async fn room_ids_that_are_path_segments_are_refused_before_the_backend() {
             ("JWT_SECRET", SECRET),
             (
                 "SESSION_SERVER_SECRET",
-                crate::util::backend::BACKEND_SECRET,
+                crate::support::backend::BACKEND_SECRET,
             ),
         ],
     );

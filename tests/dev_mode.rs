@@ -1,7 +1,7 @@
 //! Dev mode (`--dev`): the board page, `/dev/token` and the open monitor, only in
 //! dev mode and only on loopback when a real secret is set.
 
-use crate::util::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn dev_endpoints_exist_only_in_dev_mode() {

@@ -1,6 +1,6 @@
 //! The server's integration tests, one binary, one module per topic of the
 //! specification. Most start the real `session-server` binary on a free loopback
-//! port (the harness in `util`) and talk to it as clients, backends and
+//! port (the harness in `support`) and talk to it as clients, backends and
 //! operators do.
 
 mod auth;
@@ -13,4 +13,4 @@ mod placement;
 mod properties;
 mod protocol;
 mod recovery;
-mod util;
+mod support;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::util::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn rooms_are_spread_over_separate_worker_processes() {

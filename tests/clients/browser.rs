@@ -9,7 +9,7 @@
 
 use std::process::Command;
 
-use crate::util::*;
+use crate::support::*;
 
 /// Where the scripts keep their screenshots.
 const ARTIFACTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/browser-artifacts");

@@ -2,7 +2,7 @@
 //! scenario for about a second against a test server (or the ceiling). No timing
 //! is asserted.
 
-use crate::util::*;
+use crate::support::*;
 use serde_json::Value;
 
 /// Runs `loadgen ARGS` with the test secret; returns its one JSON result.

@@ -8,7 +8,7 @@ mod real_clients;
 
 use std::time::{Duration, Instant};
 
-use crate::util::*;
+use crate::support::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

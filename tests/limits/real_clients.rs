@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::util::*;
+use crate::support::*;
 use serde_json::json;
 
 /// The fastest display the real client meets: a cursor move per frame.

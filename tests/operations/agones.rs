@@ -20,7 +20,7 @@ mod with_agones {
     use tonic::codegen::tokio_stream::wrappers::TcpListenerStream;
     use tonic::{Request, Response, Status};
 
-    use crate::util::*;
+    use crate::support::*;
 
     mod sdk {
         tonic::include_proto!("agones.dev.sdk");
@@ -625,7 +625,7 @@ mod with_agones {
 fn without_the_feature_agones_is_a_configuration_error() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))
         .args(["--port", "0", "--bind", "127.0.0.1"])
-        .env("JWT_SECRET", crate::util::SECRET)
+        .env("JWT_SECRET", crate::support::SECRET)
         .env("AGONES_SDK_GRPC_PORT", "9357")
         .output()
         .unwrap();

@@ -274,7 +274,8 @@ async fn the_kubernetes_deployment_matches_the_server_and_its_probes_answer() {
     // The probes answer 200, on GET as the kubelet sends them, from a server
     // started with the manifest's arguments.
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = crate::util::Server::start_raw(&args, &[("JWT_SECRET", crate::util::SECRET)]);
+    let server =
+        crate::support::Server::start_raw(&args, &[("JWT_SECRET", crate::support::SECRET)]);
     for path in [readiness, liveness] {
         let (status, body) = server.get(path).await;
         assert_eq!(status, 200, "{path}: {body}");

@@ -10,7 +10,7 @@ mod tls;
 
 use std::time::{Duration, Instant};
 
-use crate::util::*;
+use crate::support::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -8,8 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::util::backend::{BACKEND_SECRET, Backend, Mode};
-use crate::util::*;
+use crate::support::backend::{BACKEND_SECRET, Backend, Mode};
+use crate::support::*;
 use serde_json::{Value, json};
 
 /// What `docker stop` and Kubernetes wait before SIGKILL.

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::util::backend::BACKEND_SECRET;
-use crate::util::*;
+use crate::support::backend::BACKEND_SECRET;
+use crate::support::*;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::server::conn::http1;

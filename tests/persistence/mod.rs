@@ -6,8 +6,8 @@ mod faults;
 
 use std::time::{Duration, Instant};
 
-use crate::util::backend::{BACKEND_SECRET, Backend, Mode};
-use crate::util::*;
+use crate::support::backend::{BACKEND_SECRET, Backend, Mode};
+use crate::support::*;
 use serde_json::{Value, json};
 
 fn with_backend(backend: &Backend, extra: &[&str]) -> Server {

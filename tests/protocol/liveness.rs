@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::util::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn idle_clients_are_pinged_and_silent_ones_dropped() {

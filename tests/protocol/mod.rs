@@ -8,7 +8,7 @@ mod v2;
 
 use std::time::Duration;
 
-use crate::util::*;
+use crate::support::*;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::util::*;
+use crate::support::*;
 use serde_json::{Value, json};
 use session_server::protocol::v2::{Applied, Replica};
 

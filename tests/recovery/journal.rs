@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::util::backend::{Backend, Mode};
-use crate::util::*;
+use crate::support::backend::{Backend, Mode};
+use crate::support::*;
 use serde_json::{Value, json};
 
 fn rect(x: i64) -> Value {

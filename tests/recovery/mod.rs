@@ -9,25 +9,12 @@ mod journal;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use crate::util::backend::{BACKEND_SECRET, Backend, Mode};
-use crate::util::*;
+use crate::support::backend::{BACKEND_SECRET, Backend, Mode};
+use crate::support::*;
 use serde_json::{Value, json};
 
 fn rect(x: i64) -> Value {
     json!({"type":"shape_create","shapeType":"rectangle","x":x,"y":0,"width":10,"height":10})
-}
-
-/// Waits until worker `index` runs a process other than `old_pid`.
-async fn wait_replaced(server: &Server, index: usize, old_pid: u32) -> u32 {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let pid = worker_pids_or_zero(server).await[index];
-        if pid != 0 && pid != old_pid {
-            return pid;
-        }
-        assert!(Instant::now() < deadline, "worker {index} not replaced");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,7 +42,7 @@ async fn members_of_a_killed_worker_s_rooms_stay_connected_and_lose_nothing() {
     for x in 5..8 {
         bob.send(rect(x)).await;
     }
-    let new_pid = wait_replaced(&server, index, old_pid).await;
+    let new_pid = wait_replaced_within(&server, index, old_pid, PATIENCE).await;
     assert!(process_exists(new_pid));
 
     // Nobody saw a close (a close makes these calls panic), everyone gets a
@@ -159,7 +146,7 @@ async fn twenty_kills_under_load_lose_nothing() {
         }
         send_signal(pid, "KILL");
         kills += 1;
-        wait_replaced(&server, index, pid).await;
+        wait_replaced_within(&server, index, pid, PATIENCE).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut clients = Vec::new();
