@@ -41,9 +41,10 @@ async fn dev_endpoints_exist_only_in_dev_mode() {
 #[tokio::test]
 async fn dev_mode_listens_on_loopback_and_says_what_it_exposes() {
     // No --bind: the harness passes one, so start the binary by hand.
+    let data = temp_dir("dev-bind");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))
         .args(["--port", "0", "--dev", "--workers", "1"])
-        .args(["--data-dir", temp_dir("dev-bind").to_str().unwrap()])
+        .args(["--data-dir", data.to_str().unwrap()])
         .env_remove("JWT_SECRET")
         .env_remove("BIND_ADDRESS")
         .stdout(std::process::Stdio::piped())

@@ -108,8 +108,6 @@ async fn a_stored_board_over_the_limits_loads_trimmed_and_keeps_the_cut() {
         kept["data"]["shapes"].as_array().unwrap()[..],
         board[1000..]
     );
-    drop(server);
-    let _ = std::fs::remove_dir_all(data);
 }
 
 /// A backend whose boards exist (the load succeeds) but every save is refused,
@@ -175,7 +173,7 @@ async fn a_backend_refusing_saves_frees_the_room_into_a_fallback_file() {
             ("SESSION_SERVER_SECRET", BACKEND_SECRET),
         ],
     );
-    let data = server.data_dir.clone().unwrap();
+    let data = server.data_dir().to_path_buf();
     let mut alice = server.join("alice", "refused").await;
     for x in 0..3 {
         alice.send(create(x, &format!("unsaved {x}"))).await;
@@ -246,14 +244,12 @@ async fn an_unreadable_stored_board_closes_the_room_clearly() {
     bob.send(create(1, "ok")).await;
     bob.until(|s| shapes(s).len() == 1).await;
     assert_eq!(server.worker_pids().await, pid, "the worker was replaced");
-    drop(server);
-    let _ = std::fs::remove_dir_all(data);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     let first = Server::start(&[]);
-    let data = first.data_dir.clone().unwrap();
+    let data = first.data_dir().to_path_buf();
     let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))
         .args(["--port", "0", "--bind", "127.0.0.1", "--workers", "1"])
         .arg("--data-dir")
@@ -303,7 +299,7 @@ async fn a_deleted_data_dir_makes_saves_fail_loudly_and_never_starts_a_fresh_dat
         ],
         &[("JWT_SECRET", SECRET)],
     );
-    let data = server.data_dir.clone().unwrap();
+    let data = server.data_dir().to_path_buf();
     let ok = "session_server_saves_total{result=\"ok\"}";
     let failed = "session_server_saves_total{result=\"failed\"}";
     let mut alice = server.join("alice", "deleted").await;

@@ -358,8 +358,6 @@ async fn the_embedded_store_survives_a_restart() {
         .await;
     let after = alice.next_snapshot().await;
     assert_eq!(after["shapes"], before["shapes"]);
-    drop(server);
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// SIGKILL of the whole server loses at most the edits since the last save
@@ -397,8 +395,6 @@ async fn sigkill_of_the_whole_server_loses_at_most_the_unsaved_window() {
         .await;
     let after = alice.next_snapshot().await;
     assert_eq!(shapes(&after)[0], shapes(&saved)[0]);
-    drop(server);
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
