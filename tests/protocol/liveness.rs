@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use serde_json::json;
+use session_server::config::Cli;
 
 use crate::support::*;
 
@@ -59,15 +61,24 @@ async fn a_duplicate_user_is_closed_and_the_original_untouched() {
     assert_eq!(users(&snap), ["bob", "alice"]);
 }
 
+/// An earlier connection of the same user gets 2 s to answer by default (README
+/// "Limits and security"); the test below shortens it with the flag.
+#[test]
+fn by_default_an_earlier_connection_gets_two_seconds_to_answer() {
+    let serve = Cli::try_parse_from(["session-server"]).unwrap().serve;
+    assert_eq!(serve.takeover_wait_ms, 2_000);
+}
+
 #[tokio::test]
 async fn a_connection_that_stopped_answering_is_replaced_by_its_user_s_new_one() {
-    let server = Server::start(&[]);
+    const TAKEOVER_WAIT: Duration = Duration::from_millis(800);
+    let server = Server::start(&["--takeover-wait-ms", "800"]);
     // The ghost: its network vanished, so it never reads or answers again.
     let mut ghost = server.join("alice", "lost").await;
     let mut bob = server.join("bob", "lost").await;
     // Silent for longer than the takeover wait (a connection heard from within
     // it counts as alive without being asked).
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(TAKEOVER_WAIT + Duration::from_millis(100)).await;
 
     let start = Instant::now();
     let mut again = server
@@ -75,9 +86,12 @@ async fn a_connection_that_stopped_answering_is_replaced_by_its_user_s_new_one()
         .await;
     let snap = again.next_snapshot().await;
     let took = start.elapsed();
-    assert!(took < Duration::from_secs(3), "replaced after {took:?}");
     assert!(
-        took >= Duration::from_millis(1500),
+        took < TAKEOVER_WAIT + Duration::from_secs(1),
+        "replaced after {took:?}"
+    );
+    assert!(
+        took >= TAKEOVER_WAIT * 3 / 4,
         "the ghost was given its time: {took:?}"
     );
     assert_eq!(users(&snap), ["bob", "alice"]);
