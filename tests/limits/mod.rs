@@ -8,13 +8,14 @@ mod real_clients;
 
 use std::time::{Duration, Instant};
 
-use crate::support::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+use crate::support::*;
 
 #[tokio::test]
 async fn a_one_mib_frame_is_closed_with_1009() {

@@ -4,8 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::*;
 use serde_json::json;
+
+use crate::support::*;
 
 /// The fastest display the real client meets: a cursor move per frame.
 const MOUSE_HZ: u32 = 240;

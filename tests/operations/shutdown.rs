@@ -8,9 +8,10 @@
 
 use std::time::{Duration, Instant};
 
+use serde_json::{Value, json};
+
 use crate::support::backend::{BACKEND_SECRET, Backend, Mode};
 use crate::support::*;
-use serde_json::{Value, json};
 
 /// What `docker stop` and Kubernetes wait before SIGKILL.
 const KILL_AFTER: Duration = Duration::from_secs(10);

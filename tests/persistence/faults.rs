@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::support::backend::BACKEND_SECRET;
-use crate::support::*;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::server::conn::http1;
@@ -17,6 +15,9 @@ use hyper::service::service_fn;
 use hyper::{Method, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+
+use crate::support::backend::BACKEND_SECRET;
+use crate::support::*;
 
 /// The embedded store's file in a data folder (as the server names it).
 fn db_path(dir: &Path) -> PathBuf {

@@ -7,11 +7,11 @@ mod faults;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use serde_json::{Value, json};
 use session_server::config::Cli;
 
 use crate::support::backend::{BACKEND_SECRET, Backend, Mode};
 use crate::support::*;
-use serde_json::{Value, json};
 
 fn with_backend(backend: &Backend, extra: &[&str]) -> Server {
     let url = backend.url();

@@ -8,11 +8,12 @@ mod v2;
 
 use std::time::Duration;
 
-use crate::support::*;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+use crate::support::*;
 
 fn rect(x: f64) -> Value {
     json!({"type":"shape_create","shapeType":"rectangle","x":x,"y":200,"width":150,"height":100})

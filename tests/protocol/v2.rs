@@ -6,9 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::*;
 use serde_json::{Value, json};
 use session_server::protocol::v2::{Applied, Replica};
+
+use crate::support::*;
 
 const V2: &str = "whiteboard.v2";
 

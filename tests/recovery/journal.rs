@@ -6,9 +6,10 @@
 
 use std::time::{Duration, Instant};
 
+use serde_json::{Value, json};
+
 use crate::support::backend::{Backend, Mode};
 use crate::support::*;
-use serde_json::{Value, json};
 
 fn rect(x: i64) -> Value {
     json!({"type":"shape_create","shapeType":"rectangle","x":x,"y":0,"width":10,"height":10})
