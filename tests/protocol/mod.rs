@@ -314,7 +314,7 @@ async fn timestamps_are_iso_milliseconds_and_numbers_read_as_javascript() {
     }
 }
 
-// ---- Architecture -----------------------------------------------------------
+// ---- WebSocket framing (RFC 6455) ------------------------------------------
 
 /// The server answers a client's ping with the same payload, and a client's close
 /// with a close frame echoing its code (RFC 6455 §5.5.1–5.5.3).
