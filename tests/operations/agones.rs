@@ -592,12 +592,13 @@ mod with_agones {
             .local_addr()
             .unwrap()
             .port();
+        let data = temp_dir("agones-unreachable");
         let started = Instant::now();
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))
             .args(["--port", "0", "--bind", "127.0.0.1", "--workers", "1"])
             .args(["--agones-connect-timeout-ms", "1000"])
             .arg("--data-dir")
-            .arg(temp_dir("agones-unreachable"))
+            .arg(data.as_os_str())
             .env("JWT_SECRET", SECRET)
             .env("AGONES_SDK_GRPC_PORT", port.to_string())
             .output()

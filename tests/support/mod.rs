@@ -69,12 +69,6 @@ impl std::ops::Deref for TempDir {
     }
 }
 
-impl AsRef<std::ffi::OsStr> for TempDir {
-    fn as_ref(&self) -> &std::ffi::OsStr {
-        self.0.as_os_str()
-    }
-}
-
 impl Drop for TempDir {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -121,7 +115,7 @@ impl Server {
             None
         } else {
             let dir = temp_dir("data");
-            cmd.arg("--data-dir").arg(&dir);
+            cmd.arg("--data-dir").arg(dir.as_os_str());
             Some(dir)
         };
         cmd.args(args)
