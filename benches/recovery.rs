@@ -9,14 +9,16 @@
 //! room is on the killed one. Kills are spaced past the supervisor's crash-loop
 //! window, so every replacement starts at once (as after an isolated crash).
 
-#[path = "../tests/util/mod.rs"]
-mod util;
+// The tests' harness; the benchmark uses part of it.
+#[allow(dead_code)]
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use util::backend::{Backend, Mode};
-use util::*;
+use support::backend::{Backend, Mode};
+use support::*;
 
 const MEMBERS: usize = 10;
 const SHAPES_PER_ROOM: i64 = 20;

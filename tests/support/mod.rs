@@ -1,11 +1,12 @@
 //! Test harness: starts the real `session-server` binary on a free loopback port,
 //! keeps its logs (printed if the test fails), talks to it with real WebSocket
 //! clients, and kills it (by pid) when dropped.
-#![allow(dead_code)]
 
 pub mod backend;
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -26,8 +27,9 @@ pub struct Server {
     child: Option<Child>,
     pub port: u16,
     logs: Arc<Mutex<Vec<String>>>,
-    /// The embedded store's folder, unless the test passed its own.
-    pub data_dir: Option<std::path::PathBuf>,
+    /// The embedded store's folder, unless the test passed its own (removed
+    /// once the server is dropped, after the process is killed).
+    data_dir: Option<TempDir>,
     /// The admin token the harness gave the server (unless the test set its
     /// own): [`Server::get`] sends it, so tests read `/status` and `/metrics`.
     admin_token: Option<String>,
@@ -36,8 +38,9 @@ pub struct Server {
 /// The admin token the harness sets when a test does not set its own.
 pub const HARNESS_ADMIN_TOKEN: &str = "harness-admin-token-0123456789";
 
-/// A fresh folder under the system temp dir, never shared by two tests.
-pub fn temp_dir(what: &str) -> std::path::PathBuf {
+/// A fresh folder under the system temp dir, never shared by two tests, removed
+/// when dropped (see [`TempDir`]).
+pub fn temp_dir(what: &str) -> TempDir {
     // Tests of one binary run in parallel threads of one process, and two of
     // them can read the same clock value (it happened in CI, so two servers
     // raced for one data directory's lock): a counter makes the name unique
@@ -50,7 +53,43 @@ pub fn temp_dir(what: &str) -> std::path::PathBuf {
         rand::random::<u64>()
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TempDir(dir)
+}
+
+/// A test's folder: removed when its owner (the test, or the [`Server`] that
+/// made it) is dropped, so it outlives every server the test starts on it.
+/// Kept when the test fails, with its path printed, to be looked into.
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("the test failed: its folder is kept: {}", self.0.display());
+            return;
+        }
+        // A killed server's workers may still be writing for a moment (they
+        // exit within a second of their supervisor): try again meanwhile.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match std::fs::remove_dir_all(&self.0) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(e) if Instant::now() >= deadline => {
+                    eprintln!("could not remove {}: {e}", self.0.display());
+                    return;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
 }
 
 impl Server {
@@ -76,7 +115,7 @@ impl Server {
             None
         } else {
             let dir = temp_dir("data");
-            cmd.arg("--data-dir").arg(&dir);
+            cmd.arg("--data-dir").arg(dir.as_os_str());
             Some(dir)
         };
         cmd.args(args)
@@ -136,6 +175,13 @@ impl Server {
             Err(_) => panic!("server did not start; logs:\n{}", server.logs()),
         }
         server
+    }
+
+    /// The embedded store's folder the harness made (the test passed none).
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir
+            .as_deref()
+            .expect("the harness's data folder (the test passed its own)")
     }
 
     pub fn pid(&self) -> u32 {
@@ -732,5 +778,46 @@ impl Client {
                 Ok(other) => panic!("connection ended: {other:?}"),
             }
         }
+    }
+}
+
+/// A normal client still gets in and gets answers.
+pub async fn still_serves(server: &Server, room: &str) {
+    let mut client = server.join("normal-user", room).await;
+    let snap = client.sync("normal-user", 3.0).await;
+    assert_eq!(users(&snap), ["normal-user"]);
+    client.close().await;
+}
+
+/// Parses the Prometheus text format into `name{labels}` → value.
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap();
+            (name.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+pub async fn metrics(server: &Server) -> HashMap<String, f64> {
+    let (code, body) = server.get("/metrics").await;
+    assert_eq!(code, 200);
+    parse_metrics(&body)
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, for at most `within`.
+pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    within: Duration,
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

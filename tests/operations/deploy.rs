@@ -4,8 +4,6 @@
 //! parsing (the container's `args` through `Cli`), and the Deployment's probes
 //! against a server started with the manifest's arguments.
 
-mod util;
-
 use std::time::Duration;
 
 use clap::Parser;
@@ -278,7 +276,8 @@ async fn the_kubernetes_deployment_matches_the_server_and_its_probes_answer() {
     // The probes answer 200, on GET as the kubelet sends them, from a server
     // started with the manifest's arguments.
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = util::Server::start_raw(&args, &[("JWT_SECRET", util::SECRET)]);
+    let server =
+        crate::support::Server::start_raw(&args, &[("JWT_SECRET", crate::support::SECRET)]);
     for path in [readiness, liveness] {
         let (status, body) = server.get(path).await;
         assert_eq!(status, 200, "{path}: {body}");

@@ -1,13 +1,12 @@
 //! What the real browser client does must just work (PROTOCOL.md §8): a mouse
-//! at display rate while dragging, a paste of many shapes, a reconnect after the
-//! network dropped. No limit may lose or close such a client's work.
-
-mod util;
+//! at display rate while dragging, a paste of many shapes, a room filled in
+//! acknowledged batches. No limit may lose or close such a client's work.
 
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use util::*;
+
+use crate::support::*;
 
 /// The fastest display the real client meets: a cursor move per frame.
 const MOUSE_HZ: u32 = 240;
@@ -142,121 +141,4 @@ async fn a_room_fills_to_1000_shapes_in_acknowledged_batches_of_20() {
     filler.send_text(&create(1000)).await;
     let snap = filler.sync("filler", 7.0).await;
     assert_eq!(shapes(&snap).len(), 1000);
-}
-
-#[tokio::test]
-async fn a_connection_that_stopped_answering_is_replaced_by_its_user_s_new_one() {
-    let server = Server::start(&[]);
-    // The ghost: its network vanished, so it never reads or answers again.
-    let mut ghost = server.join("alice", "lost").await;
-    let mut bob = server.join("bob", "lost").await;
-    // Silent for longer than the takeover wait (a connection heard from within
-    // it counts as alive without being asked).
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-
-    let start = Instant::now();
-    let mut again = server
-        .connect(&server.url(&server.token("alice", "lost")))
-        .await;
-    let snap = again.next_snapshot().await;
-    let took = start.elapsed();
-    assert!(took < Duration::from_secs(3), "replaced after {took:?}");
-    assert!(
-        took >= Duration::from_millis(1500),
-        "the ghost was given its time: {took:?}"
-    );
-    assert_eq!(users(&snap), ["bob", "alice"]);
-    bob.until(|s| users(s) == ["bob", "alice"]).await;
-    // The new connection is a full member.
-    again.send(json!({"type":"cursor_move","x":5,"y":6})).await;
-    bob.until(|s| {
-        s["cursors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["userId"] == "alice" && c["x"] == 5)
-    })
-    .await;
-    // Had the ghost come back, it would find itself closed with a clear reason.
-    assert_eq!(
-        ghost.closed().await,
-        Closed::Frame(4000, "Replaced by a new connection".into())
-    );
-    assert_eq!(
-        metric(&server, "session_server_connections_replaced_total").await,
-        1.0
-    );
-}
-
-#[tokio::test]
-async fn a_live_connection_is_not_replaced_and_the_new_one_is_refused() {
-    let server = Server::start(&[]);
-    let mut alive = server.join("carol", "kept").await;
-    // Carol's first page keeps reading (and so answers pings) meanwhile.
-    let reader = tokio::spawn(async move {
-        alive.read_for(Duration::from_secs(3)).await;
-        alive
-    });
-    let start = Instant::now();
-    let mut second = server
-        .connect(&server.url(&server.token("carol", "kept")))
-        .await;
-    assert_eq!(
-        second.closed().await,
-        Closed::Frame(1008, "Duplicate user".into())
-    );
-    assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        start.elapsed()
-    );
-    let mut alive = reader.await.unwrap();
-    let snap = alive.sync("carol", 9.0).await;
-    assert_eq!(users(&snap), ["carol"]);
-    assert_eq!(
-        metric(
-            &server,
-            "session_server_connections_rejected_total{reason=\"duplicate_user\"}"
-        )
-        .await,
-        1.0
-    );
-    assert_eq!(
-        metric(&server, "session_server_connections_replaced_total").await,
-        0.0
-    );
-}
-
-#[tokio::test]
-async fn a_reload_whose_old_socket_closes_meanwhile_just_joins() {
-    let server = Server::start(&[]);
-    let old = server.join("dave", "reload").await;
-    let url = server.url(&server.token("dave", "reload"));
-    let (new, ()) = tokio::join!(server.connect(&url), old.close());
-    let mut new = new;
-    let snap = new.until(|s| users(s) == ["dave"]).await;
-    assert_eq!(users(&snap), ["dave"]);
-}
-
-#[tokio::test]
-async fn a_connection_heard_from_just_now_is_kept_without_waiting_for_a_ping() {
-    let server = Server::start(&[]);
-    let mut busy = server.join("erin", "recent").await;
-    // Erin just moved her mouse; her client is busy and does not read right now.
-    busy.send(json!({"type":"cursor_move","x":1,"y":1})).await;
-    let start = Instant::now();
-    let mut second = server
-        .connect(&server.url(&server.token("erin", "recent")))
-        .await;
-    assert_eq!(
-        second.closed().await,
-        Closed::Frame(1008, "Duplicate user".into())
-    );
-    assert!(
-        start.elapsed() < Duration::from_secs(1),
-        "{:?}",
-        start.elapsed()
-    );
-    let snap = busy.sync("erin", 2.0).await;
-    assert_eq!(users(&snap), ["erin"]);
 }

@@ -1,94 +1,21 @@
-//! Hostile clients (issue 7), against the real server: bad tokens, oversize and
-//! malformed frames, floods, clients that never read, half-open upgrades and
-//! connection churn. After each attack the server still serves a normal client.
+//! Limits and security: hostile clients against the real server (oversize and
+//! malformed frames, floods, clients that never read or stall, half-open
+//! upgrades, connection churn, forged log lines, over-budget pastes). After each
+//! attack the server still serves a normal client. What real clients do must
+//! never trip a limit: `real_clients`.
 
-mod util;
+mod real_clients;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use util::*;
 
-fn parse_metrics(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-/// A normal client still gets in and gets answers.
-async fn still_serves(server: &Server, room: &str) {
-    let mut client = server.join("normal-user", room).await;
-    let snap = client.sync("normal-user", 3.0).await;
-    assert_eq!(users(&snap), ["normal-user"]);
-    client.close().await;
-}
-
-#[tokio::test]
-async fn every_bad_token_is_refused_before_the_upgrade_and_counted_by_reason() {
-    let server = Server::start(&[]);
-    let host = server.host();
-    let cases = [
-        (
-            "bad_signature",
-            sign_with(
-                json!({"userId":"a","roomId":"r","host":host}),
-                "some-other-long-secret",
-            ),
-        ),
-        (
-            "expired",
-            sign(json!({"userId":"a","roomId":"r","host":host,"exp":now() - 3600})),
-        ),
-        (
-            "not_yet_valid",
-            sign(json!({"userId":"a","roomId":"r","host":host,"nbf":now() + 3600})),
-        ),
-        (
-            "wrong_host",
-            sign(json!({"userId":"a","roomId":"r","host":"evil:1"})),
-        ),
-        ("malformed", sign(json!({"roomId":"r","host":host}))),
-        (
-            "bad_claims",
-            sign(json!({"userId":"a".repeat(200),"roomId":"r","host":host})),
-        ),
-        ("malformed", "e30.e30.e30".to_owned()),
-        ("too_large", "a".repeat(5000)),
-    ];
-    for (_, token) in &cases {
-        assert_eq!(
-            server.try_connect(&server.url(token)).await.err(),
-            Some(401)
-        );
-    }
-    let (_, body) = server.get("/metrics").await;
-    let m = parse_metrics(&body);
-    let count = |reason: &str| {
-        m.get(&format!(
-            "session_server_auth_failures_total{{reason=\"{reason}\"}}"
-        ))
-        .copied()
-    };
-    assert_eq!(count("bad_signature"), Some(1.0));
-    assert_eq!(count("expired"), Some(1.0));
-    assert_eq!(count("not_yet_valid"), Some(1.0));
-    assert_eq!(count("wrong_host"), Some(1.0));
-    assert_eq!(count("bad_claims"), Some(1.0));
-    assert_eq!(count("malformed"), Some(2.0));
-    assert_eq!(count("too_large"), Some(1.0));
-    assert!(!server.logs().contains(&"a".repeat(5000)));
-    still_serves(&server, "r").await;
-}
+use crate::support::*;
 
 #[tokio::test]
 async fn a_one_mib_frame_is_closed_with_1009() {
@@ -118,32 +45,6 @@ async fn malformed_utf8_ends_that_connection_only() {
     let snap = bystander.until(|s| users(s) == ["bystander"]).await;
     assert_eq!(users(&snap), ["bystander"]);
     still_serves(&server, "other").await;
-}
-
-#[tokio::test]
-async fn fragmented_messages_are_reassembled() {
-    let server = Server::start(&[]);
-    let mut alice = server.join("alice", "r").await;
-    let text = json!({"type":"cursor_move","x":77,"y":88}).to_string();
-    let (first, second) = text.split_at(10);
-    alice
-        .send_raw(Message::Frame(Frame::message(
-            first.as_bytes().to_vec(),
-            OpCode::Data(Data::Text),
-            false,
-        )))
-        .await;
-    alice
-        .send_raw(Message::Frame(Frame::message(
-            second.as_bytes().to_vec(),
-            OpCode::Data(Data::Continue),
-            true,
-        )))
-        .await;
-    let snap = alice
-        .until(|s| s["cursors"].as_array().unwrap().len() == 1)
-        .await;
-    assert_eq!(snap["cursors"][0]["x"], 77);
 }
 
 /// Round-trip time of one cursor move of `client` (send → snapshot showing it).
@@ -353,163 +254,6 @@ async fn binary_frames_are_ignored_and_counted() {
     );
 }
 
-#[test]
-fn a_weak_secret_stops_start_up() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))
-        .args(["--port", "0", "--bind", "127.0.0.1"])
-        .env("JWT_SECRET", "short")
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("shorter than 16 bytes"));
-}
-
-#[test]
-fn dev_mode_with_a_real_secret_refuses_a_public_address() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))
-        .args(["--port", "0", "--dev", "--bind", "0.0.0.0"])
-        .env("JWT_SECRET", "a-real-production-secret")
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("dev mode with JWT_SECRET set listens only on loopback"),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("a-real-production-secret"), "{stderr}");
-}
-
-#[tokio::test]
-async fn dev_mode_listens_on_loopback_and_says_what_it_exposes() {
-    // No --bind: the harness passes one, so start the binary by hand.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))
-        .args(["--port", "0", "--dev", "--workers", "1"])
-        .args(["--data-dir", temp_dir("dev-bind").to_str().unwrap()])
-        .env_remove("JWT_SECRET")
-        .env_remove("BIND_ADDRESS")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let stdout = child.stdout.take().unwrap();
-    let lines = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .take(50)
-            .scan(false, |seen, line| {
-                // Up to and including the line about what dev mode exposes.
-                let done = *seen;
-                *seen = line.contains("Dev mode exposes");
-                (!done).then_some(line)
-            })
-            .collect::<Vec<_>>()
-    });
-    let lines = tokio::time::timeout(PATIENCE, lines)
-        .await
-        .unwrap()
-        .unwrap();
-    send_signal(pid, "KILL");
-    let _ = child.wait();
-    let all = lines.join("\n");
-    assert!(all.contains("Dev mode exposes, on 127.0.0.1:"), "{all}");
-    assert!(
-        all.contains("/dev/token mints tokens for any user"),
-        "{all}"
-    );
-}
-
-/// A raw HTTP request; returns the status and the response head.
-async fn request(server: &Server, method: &str, path: &str, headers: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(server.host()).await.unwrap();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{headers}\r\n",
-        server.host()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
-        .await
-        .unwrap()
-        .unwrap();
-    let response = String::from_utf8_lossy(&response).into_owned();
-    (response[9..12].parse().unwrap(), response)
-}
-
-#[tokio::test]
-async fn operational_endpoints_need_the_admin_token_and_health_answers_head() {
-    let token = "ops-token-0123456789";
-    let server = Server::start_raw(
-        &["--workers", "1"],
-        &[("JWT_SECRET", SECRET), ("ADMIN_TOKEN", token)],
-    );
-    let bearer = format!("Authorization: Bearer {token}\r\n");
-    for path in ["/status", "/admin/rooms", "/metrics"] {
-        assert_eq!(request(&server, "GET", path, "").await.0, 401, "{path}");
-        assert_eq!(
-            request(&server, "GET", path, &bearer).await.0,
-            200,
-            "{path}"
-        );
-    }
-    // Without ADMIN_TOKEN, /status and the monitor are off; /metrics is open.
-    let open = Server::start_raw(
-        &["--workers", "1"],
-        &[("JWT_SECRET", SECRET), ("ADMIN_TOKEN", "")],
-    );
-    assert_eq!(request(&open, "GET", "/status", "").await.0, 404);
-    assert_eq!(request(&open, "GET", "/metrics", "").await.0, 200);
-    // Health for load balancers: HEAD works, other methods get 405 with Allow.
-    for path in ["/healthz", "/readyz"] {
-        let (code, head) = request(&open, "HEAD", path, "").await;
-        assert_eq!(code, 200, "{head}");
-        assert!(!head.contains("\r\n\r\nok"), "no body for HEAD: {head}");
-    }
-    let (code, head) = request(&open, "POST", "/healthz", "Content-Length: 0\r\n").await;
-    assert_eq!(code, 405);
-    assert!(
-        head.to_ascii_lowercase().contains("allow: get, head"),
-        "{head}"
-    );
-    assert_eq!(request(&open, "DELETE", "/nowhere", "").await.0, 404);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn room_ids_that_are_path_segments_are_refused_before_the_backend() {
-    let backend = util::backend::Backend::start().await;
-    let url = backend.url();
-    let server = Server::start_raw(
-        &["--workers", "1", "--backend-url", url.as_str()],
-        &[
-            ("JWT_SECRET", SECRET),
-            ("SESSION_SERVER_SECRET", util::backend::BACKEND_SECRET),
-        ],
-    );
-    for room in [".", ".."] {
-        let token = server.token("mallory", room);
-        assert_eq!(
-            server.try_connect(&server.url(&token)).await.err(),
-            Some(401)
-        );
-    }
-    assert_eq!(
-        metric(
-            &server,
-            "session_server_auth_failures_total{reason=\"bad_room_id\"}"
-        )
-        .await,
-        2.0
-    );
-    // A room id with dots inside is an ordinary one.
-    let mut fine = server.join("alice", "..a.b..").await;
-    fine.sync("alice", 1.0).await;
-    let paths: Vec<String> = backend.requests().iter().map(|r| r.path.clone()).collect();
-    assert_eq!(paths, ["/api/boards/by-room/..a.b.."], "{paths:?}");
-}
-
 /// A user id with a newline and a NUL makes one log line, with both written as
 /// escapes, in the human format and in JSON.
 #[tokio::test]
@@ -546,4 +290,70 @@ async fn client_strings_cannot_forge_log_lines() {
         };
         assert!(opened[0].contains(escaped), "{format}: {}", opened[0]);
     }
+}
+
+#[tokio::test]
+async fn a_reader_that_stalls_never_delays_the_others_and_ends_with_the_newest() {
+    // This test sends faster than the default rate limit allows.
+    let server = Server::start(&[
+        "--rate-limit-per-sec",
+        "100000",
+        "--rate-limit-burst",
+        "100000",
+    ]);
+    let mut stalled = server.join("stalled", "r1").await;
+    let mut active = server.join("active", "r1").await;
+    // Each snapshot carries ~1000 shapes' worth of text, so the stalled client's
+    // socket buffers fill quickly while it reads nothing.
+    for i in 0..300 {
+        active
+            .send(
+                json!({"type":"shape_create","shapeType":"text","x":i,"y":0,"width":1,"height":1,
+                "text":"x".repeat(200)}),
+            )
+            .await;
+    }
+    for i in 0..200 {
+        active.send(json!({"type":"cursor_move","x":i,"y":i})).await;
+    }
+    let last = active.sync("active", 9999.0).await;
+    assert_eq!(shapes(&last).len(), 300);
+    // Now the stalled client reads: it may skip snapshots, but ends with the newest.
+    let got = stalled.until(|s| *s == last).await;
+    assert_eq!(got, last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paste_of_control_characters_is_refused_and_never_crashes_a_worker() {
+    let server = Server::start_raw(&["--workers", "1"], &[("JWT_SECRET", SECRET)]);
+    let mut alice = server.join("alice", "paste").await;
+    let pid = server.worker_pids().await;
+    // 10 000 × U+0001: within the text limit and the 64 KiB message limit (60 KB
+    // as sent), but 60 000 bytes once escaped in a snapshot; 300 of them would
+    // be an 18 MB snapshot, over the 16 MiB IPC frame limit.
+    let text = "\u{1}".repeat(10_000);
+    let paste: Vec<String> = (0..300).map(|x| create(x, &text).to_string()).collect();
+    assert!(paste[0].len() < 64 * 1024 && paste[0].len() > 60_000);
+    alice.send_burst(paste).await;
+    let snap = alice.sync("alice", 7.0).await;
+    assert!(shapes(&snap).is_empty(), "over-budget shapes were accepted");
+    // The room keeps working, on the same worker process.
+    alice.send(create(1, "hello")).await;
+    let snap = alice.until(|s| shapes(s).len() == 1).await;
+    assert_eq!(shapes(&snap)[0]["text"], "hello");
+    assert_eq!(server.worker_pids().await, pid, "the worker was replaced");
+    let ignored = "session_server_frames_ignored_total{reason=\"shape_too_big\"}";
+    eventually(PATIENCE, "300 ignored frames counted", || async {
+        (metric(&server, ignored).await == 300.0).then_some(())
+    })
+    .await;
+    assert!(
+        !server.logs().contains("worker exited"),
+        "{}",
+        server.logs()
+    );
+}
+
+fn create(x: i64, text: &str) -> Value {
+    json!({"type":"shape_create","shapeType":"text","x":x,"y":0,"width":10,"height":10,"text":text})
 }

@@ -4,13 +4,12 @@
 //! thousands of events a worker crash still loses nothing acknowledged, and big
 //! messages cost the journal bytes only until the next checkpoint.
 
-mod util;
-
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use util::backend::{Backend, Mode};
-use util::*;
+
+use crate::support::backend::{Backend, Mode};
+use crate::support::*;
 
 fn rect(x: i64) -> Value {
     json!({"type":"shape_create","shapeType":"rectangle","x":x,"y":0,"width":10,"height":10})
@@ -176,7 +175,7 @@ fn rss_mib(pid: u32) -> f64 {
 /// send 50 KB messages at 400/s each (within their budget: 20 MB/s each) for
 /// `OUTAGE_FLOOD_SECS` (default 60) into degraded rooms, then leave. Prints the supervisor's RSS before,
 /// at its peak, and once the rooms are freed. A measurement, not a test (run
-/// with `cargo test --release --test faults_journal -- --ignored --nocapture`).
+/// with `cargo test --release --test server recovery::journal -- --ignored --nocapture`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement (about a minute)"]
 async fn supervisor_memory_through_an_outage_with_big_messages() {

@@ -2,8 +2,6 @@
 //! made at run time. Certificates rotate when their files change; bad files stop
 //! start-up with a clear line; a bad replacement keeps the old certificate.
 
-mod util;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +16,8 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use util::*;
+
+use crate::support::*;
 
 /// A certificate authority the test clients trust.
 struct Ca {

@@ -3,15 +3,15 @@
 //! KillMode=control-group) save every unsaved room, close clients with 1001 and
 //! end every process of the group within 10 s (what `docker stop` and Kubernetes
 //! allow before SIGKILL), even when the backend never answers or a worker dies
-//! during the shutdown.
-
-mod util;
+//! during the shutdown; meanwhile `/readyz` says draining and new upgrades get
+//! `503`.
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use util::backend::{BACKEND_SECRET, Backend, Mode};
-use util::*;
+
+use crate::support::backend::{BACKEND_SECRET, Backend, Mode};
+use crate::support::*;
 
 /// What `docker stop` and Kubernetes wait before SIGKILL.
 const KILL_AFTER: Duration = Duration::from_secs(10);
@@ -57,8 +57,8 @@ fn exit_within_budget(server: &mut Server, pids: &[u32], signalled: Instant) -> 
 
 /// Two rooms on two workers, each with a shape not saved yet (the signal comes
 /// well before the 2 s debounce): the signal saves both, closes both clients with
-/// 1001, exits 0 and leaves no process behind; a restart on the same store has
-/// the shapes.
+/// 1001, exits 0 once its workers are gone and leaves no process behind; a
+/// restart on the same store has the shapes.
 async fn unsaved_rooms_are_saved_on(signal: &str, target: Target) {
     let dir = temp_dir("shutdown");
     let dir_arg = dir.to_str().unwrap();
@@ -72,14 +72,21 @@ async fn unsaved_rooms_are_saved_on(signal: &str, target: Target) {
     bob.send(rect(3)).await;
     let a = alice.until(|s| shapes(s).len() == 1).await;
     let b = bob.until(|s| shapes(s).len() == 2).await;
-    let mut pids = server.worker_pids().await;
-    assert_eq!(pids.len(), 2);
+    let workers = server.worker_pids().await;
+    assert_eq!(workers.len(), 2);
+    let mut pids = workers.clone();
     pids.push(server.pid());
 
     let signalled = Instant::now();
     send(&server, target, signal);
     for client in [alice, bob] {
         goes_away(client).await;
+    }
+    let left = KILL_AFTER.saturating_sub(signalled.elapsed());
+    tokio::task::block_in_place(|| server.wait_exit(left));
+    // The supervisor ends its workers before it exits.
+    for pid in workers {
+        assert!(!process_exists(pid), "worker {pid} outlived the supervisor");
     }
     let (code, took) = exit_within_budget(&mut server, &pids, signalled);
     assert_eq!(code, 0, "{}", server.logs());
@@ -95,8 +102,6 @@ async fn unsaved_rooms_are_saved_on(signal: &str, target: Target) {
         let after = client.next_snapshot().await;
         assert_eq!(after["shapes"], before["shapes"], "{room}");
     }
-    drop(server);
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 impl std::fmt::Display for Target {
@@ -274,4 +279,53 @@ async fn a_quiet_log_level_serves_until_the_signal() {
     goes_away(client).await;
     let (code, _) = exit_within_budget(&mut server, &pids, signalled);
     assert_eq!(code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_readyz_503_new_upgrades_503_then_going_away_and_exit_zero() {
+    let backend = Backend::start().await;
+    backend.create_board("r1", json!([]));
+    let url = backend.url();
+    let mut server = Server::start_raw(
+        &[
+            "--workers",
+            "1",
+            "--backend-url",
+            url.as_str(),
+            "--shutdown-grace-ms",
+            "1500",
+        ],
+        &[
+            ("JWT_SECRET", SECRET),
+            ("SESSION_SERVER_SECRET", BACKEND_SECRET),
+        ],
+    );
+    let mut alice = server.join("alice", "r1").await;
+    // A hung backend keeps the drain busy for the whole grace period.
+    backend.set_mode(Mode::Hang);
+    alice
+        .send(json!({"type":"shape_create","shapeType":"oval","x":1,"y":0,"width":1,"height":1}))
+        .await;
+    alice.until(|s| shapes(s).len() == 1).await;
+    assert_eq!(server.get("/readyz").await.0, 200);
+    let signalled = Instant::now();
+    server.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(server.get("/readyz").await, (503, "draining\n".to_owned()));
+    assert_eq!(server.raw_upgrade(&server.token("late", "r2")).await.0, 503);
+    assert_eq!(
+        alice.closed().await,
+        Closed::Frame(1001, "Going Away".into())
+    );
+    let code = tokio::task::block_in_place(|| server.wait_exit(PATIENCE));
+    assert_eq!(code, Some(0));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "exit within the grace period"
+    );
+    assert!(
+        server.logs().contains("some rooms could not be saved"),
+        "{}",
+        server.logs()
+    );
 }

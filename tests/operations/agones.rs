@@ -6,8 +6,6 @@
 //! the last room closes, the maximum lifetime, SIGTERM, and an unreachable SDK
 //! server. Needs the `agones` feature (on in CI).
 
-mod util;
-
 #[cfg(feature = "agones")]
 mod with_agones {
     use std::net::SocketAddr;
@@ -22,7 +20,7 @@ mod with_agones {
     use tonic::codegen::tokio_stream::wrappers::TcpListenerStream;
     use tonic::{Request, Response, Status};
 
-    use super::util::*;
+    use crate::support::*;
 
     mod sdk {
         tonic::include_proto!("agones.dev.sdk");
@@ -594,12 +592,13 @@ mod with_agones {
             .local_addr()
             .unwrap()
             .port();
+        let data = temp_dir("agones-unreachable");
         let started = Instant::now();
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))
             .args(["--port", "0", "--bind", "127.0.0.1", "--workers", "1"])
             .args(["--agones-connect-timeout-ms", "1000"])
             .arg("--data-dir")
-            .arg(temp_dir("agones-unreachable"))
+            .arg(data.as_os_str())
             .env("JWT_SECRET", SECRET)
             .env("AGONES_SDK_GRPC_PORT", port.to_string())
             .output()
@@ -627,7 +626,7 @@ mod with_agones {
 fn without_the_feature_agones_is_a_configuration_error() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))
         .args(["--port", "0", "--bind", "127.0.0.1"])
-        .env("JWT_SECRET", util::SECRET)
+        .env("JWT_SECRET", crate::support::SECRET)
         .env("AGONES_SDK_GRPC_PORT", "9357")
         .output()
         .unwrap();

@@ -4,14 +4,12 @@
 //! (`?protocol=v1` forces v1); the browser test ends by checking that the pages
 //! speak v2, which fails until the server speaks it (PROTOCOL-v2.md). Needs `chromium` and
 //! `npm ci --prefix tests/browser`, which `.ci/run` installs; run it with
-//! `cargo test --test browser -- --include-ignored`. Screenshots are kept in
+//! `cargo test --test server clients::browser -- --include-ignored`. Screenshots are kept in
 //! `target/browser-artifacts/`.
-
-mod util;
 
 use std::process::Command;
 
-use util::*;
+use crate::support::*;
 
 /// Where the scripts keep their screenshots.
 const ARTIFACTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/browser-artifacts");
@@ -67,67 +65,4 @@ fn two_pages_draw_together_and_survive_a_worker_crash() {
 fn the_board_speaks_v2_to_a_v2_server() {
     let server = Server::start_raw(&["--dev", "--workers", "1"], &[]);
     run_script("board-v2-fake.mjs", &server, "[browser-v2] pass");
-}
-
-#[tokio::test]
-async fn dev_endpoints_exist_only_in_dev_mode() {
-    // No ADMIN_TOKEN (an empty one is none): the monitor is off.
-    let server = Server::start_raw(
-        &["--workers", "2"],
-        &[("JWT_SECRET", SECRET), ("ADMIN_TOKEN", "")],
-    );
-    assert_eq!(server.get("/dev/token?userId=a&roomId=r").await.0, 404);
-    assert_eq!(server.get("/admin/rooms").await.0, 404);
-    assert_eq!(server.get("/admin").await.0, 404);
-    assert_eq!(server.get("/").await.0, 426);
-
-    let dev = Server::start_raw(&["--dev", "--workers", "1"], &[]);
-    let (code, page) = dev.get("/").await;
-    assert_eq!(code, 200);
-    assert!(page.contains("<svg id=\"board\""));
-    // The TypeScript client, in the page's import map.
-    assert!(page.contains("\"session-client\": \"data:text/javascript;base64,"));
-    let (code, body) = dev.get("/dev/token?userId=alice&roomId=r1").await;
-    assert_eq!(code, 200);
-    let token: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let mut client = dev
-        .connect(&dev.url(token["token"].as_str().unwrap()))
-        .await;
-    assert_eq!(users(&client.next_snapshot().await), ["alice"]);
-    assert_eq!(dev.get("/dev/token?userId=&roomId=r1").await.0, 400);
-    let (code, body) = dev.get("/admin/rooms").await;
-    assert_eq!(code, 200);
-    let monitor: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(monitor["rooms"][0]["room"], "r1");
-    assert_eq!(monitor["rooms"][0]["connections"], 1);
-    assert_eq!(monitor["connections"], 1);
-    assert!(dev.logs().contains("Dev mode: open http://localhost:"));
-}
-
-#[tokio::test]
-async fn the_monitor_needs_the_admin_token_outside_dev_mode() {
-    let server = Server::start_raw(
-        &["--workers", "1"],
-        &[
-            ("JWT_SECRET", SECRET),
-            ("ADMIN_TOKEN", "monitor-token-1234"),
-        ],
-    );
-    let _alice = server.join("alice", "r1").await;
-    assert_eq!(server.get("/admin/rooms").await.0, 401);
-    assert_eq!(server.get("/admin").await.0, 200);
-    let (code, body) = server
-        .get_with(
-            "/admin/rooms",
-            &[("Authorization", "Bearer monitor-token-1234")],
-        )
-        .await;
-    assert_eq!(code, 200);
-    let monitor: serde_json::Value = serde_json::from_str(&body).unwrap();
-    // Members and shapes come from the worker's summary, sent every second.
-    assert_eq!(monitor["rooms"][0]["room"], "r1");
-    let (code, _) = server
-        .get_with("/admin/rooms", &[("Authorization", "Bearer wrong")])
-        .await;
-    assert_eq!(code, 401);
 }

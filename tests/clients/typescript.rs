@@ -3,7 +3,7 @@
 //! the apply logic, a fake v2 server, and the real binary given by
 //! `SESSION_SERVER_BIN`). Needs node and `npm ci --prefix clients/typescript`,
 //! which `.ci/run` installs; run it with
-//! `cargo test --test typescript_client -- --include-ignored`.
+//! `cargo test --test server clients::typescript -- --include-ignored`.
 
 use std::process::Command;
 

@@ -4,13 +4,12 @@
 //! the room a v1 client sees; a fast room sends each v1 member at most 60
 //! snapshots a second and never loses the last one.
 
-mod util;
-
 use std::time::{Duration, Instant};
 
 use contract::protocol::v2::{Applied, Replica};
 use serde_json::{Value, json};
-use util::*;
+
+use crate::support::*;
 
 const V2: &str = "whiteboard.v2";
 

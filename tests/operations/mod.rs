@@ -1,31 +1,20 @@
-//! What production needs (issue 6): metrics that count what happened, health and
-//! readiness, capacity from Hathora's settings, JSON logs, and a graceful drain.
+//! Operating the server: metrics that count what happened, JSON logs, the
+//! operational endpoints and the room monitor behind the admin token, health
+//! for load balancers; shutdown in `shutdown`, TLS in `tls`, the deployment
+//! manifests in `deploy`, the Agones lifecycle in `agones`.
 
-mod util;
+mod agones;
+mod deploy;
+mod shutdown;
+mod tls;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use util::backend::{BACKEND_SECRET, Backend, Mode};
-use util::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
-/// Parses the Prometheus text format into `name{labels}` → value.
-fn parse_metrics(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (name, value) = l.rsplit_once(' ').unwrap();
-            (name.to_owned(), value.parse().unwrap())
-        })
-        .collect()
-}
-
-async fn metrics(server: &Server) -> HashMap<String, f64> {
-    let (code, body) = server.get("/metrics").await;
-    assert_eq!(code, 200);
-    parse_metrics(&body)
-}
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_scripted_session() {
@@ -116,90 +105,6 @@ async fn metrics_count_a_scripted_session() {
 }
 
 #[tokio::test]
-async fn hathora_rooms_per_process_caps_rooms_with_503_and_retry_after() {
-    let server = Server::start_raw(
-        &["--workers", "1"],
-        &[
-            ("JWT_SECRET", SECRET),
-            ("HATHORA_ROOMS_PER_PROCESS", "2"),
-            ("HATHORA_PROCESS_ID", "proc-7"),
-        ],
-    );
-    let _a = server.join("a", "room-1").await;
-    let _b = server.join("b", "room-2").await;
-    let (code, head) = server.raw_upgrade(&server.token("c", "room-3")).await;
-    assert_eq!(code, 503);
-    assert!(
-        head.to_ascii_lowercase().contains("retry-after: 5"),
-        "{head}"
-    );
-    // A member of an existing room still gets in.
-    let _a2 = server.join("a2", "room-1").await;
-    assert!(
-        server
-            .logs()
-            .contains("the server holds its maximum of 2 rooms")
-    );
-    assert!(
-        server.logs().contains("hathora_process_id=\"proc-7\"")
-            || server.logs().contains("hathora_process_id=proc-7")
-    );
-    let (_, body) = server.get("/metrics").await;
-    assert!(body.contains("hathora_process_id=\"proc-7\""), "{body}");
-    assert!(body.contains("session_server_connections_rejected_total{reason=\"no_capacity\",hathora_process_id=\"proc-7\"} 1")
-        || body.contains("session_server_connections_rejected_total{hathora_process_id=\"proc-7\",reason=\"no_capacity\"} 1"), "{body}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_readyz_503_new_upgrades_503_then_going_away_and_exit_zero() {
-    let backend = Backend::start().await;
-    backend.create_board("r1", json!([]));
-    let url = backend.url();
-    let mut server = Server::start_raw(
-        &[
-            "--workers",
-            "1",
-            "--backend-url",
-            url.as_str(),
-            "--shutdown-grace-ms",
-            "1500",
-        ],
-        &[
-            ("JWT_SECRET", SECRET),
-            ("SESSION_SERVER_SECRET", BACKEND_SECRET),
-        ],
-    );
-    let mut alice = server.join("alice", "r1").await;
-    // A hung backend keeps the drain busy for the whole grace period.
-    backend.set_mode(Mode::Hang);
-    alice
-        .send(json!({"type":"shape_create","shapeType":"oval","x":1,"y":0,"width":1,"height":1}))
-        .await;
-    alice.until(|s| shapes(s).len() == 1).await;
-    assert_eq!(server.get("/readyz").await.0, 200);
-    let signalled = Instant::now();
-    server.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(server.get("/readyz").await, (503, "draining\n".to_owned()));
-    assert_eq!(server.raw_upgrade(&server.token("late", "r2")).await.0, 503);
-    assert_eq!(
-        alice.closed().await,
-        Closed::Frame(1001, "Going Away".into())
-    );
-    let code = tokio::task::block_in_place(|| server.wait_exit(PATIENCE));
-    assert_eq!(code, Some(0));
-    assert!(
-        signalled.elapsed() < Duration::from_secs(5),
-        "exit within the grace period"
-    );
-    assert!(
-        server.logs().contains("some rooms could not be saved"),
-        "{}",
-        server.logs()
-    );
-}
-
-#[tokio::test]
 async fn log_format_json_writes_one_json_object_per_line() {
     let server = Server::start_raw(
         &["--workers", "1"],
@@ -220,4 +125,87 @@ async fn log_format_json_writes_one_json_object_per_line() {
     assert!(parsed >= 3, "{logs}");
     assert!(logs.contains("\"message\":\"room opened\""), "{logs}");
     assert!(!logs.contains(SECRET));
+}
+
+/// A raw HTTP request; returns the status and the response head.
+async fn request(server: &Server, method: &str, path: &str, headers: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(server.host()).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{headers}\r\n",
+        server.host()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    (response[9..12].parse().unwrap(), response)
+}
+
+#[tokio::test]
+async fn operational_endpoints_need_the_admin_token_and_health_answers_head() {
+    let token = "ops-token-0123456789";
+    let server = Server::start_raw(
+        &["--workers", "1"],
+        &[("JWT_SECRET", SECRET), ("ADMIN_TOKEN", token)],
+    );
+    let bearer = format!("Authorization: Bearer {token}\r\n");
+    for path in ["/status", "/admin/rooms", "/metrics"] {
+        assert_eq!(request(&server, "GET", path, "").await.0, 401, "{path}");
+        assert_eq!(
+            request(&server, "GET", path, &bearer).await.0,
+            200,
+            "{path}"
+        );
+    }
+    // Without ADMIN_TOKEN, /status and the monitor are off; /metrics is open.
+    let open = Server::start_raw(
+        &["--workers", "1"],
+        &[("JWT_SECRET", SECRET), ("ADMIN_TOKEN", "")],
+    );
+    assert_eq!(request(&open, "GET", "/status", "").await.0, 404);
+    assert_eq!(request(&open, "GET", "/metrics", "").await.0, 200);
+    // Health for load balancers: HEAD works, other methods get 405 with Allow.
+    for path in ["/healthz", "/readyz"] {
+        let (code, head) = request(&open, "HEAD", path, "").await;
+        assert_eq!(code, 200, "{head}");
+        assert!(!head.contains("\r\n\r\nok"), "no body for HEAD: {head}");
+    }
+    let (code, head) = request(&open, "POST", "/healthz", "Content-Length: 0\r\n").await;
+    assert_eq!(code, 405);
+    assert!(
+        head.to_ascii_lowercase().contains("allow: get, head"),
+        "{head}"
+    );
+    assert_eq!(request(&open, "DELETE", "/nowhere", "").await.0, 404);
+}
+
+#[tokio::test]
+async fn the_monitor_needs_the_admin_token_outside_dev_mode() {
+    let server = Server::start_raw(
+        &["--workers", "1"],
+        &[
+            ("JWT_SECRET", SECRET),
+            ("ADMIN_TOKEN", "monitor-token-1234"),
+        ],
+    );
+    let _alice = server.join("alice", "r1").await;
+    assert_eq!(server.get("/admin/rooms").await.0, 401);
+    assert_eq!(server.get("/admin").await.0, 200);
+    let (code, body) = server
+        .get_with(
+            "/admin/rooms",
+            &[("Authorization", "Bearer monitor-token-1234")],
+        )
+        .await;
+    assert_eq!(code, 200);
+    let monitor: serde_json::Value = serde_json::from_str(&body).unwrap();
+    // Members and shapes come from the worker's summary, sent every second.
+    assert_eq!(monitor["rooms"][0]["room"], "r1");
+    let (code, _) = server
+        .get_with("/admin/rooms", &[("Authorization", "Bearer wrong")])
+        .await;
+    assert_eq!(code, 401);
 }

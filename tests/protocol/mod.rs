@@ -1,14 +1,19 @@
-//! End-to-end tests: the real binary (a supervisor and its worker processes) and
-//! real WebSocket clients, one test per rule of PROTOCOL.md §1–4 plus the
-//! architecture's promises (placement, capacity, slow readers, pings, shutdown).
+//! The client protocol (PROTOCOL.md §1–4), one test per rule, with the real
+//! binary (a supervisor and its worker processes) and real WebSocket clients;
+//! the WebSocket framing the protocol rides on (pings, closes, fragments, big
+//! frames); connection liveness in `liveness`, protocol v2 in `v2`.
 
-mod util;
+mod liveness;
+mod v2;
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-use util::*;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+use crate::support::*;
 
 fn rect(x: f64) -> Value {
     json!({"type":"shape_create","shapeType":"rectangle","x":x,"y":200,"width":150,"height":100})
@@ -25,96 +30,6 @@ async fn valid_token_joins_and_receives_the_exact_first_snapshot() {
     assert_eq!(
         alice.next_text().await,
         r#"{"connectedUsers":["alice"],"cursors":[],"shapes":[]}"#
-    );
-}
-
-#[tokio::test]
-async fn token_is_found_among_other_query_parameters() {
-    let server = Server::start(&[]);
-    let token = server.token("alice", "r1");
-    let url = format!("ws://{}/?v=1&token={token}&x=2", server.host());
-    let mut alice = server.connect(&url).await;
-    assert_eq!(users(&alice.next_snapshot().await), ["alice"]);
-}
-
-#[tokio::test]
-async fn bad_tokens_are_refused_with_401_before_the_upgrade() {
-    let server = Server::start(&[]);
-    let host = server.host();
-    let good = server.token("alice", "r1");
-    let mut tampered = good.clone();
-    tampered.pop();
-    tampered.push(if good.ends_with('A') { 'B' } else { 'A' });
-    let cases: Vec<(&str, String)> = vec![
-        ("bad signature", tampered),
-        (
-            "wrong secret",
-            sign_with(
-                json!({"userId":"a","roomId":"r1","host":host}),
-                "not-the-secret",
-            ),
-        ),
-        (
-            // {"alg":"none","typ":"JWT"}.{"userId":"a","roomId":"r1"}.
-            "alg none",
-            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJ1c2VySWQiOiJhIiwicm9vbUlkIjoicjEifQ.".into(),
-        ),
-        (
-            "expired",
-            sign(json!({"userId":"a","roomId":"r1","host":host,"exp":now() - 3600})),
-        ),
-        (
-            "not yet valid",
-            sign(json!({"userId":"a","roomId":"r1","host":host,"nbf":now() + 3600})),
-        ),
-        (
-            "wrong host",
-            sign(json!({"userId":"a","roomId":"r1","host":"other.example:8000"})),
-        ),
-        ("missing host", sign(json!({"userId":"a","roomId":"r1"}))),
-        ("missing userId", sign(json!({"roomId":"r1","host":host}))),
-        ("missing roomId", sign(json!({"userId":"a","host":host}))),
-        ("not a JWT", "hello".into()),
-    ];
-    for (what, token) in &cases {
-        let status = server.try_connect(&server.url(token)).await.err();
-        assert_eq!(status, Some(401), "{what}");
-    }
-    let no_token = format!("ws://{host}/");
-    assert_eq!(
-        server.try_connect(&no_token).await.err(),
-        Some(401),
-        "no token"
-    );
-    // Tokens never reach the logs.
-    let logs = server.logs();
-    for (what, token) in &cases {
-        let signature = token.rsplit('.').next().unwrap();
-        if signature.len() > 8 {
-            assert!(!logs.contains(signature), "{what}: token in logs");
-        }
-    }
-    assert!(logs.contains("connection refused (401)"));
-}
-
-#[tokio::test]
-async fn expiring_token_still_valid_is_accepted() {
-    let server = Server::start(&[]);
-    let token = sign(json!({"userId":"a","roomId":"r1","host":server.host(),"exp":now() + 3600}));
-    let mut client = server.connect(&server.url(&token)).await;
-    assert_eq!(users(&client.next_snapshot().await), ["a"]);
-}
-
-#[tokio::test]
-async fn host_claim_can_be_made_optional_but_is_still_checked_when_present() {
-    let server = Server::start(&["--require-host-claim", "false"]);
-    let no_host = sign(json!({"userId":"a","roomId":"r1"}));
-    let mut client = server.connect(&server.url(&no_host)).await;
-    assert_eq!(users(&client.next_snapshot().await), ["a"]);
-    let wrong_host = sign(json!({"userId":"b","roomId":"r1","host":"elsewhere:1"}));
-    assert_eq!(
-        server.try_connect(&server.url(&wrong_host)).await.err(),
-        Some(401)
     );
 }
 
@@ -150,41 +65,6 @@ async fn the_101st_member_is_closed_with_room_is_full() {
     let snap = members[0].sync("u0", 7.0).await;
     assert_eq!(users(&snap).len(), 100);
     assert!(!users(&snap).contains(&"u100".to_owned()));
-}
-
-#[tokio::test]
-async fn a_duplicate_user_is_closed_and_the_original_untouched() {
-    let server = Server::start(&[]);
-    let mut alice = server.join("alice", "r1").await;
-    // The original is a live client: it keeps reading, and so answers the ping
-    // that the duplicate's arrival triggers (a silent one would be replaced).
-    let reading = tokio::spawn(async move {
-        alice.read_for(Duration::from_secs(1)).await;
-        alice
-    });
-    let mut alice2 = server
-        .connect(&server.url(&server.token("alice", "r1")))
-        .await;
-    assert_eq!(
-        alice2.closed().await,
-        Closed::Frame(1008, "Duplicate user".into())
-    );
-    let mut alice = reading.await.unwrap();
-    // The original still receives snapshots: bob's join reaches her.
-    let _bob = server.join("bob", "r1").await;
-    let snap = alice.until(|s| users(s) == ["alice", "bob"]).await;
-    assert_eq!(users(&snap), ["alice", "bob"]);
-    let snap = alice.sync("alice", 3.0).await;
-    assert_eq!(users(&snap), ["alice", "bob"]);
-    // Once the first connection has closed, the user can join again.
-    alice.close().await;
-    let mut again = server
-        .connect(&server.url(&server.token("alice", "r1")))
-        .await;
-    let snap = again
-        .until(|s| users(s).contains(&"alice".to_owned()))
-        .await;
-    assert_eq!(users(&snap), ["bob", "alice"]);
 }
 
 #[tokio::test]
@@ -434,149 +314,7 @@ async fn timestamps_are_iso_milliseconds_and_numbers_read_as_javascript() {
     }
 }
 
-// ---- Architecture -----------------------------------------------------------
-
-#[tokio::test]
-async fn rooms_are_spread_over_separate_worker_processes() {
-    let server = Server::start(&[]);
-    let _a = server.join("alice", "room-a").await;
-    let _b = server.join("bob", "room-b").await;
-    let status = server.status().await;
-    let workers = status["workers"].as_array().unwrap();
-    assert_eq!(workers.len(), 2);
-    let pids: Vec<u32> = workers
-        .iter()
-        .map(|w| w["pid"].as_u64().unwrap() as u32)
-        .collect();
-    assert_ne!(pids[0], pids[1]);
-    for pid in &pids {
-        assert_ne!(*pid, server.pid());
-        assert!(process_exists(*pid), "worker {pid} is a live process");
-    }
-    let mut rooms: Vec<&str> = workers
-        .iter()
-        .map(|w| {
-            assert_eq!(w["rooms"].as_array().unwrap().len(), 1, "{status}");
-            w["rooms"][0].as_str().unwrap()
-        })
-        .collect();
-    rooms.sort();
-    assert_eq!(rooms, ["room-a", "room-b"]);
-}
-
-#[tokio::test]
-async fn new_rooms_are_refused_with_503_when_every_worker_is_full() {
-    let server = Server::start_raw(
-        &["--workers", "2", "--rooms-per-worker", "1"],
-        &[("JWT_SECRET", SECRET)],
-    );
-    let a = server.join("alice", "room-a").await;
-    let _b = server.join("bob", "room-b").await;
-    let refused = server
-        .try_connect(&server.url(&server.token("carol", "room-c")))
-        .await;
-    assert_eq!(refused.err(), Some(503));
-    // An existing room still takes members.
-    let _a2 = server.join("dave", "room-a").await;
-    // Once a room is empty and freed, its capacity is available again.
-    a.close().await;
-    drop(_a2);
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        match server
-            .try_connect(&server.url(&server.token("carol", "room-c")))
-            .await
-        {
-            Ok(mut c) => {
-                assert_eq!(users(&c.next_snapshot().await), ["carol"]);
-                break;
-            }
-            Err(503) if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(code) => panic!("still refused with {code}"),
-        }
-    }
-}
-
-#[tokio::test]
-async fn a_reader_that_stalls_never_delays_the_others_and_ends_with_the_newest() {
-    // This test sends faster than the default rate limit allows.
-    let server = Server::start(&[
-        "--rate-limit-per-sec",
-        "100000",
-        "--rate-limit-burst",
-        "100000",
-    ]);
-    let mut stalled = server.join("stalled", "r1").await;
-    let mut active = server.join("active", "r1").await;
-    // Each snapshot carries ~1000 shapes' worth of text, so the stalled client's
-    // socket buffers fill quickly while it reads nothing.
-    for i in 0..300 {
-        active
-            .send(
-                json!({"type":"shape_create","shapeType":"text","x":i,"y":0,"width":1,"height":1,
-                "text":"x".repeat(200)}),
-            )
-            .await;
-    }
-    for i in 0..200 {
-        active.send(json!({"type":"cursor_move","x":i,"y":i})).await;
-    }
-    let last = active.sync("active", 9999.0).await;
-    assert_eq!(shapes(&last).len(), 300);
-    // Now the stalled client reads: it may skip snapshots, but ends with the newest.
-    let got = stalled.until(|s| *s == last).await;
-    assert_eq!(got, last);
-}
-
-#[tokio::test]
-async fn idle_clients_are_pinged_and_silent_ones_dropped() {
-    let server = Server::start(&["--ping-interval-ms", "500"]);
-    let mut watcher = server.join("watcher", "r1").await;
-    // A client that never reads never answers pings.
-    let silent = server.join("silent", "r1").await;
-    watcher.until(|s| users(s) == ["watcher", "silent"]).await;
-    let snap = watcher.until(|s| users(s) == ["watcher"]).await;
-    assert_eq!(users(&snap), ["watcher"]);
-    // The watcher, idle but reading (so answering pings), is still connected.
-    assert_eq!(watcher.read_for(Duration::from_millis(2000)).await, 0);
-    assert_eq!(users(&watcher.sync("watcher", 1.0).await), ["watcher"]);
-    drop(silent);
-}
-
-#[tokio::test]
-async fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
-    let mut server = Server::start(&[]);
-    let mut alice = server.join("alice", "r1").await;
-    let worker_pids: Vec<u32> = server.status().await["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["pid"].as_u64().unwrap() as u32)
-        .collect();
-    server.signal("TERM");
-    assert_eq!(
-        alice.closed().await,
-        Closed::Frame(1001, "Going Away".into())
-    );
-    assert_eq!(server.wait_exit(PATIENCE), Some(0));
-    for pid in worker_pids {
-        assert!(!process_exists(pid), "worker {pid} outlived the supervisor");
-    }
-}
-
-#[test]
-fn missing_jwt_secret_stops_start_up_with_one_clear_line() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))
-        .args(["--port", "0", "--bind", "127.0.0.1"])
-        .env_remove("JWT_SECRET")
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("JWT_SECRET is required"), "{stderr}");
-}
+// ---- WebSocket framing (RFC 6455) ------------------------------------------
 
 /// The server answers a client's ping with the same payload, and a client's close
 /// with a close frame echoing its code (RFC 6455 §5.5.1–5.5.3).
@@ -613,4 +351,30 @@ async fn snapshots_over_64_kib_arrive_whole() {
     let snap = alice.until(|s| shapes(s).len() == 8).await;
     assert!(alice.last.as_ref().unwrap().len() > 65_536);
     assert!(shapes(&snap).iter().all(|s| s["text"] == text.as_str()));
+}
+
+#[tokio::test]
+async fn fragmented_messages_are_reassembled() {
+    let server = Server::start(&[]);
+    let mut alice = server.join("alice", "r").await;
+    let text = json!({"type":"cursor_move","x":77,"y":88}).to_string();
+    let (first, second) = text.split_at(10);
+    alice
+        .send_raw(Message::Frame(Frame::message(
+            first.as_bytes().to_vec(),
+            OpCode::Data(Data::Text),
+            false,
+        )))
+        .await;
+    alice
+        .send_raw(Message::Frame(Frame::message(
+            second.as_bytes().to_vec(),
+            OpCode::Data(Data::Continue),
+            true,
+        )))
+        .await;
+    let snap = alice
+        .until(|s| s["cursors"].as_array().unwrap().len() == 1)
+        .await;
+    assert_eq!(snap["cursors"][0]["x"], 77);
 }

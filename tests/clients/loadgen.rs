@@ -2,10 +2,9 @@
 //! scenario for about a second against a test server (or the ceiling). No timing
 //! is asserted.
 
-mod util;
-
 use serde_json::Value;
-use util::*;
+
+use crate::support::*;
 
 /// The load generator, its own crate's binary: built beside the server by
 /// `cargo test --workspace` (the README's test command).
@@ -35,6 +34,15 @@ fn loadgen(args: &[&str]) -> Value {
     serde_json::from_str(stdout.trim()).unwrap()
 }
 
+/// Runs `loadgen SCENARIO ARGS` against `server` (its URL and pid added).
+fn loadgen_on(server: &Server, scenario: &str, args: &[&str]) -> Value {
+    let (url, pid) = (format!("ws://{}", server.host()), server.pid().to_string());
+    let mut all = vec![scenario, "--url", &url];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--server-pid", &pid]);
+    loadgen(&all)
+}
+
 #[test]
 fn fanout_runs_and_reports_what_it_measured() {
     let server = Server::start(&[
@@ -43,26 +51,24 @@ fn fanout_runs_and_reports_what_it_measured() {
         "--rate-limit-burst",
         "100000",
     ]);
-    let (url, pid) = (format!("ws://{}", server.host()), server.pid().to_string());
-    let result = loadgen(&[
+    let result = loadgen_on(
+        &server,
         "fanout",
-        "--url",
-        &url,
-        "--rooms",
-        "2",
-        "--members",
-        "3",
-        "--hz",
-        "20",
-        "--seconds",
-        "1",
-        "--shapes",
-        "5",
-        "--slow-members",
-        "1",
-        "--server-pid",
-        &pid,
-    ]);
+        &[
+            "--rooms",
+            "2",
+            "--members",
+            "3",
+            "--hz",
+            "20",
+            "--seconds",
+            "1",
+            "--shapes",
+            "5",
+            "--slow-members",
+            "1",
+        ],
+    );
     assert_eq!(result["scenario"], "fanout");
     assert_eq!(result["shapes"], 5);
     assert_eq!(result["slow_members"], 1);
@@ -89,20 +95,11 @@ fn fanout_runs_and_reports_what_it_measured() {
 #[test]
 fn idle_runs_and_reports_memory_per_connection() {
     let server = Server::start(&[]);
-    let (url, pid) = (format!("ws://{}", server.host()), server.pid().to_string());
-    let result = loadgen(&[
+    let result = loadgen_on(
+        &server,
         "idle",
-        "--url",
-        &url,
-        "--connections",
-        "40",
-        "--members",
-        "10",
-        "--sources",
-        "2",
-        "--server-pid",
-        &pid,
-    ]);
+        &["--connections", "40", "--members", "10", "--sources", "2"],
+    );
     assert_eq!(result["scenario"], "idle");
     assert_eq!(result["connections"], 40);
     assert!(result["server_rss_kib_after"].as_u64().unwrap() > 1000);
@@ -111,18 +108,7 @@ fn idle_runs_and_reports_memory_per_connection() {
 #[test]
 fn churn_runs_and_reports_handshakes() {
     let server = Server::start(&[]);
-    let (url, pid) = (format!("ws://{}", server.host()), server.pid().to_string());
-    let result = loadgen(&[
-        "churn",
-        "--url",
-        &url,
-        "--concurrency",
-        "4",
-        "--seconds",
-        "1",
-        "--server-pid",
-        &pid,
-    ]);
+    let result = loadgen_on(&server, "churn", &["--concurrency", "4", "--seconds", "1"]);
     assert_eq!(result["scenario"], "churn");
     assert!(result["handshakes"].as_u64().unwrap() > 0, "{result}");
     assert!(

@@ -1,0 +1,6 @@
+//! The clients that use this server, against the real binary: the dev board in
+//! a real browser, the TypeScript client's own tests, and the load generator.
+
+mod browser;
+mod loadgen;
+mod typescript;
