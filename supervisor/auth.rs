@@ -27,28 +27,42 @@ struct Claims {
 /// Who a verified connection is, and which room it is for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Identity {
+    /// The token's `userId`: how the room's members know the user (in
+    /// `connectedUsers` and on its cursor).
     pub user_id: String,
+    /// The token's `roomId`: the only room this connection may join.
     pub room: RoomId,
 }
 
+/// Why a token was refused (answered with a 401 before the upgrade, and
+/// counted by [`AuthError::reason`]).
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
+    /// No `?token=`, or an empty one.
     #[error("no token in the query string")]
     MissingToken,
+    /// The JWT itself failed: signature, algorithm, `exp`/`nbf`, or a claim
+    /// missing or of the wrong type.
     #[error("invalid token: {0}")]
     Invalid(#[from] jsonwebtoken::errors::Error),
+    /// `userId` or `roomId` is the empty string.
     #[error("token has an empty userId or roomId")]
     EmptyClaim,
+    /// `userId` or `roomId` is longer than the protocol allows for an id.
     #[error("token claim over {MAX_ID_BYTES} bytes")]
     ClaimTooLong,
     /// `.` or `..`: a path segment that URL normalisation would remove from the
     /// backend's board paths (`/api/boards/by-room/..` is `/api/boards/`).
     #[error("token's roomId is a relative path segment")]
     PathRoomId,
+    /// Refused before decoding: longer than [`MAX_TOKEN_BYTES`].
     #[error("token over {MAX_TOKEN_BYTES} bytes")]
     TokenTooLarge,
+    /// No `host` claim while `--require-host-claim` is on.
     #[error("token has no host claim")]
     MissingHostClaim,
+    /// The `host` claim is not the request's `Host` header: the token was
+    /// minted for another server.
     #[error("token was issued for another host")]
     HostMismatch,
 }
@@ -74,6 +88,9 @@ impl AuthError {
     }
 }
 
+/// Verifies client tokens: HS256 JWTs signed with `--jwt-secret`, the same
+/// secret as the backend that mints them. One per server, in
+/// [`Shared`](crate::Shared), used by every upgrade request.
 pub struct Authenticator {
     key: DecodingKey,
     validation: Validation,
@@ -81,6 +98,8 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
+    /// An authenticator for tokens signed with `secret`; `require_host_claim`
+    /// refuses tokens without a `host` claim (a present one is always checked).
     pub fn new(secret: &str, require_host_claim: bool) -> Authenticator {
         // HS256 only: `none` and every other algorithm are refused by the header check.
         let mut validation = Validation::new(Algorithm::HS256);
@@ -96,7 +115,8 @@ impl Authenticator {
         }
     }
 
-    /// Verifies `token` for a request that carried `host_header`.
+    /// Verifies `token` for a request that carried `host_header`: who the
+    /// connection is and which room it may join, or why it may not.
     pub fn verify(
         &self,
         token: Option<&str>,

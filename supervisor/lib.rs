@@ -3,6 +3,8 @@
 //! owning worker, fans the worker's snapshots out, and keeps the worker processes
 //! running. It never interprets room state.
 
+#![deny(missing_docs)]
+
 #[cfg(feature = "agones")]
 pub mod agones;
 pub mod auth;
@@ -34,12 +36,19 @@ use pool::{WorkerPool, WorkerProgram};
 use rooms::Registry;
 use shutdown::{Phase, Shutdown};
 
-/// State shared by every connection task.
+/// State shared by every connection task: made once by [`run`], handed to each
+/// accepted connection, and read by the HTTP endpoints, the sessions and the
+/// Agones lifecycle.
 pub struct Shared {
+    /// The validated command line.
     pub config: Config,
+    /// Every metric the server exposes at `/metrics`.
     pub metrics: Arc<metrics::Metrics>,
+    /// Verifies each upgrade's token.
     pub auth: Authenticator,
+    /// Which worker holds each room; where a connection gets its room's handle.
     pub registry: Arc<Registry>,
+    /// The worker processes (their ids, pids, health; the drain at shutdown).
     pub pool: WorkerPool,
     /// Source of connection ids.
     pub next_conn: AtomicU64,

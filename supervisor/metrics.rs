@@ -19,12 +19,14 @@ use contract::ipc::WorkerId;
 /// why): strings over IPC.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
+    /// The worker's name for why (e.g. `malformed`, `unknown_shape`).
     pub reason: String,
 }
 
 /// Why a connection was refused: `connections_rejected_total{reason}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Rejected {
+    /// Why it was refused.
     pub reason: Rejection,
 }
 
@@ -78,20 +80,29 @@ impl EncodeLabelValue for Rejection {
 /// authentication failure's, a TLS handshake failure's): fixed strings.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Why {
+    /// A snake_case name from the code that failed
+    /// ([`AuthError::reason`](crate::auth::AuthError::reason),
+    /// [`failure_reason`](crate::tls::failure_reason), `timeout`).
     pub reason: &'static str,
 }
 
+/// A client frame's message type (`type="cursor_move"`), as the worker that
+/// parsed it names it: a string over IPC.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Kind {
+    /// The message's `type`.
     pub r#type: String,
 }
 
+/// The `worker` label of a per-worker metric.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Worker {
+    /// Which worker.
     pub worker: WorkerLabel,
 }
 
 impl Worker {
+    /// The label for worker `id`.
     pub fn of(id: WorkerId) -> Worker {
         Worker {
             worker: WorkerLabel(id),
@@ -110,44 +121,101 @@ impl EncodeLabelValue for WorkerLabel {
     }
 }
 
+/// How an attempt ended (`result="ok"`): a save's, a certificate reload's.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
+    /// `ok`, `failed`, or (saves) `no_board`.
     pub result: &'static str,
 }
 
+/// Every metric the server exposes, each named here as it appears at
+/// `/metrics` (`session_server_` prefix; counters gain `_total`). One per
+/// server, shared by the connection tasks (through [`Shared`](crate::Shared)),
+/// the worker links (the workers' reports) and the pool (restarts). Every
+/// series carries the Hathora process, region and app ids when the host sets
+/// them.
 pub struct Metrics {
     registry: PromRegistry,
+    /// `connections`: open client WebSocket sessions.
     pub connections: Gauge,
+    /// `connections_accepted_total`: WebSocket upgrades accepted.
     pub connections_accepted: Counter,
+    /// `connections_rejected_total{reason}`: connections refused or closed by
+    /// the server, by [`Rejection`].
     pub connections_rejected: Family<Rejected, Counter>,
+    /// `auth_failures_total{reason}`: tokens refused, by
+    /// [`AuthError::reason`](crate::auth::AuthError::reason).
     pub auth_failures: Family<Why, Counter>,
+    /// `frames_rate_limited_total`: client frames that found their
+    /// connection's message budget empty (delayed, or folded if a cursor move).
     pub frames_rate_limited: Counter,
+    /// `cursor_moves_folded_total`: cursor moves over the budget replaced by a
+    /// newer one before being sent.
     pub cursor_moves_folded: Counter,
+    /// `connections_replaced_total`: connections that did not answer a ping
+    /// when their user connected again, closed for the new one.
     pub connections_replaced: Counter,
+    /// `binary_frames_total`: binary client frames, ignored (the protocol is
+    /// text).
     pub binary_frames: Counter,
+    /// `tls_handshake_failures_total{reason}`: failed TLS handshakes, by
+    /// [`failure_reason`](crate::tls::failure_reason) or `timeout`.
     pub tls_handshake_failures: Family<Why, Counter>,
+    /// `tls_reloads_total{result}`: re-reads of changed certificate files,
+    /// `ok` or `failed` (the old certificate stays).
     pub tls_reloads: Family<Outcome, Counter>,
+    /// `rooms`: rooms placed on workers (set at scrape time).
     pub rooms: Gauge,
+    /// `rooms_by_worker{worker}`: rooms placed on each worker (set at scrape
+    /// time).
     pub rooms_by_worker: Family<Worker, Gauge>,
+    /// `workers_up`: worker processes running (set at scrape time).
     pub workers_up: Gauge,
+    /// `worker_restarts_total{worker}`: processes started to replace a worker
+    /// that failed.
     pub worker_restarts: Family<Worker, Counter>,
+    /// `frames_in_total{type}`: valid client frames, by message type (counted
+    /// by the workers).
     pub frames_in: Family<Kind, Counter>,
+    /// `frames_ignored_total{reason}`: client frames the workers ignored, by
+    /// their reason.
     pub frames_ignored: Family<Reason, Counter>,
+    /// `snapshots_sent_total`: snapshots written to clients (v1, and v2 full
+    /// snapshots).
     pub snapshots_sent: Counter,
+    /// `snapshot_bytes_total`: bytes of those snapshots.
     pub snapshot_bytes: Counter,
+    /// `snapshots_skipped_total`: versions a slow client never received
+    /// because a newer snapshot superseded them.
     pub snapshots_skipped: Counter,
+    /// `connections_v2`: open sessions speaking protocol v2 (also in
+    /// `connections`).
     pub connections_v2: Gauge,
+    /// `ops_sent_total`: protocol v2 ops messages written to clients.
     pub ops_sent: Counter,
+    /// `ops_bytes_total`: bytes of those ops messages.
     pub ops_bytes: Counter,
+    /// `resyncs_total`: protocol v2 resync requests from clients.
     pub resyncs: Counter,
+    /// `saves_total{result}`: the workers' save attempts, by
+    /// [`SaveResult::label`](contract::ipc::SaveResult::label).
     pub saves: Family<Outcome, Counter>,
+    /// `save_retries_total`: save attempts that followed a failed one.
     pub save_retries: Counter,
+    /// `save_duration_seconds`: time of a save attempt, as the worker measured
+    /// it (buckets 1 ms to ~16 s).
     pub save_duration: Histogram,
+    /// `fanout_latency_seconds`: from a snapshot reaching the supervisor to
+    /// its write to a client (buckets 50 µs to ~0.8 s).
     pub fanout_latency: Histogram,
+    /// `ipc_queue_depth{worker}`: frames queued for each worker, not yet
+    /// written to its socket (set at scrape time).
     pub ipc_queue_depth: Family<Worker, Gauge>,
 }
 
 impl Metrics {
+    /// Every metric at zero, registered under `session_server_` with the
+    /// Hathora ids that `hathora` has as constant labels.
     pub fn new(hathora: &HathoraInfo) -> Metrics {
         let labels: Vec<(Cow<'static, str>, Cow<'static, str>)> = [
             ("hathora_process_id", &hathora.process_id),
@@ -333,18 +401,21 @@ impl Metrics {
         self.tls_reloads.get_or_create(&Outcome { result }).inc();
     }
 
+    /// A TLS handshake failed, for `reason`.
     pub fn tls_failure(&self, reason: &'static str) {
         self.tls_handshake_failures
             .get_or_create(&Why { reason })
             .inc();
     }
 
+    /// A connection was refused or closed by the server, for `reason`.
     pub fn reject(&self, reason: Rejection) {
         self.connections_rejected
             .get_or_create(&Rejected { reason })
             .inc();
     }
 
+    /// A token was refused, for `reason`.
     pub fn auth_failure(&self, reason: &'static str) {
         self.auth_failures.get_or_create(&Why { reason }).inc();
     }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 /// Length of the flood detector's windows.
 const WINDOW: Duration = Duration::from_secs(1);
 
+/// One connection's message budget and flood detector, owned by its session.
 pub struct Budget {
     per_sec: f64,
     burst: f64,
@@ -29,6 +30,8 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// A full bucket of `burst` messages refilled at `per_sec`, closing after
+    /// `close_after_secs` flooding windows in a row (0: never).
     pub fn new(per_sec: u32, burst: u32, close_after_secs: u32, now: Instant) -> Budget {
         Budget {
             per_sec: f64::from(per_sec),
@@ -140,6 +143,7 @@ pub enum Held {
 }
 
 impl Backlog {
+    /// Nothing is held: neither a cursor move nor a waiting frame.
     pub fn is_empty(&self) -> bool {
         self.cursor.is_none() && self.waiting.is_none()
     }

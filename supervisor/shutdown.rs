@@ -66,8 +66,10 @@ impl ShutdownPlan {
 }
 
 /// The server's shutdown: its [`Phase`], and once it stops, its
-/// [`ShutdownPlan`]. Cloned into every part that reads it (all clones share
-/// one phase).
+/// [`ShutdownPlan`]. Made by [`main`](super::main) (or by a test that calls
+/// [`run`](super::run)), which stops it on a signal; cloned into every part
+/// that reads it (the acceptor, the HTTP endpoints, the sessions, the pool's
+/// worker tasks, the Agones lifecycle). All clones share one phase.
 #[derive(Clone)]
 pub struct Shutdown(Arc<State>);
 

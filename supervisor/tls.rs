@@ -23,26 +23,48 @@ use contract::config::TlsFiles;
 /// Why a certificate and key cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
+    /// A file cannot be read.
     #[error("cannot read {}: {source}", path.display())]
     Unreadable {
+        /// The certificate or key file.
         path: PathBuf,
+        /// What reading it said.
         source: std::io::Error,
     },
+    /// The certificate file has no PEM certificate, or a section that does not
+    /// parse (a chain cut short).
     #[error("{} holds no PEM certificate", .0.display())]
     NoCertificate(PathBuf),
+    /// The key file has no PEM private key.
     #[error("{} holds no PEM private key", .0.display())]
     NoKey(PathBuf),
+    /// A private key that ring cannot sign with.
     #[error("{}: unsupported private key: {reason}", path.display())]
     BadKey {
+        /// The key file.
         path: PathBuf,
+        /// Why rustls refused it.
         reason: rustls::Error,
     },
+    /// The key is not the certificate's.
     #[error("{} does not match the certificate in {}", key.display(), cert.display())]
-    Mismatch { cert: PathBuf, key: PathBuf },
+    Mismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
+    /// The leaf certificate is not valid X.509.
     #[error("{}: the certificate cannot be parsed", .0.display())]
     Unparsable(PathBuf),
+    /// The leaf certificate's `notAfter` has passed.
     #[error("{}: the certificate expired ({not_after})", path.display())]
-    Expired { path: PathBuf, not_after: String },
+    Expired {
+        /// The certificate file.
+        path: PathBuf,
+        /// When it expired, as X.509 prints it.
+        not_after: String,
+    },
 }
 
 /// Loads and checks a certificate chain and its key: they must match, and the
@@ -121,6 +143,8 @@ impl ResolvesServerCert for RotatingCert {
 
 /// The server's TLS side: the acceptor, and the certificate it serves.
 pub struct Tls {
+    /// Wraps each accepted TCP connection in TLS; its certificate is the
+    /// current one.
     pub acceptor: TlsAcceptor,
     cert: Arc<RotatingCert>,
 }

@@ -75,7 +75,9 @@ pub async fn accept(
 
 /// One direction of a client's socket: a TCP half, or a half of a TLS stream.
 pub enum Half<Plain, Tls> {
+    /// A plain TCP connection's half.
     Plain(Plain),
+    /// A TLS connection's half (`--tls-cert`).
     Tls(Tls),
 }
 
@@ -190,6 +192,7 @@ pub struct ClientWriter {
 }
 
 impl ClientWriter {
+    /// One text frame of `payload` (a snapshot, an ops batch, a reply).
     pub async fn text(&mut self, payload: &[u8]) -> io::Result<()> {
         self.frame(OPCODE_TEXT, payload).await
     }
@@ -214,6 +217,8 @@ impl ClientWriter {
         Ok(())
     }
 
+    /// An empty ping: a silent client's pong says it is still there (the
+    /// keep-alive, and the probe when its user connects again).
     pub async fn ping(&mut self) -> io::Result<()> {
         self.frame(OPCODE_PING, &[]).await
     }

@@ -10,9 +10,9 @@
 //! one `select!`, so a full socket in one direction never stops the other
 //! (restores go through the slot's queue like every other frame).
 //!
-//! The pool's three jobs, one module each: [`lifecycle`] (spawn, handshake,
-//! respawn, the watchdog's kill, stop), [`link`] (framing, the reader and the
-//! writer, pings) and [`recovery`] (restoring a failed worker's rooms on its
+//! The pool's three jobs, one module each: `lifecycle` (spawn, handshake,
+//! respawn, the watchdog's kill, stop), `link` (framing, the reader and the
+//! writer, pings) and `recovery` (restoring a failed worker's rooms on its
 //! replacement, blaming a crash on the rooms being restored).
 
 mod lifecycle;
@@ -46,8 +46,11 @@ const WORKER_QUEUE: usize = 8192;
 /// the answer (and the unsaved rooms it names) arrives in time.
 const DRAIN_ANSWER_MARGIN: Duration = Duration::from_millis(250);
 
-/// One worker position in the pool.
+/// One worker position in the pool: the place a worker process fills, kept
+/// across its replacements (same id, same queue, a count of restarts). What
+/// `/status`, `/readyz`, `/metrics` and the Agones health read of a worker.
 pub struct WorkerSlot {
+    /// The position's id (`w0`, `w1`…), which each of its processes takes.
     pub id: WorkerId,
     /// Frames for this worker's rooms.
     pub queue: mpsc::Sender<ToWorker>,
@@ -92,10 +95,13 @@ impl WorkerSlot {
         }
     }
 
+    /// The running process's pid; `None` between a process's end and its
+    /// replacement's start.
     pub fn pid(&self) -> Option<u32> {
         Some(self.pid.load(Ordering::Relaxed)).filter(|&p| p != 0)
     }
 
+    /// Processes started after the slot's first, each replacing one that ended.
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::Relaxed)
     }
@@ -134,7 +140,11 @@ pub fn worker_queues(count: usize) -> (Vec<mpsc::Sender<ToWorker>>, Vec<mpsc::Re
 }
 
 /// The worker processes, one per slot, each run by its own task for the
-/// server's life. They follow the server's [`Shutdown`]: from
+/// server's life. Started once by [`run`](crate::run) and held in
+/// [`Shared`](crate::Shared): the HTTP endpoints and the Agones lifecycle
+/// read its slots, and the stop drains it and waits for it. Sessions never
+/// reach it: they send through their [`RoomHandle`](crate::rooms::RoomHandle).
+/// The workers follow the server's [`Shutdown`]: from
 /// `Phase::Draining` a worker that ends is not replaced; at `Phase::Stopped`
 /// every worker's socket is closed, and those still running at the plan's
 /// `exit_by` are killed.
@@ -203,10 +213,12 @@ impl WorkerPool {
         Ok(WorkerPool { slots, tasks })
     }
 
+    /// Worker `id`'s slot.
     pub fn slot(&self, id: WorkerId) -> &WorkerSlot {
         &self.slots[id.0 as usize]
     }
 
+    /// Every slot, in worker id order.
     pub fn slots(&self) -> &[Arc<WorkerSlot>] {
         &self.slots
     }

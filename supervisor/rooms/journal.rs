@@ -15,11 +15,13 @@ use contract::protocol::ClientMessage;
 /// again after as many more), so a room with no saves (cursor traffic, or a
 /// degraded room) keeps a short journal.
 pub const CHECKPOINT_EVERY_EVENTS: usize = 1000;
+/// The bytes' half of that rule: 1 MiB of journal asks for a checkpoint too.
 pub const CHECKPOINT_EVERY_BYTES: usize = 1 << 20;
 /// Hard bounds per room. Reached only when checkpoints stop coming (a room still
 /// loading, a worker that does not answer): the journal is then dropped, and the
 /// room cannot be restored exactly until the next checkpoint.
 pub const JOURNAL_MAX_EVENTS: usize = 50_000;
+/// The bytes' half of those bounds: 16 MiB, counted as [`Journal::bytes`].
 pub const JOURNAL_MAX_BYTES: usize = 16 << 20;
 /// What an event costs besides its text (ids, seq, time, queue slot).
 const EVENT_OVERHEAD_BYTES: usize = 96;
@@ -43,6 +45,10 @@ const MESSAGE_FIELDS: [&str; 11] = [
     "stroke",
 ];
 
+/// One room's events since its last checkpoint, in sequence order, with the
+/// bookkeeping that says when to ask for the next checkpoint and whether the
+/// room is still restorable. Each room's recovery state holds one; a restore
+/// replays it after the checkpoint.
 #[derive(Default)]
 pub struct Journal {
     events: VecDeque<Stamped>,
@@ -58,6 +64,7 @@ pub struct Journal {
 /// What the journal needs after recording an event.
 #[derive(Debug, PartialEq)]
 pub enum Recorded {
+    /// Nothing to do: the journal is within its checkpoint interval.
     Kept,
     /// Ask the worker for a checkpoint now.
     WantsCheckpoint,
@@ -104,6 +111,9 @@ fn journal_form(stamped: &Stamped) -> Stamped {
 }
 
 impl Journal {
+    /// Keeps `stamped` (in its journal form) after the events already held. Past
+    /// the hard bounds, drops every earlier event first: the room is then not
+    /// restorable until a checkpoint covers them.
     pub fn record(&mut self, stamped: &Stamped) -> Recorded {
         // The one copy the journal keeps (the original goes to the worker).
         let stamped = journal_form(stamped);
@@ -166,18 +176,23 @@ impl Journal {
         self.gap_through.is_none()
     }
 
+    /// The events held, oldest first: what a restore sends after the checkpoint.
     pub fn iter(&self) -> impl Iterator<Item = &Stamped> {
         self.events.iter()
     }
 
+    /// Events held.
     pub fn len(&self) -> usize {
         self.events.len()
     }
 
+    /// No event held.
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
     }
 
+    /// Bytes held, as counted against [`JOURNAL_MAX_BYTES`] (text plus a fixed
+    /// overhead per event).
     pub fn bytes(&self) -> usize {
         self.bytes
     }

@@ -50,8 +50,11 @@ use saves::SaveHealth;
 /// Why a new room could not be placed.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PlacementError {
+    /// Every worker holds its `--rooms-per-worker` rooms (the limit is the
+    /// field).
     #[error("no capacity for a new room: every worker holds its maximum of {0} rooms")]
     AllWorkersFull(usize),
+    /// The server holds its `--max-rooms` rooms (the field).
     #[error("no capacity for a new room: the server holds its maximum of {0} rooms")]
     AtCapacity(usize),
 }
@@ -77,6 +80,11 @@ pub struct Placed {
 /// room whose id is no longer placed, or placed on another worker, ignores it.
 /// A room stays placed from its first connection until every connection has
 /// left and its worker has confirmed it freed the room.
+///
+/// One per server, made by [`run`](crate::run) and shared by the upgrade
+/// handler, the pool (its IPC readers and the restore of a failed worker's
+/// rooms), and what reports rooms (`/status`, `/metrics`, `/readyz`, the
+/// Agones lifecycle).
 pub struct Registry {
     table: Arc<Mutex<Table>>,
     /// Each worker's frame queue (the pool's slot queue; it outlives the

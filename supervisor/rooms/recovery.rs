@@ -18,6 +18,7 @@ use contract::protocol::unix_time_ms;
 
 /// A room blamed for this many worker crashes within [`POISON_WINDOW`] is closed.
 pub const POISON_CRASHES: usize = 3;
+/// How long a crash counts against a room: blames older than this are forgotten.
 pub const POISON_WINDOW: Duration = Duration::from_secs(60);
 
 /// A room's stamping, checkpoint, journal, restore progress and crash blame,

@@ -47,7 +47,12 @@ pub enum Membership {
     /// The worker admitted the join: from now on, send the room's snapshots.
     Admitted(watch::Receiver<SnapshotCell>),
     /// Close the connection with this code and reason.
-    Closed { code: u16, reason: &'static str },
+    Closed {
+        /// The WebSocket close code (e.g. [`CLOSE_POLICY`](contract::protocol::CLOSE_POLICY)).
+        code: u16,
+        /// The close frame's reason, one of the contract's `REASON_` texts.
+        reason: &'static str,
+    },
 }
 
 /// The registry's end of a connection's [`ConnState`].
@@ -60,7 +65,9 @@ pub enum Holder {
     /// Another connection holds the user's place: the receiver turns true if it
     /// is alive, and fails if it leaves.
     Probed {
+        /// The connection that holds it.
         conn: ConnId,
+        /// Its answer to the probe.
         answer: watch::Receiver<bool>,
     },
 }
@@ -68,6 +75,7 @@ pub enum Holder {
 /// A room placed on a worker. Lives from its first connection until every
 /// connection has gone and the worker has confirmed the room is freed.
 pub struct RoomEntry {
+    /// The room's id, from its members' tokens.
     pub id: RoomId,
     /// The worker it is placed on (for the room's life: a failed worker's
     /// rooms are restored on its slot's replacement).
