@@ -213,11 +213,6 @@ impl WorkerPool {
         Ok(WorkerPool { slots, tasks })
     }
 
-    /// Worker `id`'s slot.
-    pub fn slot(&self, id: WorkerId) -> &WorkerSlot {
-        &self.slots[id.0 as usize]
-    }
-
     /// Every slot, in worker id order.
     pub fn slots(&self) -> &[Arc<WorkerSlot>] {
         &self.slots
