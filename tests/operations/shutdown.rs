@@ -329,3 +329,63 @@ async fn sigterm_drains_readyz_503_new_upgrades_503_then_going_away_and_exit_zer
         server.logs()
     );
 }
+
+/// The supervisor run inside the test's own process, its workers being the
+/// server's binary (`WorkerProgram::Binary`): it serves a client, and a stop
+/// through its `Shutdown` handle goes through every phase, saves the room,
+/// closes the client with 1001 and returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supervisor_run_in_process_serves_and_stops_through_its_phases() {
+    use clap::Parser;
+    use contract::config::{Cli, Host, Secret};
+    use supervisor::pool::WorkerProgram;
+    use supervisor::shutdown::{Phase, Shutdown};
+
+    let data = temp_dir("in-process");
+    let args = [
+        "session-server",
+        "--workers",
+        "1",
+        "--persist-debounce-ms",
+        "100",
+    ];
+    let mut cli = Cli::try_parse_from(args).unwrap();
+    cli.serve.jwt_secret = Some(Secret(SECRET.into()));
+    cli.serve.data_dir = data.to_path_buf();
+    cli.serve.backend_url = None;
+    let config = cli.serve.validate(&Host::default()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let shutdown = Shutdown::new(config.shutdown_grace);
+    let program = WorkerProgram::Binary(env!("CARGO_BIN_EXE_session-server").into());
+    let server = tokio::spawn(supervisor::run(config, listener, shutdown.clone(), program));
+
+    let token = sign(json!({"userId": "alice", "roomId": "inside", "host": host, "iat": now()}));
+    let mut alice = Client::connect_to(&format!("ws://{host}/?token={token}")).await;
+    alice.next_snapshot().await;
+    alice.send(rect(1)).await;
+    alice.until(|s| shapes(s).len() == 1).await;
+    assert_eq!(shutdown.phase(), Phase::Running);
+
+    shutdown.stop();
+    assert!(
+        matches!(alice.closed().await, Closed::Frame(1001, _)),
+        "clients are closed with 1001"
+    );
+    tokio::time::timeout(KILL_AFTER, server)
+        .await
+        .expect("run returns within the grace")
+        .unwrap()
+        .expect("run ends without an error");
+    assert_eq!(shutdown.phase(), Phase::Stopped);
+    let store = rusqlite::Connection::open(data.join("boards.sqlite3")).unwrap();
+    let saved: String = store
+        .query_row(
+            "SELECT shapes FROM boards WHERE room_id = 'inside'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    let saved: Value = serde_json::from_str(&saved).unwrap();
+    assert_eq!(saved.as_array().map(Vec::len), Some(1), "{saved}");
+}

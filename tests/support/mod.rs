@@ -392,6 +392,16 @@ pub enum Closed {
 }
 
 impl Client {
+    /// Connects to `url` with no harness `Server` (a server the test runs in its
+    /// own process).
+    pub async fn connect_to(url: &str) -> Client {
+        let (ws, _) = tokio::time::timeout(PATIENCE, connect_async(url))
+            .await
+            .expect("connect timed out")
+            .expect("connect failed");
+        Client { ws, last: None }
+    }
+
     pub async fn send(&mut self, msg: Value) {
         self.send_text(&msg.to_string()).await;
     }
