@@ -308,9 +308,14 @@ impl Serve<'_> {
             }
         };
 
+        // At the server's start the answer to the settings is awaited: it is the
+        // start-up check of the store, and the first worker's names the embedded
+        // file. A replacement's is not (its store was checked, its file is known):
+        // its restores go out at once, and the link reads its answer.
+        let starting = self.ready.is_some();
         let handshake = async {
             handshake(slot.id, &mut reader, &mut writer, nonce).await?;
-            configure(&mut reader, &mut writer, &self.worker.settings).await
+            configure(&mut reader, &mut writer, &self.worker.settings, starting).await
         };
         let store_identity = match handshake.await {
             Ok(identity) => identity,
@@ -416,17 +421,22 @@ async fn spawn_and_connect(
     Ok((child, stream, nonce))
 }
 
-/// Sends the worker its settings and waits for its answer: the store it opened
-/// (the embedded file's identity) or why the store cannot be used.
+/// Sends the worker its settings and, with `await_answer`, waits for its
+/// answer: the store it opened (the embedded file's identity) or why the store
+/// cannot be used. Without, returns `None` at once (the link reads the answer).
 async fn configure(
     reader: &mut Reader,
     writer: &mut Writer,
     settings: &PersistSettings,
+    await_answer: bool,
 ) -> anyhow::Result<StoreIdentity> {
     writer
         .send(ToWorker::Configure(settings.clone()))
         .await
         .context("sending settings")?;
+    if !await_answer {
+        return Ok(None);
+    }
     let answer = tokio::time::timeout(CONFIGURE_TIMEOUT, reader.next())
         .await
         .with_context(|| format!("no answer to the settings within {CONFIGURE_TIMEOUT:?}"))?;

@@ -239,8 +239,10 @@ fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &Work
             registry.room_failed(&room, worker);
         }
         FromWorker::Hello { .. } => warn!(%worker, "unexpected second hello from worker"),
-        FromWorker::Configured { .. } | FromWorker::StoreUnusable { .. } => {
-            warn!(%worker, "unexpected second answer to the settings from worker")
+        // A replacement's answer to its settings (not awaited: see `lifecycle`).
+        FromWorker::Configured { .. } => {}
+        FromWorker::StoreUnusable { error } => {
+            error!(%worker, %error, "the replacement worker cannot use the store; it exits and is restarted")
         }
     }
 }
