@@ -307,12 +307,9 @@ impl Room {
     /// Appends the shapes as a JSON array (their cached encodings, in order).
     fn push_shapes(&self, out: &mut String) {
         out.push('[');
-        for (i, shape) in self.shapes.values().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(&shape.json);
-        }
+        push_separated(out, self.shapes.values(), |out, shape| {
+            out.push_str(&shape.json)
+        });
         out.push(']');
     }
 
@@ -555,19 +552,13 @@ impl Room {
     pub fn snapshot_json(&self) -> String {
         let mut out = String::with_capacity(64 + self.shapes_len() + 96 * self.cursors.len());
         out.push_str("{\"connectedUsers\":[");
-        for (i, member) in self.members.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            push_json_string(&mut out, &member.user_id);
-        }
+        push_separated(&mut out, &self.members, |out, member| {
+            push_json_string(out, &member.user_id)
+        });
         out.push_str("],\"cursors\":[");
-        for (i, cursor) in self.cursors.values().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(&cursor.json);
-        }
+        push_separated(&mut out, self.cursors.values(), |out, cursor| {
+            out.push_str(&cursor.json)
+        });
         out.push_str("],\"shapes\":");
         self.push_shapes(&mut out);
         out.push('}');
@@ -600,6 +591,21 @@ impl Present {
             fill: changes.fill.is_some(),
             stroke: changes.stroke.is_some(),
         }
+    }
+}
+
+/// Appends each of `items` with `push`, separated by commas (a JSON array's
+/// inside).
+fn push_separated<T>(
+    out: &mut String,
+    items: impl IntoIterator<Item = T>,
+    mut push: impl FnMut(&mut String, T),
+) {
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push(out, item);
     }
 }
 

@@ -256,32 +256,9 @@ async fn an_unreadable_stored_board_closes_the_room_clearly() {
 async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     let first = Server::start(&[]);
     let data = first.data_dir().to_path_buf();
-    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))
-        .args(["--port", "0", "--bind", "127.0.0.1", "--workers", "1"])
-        .arg("--data-dir")
-        .arg(&data)
-        .env("JWT_SECRET", SECRET)
-        .env_remove("BACKEND_URL")
-        .env_remove("DATA_DIR")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = second.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            second.kill().unwrap();
-            second.wait().unwrap();
-            panic!("a second server on {} kept running", data.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = second.wait_with_output().unwrap();
+    let out = run_until_it_exits(&data, "1");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(
@@ -357,27 +334,7 @@ fn a_store_file_that_is_not_a_database_stops_the_start_naming_it() {
     let data = temp_dir("not-a-database");
     let garbage = "not a database, a text file that someone put here\n".repeat(20);
     std::fs::write(db_path(&data), &garbage).unwrap();
-    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))
-        .args(["--port", "0", "--bind", "127.0.0.1", "--workers", "2"])
-        .arg("--data-dir")
-        .arg(data.as_os_str())
-        .env("JWT_SECRET", SECRET)
-        .env_remove("BACKEND_URL")
-        .env_remove("DATA_DIR")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + PATIENCE;
-    while server.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            server.kill().unwrap();
-            server.wait().unwrap();
-            panic!("a server on an unusable store kept running");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = server.wait_with_output().unwrap();
+    let out = run_until_it_exits(&data, "2");
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -397,4 +354,31 @@ fn a_store_file_that_is_not_a_database_stops_the_start_naming_it() {
     assert!(line.contains(db_path(&data).to_str().unwrap()), "{line}");
     assert!(line.contains("not a database"), "{line}");
     assert_eq!(std::fs::read_to_string(db_path(&data)).unwrap(), garbage);
+}
+
+/// Starts a server with `workers` workers on the embedded store in `data`, which
+/// must exit by itself (start-up refused) within the harness's patience; returns
+/// its output.
+fn run_until_it_exits(data: &Path, workers: &str) -> std::process::Output {
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_session-server"))
+        .args(["--port", "0", "--bind", "127.0.0.1", "--workers", workers])
+        .arg("--data-dir")
+        .arg(data)
+        .env("JWT_SECRET", SECRET)
+        .env_remove("BACKEND_URL")
+        .env_remove("DATA_DIR")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while server.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            server.kill().unwrap();
+            server.wait().unwrap();
+            panic!("a server on {} kept running", data.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.wait_with_output().unwrap()
 }
