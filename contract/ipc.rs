@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 /// Version of the frame definitions below. The supervisor and a worker exchange it
 /// in their first frames and refuse to talk on a mismatch. Bump it on any change to
 /// [`ToWorker`] or [`FromWorker`].
-pub const IPC_VERSION: u32 = 9;
+pub const IPC_VERSION: u32 = 10;
 
 /// Largest IPC frame body accepted. A snapshot of a full room (1000 shapes with
 /// bounded fields) is far below this; anything larger is corruption.
@@ -271,9 +271,9 @@ pub enum FromWorker {
     /// ignored ones by reason.
     Stats {
         /// Valid client frames, by `type`.
-        frames: Vec<(String, u64)>,
+        frames: Vec<(crate::protocol::MessageKind, u64)>,
         /// Ignored client frames, by reason.
-        ignored: Vec<(String, u64)>,
+        ignored: Vec<(crate::protocol::IgnoredReason, u64)>,
         /// Every room the worker holds, for the room monitor.
         rooms: Vec<RoomSummary>,
     },

@@ -188,25 +188,91 @@ pub enum InvalidMessage {
 }
 
 impl InvalidMessage {
-    /// Label for metrics.
-    pub fn reason(&self) -> &'static str {
+    /// Why, as the worker reports it (the metrics' label).
+    pub fn reason(&self) -> IgnoredReason {
         match self {
-            InvalidMessage::Malformed(_) => "malformed",
-            InvalidMessage::NotFinite => "not_finite",
-            InvalidMessage::OutOfRange => "out_of_range",
-            InvalidMessage::TooLong(_) => "too_long",
+            InvalidMessage::Malformed(_) => IgnoredReason::Malformed,
+            InvalidMessage::NotFinite => IgnoredReason::NotFinite,
+            InvalidMessage::OutOfRange => IgnoredReason::OutOfRange,
+            InvalidMessage::TooLong(_) => IgnoredReason::TooLong,
+        }
+    }
+}
+
+/// A client message's `type`: what the worker counts valid frames by
+/// (`frames_in_total{type}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+pub enum MessageKind {
+    /// `cursor_move`.
+    CursorMove,
+    /// `shape_create`.
+    ShapeCreate,
+    /// `shape_update`.
+    ShapeUpdate,
+    /// `shape_delete`.
+    ShapeDelete,
+}
+
+impl MessageKind {
+    /// The `type` as clients write it (the metrics' label).
+    pub fn label(self) -> &'static str {
+        match self {
+            MessageKind::CursorMove => "cursor_move",
+            MessageKind::ShapeCreate => "shape_create",
+            MessageKind::ShapeUpdate => "shape_update",
+            MessageKind::ShapeDelete => "shape_delete",
+        }
+    }
+}
+
+/// Why the worker ignored a client frame (`frames_ignored_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+pub enum IgnoredReason {
+    /// From a connection that is not (or no longer) a member of the room.
+    NotAMember,
+    /// Not JSON, or not a message of the protocol.
+    Malformed,
+    /// A number that is not finite.
+    NotFinite,
+    /// A number beyond [`MAX_COORDINATE`].
+    OutOfRange,
+    /// A string over its limit.
+    TooLong,
+    /// An update or delete of a shape the room does not have.
+    UnknownShape,
+    /// An update to a stored shape kept verbatim.
+    OpaqueShape,
+    /// A create in a room that has [`MAX_SHAPES_PER_ROOM`] shapes.
+    ShapeLimit,
+    /// A shape whose JSON would be over its limit.
+    ShapeTooBig,
+}
+
+impl IgnoredReason {
+    /// The metrics' label.
+    pub fn label(self) -> &'static str {
+        match self {
+            IgnoredReason::NotAMember => "not_a_member",
+            IgnoredReason::Malformed => "malformed",
+            IgnoredReason::NotFinite => "not_finite",
+            IgnoredReason::OutOfRange => "out_of_range",
+            IgnoredReason::TooLong => "too_long",
+            IgnoredReason::UnknownShape => "unknown_shape",
+            IgnoredReason::OpaqueShape => "opaque_shape",
+            IgnoredReason::ShapeLimit => "shape_limit",
+            IgnoredReason::ShapeTooBig => "shape_too_big",
         }
     }
 }
 
 impl ClientMessage {
     /// The message's `type`, for metrics.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> MessageKind {
         match self {
-            ClientMessage::CursorMove { .. } => "cursor_move",
-            ClientMessage::ShapeCreate { .. } => "shape_create",
-            ClientMessage::ShapeUpdate { .. } => "shape_update",
-            ClientMessage::ShapeDelete { .. } => "shape_delete",
+            ClientMessage::CursorMove { .. } => MessageKind::CursorMove,
+            ClientMessage::ShapeCreate { .. } => MessageKind::ShapeCreate,
+            ClientMessage::ShapeUpdate { .. } => MessageKind::ShapeUpdate,
+            ClientMessage::ShapeDelete { .. } => MessageKind::ShapeDelete,
         }
     }
 
@@ -810,7 +876,7 @@ mod tests {
 
     #[test]
     fn enforces_lengths_and_ranges() {
-        let reason = |text: &str| ClientMessage::parse(text).unwrap_err().reason();
+        let reason = |text: &str| ClientMessage::parse(text).unwrap_err().reason().label();
         let long = "x".repeat(MAX_TEXT_BYTES + 1);
         assert_eq!(
             reason(&format!(

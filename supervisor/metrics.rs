@@ -15,14 +15,6 @@ use prometheus_client::registry::Registry as PromRegistry;
 use contract::config::HathoraInfo;
 use contract::ipc::WorkerId;
 
-/// A reason label whose values come from the worker (frames it ignored, by
-/// why): strings over IPC.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Reason {
-    /// The worker's name for why (e.g. `malformed`, `unknown_shape`).
-    pub reason: String,
-}
-
 /// Why a connection was refused: `connections_rejected_total{reason}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Rejected {
@@ -91,7 +83,7 @@ pub struct Why {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Kind {
     /// The message's `type`.
-    pub r#type: String,
+    pub r#type: &'static str,
 }
 
 /// The `worker` label of a per-worker metric.
@@ -179,7 +171,7 @@ pub struct Metrics {
     pub frames_in: Family<Kind, Counter>,
     /// `frames_ignored_total{reason}`: client frames the workers ignored, by
     /// their reason.
-    pub frames_ignored: Family<Reason, Counter>,
+    pub frames_ignored: Family<Why, Counter>,
     /// `snapshots_sent_total`: snapshots written to clients (v1, and v2 full
     /// snapshots).
     pub snapshots_sent: Counter,

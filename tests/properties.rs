@@ -341,7 +341,7 @@ proptest! {
         if let Ok(msg) = ClientMessage::parse(&text) {
             // Whatever is accepted respects the limits.
             let value: Value = serde_json::from_str(&text).unwrap();
-            prop_assert_eq!(value["type"].as_str().unwrap(), msg.kind());
+            prop_assert_eq!(value["type"].as_str().unwrap(), msg.kind().label());
         }
     }
 

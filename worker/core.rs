@@ -18,6 +18,7 @@ use super::room::{Effect, Ignored, Room, RoomImage};
 use super::store::{BoardId, BoardStore, LoadedBoard, SaveOutcome, StoreError, fallback};
 use contract::config::PersistSettings;
 use contract::ipc::{FromWorker, RoomEvent, RoomId, RoomSummary, SaveResult, Stamped, ToWorker};
+use contract::protocol::{IgnoredReason, MessageKind};
 
 /// Events held per room while its load is pending. Past this, members are
 /// admitted at once (degraded) rather than buffering without bound.
@@ -192,8 +193,8 @@ pub struct WorkerCore {
     /// Client frames ignored as invalid, since start.
     ignored_frames: u64,
     /// Counts since the last `take_stats`.
-    frames_by_type: HashMap<&'static str, u64>,
-    ignored_by_reason: HashMap<&'static str, u64>,
+    frames_by_type: HashMap<MessageKind, u64>,
+    ignored_by_reason: HashMap<IgnoredReason, u64>,
     drain: Option<Drain>,
 }
 
@@ -767,15 +768,9 @@ impl WorkerCore {
                 last_save_ms: slot.last_save_ms,
             })
             .collect();
-        let owned = |counts: &mut HashMap<&'static str, u64>| {
-            counts
-                .drain()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect::<Vec<_>>()
-        };
         Some(FromWorker::Stats {
-            frames: owned(&mut self.frames_by_type),
-            ignored: owned(&mut self.ignored_by_reason),
+            frames: self.frames_by_type.drain().collect(),
+            ignored: self.ignored_by_reason.drain().collect(),
             rooms,
         })
     }

@@ -7,9 +7,9 @@ use indexmap::IndexMap;
 
 use contract::ipc::{ConnId, JoinRejection, MAX_FRAME_LEN, RoomEvent, RoomId, Stamped};
 use contract::protocol::{
-    ClientMessage, DEFAULT_FILL, DEFAULT_STROKE, InvalidMessage, MAX_MEMBERS_PER_ROOM,
-    MAX_SHAPE_JSON_BYTES, MAX_SHAPES_PER_ROOM, MAX_SNAPSHOT_BYTES, ShapeChanges, ShapeType,
-    push_js_number, push_json_string, push_json_timestamp,
+    ClientMessage, DEFAULT_FILL, DEFAULT_STROKE, IgnoredReason, InvalidMessage,
+    MAX_MEMBERS_PER_ROOM, MAX_SHAPE_JSON_BYTES, MAX_SHAPES_PER_ROOM, MAX_SNAPSHOT_BYTES,
+    MessageKind, ShapeChanges, ShapeType, push_js_number, push_json_string, push_json_timestamp,
 };
 
 // A snapshot (or a checkpoint, which holds the same shapes) within the budgets
@@ -50,15 +50,15 @@ pub enum Ignored {
 }
 
 impl Ignored {
-    /// Label for metrics.
-    pub fn reason(&self) -> &'static str {
+    /// Why, as the worker reports it (the metrics' label).
+    pub fn reason(&self) -> IgnoredReason {
         match self {
-            Ignored::NotAMember => "not_a_member",
+            Ignored::NotAMember => IgnoredReason::NotAMember,
             Ignored::Invalid(why) => why.reason(),
-            Ignored::UnknownShape => "unknown_shape",
-            Ignored::OpaqueShape => "opaque_shape",
-            Ignored::ShapeLimit => "shape_limit",
-            Ignored::ShapeTooBig => "shape_too_big",
+            Ignored::UnknownShape => IgnoredReason::UnknownShape,
+            Ignored::OpaqueShape => IgnoredReason::OpaqueShape,
+            Ignored::ShapeLimit => IgnoredReason::ShapeLimit,
+            Ignored::ShapeTooBig => IgnoredReason::ShapeTooBig,
         }
     }
 }
@@ -335,7 +335,7 @@ impl Room {
 
     /// Applies an event; also returns the client message's `type` when the event
     /// is a valid client message (for metrics).
-    pub fn apply_counted(&mut self, stamped: &Stamped) -> (Effect, Option<&'static str>) {
+    pub fn apply_counted(&mut self, stamped: &Stamped) -> (Effect, Option<MessageKind>) {
         self.last_seq = stamped.seq;
         match &stamped.event {
             RoomEvent::Join { conn, user_id, v2 } => (self.join(*conn, user_id, *v2), None),

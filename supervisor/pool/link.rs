@@ -13,7 +13,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{error, info, warn};
 
 use super::{DrainReport, WorkerSlot, lock};
-use crate::metrics::{Kind, Metrics, Outcome, Reason};
+use crate::metrics::{Kind, Metrics, Outcome, Why};
 use crate::rooms::Registry;
 use contract::ipc::{CodecError, FromWorker, RoomId, ToWorker};
 use transport::IpcCodec;
@@ -204,13 +204,17 @@ fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &Work
             for (kind, n) in frames {
                 metrics
                     .frames_in
-                    .get_or_create(&Kind { r#type: kind })
+                    .get_or_create(&Kind {
+                        r#type: kind.label(),
+                    })
                     .inc_by(n);
             }
             for (reason, n) in ignored {
                 metrics
                     .frames_ignored
-                    .get_or_create(&Reason { reason })
+                    .get_or_create(&Why {
+                        reason: reason.label(),
+                    })
                     .inc_by(n);
             }
         }
