@@ -248,7 +248,9 @@ pub async fn run(
     // Save first, while clients are still connected (and not read: see
     // `Phase::Draining`); then say goodbye. Every step is cut to the plan, so
     // the whole shutdown fits in the budget.
-    let plan = shutdown.plan().expect("a stop fixes its plan first");
+    // The deadlines count from here: a stop that came during start-up gets
+    // the whole budget once the server is up, as one that comes later does.
+    let plan = shutdown.begin_plan();
     info!(
         budget_ms = shared.config.shutdown_grace.as_millis() as u64,
         "saving rooms before exit"

@@ -1,6 +1,8 @@
 //! The server's shutdown, held as data: one [`Phase`] that every part reads
 //! from one place ([`Shutdown`]), and the deadlines of the stop
-//! ([`ShutdownPlan`]), fixed when it begins.
+//! ([`ShutdownPlan`]), fixed when [`run`](super::run) begins the stop: at the
+//! stop, or once start-up is done if the stop came during it (a slow start
+//! must not eat the time for saving).
 //!
 //! | phase | what it means | who reads it |
 //! |---|---|---|
@@ -77,7 +79,7 @@ struct State {
     phase: watch::Sender<Phase>,
     /// The whole stop's budget (`--shutdown-grace-ms`).
     budget: Duration,
-    /// Fixed by [`Shutdown::stop`], before the phase leaves `Running`.
+    /// Fixed by [`Shutdown::begin_plan`], when `run` begins the stop.
     plan: OnceLock<ShutdownPlan>,
 }
 
@@ -113,15 +115,23 @@ impl Shutdown {
         self.0.phase.subscribe()
     }
 
-    /// Asks the server to stop: fixes the plan from now and starts draining.
-    /// Does nothing if a stop was already asked.
+    /// Asks the server to stop: starts draining. Does nothing if a stop was
+    /// already asked.
     pub fn stop(&self) {
-        let plan = ShutdownPlan::new(Instant::now(), self.0.budget);
-        self.0.plan.get_or_init(|| plan);
         self.advance(Phase::Draining);
     }
 
-    /// The stop's deadlines; `None` while running.
+    /// Fixes the stop's deadlines from now (the first call; later ones return
+    /// the same plan). Called by [`run`](super::run) when it begins the stop,
+    /// which is at the stop, or after start-up if the stop came during it.
+    pub(super) fn begin_plan(&self) -> ShutdownPlan {
+        *self
+            .0
+            .plan
+            .get_or_init(|| ShutdownPlan::new(Instant::now(), self.0.budget))
+    }
+
+    /// The stop's deadlines; `None` until `run` has begun the stop.
     pub fn plan(&self) -> Option<ShutdownPlan> {
         self.0.plan.get().copied()
     }
@@ -169,12 +179,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_phase_only_moves_forward_and_the_plan_is_fixed_at_the_stop() {
+    async fn the_phase_only_moves_forward_and_the_plan_is_fixed_once() {
         let shutdown = Shutdown::new(Duration::from_secs(9));
         assert_eq!((shutdown.phase(), shutdown.plan()), (Phase::Running, None));
         shutdown.stop();
-        let plan = shutdown.plan().expect("fixed at the stop");
         assert!(shutdown.is_stopping());
+        assert_eq!(
+            shutdown.plan(),
+            None,
+            "fixed when the stop begins, not asked"
+        );
+        let plan = shutdown.begin_plan();
+        assert_eq!(shutdown.begin_plan(), plan);
         shutdown.advance(Phase::Closing);
         // A second stop (another signal, the Agones lifecycle) changes nothing.
         shutdown.stop();
