@@ -180,7 +180,13 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     )
-    .await?;
+    .await
+    .inspect_err(|_| {
+        // The workers that did start go too (their sockets close), also when
+        // `run` is called inside a longer-lived process (a test).
+        shutdown.stop();
+        shutdown.advance(Phase::Stopped);
+    })?;
     let hathora = &config.hathora;
     info!(
         workers = config.workers,
