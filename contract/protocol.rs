@@ -341,6 +341,7 @@ impl ClientMessage {
 
 /// Appends `x` as JavaScript's `Number.prototype.toString` writes it: `100`, not
 /// `100.0`; `1e+21`; `1e-7`; `0` for negative zero.
+#[inline]
 pub fn push_js_number(out: &mut String, x: f64) {
     use std::fmt::Write;
     if x == 0.0 {
@@ -384,6 +385,7 @@ pub fn push_js_number(out: &mut String, x: f64) {
 }
 
 /// Appends `s` as a JSON string, escaped as `JSON.stringify` escapes it.
+#[inline]
 pub fn push_json_string(out: &mut String, s: &str) {
     use std::fmt::Write;
     out.push('"');
@@ -416,6 +418,7 @@ pub fn unix_time_ms() -> i64 {
 
 /// Appends a timestamp as a JSON string in JavaScript's `toISOString()` form:
 /// `"2024-01-01T12:00:00.000Z"`.
+#[inline]
 pub fn push_json_timestamp(out: &mut String, time_ms: i64) {
     use std::fmt::Write;
     let t = chrono::DateTime::from_timestamp_millis(time_ms).unwrap_or_default();
