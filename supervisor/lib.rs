@@ -153,16 +153,6 @@ pub async fn run(
     // Held (locked) until `run` returns, that is for the server's life.
     let _data_lock = lock_data_dir(&config.persistence)?;
     raise_fd_limit(config.limits.max_connections);
-    // Agones first: without its SDK server there is nothing to run for (exit 2).
-    #[cfg(feature = "agones")]
-    let agones_sdk = match &config.agones {
-        Some(settings) => tokio::select! {
-            sdk = agones::connect(settings) => Some(sdk?),
-            // A stop while waiting for the sidecar: nothing to drain yet.
-            () = shutdown.wait_for(Phase::Draining) => return Ok(()),
-        },
-        None => None,
-    };
     info!(store = %config.persistence.store, "persistence");
     let (queues, frames) = pool::worker_queues(config.workers);
     let registry = Arc::new(Registry::new(
@@ -181,12 +171,31 @@ pub async fn run(
         shutdown.clone(),
     )
     .await
-    .inspect_err(|_| {
-        // The workers that did start go too (their sockets close), also when
-        // `run` is called inside a longer-lived process (a test).
-        shutdown.stop();
-        shutdown.advance(Phase::Stopped);
-    })?;
+    // The workers that did start go too, also when `run` is called inside a
+    // longer-lived process (a test).
+    .inspect_err(|_| abandon_start(&shutdown))?;
+    // Then Agones (the store is checked first, by the first worker's answer):
+    // without its SDK server there is nothing to run for (exit 2). Either way
+    // no client is connected yet, so the workers just go.
+    #[cfg(feature = "agones")]
+    let agones_sdk = match &config.agones {
+        Some(settings) => {
+            let sdk = tokio::select! {
+                sdk = agones::connect(settings) => sdk.map(Some),
+                () = shutdown.wait_for(Phase::Draining) => Ok(None),
+            };
+            if !matches!(sdk, Ok(Some(_))) {
+                abandon_start(&shutdown);
+                pool.stopped().await;
+            }
+            match sdk? {
+                Some(sdk) => Some(sdk),
+                // A stop while waiting for the sidecar: nothing to drain yet.
+                None => return Ok(()),
+            }
+        }
+        None => None,
+    };
     let hathora = &config.hathora;
     info!(
         workers = config.workers,
@@ -299,6 +308,15 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Ends a start that goes no further (no client was ever connected, so there is
+/// nothing to save): the workers' sockets close and they exit by themselves
+/// (killed only past the stop's budget).
+fn abandon_start(shutdown: &Shutdown) {
+    shutdown.stop();
+    shutdown.begin_plan();
+    shutdown.advance(Phase::Stopped);
 }
 
 /// Accepts connections until the server is [`Phase::Stopped`]. Each connection
