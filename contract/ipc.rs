@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 /// Version of the frame definitions below. The supervisor and a worker exchange it
 /// in their first frames and refuse to talk on a mismatch. Bump it on any change to
 /// [`ToWorker`] or [`FromWorker`].
-pub const IPC_VERSION: u32 = 10;
+pub const IPC_VERSION: u32 = 11;
 
 /// Largest IPC frame body accepted. A snapshot of a full room (1000 shapes with
 /// bounded fields) is far below this; anything larger is corruption.
@@ -184,6 +184,17 @@ pub enum RoomEvent {
     },
 }
 
+/// Where a room's shapes went when no store took them (a drain that ended
+/// before the room's save, a quarantined room): a fallback file, or the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fallback {
+    /// The room.
+    pub room: RoomId,
+    /// The file that holds its shapes, or why none could be written (then the
+    /// shapes are in the writer's error log line, the last resort).
+    pub file: Result<String, String>,
+}
+
 /// Worker -> supervisor. `Hello` first, as for [`ToWorker`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum FromWorker {
@@ -249,6 +260,9 @@ pub enum FromWorker {
         saved: u32,
         /// Rooms still holding changes the store does not have, sorted.
         unsaved: Vec<RoomId>,
+        /// Where each of the `unsaved` rooms' shapes were written instead, in
+        /// the same order: the drain never ends with shapes only in memory.
+        fallback: Vec<Fallback>,
     },
     /// The room's full state as of frame `seq`, opaque to the supervisor: with the
     /// events after `seq` it rebuilds the room exactly on another worker.

@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     init_logs();
 
     let result = match cli.mode {
-        Some(Mode::Worker(args)) => worker::main(args),
+        Some(Mode::Worker(args)) => worker::main(args).map(|()| ExitCode::SUCCESS),
         None => match cli.serve.validate(&supervisor::host::detect()) {
             Ok(config) if config.agones.is_some() && !supervisor::host::AGONES_BUILT => {
                 eprintln!(
@@ -28,7 +28,12 @@ fn main() -> ExitCode {
                     eprintln!("session-server: configuration error: {e}");
                     return ExitCode::from(2);
                 }
-                supervisor::main(config)
+                supervisor::main(config).map(|outcome| match outcome {
+                    supervisor::StopOutcome::EverythingSaved => ExitCode::SUCCESS,
+                    supervisor::StopOutcome::NotAllSaved => {
+                        ExitCode::from(supervisor::StopOutcome::NOT_ALL_SAVED_EXIT_CODE)
+                    }
+                })
             }
             Err(e) => {
                 eprintln!("session-server: configuration error: {e}");
@@ -37,7 +42,7 @@ fn main() -> ExitCode {
         },
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE

@@ -84,7 +84,7 @@ impl Shared {
 }
 
 /// Entry point: binds the port, handles signals, runs the server.
-pub fn main(config: Config) -> anyhow::Result<()> {
+pub fn main(config: Config) -> anyhow::Result<StopOutcome> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -139,6 +139,24 @@ async fn watch_signals(shutdown: Shutdown) {
     std::process::exit(130);
 }
 
+/// How a stop ended: what the process's exit code says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// Every room's changes are in the store (exit 0).
+    EverythingSaved,
+    /// Some room's changes are not in the store: its shapes are in a fallback
+    /// file (or the log) named in the shutdown's error line, or its worker
+    /// did not answer. Exit [`NOT_ALL_SAVED_EXIT_CODE`](Self::NOT_ALL_SAVED_EXIT_CODE).
+    NotAllSaved,
+}
+
+impl StopOutcome {
+    /// The exit code of a stop that left rooms unsaved, so an orchestrator (a
+    /// pod's last state, `docker ps -a`, systemd) shows that an operator has
+    /// fallback files to replay.
+    pub const NOT_ALL_SAVED_EXIT_CODE: u8 = 3;
+}
+
 /// Runs the server on `listener` until `shutdown` is stopped, then runs the
 /// stop through its phases (see [`shutdown`]). `shutdown` is made with
 /// `config.shutdown_grace` as its budget (see [`main`]); workers run `program`
@@ -149,7 +167,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: Shutdown,
     program: WorkerProgram,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<StopOutcome> {
     // Held (locked) until `run` returns, that is for the server's life.
     let _data_lock = lock_data_dir(&config.persistence)?;
     raise_fd_limit(config.limits.max_connections);
@@ -191,7 +209,7 @@ pub async fn run(
             match sdk? {
                 Some(sdk) => Some(sdk),
                 // A stop while waiting for the sidecar: nothing to drain yet.
-                None => return Ok(()),
+                None => return Ok(StopOutcome::EverythingSaved),
             }
         }
         None => None,
@@ -284,11 +302,21 @@ pub async fn run(
         .filter(|(_, r)| r.is_none())
         .map(|(id, _)| id.to_string())
         .collect();
-    if unsaved.is_empty() && silent.is_empty() {
+    let fallback: Vec<String> = reports
+        .iter()
+        .flat_map(|(_, r)| r.iter().flat_map(|r| r.fallback.iter()))
+        .map(|f| match &f.file {
+            Ok(file) => format!("{}: {file}", f.room),
+            Err(_) => format!("{}: in the worker's log (no file could be written)", f.room),
+        })
+        .collect();
+    let outcome = if unsaved.is_empty() && silent.is_empty() {
         info!(saved, "shutdown: every room saved");
+        StopOutcome::EverythingSaved
     } else {
-        error!(saved, ?unsaved, workers_not_answering = ?silent, "shutdown: some rooms could not be saved");
-    }
+        error!(saved, ?unsaved, ?fallback, workers_not_answering = ?silent, "shutdown: some rooms could not be saved; their shapes are in the fallback files named (exit code {})", StopOutcome::NOT_ALL_SAVED_EXIT_CODE);
+        StopOutcome::NotAllSaved
+    };
 
     shutdown.advance(Phase::Closing);
     shared.sessions.close();
@@ -307,7 +335,7 @@ pub async fn run(
         task.abort();
     }
     info!("stopped");
-    Ok(())
+    Ok(outcome)
 }
 
 /// Ends a start that goes no further (no client was ever connected, so there is

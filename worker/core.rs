@@ -17,7 +17,9 @@ use super::persist::{LoadRetry, Policy, SaveState};
 use super::room::{Effect, Ignored, Room, RoomImage};
 use super::store::{BoardId, BoardStore, LoadedBoard, SaveOutcome, StoreError, fallback};
 use contract::config::PersistSettings;
-use contract::ipc::{FromWorker, RoomEvent, RoomId, RoomSummary, SaveResult, Stamped, ToWorker};
+use contract::ipc::{
+    Fallback, FromWorker, RoomEvent, RoomId, RoomSummary, SaveResult, Stamped, ToWorker,
+};
 use contract::protocol::{IgnoredReason, MessageKind};
 
 /// Events held per room while its load is pending. Past this, members are
@@ -111,6 +113,10 @@ struct RoomSlot {
     last_save_ms: Option<i64>,
     /// When the room's last snapshot was sent (for coalescing).
     last_snapshot_at: Option<Instant>,
+    /// The fallback written at a drain's end, and a hash of the shapes it
+    /// holds: a later drain (the worker orphaned after answering) writes none
+    /// unless the shapes changed since (members leaving change nothing).
+    drain_fallback: Option<(u64, Result<String, String>)>,
 }
 
 /// Fallback files written per tick at most (see `tick`).
@@ -148,6 +154,7 @@ impl RoomSlot {
             pending_syncs: Vec::new(),
             last_save_ms: None,
             last_snapshot_at: None,
+            drain_fallback: None,
         }
     }
 
@@ -707,10 +714,62 @@ impl WorkerCore {
         if unsaved.is_empty() || now >= drain.deadline {
             unsaved.sort();
             drain.answered = true;
+            let saved = drain.saved;
+            let fallback = unsaved
+                .iter()
+                .map(|room| self.drain_fallback(room, now))
+                .collect();
             self.replies.push(FromWorker::Drained {
-                saved: drain.saved,
+                saved,
                 unsaved,
+                fallback,
             });
+        }
+    }
+
+    /// A room still unsaved when its drain ends: its shapes go to a fallback
+    /// file (held events are applied first, so the file has everything the
+    /// room was sent), or, if no file can be written (a read-only or full
+    /// disk), into the error log line. Its save may still succeed later.
+    fn drain_fallback(&mut self, room: &RoomId, now: Instant) -> Fallback {
+        if self
+            .rooms
+            .get(room)
+            .is_some_and(|slot| matches!(slot.load, Load::Waiting { .. }))
+        {
+            self.release_held(room, Load::Degraded, now);
+        }
+        let slot = self.rooms.get_mut(room).expect("an unsaved room is held");
+        let shapes_hash = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::hash::DefaultHasher::new();
+            slot.room.shapes_json().hash(&mut hasher);
+            hasher.finish()
+        };
+        if let Some((covered, file)) = &slot.drain_fallback
+            && *covered == shapes_hash
+        {
+            return Fallback {
+                room: room.clone(),
+                file: file.clone(),
+            };
+        }
+        let (kind, written) = write_fallback(&self.data_dir, room, slot);
+        let shapes = slot.room.shape_count();
+        let file = match written {
+            Ok(file) => {
+                error!(%room, file = %file.display(), shapes, kind, "shutdown: the room could not be saved in time; its shapes are in the file (README, Persistence: how to replay it)");
+                Ok(file.display().to_string())
+            }
+            Err(e) => {
+                error!(%room, dir = %self.data_dir.display(), error = %e, shapes, kind, shapes_json = %slot.room.shapes_json(), "shutdown: the room could not be saved in time and no fallback file can be written; its shapes are in this line");
+                Err(e.to_string())
+            }
+        };
+        slot.drain_fallback = Some((shapes_hash, file.clone()));
+        Fallback {
+            room: room.clone(),
+            file,
         }
     }
 
@@ -809,25 +868,38 @@ impl WorkerCore {
 /// then be freed). If the file cannot be written either, the room is kept and
 /// its saves retried: nothing is dropped.
 fn give_up(data_dir: &Path, room: &RoomId, slot: &mut RoomSlot) -> bool {
-    // A room whose board never loaded holds only the shapes drawn since.
-    let kind = if matches!(slot.load, Load::Done) {
-        "unsaved"
-    } else {
-        "unmerged"
-    };
     let attempts = slot.closing_failures;
-    match fallback::write(data_dir, room, kind, &slot.room.shapes_json()) {
-        Ok(file) => {
+    match write_fallback(data_dir, room, slot) {
+        (kind, Ok(file)) => {
             error!(%room, file = %file.display(), shapes = slot.room.shape_count(), attempts, kind, "the store keeps refusing this room and everyone has left: its unsaved shapes are in the file (README, Persistence: how to replay it); room freed");
             slot.save = SaveState::default();
             true
         }
-        Err(e) => {
+        (_, Err(e)) => {
             error!(%room, dir = %data_dir.display(), error = %e, attempts, "the store keeps refusing this room and its fallback file cannot be written: keeping the room, retrying its saves");
             slot.closing_failures = 0;
             false
         }
     }
+}
+
+/// Writes a room's shapes to a new fallback file; returns what the file holds
+/// (`unsaved`: the whole board; `unmerged`: only the shapes drawn while the
+/// stored board was not loaded) and the file.
+fn write_fallback(
+    data_dir: &Path,
+    room: &RoomId,
+    slot: &RoomSlot,
+) -> (&'static str, std::io::Result<PathBuf>) {
+    let kind = if matches!(slot.load, Load::Done) {
+        "unsaved"
+    } else {
+        "unmerged"
+    };
+    (
+        kind,
+        fallback::write(data_dir, room, kind, &slot.room.shapes_json()),
+    )
 }
 
 /// Keeps the shapes a loaded board had over the room's budgets in a fallback
@@ -1359,8 +1431,60 @@ mod tests {
         assert_eq!(h.saves().len(), 1);
         assert!(h.output.iter().any(|m| matches!(
             m,
-            FromWorker::Drained { saved: 1, unsaved } if unsaved.is_empty()
+            FromWorker::Drained { saved: 1, unsaved, fallback } if unsaved.is_empty() && fallback.is_empty()
         )));
+    }
+
+    /// A drain whose save the store has not answered by its deadline writes
+    /// the room's shapes to a fallback file and names it in the answer; a second
+    /// drain (the worker orphaned after answering) with nothing changed since
+    /// names the same file and writes no other.
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_that_ends_before_its_save_puts_the_room_in_a_fallback_file() {
+        let store = FakeStore::default();
+        store.0.lock().unwrap().save_delay = Duration::from_secs(3600);
+        let mut h = Harness::new(store);
+        let dir = std::env::temp_dir().join(format!("ss-core-{}", rand::random::<u64>()));
+        h.core.data_dir = dir.clone();
+        let t0 = h.open_and_join().await;
+        h.create(1);
+        h.create(2);
+        let shapes: Value =
+            serde_json::from_str(&h.core.rooms[&room()].room.shapes_json()).unwrap();
+        h.frame(ToWorker::Drain { grace_ms: 1000 });
+        h.run_until(t0 + Duration::from_millis(500)).await;
+        assert!(!dir.exists(), "nothing written before the deadline");
+        h.run_until(t0 + Duration::from_millis(1100)).await;
+        let answers: Vec<&Vec<Fallback>> = h
+            .output
+            .iter()
+            .filter_map(|m| match m {
+                FromWorker::Drained {
+                    unsaved, fallback, ..
+                } if *unsaved == [room()] => Some(fallback),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(answers.len(), 1, "{:?}", h.output);
+        let file = answers[0][0].file.clone().unwrap();
+        assert_eq!(answers[0][0].room, room());
+        assert!(file.ends_with("-unsaved.json"), "{file}");
+        let body: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(body, json!({"data":{"shapes":shapes,"cursors":[]}}));
+
+        h.output.clear();
+        h.core
+            .start_drain(Instant::now() + Duration::from_millis(500));
+        h.run_until(t0 + Duration::from_millis(1700)).await;
+        assert!(h.output.iter().any(|m| matches!(
+            m,
+            FromWorker::Drained { fallback, .. } if fallback[0].file.as_deref() == Ok(file.as_str())
+        )));
+        let files = std::fs::read_dir(dir.join(fallback::FALLBACK_DIR))
+            .unwrap()
+            .count();
+        assert_eq!(files, 1);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     /// A degraded room (its board did not load) is checkpointed like a loaded

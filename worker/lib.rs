@@ -19,7 +19,7 @@ use interprocess::local_socket::{GenericNamespaced, ToNsName, traits::tokio::Str
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
-use tracing::info;
+use tracing::{info, warn};
 
 use contract::config::{WORKER_NONCE_ENV, WorkerArgs};
 use contract::ipc::{CodecError, FromWorker, IPC_VERSION, ToWorker, WorkerId};
@@ -161,13 +161,12 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
         let mut stats_due = false;
         tokio::select! {
             frame = reader.next(), if connected => match frame {
-                Some(frame) => {
-                    core.handle(frame.context("reading from supervisor")?, Instant::now());
+                Some(Ok(frame)) => {
+                    core.handle(frame, Instant::now());
                     for _ in 1..MAX_BATCH {
                         match reader.next().now_or_never() {
-                            Some(Some(frame)) => {
-                                core.handle(frame.context("reading from supervisor")?, Instant::now())
-                            }
+                            Some(Some(Ok(frame))) => core.handle(frame, Instant::now()),
+                            // A failure is seen by the next poll of the branch.
                             _ => break,
                         }
                     }
@@ -178,31 +177,33 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
                     info!("supervisor closed the socket after the drain; exiting");
                     return Ok(());
                 }
+                // However the link ends (closed, reset, a frame that cannot be
+                // decoded), the supervisor is gone for this worker: save what
+                // is unsaved, then exit (see `orphaned`).
                 None => {
                     connected = false;
-                    info!(rooms = core.room_count(), "supervisor closed the socket; saving what is unsaved, then exiting");
-                    core.start_drain(Instant::now() + ORPHAN_SAVE_GRACE);
+                    orphaned(&mut core, "supervisor closed the socket");
+                }
+                Some(Err(e)) => {
+                    connected = false;
+                    orphaned(&mut core, &format!("reading from supervisor: {e}"));
                 }
             },
             Some(result) = results.recv() => core.on_result(result, Instant::now()),
             written = &mut writing, if connected => {
-                let e = match written {
-                    Ok(Ok(())) => anyhow::anyhow!("output queue closed"),
-                    Ok(Err(e)) => e.into(),
-                    Err(e) => anyhow::anyhow!("writer task failed: {e}"),
+                let why = match written {
+                    Ok(Ok(())) => "output queue closed".to_owned(),
+                    Ok(Err(e)) => format!("writing to supervisor: {e}"),
+                    Err(e) => format!("writer task failed: {e}"),
                 };
                 // After the drain the supervisor has its answer, and closes its
                 // end to stop us: a write racing with that is no failure.
-                if !core.drained() {
-                    return Err(e).context("writing to supervisor");
-                }
                 if core.drained_and_saved() {
                     info!("IPC socket closed after the drain; exiting");
                     return Ok(());
                 }
                 connected = false;
-                info!("IPC socket closed after the drain; saving edits made since, then exiting");
-                core.start_drain(Instant::now() + ORPHAN_SAVE_GRACE);
+                orphaned(&mut core, &why);
             }
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
             _ = stats.tick() => stats_due = true,
@@ -218,16 +219,30 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
                 let _ = output_tx.send(output).await;
             }
         } else if core.drained() {
-            for msg in output {
-                if let FromWorker::Drained { unsaved, .. } = msg
-                    && !unsaved.is_empty()
-                {
-                    tracing::error!(?unsaved, "exiting with unsaved rooms");
-                }
-            }
+            // Nobody reads the answer: what could not be saved is in fallback
+            // files (the drain wrote them) and the log says which.
             return Ok(());
         }
     }
+}
+
+/// The link to the supervisor ended without a drain's answer (the supervisor
+/// died, or the socket failed): nobody will send this worker's rooms anywhere
+/// else, so it saves what is unsaved within [`ORPHAN_SAVE_GRACE`] and writes
+/// what is still unsaved then to fallback files, before it exits.
+fn orphaned(core: &mut WorkerCore, why: &str) {
+    if core.drained() {
+        info!(
+            rooms = core.room_count(),
+            "link to the supervisor ended after the drain ({why}); saving edits made since, then exiting"
+        );
+    } else {
+        warn!(
+            rooms = core.room_count(),
+            "link to the supervisor ended ({why}); saving what is unsaved, then exiting"
+        );
+    }
+    core.start_drain(Instant::now() + ORPHAN_SAVE_GRACE);
 }
 
 /// Writes each batch of output to the supervisor, with the batches queued

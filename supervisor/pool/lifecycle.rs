@@ -201,7 +201,11 @@ pub(super) async fn supervise(
             // A replacement would only be killed again; rooms are not restored.
             let unsaved = registry.unconfirmed_rooms(slot.id);
             error!(worker = %slot.id, ?unsaved, "worker ended during shutdown ({}); not replaced; changes since these rooms' last save may be lost", ended.how);
-            slot.answer_drain(DrainReport { saved: 0, unsaved });
+            slot.answer_drain(DrainReport {
+                saved: 0,
+                unsaved,
+                fallback: Vec::new(),
+            });
             return;
         }
         if let Some(ready) = ready.take() {

@@ -178,7 +178,15 @@ fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &Work
         FromWorker::Checkpoint { room, seq, image } => {
             registry.checkpoint(&room, worker, seq, image)
         }
-        FromWorker::Drained { saved, unsaved } => slot.answer_drain(DrainReport { saved, unsaved }),
+        FromWorker::Drained {
+            saved,
+            unsaved,
+            fallback,
+        } => slot.answer_drain(DrainReport {
+            saved,
+            unsaved,
+            fallback,
+        }),
         FromWorker::Synced { room, .. } if room.0 == PING_ROOM => {
             *lock(&slot.last_pong) = Instant::now();
             if slot.unresponsive.swap(false, Ordering::Relaxed) {

@@ -34,7 +34,7 @@ use super::metrics::Metrics;
 use super::rooms::Registry;
 use super::shutdown::Shutdown;
 use contract::config::PersistSettings;
-use contract::ipc::{RoomId, ToWorker, WorkerId};
+use contract::ipc::{Fallback, RoomId, ToWorker, WorkerId};
 pub use lifecycle::WorkerProgram;
 use lifecycle::{StoreIdentity, WorkerExit, WorkerSpec, supervise};
 use recovery::InFlight;
@@ -78,6 +78,8 @@ pub struct DrainReport {
     pub saved: u32,
     /// Rooms still holding unsaved changes when the drain ended.
     pub unsaved: Vec<RoomId>,
+    /// Where the worker wrote the shapes of those rooms instead.
+    pub fallback: Vec<Fallback>,
 }
 
 impl WorkerSlot {

@@ -15,6 +15,8 @@ use crate::support::*;
 
 /// What `docker stop` and Kubernetes wait before SIGKILL.
 const KILL_AFTER: Duration = Duration::from_secs(10);
+/// The exit code of a stop that left rooms unsaved (README, "Drain").
+const NOT_ALL_SAVED: i32 = supervisor::StopOutcome::NOT_ALL_SAVED_EXIT_CODE as i32;
 
 #[derive(Clone, Copy)]
 enum Target {
@@ -152,15 +154,20 @@ async fn with_backend(backend: &Backend, rooms: &[&str]) -> (Server, Vec<Client>
     (server, clients)
 }
 
-/// A backend that never answers: the saves give up in time, the log names the
-/// room that could not be saved, and the whole group is gone within 10 s.
+/// A backend that never answers: the saves give up in time, every shape the
+/// members saw is in a fallback file under `<data-dir>/unsaved/`, the log names
+/// the room and its file, the exit code says that not everything was saved
+/// (3), and the whole group is gone within 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backend_that_never_answers_still_ends_the_group_within_ten_seconds() {
+async fn a_backend_that_never_answers_puts_every_shape_in_a_fallback_file_within_ten_seconds() {
     let backend = Backend::start().await;
     let (mut server, mut clients) = with_backend(&backend, &["hung-room"]).await;
     backend.set_mode(Mode::Hang);
-    clients[0].send(rect(1)).await;
-    clients[0].until(|s| shapes(s).len() == 1).await;
+    let mut seen = json!([]);
+    for x in 1..=30 {
+        clients[0].send(rect(x)).await;
+        seen = clients[0].until(|s| shapes(s).len() == x as usize).await["shapes"].clone();
+    }
     let mut pids = server.worker_pids().await;
     pids.push(server.pid());
 
@@ -168,15 +175,111 @@ async fn a_backend_that_never_answers_still_ends_the_group_within_ten_seconds() 
     signal_group(server.pid(), "TERM");
     goes_away(clients.remove(0)).await;
     let (code, took) = exit_within_budget(&mut server, &pids, signalled);
-    assert_eq!(code, 0, "{}", server.logs());
+    assert_eq!(code, NOT_ALL_SAVED, "{}", server.logs());
     eprintln!("hung backend, SIGTERM to the process group: exit {took:?} after the signal");
+    let files = fallback_files(server.data_dir(), "hung-room");
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(
+        files[0].to_string_lossy().ends_with("-unsaved.json"),
+        "{files:?}"
+    );
+    assert_eq!(fallback_shapes(&files[0]), seen);
     let logs = server.logs();
     let summary = logs
         .lines()
         .find(|l| l.contains("some rooms could not be saved"))
         .unwrap_or_else(|| panic!("no shutdown summary: {logs}"));
     assert!(summary.contains("hung-room"), "{summary}");
+    assert!(summary.contains(&*files[0].to_string_lossy()), "{summary}");
     assert_eq!(backend.shapes("hung-room"), Some(json!([])));
+}
+
+/// Makes a folder read-only for everyone, root included (mode 0555, which the
+/// embedded store checks before each save, and the immutable attribute, which
+/// stops even root from creating a file in it), until dropped. `None`, with
+/// the reason printed, where the attribute cannot be set (a root run on a file
+/// system without it).
+struct ReadOnly(std::path::PathBuf);
+
+impl ReadOnly {
+    fn make(dir: &std::path::Path) -> Option<ReadOnly> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+        let guard = ReadOnly(dir.to_owned());
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .unwrap()
+            .stdout
+            == b"0\n";
+        if root {
+            let set = std::process::Command::new("chattr")
+                .arg("+i")
+                .arg(dir)
+                .status();
+            if !set.is_ok_and(|s| s.success()) {
+                eprintln!(
+                    "skipped: running as root and `chattr +i` is not available here, so the folder cannot be made read-only for root"
+                );
+                return None;
+            }
+        }
+        Some(guard)
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(0o755));
+    }
+}
+
+/// The embedded store's folder turns read-only (a volume remounted read-only
+/// after disk errors): saves fail, and no fallback file can be written, so
+/// every shape the members saw is in the worker's error line (the documented
+/// last resort), the exit code is 3, and the group is gone within 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_data_dir_puts_every_shape_in_the_log_within_ten_seconds() {
+    let data = temp_dir("read-only");
+    let mut server = Server::start_in_own_group(
+        &["--workers", "1", "--data-dir", data.to_str().unwrap()],
+        &[("JWT_SECRET", SECRET), ("LOG_FORMAT", "json")],
+    );
+    let mut alice = server.join("alice", "ro-room").await;
+    let Some(_read_only) = ReadOnly::make(&data) else {
+        return;
+    };
+    let mut seen = json!([]);
+    for x in 1..=20 {
+        alice.send(rect(x)).await;
+        seen = alice.until(|s| shapes(s).len() == x as usize).await["shapes"].clone();
+    }
+    let mut pids = server.worker_pids().await;
+    pids.push(server.pid());
+
+    let signalled = Instant::now();
+    signal_group(server.pid(), "TERM");
+    goes_away(alice).await;
+    let (code, took) = exit_within_budget(&mut server, &pids, signalled);
+    assert_eq!(code, NOT_ALL_SAVED, "{}", server.logs());
+    eprintln!("read-only data dir, SIGTERM: exit {took:?} after the signal");
+    let logs = server.logs();
+    let line: Value = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["shapes_json"].is_string())
+        .unwrap_or_else(|| panic!("no error line with the shapes: {logs}"));
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert_eq!(line["fields"]["room"], "ro-room", "{line}");
+    let logged: Value =
+        serde_json::from_str(line["fields"]["shapes_json"].as_str().unwrap()).unwrap();
+    assert_eq!(logged, seen);
+    assert!(!data.join("unsaved").exists());
 }
 
 /// A worker killed while the shutdown waits for saves is not replaced (a
@@ -215,7 +318,7 @@ async fn a_worker_killed_during_the_shutdown_is_not_restarted() {
         goes_away(client).await;
     }
     let (code, took) = exit_within_budget(&mut server, &pids, signalled);
-    assert_eq!(code, 0, "{}", server.logs());
+    assert_eq!(code, NOT_ALL_SAVED, "{}", server.logs());
     eprintln!("worker killed during the shutdown: exit {took:?} after the signal");
     let logs = server.logs();
     assert!(!logs.contains("restoring its rooms"), "{logs}");
@@ -282,7 +385,7 @@ async fn a_quiet_log_level_serves_until_the_signal() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_readyz_503_new_upgrades_503_then_going_away_and_exit_zero() {
+async fn sigterm_drains_readyz_503_new_upgrades_503_then_going_away_and_exits() {
     let backend = Backend::start().await;
     backend.create_board("r1", json!([]));
     let url = backend.url();
@@ -318,7 +421,7 @@ async fn sigterm_drains_readyz_503_new_upgrades_503_then_going_away_and_exit_zer
         Closed::Frame(1001, "Going Away".into())
     );
     let code = tokio::task::block_in_place(|| server.wait_exit(PATIENCE));
-    assert_eq!(code, Some(0));
+    assert_eq!(code, Some(NOT_ALL_SAVED));
     assert!(
         signalled.elapsed() < Duration::from_secs(5),
         "exit within the grace period"
@@ -372,11 +475,12 @@ async fn a_supervisor_run_in_process_serves_and_stops_through_its_phases() {
         matches!(alice.closed().await, Closed::Frame(1001, _)),
         "clients are closed with 1001"
     );
-    tokio::time::timeout(KILL_AFTER, server)
+    let outcome = tokio::time::timeout(KILL_AFTER, server)
         .await
         .expect("run returns within the grace")
         .unwrap()
         .expect("run ends without an error");
+    assert_eq!(outcome, supervisor::StopOutcome::EverythingSaved);
     assert_eq!(shutdown.phase(), Phase::Stopped);
     let store = rusqlite::Connection::open(data.join("boards.sqlite3")).unwrap();
     let saved: String = store

@@ -3,7 +3,7 @@
 //! row, the data folder's lock and a data folder deleted while running.
 
 use std::convert::Infallible;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,49 +19,8 @@ use serde_json::{Value, json};
 use crate::support::backend::BACKEND_SECRET;
 use crate::support::*;
 
-/// The embedded store's file in a data folder (as the server names it).
-fn db_path(dir: &Path) -> PathBuf {
-    dir.join("boards.sqlite3")
-}
-
-/// Creates the embedded store's table in `dir` and stores `shapes_text` (the
-/// row's raw text) for `room`, as an earlier server would have.
-fn seed_store(dir: &Path, room: &str, shapes_text: &str) {
-    // The store's own schema, created as the server creates it.
-    drop(worker::store::sqlite::SqliteStore::open(&db_path(dir)).unwrap());
-    let conn = rusqlite::Connection::open(db_path(dir)).unwrap();
-    conn.execute(
-        "INSERT INTO boards (room_id, shapes, updated_at_ms) VALUES (?1, ?2, 0)",
-        rusqlite::params![room, shapes_text],
-    )
-    .unwrap();
-}
-
-fn stored_shape(i: usize, text: &str) -> Value {
-    json!({"id":format!("s{i}"),"type":"text","x":i,"y":2,"width":3,"height":4,"userId":"earlier",
-        "timestamp":"2024-01-01T12:00:00.000Z","text":text,"fill":"#111111","stroke":"#222222","rotation":0})
-}
-
 fn create(x: i64, text: &str) -> Value {
     json!({"type":"shape_create","shapeType":"text","x":x,"y":0,"width":10,"height":10,"text":text})
-}
-
-/// Files in `<data>/unsaved/` whose name starts with `prefix`.
-fn fallback_files(data: &Path, prefix: &str) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(data.join("unsaved")) else {
-        return Vec::new();
-    };
-    let mut files: Vec<PathBuf> = entries
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with(&format!("{prefix}-"))
-        })
-        .collect();
-    files.sort();
-    files
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,7 +28,7 @@ async fn a_stored_board_over_the_limits_loads_trimmed_and_keeps_the_cut() {
     let data = temp_dir("big-board");
     // 44 444 shapes of ~500 bytes: 22 MB, over the IPC frame limit as a snapshot.
     let text = "t".repeat(300);
-    let board: Vec<Value> = (0..44_444).map(|i| stored_shape(i, &text)).collect();
+    let board: Vec<Value> = (0..44_444).map(|i| stored_text_shape(i, &text)).collect();
     seed_store(&data, "big", &Value::Array(board.clone()).to_string());
     let data_arg = data.to_str().unwrap();
     let server = Server::start_raw(
@@ -165,7 +124,7 @@ impl RefusingBackend {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_refusing_saves_frees_the_room_into_a_fallback_file() {
-    let backend = RefusingBackend::start(json!([stored_shape(0, "stored")])).await;
+    let backend = RefusingBackend::start(json!([stored_text_shape(0, "stored")])).await;
     let url = format!("http://127.0.0.1:{}", backend.port);
     let server = Server::start_raw(
         &["--workers", "1", "--max-rooms", "1", "--backend-url", &url],

@@ -5,6 +5,7 @@
 //! rooms restore in parallel, and a worker that stops answering is replaced.
 
 mod journal;
+mod orphans;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};

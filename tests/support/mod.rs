@@ -831,3 +831,52 @@ pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The embedded store's file in a data folder (as the server names it).
+pub fn db_path(dir: &Path) -> PathBuf {
+    dir.join("boards.sqlite3")
+}
+
+/// Creates the embedded store's table in `dir` and stores `shapes_text` (the
+/// row's raw text) for `room`, as an earlier server would have.
+pub fn seed_store(dir: &Path, room: &str, shapes_text: &str) {
+    // The store's own schema, created as the server creates it.
+    drop(worker::store::sqlite::SqliteStore::open(&db_path(dir)).unwrap());
+    let conn = rusqlite::Connection::open(db_path(dir)).unwrap();
+    conn.execute(
+        "INSERT INTO boards (room_id, shapes, updated_at_ms) VALUES (?1, ?2, 0)",
+        rusqlite::params![room, shapes_text],
+    )
+    .unwrap();
+}
+
+/// A text shape as an earlier server stored it: id `s{i}`, x = `i`.
+pub fn stored_text_shape(i: usize, text: &str) -> Value {
+    json!({"id":format!("s{i}"),"type":"text","x":i,"y":2,"width":3,"height":4,"userId":"earlier",
+        "timestamp":"2024-01-01T12:00:00.000Z","text":text,"fill":"#111111","stroke":"#222222","rotation":0})
+}
+
+/// Files in `<data>/unsaved/` whose name starts with `prefix`.
+pub fn fallback_files(data: &Path, prefix: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(data.join("unsaved")) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("{prefix}-"))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// The shapes of a fallback file (the backend's save body).
+pub fn fallback_shapes(file: &Path) -> Value {
+    let body: Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+    assert_eq!(body["data"]["cursors"], json!([]), "{body}");
+    body["data"]["shapes"].clone()
+}

@@ -46,8 +46,16 @@ pub fn write(
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         };
-        file.write_all(body.as_bytes())?;
-        file.sync_all()?;
+        // A disk that fills up midway leaves no truncated file to mislead
+        // whoever replays the folder: the caller falls back to the log.
+        if let Err(e) = file
+            .write_all(body.as_bytes())
+            .and_then(|()| file.sync_all())
+        {
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         return Ok(path);
     }
     unreachable!("u32 counter exhausted")
