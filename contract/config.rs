@@ -32,6 +32,10 @@ pub enum Mode {
     /// Internal: run as a room worker for the supervisor that spawned this process.
     #[command(hide = true)]
     Worker(WorkerArgs),
+    /// Internal: replay a quarantined room (a `contract::ipc::Salvage` on
+    /// stdin) into a fallback file, for the supervisor that spawned this process.
+    #[command(hide = true)]
+    Salvage,
 }
 
 /// Flags of the server (the supervisor; workers get theirs from it).

@@ -195,6 +195,49 @@ pub struct Fallback {
     pub file: Result<String, String>,
 }
 
+/// A quarantined room handed to a salvage process (`session-server salvage`,
+/// one postcard message on its stdin): its last checkpoint and the journal
+/// after it, to be replayed into a fallback file, so closing a room that keeps
+/// crashing its workers never discards what its members saw acknowledged.
+/// The process prints a [`SALVAGE_APPLYING`] line before each event, so a
+/// frame that crashes it is known and skipped by the next attempt, then one
+/// [`SALVAGE_FILE`] or [`SALVAGE_NO_FILE`] line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Salvage {
+    /// The room.
+    pub room: RoomId,
+    /// The seed of its instance, so replayed events get the same shape ids.
+    pub id_seed: u64,
+    /// Its worker's last checkpoint (opaque to the supervisor), if any.
+    pub image: Option<Vec<u8>>,
+    /// Every event stamped after the checkpoint, in order.
+    pub events: Vec<Stamped>,
+    /// Events not to apply: they crashed an earlier attempt.
+    pub skip: Vec<u64>,
+    /// `--data-dir`, whose `unsaved/` folder receives the file.
+    pub data_dir: std::path::PathBuf,
+}
+
+impl Salvage {
+    /// The request as the salvage process reads it.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("serialising to memory cannot fail")
+    }
+
+    /// A request read by the salvage process.
+    pub fn decode(bytes: &[u8]) -> Result<Salvage, CodecError> {
+        Ok(postcard::from_bytes(bytes)?)
+    }
+}
+
+/// Printed by a salvage process before it applies an event, with its `seq`.
+pub const SALVAGE_APPLYING: &str = "applying ";
+/// Printed by a salvage process once the file is written, with its path.
+pub const SALVAGE_FILE: &str = "file ";
+/// Printed by a salvage process whose file cannot be written, with why (its
+/// shapes are then in its error log line).
+pub const SALVAGE_NO_FILE: &str = "no-file ";
+
 /// Worker -> supervisor. `Hello` first, as for [`ToWorker`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum FromWorker {

@@ -14,6 +14,7 @@ fn main() -> ExitCode {
 
     let result = match cli.mode {
         Some(Mode::Worker(args)) => worker::main(args).map(|()| ExitCode::SUCCESS),
+        Some(Mode::Salvage) => worker::salvage::main().map(|()| ExitCode::SUCCESS),
         None => match cli.serve.validate(&supervisor::host::detect()) {
             Ok(config) if config.agones.is_some() && !supervisor::host::AGONES_BUILT => {
                 eprintln!(

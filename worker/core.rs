@@ -983,6 +983,13 @@ fn start_save(store: &dyn BoardStore, results: &mpsc::Sender<StoreResult>, slot:
     });
 }
 
+/// The room a checkpoint holds, and whether its stored board was still to be
+/// loaded (a degraded room); `None` for bytes that are not a checkpoint.
+pub(crate) fn room_from_checkpoint(id: RoomId, bytes: &[u8]) -> Option<(Room, bool)> {
+    let image = postcard::from_bytes::<SlotImage>(bytes).ok()?;
+    Some((Room::from_image(id, image.room), image.degraded))
+}
+
 /// A checkpoint: the room image and what persisting it needs, encoded.
 fn encode_checkpoint(
     room: RoomImage,
@@ -1003,7 +1010,7 @@ fn encode_checkpoint(
 /// worker when `SESSION_SERVER_TEST_POISON=1`, to test crash isolation. Release
 /// builds do not contain this code.
 #[cfg(debug_assertions)]
-mod poison {
+pub(crate) mod poison {
     use contract::ipc::{RoomEvent, Stamped};
 
     pub const MARKER: &str = "__poison_test_frame__";

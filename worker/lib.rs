@@ -8,6 +8,7 @@
 pub mod core;
 pub mod persist;
 pub mod room;
+pub mod salvage;
 pub mod store;
 
 use std::time::Duration;
@@ -54,6 +55,16 @@ const OUTPUT_QUEUE: usize = 4;
 pub fn main(args: WorkerArgs) -> anyhow::Result<()> {
     // One thread per worker: workers are the unit of parallelism. (The embedded
     // store's blocking calls run on tokio's blocking pool.)
+    // A panic anywhere (the loop, a store task) aborts the process: its rooms
+    // are restored on a replacement, and the abort (SIGABRT) is the evidence
+    // the supervisor needs to blame the room being restored, if any. Unwinding
+    // would close the socket first, and the supervisor's kill would then look
+    // like one from outside.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

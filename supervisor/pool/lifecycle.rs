@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::rooms::Registry;
 use crate::shutdown::{Phase, Shutdown};
 use contract::config::{PersistSettings, WORKER_NONCE_ENV};
-use contract::ipc::{FromWorker, IPC_VERSION, RoomId, ToWorker, WorkerId};
+use contract::ipc::{CodecError, FromWorker, IPC_VERSION, RoomId, ToWorker, WorkerId};
 
 /// A worker must connect and answer the hello within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,6 +85,39 @@ pub(super) enum EndCause {
     ProcessExited,
     /// It did not exit in time after its socket was closed at shutdown.
     ShutdownTimeout,
+}
+
+impl WorkerExit {
+    /// Whether the process ended by its own doing, which is the evidence a crash
+    /// blame needs: a fault or abort signal it raised itself (a panic aborts the
+    /// worker, see `worker::main`), an undecodable frame it sent, or a hang the
+    /// watchdog ended. A SIGKILL from outside (the OOM killer, an operator, a
+    /// test) or a plain exit says nothing about the rooms it held.
+    pub(super) fn self_inflicted(&self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        const FAULT_SIGNALS: [i32; 7] = [
+            libc::SIGILL,
+            libc::SIGTRAP,
+            libc::SIGABRT,
+            libc::SIGBUS,
+            libc::SIGFPE,
+            libc::SIGSEGV,
+            libc::SIGSYS,
+        ];
+        let WorkerExit::Ended { cause, status, .. } = self else {
+            return false;
+        };
+        match cause {
+            EndCause::Unresponsive(_) => return true,
+            EndCause::Link(LinkEnd::Read(CodecError::TooLarge(_) | CodecError::Malformed(_))) => {
+                return true;
+            }
+            _ => {}
+        }
+        status
+            .as_ref()
+            .is_ok_and(|s| s.signal().is_some_and(|sig| FAULT_SIGNALS.contains(&sig)))
+    }
 }
 
 impl fmt::Display for WorkerExit {
@@ -212,7 +245,17 @@ pub(super) async fn supervise(
             let _ = ready.send(Err(ended.how));
             return;
         }
-        recovery.worker_failed(&ended.restoring, &mut frames, &registry, &slot);
+        // Only a crash by the worker's own doing is blamed on the rooms it was
+        // restoring (see `WorkerExit::self_inflicted`; README "What survives what").
+        let suspects: &[RoomId] = if ended.how.self_inflicted() {
+            &ended.restoring
+        } else {
+            if !ended.restoring.is_empty() {
+                info!(worker = %slot.id, rooms = ?ended.restoring, "worker ended from outside while restoring these rooms ({}); no room is blamed", ended.how);
+            }
+            &[]
+        };
+        recovery.worker_failed(suspects, &mut frames, &registry, &slot, &worker);
         let rooms = recovery.rooms();
         error!(worker = %slot.id, rooms = ?rooms, "worker failed ({}); restoring its rooms on a replacement", ended.how);
         if started.elapsed() > STABLE_RUN {
@@ -275,7 +318,7 @@ pub enum WorkerProgram {
 
 impl WorkerProgram {
     /// The path to execute and the `argv[0]` to show (`ps` shows what runs).
-    fn path(&self) -> std::io::Result<(PathBuf, PathBuf)> {
+    pub(super) fn path(&self) -> std::io::Result<(PathBuf, PathBuf)> {
         match self {
             // `/proc/self/exe` names the image this process runs even if the
             // file was replaced since (a new build); argv[0] is its real path.

@@ -18,6 +18,7 @@
 mod lifecycle;
 mod link;
 mod recovery;
+mod salvage;
 #[cfg(test)]
 mod tests;
 

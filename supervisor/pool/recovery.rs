@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use super::{WorkerSlot, lock};
+use super::lifecycle::WorkerSpec;
+use super::{WorkerSlot, lock, salvage};
 use crate::rooms::{POISON_CRASHES, POISON_WINDOW, Registry, RoomEntry};
 use contract::ipc::{RoomId, ToWorker};
 
@@ -46,22 +47,33 @@ impl Recovery {
     /// rooms it was restoring), takes the failed worker's rooms from the
     /// registry to restore, and keeps the frames queued for it that the
     /// replacement still needs.
+    /// A room closed as poison is salvaged by `worker`'s program into a
+    /// fallback file.
     pub(super) fn worker_failed(
         &mut self,
         restoring: &[RoomId],
         frames: &mut mpsc::Receiver<ToWorker>,
         registry: &Registry,
         slot: &WorkerSlot,
+        worker: &WorkerSpec,
     ) {
         let now = Instant::now();
         self.suspects
             .retain(|_, at| now.duration_since(*at) < POISON_WINDOW);
         for room in restoring {
             self.suspects.insert(room.clone(), now);
-            if registry.blame(room) {
-                error!(worker = %slot.id, %room, "room closed for its members (1011): it crashed {POISON_CRASHES} workers within {POISON_WINDOW:?}");
-            } else {
-                warn!(worker = %slot.id, %room, "worker crash attributed to a room it was restoring");
+            match registry.blame(room) {
+                Some(quarantined) => {
+                    error!(worker = %slot.id, %room, "room closed for its members (1011): it crashed {POISON_CRASHES} workers within {POISON_WINDOW:?}; replaying its edits into a fallback file");
+                    salvage::spawn(
+                        worker.program.clone(),
+                        worker.settings.data_dir.clone(),
+                        quarantined,
+                    );
+                }
+                None => {
+                    warn!(worker = %slot.id, %room, "worker crash attributed to a room it was restoring")
+                }
             }
         }
         self.restore = registry.worker_failed(slot.id);

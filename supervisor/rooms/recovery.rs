@@ -73,6 +73,23 @@ impl Recovery {
     }
 }
 
+/// A room closed because it kept crashing its workers: its last checkpoint and
+/// the events after it, everything its members saw acknowledged.
+#[derive(Debug)]
+pub struct Quarantined {
+    /// The room.
+    pub room: RoomId,
+    /// The seed of its instance.
+    pub id_seed: u64,
+    /// Its worker's last checkpoint, if any.
+    pub image: Option<Vec<u8>>,
+    /// The journal after the checkpoint.
+    pub events: Vec<Stamped>,
+    /// False if the journal had overflowed (events since the checkpoint were
+    /// dropped): the replay then misses some.
+    pub complete: bool,
+}
+
 impl Registry {
     /// The worker gave up on `room` (its stored board cannot be read) and freed
     /// it: its members are closed with 1011 and the room is forgotten.
@@ -225,27 +242,36 @@ impl Registry {
     }
 
     /// Attributes a worker crash to `room` (it was being restored when the worker
-    /// died). After [`POISON_CRASHES`] within [`POISON_WINDOW`], the room alone is
-    /// closed for its members with 1011; returns true then.
-    pub fn blame(&self, room: &RoomId) -> bool {
+    /// crashed by its own doing). After [`POISON_CRASHES`] within
+    /// [`POISON_WINDOW`], the room alone is closed for its members with 1011 and
+    /// returned as [`Quarantined`]: what its members saw acknowledged, for a
+    /// salvage into a fallback file.
+    pub fn blame(&self, room: &RoomId) -> Option<Quarantined> {
         let mut table = lock(&self.table);
-        let Some(entry) = table.rooms.get(room).cloned() else {
-            return false;
-        };
+        let entry = table.rooms.get(room).cloned()?;
         let mut state = lock(&entry.state);
         let now = Instant::now();
         let blames = &mut state.recovery.blames;
         blames.retain(|t| now.duration_since(*t) < POISON_WINDOW);
         blames.push(now);
         if blames.len() < POISON_CRASHES {
-            return false;
+            return None;
         }
+        let recovery = &mut state.recovery;
+        let quarantined = Quarantined {
+            room: entry.id.clone(),
+            id_seed: recovery.id_seed,
+            image: recovery.checkpoint.take().map(|(_, image)| image),
+            events: recovery.journal.iter().cloned().collect(),
+            complete: recovery.journal.restorable(),
+        };
+        recovery.journal.clear();
         table.close_room(
             &entry,
             &mut state,
             "Room closed: it repeatedly crashed the server",
         );
-        true
+        Some(quarantined)
     }
 }
 
@@ -301,8 +327,8 @@ mod tests {
         let (registry, _frames) = registry(1, 2, 2);
         let (_poison, crx) = joined(&registry, "p", 1).await;
         let (_other, _) = joined(&registry, "o", 2).await;
-        assert!(!registry.blame(&room("p")));
-        assert!(!registry.blame(&room("p")));
+        assert!(registry.blame(&room("p")).is_none());
+        assert!(registry.blame(&room("p")).is_none());
         // Blamed rooms are restored after the others.
         let order: Vec<String> = registry
             .worker_failed(WorkerId(0))
@@ -310,7 +336,18 @@ mod tests {
             .map(|e| e.id.0.clone())
             .collect();
         assert_eq!(order, ["o", "p"]);
-        assert!(registry.blame(&room("p")));
+        // Closed, with what its members saw acknowledged (here the join) kept
+        // for the salvage.
+        let quarantined = registry.blame(&room("p")).expect("closed on the third");
+        assert_eq!(quarantined.room, room("p"));
+        assert!(quarantined.complete);
+        assert!(matches!(
+            quarantined.events.as_slice(),
+            [Stamped {
+                event: RoomEvent::Join { .. },
+                ..
+            }]
+        ));
         assert!(matches!(
             crx.borrow().membership,
             Membership::Closed { code: 1011, .. }

@@ -880,3 +880,10 @@ pub fn fallback_shapes(file: &Path) -> Value {
     assert_eq!(body["data"]["cursors"], json!([]), "{body}");
     body["data"]["shapes"].clone()
 }
+
+/// A stored board of `count` text shapes of `chars` characters each (ids
+/// `s0`…, x = index): a full board of big shapes for the fault tests.
+pub fn big_board(count: usize, chars: usize) -> Value {
+    let text = "t".repeat(chars);
+    Value::Array((0..count).map(|i| stored_text_shape(i, &text)).collect())
+}
