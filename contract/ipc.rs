@@ -195,10 +195,11 @@ pub struct Fallback {
     pub file: Result<String, String>,
 }
 
-/// A quarantined room handed to a salvage process (`session-server salvage`,
-/// one postcard message on its stdin): its last checkpoint and the journal
-/// after it, to be replayed into a fallback file, so closing a room that keeps
-/// crashing its workers never discards what its members saw acknowledged.
+/// A room handed to a salvage process (`session-server salvage`, one postcard
+/// message on its stdin): its last checkpoint and the journal after it, to be
+/// replayed into a fallback file, so closing a room that keeps crashing its
+/// workers, or losing a worker during a stop, never discards what the room's
+/// members saw acknowledged.
 /// The process prints a [`SALVAGE_APPLYING`] line before each event, so a
 /// frame that crashes it is known and skipped by the next attempt, then one
 /// [`SALVAGE_FILE`] or [`SALVAGE_NO_FILE`] line.
@@ -214,6 +215,9 @@ pub struct Salvage {
     pub events: Vec<Stamped>,
     /// Events not to apply: they crashed an earlier attempt.
     pub skip: Vec<u64>,
+    /// The room was closed because it kept crashing workers (the file says
+    /// `quarantined`), not lost with its worker during a stop (`unsaved`).
+    pub quarantined: bool,
     /// `--data-dir`, whose `unsaved/` folder receives the file.
     pub data_dir: std::path::PathBuf,
 }

@@ -32,9 +32,9 @@ use tracing::{error, info, warn};
 
 use auth::Authenticator;
 use contract::config::{Config, PersistSettings, StoreConfig};
-use pool::{WorkerPool, WorkerProgram};
+use pool::{DrainReport, WorkerPool, WorkerProgram};
 use rooms::Registry;
-use shutdown::{Phase, Shutdown};
+use shutdown::{Phase, Shutdown, ShutdownPlan};
 
 /// State shared by every connection task: made once by [`run`], handed to each
 /// accepted connection, and read by the HTTP endpoints, the sessions and the
@@ -288,35 +288,7 @@ pub async fn run(
         budget_ms = shared.config.shutdown_grace.as_millis() as u64,
         "saving rooms before exit"
     );
-    let reports = shared.pool.drain(plan.saves_until).await;
-    let saved: u32 = reports.iter().flat_map(|(_, r)| r).map(|r| r.saved).sum();
-    let unsaved: Vec<String> = reports
-        .iter()
-        .flat_map(|(_, r)| {
-            r.iter()
-                .flat_map(|r| r.unsaved.iter().map(|room| room.0.clone()))
-        })
-        .collect();
-    let silent: Vec<String> = reports
-        .iter()
-        .filter(|(_, r)| r.is_none())
-        .map(|(id, _)| id.to_string())
-        .collect();
-    let fallback: Vec<String> = reports
-        .iter()
-        .flat_map(|(_, r)| r.iter().flat_map(|r| r.fallback.iter()))
-        .map(|f| match &f.file {
-            Ok(file) => format!("{}: {file}", f.room),
-            Err(_) => format!("{}: in the worker's log (no file could be written)", f.room),
-        })
-        .collect();
-    let outcome = if unsaved.is_empty() && silent.is_empty() {
-        info!(saved, "shutdown: every room saved");
-        StopOutcome::EverythingSaved
-    } else {
-        error!(saved, ?unsaved, ?fallback, workers_not_answering = ?silent, "shutdown: some rooms could not be saved; their shapes are in the fallback files named (exit code {})", StopOutcome::NOT_ALL_SAVED_EXIT_CODE);
-        StopOutcome::NotAllSaved
-    };
+    let outcome = save_every_room(&shared, &plan).await;
 
     shutdown.advance(Phase::Closing);
     shared.sessions.close();
@@ -336,6 +308,55 @@ pub async fn run(
     }
     info!("stopped");
     Ok(outcome)
+}
+
+/// The stop's saves: asks every worker to save by the plan's `saves_until`;
+/// a worker lost meanwhile (ended, or silent) wrote nothing, so its rooms are
+/// replayed from the supervisor's journal into fallback files, within the
+/// clients' time. Logs the outcome: every room saved, or which were not and
+/// where their shapes are.
+async fn save_every_room(shared: &Shared, plan: &ShutdownPlan) -> StopOutcome {
+    let mut reports = Vec::new();
+    for (worker, report) in shared.pool.drain(plan.saves_until).await {
+        let mut report = report.unwrap_or_else(|| DrainReport {
+            saved: 0,
+            unsaved: shared.registry.unconfirmed_rooms(worker),
+            lost: true,
+            fallback: Vec::new(),
+        });
+        if report.lost {
+            report.fallback = shared
+                .pool
+                .salvage_unconfirmed(worker, plan.clients_until)
+                .await;
+        }
+        reports.push((worker, report));
+    }
+    let saved: u32 = reports.iter().map(|(_, r)| r.saved).sum();
+    let unsaved: Vec<&str> = reports
+        .iter()
+        .flat_map(|(_, r)| r.unsaved.iter().map(|room| room.0.as_str()))
+        .collect();
+    let lost: Vec<String> = reports
+        .iter()
+        .filter(|(_, r)| r.lost)
+        .map(|(id, _)| id.to_string())
+        .collect();
+    let fallback: Vec<String> = reports
+        .iter()
+        .flat_map(|(_, r)| r.fallback.iter())
+        .map(|f| match &f.file {
+            Ok(file) => format!("{}: {file}", f.room),
+            Err(why) => format!("{}: no file ({why})", f.room),
+        })
+        .collect();
+    if unsaved.is_empty() && lost.is_empty() {
+        info!(saved, "shutdown: every room saved");
+        StopOutcome::EverythingSaved
+    } else {
+        error!(saved, ?unsaved, ?fallback, workers_lost = ?lost, "shutdown: some rooms could not be saved; their shapes are in the fallback files named (exit code {})", StopOutcome::NOT_ALL_SAVED_EXIT_CODE);
+        StopOutcome::NotAllSaved
+    }
 }
 
 /// Ends a start that goes no further (no client was ever connected, so there is

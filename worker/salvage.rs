@@ -1,7 +1,7 @@
-//! `session-server salvage`: replays a quarantined room into a fallback file.
-//! A room closed because its frames keep crashing workers still holds edits its
-//! members saw acknowledged: the supervisor's last checkpoint of it and the
-//! journal after it. This process, started by the supervisor for that room
+//! `session-server salvage`: replays a room into a fallback file. A room closed
+//! because its frames keep crashing workers, or one whose worker was lost during
+//! a stop, still holds edits its members saw acknowledged: the supervisor's last
+//! checkpoint of it and the journal after it. This process, started by the supervisor for that room
 //! alone, rebuilds the room from them as a worker would and writes its shapes
 //! to `<data-dir>/unsaved/`. Before each event it prints which one it applies,
 //! so if an event crashes it too, the supervisor knows which, and the next
@@ -39,9 +39,10 @@ pub fn main() -> anyhow::Result<()> {
 
 /// Rebuilds the room (checkpoint, then every event not skipped, each announced
 /// on `progress` first) and writes its shapes to a fallback file: `quarantined`
-/// when the checkpoint held the whole board, `quarantined-unmerged` when the
-/// stored board was not in it (no checkpoint, or a degraded room), to be merged
-/// into the stored board rather than replace it.
+/// (or `unsaved` for a room lost with its worker) when the checkpoint held the
+/// whole board, `quarantined-unmerged` (`unmerged`) when the stored board was
+/// not in it (no checkpoint, or a degraded room), to be merged into the stored
+/// board rather than replace it.
 fn replay(
     request: Salvage,
     progress: &mut impl Write,
@@ -52,6 +53,7 @@ fn replay(
         image,
         events,
         skip,
+        quarantined,
         data_dir,
     } = request;
     let (mut room, whole) = match image.and_then(|bytes| room_from_checkpoint(id.clone(), &bytes)) {
@@ -65,10 +67,11 @@ fn replay(
         crate::core::poison::check(stamped);
         room.apply_counted(stamped);
     }
-    let kind = if whole {
-        "quarantined"
-    } else {
-        "quarantined-unmerged"
+    let kind = match (quarantined, whole) {
+        (true, true) => "quarantined",
+        (true, false) => "quarantined-unmerged",
+        (false, true) => "unsaved",
+        (false, false) => "unmerged",
     };
     let written = fallback::write(&data_dir, &id, kind, &room.shapes_json());
     Ok((kind, written, room))
@@ -119,6 +122,7 @@ mod tests {
             image: None,
             events: vec![join, create(2, 10), create(3, 20), create(4, 30)],
             skip: vec![3],
+            quarantined: true,
             data_dir: dir.clone(),
         };
         let mut progress = Vec::new();

@@ -233,10 +233,11 @@ pub(super) async fn supervise(
         if shutdown.is_stopping() {
             // A replacement would only be killed again; rooms are not restored.
             let unsaved = registry.unconfirmed_rooms(slot.id);
-            error!(worker = %slot.id, ?unsaved, "worker ended during shutdown ({}); not replaced; changes since these rooms' last save may be lost", ended.how);
+            error!(worker = %slot.id, ?unsaved, "worker ended during shutdown ({}); not replaced; these rooms are replayed into fallback files from the supervisor's journal", ended.how);
             slot.answer_drain(DrainReport {
                 saved: 0,
                 unsaved,
+                lost: true,
                 fallback: Vec::new(),
             });
             return;

@@ -185,6 +185,7 @@ fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &Work
         } => slot.answer_drain(DrainReport {
             saved,
             unsaved,
+            lost: false,
             fallback,
         }),
         FromWorker::Synced { room, .. } if room.0 == PING_ROOM => {

@@ -23,6 +23,7 @@ mod salvage;
 mod tests;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
+use tracing::error;
 
 use super::metrics::Metrics;
 use super::rooms::Registry;
@@ -79,6 +81,9 @@ pub struct DrainReport {
     pub saved: u32,
     /// Rooms still holding unsaved changes when the drain ended.
     pub unsaved: Vec<RoomId>,
+    /// The worker's process ended during the stop: `unsaved` are the rooms
+    /// it never confirmed as saved, and nothing wrote their shapes anywhere.
+    pub lost: bool,
     /// Where the worker wrote the shapes of those rooms instead.
     pub fallback: Vec<Fallback>,
 }
@@ -154,6 +159,10 @@ pub fn worker_queues(count: usize) -> (Vec<mpsc::Sender<ToWorker>>, Vec<mpsc::Re
 pub struct WorkerPool {
     slots: Vec<Arc<WorkerSlot>>,
     tasks: TaskTracker,
+    registry: Arc<Registry>,
+    /// What a salvage process runs (the workers' program) and where it writes.
+    program: WorkerProgram,
+    data_dir: PathBuf,
 }
 
 /// A worker's start as the pool's start sees it: the store identity it answered,
@@ -213,7 +222,13 @@ impl WorkerPool {
         for (i, ready) in ready.into_iter().enumerate() {
             started(i + 1, ready.await)?;
         }
-        Ok(WorkerPool { slots, tasks })
+        Ok(WorkerPool {
+            slots,
+            tasks,
+            data_dir: settings.data_dir,
+            registry,
+            program,
+        })
     }
 
     /// Every slot, in worker id order.
@@ -248,6 +263,35 @@ impl WorkerPool {
             (slot.id, report)
         });
         futures_util::future::join_all(drains).await
+    }
+
+    /// For a worker lost during the stop (its process ended, or it did not
+    /// answer the drain): replays each of its rooms with changes it never
+    /// confirmed as saved into a fallback file, from the supervisor's
+    /// checkpoints and journals (all at once, each bounded by `deadline`), so
+    /// nothing acknowledged is left only in memory. A room whose changes were
+    /// only joins or cursor moves gets a file too (the supervisor does not read
+    /// events): one too many rather than one too few.
+    pub async fn salvage_unconfirmed(
+        &self,
+        worker: WorkerId,
+        deadline: tokio::time::Instant,
+    ) -> Vec<Fallback> {
+        let rooms = self.registry.unconfirmed_salvage(worker);
+        let salvages = rooms.into_iter().map(|room| async {
+            let id = room.room.clone();
+            let salvaged = salvage::salvage(&self.program, self.data_dir.clone(), room);
+            let file = match tokio::time::timeout_at(deadline, salvaged).await {
+                Ok(file) => file,
+                Err(_) => Err("the stop's budget ran out before its replay finished".to_owned()),
+            };
+            match &file {
+                Ok(file) => error!(worker = %worker, room = %id, %file, "shutdown: the room's worker was lost; its shapes, replayed from the supervisor's journal, are in the file"),
+                Err(why) => error!(worker = %worker, room = %id, error = %why, "shutdown: the room's worker was lost and its shapes could not be written to a file"),
+            }
+            Fallback { room: id, file }
+        });
+        futures_util::future::join_all(salvages).await
     }
 
     /// Waits until every worker process has ended: from `Phase::Stopped`, each

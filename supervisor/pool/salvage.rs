@@ -14,7 +14,7 @@ use tokio::process::Command;
 use tracing::{error, info, warn};
 
 use super::lifecycle::WorkerProgram;
-use crate::rooms::Quarantined;
+use crate::rooms::RoomSalvage;
 use contract::ipc::{SALVAGE_APPLYING, SALVAGE_FILE, SALVAGE_NO_FILE, Salvage};
 
 /// Attempts at most: each one that crashes skips the event it crashed on (or,
@@ -36,51 +36,75 @@ enum Attempt {
 
 /// Replays `room` into a fallback file under `data_dir`, in a task of its own,
 /// and logs the file at error (the room's members were closed with 1011).
-pub(super) fn spawn(program: WorkerProgram, data_dir: PathBuf, room: Quarantined) {
-    tokio::spawn(salvage(program, data_dir, room));
+pub(super) fn spawn(program: WorkerProgram, data_dir: PathBuf, room: RoomSalvage) {
+    tokio::spawn(async move {
+        let id = room.room.clone();
+        match salvage(&program, data_dir, room).await {
+            Ok(file) => {
+                error!(room = %id, %file, "quarantined room: its shapes, as its members last saw them, are in the file (README, Persistence: how to replay it)")
+            }
+            Err(why) => {
+                error!(room = %id, error = %why, "quarantined room: its edits could not be written to a fallback file")
+            }
+        }
+    });
 }
 
-async fn salvage(program: WorkerProgram, data_dir: PathBuf, room: Quarantined) {
-    let Quarantined {
+/// Replays `room` into a fallback file under `data_dir`; returns the file, or
+/// why there is none.
+pub(super) async fn salvage(
+    program: &WorkerProgram,
+    data_dir: PathBuf,
+    room: RoomSalvage,
+) -> Result<String, String> {
+    let RoomSalvage {
         room,
         id_seed,
-        mut image,
+        image,
         events,
         complete,
+        quarantined,
     } = room;
     if !complete {
-        warn!(%room, "the quarantined room's journal had overflowed: its fallback file misses the events dropped since its last checkpoint");
+        warn!(%room, "the room's journal had overflowed: its fallback file misses the events dropped since its last checkpoint");
     }
     let mut request = Salvage {
         room: room.clone(),
         id_seed,
-        image: image.take(),
+        image,
         events,
         skip: Vec::new(),
+        quarantined,
         data_dir,
     };
     for _ in 0..MAX_ATTEMPTS {
-        match attempt(&program, &request).await {
+        match attempt(program, &request).await {
             Attempt::Done(Ok(file)) => {
-                error!(%room, %file, skipped = ?request.skip, events = request.events.len(), "quarantined room: its shapes, as its members last saw them, are in the file (README, Persistence: how to replay it)");
-                return;
+                if !request.skip.is_empty() {
+                    warn!(%room, skipped = ?request.skip, "the room's fallback file leaves out the events that crashed its replay");
+                }
+                return Ok(file);
             }
             Attempt::Done(Err(why)) => {
-                error!(%room, error = %why, "quarantined room: no fallback file could be written; its shapes are in the salvage's error line above");
-                return;
+                return Err(format!(
+                    "no fallback file could be written ({why}); the shapes are in the salvage's error line"
+                ));
             }
             Attempt::Crashed(Some(seq)) => {
-                warn!(%room, seq, "replaying the quarantined room crashed on this event; replaying again without it");
+                warn!(%room, seq, "replaying the room crashed on this event; replaying again without it");
                 request.skip.push(seq);
             }
             Attempt::Crashed(None) if request.image.is_some() => {
-                warn!(%room, "replaying the quarantined room crashed on its checkpoint; replaying its journal alone");
+                warn!(%room, "replaying the room crashed on its checkpoint; replaying its journal alone");
                 request.image = None;
             }
             Attempt::Crashed(None) => break,
         }
     }
-    error!(%room, skipped = ?request.skip, "quarantined room: its checkpoint and journal could not be replayed into a fallback file; its edits since its last save are lost");
+    Err(format!(
+        "its checkpoint and journal could not be replayed (events skipped: {:?}); its edits since its last save are lost",
+        request.skip
+    ))
 }
 
 /// Runs one salvage process on `request`; its log lines go to this process's

@@ -40,7 +40,7 @@ use contract::protocol::{CLOSE_INTERNAL_ERROR, CLOSE_POLICY};
 
 pub use fanout::{Published, SnapshotCell};
 pub use handle::{RoomHandle, RoomLost};
-pub use recovery::{POISON_CRASHES, POISON_WINDOW, Quarantined};
+pub use recovery::{POISON_CRASHES, POISON_WINDOW, RoomSalvage};
 pub use room::{ConnState, ConnStateSender, Holder, Membership, RoomEntry};
 pub use saves::SAVES_FAILING_UNREADY_AFTER;
 

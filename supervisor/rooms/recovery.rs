@@ -63,6 +63,18 @@ impl Recovery {
         ToWorker::Event(stamped)
     }
 
+    /// A copy of what rebuilds the room.
+    fn salvage(&self, room: &RoomId, quarantined: bool) -> RoomSalvage {
+        RoomSalvage {
+            room: room.clone(),
+            id_seed: self.id_seed,
+            image: self.checkpoint.as_ref().map(|(_, image)| image.clone()),
+            events: self.journal.iter().cloned().collect(),
+            complete: self.journal.restorable(),
+            quarantined,
+        }
+    }
+
     /// Starts a new instance of the room on its worker (not a reopening of one
     /// that is still closing, which keeps its state).
     pub(super) fn new_instance(&mut self) -> u64 {
@@ -73,10 +85,12 @@ impl Recovery {
     }
 }
 
-/// A room closed because it kept crashing its workers: its last checkpoint and
-/// the events after it, everything its members saw acknowledged.
+/// What rebuilds a room without its worker: its last checkpoint and the events
+/// after it, everything its members saw acknowledged. Taken from a room closed
+/// because it kept crashing its workers, or copied from one whose worker was
+/// lost during a stop, for a salvage into a fallback file.
 #[derive(Debug)]
-pub struct Quarantined {
+pub struct RoomSalvage {
     /// The room.
     pub room: RoomId,
     /// The seed of its instance.
@@ -88,6 +102,8 @@ pub struct Quarantined {
     /// False if the journal had overflowed (events since the checkpoint were
     /// dropped): the replay then misses some.
     pub complete: bool,
+    /// Closed as poison (rather than lost with its worker during a stop).
+    pub quarantined: bool,
 }
 
 impl Registry {
@@ -241,12 +257,25 @@ impl Registry {
         (Vec::new(), true)
     }
 
+    /// What rebuilds each room on `worker` that has events since its last
+    /// confirmed save (see [`unconfirmed_rooms`](Self::unconfirmed_rooms)).
+    pub fn unconfirmed_salvage(&self, worker: WorkerId) -> Vec<RoomSalvage> {
+        self.unconfirmed_rooms(worker)
+            .iter()
+            .filter_map(|room| {
+                let entry = self.on_worker(room, worker)?;
+                let state = lock(&entry.state);
+                Some(state.recovery.salvage(room, false))
+            })
+            .collect()
+    }
+
     /// Attributes a worker crash to `room` (it was being restored when the worker
     /// crashed by its own doing). After [`POISON_CRASHES`] within
     /// [`POISON_WINDOW`], the room alone is closed for its members with 1011 and
-    /// returned as [`Quarantined`]: what its members saw acknowledged, for a
+    /// returned as [`RoomSalvage`]: what its members saw acknowledged, for a
     /// salvage into a fallback file.
-    pub fn blame(&self, room: &RoomId) -> Option<Quarantined> {
+    pub fn blame(&self, room: &RoomId) -> Option<RoomSalvage> {
         let mut table = lock(&self.table);
         let entry = table.rooms.get(room).cloned()?;
         let mut state = lock(&entry.state);
@@ -257,15 +286,9 @@ impl Registry {
         if blames.len() < POISON_CRASHES {
             return None;
         }
-        let recovery = &mut state.recovery;
-        let quarantined = Quarantined {
-            room: entry.id.clone(),
-            id_seed: recovery.id_seed,
-            image: recovery.checkpoint.take().map(|(_, image)| image),
-            events: recovery.journal.iter().cloned().collect(),
-            complete: recovery.journal.restorable(),
-        };
-        recovery.journal.clear();
+        let quarantined = state.recovery.salvage(&entry.id, true);
+        state.recovery.checkpoint = None;
+        state.recovery.journal.clear();
         table.close_room(
             &entry,
             &mut state,

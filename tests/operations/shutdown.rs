@@ -6,6 +6,7 @@
 //! during the shutdown; meanwhile `/readyz` says draining and new upgrades get
 //! `503`.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -283,17 +284,21 @@ async fn a_read_only_data_dir_puts_every_shape_in_the_log_within_ten_seconds() {
 }
 
 /// A worker killed while the shutdown waits for saves is not replaced (a
-/// replacement would only delay the exit), its rooms are named in the log, and
-/// the shutdown completes.
+/// replacement would only delay the exit), its rooms are named in the log and
+/// replayed from the supervisor's journal into fallback files, the other
+/// worker's room goes to its own fallback file, and the shutdown completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_during_the_shutdown_is_not_restarted() {
+async fn a_worker_killed_during_the_shutdown_is_not_restarted_and_its_rooms_are_kept() {
     let backend = Backend::start().await;
     let (mut server, mut clients) = with_backend(&backend, &["room-a", "room-b"]).await;
     // Both rooms stay unsaved, so the shutdown waits for its saves.
     backend.set_mode(Mode::Hang);
-    for client in &mut clients {
+    let mut seen = HashMap::new();
+    for (room, client) in ["room-a", "room-b"].into_iter().zip(&mut clients) {
         client.send(rect(1)).await;
-        client.until(|s| shapes(s).len() == 1).await;
+        client.send(rect(2)).await;
+        let snapshot = client.until(|s| shapes(s).len() == 2).await;
+        seen.insert(room, snapshot["shapes"].clone());
     }
     let status = server.status().await;
     let workers = status["workers"].as_array().unwrap();
@@ -328,6 +333,18 @@ async fn a_worker_killed_during_the_shutdown_is_not_restarted() {
         .unwrap_or_else(|| panic!("no log of the lost worker: {logs}"));
     let room = victim_rooms[0].as_str().unwrap();
     assert!(not_replaced.contains(room), "{not_replaced}");
+    // Nothing only in memory: both rooms' shapes are in fallback files, the
+    // lost worker's replayed by the supervisor.
+    for (room, shapes) in &seen {
+        let files = fallback_files(server.data_dir(), room);
+        assert_eq!(files.len(), 1, "{room}: {files:?}\n{logs}");
+        assert!(
+            files[0].to_string_lossy().ends_with("-unsaved.json"),
+            "{files:?}"
+        );
+        assert_eq!(&fallback_shapes(&files[0]), shapes, "{room}");
+    }
+    assert!(logs.contains("shutdown: the room's worker was lost; its shapes, replayed from the supervisor's journal, are in the file"), "{logs}");
 }
 
 /// While rooms are saved for a shutdown, clients' frames are no longer read:
