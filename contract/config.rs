@@ -63,6 +63,12 @@ pub struct ServeArgs {
     /// connections are closed at once. Stay under the process's file descriptor limit.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 15_000)]
     pub max_connections: usize,
+    /// Memory the server's processes (supervisor and workers) may hold, in
+    /// bytes, or with a suffix (`K`, `M`, `G`; `Ki`, `Mi`, `Gi`); near it new
+    /// rooms get 503 and new shapes are refused, before the kernel's OOM killer
+    /// decides; `0`: no budget [default: the memory cgroup's limit, if any].
+    #[arg(long, env = "MEMORY_LIMIT", value_parser = parse_memory_size)]
+    pub memory_limit: Option<u64>,
     /// A client must send its HTTP request headers within this.
     #[arg(long, env = "HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
@@ -291,8 +297,40 @@ pub struct HathoraInfo {
 pub struct Host {
     /// CPUs this process may use: the default number of workers.
     pub cpus: usize,
+    /// The memory cgroup's limit in bytes, if one is set.
+    pub memory_limit: Option<u64>,
     /// The Hathora variables that are set.
     pub hathora: HathoraInfo,
+}
+
+/// Parses a memory size: bytes, or a number with a decimal (`K`, `M`, `G`) or
+/// binary (`Ki`, `Mi`, `Gi`) suffix, as Kubernetes writes them (`1Gi`).
+pub fn parse_memory_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size in bytes (e.g. 1073741824, 1024Mi, 1Gi)"))?;
+    let unit: u64 = match suffix {
+        "" => 1,
+        "K" | "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown size suffix {suffix:?} (K, M, G, Ki, Mi, Gi)"
+            ));
+        }
+    };
+    number
+        .checked_mul(unit)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Parses a CPU quota as `"<quota> <period>"` (cgroup v2 `cpu.max`, or v1's two
@@ -320,6 +358,9 @@ pub struct Limits {
     /// Seconds in a row over 1.5× the rate before a client is closed with 1008
     /// "Rate limit"; 0: never.
     pub rate_close_after: u32,
+    /// Bytes the server's processes may hold resident (`--memory-limit`, else
+    /// the cgroup's limit); `None`: no budget.
+    pub memory_limit: Option<u64>,
 }
 
 /// Shortest secret accepted without `--allow-weak-secret`: an HS256 key shorter
@@ -608,6 +649,11 @@ impl ServeArgs {
                 rate_per_sec: self.rate_limit_per_sec,
                 rate_burst: self.rate_limit_burst,
                 rate_close_after: self.rate_limit_close_after_secs,
+                memory_limit: match self.memory_limit {
+                    Some(0) => None,
+                    Some(limit) => Some(limit),
+                    None => host.memory_limit,
+                },
             },
             agones,
             persistence: PersistSettings {
@@ -630,8 +676,40 @@ mod tests {
     fn host() -> Host {
         Host {
             cpus: 2,
+            memory_limit: None,
             hathora: HathoraInfo::default(),
         }
+    }
+
+    #[test]
+    fn memory_sizes_parse_as_kubernetes_writes_them() {
+        assert_eq!(parse_memory_size("1073741824"), Ok(1 << 30));
+        assert_eq!(parse_memory_size("1Gi"), Ok(1 << 30));
+        assert_eq!(parse_memory_size("512Mi"), Ok(512 << 20));
+        assert_eq!(parse_memory_size("2G"), Ok(2_000_000_000));
+        assert_eq!(parse_memory_size("0"), Ok(0));
+        assert!(parse_memory_size("1GB").is_err());
+        assert!(parse_memory_size("lots").is_err());
+        assert!(parse_memory_size("99999999999999Gi").is_err());
+    }
+
+    /// `--memory-limit` wins over the cgroup's; `0` turns the budget off.
+    #[test]
+    fn the_memory_budget_is_the_flag_or_the_cgroup_s_limit() {
+        let mut cgroup = host();
+        cgroup.memory_limit = Some(1 << 30);
+        let budget = |args: &[&str], host: &Host| {
+            let mut cli = parse(args);
+            cli.serve.jwt_secret = Some(Secret("a-secret-of-sixteen-bytes".into()));
+            cli.serve.validate(host).unwrap().limits.memory_limit
+        };
+        assert_eq!(budget(&[], &host()), None);
+        assert_eq!(budget(&[], &cgroup), Some(1 << 30));
+        assert_eq!(
+            budget(&["--memory-limit", "512Mi"], &cgroup),
+            Some(512 << 20)
+        );
+        assert_eq!(budget(&["--memory-limit", "0"], &cgroup), None);
     }
 
     fn parse(args: &[&str]) -> Cli {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 /// Version of the frame definitions below. The supervisor and a worker exchange it
 /// in their first frames and refuse to talk on a mismatch. Bump it on any change to
 /// [`ToWorker`] or [`FromWorker`].
-pub const IPC_VERSION: u32 = 11;
+pub const IPC_VERSION: u32 = 12;
 
 /// Largest IPC frame body accepted. A snapshot of a full room (1000 shapes with
 /// bounded fields) is far below this; anything larger is corruption.
@@ -181,6 +181,13 @@ pub enum RoomEvent {
         conn: ConnId,
         /// The frame, as the client sent it.
         text: String,
+    },
+    /// The server's memory budget is nearly spent (`full`), or no longer: while
+    /// it is, the room refuses new shapes. An event like the others, so a room
+    /// replayed after a crash decides exactly as it did.
+    MemoryBudget {
+        /// New shapes are refused from now on.
+        full: bool,
     },
 }
 

@@ -7,10 +7,12 @@
 //!   [`protocol::v2`]), the close codes and limits;
 //! - [`ipc`]: the frames the supervisor and a worker exchange, and their
 //!   length-prefixed `postcard` encoding;
-//! - [`config`]: the command line and environment, validated into settings.
+//! - [`config`]: the command line and environment, validated into settings;
+//! - [`alloc`]: giving freed memory back to the system.
 
 #![deny(missing_docs)]
 
+pub mod alloc;
 pub mod config;
 pub mod ipc;
 pub mod protocol;

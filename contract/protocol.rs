@@ -246,6 +246,8 @@ pub enum IgnoredReason {
     ShapeLimit,
     /// A shape whose JSON would be over its limit.
     ShapeTooBig,
+    /// A create while the server's memory budget is nearly spent.
+    MemoryFull,
 }
 
 impl IgnoredReason {
@@ -261,6 +263,7 @@ impl IgnoredReason {
             IgnoredReason::OpaqueShape => "opaque_shape",
             IgnoredReason::ShapeLimit => "shape_limit",
             IgnoredReason::ShapeTooBig => "shape_too_big",
+            IgnoredReason::MemoryFull => "memory",
         }
     }
 }

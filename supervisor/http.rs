@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{debug, info, warn};
 
 use super::metrics::Rejection;
-use super::rooms::ConnState;
+use super::rooms::{ConnState, PlacementError};
 use super::{Shared, session, websocket};
 use contract::ipc::ConnId;
 
@@ -268,7 +268,10 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     ) {
         Ok(room) => room,
         Err(e) => {
-            shared.metrics.reject(Rejection::NoCapacity);
+            shared.metrics.reject(match e {
+                PlacementError::MemoryBudget => Rejection::Memory,
+                _ => Rejection::NoCapacity,
+            });
             warn!(room = %identity.room, "connection refused (503): {e}");
             let mut res = text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"));
             res.headers_mut()

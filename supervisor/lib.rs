@@ -256,6 +256,15 @@ pub async fn run(
     // upgrades get a clear 503); it stops once every client is closed.
     let acceptor = tokio::spawn(accept(listener, shared.clone()));
     tokio::spawn(memory::return_freed_memory(shared.registry.placed_rooms()));
+    if let Some(limit) = shared.config.limits.memory_limit {
+        info!(
+            limit_mib = limit >> 20,
+            "memory budget: new rooms refused from {:.0}% of it, new shapes from {:.0}%",
+            memory::ROOMS_REFUSED_AT * 100.0,
+            memory::SHAPES_REFUSED_AT * 100.0
+        );
+        tokio::spawn(memory::enforce_budget(shared.clone(), limit));
+    }
     // The line the seed documents; printed whatever the log filter is.
     println!("Listening on *:{port}");
     if shared.config.dev {
@@ -316,22 +325,27 @@ pub async fn run(
 /// clients' time. Logs the outcome: every room saved, or which were not and
 /// where their shapes are.
 async fn save_every_room(shared: &Shared, plan: &ShutdownPlan) -> StopOutcome {
-    let mut reports = Vec::new();
-    for (worker, report) in shared.pool.drain(plan.saves_until).await {
-        let mut report = report.unwrap_or_else(|| DrainReport {
-            saved: 0,
-            unsaved: shared.registry.unconfirmed_rooms(worker),
-            lost: true,
-            fallback: Vec::new(),
-        });
-        if report.lost {
-            report.fallback = shared
-                .pool
-                .salvage_unconfirmed(worker, plan.clients_until)
-                .await;
-        }
-        reports.push((worker, report));
-    }
+    let drained = shared.pool.drain(plan.saves_until).await;
+    // Every lost worker's rooms at once: the clients' time is all they get.
+    let reports =
+        futures_util::future::join_all(drained.into_iter().map(|(worker, report)| async move {
+            let mut report = report.unwrap_or_else(|| DrainReport {
+                saved: 0,
+                unsaved: shared.registry.unconfirmed_rooms(worker),
+                lost: true,
+                fallback: Vec::new(),
+            });
+            if report.lost {
+                report.fallback = shared
+                    .pool
+                    .salvage_unconfirmed(worker, plan.clients_until)
+                    .await;
+            }
+            (worker, report)
+        }))
+        .await;
+    // Quarantined rooms still being replayed, or whose replay failed.
+    let unsalvaged = shared.pool.settle_salvages(plan.clients_until).await;
     let saved: u32 = reports.iter().map(|(_, r)| r.saved).sum();
     let unsaved: Vec<&str> = reports
         .iter()
@@ -350,11 +364,11 @@ async fn save_every_room(shared: &Shared, plan: &ShutdownPlan) -> StopOutcome {
             Err(why) => format!("{}: no file ({why})", f.room),
         })
         .collect();
-    if unsaved.is_empty() && lost.is_empty() {
+    if unsaved.is_empty() && lost.is_empty() && unsalvaged.is_empty() {
         info!(saved, "shutdown: every room saved");
         StopOutcome::EverythingSaved
     } else {
-        error!(saved, ?unsaved, ?fallback, workers_lost = ?lost, "shutdown: some rooms could not be saved; their shapes are in the fallback files named (exit code {})", StopOutcome::NOT_ALL_SAVED_EXIT_CODE);
+        error!(saved, ?unsaved, ?fallback, workers_lost = ?lost, quarantined_not_in_a_file_yet = ?unsalvaged, "shutdown: some rooms could not be saved; their shapes are in the fallback files named (exit code {})", StopOutcome::NOT_ALL_SAVED_EXIT_CODE);
         StopOutcome::NotAllSaved
     }
 }

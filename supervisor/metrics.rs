@@ -36,6 +36,8 @@ pub enum Rejection {
     TooManyConnections,
     /// No worker can take another room.
     NoCapacity,
+    /// The memory budget is nearly spent: no new room.
+    Memory,
     /// The room has its maximum of members.
     RoomFull,
     /// The user is already in the room (and replacing is off).
@@ -54,6 +56,7 @@ impl Rejection {
             Rejection::Unauthorized => "unauthorized",
             Rejection::TooManyConnections => "too_many_connections",
             Rejection::NoCapacity => "no_capacity",
+            Rejection::Memory => "memory",
             Rejection::RoomFull => "room_full",
             Rejection::DuplicateUser => "duplicate_user",
             Rejection::RateLimit => "rate_limit",
@@ -203,6 +206,12 @@ pub struct Metrics {
     /// `ipc_queue_depth{worker}`: frames queued for each worker, not yet
     /// written to its socket (set at scrape time).
     pub ipc_queue_depth: Family<Worker, Gauge>,
+    /// `memory_resident_bytes`: resident memory of the supervisor and its
+    /// workers, as the memory budget last measured it.
+    pub memory_resident: Gauge,
+    /// `memory_limit_bytes`: the memory budget (`--memory-limit` or the
+    /// cgroup's limit; 0: none).
+    pub memory_limit: Gauge,
 }
 
 impl Metrics {
@@ -250,6 +259,8 @@ impl Metrics {
             // 50 µs .. ~0.8 s
             fanout_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 15)),
             ipc_queue_depth: Family::default(),
+            memory_resident: Gauge::default(),
+            memory_limit: Gauge::default(),
             registry: PromRegistry::default(),
         };
         registry.register(
@@ -317,6 +328,16 @@ impl Metrics {
             "worker_restarts",
             "Worker processes replaced after a failure",
             m.worker_restarts.clone(),
+        );
+        registry.register(
+            "memory_resident_bytes",
+            "Resident memory of the supervisor and its workers",
+            m.memory_resident.clone(),
+        );
+        registry.register(
+            "memory_limit_bytes",
+            "The memory budget (0: none)",
+            m.memory_limit.clone(),
         );
         registry.register(
             "frames_in",

@@ -18,7 +18,7 @@ use super::room::{Effect, Ignored, Room, RoomImage};
 use super::store::{BoardId, BoardStore, LoadedBoard, SaveOutcome, StoreError, fallback};
 use contract::config::PersistSettings;
 use contract::ipc::{
-    Fallback, FromWorker, RoomEvent, RoomId, RoomSummary, SaveResult, Stamped, ToWorker,
+    ConnId, Fallback, FromWorker, RoomEvent, RoomId, RoomSummary, SaveResult, Stamped, ToWorker,
 };
 use contract::protocol::{IgnoredReason, MessageKind};
 
@@ -392,6 +392,7 @@ impl WorkerCore {
             RoomEvent::Join { conn, .. }
             | RoomEvent::Leave { conn }
             | RoomEvent::Message { conn, .. } => *conn,
+            RoomEvent::MemoryBudget { .. } => ConnId(0),
         };
         #[cfg(debug_assertions)]
         poison::check(&stamped);
@@ -422,7 +423,7 @@ impl WorkerCore {
                 slot.save.changed(now);
                 self.dirty.insert(stamped.room);
             }
-            Effect::Ignored(Ignored::NotAMember) => {}
+            Effect::Ignored(Ignored::NotAMember) | Effect::Unseen => {}
             Effect::Ignored(why) => {
                 self.ignored_frames += 1;
                 *self.ignored_by_reason.entry(why.reason()).or_default() += 1;

@@ -39,6 +39,12 @@ const RESULTS_QUEUE: usize = 1024;
 /// workers never linger after their supervisor. After a drain it exits at once,
 /// unless edits made since then are not saved yet: those get this long too.
 const ORPHAN_SAVE_GRACE: Duration = Duration::from_millis(500);
+/// A worker's `oom_score_adj`: the most (1000), so the OOM killer takes a
+/// worker before the supervisor whatever their sizes.
+pub const OOM_SCORE_ADJ: i32 = 1000;
+/// After rooms were freed, memory is given back to the system at most this
+/// often (it walks the heap).
+const TRIM_EVERY: Duration = Duration::from_secs(2);
 /// How often frame counts are reported to the supervisor (for its metrics).
 const STATS_EVERY: Duration = Duration::from_secs(1);
 /// Batches of output waiting for the writer task, so the loop goes on reading
@@ -82,11 +88,22 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     // First of all, so a signal sent to the whole process group during start-up
     // cannot kill a worker either.
     ignore_signals()?;
+    offer_to_the_oom_killer();
     let nonce: u64 = std::env::var(WORKER_NONCE_ENV)
         .ok()
         .and_then(|v| v.parse().ok())
         .context("worker started without its handshake nonce (it is started by the supervisor, not by hand)")?;
     serve(args, nonce).await
+}
+
+/// The kernel's OOM killer picks the process with the highest score; a worker
+/// asks to be picked first ([`OOM_SCORE_ADJ`]), because a worker that dies is
+/// replaced and its rooms restored without a disconnect, while the supervisor's
+/// death drops every client. (Raising one's own score needs no privilege.)
+fn offer_to_the_oom_killer() {
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", OOM_SCORE_ADJ.to_string()) {
+        warn!(error = %e, "cannot raise this worker's oom_score_adj: under memory pressure the kernel may kill the supervisor instead");
+    }
 }
 
 /// Replaces the default action of SIGINT, SIGTERM and SIGHUP (terminate) with a
@@ -167,6 +184,8 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
     let mut writing = tokio::spawn(write_output(writer, output_rx));
     let mut connected = true;
     let mut stats = tokio::time::interval(STATS_EVERY);
+    // Rooms freed since memory was last given back (see `TRIM_EVERY`).
+    let (mut rooms_freed, mut last_trim) = (false, Instant::now());
     loop {
         let deadline = core.next_deadline();
         let mut stats_due = false;
@@ -219,7 +238,16 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
             _ = stats.tick() => stats_due = true,
         }
+        let rooms_before = core.room_count();
         core.tick(Instant::now());
+        if core.room_count() < rooms_before {
+            rooms_freed = true;
+        }
+        if rooms_freed && last_trim.elapsed() >= TRIM_EVERY {
+            rooms_freed = false;
+            last_trim = Instant::now();
+            contract::alloc::return_freed_memory();
+        }
         let mut output = core.take_output(Instant::now());
         if stats_due {
             output.extend(core.take_stats());

@@ -29,6 +29,8 @@ pub enum Effect {
     Shapes,
     /// Nothing changed, for the reason given.
     Ignored(Ignored),
+    /// A setting no member sees changed (the memory budget).
+    Unseen,
 }
 
 /// Why an event changed nothing: logged and counted by its
@@ -47,6 +49,8 @@ pub enum Ignored {
     ShapeLimit,
     /// The shape's JSON would exceed [`MAX_SHAPE_JSON_BYTES`] (escapes included).
     ShapeTooBig,
+    /// A create while the server's memory budget is nearly spent.
+    MemoryFull,
 }
 
 impl Ignored {
@@ -59,6 +63,7 @@ impl Ignored {
             Ignored::OpaqueShape => IgnoredReason::OpaqueShape,
             Ignored::ShapeLimit => IgnoredReason::ShapeLimit,
             Ignored::ShapeTooBig => IgnoredReason::ShapeTooBig,
+            Ignored::MemoryFull => IgnoredReason::MemoryFull,
         }
     }
 }
@@ -99,6 +104,8 @@ pub struct RoomImage {
     pub cursors: Vec<(String, f64, f64, i64)>,
     /// The shapes, as the JSON array the store keeps.
     pub shapes_json: String,
+    /// Creates are refused (see [`RoomEvent::MemoryBudget`]).
+    pub memory_full: bool,
 }
 
 struct Member {
@@ -190,6 +197,8 @@ pub struct Room {
     ops_continuous: bool,
     /// Members speaking v2 (ops are recorded only while there is one).
     v2_members: usize,
+    /// The server's memory budget is nearly spent: creates are refused.
+    memory_full: bool,
 }
 
 /// Bytes of ops a room keeps between two publishes; beyond it members that
@@ -211,6 +220,7 @@ impl Room {
             ops: String::new(),
             ops_continuous: false,
             v2_members: 0,
+            memory_full: false,
         }
     }
 
@@ -353,6 +363,10 @@ impl Room {
                     Err(e) => (Effect::Ignored(e.into()), None),
                 }
             }
+            RoomEvent::MemoryBudget { full } => {
+                self.memory_full = *full;
+                (Effect::Unseen, None)
+            }
         }
     }
 
@@ -423,6 +437,9 @@ impl Room {
             } => {
                 if self.shapes.len() >= MAX_SHAPES_PER_ROOM {
                     return Effect::Ignored(Ignored::ShapeLimit);
+                }
+                if self.memory_full {
+                    return Effect::Ignored(Ignored::MemoryFull);
                 }
                 let id = self.shape_id(stamped.seq);
                 let fields = ShapeFields {
@@ -521,6 +538,7 @@ impl Room {
                 .map(|(user, c)| (user.clone(), c.x, c.y, c.time_ms))
                 .collect(),
             shapes_json: self.shapes_json(),
+            memory_full: self.memory_full,
         }
     }
 
@@ -545,6 +563,7 @@ impl Room {
         let shapes: Vec<serde_json::Value> =
             serde_json::from_str(&image.shapes_json).unwrap_or_default();
         room.merge_stored(shapes);
+        room.memory_full = image.memory_full;
         room
     }
 

@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 
 use super::link::{self, LinkEnd, PING_QUEUE, Reader, Writer, read_frames, watchdog, write_frames};
 use super::recovery::{RESTORE_ANSWER_MARGIN, Recovery, restore_rooms};
+use super::salvage::Salvages;
 use super::{DrainReport, WorkerSlot, lock};
 use crate::metrics::Metrics;
 use crate::rooms::Registry;
@@ -87,37 +88,57 @@ pub(super) enum EndCause {
     ShutdownTimeout,
 }
 
+/// What a worker's end says about the rooms it was taking the restore of.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Evidence {
+    /// It crashed by its own doing: a fault or abort signal it raised itself
+    /// (a panic aborts the worker, see `worker::main`) or an undecodable frame
+    /// it sent. The rooms are blamed.
+    Crash,
+    /// The watchdog killed it for a hang. Blamed only when one room was being
+    /// restored (a big restore under memory pressure can be slow, and a hang
+    /// among several rooms says nothing about which); otherwise those rooms
+    /// are restored one at a time next, so a room that hangs is then alone.
+    Hang,
+    /// Killed from outside (the OOM killer, an operator, a test) or a plain
+    /// exit: nothing about the rooms.
+    None,
+}
+
 impl WorkerExit {
-    /// Whether the process ended by its own doing, which is the evidence a crash
-    /// blame needs: a fault or abort signal it raised itself (a panic aborts the
-    /// worker, see `worker::main`), an undecodable frame it sent, or a hang the
-    /// watchdog ended. A SIGKILL from outside (the OOM killer, an operator, a
-    /// test) or a plain exit says nothing about the rooms it held.
-    pub(super) fn self_inflicted(&self) -> bool {
-        use std::os::unix::process::ExitStatusExt;
-        const FAULT_SIGNALS: [i32; 7] = [
-            libc::SIGILL,
-            libc::SIGTRAP,
-            libc::SIGABRT,
-            libc::SIGBUS,
-            libc::SIGFPE,
-            libc::SIGSEGV,
-            libc::SIGSYS,
-        ];
+    /// What the way the process ended says (see [`Evidence`]).
+    pub(super) fn evidence(&self) -> Evidence {
         let WorkerExit::Ended { cause, status, .. } = self else {
-            return false;
+            return Evidence::None;
         };
         match cause {
-            EndCause::Unresponsive(_) => return true,
+            EndCause::Unresponsive(_) => Evidence::Hang,
             EndCause::Link(LinkEnd::Read(CodecError::TooLarge(_) | CodecError::Malformed(_))) => {
-                return true;
+                Evidence::Crash
             }
-            _ => {}
+            _ if status.as_ref().is_ok_and(fault_signal) => Evidence::Crash,
+            _ => Evidence::None,
         }
-        status
-            .as_ref()
-            .is_ok_and(|s| s.signal().is_some_and(|sig| FAULT_SIGNALS.contains(&sig)))
     }
+}
+
+/// Whether a process was ended by a fault or abort signal it raised itself
+/// (SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE, SIGSEGV, SIGSYS), not by one
+/// sent from outside (SIGKILL, SIGTERM).
+pub(super) fn fault_signal(status: &ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    const FAULT_SIGNALS: [i32; 7] = [
+        libc::SIGILL,
+        libc::SIGTRAP,
+        libc::SIGABRT,
+        libc::SIGBUS,
+        libc::SIGFPE,
+        libc::SIGSEGV,
+        libc::SIGSYS,
+    ];
+    status
+        .signal()
+        .is_some_and(|signal| FAULT_SIGNALS.contains(&signal))
 }
 
 impl fmt::Display for WorkerExit {
@@ -247,16 +268,19 @@ pub(super) async fn supervise(
             return;
         }
         // Only a crash by the worker's own doing is blamed on the rooms it was
-        // restoring (see `WorkerExit::self_inflicted`; README "What survives what").
-        let suspects: &[RoomId] = if ended.how.self_inflicted() {
-            &ended.restoring
-        } else {
-            if !ended.restoring.is_empty() {
-                info!(worker = %slot.id, rooms = ?ended.restoring, "worker ended from outside while restoring these rooms ({}); no room is blamed", ended.how);
+        // restoring (see `Evidence`; README "What survives what").
+        let (blamed, suspected): (&[RoomId], &[RoomId]) = match ended.how.evidence() {
+            Evidence::Crash => (&ended.restoring, &[]),
+            Evidence::Hang if ended.restoring.len() == 1 => (&ended.restoring, &[]),
+            Evidence::Hang => (&[], &ended.restoring),
+            Evidence::None => {
+                if !ended.restoring.is_empty() {
+                    info!(worker = %slot.id, rooms = ?ended.restoring, "worker ended from outside while restoring these rooms ({}); no room is blamed", ended.how);
+                }
+                (&[], &[])
             }
-            &[]
         };
-        recovery.worker_failed(suspects, &mut frames, &registry, &slot, &worker);
+        recovery.worker_failed(blamed, suspected, &mut frames, &registry, &slot, &worker);
         let rooms = recovery.rooms();
         error!(worker = %slot.id, rooms = ?rooms, "worker failed ({}); restoring its rooms on a replacement", ended.how);
         if started.elapsed() > STABLE_RUN {
@@ -303,6 +327,8 @@ pub(super) struct WorkerSpec {
     /// answer, so that its replacements attach to that file only.
     pub(super) settings: PersistSettings,
     pub(super) program: WorkerProgram,
+    /// Where quarantined rooms' salvages are kept track of (the pool's).
+    pub(super) salvages: Arc<Salvages>,
 }
 
 /// The program a worker process runs (in worker mode).

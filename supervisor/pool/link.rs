@@ -32,6 +32,10 @@ pub(super) const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(2);
 /// replaced. A healthy worker answers between batches (256 frames and one
 /// snapshot per changed room: milliseconds), so this is never a slow batch.
 pub(super) const DEAD_AFTER: Duration = Duration::from_secs(5);
+/// [`DEAD_AFTER`] for a replacement still restoring its rooms: restoring full
+/// boards (10 MB each) near a memory limit can keep a worker busy for
+/// seconds, and killing it would only start the same work again.
+pub(super) const RESTORING_DEAD_AFTER: Duration = Duration::from_secs(30);
 /// Pings waiting to be written. One is enough: a second would say the same;
 /// when it is full the new ping is skipped (the silence is timed regardless).
 pub(super) const PING_QUEUE: usize = 1;
@@ -68,7 +72,8 @@ pub(super) fn framed(stream: LocalStream) -> std::io::Result<(Reader, Writer)> {
 }
 
 /// Pings the worker every [`PING_EVERY`]; returns how long it has been silent
-/// once that reaches [`DEAD_AFTER`], which ends (kills) it.
+/// once that reaches [`DEAD_AFTER`] ([`RESTORING_DEAD_AFTER`] while it restores
+/// rooms), which ends (kills) it.
 pub(super) async fn watchdog(
     slot: &WorkerSlot,
     registry: &Registry,
@@ -79,7 +84,12 @@ pub(super) async fn watchdog(
     loop {
         tick.tick().await;
         let silent = lock(&slot.last_pong).elapsed();
-        if silent >= DEAD_AFTER {
+        let dead_after = if slot.restoring.load(Ordering::Relaxed) {
+            RESTORING_DEAD_AFTER
+        } else {
+            DEAD_AFTER
+        };
+        if silent >= dead_after {
             error!(worker = %slot.id, silent_ms = silent.as_millis() as u64, "worker stopped answering; killing it");
             return silent;
         }

@@ -163,6 +163,8 @@ pub struct WorkerPool {
     /// What a salvage process runs (the workers' program) and where it writes.
     program: WorkerProgram,
     data_dir: PathBuf,
+    /// Quarantined rooms being replayed into fallback files.
+    salvages: Arc<salvage::Salvages>,
 }
 
 /// A worker's start as the pool's start sees it: the store identity it answered,
@@ -190,6 +192,7 @@ impl WorkerPool {
         shutdown: Shutdown,
     ) -> anyhow::Result<WorkerPool> {
         let tasks = TaskTracker::new();
+        let salvages = Arc::new(salvage::Salvages::default());
         let mut slots = Vec::with_capacity(frames.len());
         let mut ready = Vec::with_capacity(frames.len());
         for (i, frames) in frames.into_iter().enumerate() {
@@ -202,6 +205,7 @@ impl WorkerPool {
                 WorkerSpec {
                     settings: settings.clone(),
                     program: program.clone(),
+                    salvages: salvages.clone(),
                 },
                 registry.clone(),
                 metrics.clone(),
@@ -228,6 +232,7 @@ impl WorkerPool {
             data_dir: settings.data_dir,
             registry,
             program,
+            salvages,
         })
     }
 
@@ -292,6 +297,13 @@ impl WorkerPool {
             Fallback { room: id, file }
         });
         futures_util::future::join_all(salvages).await
+    }
+
+    /// Waits until `deadline` for the salvages of quarantined rooms under way;
+    /// returns the rooms whose edits are in no file yet (still being replayed,
+    /// or failed), for the stop's outcome.
+    pub async fn settle_salvages(&self, deadline: tokio::time::Instant) -> Vec<RoomId> {
+        self.salvages.settle(deadline).await
     }
 
     /// Waits until every worker process has ended: from `Phase::Stopped`, each

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::lifecycle::WorkerSpec;
-use super::{WorkerSlot, lock, salvage};
+use super::{WorkerSlot, lock};
 use crate::rooms::{POISON_CRASHES, POISON_WINDOW, Registry, RoomEntry};
 use contract::ipc::{RoomId, ToWorker};
 
@@ -43,15 +43,17 @@ pub(super) struct Recovery {
 }
 
 impl Recovery {
-    /// After the slot's process failed: blames the crash on `restoring` (the
-    /// rooms it was restoring), takes the failed worker's rooms from the
+    /// After the slot's process failed: blames the crash on `blamed` (rooms
+    /// it was restoring when it crashed by its own doing), marks `suspected`
+    /// to be restored one at a time, takes the failed worker's rooms from the
     /// registry to restore, and keeps the frames queued for it that the
     /// replacement still needs.
     /// A room closed as poison is salvaged by `worker`'s program into a
     /// fallback file.
     pub(super) fn worker_failed(
         &mut self,
-        restoring: &[RoomId],
+        blamed: &[RoomId],
+        suspected: &[RoomId],
         frames: &mut mpsc::Receiver<ToWorker>,
         registry: &Registry,
         slot: &WorkerSlot,
@@ -60,12 +62,16 @@ impl Recovery {
         let now = Instant::now();
         self.suspects
             .retain(|_, at| now.duration_since(*at) < POISON_WINDOW);
-        for room in restoring {
+        // Restored one at a time next, though not blamed.
+        for room in suspected {
+            self.suspects.insert(room.clone(), now);
+        }
+        for room in blamed {
             self.suspects.insert(room.clone(), now);
             match registry.blame(room) {
                 Some(quarantined) => {
                     error!(worker = %slot.id, %room, "room closed for its members (1011): it crashed {POISON_CRASHES} workers within {POISON_WINDOW:?}; replaying its edits into a fallback file");
-                    salvage::spawn(
+                    worker.salvages.spawn(
                         worker.program.clone(),
                         worker.settings.data_dir.clone(),
                         quarantined,

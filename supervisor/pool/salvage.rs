@@ -5,17 +5,20 @@
 //! an event that crashes the replay too is skipped by the next attempt, since
 //! the process names each event before applying it.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use super::lifecycle::WorkerProgram;
+use super::lifecycle::{WorkerProgram, fault_signal};
 use crate::rooms::RoomSalvage;
-use contract::ipc::{SALVAGE_APPLYING, SALVAGE_FILE, SALVAGE_NO_FILE, Salvage};
+use contract::ipc::{RoomId, SALVAGE_APPLYING, SALVAGE_FILE, SALVAGE_NO_FILE, Salvage};
 
 /// Attempts at most: each one that crashes skips the event it crashed on (or,
 /// crashing before any event, the checkpoint), so a few poison frames are
@@ -32,22 +35,62 @@ enum Attempt {
     Done(Result<String, String>),
     /// It crashed or hung while applying this event (`None`: before any).
     Crashed(Option<u64>),
+    /// It was killed from outside (or could not start): nothing to blame.
+    Interrupted,
 }
 
-/// Replays `room` into a fallback file under `data_dir`, in a task of its own,
-/// and logs the file at error (the room's members were closed with 1011).
-pub(super) fn spawn(program: WorkerProgram, data_dir: PathBuf, room: RoomSalvage) {
-    tokio::spawn(async move {
+/// The salvages of quarantined rooms under way, and those that failed: a stop
+/// waits for the first (within its budget) and counts both as not saved, so
+/// its exit code says so.
+#[derive(Default)]
+pub(super) struct Salvages {
+    tasks: TaskTracker,
+    /// Rooms being replayed now.
+    pending: Mutex<HashSet<RoomId>>,
+    /// Rooms whose replay wrote no file.
+    failed: Mutex<Vec<RoomId>>,
+}
+
+impl Salvages {
+    /// Replays `room` into a fallback file under `data_dir`, in a task of its
+    /// own, and logs the file at error (the room's members were closed with
+    /// 1011).
+    pub(super) fn spawn(
+        self: &Arc<Self>,
+        program: WorkerProgram,
+        data_dir: PathBuf,
+        room: RoomSalvage,
+    ) {
+        let salvages = self.clone();
         let id = room.room.clone();
-        match salvage(&program, data_dir, room).await {
-            Ok(file) => {
-                error!(room = %id, %file, "quarantined room: its shapes, as its members last saw them, are in the file (README, Persistence: how to replay it)")
+        lock(&self.pending).insert(id.clone());
+        self.tasks.spawn(async move {
+            match salvage(&program, data_dir, room).await {
+                Ok(file) => error!(room = %id, %file, "quarantined room: its shapes, as its members last saw them, are in the file (README, Persistence: how to replay it)"),
+                Err(why) => {
+                    error!(room = %id, error = %why, "quarantined room: its edits could not be written to a fallback file");
+                    lock(&salvages.failed).push(id.clone());
+                }
             }
-            Err(why) => {
-                error!(room = %id, error = %why, "quarantined room: its edits could not be written to a fallback file")
-            }
-        }
-    });
+            lock(&salvages.pending).remove(&id);
+        });
+    }
+
+    /// Waits until `deadline` for the salvages under way; returns the rooms
+    /// whose edits are in no file: still being replayed (their processes go
+    /// on after the server exits), or failed.
+    pub(super) async fn settle(&self, deadline: tokio::time::Instant) -> Vec<RoomId> {
+        self.tasks.close();
+        let _ = tokio::time::timeout_at(deadline, self.tasks.wait()).await;
+        let mut rooms: Vec<RoomId> = lock(&self.pending).iter().cloned().collect();
+        rooms.extend(lock(&self.failed).iter().cloned());
+        rooms.sort();
+        rooms
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Replays `room` into a fallback file under `data_dir`; returns the file, or
@@ -99,6 +142,7 @@ pub(super) async fn salvage(
                 request.image = None;
             }
             Attempt::Crashed(None) => break,
+            Attempt::Interrupted => {}
         }
     }
     Err(format!(
@@ -108,7 +152,10 @@ pub(super) async fn salvage(
 }
 
 /// Runs one salvage process on `request`; its log lines go to this process's
-/// output.
+/// output. A process that ends without its file is blamed on the event it was
+/// applying only with evidence, as a worker's crash is: a fault signal it
+/// raised itself, or a hang past [`ATTEMPT_TIMEOUT`]. Killed from outside (the
+/// OOM killer, an operator), it is tried again as it was.
 async fn attempt(program: &WorkerProgram, request: &Salvage) -> Attempt {
     let bytes = request.encode();
     let spawned = program.path().and_then(|(path, shown)| {
@@ -117,14 +164,16 @@ async fn attempt(program: &WorkerProgram, request: &Salvage) -> Attempt {
             .arg("salvage")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .kill_on_drop(true)
+            // Not killed with this process: one still writing when the server
+            // exits finishes its file.
+            .kill_on_drop(false)
             .spawn()
     });
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
             error!(room = %request.room, error = %e, "cannot start the salvage process");
-            return Attempt::Crashed(None);
+            return Attempt::Interrupted;
         }
     };
     let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
@@ -157,20 +206,29 @@ async fn attempt(program: &WorkerProgram, request: &Salvage) -> Attempt {
         done
     })
     .await;
-    let outcome = match done {
-        Ok(Some(file)) => Attempt::Done(file),
-        Ok(None) => Attempt::Crashed(applying),
+    match done {
+        Ok(Some(file)) => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
+            Attempt::Done(file)
+        }
+        Ok(None) => {
+            let status = child.wait().await;
+            let described = status
+                .as_ref()
+                .map_or_else(|e| e.to_string(), |s| s.to_string());
+            if status.as_ref().is_ok_and(fault_signal) {
+                info!(room = %request.room, status = %described, "salvage process crashed");
+                Attempt::Crashed(applying)
+            } else {
+                warn!(room = %request.room, status = %described, "salvage process ended from outside before its file; trying again");
+                Attempt::Interrupted
+            }
+        }
         Err(_) => {
             warn!(room = %request.room, "the salvage process did not finish in {ATTEMPT_TIMEOUT:?}; killing it");
+            let _ = child.start_kill();
+            let _ = child.wait().await;
             Attempt::Crashed(applying)
         }
-    };
-    let _ = child.start_kill();
-    if let Ok(status) = child.wait().await
-        && !status.success()
-        && matches!(outcome, Attempt::Crashed(_))
-    {
-        info!(room = %request.room, %status, "salvage process ended");
     }
-    outcome
 }

@@ -180,6 +180,26 @@ impl RoomHandle {
         Ok(())
     }
 
+    /// Tells the room's worker that the memory budget refuses new shapes
+    /// (`full`), or no longer, as a stamped event (see
+    /// [`RoomEvent::MemoryBudget`]). Waits while the worker's queue is full.
+    pub async fn memory_budget(&self, full: bool) {
+        let entry = &*self.0;
+        let Ok(permit) = entry.queue.reserve().await else {
+            return;
+        };
+        let mut state = lock(&entry.state);
+        if state.lost {
+            return;
+        }
+        let frame = state
+            .recovery
+            .stamp(&entry.id, RoomEvent::MemoryBudget { full });
+        if !state.recovery.restoring {
+            permit.send(frame);
+        }
+    }
+
     /// Removes a connection from its room. If it is joined, the worker is told,
     /// and the last leave closes the room on the worker.
     pub async fn leave(&self, conn: ConnId) {

@@ -76,7 +76,7 @@ fn size_of(stamped: &Stamped) -> usize {
         + match &stamped.event {
             RoomEvent::Message { text, .. } => text.len(),
             RoomEvent::Join { user_id, .. } => user_id.len(),
-            RoomEvent::Leave { .. } => 0,
+            RoomEvent::Leave { .. } | RoomEvent::MemoryBudget { .. } => 0,
         }
 }
 

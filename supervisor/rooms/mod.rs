@@ -57,6 +57,9 @@ pub enum PlacementError {
     /// The server holds its `--max-rooms` rooms (the field).
     #[error("no capacity for a new room: the server holds its maximum of {0} rooms")]
     AtCapacity(usize),
+    /// The memory budget is nearly spent (`--memory-limit`).
+    #[error("no capacity for a new room: the server's memory budget is nearly spent")]
+    MemoryBudget,
 }
 
 /// Rooms placed on this server: now, and since it started (so that a room that
@@ -99,6 +102,8 @@ pub struct Registry {
     /// while another worker has room (this one is replaced within seconds, and a
     /// room placed on it would wait for that).
     unresponsive: Vec<AtomicBool>,
+    /// The memory budget refuses new rooms (see `memory::enforce_budget`).
+    memory_refuses_rooms: AtomicBool,
 }
 
 /// The placement table, under one lock.
@@ -136,6 +141,22 @@ impl Registry {
             max_rooms,
             save_health: Mutex::new(SaveHealth::default()),
             unresponsive: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+            memory_refuses_rooms: AtomicBool::new(false),
+        }
+    }
+
+    /// The memory budget's verdict: refuse new rooms (their connections get
+    /// 503), and whether every room refuses new shapes: told to each room as
+    /// an event, so a room replayed after a crash decides as it did.
+    pub async fn set_memory_pressure(&self, refuse_rooms: bool, refuse_shapes: Option<bool>) {
+        self.memory_refuses_rooms
+            .store(refuse_rooms, Ordering::Relaxed);
+        let Some(full) = refuse_shapes else {
+            return;
+        };
+        let rooms: Vec<Arc<RoomEntry>> = lock(&self.table).rooms.values().cloned().collect();
+        for entry in rooms {
+            RoomHandle::new(entry).memory_budget(full).await;
         }
     }
 
@@ -180,6 +201,9 @@ impl Registry {
         }
         if table.rooms.len() >= self.max_rooms {
             return Err(PlacementError::AtCapacity(self.max_rooms));
+        }
+        if self.memory_refuses_rooms.load(Ordering::Relaxed) {
+            return Err(PlacementError::MemoryBudget);
         }
         // The least loaded worker with room, preferring those answering pings.
         let silent = |w: usize| self.unresponsive[w].load(Ordering::Relaxed);

@@ -105,8 +105,35 @@ impl Server {
         Server::spawn(args, env, false)
     }
 
+    /// Like [`Server::start_raw`], but the server starts as a member of the
+    /// cgroup whose `cgroup.procs` file is `procs` (it moves itself there
+    /// before the server runs, so its workers are born in it).
+    pub fn start_in_cgroup(procs: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::spawn_with(Some(procs), args, env, false)
+    }
+
     fn spawn(args: &[&str], env: &[(&str, &str)], own_group: bool) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_session-server"));
+        Server::spawn_with(None, args, env, own_group)
+    }
+
+    fn spawn_with(
+        cgroup_procs: Option<&Path>,
+        args: &[&str],
+        env: &[(&str, &str)],
+        own_group: bool,
+    ) -> Server {
+        let binary = env!("CARGO_BIN_EXE_session-server");
+        let mut cmd = match cgroup_procs {
+            None => Command::new(binary),
+            Some(procs) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(r#"echo $$ > "$0" && exec "$@""#)
+                    .arg(procs)
+                    .arg(binary);
+                sh
+            }
+        };
         if own_group {
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         }
