@@ -8,8 +8,13 @@ use clap::Parser;
 use contract::config::{Cli, ConfigError, Mode};
 use tracing_subscriber::EnvFilter;
 
+mod init;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.mode.is_none() && init::needed() {
+        return init::run();
+    }
     init_logs();
 
     let result = match cli.mode {

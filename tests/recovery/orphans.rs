@@ -187,3 +187,86 @@ async fn an_orphaned_busy_worker_saves_to_the_backend() {
         BIG_SHAPES
     );
 }
+
+/// As a container's first process (the image's entrypoint), the server's PID 1
+/// is a small init that runs the supervisor as its child: when the supervisor
+/// is killed, its workers are not killed with the namespace (as they would be
+/// if the supervisor were PID 1), so they save what they hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_a_container_s_pid_1_a_killed_supervisor_s_workers_still_save() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let data = temp_dir("orphan-pid-1");
+    let args = ["--workers", "1", "--data-dir", data.to_str().unwrap()];
+    let env = [("JWT_SECRET", SECRET)];
+    let Some(mut server) = Server::start_as_container_init(&args, &env) else {
+        return;
+    };
+    let mut editor = server.join("editor", "editing").await;
+    let mut seen = Value::Null;
+    for x in 1..=20 {
+        editor
+            .send(json!({"type":"shape_create","shapeType":"rectangle","x":x,"y":0,"width":10,"height":10}))
+            .await;
+        seen = editor.until(|s| shapes(s).len() == x as usize).await["shapes"].clone();
+    }
+    // unshare → the init (PID 1 inside) → the supervisor → its worker.
+    let init = children_of(server.pid());
+    assert_eq!(init.len(), 1, "unshare's child, the namespace's PID 1");
+    // Killing PID 1 ends its whole namespace, should the test fail midway.
+    let _namespace = super::KillOnDrop(init[0]);
+    let supervisor = children_of(init[0]);
+    assert_eq!(
+        supervisor.len(),
+        1,
+        "the init runs the supervisor: {supervisor:?}"
+    );
+    let worker = children_of(supervisor[0]);
+    assert_eq!(
+        worker.len(),
+        1,
+        "the supervisor runs one worker: {worker:?}"
+    );
+    send_signal(supervisor[0], "KILL");
+    // The init exits once the orphaned worker has saved and exited.
+    let code = tokio::task::block_in_place(|| server.wait_exit(PATIENCE));
+    assert_eq!(
+        code,
+        Some(128 + 9),
+        "the supervisor's end, as its init reports it"
+    );
+    assert!(!process_exists(worker[0]));
+    let logs = server.logs();
+    drop(server);
+
+    let server = Server::start_raw(&args, &env);
+    let mut reader = server
+        .connect(&server.url(&server.token("reader", "editing")))
+        .await;
+    assert_eq!(reader.next_snapshot().await["shapes"], seen, "{logs}");
+}
+
+/// `docker stop` (or Kubernetes) sends SIGTERM to the container's PID 1: the
+/// init passes it to the supervisor, which drains as usual, and the init exits
+/// with its code once every process is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_a_container_s_pid_1_sigterm_still_drains_and_exits_zero() {
+    let data = temp_dir("pid-1-sigterm");
+    let args = ["--workers", "1", "--data-dir", data.to_str().unwrap()];
+    let env = [("JWT_SECRET", SECRET)];
+    let Some(mut server) = Server::start_as_container_init(&args, &env) else {
+        return;
+    };
+    let mut editor = server.join("editor", "editing").await;
+    editor
+        .send(json!({"type":"shape_create","shapeType":"oval","x":1,"y":0,"width":10,"height":10}))
+        .await;
+    editor.until(|s| shapes(s).len() == 1).await;
+    let init = children_of(server.pid());
+    assert_eq!(init.len(), 1);
+    let _namespace = super::KillOnDrop(init[0]);
+    send_signal(init[0], "TERM");
+    assert!(matches!(editor.closed().await, Closed::Frame(1001, _)));
+    let code = tokio::task::block_in_place(|| server.wait_exit(PATIENCE));
+    assert_eq!(code, Some(0), "{}", server.logs());
+    assert!(server.logs().contains("shutdown: every room saved"));
+}

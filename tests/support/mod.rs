@@ -92,6 +92,15 @@ impl Drop for TempDir {
     }
 }
 
+/// How the server process is started.
+enum Launcher<'a> {
+    Direct,
+    /// In the cgroup whose `cgroup.procs` file this is.
+    InCgroup(&'a Path),
+    /// As PID 1 of a new PID namespace.
+    PidNamespace,
+}
+
 impl Server {
     /// Starts the server with `--workers 2` and the given extra flags.
     pub fn start(extra: &[&str]) -> Server {
@@ -109,29 +118,51 @@ impl Server {
     /// cgroup whose `cgroup.procs` file is `procs` (it moves itself there
     /// before the server runs, so its workers are born in it).
     pub fn start_in_cgroup(procs: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
-        Server::spawn_with(Some(procs), args, env, false)
+        Server::spawn_with(Launcher::InCgroup(procs), args, env, false)
+    }
+
+    /// Like [`Server::start_raw`], but the server is the first process (PID 1)
+    /// of a new PID namespace, as a container's entrypoint is (`unshare`);
+    /// [`Server::pid`] is then `unshare`'s. `None` (reason printed) where
+    /// `unshare` cannot make one (it needs root).
+    pub fn start_as_container_init(args: &[&str], env: &[(&str, &str)]) -> Option<Server> {
+        let probe = Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "true"])
+            .status();
+        if !probe.is_ok_and(|s| s.success()) {
+            eprintln!(
+                "skipped: `unshare --pid --fork --mount-proc` is not available here (it needs root)"
+            );
+            return None;
+        }
+        Some(Server::spawn_with(Launcher::PidNamespace, args, env, false))
     }
 
     fn spawn(args: &[&str], env: &[(&str, &str)], own_group: bool) -> Server {
-        Server::spawn_with(None, args, env, own_group)
+        Server::spawn_with(Launcher::Direct, args, env, own_group)
     }
 
     fn spawn_with(
-        cgroup_procs: Option<&Path>,
+        launcher: Launcher,
         args: &[&str],
         env: &[(&str, &str)],
         own_group: bool,
     ) -> Server {
         let binary = env!("CARGO_BIN_EXE_session-server");
-        let mut cmd = match cgroup_procs {
-            None => Command::new(binary),
-            Some(procs) => {
+        let mut cmd = match launcher {
+            Launcher::Direct => Command::new(binary),
+            Launcher::InCgroup(procs) => {
                 let mut sh = Command::new("sh");
                 sh.arg("-c")
                     .arg(r#"echo $$ > "$0" && exec "$@""#)
                     .arg(procs)
                     .arg(binary);
                 sh
+            }
+            Launcher::PidNamespace => {
+                let mut unshare = Command::new("unshare");
+                unshare.args(["--pid", "--fork", "--mount-proc", binary]);
+                unshare
             }
         };
         if own_group {
@@ -913,4 +944,22 @@ pub fn fallback_shapes(file: &Path) -> Value {
 pub fn big_board(count: usize, chars: usize) -> Value {
     let text = "t".repeat(chars);
     Value::Array((0..count).map(|i| stored_text_shape(i, &text)).collect())
+}
+
+/// The children of process `pid`, whichever of its threads started them
+/// (from `/proc`).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut children: Vec<u32> = tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    children.sort();
+    children
 }

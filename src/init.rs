@@ -1,0 +1,105 @@
+//! When the server is a container's first process (PID 1, as the image's
+//! entrypoint makes it), it runs as the container's init: the kernel kills
+//! every process of a PID namespace the moment its PID 1 dies, so a
+//! supervisor that is PID 1 and dies (SIGKILL, the OOM killer) would take its
+//! workers with it before they save what they hold. So PID 1 starts the
+//! supervisor as its child and stays small: it passes the stop signals on,
+//! reaps every process (orphaned workers are given to it), and exits with the
+//! supervisor's code once no process is left (at most [`ORPHANS_GRACE`] after
+//! the supervisor).
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+/// Set in the supervisor's environment, so it does not start an init again.
+const CHILD_ENV: &str = "SESSION_SERVER_UNDER_INIT";
+/// After the supervisor has ended, how long its orphans (workers saving,
+/// salvage processes writing) may take before PID 1 exits anyway.
+const ORPHANS_GRACE: u32 = 10;
+
+/// The supervisor's pid, for the signal handler.
+static SUPERVISOR: AtomicI32 = AtomicI32::new(0);
+
+/// Whether this process should be the init: PID 1, not started by one.
+pub fn needed() -> bool {
+    std::process::id() == 1 && std::env::var_os(CHILD_ENV).is_none()
+}
+
+/// Runs the init: the supervisor (this same executable, same arguments) as a
+/// child, until every process is gone.
+pub fn run() -> ExitCode {
+    let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+    // Its own process group: a terminal's Ctrl-C reaches this process's group
+    // only, and is passed on once (twice would be the "exit now" signal).
+    let child = match Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env(CHILD_ENV, "1")
+        .process_group(0)
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("session-server: cannot start the supervisor under PID 1: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let supervisor = child.id() as libc::pid_t;
+    SUPERVISOR.store(supervisor, Ordering::SeqCst);
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        handle(signal, pass_on);
+    }
+    // Ends the wait for orphans (see below).
+    handle(libc::SIGALRM, wake);
+    let mut exit = None;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into the integer passed.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid == supervisor {
+            exit = Some(if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status) as u8
+            } else {
+                128 + libc::WTERMSIG(status) as u8
+            });
+            // SAFETY: alarm(2) only arms a timer.
+            unsafe { libc::alarm(ORPHANS_GRACE) };
+        }
+        if pid < 0 {
+            let error = std::io::Error::last_os_error();
+            match error.raw_os_error() {
+                Some(libc::EINTR) if !ALARMED.load(Ordering::SeqCst) => continue,
+                // No process left (ECHILD), or the orphans' grace is over.
+                _ => break,
+            }
+        }
+    }
+    ExitCode::from(exit.unwrap_or(1))
+}
+
+/// The orphans' grace is over.
+static ALARMED: AtomicBool = AtomicBool::new(false);
+
+/// Installs `handler` for `signal`, without `SA_RESTART`: a signal interrupts
+/// the wait, so the grace's alarm ends it.
+fn handle(signal: libc::c_int, handler: extern "C" fn(libc::c_int)) {
+    // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the handlers
+    // only call kill(2) or store an atomic, both async-signal-safe.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = handler as *const () as libc::sighandler_t;
+        libc::sigaction(signal, &action, std::ptr::null_mut());
+    }
+}
+
+extern "C" fn pass_on(signal: libc::c_int) {
+    let supervisor = SUPERVISOR.load(Ordering::SeqCst);
+    if supervisor > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe { libc::kill(supervisor, signal) };
+    }
+}
+
+extern "C" fn wake(_: libc::c_int) {
+    ALARMED.store(true, Ordering::SeqCst);
+}
