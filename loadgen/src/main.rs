@@ -13,6 +13,7 @@
 //! ```
 
 mod ceiling;
+mod memory;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +43,9 @@ enum Scenario {
     Idle(IdleArgs),
     /// Connect → first snapshot → close, C at a time: handshakes per second.
     Churn(ChurnArgs),
+    /// Full rooms: resident memory of the supervisor and of each worker while
+    /// R rooms of S shapes are open, and after everyone has left.
+    Memory(memory::MemoryArgs),
     /// Run the physical-ceiling server (minimal fan-out, no parsing, no IPC) on
     /// 127.0.0.1:PORT; point `fanout` at it to measure the floor.
     Ceiling {
@@ -698,6 +702,7 @@ fn main() {
         Scenario::Fanout(args) => runtime.block_on(fanout(args)),
         Scenario::Idle(args) => runtime.block_on(idle(args)),
         Scenario::Churn(args) => runtime.block_on(churn(args)),
+        Scenario::Memory(args) => runtime.block_on(memory::run(args)),
         Scenario::Ceiling { port } => {
             drop(runtime);
             ceiling::run(port);
