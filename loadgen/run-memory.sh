@@ -39,5 +39,9 @@ if [[ ${TRIM:-0} == 1 ]]; then
     # "Total (incl. mmap)" block is this call's.
     total=$(grep -A2 'Total (incl. mmap)' "$data/server.log" | tail -2 | awk '{print $NF}' | paste -sd' ')
     echo "$name trim pid=$pid system_bytes,in_use_bytes=${total// /,} rss_before_kib=$before rss_after_kib=$(rss "$pid")"
+    # Where the rest lives: the mappings holding most of it (KiB, name).
+    top=$(awk '/^[0-9a-f]+-[0-9a-f]+ / {m=$1" "$6} /^Rss:/ {print $2, m}' "/proc/$pid/smaps" |
+      sort -rn | head -4 | awk '{printf "%s:%s%s ", $1, $2, ($3 == "" ? "" : "(" $3 ")")}')
+    echo "$name mappings pid=$pid $top"
   done
 fi
