@@ -11,6 +11,7 @@ use tracing_subscriber::EnvFilter;
 mod init;
 
 fn main() -> ExitCode {
+    contract::alloc::configure();
     let cli = Cli::parse();
     if cli.mode.is_none() && init::needed() {
         return init::run();

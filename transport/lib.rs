@@ -47,7 +47,9 @@ impl<In: DeserializeOwned, Out> tokio_util::codec::Decoder for IpcCodec<In, Out>
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, CodecError> {
-        decode(src)
+        let msg = decode(src)?;
+        release_if_big(src);
+        Ok(msg)
     }
 }
 
@@ -55,7 +57,21 @@ impl<In, Out: Serialize> tokio_util::codec::Encoder<Out> for IpcCodec<In, Out> {
     type Error = CodecError;
 
     fn encode(&mut self, msg: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
+        // Everything before was written: the space a big frame needed goes.
+        release_if_big(dst);
         encode(&msg, dst)
+    }
+}
+
+/// A frame buffer emptied of a frame over this keeps no space for the next:
+/// a full board's snapshot or checkpoint (12 MB) would otherwise keep its
+/// size reserved on both sides of every worker's socket for good.
+pub const RELEASE_ABOVE: usize = 1 << 20;
+
+/// Gives an empty buffer's space back if it is over [`RELEASE_ABOVE`].
+fn release_if_big(buffer: &mut BytesMut) {
+    if buffer.is_empty() && buffer.capacity() > RELEASE_ABOVE {
+        *buffer = BytesMut::new();
     }
 }
 
@@ -267,5 +283,24 @@ mod tests {
             }
         }
         assert!(failed);
+    }
+
+    /// A big frame's buffer space is given back once the frame is through:
+    /// decoded (the reader's buffer) or written (the writer's, at the next
+    /// frame).
+    #[test]
+    fn a_big_frame_leaves_no_big_buffer_behind() {
+        use tokio_util::codec::{Decoder, Encoder};
+        let mut codec = IpcCodec::<String, String>::new();
+        let big = "x".repeat(4 * RELEASE_ABOVE);
+        let mut wire = BytesMut::new();
+        codec.encode(big.clone(), &mut wire).unwrap();
+        assert!(wire.capacity() > RELEASE_ABOVE);
+        let mut read = wire.clone();
+        assert_eq!(codec.decode(&mut read).unwrap(), Some(big));
+        assert!(read.capacity() <= RELEASE_ABOVE, "{}", read.capacity());
+        wire.clear(); // written
+        codec.encode("small".to_owned(), &mut wire).unwrap();
+        assert!(wire.capacity() <= RELEASE_ABOVE, "{}", wire.capacity());
     }
 }

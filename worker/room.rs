@@ -481,6 +481,7 @@ impl Room {
                 updated.update(changes, stamped.time_ms);
                 let mut json = String::with_capacity(shape.json.len());
                 updated.encode(&shape_id, &mut json);
+                json.shrink_to_fit();
                 if json.len() > MAX_SHAPE_JSON_BYTES {
                     return Effect::Ignored(Ignored::ShapeTooBig);
                 }
@@ -654,6 +655,8 @@ impl Shape {
     fn new(id: &str, fields: ShapeFields) -> Shape {
         let mut json = String::new();
         fields.encode(id, &mut json);
+        // Grown by doubling: a 12 KB shape would hold 16 KB for its life.
+        json.shrink_to_fit();
         Shape {
             fields: Some(fields),
             json,
