@@ -11,7 +11,7 @@ pub mod auth;
 pub mod dev;
 pub mod host;
 pub mod http;
-mod memory;
+pub mod memory;
 pub mod metrics;
 pub mod pool;
 pub mod ratelimit;

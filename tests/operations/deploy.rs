@@ -73,6 +73,31 @@ fn cpus(value: &Yaml) -> f64 {
     }
 }
 
+/// Resident memory of one full room (1,000 shapes at the 12 KiB cap) across
+/// every process, and of an idle server (2 workers), rounded up from what
+/// `loadgen memory` measured (BENCHMARKS.md, "Memory per room": 50.4–52.4 MiB
+/// a room, 21.3 MiB idle).
+const FULL_ROOM_MIB: u64 = 53;
+const IDLE_SERVER_MIB: u64 = 22;
+
+/// The container's memory limit holds `--max-rooms` full rooms below the share
+/// of it at which the server refuses new rooms (it reads the limit from its
+/// cgroup), so a full server says 503 and the OOM killer never has to choose.
+fn check_memory(container: &Yaml, config: &Config) {
+    let limit = text(
+        &container["resources"]["limits"]["memory"],
+        "resources.limits.memory",
+    );
+    let limit = contract::config::parse_memory_size(limit).unwrap() >> 20;
+    let needed = IDLE_SERVER_MIB + config.max_rooms as u64 * FULL_ROOM_MIB;
+    let refused_from = limit as f64 * supervisor::memory::ROOMS_REFUSED_AT;
+    assert!(
+        needed as f64 <= refused_from,
+        "{} full rooms need {needed} MiB; the limit of {limit} MiB refuses new rooms from {refused_from:.0} MiB",
+        config.max_rooms
+    );
+}
+
 /// The pod's grace period covers the server's whole shutdown, with a margin.
 fn check_grace(pod_spec: &Yaml, config: &Config) {
     let grace = int(
@@ -142,6 +167,7 @@ fn the_agones_fleet_matches_the_server() {
         cpus(&containers[0]["resources"]["requests"]["cpu"]),
         config.workers as f64
     );
+    check_memory(&containers[0], &config);
 }
 
 #[test]
@@ -225,6 +251,7 @@ async fn the_kubernetes_deployment_matches_the_server_and_its_probes_answer() {
     let container = &pod["containers"][0];
     let (config, args) = server_config(container);
     check_grace(pod, &config);
+    check_memory(container, &config);
 
     let port = &container["ports"][0];
     assert_eq!(
