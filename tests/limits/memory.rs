@@ -18,6 +18,8 @@ use crate::support::*;
 const ROOMS: usize = 12;
 const BIG_SHAPES: usize = 1000;
 const TEXT_CHARS: usize = 10_000;
+/// The two tests here fill memory on purpose: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// How long the OOM-killed worker's rooms may take to come back.
 const RESTORED_WITHIN: Duration = Duration::from_secs(60);
 
@@ -130,6 +132,7 @@ async fn restarts(server: &Server) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filling_rooms_to_the_memory_limit_refuses_new_rooms_and_kills_nothing() {
     const LIMIT: u64 = 400 << 20;
+    let _alone = ONE_AT_A_TIME.lock().await;
     let Some(cgroup) = MemoryCgroup::create("budget", LIMIT) else {
         return;
     };
@@ -199,6 +202,7 @@ async fn filling_rooms_to_the_memory_limit_refuses_new_rooms_and_kills_nothing()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_oom_killer_takes_a_worker_whose_rooms_come_back() {
     const LIMIT: u64 = 300 << 20;
+    let _alone = ONE_AT_A_TIME.lock().await;
     let Some(cgroup) = MemoryCgroup::create("oom", LIMIT) else {
         return;
     };
