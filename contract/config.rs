@@ -32,10 +32,10 @@ pub enum Mode {
     /// Internal: run as a room worker for the supervisor that spawned this process.
     #[command(hide = true)]
     Worker(WorkerArgs),
-    /// Internal: replay a quarantined room (a `contract::ipc::Salvage` on
-    /// stdin) into a fallback file, for the supervisor that spawned this process.
+    /// Internal: replay a room (a `contract::ipc::Salvage` on stdin) into a
+    /// fallback file, for the supervisor that spawned this process.
     #[command(hide = true)]
-    Salvage,
+    Salvage(SalvageArgs),
 }
 
 /// Flags of the server (the supervisor; workers get theirs from it).
@@ -226,6 +226,15 @@ pub struct WorkerArgs {
     /// Slot of this worker in the supervisor's pool (for its logs).
     #[arg(long)]
     pub worker_id: u32,
+}
+
+/// Flags of `session-server salvage`.
+#[derive(Debug, Clone, Args)]
+pub struct SalvageArgs {
+    /// One replay, run by the salvage process itself (it retries without the
+    /// events that crash it).
+    #[arg(long)]
+    pub attempt: bool,
 }
 
 /// Environment variable carrying the handshake nonce from supervisor to worker

@@ -8,11 +8,13 @@
 //! - [`ipc`]: the frames the supervisor and a worker exchange, and their
 //!   length-prefixed `postcard` encoding;
 //! - [`config`]: the command line and environment, validated into settings;
-//! - [`alloc`]: giving freed memory back to the system.
+//! - [`alloc`]: giving freed memory back to the system;
+//! - [`process`]: what an exit status says (a fault, or a kill from outside).
 
 #![deny(missing_docs)]
 
 pub mod alloc;
 pub mod config;
 pub mod ipc;
+pub mod process;
 pub mod protocol;

@@ -10,13 +10,14 @@
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
 
 /// Set in the supervisor's environment, so it does not start an init again.
 const CHILD_ENV: &str = "SESSION_SERVER_UNDER_INIT";
 /// After the supervisor has ended, how long its orphans (workers saving,
 /// salvage processes writing) may take before PID 1 exits anyway.
-const ORPHANS_GRACE: u32 = 10;
+const ORPHANS_GRACE: Duration = Duration::from_secs(10);
 
 /// The supervisor's pid, for the signal handler.
 static SUPERVISOR: AtomicI32 = AtomicI32::new(0);
@@ -29,6 +30,11 @@ pub fn needed() -> bool {
 /// Runs the init: the supervisor (this same executable, same arguments) as a
 /// child, until every process is gone.
 pub fn run() -> ExitCode {
+    // First, so a stop signal that comes while the supervisor starts is kept
+    // and passed on once it runs.
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        handle(signal, pass_on);
+    }
     let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
     // Its own process group: a terminal's Ctrl-C reaches this process's group
     // only, and is passed on once (twice would be the "exit now" signal).
@@ -46,48 +52,53 @@ pub fn run() -> ExitCode {
     };
     let supervisor = child.id() as libc::pid_t;
     SUPERVISOR.store(supervisor, Ordering::SeqCst);
-    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        handle(signal, pass_on);
+    let early = PENDING.swap(0, Ordering::SeqCst);
+    if early != 0 {
+        // SAFETY: kill(2) takes a pid and a signal number.
+        unsafe { libc::kill(supervisor, early) };
     }
-    // Ends the wait for orphans (see below).
-    handle(libc::SIGALRM, wake);
-    let mut exit = None;
-    loop {
+    let code = loop {
         let mut status = 0;
         // SAFETY: waitpid writes the status into the integer passed.
         let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
         if pid == supervisor {
-            exit = Some(if libc::WIFEXITED(status) {
+            break if libc::WIFEXITED(status) {
                 libc::WEXITSTATUS(status) as u8
             } else {
                 128 + libc::WTERMSIG(status) as u8
-            });
-            // SAFETY: alarm(2) only arms a timer.
-            unsafe { libc::alarm(ORPHANS_GRACE) };
+            };
         }
-        if pid < 0 {
-            let error = std::io::Error::last_os_error();
-            match error.raw_os_error() {
-                Some(libc::EINTR) if !ALARMED.load(Ordering::SeqCst) => continue,
-                // No process left (ECHILD), or the orphans' grace is over.
-                _ => break,
-            }
+        if pid < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+            break 1; // cannot happen: the supervisor is a child until reaped
+        }
+    };
+    // The supervisor's orphans (workers saving, salvage processes writing)
+    // are this process's now: reaped as they end, for a bounded time.
+    let deadline = Instant::now() + ORPHANS_GRACE;
+    while Instant::now() < deadline {
+        let mut status = 0;
+        // SAFETY: as above; WNOHANG returns at once.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        match pid {
+            0 => std::thread::sleep(Duration::from_millis(20)),
+            p if p > 0 => {}
+            _ => break, // ECHILD: nobody left
         }
     }
-    ExitCode::from(exit.unwrap_or(1))
+    ExitCode::from(code)
 }
 
-/// The orphans' grace is over.
-static ALARMED: AtomicBool = AtomicBool::new(false);
+/// A stop signal that came before the supervisor was started.
+static PENDING: AtomicI32 = AtomicI32::new(0);
 
-/// Installs `handler` for `signal`, without `SA_RESTART`: a signal interrupts
-/// the wait, so the grace's alarm ends it.
+/// Installs `handler` for `signal`.
 fn handle(signal: libc::c_int, handler: extern "C" fn(libc::c_int)) {
-    // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the handlers
-    // only call kill(2) or store an atomic, both async-signal-safe.
+    // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the handler
+    // only calls kill(2) or stores an atomic, both async-signal-safe.
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = handler as *const () as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
         libc::sigaction(signal, &action, std::ptr::null_mut());
     }
 }
@@ -97,9 +108,7 @@ extern "C" fn pass_on(signal: libc::c_int) {
     if supervisor > 0 {
         // SAFETY: kill(2) is async-signal-safe.
         unsafe { libc::kill(supervisor, signal) };
+    } else {
+        PENDING.store(signal, Ordering::SeqCst);
     }
-}
-
-extern "C" fn wake(_: libc::c_int) {
-    ALARMED.store(true, Ordering::SeqCst);
 }

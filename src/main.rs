@@ -16,11 +16,15 @@ fn main() -> ExitCode {
     if cli.mode.is_none() && init::needed() {
         return init::run();
     }
-    init_logs();
+    // A salvage process's stdout is the supervisor's pipe, which may close
+    // before it is done: its logs go to stderr.
+    init_logs(matches!(cli.mode, Some(Mode::Salvage(_))));
 
     let result = match cli.mode {
         Some(Mode::Worker(args)) => worker::main(args).map(|()| ExitCode::SUCCESS),
-        Some(Mode::Salvage) => worker::salvage::main().map(|()| ExitCode::SUCCESS),
+        Some(Mode::Salvage(args)) => {
+            worker::salvage::main(args.attempt).map(|()| ExitCode::SUCCESS)
+        }
         None => match cli.serve.validate(&supervisor::host::detect()) {
             Ok(config) if config.agones.is_some() && !supervisor::host::AGONES_BUILT => {
                 eprintln!(
@@ -59,12 +63,21 @@ fn main() -> ExitCode {
 
 /// Logs through `tracing`: level from `RUST_LOG` (default `info`), human-readable,
 /// or one JSON object per line with `LOG_FORMAT=json`.
-fn init_logs() {
+fn init_logs(to_stderr: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().with_current_span(true).init();
-    } else {
-        builder.with_ansi(std::io::stdout().is_terminal()).init();
+    let json = std::env::var("LOG_FORMAT").as_deref() == Ok("json");
+    match (json, to_stderr) {
+        (true, false) => builder.json().with_current_span(true).init(),
+        (true, true) => builder
+            .json()
+            .with_current_span(true)
+            .with_writer(std::io::stderr)
+            .init(),
+        (false, false) => builder.with_ansi(std::io::stdout().is_terminal()).init(),
+        (false, true) => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init(),
     }
 }

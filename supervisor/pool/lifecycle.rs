@@ -27,6 +27,7 @@ use crate::rooms::Registry;
 use crate::shutdown::{Phase, Shutdown};
 use contract::config::{PersistSettings, WORKER_NONCE_ENV};
 use contract::ipc::{CodecError, FromWorker, IPC_VERSION, RoomId, ToWorker, WorkerId};
+use contract::process::ended_by_a_fault;
 
 /// A worker must connect and answer the hello within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,29 +117,10 @@ impl WorkerExit {
             EndCause::Link(LinkEnd::Read(CodecError::TooLarge(_) | CodecError::Malformed(_))) => {
                 Evidence::Crash
             }
-            _ if status.as_ref().is_ok_and(fault_signal) => Evidence::Crash,
+            _ if status.as_ref().is_ok_and(ended_by_a_fault) => Evidence::Crash,
             _ => Evidence::None,
         }
     }
-}
-
-/// Whether a process was ended by a fault or abort signal it raised itself
-/// (SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE, SIGSEGV, SIGSYS), not by one
-/// sent from outside (SIGKILL, SIGTERM).
-pub(super) fn fault_signal(status: &ExitStatus) -> bool {
-    use std::os::unix::process::ExitStatusExt;
-    const FAULT_SIGNALS: [i32; 7] = [
-        libc::SIGILL,
-        libc::SIGTRAP,
-        libc::SIGABRT,
-        libc::SIGBUS,
-        libc::SIGFPE,
-        libc::SIGSEGV,
-        libc::SIGSYS,
-    ];
-    status
-        .signal()
-        .is_some_and(|signal| FAULT_SIGNALS.contains(&signal))
 }
 
 impl fmt::Display for WorkerExit {

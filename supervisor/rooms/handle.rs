@@ -9,6 +9,9 @@ use super::room::{Holder, RoomEntry};
 use contract::ipc::{ConnId, RoomEvent, RoomId, ToWorker, WorkerId};
 use contract::protocol::{CLOSE_REPLACED, REASON_REPLACED};
 
+/// How long the memory budget waits for room in a worker's queue per room.
+pub const BUDGET_SEND_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The room's worker has gone (process failed or server stopping).
 #[derive(Debug, thiserror::Error)]
 #[error("the room's worker is gone")]
@@ -182,10 +185,15 @@ impl RoomHandle {
 
     /// Tells the room's worker that the memory budget refuses new shapes
     /// (`full`), or no longer, as a stamped event (see
-    /// [`RoomEvent::MemoryBudget`]). Waits while the worker's queue is full.
+    /// [`RoomEvent::MemoryBudget`]). Waits at most [`BUDGET_SEND_WAIT`] for
+    /// room in the worker's queue: a stuck worker (replaced within seconds)
+    /// must not hold up the budget's other rooms; its room misses this verdict
+    /// (it keeps its last one, and is told the next).
     pub async fn memory_budget(&self, full: bool) {
         let entry = &*self.0;
-        let Ok(permit) = entry.queue.reserve().await else {
+        let Ok(Ok(permit)) = tokio::time::timeout(BUDGET_SEND_WAIT, entry.queue.reserve()).await
+        else {
+            tracing::warn!(room = %entry.id, full, "memory budget: the room's worker queue is full; this verdict is not sent to it");
             return;
         };
         let mut state = lock(&entry.state);

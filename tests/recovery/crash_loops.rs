@@ -24,6 +24,18 @@ const UPDATES: usize = 52;
 /// Replacements killed from outside, one after the other.
 const KILLS: usize = 4;
 
+/// Sends the poison frame (it aborts the worker applying it, in test builds)
+/// and waits for the room to be closed as poison, after its third crash.
+async fn poison_and_closed(poisoner: &mut Client) {
+    poisoner
+        .send(json!({"type":"cursor_move","x":1,"y":1,"note":"__poison_test_frame__"}))
+        .await;
+    assert_eq!(
+        poisoner.closed().await,
+        Closed::Frame(1011, "Room closed: it repeatedly crashed the server".into())
+    );
+}
+
 /// Waits for a worker process other than `old` in slot 0 and kills it
 /// (SIGKILL, from outside) as soon as it is up; returns its pid.
 async fn kill_the_replacement_of(server: &Server, old: u32) -> u32 {
@@ -110,13 +122,7 @@ async fn a_poison_room_is_closed_alone_its_edits_kept_and_everything_else_recove
     let acknowledged = poisoner.until(|s| shapes(s).len() == 1).await["shapes"].clone();
     let elsewhere_pid = worker_pids_or_zero(&server).await[worker_of(&server, "elsewhere").await];
 
-    poisoner
-        .send(json!({"type":"cursor_move","x":1,"y":1,"note":"__poison_test_frame__"}))
-        .await;
-    assert_eq!(
-        poisoner.closed().await,
-        Closed::Frame(1011, "Room closed: it repeatedly crashed the server".into())
-    );
+    poison_and_closed(&mut poisoner).await;
     // The neighbour on the same worker recovers with its state; no close seen.
     neighbour.send(rect(2)).await;
     let after = neighbour.until(|s| shapes(s).len() == 2).await;
@@ -153,4 +159,44 @@ async fn a_poison_room_is_closed_alone_its_edits_kept_and_everything_else_recove
         ),
         "{logs}"
     );
+}
+
+/// A stop that comes while a quarantined room is being replayed: the stop does
+/// not wait past its budget, says so (exit 3, the room named), and the salvage
+/// process finishes the room's file after the server has exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_salvage_under_way_at_a_stop_finishes_its_file_after_the_exit() {
+    let mut server = Server::start_raw(
+        &["--workers", "1", "--shutdown-grace-ms", "600"],
+        &[
+            ("JWT_SECRET", SECRET),
+            ("SESSION_SERVER_TEST_POISON", "1"),
+            ("SESSION_SERVER_TEST_SALVAGE_DELAY_MS", "2000"),
+        ],
+    );
+    let mut poisoner = server.join("mallory", "poison").await;
+    poisoner.send(rect(3)).await;
+    let acknowledged = poisoner.until(|s| shapes(s).len() == 1).await["shapes"].clone();
+    poison_and_closed(&mut poisoner).await;
+    server.signal("TERM");
+    let code = tokio::task::block_in_place(|| server.wait_exit(PATIENCE));
+    assert_eq!(
+        code,
+        Some(supervisor::StopOutcome::NOT_ALL_SAVED_EXIT_CODE as i32)
+    );
+    let logs = server.logs();
+    let summary = logs
+        .lines()
+        .find(|l| l.contains("some rooms could not be saved"))
+        .unwrap_or_else(|| panic!("{logs}"));
+    assert!(summary.contains("poison"), "{summary}");
+    assert!(
+        fallback_files(server.data_dir(), "poison").is_empty(),
+        "still being replayed"
+    );
+    let file = eventually(PATIENCE, "the salvage's file after the exit", || async {
+        fallback_files(server.data_dir(), "poison").pop()
+    })
+    .await;
+    assert_eq!(fallback_shapes(&file), acknowledged);
 }

@@ -247,7 +247,7 @@ async fn as_a_container_s_pid_1_a_killed_supervisor_s_workers_still_save() {
 
 /// `docker stop` (or Kubernetes) sends SIGTERM to the container's PID 1: the
 /// init passes it to the supervisor, which drains as usual, and the init exits
-/// with its code once every process is gone.
+/// with its code once every process is gone; other signals leave it be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn as_a_container_s_pid_1_sigterm_still_drains_and_exits_zero() {
     let data = temp_dir("pid-1-sigterm");
@@ -264,6 +264,11 @@ async fn as_a_container_s_pid_1_sigterm_still_drains_and_exits_zero() {
     let init = children_of(server.pid());
     assert_eq!(init.len(), 1);
     let _namespace = super::KillOnDrop(init[0]);
+    // Signals the init does not pass on change nothing (SIGALRM once ended it).
+    for signal in ["ALRM", "USR1", "QUIT"] {
+        send_signal(init[0], signal);
+    }
+    assert_eq!(users(&editor.sync("editor", 5.0).await), ["editor"]);
     send_signal(init[0], "TERM");
     assert!(matches!(editor.closed().await, Closed::Frame(1001, _)));
     let code = tokio::task::block_in_place(|| server.wait_exit(PATIENCE));
