@@ -11,13 +11,14 @@ pub mod room;
 pub mod salvage;
 pub mod store;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use interprocess::local_socket::tokio::Stream as LocalStream;
 use interprocess::local_socket::{GenericNamespaced, ToNsName, traits::tokio::Stream as _};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{info, warn};
@@ -53,6 +54,11 @@ const STATS_EVERY: Duration = Duration::from_secs(1);
 /// whatever it is writing, so the writer always drains. Small, because a batch
 /// may hold a full snapshot of every changed room.
 const OUTPUT_QUEUE: usize = 4;
+/// KiB of output (snapshots and checkpoints, mostly) waiting for the writer
+/// at most: with full boards (12 MB snapshots) 4 batches of several rooms
+/// each held hundreds of MB. When reached, the loop waits as when the queue is
+/// full; changes meanwhile fold into the next snapshot of their room.
+const OUTPUT_QUEUE_KIB: usize = 32 << 10;
 
 /// Entry point of `session-server worker`: [`run`] on a single-threaded
 /// runtime. Returns once the supervisor's socket has closed and what was unsaved
@@ -180,7 +186,8 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
 
     let (results_tx, mut results) = mpsc::channel::<StoreResult>(RESULTS_QUEUE);
     let mut core = WorkerCore::new(store, &settings, results_tx);
-    let (output_tx, output_rx) = mpsc::channel::<Vec<FromWorker>>(OUTPUT_QUEUE);
+    let (output_tx, output_rx) = mpsc::channel::<Output>(OUTPUT_QUEUE);
+    let output_budget = Arc::new(Semaphore::new(OUTPUT_QUEUE_KIB));
     let mut writing = tokio::spawn(write_output(writer, output_rx));
     let mut connected = true;
     let mut stats = tokio::time::interval(STATS_EVERY);
@@ -255,7 +262,19 @@ async fn serve(args: WorkerArgs, nonce: u64) -> anyhow::Result<()> {
         if connected {
             // Fails only once the writer has ended: the branch above says why.
             if !output.is_empty() {
-                let _ = output_tx.send(output).await;
+                let kib = output.iter().map(size_kib).sum::<usize>();
+                let permits = kib.clamp(1, OUTPUT_QUEUE_KIB) as u32;
+                let room = output_budget
+                    .clone()
+                    .acquire_many_owned(permits)
+                    .await
+                    .expect("the budget is never closed");
+                let _ = output_tx
+                    .send(Output {
+                        messages: output,
+                        _room: room,
+                    })
+                    .await;
             }
         } else if core.drained() {
             // Nobody reads the answer: what could not be saved is in fallback
@@ -284,22 +303,42 @@ fn orphaned(core: &mut WorkerCore, why: &str) {
     core.start_drain(Instant::now() + ORPHAN_SAVE_GRACE);
 }
 
+/// A batch of output for the writer, holding its share of
+/// [`OUTPUT_QUEUE_KIB`] until it is written.
+struct Output {
+    messages: Vec<FromWorker>,
+    _room: OwnedSemaphorePermit,
+}
+
+/// About how many KiB a message takes in the output queue.
+fn size_kib(msg: &FromWorker) -> usize {
+    let bytes = match msg {
+        FromWorker::Snapshot { json, ops, .. } => json.len() + ops.as_ref().map_or(0, String::len),
+        FromWorker::Checkpoint { image, .. } => image.len(),
+        _ => 0,
+    };
+    bytes >> 10
+}
+
 /// Writes each batch of output to the supervisor, with the batches queued
 /// meanwhile, in one write; ends at the first failure or when the loop is gone.
 async fn write_output(
     mut writer: Writer,
-    mut batches: mpsc::Receiver<Vec<FromWorker>>,
+    mut batches: mpsc::Receiver<Output>,
 ) -> Result<(), CodecError> {
     while let Some(batch) = batches.recv().await {
-        for msg in batch {
-            writer.feed(msg).await?;
-        }
+        let mut written = vec![batch];
         while let Ok(batch) = batches.try_recv() {
-            for msg in batch {
+            written.push(batch);
+        }
+        for batch in &mut written {
+            for msg in batch.messages.drain(..) {
                 writer.feed(msg).await?;
             }
         }
         writer.flush().await?;
+        // Their room in the queue is given back once they are on the socket.
+        drop(written);
     }
     Ok(())
 }

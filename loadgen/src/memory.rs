@@ -71,6 +71,12 @@ pub struct MemoryArgs {
     /// since the last connection closed, comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "5,15")]
     after_secs: Vec<f64>,
+    /// While settling, the first member of each room moves one of its first
+    /// ten shapes this often (a member dragging a shape sends one every 50
+    /// ms), and memory is sampled every 250 ms: `busy_max_total_rss_kib`.
+    /// 0: no edits.
+    #[arg(long, default_value_t = 0)]
+    edit_every_ms: u64,
     /// Prefix of the room ids (rooms are `<prefix>-<n>`).
     #[arg(long, default_value = "mem")]
     room_prefix: String,
@@ -233,6 +239,49 @@ struct Member {
     reader: tokio::task::JoinHandle<SplitStream<Socket>>,
 }
 
+/// For `--settle-secs`: the first member of each room moves one of its first
+/// ten shapes every `--edit-every-ms`, and the server's total resident memory
+/// is sampled every 250 ms; returns the largest sample (KiB).
+async fn edit_while_settling(args: &MemoryArgs, rooms: &mut [Vec<Member>]) -> u64 {
+    let ids: Vec<Vec<String>> = rooms
+        .iter()
+        .map(|members| {
+            let text = members[0].seen.borrow().1.clone();
+            let snapshot: Value = serde_json::from_str(&text).expect("snapshot is JSON");
+            snapshot["shapes"]
+                .as_array()
+                .expect("shapes")
+                .iter()
+                .take(10)
+                .filter_map(|shape| shape["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .collect();
+    let end = Instant::now() + Duration::from_secs_f64(args.settle_secs);
+    let mut edits = tokio::time::interval(Duration::from_millis(args.edit_every_ms));
+    let mut samples = tokio::time::interval(Duration::from_millis(250));
+    let (mut moves, mut busy_max) = (0u64, 0u64);
+    while Instant::now() < end {
+        tokio::select! {
+            _ = edits.tick() => {
+                moves += 1;
+                for (members, ids) in rooms.iter_mut().zip(&ids) {
+                    let Some(id) = ids.get(moves as usize % ids.len().max(1)) else {
+                        continue;
+                    };
+                    let update = json!({"type":"shape_update","shapeId":id,"x":moves % 1000}).to_string();
+                    members[0].sink.send(Message::text(update)).await.expect("send update");
+                }
+            }
+            _ = samples.tick() => {
+                let total = server_memory(args).await["total_rss_kib"].as_u64().unwrap_or(0);
+                busy_max = busy_max.max(total);
+            }
+        }
+    }
+    busy_max
+}
+
 /// Waits until the member's newest snapshot shows at least `count` shapes.
 async fn until_shapes(member: &mut Member, count: usize, room: &str) {
     tokio::time::timeout(
@@ -315,7 +364,12 @@ pub async fn run(args: MemoryArgs) -> Value {
             }
         }
     }
-    tokio::time::sleep(Duration::from_secs_f64(args.settle_secs)).await;
+    let busy_max = if args.edit_every_ms > 0 {
+        Some(edit_while_settling(&args, &mut rooms).await)
+    } else {
+        tokio::time::sleep(Duration::from_secs_f64(args.settle_secs)).await;
+        None
+    };
     let during = server_memory(&args).await;
     // Everyone leaves.
     stop_tx.send_replace(true);
@@ -350,6 +404,8 @@ pub async fn run(args: MemoryArgs) -> Value {
         "snapshot_bytes": snapshot_bytes,
         "filled_seconds": filled_seconds,
         "settle_secs": args.settle_secs,
+        "edit_every_ms": args.edit_every_ms,
+        "busy_max_total_rss_kib": busy_max,
         "before": before,
         "during": during,
         "after": after,
