@@ -118,3 +118,39 @@ fn churn_runs_and_reports_handshakes() {
             > 0.0
     );
 }
+
+#[test]
+fn memory_runs_and_reports_each_process_while_full_and_after() {
+    let server = Server::start(&[]);
+    let result = loadgen_on(
+        &server,
+        "memory",
+        &[
+            "--rooms",
+            "2",
+            "--members",
+            "2",
+            "--shapes",
+            "30",
+            "--text-chars",
+            "200",
+            "--edit-every-ms",
+            "50",
+            "--settle-secs",
+            "0.5",
+            "--after-secs",
+            "0.5",
+            "--admin-token",
+            HARNESS_ADMIN_TOKEN,
+        ],
+    );
+    assert_eq!(result["scenario"], "memory");
+    assert_eq!(
+        result["shapes_seen_per_member"],
+        serde_json::json!([30, 30, 30, 30])
+    );
+    assert_eq!(result["during"]["workers"].as_array().unwrap().len(), 2);
+    assert!(result["during"]["total_rss_kib"].as_u64().unwrap() > 1000);
+    assert!(result["busy_max_total_rss_kib"].as_u64().unwrap() > 1000);
+    assert_eq!(result["after"].as_array().unwrap().len(), 1);
+}
