@@ -22,7 +22,14 @@ struct Claims {
     room_id: String,
     #[serde(default)]
     host: Option<String>,
+    /// `true` in tokens minted by a dev-mode server's `/dev/token`.
+    #[serde(default)]
+    dev: Option<serde_json::Value>,
 }
+
+/// The claim `/dev/token` puts in the tokens it mints: a server not in dev
+/// mode refuses them, so a dev secret reused in production opens nothing.
+pub const DEV_CLAIM: &str = "dev";
 
 /// Who a verified connection is, and which room it is for.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +72,10 @@ pub enum AuthError {
     /// minted for another server.
     #[error("token was issued for another host")]
     HostMismatch,
+    /// Minted by a dev-mode server (the [`DEV_CLAIM`]), and this server is not
+    /// in dev mode.
+    #[error("token was minted in dev mode")]
+    DevToken,
 }
 
 impl AuthError {
@@ -84,6 +95,7 @@ impl AuthError {
             AuthError::PathRoomId => "bad_room_id",
             AuthError::TokenTooLarge => "too_large",
             AuthError::MissingHostClaim | AuthError::HostMismatch => "wrong_host",
+            AuthError::DevToken => "dev_token",
         }
     }
 }
@@ -95,6 +107,7 @@ pub struct Authenticator {
     key: DecodingKey,
     validation: Validation,
     require_host_claim: bool,
+    accept_dev_tokens: bool,
 }
 
 impl Authenticator {
@@ -112,7 +125,15 @@ impl Authenticator {
             key: DecodingKey::from_secret(secret.as_bytes()),
             validation,
             require_host_claim,
+            accept_dev_tokens: false,
         }
+    }
+
+    /// Whether tokens minted by `/dev/token` (the [`DEV_CLAIM`]) are accepted:
+    /// only by a server in dev mode. Refused by default.
+    pub fn accepting_dev_tokens(mut self, accept: bool) -> Authenticator {
+        self.accept_dev_tokens = accept;
+        self
     }
 
     /// Verifies `token` for a request that carried `host_header`: who the
@@ -139,6 +160,9 @@ impl Authenticator {
         // paths; these two segments would be resolved away instead.
         if claims.room_id == "." || claims.room_id == ".." {
             return Err(AuthError::PathRoomId);
+        }
+        if claims.dev == Some(serde_json::Value::Bool(true)) && !self.accept_dev_tokens {
+            return Err(AuthError::DevToken);
         }
         match claims.host {
             Some(host) if Some(host.as_str()) != host_header => {

@@ -7,12 +7,13 @@ use std::sync::LazyLock;
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HOST, HeaderValue};
+use hyper::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HOST, HeaderValue, ORIGIN};
 use hyper::{Request, Response, StatusCode};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 
 use super::Shared;
+use contract::ipc::Escaped;
 
 const BOARD_PAGE: &str = include_str!("dev/board.html");
 const MONITOR_PAGE: &str = include_str!("dev/monitor.html");
@@ -68,10 +69,38 @@ pub fn board_page() -> Response<Body> {
 }
 
 /// `GET /dev/token?userId=…&roomId=…`: a client token signed with the dev secret,
-/// for the host the page was loaded from. Exists only in dev mode.
+/// for the host the page was loaded from. Exists only in dev mode, and answers
+/// only a loopback `Host` (and `Origin`, when there is one): a page from
+/// another name (DNS rebinding to 127.0.0.1) gets 403. The token carries the
+/// [`DEV_CLAIM`](crate::auth::DEV_CLAIM), which a server not in dev mode refuses.
 pub fn token<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
     if !shared.config.dev {
         return not_found();
+    }
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|h: &HeaderValue| h.to_str().ok())
+    };
+    let host_ok = header(HOST).is_some_and(is_loopback_host);
+    let origin_ok = req.headers().get(ORIGIN).is_none_or(|origin| {
+        origin
+            .to_str()
+            .ok()
+            .and_then(|o| {
+                o.strip_prefix("http://")
+                    .or_else(|| o.strip_prefix("https://"))
+            })
+            .is_some_and(is_loopback_host)
+    });
+    if !host_ok || !origin_ok {
+        let shown = |value: Option<&str>| Escaped(value.unwrap_or("-")).to_string();
+        tracing::warn!(host = %shown(header(HOST)), origin = %shown(header(ORIGIN)), "dev token refused (403): not a loopback host or origin");
+        return respond(
+            StatusCode::FORBIDDEN,
+            "text/plain; charset=utf-8",
+            "dev tokens are minted only for pages on localhost, 127.0.0.1 or [::1]\n",
+        );
     }
     let query = req.uri().query().unwrap_or("");
     let param = |name: &str| {
@@ -93,7 +122,7 @@ pub fn token<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
     let claims = json!({"userId": user_id, "roomId": room_id, "host": host,
-        "iat": jsonwebtoken::get_current_timestamp()});
+        "iat": jsonwebtoken::get_current_timestamp(), crate::auth::DEV_CLAIM: true});
     let token = jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims,
@@ -105,6 +134,31 @@ pub fn token<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
         "application/json",
         json!({ "token": token }).to_string(),
     )
+}
+
+/// Whether `host` (a `Host` header, or an origin without its scheme) names
+/// this machine's loopback: `localhost`, `127.0.0.1` or `[::1]`, with or
+/// without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((address, rest)) if rest.is_empty() || is_port(rest) => return address == "::1",
+            _ => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if is_port(&format!(":{port}")) => name,
+            Some(_) => return false,
+            None => host,
+        },
+    };
+    name.eq_ignore_ascii_case("localhost") || name == "127.0.0.1"
+}
+
+/// `:PORT`, digits only.
+fn is_port(text: &str) -> bool {
+    text.strip_prefix(':').is_some_and(|port| {
+        !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit())
+    })
 }
 
 /// Whether the monitor is on, and this request may see it.
@@ -212,5 +266,33 @@ mod tests {
         assert_eq!(String::from_utf8(decoded).unwrap(), CLIENT_JS);
         assert!(CLIENT_JS.contains("export function connect("));
         assert!(page.contains("from \"session-client\""));
+    }
+
+    #[test]
+    fn loopback_hosts_are_the_three_names_with_or_without_a_port() {
+        for host in [
+            "localhost",
+            "localhost:8000",
+            "LOCALHOST:8000",
+            "127.0.0.1",
+            "127.0.0.1:8000",
+            "[::1]",
+            "[::1]:8000",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "rebind.attacker.example:8000",
+            "localhost.attacker.example",
+            "127.0.0.1.nip.io:8000",
+            "evil.com#127.0.0.1",
+            "[::1]x",
+            "localhost:80a",
+            "localhost:",
+            "",
+            "10.0.0.1:8000",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
     }
 }

@@ -240,7 +240,8 @@ pub async fn run(
     };
     let shared = Arc::new(Shared {
         tls,
-        auth: Authenticator::new(config.jwt_secret.as_str(), config.require_host_claim),
+        auth: Authenticator::new(config.jwt_secret.as_str(), config.require_host_claim)
+            .accepting_dev_tokens(config.dev),
         metrics,
         config,
         registry,

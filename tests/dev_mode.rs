@@ -96,3 +96,53 @@ fn dev_mode_with_a_real_secret_refuses_a_public_address() {
     );
     assert!(!stderr.contains("a-real-production-secret"), "{stderr}");
 }
+
+/// `/dev/token` answers only a page on a loopback name: a foreign `Host` (a
+/// DNS-rebinding page whose name now points at 127.0.0.1) or a foreign
+/// `Origin` gets 403; a token it mints carries the dev claim, which a server
+/// not in dev mode refuses with 401 (`auth_failures_total{reason="dev_token"}`),
+/// even with the same secret.
+#[tokio::test]
+async fn dev_tokens_are_for_loopback_pages_and_never_open_a_production_room() {
+    let secret_env = [("JWT_SECRET", SECRET)];
+    let dev = Server::start_raw(&["--dev", "--workers", "1"], &secret_env);
+    let path = "/dev/token?userId=admin&roomId=victim";
+    let port = dev.port;
+    let rebinding = format!("rebind.attacker.example:{port}");
+    assert_eq!(dev.get_for_host(&rebinding, path, &[]).await.0, 403);
+    let attacker_page = [("Origin", "http://rebind.attacker.example")];
+    assert_eq!(dev.get_with(path, &attacker_page).await.0, 403);
+    assert_eq!(dev.get_with(path, &[("Origin", "null")]).await.0, 403);
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        let origin = format!("http://{host}");
+        let (code, _) = dev.get_for_host(&host, path, &[("Origin", &origin)]).await;
+        assert_eq!(code, 200, "{host}");
+    }
+    let (code, body) = dev.get(path).await;
+    assert_eq!(code, 200);
+    let token: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let token = token["token"].as_str().unwrap().to_owned();
+    // The dev server takes its own token.
+    let mut admin = dev.connect(&dev.url(&token)).await;
+    assert_eq!(users(&admin.next_snapshot().await), ["admin"]);
+
+    // A production server with the same secret: the same claims, re-signed for
+    // its host, still carry the dev claim, and are refused.
+    let production = Server::start_raw(&["--workers", "1"], &secret_env);
+    let claims = serde_json::json!({"userId": "admin", "roomId": "victim",
+        "host": production.host(), "iat": now(), "dev": true});
+    assert_eq!(production.raw_upgrade(&sign(claims)).await.0, 401);
+    let failures = metrics(&production).await;
+    assert_eq!(
+        failures.get("session_server_auth_failures_total{reason=\"dev_token\"}"),
+        Some(&1.0),
+        "{failures:?}"
+    );
+    let plain = serde_json::json!({"userId": "admin", "roomId": "victim",
+        "host": production.host(), "iat": now()});
+    assert_eq!(production.raw_upgrade(&sign(plain)).await.0, 101);
+}

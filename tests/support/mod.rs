@@ -302,15 +302,24 @@ impl Server {
 
     /// A plain HTTP/1.1 GET with extra headers; returns status and body.
     pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        self.get_for_host(&self.host(), path, headers).await
+    }
+
+    /// `GET path` with `host` as the `Host` header (as a browser sends the
+    /// name in the page's URL), and `headers`: status and body.
+    pub async fn get_for_host(
+        &self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, String) {
         let mut stream = TcpStream::connect(self.host()).await.unwrap();
         let extra: String = headers
             .iter()
             .map(|(k, v)| format!("{k}: {v}\r\n"))
             .collect();
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{extra}\r\n",
-            self.host()
-        );
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}\r\n");
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut response = String::new();
         tokio::time::timeout(PATIENCE, stream.read_to_string(&mut response))
