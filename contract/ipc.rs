@@ -44,18 +44,27 @@ impl fmt::Display for RoomId {
 
 /// A client-supplied string as it may appear in a log line: control characters
 /// (newlines, NUL, escape sequences) are written as escapes (`\n`, `\u{0}`), so
-/// no input can forge a log line or make a log file binary. Anything else is
-/// written as it is.
+/// no input can forge a log line or make a log file binary; so are the
+/// characters that reorder or break a line when it is shown (the bidi
+/// embeddings, overrides and isolates U+202A–U+202E and U+2066–U+2069, and the
+/// line and paragraph separators U+2028 and U+2029), so no id can make a log
+/// line read other than it is. Anything else is written as it is.
 pub struct Escaped<'a>(pub &'a str);
+
+/// Whether `c` is written escaped in a log line (see [`Escaped`]).
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+}
 
 impl fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let text = self.0;
-        if !text.chars().any(char::is_control) {
+        if !text.chars().any(needs_escape) {
             return f.write_str(text);
         }
         for c in text.chars() {
-            if c.is_control() {
+            if needs_escape(c) {
                 write!(f, "{}", c.escape_default())?;
             } else {
                 write!(f, "{c}")?;

@@ -268,7 +268,8 @@ async fn client_strings_cannot_forge_log_lines() {
                 ("RUST_LOG", "debug"),
             ],
         );
-        let user = "eve\nINFO forged line\0";
+        // A newline, a NUL, then a right-to-left override and a line separator.
+        let user = "eve\nINFO forged line\0\u{202E}nimda\u{2028}";
         let token = sign(json!({"userId": user, "roomId": "r\n1", "host": server.host()}));
         let client = server.connect(&server.url(&token)).await;
         client.close().await;
@@ -286,10 +287,13 @@ async fn client_strings_cannot_forge_log_lines() {
         assert_eq!(opened.len(), 1, "{format}:\n{logs}");
         // JSON escapes the escapes' backslashes once more.
         let escaped = match format {
-            "json" => r"eve\\nINFO forged line\\u{0}",
-            _ => r"eve\nINFO forged line\u{0}",
+            "json" => r"eve\\nINFO forged line\\u{0}\\u{202e}nimda\\u{2028}",
+            _ => r"eve\nINFO forged line\u{0}\u{202e}nimda\u{2028}",
         };
         assert!(opened[0].contains(escaped), "{format}: {}", opened[0]);
+        for raw in ['\u{202E}', '\u{2028}'] {
+            assert!(!logs.contains(raw), "{format}: {raw:?} reached the log");
+        }
     }
 }
 
