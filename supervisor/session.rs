@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::time::Sleep;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug, info, info_span};
 
@@ -45,6 +46,11 @@ const LEAVING_GRACE: Duration = Duration::from_millis(500);
 const LEAVING_POLL: Duration = Duration::from_millis(20);
 /// WebSocket close code for a message over the size limit.
 const CLOSE_TOO_BIG: u16 = 1009;
+/// RFC 6455 §7.4.1: the client broke the protocol (unmasked or reserved frames,
+/// a fragmented control frame…).
+const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+/// RFC 6455 §7.4.1: a text message that is not UTF-8.
+const CLOSE_INVALID_DATA: u16 = 1007;
 
 /// Why the session ended, and what close frame (if any) the client gets.
 enum End {
@@ -335,6 +341,19 @@ async fn serve(
                         shared.metrics.reject(Rejection::MessageTooBig);
                         info!(error = %e, "client frame over the size limit");
                         return End::Close(CLOSE_TOO_BIG, "Message too big");
+                    }
+                    // The client broke RFC 6455: told so with its close code
+                    // (§7.4.1) rather than a dropped connection.
+                    Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
+                        return End::ClientGone;
+                    }
+                    Some(Err(WsError::Protocol(e))) => {
+                        info!(error = %e, "client broke the WebSocket protocol");
+                        return End::Close(CLOSE_PROTOCOL_ERROR, "Protocol error");
+                    }
+                    Some(Err(WsError::Utf8(e))) => {
+                        info!(error = %e, "client sent a text frame that is not UTF-8");
+                        return End::Close(CLOSE_INVALID_DATA, "Invalid UTF-8");
                     }
                     Some(Err(e)) => {
                         debug!(error = %e, "read failed");

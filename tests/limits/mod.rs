@@ -38,13 +38,46 @@ async fn malformed_utf8_ends_that_connection_only() {
     let mut attacker = server.join("attacker", "r").await;
     let bad = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
     let _ = attacker.send_raw_result(Message::Frame(bad)).await;
-    let ended = attacker.closed().await;
-    assert!(
-        matches!(ended, Closed::Dropped | Closed::Frame(_, _)),
-        "{ended:?}"
+    // Closed with RFC 6455's code for data that is not what its type says.
+    assert_eq!(
+        attacker.closed().await,
+        Closed::Frame(1007, "Invalid UTF-8".into())
     );
     let snap = bystander.until(|s| users(s) == ["bystander"]).await;
     assert_eq!(users(&snap), ["bystander"]);
+    still_serves(&server, "other").await;
+}
+
+/// A frame that breaks RFC 6455 (a reserved bit set, no extension agreed; a
+/// ping in fragments) is answered with its close code, 1002, not a dropped
+/// connection; the room goes on.
+#[tokio::test]
+async fn a_protocol_violation_is_closed_with_1002() {
+    let server = Server::start(&[]);
+    let mut bystander = server.join("bystander", "r").await;
+    let reserved_bit = {
+        let mut frame = Frame::message(b"{}".to_vec(), OpCode::Data(Data::Text), true);
+        frame.header_mut().rsv1 = true;
+        frame
+    };
+    let fragmented_ping = {
+        let mut frame = Frame::ping(b"p".to_vec());
+        frame.header_mut().is_final = false;
+        frame
+    };
+    for (what, frame) in [
+        ("reserved bit", reserved_bit),
+        ("fragmented ping", fragmented_ping),
+    ] {
+        let mut attacker = server.join("attacker", "r").await;
+        let _ = attacker.send_raw_result(Message::Frame(frame)).await;
+        assert_eq!(
+            attacker.closed().await,
+            Closed::Frame(1002, "Protocol error".into()),
+            "{what}"
+        );
+        bystander.until(|s| users(s) == ["bystander"]).await;
+    }
     still_serves(&server, "other").await;
 }
 
