@@ -53,9 +53,38 @@ pub async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
-async fn serve_tls(stream: TcpStream, tls: Arc<super::tls::Tls>, shared: Arc<Shared>) {
+/// The first byte of a TLS record carrying a handshake (a ClientHello).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// What a plain HTTP request to the TLS port is told, in a 400 (as nginx does).
+const PLAIN_HTTP_TO_TLS: &str =
+    "This port speaks TLS: connect with https:// or wss:// (plain HTTP was sent).\n";
+
+async fn serve_tls(mut stream: TcpStream, tls: Arc<super::tls::Tls>, shared: Arc<Shared>) {
     let timeout = shared.config.limits.handshake_timeout;
-    match tokio::time::timeout(timeout, tls.acceptor.accept(stream)).await {
+    let deadline = tokio::time::Instant::now() + timeout;
+    // Plain HTTP to the TLS port (an `http://` or `ws://` URL): told so in a
+    // short 400 it can read, instead of a TLS alert it cannot.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD && first[0].is_ascii_alphabetic() => {
+            shared.metrics.tls_failure("not_tls");
+            debug!("plain HTTP sent to the TLS port; answered 400");
+            let response = format!(
+                "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{PLAIN_HTTP_TO_TLS}",
+                PLAIN_HTTP_TO_TLS.len()
+            );
+            let write = tokio::io::AsyncWriteExt::write_all(&mut stream, response.as_bytes());
+            let _ = tokio::time::timeout_at(deadline, write).await;
+            return;
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return,
+        Err(_) => {
+            shared.metrics.tls_failure("timeout");
+            return;
+        }
+    }
+    match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
         Ok(Ok(stream)) => serve_http(stream, shared).await,
         Ok(Err(e)) => {
             let reason = super::tls::failure_reason(&e);

@@ -254,8 +254,10 @@ async fn the_certificate_rotates_when_its_files_change_and_a_bad_one_is_not_take
     );
 }
 
+/// Plain HTTP to the TLS port (an `http://` or `ws://` URL) gets a short 400
+/// saying that the port speaks TLS, as nginx answers, and is counted.
 #[tokio::test]
-async fn plain_http_to_the_tls_port_is_refused_and_counted() {
+async fn plain_http_to_the_tls_port_gets_a_400_saying_so_and_is_counted() {
     let ca = ca();
     let dir = temp_dir("tls-plain");
     let (cert, key, _) = leaf(&ca, false);
@@ -269,7 +271,12 @@ async fn plain_http_to_the_tls_port_is_refused_and_counted() {
         .unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut answer)).await;
-    assert!(!String::from_utf8_lossy(&answer).contains("200 OK"));
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("This port speaks TLS"), "{answer}");
     let (_, metrics) = https_get(server.port, &ca, "/metrics").await;
     assert!(
         metrics.contains("session_server_tls_handshake_failures_total{reason=\"not_tls\"} 1"),
