@@ -44,6 +44,12 @@ pub struct ServeArgs {
     /// Port to listen on (0 picks a free port; the log says which).
     #[arg(long, env = "PORT", default_value_t = 8000)]
     pub port: u16,
+    /// A second port, plain HTTP, for `/healthz`, `/readyz`, `/metrics`,
+    /// `/status` and `/admin` only, with connections of its own: the probes
+    /// answer even when clients hold every `--max-connections` place [default:
+    /// none].
+    #[arg(long, env = "INTERNAL_PORT")]
+    pub internal_port: Option<u16>,
     /// Address to listen on [default: 0.0.0.0; in dev mode 127.0.0.1].
     #[arg(long, env = "BIND_ADDRESS")]
     pub bind: Option<IpAddr>,
@@ -246,6 +252,8 @@ pub const WORKER_NONCE_ENV: &str = "SESSION_SERVER_WORKER_NONCE";
 pub struct Config {
     /// Port to listen on (0: a free one).
     pub port: u16,
+    /// The internal port (health, metrics, monitor), if any.
+    pub internal_port: Option<u16>,
     /// Address to listen on.
     pub bind: IpAddr,
     /// Worker processes.
@@ -632,6 +640,7 @@ impl ServeArgs {
         };
         Ok(Config {
             port: self.port,
+            internal_port: self.internal_port,
             bind,
             workers,
             rooms_per_worker,

@@ -46,7 +46,7 @@ type Body = Full<Bytes>;
 pub async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     match shared.tls.clone() {
-        None => serve_http(stream, shared).await,
+        None => serve_http(stream, shared, route).await,
         // Boxed: the TLS state is large, and a plain connection's task (and the
         // heap it leaves behind) should not carry room for it.
         Some(tls) => Box::pin(serve_tls(stream, tls, shared)).await,
@@ -85,7 +85,7 @@ async fn serve_tls(mut stream: TcpStream, tls: Arc<super::tls::Tls>, shared: Arc
         }
     }
     match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => serve_http(stream, shared).await,
+        Ok(Ok(stream)) => serve_http(stream, shared, route).await,
         Ok(Err(e)) => {
             let reason = super::tls::failure_reason(&e);
             shared.metrics.tls_failure(reason);
@@ -95,14 +95,22 @@ async fn serve_tls(mut stream: TcpStream, tls: Arc<super::tls::Tls>, shared: Arc
     }
 }
 
-async fn serve_http<S>(io: S, shared: Arc<Shared>)
+/// Serves one connection of the internal port (`--internal-port`): plain
+/// HTTP, the operational endpoints only (no WebSocket, no dev pages).
+pub async fn serve_internal(stream: TcpStream, shared: Arc<Shared>) {
+    serve_http(stream, shared, route_internal).await
+}
+
+type Router = fn(Request<Incoming>, Arc<Shared>) -> Response<Body>;
+
+async fn serve_http<S>(io: S, shared: Arc<Shared>, router: Router)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let handshake_timeout = shared.config.limits.handshake_timeout;
     let service = service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(route(req, shared)) }
+        async move { Ok::<_, Infallible>(router(req, shared)) }
     });
     if let Err(e) = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -151,6 +159,15 @@ fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         // Operational endpoints: see `dev::admin_only`.
         "/metrics" => super::dev::metrics_access(&req, &shared).unwrap_or_else(|| metrics(&shared)),
         _ => super::dev::admin_only(&req, &shared).unwrap_or_else(|| status(&shared)),
+    }
+}
+
+/// The internal port's paths: every one of [`route`]'s but the client's (the
+/// WebSocket, the dev board and its tokens).
+fn route_internal(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
+    match req.uri().path() {
+        "/" | "/dev/token" => text(StatusCode::NOT_FOUND, "not found\n"),
+        _ => route(req, shared),
     }
 }
 

@@ -170,6 +170,13 @@ pub async fn run(
 ) -> anyhow::Result<StopOutcome> {
     // Held (locked) until `run` returns, that is for the server's life.
     let _data_lock = lock_data_dir(&config.persistence)?;
+    let internal =
+        match config.internal_port {
+            Some(port) => Some(TcpListener::bind((config.bind, port)).await.with_context(
+                || format!("cannot listen on {}:{port} (--internal-port)", config.bind),
+            )?),
+            None => None,
+        };
     raise_fd_limit(config.limits.max_connections);
     info!(store = %config.persistence.store, "persistence");
     let (queues, frames) = pool::worker_queues(config.workers);
@@ -256,6 +263,13 @@ pub async fn run(
     // Accepting goes on while draining (so `/readyz` can say 503 and late
     // upgrades get a clear 503); it stops once every client is closed.
     let acceptor = tokio::spawn(accept(listener, shared.clone()));
+    if let Some(listener) = internal {
+        info!(
+            port = listener.local_addr()?.port(),
+            "internal port: /healthz, /readyz, /metrics, /status, /admin"
+        );
+        tokio::spawn(accept_internal(listener, shared.clone()));
+    }
     tokio::spawn(memory::return_freed_memory(shared.registry.placed_rooms()));
     if let Some(limit) = shared.config.limits.memory_limit {
         info!(
@@ -413,6 +427,35 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
+        }
+    }
+}
+
+/// Connections the internal port serves at once (probes, a scraper, an
+/// operator): its own, so clients holding every `--max-connections` place
+/// never keep the probes from an answer.
+const INTERNAL_CONNECTIONS: usize = 64;
+
+/// Accepts the internal port's connections for the server's life.
+async fn accept_internal(listener: TcpListener, shared: Arc<Shared>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(INTERNAL_CONNECTIONS));
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    drop(stream);
+                    continue;
+                };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    http::serve_internal(stream, shared).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "accept failed on the internal port");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
 }

@@ -295,19 +295,51 @@ async fn the_kubernetes_deployment_matches_the_server_and_its_probes_answer() {
     );
     assert_eq!(readiness, "/readyz");
     assert_eq!(liveness, "/healthz");
+    // The probes go to the internal port (its own connections: they answer
+    // while clients hold every place of the main one), which the Service
+    // leaves out.
+    let internal = container["ports"]
+        .as_vec()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"].as_str() == Some("internal"))
+        .expect("an internal port");
+    assert_eq!(
+        Some(int(&internal["containerPort"], "internal containerPort") as u16),
+        config.internal_port,
+        "the internal port is the server's --internal-port"
+    );
     for probe in ["readinessProbe", "livenessProbe"] {
         assert_eq!(
             text(&container[probe]["httpGet"]["port"], "probe port"),
-            port_name
+            "internal"
         );
     }
+    assert_eq!(service["spec"]["ports"].as_vec().map(Vec::len), Some(1));
     // The probes answer 200, on GET as the kubelet sends them, from a server
-    // started with the manifest's arguments.
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // started with the manifest's arguments (its internal port moved to a
+    // free one).
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let manifest_port = config.internal_port.unwrap().to_string();
+    let args: Vec<&str> = args
+        .iter()
+        .map(|a| {
+            if *a == manifest_port {
+                free.as_str()
+            } else {
+                a.as_str()
+            }
+        })
+        .collect();
     let server =
         crate::support::Server::start_raw(&args, &[("JWT_SECRET", crate::support::SECRET)]);
     for path in [readiness, liveness] {
-        let (status, body) = server.get(path).await;
+        let (status, body) = server.get_at(free.parse().unwrap(), path).await;
         assert_eq!(status, 200, "{path}: {body}");
     }
 }

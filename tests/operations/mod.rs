@@ -209,3 +209,69 @@ async fn the_monitor_needs_the_admin_token_outside_dev_mode() {
         .await;
     assert_eq!(code, 401);
 }
+
+/// The internal port (`--internal-port`) has connections of its own: with
+/// every `--max-connections` place of the main port held by idle sockets (an
+/// attacker's, sending nothing), `/healthz`, `/readyz` and `/metrics` still
+/// answer there at once, while the main port turns new connections away; the
+/// internal port serves no client (no WebSocket, no dev page).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_internal_port_answers_probes_while_clients_hold_every_place() {
+    const PLACES: usize = 40;
+    let internal_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let port_arg = internal_port.to_string();
+    let server = Server::start(&["--max-connections", "40", "--internal-port", &port_arg]);
+    let internal = |path: &'static str| {
+        let host = format!("127.0.0.1:{internal_port}");
+        async move {
+            let mut stream = TcpStream::connect(&host).await.unwrap();
+            let request = format!(
+                "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {HARNESS_ADMIN_TOKEN}\r\nConnection: close\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            tokio::time::timeout(Duration::from_secs(1), stream.read_to_string(&mut answer))
+                .await
+                .expect("an answer within 1 s")
+                .unwrap();
+            answer
+        }
+    };
+    let mut idle = Vec::new();
+    for _ in 0..PLACES {
+        idle.push(TcpStream::connect(server.host()).await.unwrap());
+    }
+    // The main port is full: a new connection is closed without an answer.
+    let mut full = false;
+    for _ in 0..50 {
+        let mut stream = TcpStream::connect(server.host()).await.unwrap();
+        let _ = stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut answer = String::new();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), stream.read_to_string(&mut answer)).await;
+        if !answer.contains("200 OK") {
+            full = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        full,
+        "the main port still answered with {PLACES} sockets held"
+    );
+    assert!(internal("/healthz").await.starts_with("HTTP/1.1 200 OK"));
+    assert!(internal("/readyz").await.starts_with("HTTP/1.1 200 OK"));
+    let metrics = internal("/metrics").await;
+    assert!(
+        metrics
+            .contains("session_server_connections_rejected_total{reason=\"too_many_connections\"}"),
+        "{metrics}"
+    );
+    assert!(internal("/").await.starts_with("HTTP/1.1 404"));
+    drop(idle);
+}

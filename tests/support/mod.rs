@@ -305,6 +305,17 @@ impl Server {
         self.get_for_host(&self.host(), path, headers).await
     }
 
+    /// `GET path` on another port of the server's (its `--internal-port`).
+    pub async fn get_at(&self, port: u16, path: &str) -> (u16, String) {
+        self.request(
+            &format!("127.0.0.1:{port}"),
+            &format!("127.0.0.1:{port}"),
+            path,
+            &[],
+        )
+        .await
+    }
+
     /// `GET path` with `host` as the `Host` header (as a browser sends the
     /// name in the page's URL), and `headers`: status and body.
     pub async fn get_for_host(
@@ -313,7 +324,18 @@ impl Server {
         path: &str,
         headers: &[(&str, &str)],
     ) -> (u16, String) {
-        let mut stream = TcpStream::connect(self.host()).await.unwrap();
+        self.request(&self.host(), host, path, headers).await
+    }
+
+    /// `GET path` to `address`, with `host` as the `Host` header: status and body.
+    async fn request(
+        &self,
+        address: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, String) {
+        let mut stream = TcpStream::connect(address).await.unwrap();
         let extra: String = headers
             .iter()
             .map(|(k, v)| format!("{k}: {v}\r\n"))
