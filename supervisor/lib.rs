@@ -262,13 +262,13 @@ pub async fn run(
     let port = listener.local_addr()?.port();
     // Accepting goes on while draining (so `/readyz` can say 503 and late
     // upgrades get a clear 503); it stops once every client is closed.
-    let acceptor = tokio::spawn(accept(listener, shared.clone()));
+    let acceptor = tokio::spawn(accept(listener, shared.clone(), Port::Main));
     if let Some(listener) = internal {
         info!(
             port = listener.local_addr()?.port(),
             "internal port: /healthz, /readyz, /metrics, /status, /admin"
         );
-        tokio::spawn(accept_internal(listener, shared.clone()));
+        tokio::spawn(accept(listener, shared.clone(), Port::Internal));
     }
     tokio::spawn(memory::return_freed_memory(shared.registry.placed_rooms()));
     if let Some(limit) = shared.config.limits.memory_limit {
@@ -397,12 +397,30 @@ fn abandon_start(shutdown: &Shutdown) {
     shutdown.advance(Phase::Stopped);
 }
 
-/// Accepts connections until the server is [`Phase::Stopped`]. Each connection
-/// holds one of `--max-connections` permits for its whole life (HTTP and
-/// WebSocket); without a free permit a new connection is closed at once and
-/// counted.
-async fn accept(listener: TcpListener, shared: Arc<Shared>) {
-    let permits = shared.connection_permits.clone();
+/// Which of the server's ports a listener is.
+#[derive(Clone, Copy, PartialEq)]
+enum Port {
+    /// Clients' port: every path, `--max-connections` places.
+    Main,
+    /// `--internal-port`: the operational paths, [`INTERNAL_CONNECTIONS`]
+    /// places of its own, so clients holding every main place never keep the
+    /// probes from an answer.
+    Internal,
+}
+
+/// Connections the internal port serves at once (probes, a scraper, an
+/// operator).
+const INTERNAL_CONNECTIONS: usize = 64;
+
+/// Accepts connections on `port` until the server is [`Phase::Stopped`]. Each
+/// connection holds one of the port's permits for its whole life (HTTP and
+/// WebSocket); without a free permit a new connection is closed at once (and,
+/// on the main port, counted).
+async fn accept(listener: TcpListener, shared: Arc<Shared>, port: Port) {
+    let permits = match port {
+        Port::Main => shared.connection_permits.clone(),
+        Port::Internal => Arc::new(tokio::sync::Semaphore::new(INTERNAL_CONNECTIONS)),
+    };
     let stopped = shared.shutdown.wait_for(Phase::Stopped);
     tokio::pin!(stopped);
     loop {
@@ -411,13 +429,18 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let Ok(permit) = permits.clone().try_acquire_owned() else {
-                        shared.metrics.reject(metrics::Rejection::TooManyConnections);
+                        if port == Port::Main {
+                            shared.metrics.reject(metrics::Rejection::TooManyConnections);
+                        }
                         drop(stream);
                         continue;
                     };
                     let shared = shared.clone();
                     tokio::spawn(async move {
-                        http::serve_connection(stream, shared).await;
+                        match port {
+                            Port::Main => http::serve_connection(stream, shared).await,
+                            Port::Internal => http::serve_internal(stream, shared).await,
+                        }
                         drop(permit);
                     });
                 }
@@ -427,35 +450,6 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-        }
-    }
-}
-
-/// Connections the internal port serves at once (probes, a scraper, an
-/// operator): its own, so clients holding every `--max-connections` place
-/// never keep the probes from an answer.
-const INTERNAL_CONNECTIONS: usize = 64;
-
-/// Accepts the internal port's connections for the server's life.
-async fn accept_internal(listener: TcpListener, shared: Arc<Shared>) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(INTERNAL_CONNECTIONS));
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    drop(stream);
-                    continue;
-                };
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    http::serve_internal(stream, shared).await;
-                    drop(permit);
-                });
-            }
-            Err(e) => {
-                warn!(error = %e, "accept failed on the internal port");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
         }
     }
 }

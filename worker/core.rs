@@ -392,6 +392,7 @@ impl WorkerCore {
             RoomEvent::Join { conn, .. }
             | RoomEvent::Leave { conn }
             | RoomEvent::Message { conn, .. } => *conn,
+            // From no connection; its effect (`Unseen`) names none.
             RoomEvent::MemoryBudget { .. } => ConnId(0),
         };
         #[cfg(debug_assertions)]
@@ -741,10 +742,12 @@ impl WorkerCore {
             self.release_held(room, Load::Degraded, now);
         }
         let slot = self.rooms.get_mut(room).expect("an unsaved room is held");
+        // Built once: hashed, written, and logged if no file can be written.
+        let shapes_json = slot.room.shapes_json();
         let shapes_hash = {
             use std::hash::{Hash, Hasher};
             let mut hasher = std::hash::DefaultHasher::new();
-            slot.room.shapes_json().hash(&mut hasher);
+            shapes_json.hash(&mut hasher);
             hasher.finish()
         };
         if let Some((covered, file)) = &slot.drain_fallback
@@ -755,7 +758,7 @@ impl WorkerCore {
                 file: file.clone(),
             };
         }
-        let (kind, written) = write_fallback(&self.data_dir, room, slot);
+        let (kind, written) = write_fallback(&self.data_dir, room, slot, &shapes_json);
         let shapes = slot.room.shape_count();
         let file = match written {
             Ok(file) => {
@@ -763,7 +766,7 @@ impl WorkerCore {
                 Ok(file.display().to_string())
             }
             Err(e) => {
-                error!(%room, dir = %self.data_dir.display(), error = %e, shapes, kind, shapes_json = %slot.room.shapes_json(), "shutdown: the room could not be saved in time and no fallback file can be written; its shapes are in this line");
+                error!(%room, dir = %self.data_dir.display(), error = %e, shapes, kind, %shapes_json, "shutdown: the room could not be saved in time and no fallback file can be written; its shapes are in this line");
                 Err(e.to_string())
             }
         };
@@ -870,7 +873,7 @@ impl WorkerCore {
 /// its saves retried: nothing is dropped.
 fn give_up(data_dir: &Path, room: &RoomId, slot: &mut RoomSlot) -> bool {
     let attempts = slot.closing_failures;
-    match write_fallback(data_dir, room, slot) {
+    match write_fallback(data_dir, room, slot, &slot.room.shapes_json()) {
         (kind, Ok(file)) => {
             error!(%room, file = %file.display(), shapes = slot.room.shape_count(), attempts, kind, "the store keeps refusing this room and everyone has left: its unsaved shapes are in the file (README, Persistence: how to replay it); room freed");
             slot.save = SaveState::default();
@@ -884,23 +887,22 @@ fn give_up(data_dir: &Path, room: &RoomId, slot: &mut RoomSlot) -> bool {
     }
 }
 
-/// Writes a room's shapes to a new fallback file; returns what the file holds
-/// (`unsaved`: the whole board; `unmerged`: only the shapes drawn while the
-/// stored board was not loaded) and the file.
+/// Writes a room's shapes (`shapes_json`, the room's as it is) to a new
+/// fallback file; returns what the file holds (`unsaved`: the whole board;
+/// `unmerged`: only the shapes drawn while the stored board was not loaded)
+/// and the file.
 fn write_fallback(
     data_dir: &Path,
     room: &RoomId,
     slot: &RoomSlot,
+    shapes_json: &str,
 ) -> (&'static str, std::io::Result<PathBuf>) {
     let kind = if matches!(slot.load, Load::Done) {
         "unsaved"
     } else {
         "unmerged"
     };
-    (
-        kind,
-        fallback::write(data_dir, room, kind, &slot.room.shapes_json()),
-    )
+    (kind, fallback::write(data_dir, room, kind, shapes_json))
 }
 
 /// Keeps the shapes a loaded board had over the room's budgets in a fallback
@@ -1242,6 +1244,17 @@ mod tests {
         }
     }
 
+    impl Harness {
+        /// A harness on `store` whose fallback files go to a folder of its
+        /// own (returned, for the test to read and remove).
+        fn in_fresh_data_dir(store: FakeStore) -> (Harness, std::path::PathBuf) {
+            let mut h = Harness::new(store);
+            let dir = std::env::temp_dir().join(format!("ss-core-{}", rand::random::<u64>()));
+            h.core.data_dir = dir.clone();
+            (h, dir)
+        }
+    }
+
     impl FakeStore {
         /// A store whose loads fail (until the test says otherwise) and that
         /// holds one oval at x = 7 for the room.
@@ -1261,9 +1274,7 @@ mod tests {
     async fn a_closing_room_the_store_keeps_refusing_is_freed_into_a_fallback_file() {
         let store = FakeStore::default();
         store.0.lock().unwrap().failing_saves = true;
-        let mut h = Harness::new(store);
-        let dir = std::env::temp_dir().join(format!("ss-core-{}", rand::random::<u64>()));
-        h.core.data_dir = dir.clone();
+        let (mut h, dir) = Harness::in_fresh_data_dir(store);
         let t0 = h.open_and_join().await;
         h.create(1);
         h.create(2);
@@ -1451,9 +1462,7 @@ mod tests {
     async fn a_drain_that_ends_before_its_save_puts_the_room_in_a_fallback_file() {
         let store = FakeStore::default();
         store.0.lock().unwrap().save_delay = Duration::from_secs(3600);
-        let mut h = Harness::new(store);
-        let dir = std::env::temp_dir().join(format!("ss-core-{}", rand::random::<u64>()));
-        h.core.data_dir = dir.clone();
+        let (mut h, dir) = Harness::in_fresh_data_dir(store);
         let t0 = h.open_and_join().await;
         h.create(1);
         h.create(2);

@@ -156,7 +156,8 @@ async fn with_backend(backend: &Backend, rooms: &[&str]) -> (Server, Vec<Client>
 }
 
 /// A backend that never answers: the saves give up in time, every shape the
-/// members saw is in a fallback file under `<data-dir>/unsaved/`, the log names
+/// members saw (a long CJK paste among them) is in a fallback file under
+/// `<data-dir>/unsaved/`, the log names
 /// the room and its file, the exit code says that not everything was saved
 /// (3), and the whole group is gone within 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,11 +165,17 @@ async fn a_backend_that_never_answers_puts_every_shape_in_a_fallback_file_within
     let backend = Backend::start().await;
     let (mut server, mut clients) = with_backend(&backend, &["hung-room"]).await;
     backend.set_mode(Mode::Hang);
-    let mut seen = json!([]);
     for x in 1..=30 {
         clients[0].send(rect(x)).await;
-        seen = clients[0].until(|s| shapes(s).len() == x as usize).await["shapes"].clone();
+        clients[0].until(|s| shapes(s).len() == x as usize).await;
     }
+    // A long pasted text in CJK with emoji: kept byte for byte in the file.
+    let pasted = "白板の共同編集🎨✏️、保存できなかった図形も失わない。".repeat(50);
+    clients[0]
+        .send(json!({"type":"shape_create","shapeType":"text","x":31,"y":0,"width":10,"height":10,"text":pasted}))
+        .await;
+    let seen = clients[0].until(|s| shapes(s).len() == 31).await["shapes"].clone();
+    assert_eq!(seen[30]["text"], pasted);
     let mut pids = server.worker_pids().await;
     pids.push(server.pid());
 

@@ -15,13 +15,6 @@ fn rect(x: i64) -> Value {
     json!({"type":"shape_create","shapeType":"rectangle","x":x,"y":0,"width":10,"height":10})
 }
 
-fn xs(snap: &Value) -> Vec<i64> {
-    shapes(snap)
-        .iter()
-        .map(|s| s["x"].as_i64().unwrap())
-        .collect()
-}
-
 /// A server on `backend` whose loads fail (rooms are admitted degraded after
 /// 300 ms), with a budget that lets the test send fast.
 async fn degraded_server(backend: &Backend) -> Server {
@@ -105,7 +98,7 @@ async fn a_degraded_room_after_60000_events_recovers_from_a_kill_with_every_shap
     }
     alice.sync("alice", 1e6).await;
     let before = bob.sync("bob", 1e6).await;
-    assert_eq!(xs(&before), (0..40).collect::<Vec<_>>());
+    assert_eq!(xs_of(&before["shapes"]), (0..40).collect::<Vec<_>>());
     // Checkpoints kept the journal short although nothing could be saved.
     let line = monitor_room(&server, "outage").await;
     assert!(
@@ -116,7 +109,7 @@ async fn a_degraded_room_after_60000_events_recovers_from_a_kill_with_every_shap
     let pid = worker_pid(&server).await;
     let after = kill_and_look(&server, &mut alice, 2e6).await;
     assert_ne!(worker_pid(&server).await, pid, "the worker was replaced");
-    assert_eq!(xs(&after), (0..40).collect::<Vec<_>>());
+    assert_eq!(xs_of(&after["shapes"]), (0..40).collect::<Vec<_>>());
     assert_eq!(users(&after), ["alice", "bob"]);
 
     // The store comes back: the stored shape is merged first, and all is saved.
@@ -124,7 +117,7 @@ async fn a_degraded_room_after_60000_events_recovers_from_a_kill_with_every_shap
     let merged = bob.until(|s| shapes(s).len() == 41).await;
     let mut expected = vec![-1];
     expected.extend(0..40);
-    assert_eq!(xs(&merged), expected);
+    assert_eq!(xs_of(&merged["shapes"]), expected);
     let deadline = Instant::now() + PATIENCE;
     while backend.shapes("outage").unwrap().as_array().unwrap().len() != 41 {
         assert!(Instant::now() < deadline, "not saved after the outage");
@@ -157,7 +150,7 @@ async fn padded_messages_cost_the_journal_only_until_the_next_checkpoint() {
     alice.send(rect(5)).await;
     alice.until(|s| shapes(s).len() == 1).await;
     let after = kill_and_look(&server, &mut alice, 3e6).await;
-    assert_eq!(xs(&after), [5]);
+    assert_eq!(xs_of(&after["shapes"]), [5]);
     assert_eq!(users(&after), ["alice", "bob"]);
 }
 

@@ -105,16 +105,6 @@ async fn kill_the_supervisor_while_busy(
     (server, acknowledged, killed)
 }
 
-/// The x of every shape in `shapes`.
-fn xs(shapes: &Value) -> Vec<i64> {
-    shapes
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["x"].as_i64().unwrap())
-        .collect()
-}
-
 /// Checks that every shape acknowledged [`ACKNOWLEDGED_BEFORE`] the kill is in
 /// `stored` (the editing room's board after the kill).
 fn nothing_acknowledged_is_missing(
@@ -123,7 +113,7 @@ fn nothing_acknowledged_is_missing(
     stored: &Value,
     logs: &str,
 ) {
-    let stored = xs(stored);
+    let stored = xs_of(stored);
     let missing: Vec<i64> = acknowledged
         .iter()
         .filter(|(_, at)| killed.duration_since(*at) >= ACKNOWLEDGED_BEFORE)

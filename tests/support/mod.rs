@@ -627,6 +627,16 @@ impl Client {
     }
 }
 
+/// The `x` of every shape in `shapes` (a JSON array of shapes), in order.
+pub fn xs_of(shapes: &Value) -> Vec<i64> {
+    shapes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["x"].as_i64().unwrap())
+        .collect()
+}
+
 /// Users of a snapshot, in order.
 pub fn users(snap: &Value) -> Vec<String> {
     snap["connectedUsers"]
