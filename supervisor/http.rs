@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{debug, info, warn};
 
+use super::budgets::{PreAuthClosed, PreAuthPlace};
 use super::metrics::Rejection;
 use super::rooms::{ConnState, PlacementError};
 use super::{Shared, session, websocket};
@@ -40,16 +41,37 @@ const RETRY_AFTER_SECS: &str = "5";
 
 type Body = Full<Bytes>;
 
-/// Serves one TCP connection (HTTP/1.1, upgradable to a WebSocket), over TLS
-/// when the server has a certificate. The TLS handshake is bounded by the same
-/// timeout as the request headers, and a failed one is counted by reason.
-pub async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
-    let _ = stream.set_nodelay(true);
-    match shared.tls.clone() {
-        None => serve_http(stream, shared, route).await,
-        // Boxed: the TLS state is large, and a plain connection's task (and the
-        // heap it leaves behind) should not carry room for it.
-        Some(tls) => Box::pin(serve_tls(stream, tls, shared)).await,
+/// Serves one TCP connection of the main port (HTTP/1.1, upgradable to a
+/// WebSocket), over TLS when the server has a certificate. The TLS handshake
+/// is bounded by the same timeout as the request headers, and a failed one is
+/// counted by reason. The connection holds `place` in the pre-auth share
+/// until it authenticates; the server may close it to make room
+/// ([`budgets`](super::budgets)).
+pub async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, place: PreAuthPlace) {
+    let place = Arc::new(place);
+    let serve = async {
+        // No HTTP or TLS state until the client sends something: a flood of
+        // idle sockets costs a small task each, so the accept loop keeps up.
+        if stream.readable().await.is_err() {
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        match shared.tls.clone() {
+            None => serve_http(stream, shared.clone(), route, Some(place.clone())).await,
+            // Boxed: the TLS state is large, and a plain connection's task (and
+            // the heap it leaves behind) should not carry room for it.
+            Some(tls) => Box::pin(serve_tls(stream, tls, shared.clone(), place.clone())).await,
+        }
+    };
+    tokio::select! {
+        () = serve => {}
+        reason = place.closed() => {
+            // Closing to make room was counted when it was decided.
+            if reason == PreAuthClosed::Timeout {
+                shared.metrics.pre_auth_closed(reason);
+            }
+            debug!(reason = reason.label(), "connection closed before authenticating");
+        }
     }
 }
 
@@ -59,7 +81,12 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 const PLAIN_HTTP_TO_TLS: &str =
     "This port speaks TLS: connect with https:// or wss:// (plain HTTP was sent).\n";
 
-async fn serve_tls(mut stream: TcpStream, tls: Arc<super::tls::Tls>, shared: Arc<Shared>) {
+async fn serve_tls(
+    mut stream: TcpStream,
+    tls: Arc<super::tls::Tls>,
+    shared: Arc<Shared>,
+    place: Arc<PreAuthPlace>,
+) {
     let timeout = shared.config.limits.handshake_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     // Plain HTTP to the TLS port (an `http://` or `ws://` URL): told so in a
@@ -85,7 +112,7 @@ async fn serve_tls(mut stream: TcpStream, tls: Arc<super::tls::Tls>, shared: Arc
         }
     }
     match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => serve_http(stream, shared, route).await,
+        Ok(Ok(stream)) => serve_http(stream, shared, route, Some(place)).await,
         Ok(Err(e)) => {
             let reason = super::tls::failure_reason(&e);
             shared.metrics.tls_failure(reason);
@@ -98,19 +125,25 @@ async fn serve_tls(mut stream: TcpStream, tls: Arc<super::tls::Tls>, shared: Arc
 /// Serves one connection of the internal port (`--internal-port`): plain
 /// HTTP, the operational endpoints only (no WebSocket, no dev pages).
 pub async fn serve_internal(stream: TcpStream, shared: Arc<Shared>) {
-    serve_http(stream, shared, route_internal).await
+    serve_http(stream, shared, route_internal, None).await
 }
 
-type Router = fn(Request<Incoming>, Arc<Shared>) -> Response<Body>;
+/// Answers one request; `place` is the connection's in the pre-auth share
+/// (none on the internal port).
+type Router = fn(Request<Incoming>, Arc<Shared>, Option<&PreAuthPlace>) -> Response<Body>;
 
-async fn serve_http<S>(io: S, shared: Arc<Shared>, router: Router)
+async fn serve_http<S>(io: S, shared: Arc<Shared>, router: Router, place: Option<Arc<PreAuthPlace>>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let handshake_timeout = shared.config.limits.handshake_timeout;
     let service = service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(router(req, shared)) }
+        if let Some(place) = &place {
+            place.requested();
+        }
+        let response = router(req, shared, place.as_deref());
+        async move { Ok::<_, Infallible>(response) }
     });
     if let Err(e) = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -137,7 +170,11 @@ const PATHS: [&str; 8] = [
     "/status",
 ];
 
-fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
+fn route(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    place: Option<&PreAuthPlace>,
+) -> Response<Body> {
     let path = req.uri().path();
     if !PATHS.contains(&path) {
         return text(StatusCode::NOT_FOUND, "not found\n");
@@ -150,7 +187,7 @@ fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     }
     match path {
         "/" if shared.config.dev && !is_websocket_upgrade(&req) => super::dev::board_page(),
-        "/" => websocket(req, shared),
+        "/" => websocket(req, shared, place),
         "/dev/token" => super::dev::token(&req, &shared),
         "/admin" => super::dev::monitor_page(&shared),
         "/admin/rooms" => super::dev::monitor_json(&req, &shared),
@@ -164,10 +201,14 @@ fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
 
 /// The internal port's paths: every one of [`route`]'s but the client's (the
 /// WebSocket, the dev board and its tokens).
-fn route_internal(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
+fn route_internal(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    place: Option<&PreAuthPlace>,
+) -> Response<Body> {
     match req.uri().path() {
         "/" | "/dev/token" => text(StatusCode::NOT_FOUND, "not found\n"),
-        _ => route(req, shared),
+        _ => route(req, shared, place),
     }
 }
 
@@ -232,6 +273,8 @@ fn metrics(shared: &Shared) -> Response<Body> {
         up += i64::from(slot.pid().is_some());
     }
     m.workers_up.set(up);
+    m.pre_auth_connections
+        .set(shared.budgets.pre_auth_connections() as i64);
     let mut res = text(StatusCode::OK, m.encode());
     res.headers_mut().insert(
         CONTENT_TYPE,
@@ -273,7 +316,11 @@ fn token_param(req: &Request<Incoming>) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
+fn websocket(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    place: Option<&PreAuthPlace>,
+) -> Response<Body> {
     if !is_websocket_upgrade(&req) {
         shared.metrics.reject(Rejection::NotWebsocket);
         let mut res = text(
@@ -298,9 +345,8 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
             return text(StatusCode::UNAUTHORIZED, "unauthorized\n");
         }
     };
-    // The session holds a connection permit for its life (the HTTP phase's permit
-    // ends with the upgrade).
-    let Ok(permit) = shared.connection_permits.clone().try_acquire_owned() else {
+    // The session holds a session place for its life.
+    let Some(permit) = shared.budgets.session_place() else {
         shared.metrics.reject(Rejection::TooManyConnections);
         return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
     };
@@ -325,6 +371,10 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
             return res;
         }
     };
+    // A session now: out of the pre-auth share, never closed to make room.
+    if let Some(place) = place {
+        place.authenticated();
+    }
     let key = req.headers().get(SEC_WEBSOCKET_KEY).expect("checked above");
     let accept = derive_accept_key(key.as_bytes());
     // v2 when the client offers `whiteboard.v2` (PROTOCOL-v2.md), else v1.

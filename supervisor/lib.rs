@@ -8,6 +8,7 @@
 #[cfg(feature = "agones")]
 pub mod agones;
 pub mod auth;
+pub mod budgets;
 pub mod dev;
 pub mod host;
 pub mod http;
@@ -58,9 +59,9 @@ pub struct Shared {
     pub shutdown: Shutdown,
     /// The TLS acceptor, when the server has a certificate (`--tls-cert`).
     pub tls: Option<Arc<tls::Tls>>,
-    /// `--max-connections` permits: one per open TCP connection in its HTTP phase,
-    /// one per WebSocket session.
-    pub connection_permits: Arc<tokio::sync::Semaphore>,
+    /// The main port's `--max-connections` places: the pre-auth share and the
+    /// sessions' places.
+    pub budgets: Arc<budgets::ConnectionBudgets>,
 }
 
 impl Shared {
@@ -186,7 +187,10 @@ pub async fn run(
         config.max_rooms,
     ));
     let metrics = Arc::new(metrics::Metrics::new(&config.hathora));
-    let connection_permits = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
+    let budgets = Arc::new(budgets::ConnectionBudgets::new(
+        config.limits.max_connections,
+        config.limits.handshake_timeout,
+    ));
     let pool = WorkerPool::start(
         frames,
         config.persistence.clone(),
@@ -256,7 +260,7 @@ pub async fn run(
         next_conn: AtomicU64::new(1),
         sessions: TaskTracker::new(),
         shutdown: shutdown.clone(),
-        connection_permits,
+        budgets,
     });
 
     let port = listener.local_addr()?.port();
@@ -400,7 +404,7 @@ fn abandon_start(shutdown: &Shutdown) {
 /// Which of the server's ports a listener is.
 #[derive(Clone, Copy, PartialEq)]
 enum Port {
-    /// Clients' port: every path, `--max-connections` places.
+    /// Clients' port: every path, `--max-connections` places ([`budgets`]).
     Main,
     /// `--internal-port`: the operational paths, [`INTERNAL_CONNECTIONS`]
     /// places of its own, so clients holding every main place never keep the
@@ -412,38 +416,42 @@ enum Port {
 /// operator).
 const INTERNAL_CONNECTIONS: usize = 64;
 
-/// Accepts connections on `port` until the server is [`Phase::Stopped`]. Each
-/// connection holds one of the port's permits for its whole life (HTTP and
-/// WebSocket); without a free permit a new connection is closed at once (and,
-/// on the main port, counted).
+/// Accepts connections on `port` until the server is [`Phase::Stopped`]. On
+/// the main port each connection takes a place in the pre-auth share
+/// ([`budgets`]), which may close older ones to make room, and moves to a
+/// session place if it authenticates. On the internal port it holds one of
+/// [`INTERNAL_CONNECTIONS`] places for its life; without a free one it is
+/// closed at once.
 async fn accept(listener: TcpListener, shared: Arc<Shared>, port: Port) {
-    let permits = match port {
-        Port::Main => shared.connection_permits.clone(),
-        Port::Internal => Arc::new(tokio::sync::Semaphore::new(INTERNAL_CONNECTIONS)),
-    };
+    let internal_places = Arc::new(tokio::sync::Semaphore::new(INTERNAL_CONNECTIONS));
+    let mut made_room = MadeRoom::default();
     let stopped = shared.shutdown.wait_for(Phase::Stopped);
     tokio::pin!(stopped);
     loop {
         tokio::select! {
             () = &mut stopped => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let Ok(permit) = permits.clone().try_acquire_owned() else {
-                        if port == Port::Main {
-                            shared.metrics.reject(metrics::Rejection::TooManyConnections);
+                Ok((stream, peer)) => match port {
+                    Port::Main => {
+                        let socket = std::os::fd::AsRawFd::as_raw_fd(&stream);
+                        let (place, closed) = shared.budgets.admit(peer, socket);
+                        for &reason in &closed {
+                            shared.metrics.pre_auth_closed(reason);
                         }
-                        drop(stream);
-                        continue;
-                    };
-                    let shared = shared.clone();
-                    tokio::spawn(async move {
-                        match port {
-                            Port::Main => http::serve_connection(stream, shared).await,
-                            Port::Internal => http::serve_internal(stream, shared).await,
-                        }
-                        drop(permit);
-                    });
-                }
+                        made_room.count(closed.len(), &shared.budgets);
+                        tokio::spawn(http::serve_connection(stream, shared.clone(), place));
+                    }
+                    Port::Internal => {
+                        let Ok(place) = internal_places.clone().try_acquire_owned() else {
+                            continue;
+                        };
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            http::serve_internal(stream, shared).await;
+                            drop(place);
+                        });
+                    }
+                },
                 Err(e) => {
                     // Typically out of file descriptors: back off instead of spinning.
                     warn!(error = %e, "accept failed");
@@ -451,6 +459,33 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, port: Port) {
                 }
             },
         }
+    }
+}
+
+/// Says, at most once a minute, how many connections not yet authenticated
+/// were closed to make room: one line at 3 a.m., not one per socket of a flood.
+#[derive(Default)]
+struct MadeRoom {
+    since_said: usize,
+    said_at: Option<std::time::Instant>,
+}
+
+impl MadeRoom {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    fn count(&mut self, closed: usize, budgets: &budgets::ConnectionBudgets) {
+        self.since_said += closed;
+        if self.since_said == 0 || self.said_at.is_some_and(|at| at.elapsed() < Self::EVERY) {
+            return;
+        }
+        warn!(
+            closed = self.since_said,
+            pre_auth_share = budgets.pre_auth_share(),
+            per_address = budgets::PER_ADDRESS,
+            "connections not yet authenticated closed to make room for newer ones (an address over its cap or the pre-auth share full: a flood of idle sockets?); sessions are not affected; pre_auth_closed_total has the reasons"
+        );
+        self.since_said = 0;
+        self.said_at = Some(std::time::Instant::now());
     }
 }
 

@@ -12,6 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry as PromRegistry;
 
+use crate::budgets::PreAuthClosed;
 use contract::config::HathoraInfo;
 use contract::ipc::WorkerId;
 
@@ -32,7 +33,8 @@ pub enum Rejection {
     Draining,
     /// The token did not verify (`auth_failures_total` says why).
     Unauthorized,
-    /// `--max-connections` reached.
+    /// Every session place taken (`--max-connections` less the pre-auth
+    /// share): an upgrade answered 503.
     TooManyConnections,
     /// No worker can take another room.
     NoCapacity,
@@ -206,6 +208,12 @@ pub struct Metrics {
     /// `ipc_queue_depth{worker}`: frames queued for each worker, not yet
     /// written to its socket (set at scrape time).
     pub ipc_queue_depth: Family<Worker, Gauge>,
+    /// `pre_auth_connections`: main-port connections not yet authenticated,
+    /// in the pre-auth share (set at scrape time).
+    pub pre_auth_connections: Gauge,
+    /// `pre_auth_closed_total{reason}`: connections not yet authenticated that
+    /// the server closed, by [`PreAuthClosed::label`].
+    pub pre_auth_closed: Family<Why, Counter>,
     /// `memory_resident_bytes`: resident memory of the supervisor and its
     /// workers, as the memory budget last measured it.
     pub memory_resident: Gauge,
@@ -259,6 +267,8 @@ impl Metrics {
             // 50 µs .. ~0.8 s
             fanout_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 15)),
             ipc_queue_depth: Family::default(),
+            pre_auth_connections: Gauge::default(),
+            pre_auth_closed: Family::default(),
             memory_resident: Gauge::default(),
             memory_limit: Gauge::default(),
             registry: PromRegistry::default(),
@@ -302,6 +312,16 @@ impl Metrics {
             "binary_frames",
             "Binary client frames, ignored (the protocol is text)",
             m.binary_frames.clone(),
+        );
+        registry.register(
+            "pre_auth_connections",
+            "Main-port connections not yet authenticated (the pre-auth share)",
+            m.pre_auth_connections.clone(),
+        );
+        registry.register(
+            "pre_auth_closed",
+            "Connections not yet authenticated closed by the server, by reason (address_full, share_full: to make room for a newer one; idle_under_pressure, timeout: no request in time)",
+            m.pre_auth_closed.clone(),
         );
         registry.register(
             "tls_handshake_failures",
@@ -418,6 +438,15 @@ impl Metrics {
     pub fn tls_failure(&self, reason: &'static str) {
         self.tls_handshake_failures
             .get_or_create(&Why { reason })
+            .inc();
+    }
+
+    /// A connection not yet authenticated was closed by the server.
+    pub fn pre_auth_closed(&self, reason: PreAuthClosed) {
+        self.pre_auth_closed
+            .get_or_create(&Why {
+                reason: reason.label(),
+            })
             .inc();
     }
 

@@ -13,6 +13,7 @@
 //! ```
 
 mod ceiling;
+mod hold;
 mod memory;
 
 use std::collections::HashMap;
@@ -46,6 +47,9 @@ enum Scenario {
     /// Full rooms: resident memory of the supervisor and of each worker while
     /// R rooms of S shapes are open, and after everyone has left.
     Memory(memory::MemoryArgs),
+    /// Idle TCP sockets that never send a byte, reopened when closed: the
+    /// lock-out attack on the connection budgets.
+    HoldSockets(hold::HoldArgs),
     /// Run the physical-ceiling server (minimal fan-out, no parsing, no IPC) on
     /// 127.0.0.1:PORT; point `fanout` at it to measure the floor.
     Ceiling {
@@ -703,6 +707,7 @@ fn main() {
         Scenario::Idle(args) => runtime.block_on(idle(args)),
         Scenario::Churn(args) => runtime.block_on(churn(args)),
         Scenario::Memory(args) => runtime.block_on(memory::run(args)),
+        Scenario::HoldSockets(args) => runtime.block_on(hold::run(args)),
         Scenario::Ceiling { port } => {
             drop(runtime);
             ceiling::run(port);

@@ -6,18 +6,6 @@ use serde_json::Value;
 
 use crate::support::*;
 
-/// The load generator, its own crate's binary: built beside the server by
-/// `cargo test --workspace` (the README's test command).
-fn loadgen_exe() -> std::path::PathBuf {
-    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_session-server")).with_file_name("loadgen");
-    assert!(
-        exe.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p loadgen` first)",
-        exe.display()
-    );
-    exe
-}
-
 /// Runs `loadgen ARGS` with the test secret; returns its one JSON result.
 fn loadgen(args: &[&str]) -> Value {
     let output = std::process::Command::new(loadgen_exe())

@@ -1004,3 +1004,15 @@ pub fn children_of(pid: u32) -> Vec<u32> {
     children.sort();
     children
 }
+
+/// The load generator, its own crate's binary: built beside the server by
+/// `cargo test --workspace` (the README's test command).
+pub fn loadgen_exe() -> std::path::PathBuf {
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_session-server")).with_file_name("loadgen");
+    assert!(
+        exe.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p loadgen` first)",
+        exe.display()
+    );
+    exe
+}
