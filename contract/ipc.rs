@@ -457,11 +457,34 @@ pub enum CodecError {
     Io(#[from] std::io::Error),
 }
 
+/// postcard's output into a `BytesMut`, a slice at a time. (postcard's own
+/// `to_extend` pushes byte by byte: a 12 MiB snapshot took seconds in a debug
+/// build, long enough for a busy worker to miss its pings.)
+struct Appending(BytesMut);
+
+impl postcard::ser_flavors::Flavor for Appending {
+    type Output = BytesMut;
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.put_u8(byte);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<BytesMut> {
+        Ok(self.0)
+    }
+}
+
 /// Appends one frame holding `msg` to `dst`.
 pub fn encode<T: Serialize>(msg: &T, dst: &mut BytesMut) -> Result<(), CodecError> {
     let start = dst.len();
     dst.put_u32(0); // patched below once the body length is known
-    let mut body = postcard::to_extend(msg, std::mem::take(dst))?;
+    let mut body = postcard::serialize_with_flavor(msg, Appending(std::mem::take(dst)))?;
     let len = body.len() - start - LEN_PREFIX;
     if len > MAX_FRAME_LEN {
         body.truncate(start);
