@@ -122,12 +122,21 @@ struct Entry {
     /// another socket, which only changes whom is closed first.
     socket: RawFd,
     admitted: Instant,
+    /// What the connection's task and the budgets both see of it.
+    state: Arc<PlaceState>,
+}
+
+/// A connection's state, shared by its task and its entry.
+#[derive(Default)]
+struct PlaceState {
     /// Cancelled to close the connection.
     close: CancellationToken,
+    /// Set once the client has sent something (its task saw it readable).
+    spoken: AtomicBool,
     /// Set once the connection sent a complete request.
-    requested: Arc<AtomicBool>,
+    requested: AtomicBool,
     /// Why it was closed, once it was.
-    closed_for: Arc<Mutex<Option<PreAuthClosed>>>,
+    closed_for: Mutex<Option<PreAuthClosed>>,
 }
 
 /// A source address as the per-address cap counts it: IPv4, or an IPv6 /64
@@ -156,10 +165,32 @@ impl ConnectionBudgets {
     pub fn new(max_connections: usize, handshake_timeout: Duration) -> ConnectionBudgets {
         let pre_auth_share = (max_connections * PRE_AUTH_SHARE_PERCENT / 100).max(1);
         let session_places = max_connections.saturating_sub(pre_auth_share).max(1);
+        ConnectionBudgets::with(
+            pre_auth_share,
+            PER_ADDRESS.min(pre_auth_share),
+            session_places,
+            handshake_timeout,
+        )
+    }
+
+    /// The internal port's: `places` for anyone (probes, scrapers, an
+    /// operator), no per-address cap (a node's probes and a scraper may share
+    /// one address), no sessions. The oldest closes to make room, so 64
+    /// sockets held there never keep a probe from its answer.
+    pub fn internal_port(places: usize, handshake_timeout: Duration) -> ConnectionBudgets {
+        ConnectionBudgets::with(places, places, 0, handshake_timeout)
+    }
+
+    fn with(
+        pre_auth_share: usize,
+        per_address: usize,
+        session_places: usize,
+        handshake_timeout: Duration,
+    ) -> ConnectionBudgets {
         ConnectionBudgets {
             pre_auth: Mutex::default(),
             pre_auth_share,
-            per_address: PER_ADDRESS.min(pre_auth_share),
+            per_address,
             nearly_full: (pre_auth_share * NEARLY_FULL_PERCENT).div_ceil(100),
             handshake_timeout,
             sessions: Arc::new(Semaphore::new(session_places)),
@@ -216,14 +247,16 @@ impl ConnectionBudgets {
             }
         }
         if state.oldest_first.len() >= self.nearly_full {
+            // The oldest that have not sent a request (kept-alive clients
+            // that have are skipped, within a bound), those past the
+            // shortened timeout.
             let idle: Vec<u64> = state
                 .oldest_first
                 .iter()
+                .take(SILENCE_SCAN)
+                .filter(|(_, e)| !e.state.requested.load(Ordering::Relaxed))
                 .take(PRESSURE_SCAN)
-                .filter(|(_, e)| {
-                    !e.requested.load(Ordering::Relaxed)
-                        && now.duration_since(e.admitted) >= PRESSURED_IDLE_TIMEOUT
-                })
+                .filter(|(_, e)| now.duration_since(e.admitted) >= PRESSURED_IDLE_TIMEOUT)
                 .map(|(id, _)| *id)
                 .collect();
             for id in idle {
@@ -232,18 +265,14 @@ impl ConnectionBudgets {
         }
         let id = state.next_id;
         state.next_id += 1;
-        let close = CancellationToken::new();
-        let requested = Arc::new(AtomicBool::new(false));
-        let closed_for = Arc::new(Mutex::new(None));
+        let place_state = Arc::new(PlaceState::default());
         state.oldest_first.insert(
             id,
             Entry {
                 address,
                 socket,
                 admitted: now,
-                close: close.clone(),
-                requested: requested.clone(),
-                closed_for: closed_for.clone(),
+                state: place_state.clone(),
             },
         );
         state.by_address.entry(address).or_default().insert(id);
@@ -251,9 +280,7 @@ impl ConnectionBudgets {
         let place = PreAuthPlace {
             budgets: self.clone(),
             id,
-            close,
-            requested,
-            closed_for,
+            state: place_state,
             first_request_by: now + self.handshake_timeout,
         };
         (place, closed)
@@ -269,16 +296,18 @@ impl PreAuth {
     /// Whom to close to make room among `oldest_first` (ids, oldest first):
     /// the oldest whose client has sent nothing yet, among the first
     /// [`SILENCE_SCAN`]; the oldest if all of those have. A real client's
-    /// request is then safe from the moment it reaches the server, before
-    /// its task has read it; an idle attacker's sockets go first.
+    /// request is then safe from the moment it reaches the server (a peek
+    /// sees it before its task has read it; once read, `spoken` says so,
+    /// also of a client that sent half a request and waits); an idle
+    /// attacker's sockets go first.
     fn victim(&self, mut oldest_first: impl Iterator<Item = u64>) -> Option<u64> {
         let oldest = oldest_first.next()?;
         std::iter::once(oldest)
             .chain(oldest_first.take(SILENCE_SCAN - 1))
             .find(|id| {
-                self.oldest_first
-                    .get(id)
-                    .is_some_and(|e| !has_sent_anything(e.socket))
+                self.oldest_first.get(id).is_some_and(|e| {
+                    !e.state.spoken.load(Ordering::Relaxed) && !has_sent_anything(e.socket)
+                })
             })
             .or(Some(oldest))
     }
@@ -287,8 +316,12 @@ impl PreAuth {
     /// it. Returns the reason if the connection was still there.
     fn close(&mut self, id: u64, reason: PreAuthClosed) -> Option<PreAuthClosed> {
         let entry = self.remove(id)?;
-        *entry.closed_for.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
-        entry.close.cancel();
+        *entry
+            .state
+            .closed_for
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(reason);
+        entry.state.close.cancel();
         Some(reason)
     }
 
@@ -309,16 +342,20 @@ impl PreAuth {
 pub struct PreAuthPlace {
     budgets: Arc<ConnectionBudgets>,
     id: u64,
-    close: CancellationToken,
-    requested: Arc<AtomicBool>,
-    closed_for: Arc<Mutex<Option<PreAuthClosed>>>,
+    state: Arc<PlaceState>,
     first_request_by: Instant,
 }
 
 impl PreAuthPlace {
+    /// The client has sent something: it is not the one to close first.
+    pub fn spoke(&self) {
+        self.state.spoken.store(true, Ordering::Relaxed);
+    }
+
     /// The connection sent a complete request: it is no longer idle.
     pub fn requested(&self) {
-        self.requested.store(true, Ordering::Relaxed);
+        self.state.spoken.store(true, Ordering::Relaxed);
+        self.state.requested.store(true, Ordering::Relaxed);
     }
 
     /// The connection is now a session (it holds a session place): it
@@ -332,18 +369,19 @@ impl PreAuthPlace {
     /// once [authenticated](PreAuthPlace::authenticated).
     pub async fn closed(&self) -> PreAuthClosed {
         tokio::select! {
-            () = self.close.cancelled() => {}
+            () = self.state.close.cancelled() => {}
             () = tokio::time::sleep_until(self.first_request_by) => {
-                if !self.requested.load(Ordering::Relaxed) {
+                if !self.state.requested.load(Ordering::Relaxed) {
                     let timed_out = self.budgets.lock().close(self.id, PreAuthClosed::Timeout);
                     if let Some(reason) = timed_out {
                         return reason;
                     }
                 }
-                self.close.cancelled().await;
+                self.state.close.cancelled().await;
             }
         }
-        self.closed_for
+        self.state
+            .closed_for
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .unwrap_or(PreAuthClosed::ShareFull)
@@ -382,7 +420,7 @@ mod tests {
         let (_newest, closed) = budgets.admit(peer("10.0.0.1"), SILENT);
         assert_eq!(closed, [PreAuthClosed::AddressFull]);
         assert_eq!(idle[0].closed().await, PreAuthClosed::AddressFull);
-        assert!(!spoken.close.is_cancelled());
+        assert!(!spoken.state.close.is_cancelled());
     }
 
     #[test]
@@ -407,7 +445,7 @@ mod tests {
         let (_newest, closed) = budgets.admit(peer("10.0.0.1"), SILENT);
         assert_eq!(closed, [PreAuthClosed::AddressFull]);
         assert_eq!(held[0].closed().await, PreAuthClosed::AddressFull);
-        assert!(!other.close.is_cancelled() && !held[1].close.is_cancelled());
+        assert!(!other.state.close.is_cancelled() && !held[1].state.close.is_cancelled());
         assert_eq!(budgets.pre_auth_connections(), PER_ADDRESS + 1);
     }
 
@@ -441,7 +479,7 @@ mod tests {
         let (_newest, closed) = budgets.admit(peer("10.0.2.1"), SILENT);
         assert_eq!(closed, [PreAuthClosed::ShareFull]);
         assert_eq!(held.remove(0).closed().await, PreAuthClosed::ShareFull);
-        assert!(!session.close.is_cancelled());
+        assert!(!session.state.close.is_cancelled());
         assert_eq!(budgets.pre_auth_connections(), 10);
         drop(held);
         assert_eq!(budgets.pre_auth_connections(), 1);
@@ -449,23 +487,55 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_sockets_get_a_shorter_timeout_when_the_share_is_nearly_full() {
-        // 40 places: 10 pre-auth, nearly full from 8.
-        let budgets = Arc::new(ConnectionBudgets::new(40, Duration::from_secs(10)));
-        let (busy, _) = budgets.admit(peer("10.0.0.1"), SILENT);
-        busy.requested();
-        let idle: Vec<PreAuthPlace> = (0..7)
+        // 400 places: 100 pre-auth, nearly full from 75. The oldest are 4
+        // kept-alive clients that sent requests (a scraper): skipped, so the
+        // idle ones behind them still get the shorter timeout.
+        let budgets = Arc::new(ConnectionBudgets::new(400, Duration::from_secs(10)));
+        let busy: Vec<PreAuthPlace> = (0..4)
+            .map(|i| budgets.admit(peer(&format!("10.0.0.{i}")), SILENT).0)
+            .collect();
+        for place in &busy {
+            place.requested();
+        }
+        let idle: Vec<PreAuthPlace> = (0..71)
             .map(|i| budgets.admit(peer(&format!("10.0.1.{i}")), SILENT).0)
             .collect();
         tokio::time::advance(PRESSURED_IDLE_TIMEOUT).await;
-        // 8 held: nearly full. The oldest idle ones within the scan go; the
-        // one that sent a request stays.
         let (_, closed) = budgets.admit(peer("10.0.2.1"), SILENT);
-        assert_eq!(
-            closed,
-            [PreAuthClosed::IdleUnderPressure; PRESSURE_SCAN - 1]
-        );
+        assert_eq!(closed, [PreAuthClosed::IdleUnderPressure; PRESSURE_SCAN]);
         assert_eq!(idle[0].closed().await, PreAuthClosed::IdleUnderPressure);
-        assert!(!busy.close.is_cancelled());
+        assert!(busy.iter().all(|p| !p.state.close.is_cancelled()));
+        assert!(!idle[PRESSURE_SCAN].state.close.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sent_half_a_request_is_not_taken_for_silent() {
+        let budgets = Arc::new(ConnectionBudgets::new(4_000, Duration::from_secs(10)));
+        let (waiting, _) = budgets.admit(peer("10.0.0.1"), SILENT);
+        // Its task read the first bytes (the peek sees nothing now).
+        waiting.spoke();
+        let idle: Vec<PreAuthPlace> = (1..PER_ADDRESS)
+            .map(|_| budgets.admit(peer("10.0.0.1"), SILENT).0)
+            .collect();
+        let (_newest, closed) = budgets.admit(peer("10.0.0.1"), SILENT);
+        assert_eq!(closed, [PreAuthClosed::AddressFull]);
+        assert!(idle[0].state.close.is_cancelled());
+        assert!(!waiting.state.close.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn the_internal_port_closes_its_oldest_for_a_new_probe() {
+        let budgets = Arc::new(ConnectionBudgets::internal_port(
+            64,
+            Duration::from_secs(10),
+        ));
+        let held: Vec<PreAuthPlace> = (0..64)
+            .map(|_| budgets.admit(peer("10.0.0.1"), SILENT).0)
+            .collect();
+        let (_probe, closed) = budgets.admit(peer("10.0.0.1"), SILENT);
+        assert_eq!(closed, [PreAuthClosed::AddressFull]);
+        assert!(held[0].state.close.is_cancelled());
+        assert!(budgets.session_place().is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -41,13 +41,35 @@ const RETRY_AFTER_SECS: &str = "5";
 
 type Body = Full<Bytes>;
 
-/// Serves one TCP connection of the main port (HTTP/1.1, upgradable to a
-/// WebSocket), over TLS when the server has a certificate. The TLS handshake
-/// is bounded by the same timeout as the request headers, and a failed one is
-/// counted by reason. The connection holds `place` in the pre-auth share
-/// until it authenticates; the server may close it to make room
+/// Which of the server's ports a connection came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    /// Clients' port: every path, `--max-connections` places
+    /// ([`budgets`](super::budgets)); one request per connection unless it
+    /// upgrades.
+    Main,
+    /// `--internal-port`: the operational paths, places of its own, so
+    /// clients holding the main port's never keep the probes from an answer.
+    Internal,
+}
+
+/// Largest request head the main port reads (hyper's default buffer is
+/// ~400 KiB): an upgrade with a 4 KiB token and a browser's cookies fit, as
+/// in nginx's `large_client_header_buffers`.
+const MAX_REQUEST_HEAD_BYTES: usize = 32 * 1024;
+
+/// Serves one TCP connection (HTTP/1.1; on the main port upgradable to a
+/// WebSocket, and over TLS when the server has a certificate). The TLS
+/// handshake is bounded by the same timeout as the request headers, and a
+/// failed one is counted by reason. The connection holds `place` until it
+/// authenticates (or closes); the server may close it to make room
 /// ([`budgets`](super::budgets)).
-pub async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, place: PreAuthPlace) {
+pub async fn serve_connection(
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    place: PreAuthPlace,
+    port: Port,
+) {
     let place = Arc::new(place);
     let serve = async {
         // No HTTP or TLS state until the client sends something: a flood of
@@ -55,22 +77,25 @@ pub async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, place: Pre
         if stream.readable().await.is_err() {
             return;
         }
+        place.spoke();
         let _ = stream.set_nodelay(true);
-        match shared.tls.clone() {
-            None => serve_http(stream, shared.clone(), route, Some(place.clone())).await,
-            // Boxed: the TLS state is large, and a plain connection's task (and
-            // the heap it leaves behind) should not carry room for it.
-            Some(tls) => Box::pin(serve_tls(stream, tls, shared.clone(), place.clone())).await,
+        match (port, shared.tls.clone()) {
+            (Port::Main, Some(tls)) => {
+                // Boxed: the TLS state is large, and a plain connection's task
+                // (and the heap it leaves behind) should not carry room for it.
+                Box::pin(serve_tls(stream, tls, shared.clone(), place.clone())).await
+            }
+            _ => serve_http(stream, shared.clone(), place.clone(), port).await,
         }
     };
     tokio::select! {
         () = serve => {}
         reason = place.closed() => {
             // Closing to make room was counted when it was decided.
-            if reason == PreAuthClosed::Timeout {
+            if reason == PreAuthClosed::Timeout && port == Port::Main {
                 shared.metrics.pre_auth_closed(reason);
             }
-            debug!(reason = reason.label(), "connection closed before authenticating");
+            debug!(reason = reason.label(), ?port, "connection closed before authenticating");
         }
     }
 }
@@ -112,7 +137,7 @@ async fn serve_tls(
         }
     }
     match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => serve_http(stream, shared, route, Some(place)).await,
+        Ok(Ok(stream)) => serve_http(stream, shared, place, Port::Main).await,
         Ok(Err(e)) => {
             let reason = super::tls::failure_reason(&e);
             shared.metrics.tls_failure(reason);
@@ -122,33 +147,44 @@ async fn serve_tls(
     }
 }
 
-/// Serves one connection of the internal port (`--internal-port`): plain
-/// HTTP, the operational endpoints only (no WebSocket, no dev pages).
-pub async fn serve_internal(stream: TcpStream, shared: Arc<Shared>) {
-    serve_http(stream, shared, route_internal, None).await
-}
+/// Answers one request on a connection holding `place`.
+type Router = fn(Request<Incoming>, Arc<Shared>, &PreAuthPlace) -> Response<Body>;
 
-/// Answers one request; `place` is the connection's in the pre-auth share
-/// (none on the internal port).
-type Router = fn(Request<Incoming>, Arc<Shared>, Option<&PreAuthPlace>) -> Response<Body>;
-
-async fn serve_http<S>(io: S, shared: Arc<Shared>, router: Router, place: Option<Arc<PreAuthPlace>>)
+async fn serve_http<S>(io: S, shared: Arc<Shared>, place: Arc<PreAuthPlace>, port: Port)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let handshake_timeout = shared.config.limits.handshake_timeout;
+    let router: Router = match port {
+        Port::Main => route,
+        // Plain HTTP, the operational endpoints only (no WebSocket, no dev
+        // pages).
+        Port::Internal => route_internal,
+    };
     let service = service_fn(move |req| {
         let shared = shared.clone();
-        if let Some(place) = &place {
-            place.requested();
+        place.requested();
+        let mut response = router(req, shared, &place);
+        // One request per main-port connection unless it upgrades: the port
+        // is the clients'; a kept-alive or pipelining client (one that never
+        // reads its answers) would hold a pre-auth place and buffers for
+        // nothing. (Not hyper's `keep_alive(false)`: it would also replace
+        // the 101's `Connection: Upgrade`.)
+        if port == Port::Main && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        let response = router(req, shared, place.as_deref());
         async move { Ok::<_, Infallible>(response) }
     });
-    if let Err(e) = http1::Builder::new()
-        .timer(TokioTimer::new())
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
         // Bounds slow-header (slowloris) and idle connections that never upgrade.
-        .header_read_timeout(handshake_timeout)
+        .header_read_timeout(handshake_timeout);
+    if port == Port::Main {
+        http.max_buf_size(MAX_REQUEST_HEAD_BYTES);
+    }
+    if let Err(e) = http
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades()
         .await
@@ -170,11 +206,7 @@ const PATHS: [&str; 8] = [
     "/status",
 ];
 
-fn route(
-    req: Request<Incoming>,
-    shared: Arc<Shared>,
-    place: Option<&PreAuthPlace>,
-) -> Response<Body> {
+fn route(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) -> Response<Body> {
     let path = req.uri().path();
     if !PATHS.contains(&path) {
         return text(StatusCode::NOT_FOUND, "not found\n");
@@ -204,7 +236,7 @@ fn route(
 fn route_internal(
     req: Request<Incoming>,
     shared: Arc<Shared>,
-    place: Option<&PreAuthPlace>,
+    place: &PreAuthPlace,
 ) -> Response<Body> {
     match req.uri().path() {
         "/" | "/dev/token" => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -316,11 +348,7 @@ fn token_param(req: &Request<Incoming>) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-fn websocket(
-    req: Request<Incoming>,
-    shared: Arc<Shared>,
-    place: Option<&PreAuthPlace>,
-) -> Response<Body> {
+fn websocket(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) -> Response<Body> {
     if !is_websocket_upgrade(&req) {
         shared.metrics.reject(Rejection::NotWebsocket);
         let mut res = text(
@@ -372,9 +400,7 @@ fn websocket(
         }
     };
     // A session now: out of the pre-auth share, never closed to make room.
-    if let Some(place) = place {
-        place.authenticated();
-    }
+    place.authenticated();
     let key = req.headers().get(SEC_WEBSOCKET_KEY).expect("checked above");
     let accept = derive_accept_key(key.as_bytes());
     // v2 when the client offers `whiteboard.v2` (PROTOCOL-v2.md), else v1.

@@ -33,6 +33,7 @@ use tracing::{error, info, warn};
 
 use auth::Authenticator;
 use contract::config::{Config, PersistSettings, StoreConfig};
+use http::Port;
 use pool::{DrainReport, WorkerPool, WorkerProgram};
 use rooms::Registry;
 use shutdown::{Phase, Shutdown, ShutdownPlan};
@@ -264,10 +265,12 @@ pub async fn run(
     });
 
     let port = listener.local_addr()?.port();
+    defer_accept_until_data(&listener, shared.config.limits.handshake_timeout);
     // Accepting goes on while draining (so `/readyz` can say 503 and late
     // upgrades get a clear 503); it stops once every client is closed.
     let acceptor = tokio::spawn(accept(listener, shared.clone(), Port::Main));
     if let Some(listener) = internal {
+        defer_accept_until_data(&listener, shared.config.limits.handshake_timeout);
         info!(
             port = listener.local_addr()?.port(),
             "internal port: /healthz, /readyz, /metrics, /status, /admin"
@@ -401,29 +404,22 @@ fn abandon_start(shutdown: &Shutdown) {
     shutdown.advance(Phase::Stopped);
 }
 
-/// Which of the server's ports a listener is.
-#[derive(Clone, Copy, PartialEq)]
-enum Port {
-    /// Clients' port: every path, `--max-connections` places ([`budgets`]).
-    Main,
-    /// `--internal-port`: the operational paths, [`INTERNAL_CONNECTIONS`]
-    /// places of its own, so clients holding every main place never keep the
-    /// probes from an answer.
-    Internal,
-}
-
 /// Connections the internal port serves at once (probes, a scraper, an
-/// operator).
+/// operator); past them the oldest closes for a new one.
 const INTERNAL_CONNECTIONS: usize = 64;
 
-/// Accepts connections on `port` until the server is [`Phase::Stopped`]. On
-/// the main port each connection takes a place in the pre-auth share
-/// ([`budgets`]), which may close older ones to make room, and moves to a
-/// session place if it authenticates. On the internal port it holds one of
-/// [`INTERNAL_CONNECTIONS`] places for its life; without a free one it is
-/// closed at once.
+/// Accepts connections on `port` until the server is [`Phase::Stopped`]. Each
+/// connection takes a place in its port's budget ([`budgets`]), which may close
+/// older ones to make room; on the main port it moves to a session place if it
+/// authenticates.
 async fn accept(listener: TcpListener, shared: Arc<Shared>, port: Port) {
-    let internal_places = Arc::new(tokio::sync::Semaphore::new(INTERNAL_CONNECTIONS));
+    let budgets = match port {
+        Port::Main => shared.budgets.clone(),
+        Port::Internal => Arc::new(budgets::ConnectionBudgets::internal_port(
+            INTERNAL_CONNECTIONS,
+            shared.config.limits.handshake_timeout,
+        )),
+    };
     let mut made_room = MadeRoom::default();
     let stopped = shared.shutdown.wait_for(Phase::Stopped);
     tokio::pin!(stopped);
@@ -431,27 +427,24 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, port: Port) {
         tokio::select! {
             () = &mut stopped => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => match port {
-                    Port::Main => {
-                        let socket = std::os::fd::AsRawFd::as_raw_fd(&stream);
-                        let (place, closed) = shared.budgets.admit(peer, socket);
-                        for &reason in &closed {
-                            shared.metrics.pre_auth_closed(reason);
+                Ok((stream, peer)) => {
+                    let socket = std::os::fd::AsRawFd::as_raw_fd(&stream);
+                    let (place, closed) = budgets.admit(peer, socket);
+                    match port {
+                        Port::Main => {
+                            for &reason in &closed {
+                                shared.metrics.pre_auth_closed(reason);
+                            }
+                            made_room.count(closed.len(), &budgets);
                         }
-                        made_room.count(closed.len(), &shared.budgets);
-                        tokio::spawn(http::serve_connection(stream, shared.clone(), place));
+                        Port::Internal => {
+                            for _ in &closed {
+                                shared.metrics.internal_connections_closed.inc();
+                            }
+                        }
                     }
-                    Port::Internal => {
-                        let Ok(place) = internal_places.clone().try_acquire_owned() else {
-                            continue;
-                        };
-                        let shared = shared.clone();
-                        tokio::spawn(async move {
-                            http::serve_internal(stream, shared).await;
-                            drop(place);
-                        });
-                    }
-                },
+                    tokio::spawn(http::serve_connection(stream, shared.clone(), place, port));
+                }
                 Err(e) => {
                     // Typically out of file descriptors: back off instead of spinning.
                     warn!(error = %e, "accept failed");
@@ -459,6 +452,29 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, port: Port) {
                 }
             },
         }
+    }
+}
+
+/// Asks the kernel to hand a connection to `accept` only once its client has
+/// sent something (Linux's `TCP_DEFER_ACCEPT`, nginx's `deferred`), or after
+/// `timeout` without: a real client sends its TLS hello or its request at
+/// once, so a flood of idle sockets waits in the kernel's handshake queue
+/// instead of taking places, and turns over once per timeout instead of as
+/// fast as it can reconnect.
+fn defer_accept_until_data(listener: &TcpListener, timeout: Duration) {
+    let seconds = timeout.as_secs().max(1) as libc::c_int;
+    // SAFETY: a valid listening socket, and an int option of the right size.
+    let set = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(listener),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw const seconds).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot set TCP_DEFER_ACCEPT: idle sockets take pre-auth places as soon as they connect");
     }
 }
 

@@ -214,6 +214,9 @@ pub struct Metrics {
     /// `pre_auth_closed_total{reason}`: connections not yet authenticated that
     /// the server closed, by [`PreAuthClosed::label`].
     pub pre_auth_closed: Family<Why, Counter>,
+    /// `internal_connections_closed_total`: internal-port connections closed
+    /// to make room for a newer one (its places all taken).
+    pub internal_connections_closed: Counter,
     /// `memory_resident_bytes`: resident memory of the supervisor and its
     /// workers, as the memory budget last measured it.
     pub memory_resident: Gauge,
@@ -269,6 +272,7 @@ impl Metrics {
             ipc_queue_depth: Family::default(),
             pre_auth_connections: Gauge::default(),
             pre_auth_closed: Family::default(),
+            internal_connections_closed: Counter::default(),
             memory_resident: Gauge::default(),
             memory_limit: Gauge::default(),
             registry: PromRegistry::default(),
@@ -322,6 +326,11 @@ impl Metrics {
             "pre_auth_closed",
             "Connections not yet authenticated closed by the server, by reason (address_full, share_full: to make room for a newer one; idle_under_pressure, timeout: no request in time)",
             m.pre_auth_closed.clone(),
+        );
+        registry.register(
+            "internal_connections_closed",
+            "Internal-port connections closed to make room for a newer one (all its places taken)",
+            m.internal_connections_closed.clone(),
         );
         registry.register(
             "tls_handshake_failures",

@@ -211,11 +211,12 @@ async fn the_monitor_needs_the_admin_token_outside_dev_mode() {
 }
 
 /// The internal port (`--internal-port`) has connections of its own: with
-/// every pre-auth place of the main port held by idle sockets (an attacker's,
-/// sending nothing), `/healthz`, `/readyz` and `/metrics` answer there at
-/// once; the main port answers too, closing the oldest idle sockets for the
-/// newer connections; the internal port serves no client (no WebSocket, no
-/// dev page).
+/// every pre-auth place of the main port held by stalled sockets (an
+/// attacker's, each a byte into its request), `/healthz`, `/readyz` and
+/// `/metrics` answer there at once; the main port answers too, closing the
+/// oldest stalled sockets for the newer connections; 64 stalled sockets on
+/// the internal port do not keep a probe from its answer either (the oldest
+/// closes); the internal port serves no client (no WebSocket, no dev page).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_internal_port_answers_probes_while_clients_hold_every_place() {
     // 40 places: 10 for connections not yet authenticated.
@@ -242,9 +243,16 @@ async fn the_internal_port_answers_probes_while_clients_hold_every_place() {
             answer
         }
     };
+    // A byte each: a socket that sends nothing waits in the kernel until it
+    // does (TCP_DEFER_ACCEPT), taking no place at all.
+    let stalled = |address: String| async move {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream.write_all(b"G").await.unwrap();
+        stream
+    };
     let mut idle = Vec::new();
     for _ in 0..4 * PRE_AUTH_PLACES {
-        idle.push(TcpStream::connect(server.host()).await.unwrap());
+        idle.push(stalled(server.host()).await);
     }
     // The main port still answers: each new connection closed the oldest
     // idle one.
@@ -264,6 +272,11 @@ async fn the_internal_port_answers_probes_while_clients_hold_every_place() {
     );
     assert!(internal("/healthz").await.starts_with("HTTP/1.1 200 OK"));
     assert!(internal("/readyz").await.starts_with("HTTP/1.1 200 OK"));
+    let mut held_internal = Vec::new();
+    for _ in 0..64 {
+        held_internal.push(stalled(format!("127.0.0.1:{internal_port}")).await);
+    }
+    assert!(internal("/healthz").await.starts_with("HTTP/1.1 200 OK"));
     let metrics = internal("/metrics").await;
     assert!(
         metrics.contains("session_server_pre_auth_closed_total{reason=\"address_full\"}"),

@@ -148,7 +148,11 @@ impl Server {
         env: &[(&str, &str)],
         own_group: bool,
     ) -> Server {
-        let binary = env!("CARGO_BIN_EXE_session-server");
+        // `TEST_SERVER_BIN` runs the tests against another build of the server
+        // (a release one, to measure what production would do).
+        let binary = std::env::var("TEST_SERVER_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_session-server").to_string());
+        let binary = binary.as_str();
         let mut cmd = match launcher {
             Launcher::Direct => Command::new(binary),
             Launcher::InCgroup(procs) => {
