@@ -34,8 +34,6 @@ pub const REASON_REPLACED: &str = "Replaced by a new connection";
 /// be parsed: starting empty would overwrite it at the next save.
 pub const REASON_BOARD_UNREADABLE: &str = "Room unavailable: its stored board could not be read";
 
-/// Longest `text` of a shape, in bytes.
-pub const MAX_TEXT_BYTES: usize = 10_000;
 /// Longest `fill`/`stroke`, in bytes (a CSS colour fits easily).
 pub const MAX_COLOUR_BYTES: usize = 64;
 /// Longest `shapeId`, and `userId`/`roomId` token claims, in bytes.
@@ -43,17 +41,19 @@ pub const MAX_ID_BYTES: usize = 128;
 /// Largest magnitude of a coordinate, size or rotation: far beyond any board, small
 /// enough that arithmetic on it in any client stays exact.
 pub const MAX_COORDINATE: f64 = 1e9;
-/// Largest JSON encoding of one shape, escapes included, as snapshots carry it
-/// and stores keep it. A 10 000-byte text of ordinary characters fits; one of
-/// control characters (6 bytes each once escaped) does not. Times
-/// [`MAX_SHAPES_PER_ROOM`] it bounds a room's shapes to 12 MiB, so a snapshot
-/// stays under the 16 MiB IPC frame limit (see [`MAX_SNAPSHOT_BYTES`]).
-pub const MAX_SHAPE_JSON_BYTES: usize = 12 * 1024;
-/// Upper bound of a snapshot's JSON: every shape at its budget, plus members and
-/// cursors (100 each, ids at most [`MAX_ID_BYTES`] escaped to 6 bytes a byte,
-/// under 1 KiB per member and cursor), plus 256 KiB of slack.
+/// A room's budget for its board: the JSON of all its shapes, escapes
+/// included, as snapshots carry it and stores keep it. A shape may be as large
+/// as one client message (`--max-message-bytes`: a pasted paragraph, 5,000 CJK
+/// characters, 10,000 escaped control characters); a create or an update that
+/// would take the board past this budget is refused. It keeps a snapshot under
+/// the 16 MiB IPC frame limit (see [`MAX_SNAPSHOT_BYTES`]).
+pub const MAX_BOARD_BYTES: usize = 12 * 1024 * 1024;
+/// Upper bound of a snapshot's JSON: the board at its budget (and a comma per
+/// shape), plus members and cursors (100 each, ids at most [`MAX_ID_BYTES`]
+/// escaped to 6 bytes a byte, under 1 KiB per member and cursor), plus 256 KiB
+/// of slack.
 pub const MAX_SNAPSHOT_BYTES: usize =
-    MAX_SHAPES_PER_ROOM * MAX_SHAPE_JSON_BYTES + 2 * MAX_MEMBERS_PER_ROOM * 1024 + 256 * 1024;
+    MAX_BOARD_BYTES + MAX_SHAPES_PER_ROOM + 2 * MAX_MEMBERS_PER_ROOM * 1024 + 256 * 1024;
 
 /// `fill` of a shape created without one (absent or empty, as the reference's
 /// `fill || default`).
@@ -122,7 +122,8 @@ pub enum ClientMessage {
         width: f64,
         /// Vertical size.
         height: f64,
-        /// The shape's text, at most [`MAX_TEXT_BYTES`].
+        /// The shape's text (bounded by the message size and the room's
+        /// [`MAX_BOARD_BYTES`]).
         text: Option<String>,
         /// Fill colour (CSS), at most [`MAX_COLOUR_BYTES`]; absent or empty:
         /// [`DEFAULT_FILL`].
@@ -160,7 +161,7 @@ pub struct ShapeChanges {
     pub height: Option<f64>,
     /// New rotation (0 when created).
     pub rotation: Option<f64>,
-    /// New text, at most [`MAX_TEXT_BYTES`].
+    /// New text (bounded as a create's).
     pub text: Option<String>,
     /// New fill colour, at most [`MAX_COLOUR_BYTES`].
     pub fill: Option<String>,
@@ -244,8 +245,9 @@ pub enum IgnoredReason {
     OpaqueShape,
     /// A create in a room that has [`MAX_SHAPES_PER_ROOM`] shapes.
     ShapeLimit,
-    /// A shape whose JSON would be over its limit.
-    ShapeTooBig,
+    /// A create or update that would take the room's board past
+    /// [`MAX_BOARD_BYTES`].
+    BoardFull,
     /// A create while the server's memory budget is nearly spent.
     MemoryFull,
 }
@@ -262,7 +264,7 @@ impl IgnoredReason {
             IgnoredReason::UnknownShape => "unknown_shape",
             IgnoredReason::OpaqueShape => "opaque_shape",
             IgnoredReason::ShapeLimit => "shape_limit",
-            IgnoredReason::ShapeTooBig => "shape_too_big",
+            IgnoredReason::BoardFull => "board_full",
             IgnoredReason::MemoryFull => "memory",
         }
     }
@@ -293,26 +295,20 @@ impl ClientMessage {
         Ok(msg)
     }
 
+    /// Ids and colours have length limits; a text has none of its own (the
+    /// message size and the room's board budget bound it).
     fn check_lengths(&self) -> Result<(), InvalidMessage> {
-        let (id, text, fill, stroke) = match self {
+        let (id, fill, stroke) = match self {
             ClientMessage::CursorMove { .. } => return Ok(()),
-            ClientMessage::ShapeCreate {
-                text, fill, stroke, ..
-            } => (None, text, fill, stroke),
-            ClientMessage::ShapeUpdate { shape_id, changes } => (
-                Some(shape_id),
-                &changes.text,
-                &changes.fill,
-                &changes.stroke,
-            ),
-            ClientMessage::ShapeDelete { shape_id } => (Some(shape_id), &None, &None, &None),
+            ClientMessage::ShapeCreate { fill, stroke, .. } => (None, fill, stroke),
+            ClientMessage::ShapeUpdate { shape_id, changes } => {
+                (Some(shape_id), &changes.fill, &changes.stroke)
+            }
+            ClientMessage::ShapeDelete { shape_id } => (Some(shape_id), &None, &None),
         };
         let over = |value: Option<&String>, max: usize| value.is_some_and(|v| v.len() > max);
         if over(id, MAX_ID_BYTES) {
             return Err(InvalidMessage::TooLong("shapeId"));
-        }
-        if over(text.as_ref(), MAX_TEXT_BYTES) {
-            return Err(InvalidMessage::TooLong("text"));
         }
         if over(fill.as_ref(), MAX_COLOUR_BYTES) || over(stroke.as_ref(), MAX_COLOUR_BYTES) {
             return Err(InvalidMessage::TooLong("colour"));
@@ -883,13 +879,6 @@ mod tests {
     #[test]
     fn enforces_lengths_and_ranges() {
         let reason = |text: &str| ClientMessage::parse(text).unwrap_err().reason().label();
-        let long = "x".repeat(MAX_TEXT_BYTES + 1);
-        assert_eq!(
-            reason(&format!(
-                r#"{{"type":"shape_create","shapeType":"text","x":1,"y":2,"width":3,"height":4,"text":"{long}"}}"#
-            )),
-            "too_long"
-        );
         let colour = "#".repeat(MAX_COLOUR_BYTES + 1);
         assert_eq!(
             reason(&format!(
@@ -911,7 +900,8 @@ mod tests {
             "malformed"
         );
         assert!(ClientMessage::parse(r#"{"type":"cursor_move","x":-1e9,"y":1e9}"#).is_ok());
-        let ok_text = "x".repeat(MAX_TEXT_BYTES);
+        // A text is bounded by the message size only: 5,000 CJK characters.
+        let ok_text = "中".repeat(5_000);
         assert!(
             ClientMessage::parse(&format!(
                 r#"{{"type":"shape_create","shapeType":"text","x":1,"y":2,"width":3,"height":4,"text":"{ok_text}"}}"#

@@ -163,7 +163,8 @@ fn check_invariants(snapshot: &str) {
             assert!(n.is_finite() && n.abs() <= 1e9);
         }
         if let Some(text) = shape.get("text") {
-            assert!(text.as_str().unwrap().len() <= 10_000);
+            // Bounded by the message size (64 KiB) only.
+            assert!(text.as_str().unwrap().len() <= 64 * 1024);
         }
         assert!(shape["fill"].as_str().unwrap().len() <= 64);
     }

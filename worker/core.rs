@@ -924,9 +924,9 @@ fn keep_cut_shapes(data_dir: &Path, room: &RoomId, cut: Vec<(String, String)>) {
             cut = cut.len(),
             file = %file.display(),
             first_ids = ?&ids[..ids.len().min(MAX_LOGGED_IDS)],
-            "stored board over the room's limits ({} shapes, {} bytes each): cut shapes are in the file; the room is trimmed",
+            "stored board over the room's limits ({} shapes, {} MiB of shapes' JSON): cut shapes are in the file; the room is trimmed",
             contract::protocol::MAX_SHAPES_PER_ROOM,
-            contract::protocol::MAX_SHAPE_JSON_BYTES,
+            contract::protocol::MAX_BOARD_BYTES >> 20,
         ),
         Err(e) => {
             error!(%room, cut = cut.len(), ids = ?ids, error = %e, "stored board over the room's limits: cut shapes could not be written to a file")

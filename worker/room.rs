@@ -7,9 +7,9 @@ use indexmap::IndexMap;
 
 use contract::ipc::{ConnId, JoinRejection, MAX_FRAME_LEN, RoomEvent, RoomId, Stamped};
 use contract::protocol::{
-    ClientMessage, DEFAULT_FILL, DEFAULT_STROKE, IgnoredReason, InvalidMessage,
-    MAX_MEMBERS_PER_ROOM, MAX_SHAPE_JSON_BYTES, MAX_SHAPES_PER_ROOM, MAX_SNAPSHOT_BYTES,
-    MessageKind, ShapeChanges, ShapeType, push_js_number, push_json_string, push_json_timestamp,
+    ClientMessage, DEFAULT_FILL, DEFAULT_STROKE, IgnoredReason, InvalidMessage, MAX_BOARD_BYTES,
+    MAX_MEMBERS_PER_ROOM, MAX_SHAPES_PER_ROOM, MAX_SNAPSHOT_BYTES, MessageKind, ShapeChanges,
+    ShapeType, push_js_number, push_json_string, push_json_timestamp,
 };
 
 // A snapshot (or a checkpoint, which holds the same shapes) within the budgets
@@ -47,8 +47,8 @@ pub enum Ignored {
     OpaqueShape,
     /// A create in a room that has [`MAX_SHAPES_PER_ROOM`] shapes.
     ShapeLimit,
-    /// The shape's JSON would exceed [`MAX_SHAPE_JSON_BYTES`] (escapes included).
-    ShapeTooBig,
+    /// The shape would take the room's board past [`MAX_BOARD_BYTES`].
+    BoardFull,
     /// A create while the server's memory budget is nearly spent.
     MemoryFull,
 }
@@ -62,7 +62,7 @@ impl Ignored {
             Ignored::UnknownShape => IgnoredReason::UnknownShape,
             Ignored::OpaqueShape => IgnoredReason::OpaqueShape,
             Ignored::ShapeLimit => IgnoredReason::ShapeLimit,
-            Ignored::ShapeTooBig => IgnoredReason::ShapeTooBig,
+            Ignored::BoardFull => IgnoredReason::BoardFull,
             Ignored::MemoryFull => IgnoredReason::MemoryFull,
         }
     }
@@ -265,18 +265,20 @@ impl Room {
     }
 
     /// Puts the stored shapes before the room's current ones (which were drawn
-    /// while the load was pending), within the room's budgets: a shape whose JSON
-    /// is over [`MAX_SHAPE_JSON_BYTES`], and every shape past
-    /// [`MAX_SHAPES_PER_ROOM`] (stored ones first, in order), is cut and returned
-    /// so the caller can keep it elsewhere: a board over the limits must not make
-    /// a snapshot bigger than an IPC frame.
+    /// while the load was pending), within the room's budgets: every shape past
+    /// [`MAX_SHAPES_PER_ROOM`] or past [`MAX_BOARD_BYTES`] (stored ones first,
+    /// in order) is cut and returned so the caller can keep it elsewhere: a
+    /// board over the limits must not make a snapshot bigger than an IPC frame.
     pub fn merge_stored(&mut self, stored: Vec<serde_json::Value>) -> Merged {
         let mut merged = IndexMap::with_capacity(stored.len().min(MAX_SHAPES_PER_ROOM));
         let mut result = Merged::default();
+        let mut board_bytes = 0;
         let mut keep = |merged: &mut IndexMap<String, Shape>, id: String, shape: Shape| {
-            if shape.json.len() > MAX_SHAPE_JSON_BYTES || merged.len() >= MAX_SHAPES_PER_ROOM {
+            let bytes = Shape::board_bytes(&shape.json);
+            if board_bytes + bytes > MAX_BOARD_BYTES || merged.len() >= MAX_SHAPES_PER_ROOM {
                 result.cut.push((id, shape.json));
             } else {
+                board_bytes += bytes;
                 if shape.fields.is_none() {
                     result.opaque += 1;
                 }
@@ -321,6 +323,17 @@ impl Room {
             out.push_str(&shape.json)
         });
         out.push(']');
+    }
+
+    /// What the board takes of [`MAX_BOARD_BYTES`]: its shapes' JSON, with
+    /// a separator each. Summed when a shape is created or grows: at most
+    /// [`MAX_SHAPES_PER_ROOM`] additions, cheaper than keeping a total right
+    /// through every restore and merge.
+    fn board_bytes(&self) -> usize {
+        self.shapes
+            .values()
+            .map(|shape| Shape::board_bytes(&shape.json))
+            .sum()
     }
 
     /// Shapes on the board.
@@ -457,8 +470,8 @@ impl Room {
                     stroke: non_empty_or(stroke, DEFAULT_STROKE),
                 };
                 let shape = Shape::new(&id, fields);
-                if shape.json.len() > MAX_SHAPE_JSON_BYTES {
-                    return Effect::Ignored(Ignored::ShapeTooBig);
+                if self.board_bytes() + Shape::board_bytes(&shape.json) > MAX_BOARD_BYTES {
+                    return Effect::Ignored(Ignored::BoardFull);
                 }
                 self.push_op(|out| {
                     out.push_str("\"add\",\"shape\":");
@@ -469,6 +482,7 @@ impl Room {
                 Effect::Shapes
             }
             ClientMessage::ShapeUpdate { shape_id, changes } => {
+                let board_bytes = self.board_bytes();
                 let Some(shape) = self.shapes.get_mut(&shape_id) else {
                     return Effect::Ignored(Ignored::UnknownShape);
                 };
@@ -482,8 +496,10 @@ impl Room {
                 let mut json = String::with_capacity(shape.json.len());
                 updated.encode(&shape_id, &mut json);
                 json.shrink_to_fit();
-                if json.len() > MAX_SHAPE_JSON_BYTES {
-                    return Effect::Ignored(Ignored::ShapeTooBig);
+                if json.len() > shape.json.len()
+                    && board_bytes - shape.json.len() + json.len() > MAX_BOARD_BYTES
+                {
+                    return Effect::Ignored(Ignored::BoardFull);
                 }
                 shape.json = json;
                 self.push_op(|out| {
@@ -652,6 +668,12 @@ const SHAPE_KEYS: [&str; 12] = [
 ];
 
 impl Shape {
+    /// What a shape of this JSON takes of the board budget (its JSON and the
+    /// comma between it and the next in a snapshot).
+    fn board_bytes(json: &str) -> usize {
+        json.len() + 1
+    }
+
     fn new(id: &str, fields: ShapeFields) -> Shape {
         let mut json = String::new();
         fields.encode(id, &mut json);
@@ -1131,53 +1153,90 @@ mod tests {
     }
 
     #[test]
-    fn a_shape_over_its_encoded_budget_is_refused_however_it_comes() {
+    fn long_texts_are_kept_and_the_board_budget_refuses_what_would_pass_it() {
         let mut s = Script::new();
         s.join(1, "a");
-        // 10 000 control characters pass the text limit but take 60 000 bytes
-        // once escaped: the create is refused, the room unchanged.
-        let controls = "\\u0001".repeat(contract::protocol::MAX_TEXT_BYTES);
         let create = |text: &str| {
             format!(
                 r#"{{"type":"shape_create","shapeType":"text","x":1,"y":2,"width":3,"height":4,"text":"{text}"}}"#
             )
         };
-        let before = s.snapshot();
-        assert_eq!(
-            s.send(1, &create(&controls)),
-            Effect::Ignored(Ignored::ShapeTooBig)
-        );
-        assert_eq!(s.snapshot(), before);
-        // Plain text at the text limit fits; an update that would grow it past the
-        // budget is refused and leaves the shape as it was.
-        let plain = "x".repeat(contract::protocol::MAX_TEXT_BYTES);
-        assert_eq!(s.send(1, &create(&plain)), Effect::Shapes);
-        let id = "ab-3";
+        // Pastes a real user makes: 5,000 CJK characters (15 KB), 3,000 emoji
+        // (12 KB), 10,000 control characters (60 KB once escaped).
+        let pastes = [
+            "中".repeat(5_000),
+            "😀".repeat(3_000),
+            "\\u0001".repeat(10_000),
+        ];
+        for paste in &pastes {
+            assert_eq!(s.send(1, &create(paste)), Effect::Shapes);
+        }
+        assert_eq!(s.room.shape_count(), 3);
+        // Shapes of 60 KB each fill the 12 MiB budget at the 209th; that
+        // create is refused and the room is unchanged.
+        let big = "\\u0001".repeat(10_000);
+        let mut created = 3;
+        loop {
+            let before = s.room.shapes_json();
+            match s.send(1, &create(&big)) {
+                Effect::Shapes => created += 1,
+                refused => {
+                    assert_eq!(refused, Effect::Ignored(Ignored::BoardFull));
+                    assert_eq!(s.room.shapes_json(), before);
+                    break;
+                }
+            }
+            assert!(created < MAX_SHAPES_PER_ROOM, "the budget never refused");
+        }
+        assert!(s.room.board_bytes() <= MAX_BOARD_BYTES);
+        assert!(s.room.board_bytes() + 60_000 > MAX_BOARD_BYTES);
+        assert!(s.snapshot().len() <= MAX_SNAPSHOT_BYTES);
+        // An update that would grow a shape past the budget is refused and
+        // leaves it as it was; one that shrinks it is taken.
         let shapes = s.room.shapes_json();
+        let id = "ab-3";
+        let update = |text: &str| {
+            format!(r#"{{"type":"shape_update","shapeId":"{id}","x":7,"text":"{text}"}}"#)
+        };
         assert_eq!(
-            s.send(
-                1,
-                &format!(r#"{{"type":"shape_update","shapeId":"{id}","x":7,"text":"{controls}"}}"#)
-            ),
-            Effect::Ignored(Ignored::ShapeTooBig)
+            s.send(1, &update(&"\\u0002".repeat(12_000))),
+            Effect::Ignored(Ignored::BoardFull)
         );
         assert_eq!(s.room.shapes_json(), shapes);
-        // Stored shapes: the oversize one and those past the shape limit are cut
-        // and returned, the others kept in order.
+        assert_eq!(s.send(1, &update("short")), Effect::Shapes);
+    }
+
+    #[test]
+    fn a_stored_board_over_the_budgets_is_trimmed_in_order() {
+        let mut s = Script::new();
+        s.join(1, "a");
+        s.send(
+            1,
+            r#"{"type":"shape_create","shapeType":"rectangle","x":1,"y":2,"width":3,"height":4}"#,
+        );
         let stored = |i: usize, text: &str| {
             serde_json::json!({"id":format!("s{i}"),"type":"text","x":1,"y":2,"width":3,"height":4,
                 "userId":"u","timestamp":"2024-01-01T12:00:00.000Z","text":text,"fill":"#000","stroke":"#fff","rotation":0})
         };
-        let big = "\u{1}".repeat(contract::protocol::MAX_TEXT_BYTES);
-        let mut board: Vec<serde_json::Value> = (0..MAX_SHAPES_PER_ROOM + 5)
+        // Past the shape limit: the last stored ones and the room's own go.
+        let board: Vec<serde_json::Value> = (0..MAX_SHAPES_PER_ROOM + 4)
             .map(|i| stored(i, "t"))
             .collect();
-        board[2] = stored(2, &big);
         let merged = s.room.merge_stored(board);
         assert_eq!(s.room.shape_count(), MAX_SHAPES_PER_ROOM);
         let cut: Vec<&str> = merged.cut.iter().map(|(id, _)| id.as_str()).collect();
-        // s2 (too big), then the stored ones past the limit and the room's own shape.
-        assert_eq!(cut, ["s2", "s1001", "s1002", "s1003", "s1004", id]);
+        assert_eq!(cut, ["s1000", "s1001", "s1002", "s1003", "ab-2"]);
+        // Past the byte budget: 300 shapes of 60 KB, those past 12 MiB go.
+        let mut s = Script::new();
+        s.join(1, "a");
+        let huge = "\u{1}".repeat(10_000);
+        let board: Vec<serde_json::Value> = (0..300).map(|i| stored(i, &huge)).collect();
+        let merged = s.room.merge_stored(board);
+        let kept = s.room.shape_count();
+        assert!((200..300).contains(&kept), "{kept}");
+        assert_eq!(merged.cut.len(), 300 - kept);
+        assert_eq!(merged.cut[0].0, format!("s{kept}"));
+        assert!(s.room.board_bytes() <= MAX_BOARD_BYTES);
         assert!(s.snapshot().len() <= MAX_SNAPSHOT_BYTES);
     }
 

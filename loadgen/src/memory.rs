@@ -54,11 +54,13 @@ pub struct MemoryArgs {
     /// type (no text).
     #[arg(long, default_value = "text")]
     shape_type: String,
-    /// Bytes of each text shape's `text` (at most MAX_TEXT_BYTES, 10,000).
+    /// Bytes of each text shape's `text` (its message must fit
+    /// `--max-message-bytes`; all of them, the room's 12 MiB board budget).
     #[arg(long, default_value_t = 10_000)]
     text_chars: usize,
     /// How many of those bytes are line breaks (each is 2 bytes once escaped in
-    /// JSON): brings a 10,000-byte text's shape near MAX_SHAPE_JSON_BYTES.
+    /// JSON): 2,000 bring a 10,000-byte text's shape to 12 KiB, as the
+    /// budgets of issue 22's measurements were.
     #[arg(long, default_value_t = 0)]
     newlines: usize,
     /// Shapes per batch of the paste.
