@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,7 +53,7 @@ const SILENCE_SCAN: usize = 16;
 
 /// Whether the client has sent bytes not read yet (or closed): a
 /// non-blocking one-byte peek.
-fn has_sent_anything(socket: RawFd) -> bool {
+pub(crate) fn has_sent_anything(socket: RawFd) -> bool {
     let mut byte = 0u8;
     // SAFETY: a one-byte buffer that outlives the call. MSG_PEEK leaves the
     // byte for its reader, MSG_DONTWAIT never blocks; on a descriptor that is
@@ -67,6 +67,19 @@ fn has_sent_anything(socket: RawFd) -> bool {
         )
     };
     got > 0
+}
+
+/// How long a socket closed to make room stays open (see
+/// [`ConnectionBudgets::linger`]).
+pub const LINGER: Duration = Duration::from_secs(5);
+
+/// A lingering socket's hold on one of the places for them.
+pub struct Lingering(Arc<AtomicUsize>);
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Why a connection not yet authenticated was closed by the server:
@@ -105,6 +118,9 @@ pub struct ConnectionBudgets {
     handshake_timeout: Duration,
     sessions: Arc<Semaphore>,
     session_places: usize,
+    /// Closed connections held open a while ([`ConnectionBudgets::linger`]).
+    lingering: Arc<AtomicUsize>,
+    linger_places: usize,
 }
 
 /// The connections not yet authenticated, oldest first and by address.
@@ -195,7 +211,31 @@ impl ConnectionBudgets {
             handshake_timeout,
             sessions: Arc::new(Semaphore::new(session_places)),
             session_places,
+            lingering: Arc::default(),
+            linger_places: 0,
         }
+    }
+
+    /// Lets up to `places` sockets closed to make room, that never sent a
+    /// byte, stay open for [`LINGER`] before they really close (file
+    /// descriptors spare beyond `--max-connections`).
+    pub fn with_lingering(mut self, places: usize) -> ConnectionBudgets {
+        self.linger_places = places;
+        self
+    }
+
+    /// A place to hold a socket closed to make room for [`LINGER`] before
+    /// closing it, if one is free. A client that reconnects the moment it is
+    /// closed (a flood of idle sockets) then waits: its sockets stop cycling
+    /// through the kernel's queues, where real clients' connections wait
+    /// behind them. It holds a descriptor, not a place.
+    pub fn linger(&self) -> Option<Lingering> {
+        let held = self.lingering.fetch_add(1, Ordering::Relaxed);
+        if held >= self.linger_places {
+            self.lingering.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Lingering(self.lingering.clone()))
     }
 
     /// Places for connections not yet authenticated.
@@ -521,6 +561,19 @@ mod tests {
         assert_eq!(closed, [PreAuthClosed::AddressFull]);
         assert!(idle[0].state.close.is_cancelled());
         assert!(!waiting.state.close.is_cancelled());
+    }
+
+    #[test]
+    fn lingering_sockets_are_bounded_by_the_spare_descriptors() {
+        let budgets = ConnectionBudgets::new(40, Duration::from_secs(10)).with_lingering(2);
+        let first = budgets.linger();
+        let second = budgets.linger();
+        assert!(first.is_some() && second.is_some());
+        assert!(budgets.linger().is_none());
+        drop(first);
+        assert!(budgets.linger().is_some());
+        let none = ConnectionBudgets::new(40, Duration::from_secs(10));
+        assert!(none.linger().is_none());
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 //! plain HTTP statuses, plus `/healthz` and `/status`.
 
 use std::convert::Infallible;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -71,14 +72,27 @@ pub async fn serve_connection(
     port: Port,
 ) {
     let place = Arc::new(place);
-    let serve = async {
-        // No HTTP or TLS state until the client sends something: a flood of
-        // idle sockets costs a small task each, so the accept loop keeps up.
-        if stream.readable().await.is_err() {
+    // No HTTP or TLS state until the client sends something: a flood of idle
+    // sockets costs a small task each, so the accept loop keeps up.
+    tokio::select! {
+        readable = stream.readable() => if readable.is_err() {
+            return;
+        },
+        reason = place.closed() => {
+            closed_before_authenticating(&shared, reason, port);
+            // Never sent a byte (its task may just not have seen one yet):
+            // held open a while if there is room, so that a client
+            // reconnecting at once (a flood) waits instead.
+            let silent = !super::budgets::has_sent_anything(stream.as_raw_fd());
+            if let Some(_lingering) = shared.budgets.linger().filter(|_| silent) {
+                tokio::time::sleep(super::budgets::LINGER).await;
+            }
             return;
         }
-        place.spoke();
-        let _ = stream.set_nodelay(true);
+    }
+    place.spoke();
+    let _ = stream.set_nodelay(true);
+    let serve = async {
         match (port, shared.tls.clone()) {
             (Port::Main, Some(tls)) => {
                 // Boxed: the TLS state is large, and a plain connection's task
@@ -90,14 +104,20 @@ pub async fn serve_connection(
     };
     tokio::select! {
         () = serve => {}
-        reason = place.closed() => {
-            // Closing to make room was counted when it was decided.
-            if reason == PreAuthClosed::Timeout && port == Port::Main {
-                shared.metrics.pre_auth_closed(reason);
-            }
-            debug!(reason = reason.label(), ?port, "connection closed before authenticating");
-        }
+        reason = place.closed() => closed_before_authenticating(&shared, reason, port),
     }
+}
+
+fn closed_before_authenticating(shared: &Shared, reason: PreAuthClosed, port: Port) {
+    // Closing to make room was counted when it was decided.
+    if reason == PreAuthClosed::Timeout && port == Port::Main {
+        shared.metrics.pre_auth_closed(reason);
+    }
+    debug!(
+        reason = reason.label(),
+        ?port,
+        "connection closed before authenticating"
+    );
 }
 
 /// The first byte of a TLS record carrying a handshake (a ClientHello).

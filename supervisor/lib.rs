@@ -179,7 +179,7 @@ pub async fn run(
             )?),
             None => None,
         };
-    raise_fd_limit(config.limits.max_connections);
+    let connection_capacity = raise_fd_limit(config.limits.max_connections);
     info!(store = %config.persistence.store, "persistence");
     let (queues, frames) = pool::worker_queues(config.workers);
     let registry = Arc::new(Registry::new(
@@ -188,10 +188,21 @@ pub async fn run(
         config.max_rooms,
     ));
     let metrics = Arc::new(metrics::Metrics::new(&config.hathora));
-    let budgets = Arc::new(budgets::ConnectionBudgets::new(
-        config.limits.max_connections,
-        config.limits.handshake_timeout,
-    ));
+    // Descriptors past `--max-connections` (and the internal port's) hold
+    // lingering sockets, at most as many as `--max-connections` (a socket's
+    // kernel buffers are memory too).
+    let spare_descriptors = connection_capacity
+        .map_or(0, |c| {
+            c.saturating_sub((config.limits.max_connections + INTERNAL_CONNECTIONS) as u64)
+        })
+        .min(config.limits.max_connections as u64);
+    let budgets = Arc::new(
+        budgets::ConnectionBudgets::new(
+            config.limits.max_connections,
+            config.limits.handshake_timeout,
+        )
+        .with_lingering(spare_descriptors as usize),
+    );
     let pool = WorkerPool::start(
         frames,
         config.persistence.clone(),
@@ -510,8 +521,8 @@ impl MadeRoom {
 const RESERVED_FDS: u64 = 64;
 
 /// Raises the soft file-descriptor limit to the hard one (each connection is a
-/// descriptor) and says how many connections that allows.
-fn raise_fd_limit(max_connections: usize) {
+/// descriptor) and says how many connections that allows; returns that.
+fn raise_fd_limit(max_connections: usize) -> Option<u64> {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => {
             let capacity = limit.saturating_sub(RESERVED_FDS);
@@ -527,8 +538,12 @@ fn raise_fd_limit(max_connections: usize) {
                     "--max-connections is above what the file descriptor limit allows; raise the hard limit (ulimit -Hn, LimitNOFILE=, docker --ulimit nofile=) or lower --max-connections"
                 );
             }
+            Some(capacity)
         }
-        Err(e) => warn!(error = %e, "cannot read or raise the file descriptor limit"),
+        Err(e) => {
+            warn!(error = %e, "cannot read or raise the file descriptor limit");
+            None
+        }
     }
 }
 
