@@ -35,7 +35,13 @@ async fn dev_endpoints_exist_only_in_dev_mode() {
     assert_eq!(monitor["rooms"][0]["room"], "r1");
     assert_eq!(monitor["rooms"][0]["connections"], 1);
     assert_eq!(monitor["connections"], 1);
-    assert!(dev.logs().contains("Dev mode: open http://localhost:"));
+    // Printed after the listening line, which is all the harness waits for.
+    eventually(PATIENCE, "the dev-mode banner", || async {
+        dev.logs()
+            .contains("Dev mode: open http://localhost:")
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
