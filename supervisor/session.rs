@@ -37,6 +37,9 @@ use contract::protocol::{
 /// all; it is dropped. (A slow client only ever gets the newest snapshot, so it
 /// never builds a backlog.)
 const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
+/// A v2 connection gets at most one snapshot for a `resync` this often; a
+/// later request waits for the end of the period (it is never dropped).
+const RESYNC_EVERY: Duration = Duration::from_secs(1);
 /// How long to wait for the client's answer to our close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// When a user's earlier connection proves alive, how long a new connection of
@@ -194,6 +197,8 @@ async fn serve(
     // only there while messages are held: an idle connection pays 8 bytes for it,
     // and a session that is within its budget never touches the timer wheel.
     let mut budget_timer: Option<Pin<Box<Sleep>>> = None;
+    // A v2 `resync` that came within RESYNC_EVERY of the last one answered.
+    let mut resync_timer: Option<Pin<Box<Sleep>>> = None;
     // Probes (a newer connection of this user asking whether this one is alive)
     // seen, and whether one waits for the client to be heard from.
     let mut probes_seen = 0;
@@ -236,6 +241,13 @@ async fn serve(
                             return End::ClientGone;
                         }
                     }
+                }
+            }
+            // A resync held to one a second: answered now.
+            _ = async { resync_timer.as_mut().expect("guarded").await }, if resync_timer.is_some() => {
+                resync_timer = None;
+                if let Err(end) = outbox.answer_resync(shared, room, sink, snapshots.as_mut()).await {
+                    return end;
                 }
             }
             // The budget allows the oldest held message: it goes below.
@@ -287,13 +299,14 @@ async fn serve(
                         // room costs one snapshot, not one each.
                         let answered = snapshots.as_ref().is_some_and(|rx| outbox.resync_answered(rx));
                         let v2 = outbox.v2.as_mut().expect("guarded");
-                        v2.resync = !answered;
-                        if v2.resync
-                            && let Some(rx) = snapshots.as_mut()
-                            && !outbox.timer_armed
-                            && !outbox.hold()
-                            && let Err(end) = outbox.send_newest(shared, room, sink, rx).await
-                        {
+                        let too_soon = v2.resync_answered_at.map(|at| at + RESYNC_EVERY).filter(|due| *due > now);
+                        if let (false, Some(due)) = (answered, too_soon) {
+                            // Answered once the period is over (a later
+                            // request within it joins this one).
+                            if resync_timer.is_none() {
+                                resync_timer = Some(Box::pin(tokio::time::sleep_until(due.into())));
+                            }
+                        } else if let Err(end) = outbox.answer_resync(shared, room, sink, snapshots.as_mut()).await {
                             return end;
                         }
                     }
@@ -439,6 +452,8 @@ struct V2Outbox {
     /// The version of the last snapshot sent for a resync (another resync is
     /// answered only once the room has moved on).
     resync_version: Option<u64>,
+    /// When that snapshot was made ([`RESYNC_EVERY`]).
+    resync_answered_at: Option<Instant>,
 }
 
 /// The first part of a v2 message: a snapshot's prefix (the v1 snapshot follows
@@ -475,6 +490,31 @@ impl Outbox {
         }
         self.timer_armed = true;
         true
+    }
+
+    /// v2: answers a `resync` with a snapshot of the room's newest version,
+    /// unless the client has that one already; now, or when the member's rate
+    /// allows (the timer's branch sends it then).
+    async fn answer_resync(
+        &mut self,
+        shared: &Shared,
+        room: &RoomHandle,
+        sink: &mut ClientWriter,
+        snapshots: Option<&mut watch::Receiver<SnapshotCell>>,
+    ) -> Result<(), End> {
+        let answered = snapshots
+            .as_deref()
+            .is_some_and(|rx| self.resync_answered(rx));
+        let Some(v2) = self.v2.as_mut() else {
+            return Ok(());
+        };
+        v2.resync = !answered;
+        match snapshots {
+            Some(rx) if v2.resync && !self.timer_armed && !self.hold() => {
+                self.send_newest(shared, room, sink, rx).await
+            }
+            _ => Ok(()),
+        }
     }
 
     /// v2: a resync was answered with a snapshot of the room's newest version.
@@ -580,6 +620,7 @@ impl V2Outbox {
     ) -> Option<V2Message> {
         if self.resync {
             self.resync_version = Some(snapshot.version);
+            self.resync_answered_at = Some(Instant::now());
         }
         let batches = match last_version {
             Some(last) if !std::mem::take(&mut self.resync) => {

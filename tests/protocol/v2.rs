@@ -258,6 +258,56 @@ async fn a_resync_is_answered_with_a_snapshot_and_never_reaches_the_room() {
     assert_eq!(bob.replica.state.as_ref(), Some(&moved));
 }
 
+/// A connection gets at most one snapshot a second for its `resync`s: one
+/// sent within the second after an answer is answered when that second is
+/// over (not dropped), and a flood of 500 a second in a changing room gets
+/// one snapshot a second.
+#[tokio::test]
+async fn resyncs_are_answered_at_most_once_a_second_and_never_dropped() {
+    let server = Server::start(&[]);
+    let mut alice = server.join("alice", "re1").await;
+    let mut bob = V2Client::join(&server, "bob", "re1").await;
+    let is_snapshot = |text: &str| text.starts_with(r#"{"type":"snapshot","#);
+    bob.client.send(json!({"type":"resync"})).await;
+    let first = bob.client.next_text().await;
+    assert!(is_snapshot(&first), "{first}");
+    let answered = Instant::now();
+    bob.apply(&first).await;
+    // The room moves on; a resync at once waits for the second to end.
+    alice.send(json!({"type":"cursor_move","x":1,"y":1})).await;
+    alice.until(|s| s["cursors"][0]["x"] == 1).await;
+    bob.until(|s| s["cursors"][0]["x"] == 1).await;
+    bob.client.send(json!({"type":"resync"})).await;
+    let second = loop {
+        let text = bob.client.next_text().await;
+        if is_snapshot(&text) {
+            break text;
+        }
+    };
+    let waited = answered.elapsed();
+    assert!(
+        waited >= Duration::from_millis(950) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    bob.apply(&second).await;
+    // A flood: 500 resyncs a second for 2 s while the room changes.
+    let started = Instant::now();
+    let mut snapshots = 0;
+    let mut x = 1;
+    while started.elapsed() < Duration::from_secs(2) {
+        bob.client.send(json!({"type":"resync"})).await;
+        if x % 10 == 0 {
+            alice.send(json!({"type":"cursor_move","x":x,"y":1})).await;
+        }
+        x += 1;
+        while let Some(text) = bob.client.next_text_within(Duration::from_millis(2)).await {
+            snapshots += usize::from(is_snapshot(&text));
+        }
+    }
+    assert!((1..=3).contains(&snapshots), "{snapshots} snapshots in 2 s");
+    assert!(metric(&server, "session_server_resyncs_total").await >= 500.0);
+}
+
 /// A quiet room (changes slower than the member's rate) sends each v1 member
 /// every change at once, as exactly the bytes v1 always sent.
 #[tokio::test]
