@@ -7,8 +7,10 @@
 //!   at most [`PER_ADDRESS`] from one source address (an IPv6 /64). Such a
 //!   connection costs nothing to open, so it never locks anyone out: when
 //!   its address or the share is full, a new connection closes the *oldest*
-//!   one there instead of being refused (a real client's pre-auth phase lasts
-//!   milliseconds; an attacker's idle sockets are the old ones). Once the share
+//!   one there that has sent nothing yet, instead of being refused (a real
+//!   client's pre-auth phase lasts milliseconds; an attacker's idle sockets are
+//!   the old, silent ones). A silent socket so closed [lingers](LINGER) a while
+//!   first, so that a flood that reconnects at once waits. Once the share
 //!   is [nearly full](NEARLY_FULL_PERCENT), sockets that have sent no request
 //!   for [`PRESSURED_IDLE_TIMEOUT`] are closed too (as nginx and HAProxy
 //!   shorten their timeouts under slowloris); otherwise a socket has
@@ -17,7 +19,11 @@
 //!   rest: they move to a session place at the upgrade and are never closed
 //!   to make room. When those are all taken, an upgrade is answered 503.
 //!
-//! The probes have places of their own on `--internal-port`.
+//!
+//! Before any of this the kernel holds a socket that sends nothing
+//! (`TCP_DEFER_ACCEPT`, set by the accept loop), and the main port answers one
+//! request per connection unless it upgrades (`http`). The probes have places
+//! of their own on `--internal-port` ([`ConnectionBudgets::internal_port`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
