@@ -228,3 +228,46 @@ async fn supervisor_memory_through_an_outage_with_big_messages() {
         "supervisor RSS: baseline {baseline:.1} MiB, peak {peak:.1} MiB, after the rooms are freed {after:.1} MiB ({sent} messages of 50 KB in {secs} s)"
     );
 }
+
+/// A burst of big pastes that fills a room's journal (16 MiB) before its
+/// worker answers a checkpoint request (it ignores the first 20, as a busy
+/// one would): the messages wait for the checkpoint instead of the journal
+/// being dropped, so a worker killed right after the burst is replaced with
+/// every acknowledged shape (the room was not left unrestorable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_filled_before_a_checkpoint_waits_for_it_and_a_kill_loses_nothing() {
+    let server = Server::start_raw(
+        &[
+            "--workers",
+            "1",
+            "--rate-limit-per-sec",
+            "100000",
+            "--rate-limit-burst",
+            "100000",
+        ],
+        &[
+            ("JWT_SECRET", SECRET),
+            ("SESSION_SERVER_TEST_IGNORED_CHECKPOINT_REQUESTS", "20"),
+        ],
+    );
+    let mut alice = server.join("alice", "burst").await;
+    // 300 texts of 10,000 control characters: 60 KB each, 18 MB in all.
+    let text = "\u{1}".repeat(10_000);
+    let paste: Vec<String> = (0..300)
+        .map(|x| {
+            json!({"type":"shape_create","shapeType":"text","x":x,"y":0,"width":10,"height":10,"text":text})
+                .to_string()
+        })
+        .collect();
+    alice.send_burst(paste).await;
+    let before = alice.sync("alice", 0.5).await;
+    let kept = xs_of(&before["shapes"]);
+    assert!(kept.len() > 200, "{} shapes kept", kept.len());
+    let after = kill_and_look(&server, &mut alice, 42.0).await;
+    assert_eq!(xs_of(&after["shapes"]), kept);
+    assert!(
+        !server.logs().contains("journal over its bounds"),
+        "{}",
+        server.logs()
+    );
+}
