@@ -289,10 +289,6 @@ impl WorkerCore {
                 _ => self.replies.push(FromWorker::Synced { room, token }),
             },
             ToWorker::CheckpointRequest { room } => {
-                #[cfg(debug_assertions)]
-                if test_hooks::ignore_checkpoint_request() {
-                    return;
-                }
                 // A loading room holds events it has not applied: no image yet.
                 // A degraded one's image says its board is still to load.
                 if self
@@ -995,30 +991,6 @@ fn start_save(store: &dyn BoardStore, results: &mpsc::Sender<StoreResult>, slot:
 pub(crate) fn room_from_checkpoint(id: RoomId, bytes: &[u8]) -> Option<(Room, bool)> {
     let image = postcard::from_bytes::<SlotImage>(bytes).ok()?;
     Some((Room::from_image(id, image.room), image.degraded))
-}
-
-/// Test builds only: `SESSION_SERVER_TEST_IGNORED_CHECKPOINT_REQUESTS=N`
-/// makes a worker ignore its first N checkpoint requests, as a worker too busy
-/// to answer would, so a test can fill a room's journal. Release builds do not
-/// contain this code.
-#[cfg(debug_assertions)]
-mod test_hooks {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    pub(super) fn ignore_checkpoint_request() -> bool {
-        static LEFT: OnceLock<AtomicU64> = OnceLock::new();
-        let left = LEFT.get_or_init(|| {
-            AtomicU64::new(
-                std::env::var("SESSION_SERVER_TEST_IGNORED_CHECKPOINT_REQUESTS")
-                    .ok()
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(0),
-            )
-        });
-        left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok()
-    }
 }
 
 /// A checkpoint: the room image and what persisting it needs, encoded.

@@ -12,14 +12,6 @@ use contract::protocol::{CLOSE_REPLACED, REASON_REPLACED};
 /// How long the memory budget waits for room in a worker's queue per room.
 pub const BUDGET_SEND_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Longest a client message waits for a checkpoint to make room in a full
-/// journal ([`RoomHandle::forward`]); past it the journal is dropped as
-/// before (a room must never freeze on a worker that does not answer: that
-/// one is replaced within seconds anyway).
-pub const JOURNAL_FULL_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-/// How often a waiting message asks for that checkpoint again.
-const JOURNAL_FULL_ASK_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
-
 /// The room's worker has gone (process failed or server stopping).
 #[derive(Debug, thiserror::Error)]
 #[error("the room's worker is gone")]
@@ -167,7 +159,6 @@ impl RoomHandle {
     /// worker's queue is full (backpressure on this client only).
     pub async fn forward(&self, conn: ConnId, text: String) -> Result<(), RoomLost> {
         let entry = &*self.0;
-        self.wait_for_journal_room(text.len()).await;
         let permit = entry.queue.reserve().await.map_err(|_| RoomLost)?;
         let mut state = lock(&entry.state);
         if state.lost {
@@ -190,44 +181,6 @@ impl RoomHandle {
             }
         }
         Ok(())
-    }
-
-    /// Waits, at most [`JOURNAL_FULL_WAIT`], while a message of `bytes` would
-    /// take the room's journal past its bounds: until the worker's checkpoint
-    /// (asked for again here) empties it. Dropping the journal instead would
-    /// leave the room unrestorable, and every edit since its last save lost
-    /// with a worker crash, until the next checkpoint. The session does not
-    /// read its client meanwhile (TCP slows the client down). Not while the
-    /// room is restored (no checkpoint comes before the end of that) or lost.
-    async fn wait_for_journal_room(&self, bytes: usize) {
-        let entry = &*self.0;
-        let deadline = tokio::time::Instant::now() + JOURNAL_FULL_WAIT;
-        loop {
-            let drained = entry.journal_drained.notified();
-            tokio::pin!(drained);
-            // Registered before the check, so a checkpoint in between wakes it.
-            drained.as_mut().enable();
-            {
-                let state = lock(&entry.state);
-                if state.lost
-                    || state.recovery.restoring
-                    || state.recovery.journal.has_room_for(bytes)
-                {
-                    return;
-                }
-            }
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(room = %entry.id, wait_ms = JOURNAL_FULL_WAIT.as_millis() as u64, "journal full and no checkpoint came; going on (the journal is dropped)");
-                return;
-            }
-            // Asked again each slice: a request is sent best effort (a full
-            // queue drops it), and the worker may have been replaced.
-            let _ = entry.queue.try_send(ToWorker::CheckpointRequest {
-                room: entry.id.clone(),
-            });
-            let slice = (tokio::time::Instant::now() + JOURNAL_FULL_ASK_EVERY).min(deadline);
-            let _ = tokio::time::timeout_at(slice, drained).await;
-        }
     }
 
     /// Tells the room's worker that the memory budget refuses new shapes

@@ -146,13 +146,6 @@ impl Journal {
         Recorded::Kept
     }
 
-    /// Whether a client message of `text_bytes` fits within the hard bounds
-    /// (its journal form is never larger than the message).
-    pub fn has_room_for(&self, text_bytes: usize) -> bool {
-        self.events.len() < JOURNAL_MAX_EVENTS
-            && self.bytes + EVENT_OVERHEAD_BYTES + text_bytes <= JOURNAL_MAX_BYTES
-    }
-
     fn push(&mut self, stamped: Stamped, size: usize) {
         self.events.push_back(stamped);
         self.bytes += size;
@@ -229,26 +222,6 @@ mod tests {
         let create = json!({"type":"shape_create","shapeType":"text","x":1,"y":2,
             "width":3,"height":4,"text":"x".repeat(text_len)});
         stamped(seq, create.to_string())
-    }
-
-    #[test]
-    fn a_message_that_would_pass_the_bound_has_no_room() {
-        let mut journal = Journal::default();
-        let len = match &message(1, 9_000).event {
-            RoomEvent::Message { text, .. } => text.len(),
-            _ => unreachable!(),
-        };
-        let mut seq = 0;
-        while journal.has_room_for(len) {
-            seq += 1;
-            journal.record(&message(seq, 9_000));
-        }
-        // Never dropped up to here; the next one would be: it waits instead.
-        assert!(journal.restorable());
-        assert_eq!(journal.iter().count() as u64, seq);
-        assert!(journal.bytes() + EVENT_OVERHEAD_BYTES + len > JOURNAL_MAX_BYTES);
-        journal.checkpointed(seq);
-        assert!(journal.has_room_for(len));
     }
 
     #[test]

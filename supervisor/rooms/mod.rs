@@ -362,7 +362,6 @@ impl Table {
     /// Closes every connection of a room with 1011 and forgets the room.
     fn close_room(&mut self, entry: &Arc<RoomEntry>, state: &mut RoomState, reason: &'static str) {
         state.lost = true;
-        entry.journal_drained.notify_waiters();
         for member in state.conns.values() {
             member.close(CLOSE_INTERNAL_ERROR, reason);
         }

@@ -138,7 +138,6 @@ impl Registry {
         }
         recovery.journal.checkpointed(seq);
         recovery.checkpoint = Some((seq, image));
-        entry.journal_drained.notify_waiters();
     }
 
     /// The worker's process ended. Its rooms stay placed on its slot and are

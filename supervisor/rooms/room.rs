@@ -91,10 +91,6 @@ pub struct RoomEntry {
     pub(super) v2_sessions: AtomicUsize,
     pub(super) batches: Mutex<Batches>,
     pub(super) state: Mutex<RoomState>,
-    /// Woken when a checkpoint empties the journal, or the room is lost:
-    /// client messages that would take the journal past its bounds wait for
-    /// it ([`RoomHandle::forward`](super::RoomHandle::forward)).
-    pub(super) journal_drained: tokio::sync::Notify,
 }
 
 impl RoomEntry {
@@ -113,7 +109,6 @@ impl RoomEntry {
             v2_sessions: AtomicUsize::new(0),
             batches: Mutex::default(),
             state: Mutex::new(RoomState::default()),
-            journal_drained: tokio::sync::Notify::new(),
         }
     }
 }
