@@ -341,21 +341,29 @@ impl ConnectionBudgets {
 impl PreAuth {
     /// Whom to close to make room among `oldest_first` (ids, oldest first):
     /// the oldest whose client has sent nothing yet, among the first
-    /// [`SILENCE_SCAN`]; the oldest if all of those have. A real client's
+    /// [`SILENCE_SCAN`]. A real client's
     /// request is then safe from the moment it reaches the server (a peek
     /// sees it before its task has read it; once read, `spoken` says so,
     /// also of a client that sent half a request and waits); an idle
     /// attacker's sockets go first.
-    fn victim(&self, mut oldest_first: impl Iterator<Item = u64>) -> Option<u64> {
-        let oldest = oldest_first.next()?;
-        std::iter::once(oldest)
-            .chain(oldest_first.take(SILENCE_SCAN - 1))
-            .find(|id| {
-                self.oldest_first.get(id).is_some_and(|e| {
-                    !e.state.spoken.load(Ordering::Relaxed) && !has_sent_anything(e.socket)
-                })
-            })
-            .or(Some(oldest))
+    ///
+    /// Failing a silent one, the oldest whose request is not being answered
+    /// (an upgrade between its token check and its session must not be cut);
+    /// the oldest only if every one scanned is.
+    fn victim(&self, oldest_first: impl Iterator<Item = u64>) -> Option<u64> {
+        let scanned: Vec<(u64, &Entry)> = oldest_first
+            .take(SILENCE_SCAN)
+            .filter_map(|id| self.oldest_first.get(&id).map(|e| (id, e)))
+            .collect();
+        let silent =
+            |e: &Entry| !e.state.spoken.load(Ordering::Relaxed) && !has_sent_anything(e.socket);
+        let not_requested = |e: &Entry| !e.state.requested.load(Ordering::Relaxed);
+        scanned
+            .iter()
+            .find(|(_, e)| silent(e))
+            .or_else(|| scanned.iter().find(|(_, e)| not_requested(e)))
+            .or(scanned.first())
+            .map(|(id, _)| *id)
     }
 
     /// Takes connection `id` out of the share; with `reason`, also closes
@@ -580,6 +588,25 @@ mod tests {
         assert!(budgets.linger().is_some());
         let none = ConnectionBudgets::new(40, Duration::from_secs(10));
         assert!(none.linger().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_request_being_answered_is_not_the_one_closed() {
+        let budgets = Arc::new(ConnectionBudgets::new(4_000, Duration::from_secs(10)));
+        // The oldest is upgrading (its request is being answered); the rest
+        // have sent a byte each and wait.
+        let (upgrading, _) = budgets.admit(peer("10.0.0.1"), SILENT);
+        upgrading.requested();
+        let waiting: Vec<PreAuthPlace> = (1..PER_ADDRESS)
+            .map(|_| budgets.admit(peer("10.0.0.1"), SILENT).0)
+            .collect();
+        for place in &waiting {
+            place.spoke();
+        }
+        let (_newest, closed) = budgets.admit(peer("10.0.0.1"), SILENT);
+        assert_eq!(closed, [PreAuthClosed::AddressFull]);
+        assert!(!upgrading.state.close.is_cancelled());
+        assert!(waiting[0].state.close.is_cancelled());
     }
 
     #[tokio::test]

@@ -80,11 +80,12 @@ pub async fn serve_connection(
         },
         reason = place.closed() => {
             closed_before_authenticating(&shared, reason, port);
-            // Never sent a byte (its task may just not have seen one yet):
-            // held open a while if there is room, so that a client
-            // reconnecting at once (a flood) waits instead.
-            let silent = !super::budgets::has_sent_anything(stream.as_raw_fd());
-            if let Some(_lingering) = shared.budgets.linger().filter(|_| silent) {
+            // Closed to make room on the main port and never sent a byte (its
+            // task may just not have seen one yet): held open a while if there
+            // is room, so that a client reconnecting at once (a flood) waits.
+            let made_room = reason != PreAuthClosed::Timeout && port == Port::Main;
+            let silent = made_room && !super::budgets::has_sent_anything(stream.as_raw_fd());
+            if let Some(_lingering) = silent.then(|| shared.budgets.linger()).flatten() {
                 tokio::time::sleep(super::budgets::LINGER).await;
             }
             return;
