@@ -28,8 +28,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -79,15 +79,6 @@ pub(crate) fn has_sent_anything(socket: RawFd) -> bool {
 /// [`ConnectionBudgets::linger`]).
 pub const LINGER: Duration = Duration::from_secs(5);
 
-/// A lingering socket's hold on one of the places for them.
-pub struct Lingering(Arc<AtomicUsize>);
-
-impl Drop for Lingering {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Why a connection not yet authenticated was closed by the server:
 /// `pre_auth_closed_total{reason}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,9 +115,9 @@ pub struct ConnectionBudgets {
     handshake_timeout: Duration,
     sessions: Arc<Semaphore>,
     session_places: usize,
-    /// Closed connections held open a while ([`ConnectionBudgets::linger`]).
-    lingering: Arc<AtomicUsize>,
-    linger_places: usize,
+    /// Places for closed connections held open a while
+    /// ([`ConnectionBudgets::linger`]).
+    lingering: Arc<Semaphore>,
 }
 
 /// The connections not yet authenticated, oldest first and by address.
@@ -157,8 +148,8 @@ struct PlaceState {
     spoken: AtomicBool,
     /// Set once the connection sent a complete request.
     requested: AtomicBool,
-    /// Why it was closed, once it was.
-    closed_for: Mutex<Option<PreAuthClosed>>,
+    /// Why it was closed, once it was (set before `close` is cancelled).
+    closed_for: OnceLock<PreAuthClosed>,
 }
 
 /// A source address as the per-address cap counts it: IPv4, or an IPv6 /64
@@ -217,8 +208,7 @@ impl ConnectionBudgets {
             handshake_timeout,
             sessions: Arc::new(Semaphore::new(session_places)),
             session_places,
-            lingering: Arc::default(),
-            linger_places: 0,
+            lingering: Arc::new(Semaphore::new(0)),
         }
     }
 
@@ -226,7 +216,7 @@ impl ConnectionBudgets {
     /// byte, stay open for [`LINGER`] before they really close (file
     /// descriptors spare beyond `--max-connections`).
     pub fn with_lingering(mut self, places: usize) -> ConnectionBudgets {
-        self.linger_places = places;
+        self.lingering = Arc::new(Semaphore::new(places));
         self
     }
 
@@ -235,13 +225,8 @@ impl ConnectionBudgets {
     /// closed (a flood of idle sockets) then waits: its sockets stop cycling
     /// through the kernel's queues, where real clients' connections wait
     /// behind them. It holds a descriptor, not a place.
-    pub fn linger(&self) -> Option<Lingering> {
-        let held = self.lingering.fetch_add(1, Ordering::Relaxed);
-        if held >= self.linger_places {
-            self.lingering.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(Lingering(self.lingering.clone()))
+    pub fn linger(&self) -> Option<OwnedSemaphorePermit> {
+        self.lingering.clone().try_acquire_owned().ok()
     }
 
     /// Places for connections not yet authenticated.
@@ -370,11 +355,7 @@ impl PreAuth {
     /// it. Returns the reason if the connection was still there.
     fn close(&mut self, id: u64, reason: PreAuthClosed) -> Option<PreAuthClosed> {
         let entry = self.remove(id)?;
-        *entry
-            .state
-            .closed_for
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(reason);
+        let _ = entry.state.closed_for.set(reason);
         entry.state.close.cancel();
         Some(reason)
     }
@@ -436,8 +417,8 @@ impl PreAuthPlace {
         }
         self.state
             .closed_for
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .get()
+            .copied()
             .unwrap_or(PreAuthClosed::ShareFull)
     }
 }

@@ -326,9 +326,9 @@ impl Room {
     }
 
     /// What the board takes of [`MAX_BOARD_BYTES`]: its shapes' JSON, with
-    /// a separator each. Summed when a shape is created or grows: at most
-    /// [`MAX_SHAPES_PER_ROOM`] additions, cheaper than keeping a total right
-    /// through every restore and merge.
+    /// a separator each. Summed for each create and update (at most
+    /// [`MAX_SHAPES_PER_ROOM`] additions: microseconds), instead of a
+    /// total kept right through every restore and merge.
     fn board_bytes(&self) -> usize {
         self.shapes
             .values()
