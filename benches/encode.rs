@@ -29,6 +29,7 @@ fn room_with(shapes: u64) -> (Room, u64) {
                 conn: ConnId(m),
                 user_id: format!("user-{m}"),
                 v2: false,
+                deflate: false,
             },
         );
     }

@@ -129,6 +129,11 @@ pub struct ServeArgs {
     /// a quiet room's changes still go out at once). 0: no cap.
     #[arg(long, env = "MAX_SNAPSHOT_HZ", default_value_t = 60)]
     pub max_snapshot_hz: u32,
+    /// permessage-deflate (RFC 7692) with clients that offer it (every
+    /// browser does): snapshots compressed once per room version for all
+    /// such members, client messages inflated within `--max-message-bytes`.
+    #[arg(long, env = "COMPRESSION", value_enum, default_value_t = Switch::On)]
+    pub compression: Switch,
     /// TLS certificate chain (PEM). With `--tls-key`, the port serves HTTPS and
     /// `wss://`; without both, plain HTTP and `ws://`.
     #[arg(long, env = "TLS_CERT", requires = "tls_key")]
@@ -194,6 +199,15 @@ pub struct ServeArgs {
     /// start after this container); unreachable by then: exit 2.
     #[arg(long, env = "AGONES_CONNECT_TIMEOUT_MS", default_value_t = 30_000)]
     pub agones_connect_timeout_ms: u64,
+}
+
+/// A feature turned on or off (`--compression on`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    /// Used.
+    On,
+    /// Not used.
+    Off,
 }
 
 /// What an Agones game server does when its last room closes.
@@ -279,6 +293,8 @@ pub struct Config {
     pub ping_interval: Duration,
     /// Least time between two messages to one member (`--max-snapshot-hz`).
     pub snapshot_spacing: Option<Duration>,
+    /// Negotiate permessage-deflate with clients that offer it (`--compression`).
+    pub compression: bool,
     /// From the shutdown signal to exit, everything included.
     pub shutdown_grace: Duration,
     /// What clients may do.
@@ -657,6 +673,7 @@ impl ServeArgs {
             ping_interval: Duration::from_millis(self.ping_interval_ms),
             snapshot_spacing: (self.max_snapshot_hz > 0)
                 .then(|| Duration::from_secs(1) / self.max_snapshot_hz),
+            compression: self.compression == Switch::On,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
             dev: self.dev,
             admin_token: self.admin_token.filter(|t| !t.is_empty()),

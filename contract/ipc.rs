@@ -14,11 +14,12 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 /// Version of the frame definitions below. The supervisor and a worker exchange it
 /// in their first frames and refuse to talk on a mismatch. Bump it on any change to
 /// [`ToWorker`] or [`FromWorker`].
-pub const IPC_VERSION: u32 = 12;
+pub const IPC_VERSION: u32 = 13;
 
-/// Largest IPC frame body accepted. A snapshot of a full room (1000 shapes with
-/// bounded fields) is far below this; anything larger is corruption.
-pub const MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
+/// Largest IPC frame body accepted. A snapshot of a full room with its
+/// compressed form (never larger than the snapshot: see
+/// `FromWorker::Snapshot`) is below this; anything larger is corruption.
+pub const MAX_FRAME_LEN: usize = 32 * 1024 * 1024;
 
 const LEN_PREFIX: usize = 4;
 
@@ -172,6 +173,8 @@ pub struct Stamped {
 pub enum RoomEvent {
     /// An authenticated connection asks to join. `v2`: it speaks protocol v2
     /// (PROTOCOL-v2.md), so the room records ops while it is a member.
+    /// `deflate`: it negotiated permessage-deflate, so the room's snapshots
+    /// come compressed too while it is a member.
     Join {
         /// The connection asking.
         conn: ConnId,
@@ -179,6 +182,8 @@ pub enum RoomEvent {
         user_id: String,
         /// It negotiated the v2 subprotocol.
         v2: bool,
+        /// It negotiated permessage-deflate.
+        deflate: bool,
     },
     /// The connection has closed (whether or not it was admitted).
     Leave {
@@ -301,6 +306,14 @@ pub enum FromWorker {
         json: String,
         /// The v2 ops since the previous snapshot, if they cover every change.
         ops: Option<String>,
+        /// `json` without its opening `{`, as permessage-deflate segments
+        /// (`contract::deflate`), for members that negotiated it: a v1
+        /// message is a stored `{` and these, a v2 snapshot its prefix and
+        /// these. Only while such a member is in the room, for snapshots of
+        /// at least `MIN_COMPRESSED_BYTES`, and only if smaller than `json`
+        /// (so the frame stays under twice a snapshot's bound).
+        #[serde(with = "serde_bytes")]
+        deflated: Option<Vec<u8>>,
     },
     /// The room has been freed after a `CloseRoom`.
     RoomClosed {

@@ -7,6 +7,7 @@
 //!   [`protocol::v2`]), the close codes and limits;
 //! - [`ipc`]: the frames the supervisor and a worker exchange, and their
 //!   length-prefixed `postcard` encoding;
+//! - [`deflate`]: permessage-deflate payloads (compressed once, in segments);
 //! - [`config`]: the command line and environment, validated into settings;
 //! - [`alloc`]: giving freed memory back to the system;
 //! - [`process`]: what an exit status says (a fault, or a kill from outside).
@@ -15,6 +16,7 @@
 
 pub mod alloc;
 pub mod config;
+pub mod deflate;
 pub mod ipc;
 pub mod process;
 pub mod protocol;

@@ -12,7 +12,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
     ALLOW, CONNECTION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT,
-    SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
+    SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION,
+    UPGRADE,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -25,8 +26,10 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{debug, info, warn};
 
 use super::budgets::{PreAuthClosed, PreAuthPlace};
+use super::inflate::Inflater;
 use super::metrics::Rejection;
 use super::rooms::{ConnState, PlacementError};
+use super::websocket::Negotiated;
 use super::{Shared, session, websocket};
 use contract::ipc::ConnId;
 
@@ -426,6 +429,8 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) 
     let accept = derive_accept_key(key.as_bytes());
     // v2 when the client offers `whiteboard.v2` (PROTOCOL-v2.md), else v1.
     let protocol = websocket::Protocol::negotiate(req.headers());
+    // permessage-deflate when the client offers it (every browser does).
+    let deflate = shared.config.compression && websocket::deflate_offered(req.headers());
 
     // Taken now so the session's task holds the upgrade, not the whole request
     // (the task's size is paid by every connection for its whole life).
@@ -441,16 +446,19 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) 
         // Boxed: the upgrade's and the handshake's futures are large and needed
         // only until the session starts; inline, the task would keep their space
         // for the connection's whole life.
+        let inflater =
+            deflate.then(|| Inflater::new(max, shared.metrics.messages_inflated.clone()));
         let socket = Box::pin(async move {
             match upgrade.await {
-                Ok(upgraded) => websocket::accept(upgraded, config).await,
+                Ok(upgraded) => websocket::accept(upgraded, config, inflater).await,
                 Err(e) => Err(std::io::Error::other(e)),
             }
         })
         .await;
         match socket {
             Ok(socket) => {
-                session::run(shared, socket, room, conn, identity, conn_state, protocol).await
+                let negotiated = Negotiated { protocol, deflate };
+                session::run(shared, socket, room, conn, identity, conn_state, negotiated).await
             }
             Err(e) => {
                 debug!(error = %e, "upgrade failed");
@@ -471,6 +479,12 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) 
     );
     if let Some(chosen) = protocol.response_header() {
         headers.insert(SEC_WEBSOCKET_PROTOCOL, chosen);
+    }
+    if deflate {
+        headers.insert(
+            SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static(websocket::DEFLATE_RESPONSE),
+        );
     }
     res
 }

@@ -12,6 +12,7 @@ pub mod budgets;
 pub mod dev;
 pub mod host;
 pub mod http;
+pub mod inflate;
 pub mod memory;
 pub mod metrics;
 pub mod pool;

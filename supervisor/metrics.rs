@@ -188,6 +188,19 @@ pub struct Metrics {
     /// `connections_v2`: open sessions speaking protocol v2 (also in
     /// `connections`).
     pub connections_v2: Gauge,
+    /// `connections_compressed`: open sessions that negotiated
+    /// permessage-deflate (also in `connections`).
+    pub connections_compressed: Gauge,
+    /// `snapshots_compressed_total`: snapshots that came from the workers
+    /// compressed, each once for all of its room's members.
+    pub snapshots_compressed: Counter,
+    /// `messages_compressed_total`: messages written to clients compressed.
+    pub messages_compressed: Counter,
+    /// `compressed_bytes_total`: payload bytes of those messages, as sent
+    /// (`snapshot_bytes_total` and `ops_bytes_total` count them uncompressed).
+    pub compressed_bytes: Counter,
+    /// `messages_inflated_total`: compressed messages clients sent.
+    pub messages_inflated: Counter,
     /// `ops_sent_total`: protocol v2 ops messages written to clients.
     pub ops_sent: Counter,
     /// `ops_bytes_total`: bytes of those ops messages.
@@ -260,6 +273,11 @@ impl Metrics {
             snapshot_bytes: Counter::default(),
             snapshots_skipped: Counter::default(),
             connections_v2: Gauge::default(),
+            connections_compressed: Gauge::default(),
+            snapshots_compressed: Counter::default(),
+            messages_compressed: Counter::default(),
+            compressed_bytes: Counter::default(),
+            messages_inflated: Counter::default(),
             ops_sent: Counter::default(),
             ops_bytes: Counter::default(),
             resyncs: Counter::default(),
@@ -397,6 +415,31 @@ impl Metrics {
             "connections_v2",
             "Open connections speaking protocol v2 (in `connections` too)",
             m.connections_v2.clone(),
+        );
+        registry.register(
+            "connections_compressed",
+            "Open connections that negotiated permessage-deflate (in `connections` too)",
+            m.connections_compressed.clone(),
+        );
+        registry.register(
+            "snapshots_compressed",
+            "Snapshots the workers compressed, each once for all members of its room",
+            m.snapshots_compressed.clone(),
+        );
+        registry.register(
+            "messages_compressed",
+            "Messages written to clients compressed (permessage-deflate)",
+            m.messages_compressed.clone(),
+        );
+        registry.register(
+            "compressed_bytes",
+            "Payload bytes of the messages written compressed, as sent",
+            m.compressed_bytes.clone(),
+        );
+        registry.register(
+            "messages_inflated",
+            "Compressed messages from clients, inflated",
+            m.messages_inflated.clone(),
         );
         registry.register(
             "ops_sent",

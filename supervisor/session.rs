@@ -26,7 +26,10 @@ use super::metrics::Rejection;
 use super::ratelimit::{Backlog, Budget, Held, Released};
 use super::rooms::{ConnState, Holder, Membership, Published, RoomHandle, SnapshotCell};
 use super::shutdown::Phase;
-use super::websocket::{ClientReader, ClientWriter, Protocol};
+use super::websocket::{ClientReader, ClientWriter, Negotiated, Protocol};
+use contract::deflate::{
+    InflateError, MIN_COMPRESSED_BYTES, SYNC_TRAILER, deflate_message, stored_segment,
+};
 use contract::ipc::{ConnId, Escaped};
 use contract::protocol::{
     CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_POLICY, REASON_DUPLICATE_USER, REASON_RATE_LIMIT,
@@ -63,8 +66,8 @@ enum End {
     Close(u16, &'static str),
 }
 
-/// A session speaking `protocol` (negotiated at the upgrade: see
-/// [`Protocol::negotiate`]).
+/// A session as `negotiated` at the upgrade (see [`Protocol::negotiate`] and
+/// [`deflate_offered`](super::websocket::deflate_offered)).
 ///
 /// Not an `async fn`: that would keep a second copy of the arguments in the
 /// future, which every connection pays for its whole life.
@@ -75,24 +78,39 @@ pub fn run(
     conn: ConnId,
     identity: Identity,
     conn_state: watch::Receiver<ConnState>,
-    protocol: Protocol,
+    negotiated: Negotiated,
 ) -> impl Future<Output = ()> {
     let span = info_span!("session", room = %room.id(), user = %Escaped(&identity.user_id), %conn, worker = %room.worker());
     async move {
         let started = Instant::now();
         shared.metrics.connections_accepted.inc();
         shared.metrics.connections.inc();
-        let v2 = protocol == Protocol::V2;
+        let v2 = negotiated.protocol == Protocol::V2;
         if v2 {
             // Before the join: batches are kept from the room's next publish.
             room.v2_session(conn, true);
             shared.metrics.connections_v2.inc();
         }
-        debug!(?protocol, "session opened");
+        if negotiated.deflate {
+            // Before the join, which asks the worker for compressed snapshots.
+            room.deflate_session(conn);
+            shared.metrics.connections_compressed.inc();
+        }
+        debug!(?negotiated, "session opened");
         let replace = take_over(&shared, &room, conn).await;
         let joined = room.join(conn, replace).await.is_ok();
         let end = if joined {
-            serve(&shared, &room, conn, &mut sink, &mut stream, conn_state, v2).await
+            let outbox = Outbox::new(v2, negotiated.deflate, shared.config.snapshot_spacing);
+            serve(
+                &shared,
+                &room,
+                conn,
+                &mut sink,
+                &mut stream,
+                conn_state,
+                outbox,
+            )
+            .await
         } else {
             End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable")
         };
@@ -110,6 +128,9 @@ pub fn run(
         if v2 {
             room.v2_session(conn, false);
             shared.metrics.connections_v2.dec();
+        }
+        if negotiated.deflate {
+            shared.metrics.connections_compressed.dec();
         }
         let how = match end {
             End::ClientGone => "client gone".to_owned(),
@@ -173,11 +194,8 @@ async fn serve(
     sink: &mut ClientWriter,
     stream: &mut ClientReader,
     mut conn_state: watch::Receiver<ConnState>,
-    v2: bool,
+    mut outbox: Outbox,
 ) -> End {
-    // Made here, not passed in: a value moved into an `async fn` keeps a slot
-    // in the caller's future too, and every connection pays for both.
-    let mut outbox = Outbox::new(v2, shared.config.snapshot_spacing);
     let ping_every = shared.config.ping_interval;
     let mut ping = tokio::time::interval(ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -368,6 +386,19 @@ async fn serve(
                         info!(error = %e, "client sent a text frame that is not UTF-8");
                         return End::Close(CLOSE_INVALID_DATA, "Invalid UTF-8");
                     }
+                    // permessage-deflate (`inflate`): a message inflating
+                    // past the limit is too big however small it came.
+                    Some(Err(WsError::Io(e))) if inflate_error(&e).is_some() => {
+                        let why = inflate_error(&e).expect("guarded");
+                        info!(error = %why, "client sent a compressed message that cannot be taken");
+                        return match why {
+                            InflateError::TooBig => {
+                                shared.metrics.reject(Rejection::MessageTooBig);
+                                End::Close(CLOSE_TOO_BIG, "Message too big")
+                            }
+                            InflateError::Corrupt => End::Close(CLOSE_INVALID_DATA, "Invalid compressed data"),
+                        };
+                    }
                     Some(Err(e)) => {
                         debug!(error = %e, "read failed");
                         return End::ClientGone;
@@ -407,6 +438,22 @@ async fn serve(
     }
 }
 
+/// Why the inflater refused a client's message, if that is what `e` is.
+fn inflate_error(e: &std::io::Error) -> Option<InflateError> {
+    e.get_ref()?.downcast_ref::<InflateError>().copied()
+}
+
+/// A stored DEFLATE segment of `{`: a v1 message compressed is this and the
+/// worker's segments of the snapshot without its `{`.
+fn stored_brace() -> &'static [u8] {
+    static BRACE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BRACE.get_or_init(|| {
+        let mut out = Vec::new();
+        stored_segment(b"{", &mut out);
+        out
+    })
+}
+
 /// What a session sends its client, and when: the room's newest state, at most
 /// once per `--max-snapshot-hz` period. A change after a quiet period goes out
 /// at once; a change within the period waits for its end (one timer, only while
@@ -441,6 +488,10 @@ pub(crate) struct Outbox {
     /// A v2 member's own state (`None` for v1: every connection pays for
     /// what is inline here, idle or not).
     v2: Option<Box<V2Outbox>>,
+    /// permessage-deflate was negotiated: snapshots go compressed (the
+    /// worker's shared segments), and so do v2 ops messages of at least
+    /// [`MIN_COMPRESSED_BYTES`] (each member's own, compressed here).
+    deflate: bool,
 }
 
 #[derive(Default)]
@@ -464,7 +515,7 @@ enum V2Message {
 }
 
 impl Outbox {
-    fn new(v2: bool, spacing: Option<Duration>) -> Outbox {
+    fn new(v2: bool, deflate: bool, spacing: Option<Duration>) -> Outbox {
         Outbox {
             spacing,
             last_sent: None,
@@ -472,6 +523,7 @@ impl Outbox {
             timer_armed: false,
             last_version: None,
             v2: v2.then(Box::default),
+            deflate,
         }
     }
 
@@ -565,17 +617,50 @@ impl Outbox {
         if self.spacing.is_some() {
             self.last_sent = Some(Instant::now());
         }
+        // The shared segments, their last trailer off (RFC 7692 §7.2.1).
+        let deflated = snapshot
+            .deflated
+            .as_deref()
+            .filter(|_| self.deflate)
+            .map(|d| d.strip_suffix(&SYNC_TRAILER).unwrap_or(d));
+        let compressed_head = match (&message, deflated) {
+            (None, Some(_)) => Some(stored_brace().to_vec()),
+            (Some(V2Message::Snapshot(head)), Some(_)) => {
+                let mut prefix = Vec::with_capacity(head.len() + 10);
+                stored_segment(head, &mut prefix);
+                Some(prefix)
+            }
+            (Some(V2Message::Ops(ops)), _) if self.deflate && ops.len() >= MIN_COMPRESSED_BYTES => {
+                Some(deflate_message(ops))
+            }
+            _ => None,
+        };
         let written = async {
-            match &message {
-                None => sink.text(&snapshot.message).await,
-                Some(V2Message::Snapshot(head)) => {
+            match (&message, &compressed_head) {
+                (Some(V2Message::Ops(_)), Some(payload)) => {
+                    sink.compressed_text(payload, &[]).await
+                }
+                (_, Some(head)) => {
+                    sink.compressed_text(head, deflated.expect("a snapshot's head"))
+                        .await
+                }
+                (None, None) => sink.text(&snapshot.message).await,
+                (Some(V2Message::Snapshot(head)), None) => {
                     sink.text_parts(head, &snapshot.message[1..]).await
                 }
-                Some(V2Message::Ops(ops)) => sink.text(ops).await,
+                (Some(V2Message::Ops(ops)), None) => sink.text(ops).await,
             }
         };
         match tokio::time::timeout(WRITE_TIMEOUT, written).await {
             Ok(Ok(())) => {
+                if let Some(head) = &compressed_head {
+                    metrics.messages_compressed.inc();
+                    let body = match &message {
+                        Some(V2Message::Ops(_)) => 0,
+                        _ => deflated.map_or(0, <[u8]>::len),
+                    };
+                    metrics.compressed_bytes.inc_by((head.len() + body) as u64);
+                }
                 match message {
                     Some(V2Message::Ops(ops)) => {
                         metrics.ops_sent.inc();

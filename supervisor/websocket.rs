@@ -15,7 +15,7 @@
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
 use hyper::upgrade::Upgraded;
@@ -26,8 +26,12 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
+use super::inflate::Inflater;
+
 /// Frame opcodes (RFC 6455 §5.2).
 const OPCODE_TEXT: u8 = 0x1;
+/// The first reserved bit: set on a compressed message's first frame (RFC 7692).
+const RSV1: u8 = 0x40;
 const OPCODE_CLOSE: u8 = 0x8;
 const OPCODE_PING: u8 = 0x9;
 const OPCODE_PONG: u8 = 0xA;
@@ -40,10 +44,13 @@ pub type ClientReader = WebSocketStream<ReadSide>;
 /// A client connection over TLS.
 type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
 
-/// Splits an upgraded connection into its reader and writer.
+/// Splits an upgraded connection into its reader and writer. With
+/// `inflater` (permessage-deflate was negotiated), the reader inflates the
+/// client's compressed messages.
 pub async fn accept(
     upgraded: Upgraded,
     config: WebSocketConfig,
+    inflater: Option<Inflater>,
 ) -> io::Result<(ClientReader, ClientWriter)> {
     // The server serves every connection as `TokioIo<TcpStream>` or, with TLS,
     // `TokioIo<TlsStream>`, so this only fails if that changes.
@@ -66,8 +73,11 @@ pub async fn accept(
     // that buffer alive for the connection's life, so its bytes (usually none)
     // are copied out.
     let read_side = ReadSide {
-        early: Bytes::copy_from_slice(&early),
-        read,
+        socket: SocketSide {
+            early: Bytes::copy_from_slice(&early),
+            read,
+        },
+        inflater: inflater.map(Box::new),
     };
     let reader = WebSocketStream::from_raw_socket(read_side, Role::Server, Some(config)).await;
     Ok((reader, ClientWriter { socket: write }))
@@ -142,19 +152,23 @@ impl<P: AsyncWrite + Unpin, T: AsyncWrite + Unpin> AsyncWrite for Half<P, T> {
     }
 }
 
-/// The socket's read half, plus any bytes hyper read past the upgrade request.
+/// The socket's read half, plus any bytes hyper read past the upgrade request,
+/// and with permessage-deflate what inflates the client's compressed messages.
 /// Writes are accepted and dropped (see the module comment).
 pub struct ReadSide {
+    socket: SocketSide,
+    /// Boxed: only connections that negotiated compression pay for it.
+    inflater: Option<Box<Inflater>>,
+}
+
+/// The bytes as they come: early ones first, then the socket's.
+struct SocketSide {
     early: Bytes,
     read: ReadHalf,
 }
 
-impl AsyncRead for ReadSide {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+impl SocketSide {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if !self.early.is_empty() {
             let n = self.early.len().min(buf.remaining());
             buf.put_slice(&self.early[..n]);
@@ -165,6 +179,42 @@ impl AsyncRead for ReadSide {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+/// Bytes read from the socket at a time for the inflater.
+const INFLATER_READ_BYTES: usize = 4096;
+
+impl AsyncRead for ReadSide {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let ReadSide { socket, inflater } = self.get_mut();
+        let Some(inflater) = inflater else {
+            return socket.poll_read(cx, buf);
+        };
+        loop {
+            let n = inflater.take_ready(buf.initialize_unfilled());
+            if n > 0 {
+                buf.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            let mut chunk = [0; INFLATER_READ_BYTES];
+            let mut raw = ReadBuf::new(&mut chunk);
+            ready!(socket.poll_read(cx, &mut raw))?;
+            if raw.filled().is_empty() {
+                inflater.finish();
+                if !inflater.has_ready() {
+                    return Poll::Ready(Ok(())); // the end of the stream
+                }
+                continue;
+            }
+            // Read as an I/O error by tungstenite; the session closes with
+            // the code it names (see `session`).
+            inflater.push(raw.filled()).map_err(io::Error::other)?;
+        }
     }
 }
 
@@ -200,8 +250,20 @@ impl ClientWriter {
     /// A text frame of `head` then `body`, without copying them together (a
     /// v2 snapshot is a short prefix and the shared v1 snapshot's bytes).
     pub async fn text_parts(&mut self, head: &[u8], body: &[u8]) -> io::Result<()> {
-        let (header, header_len) = frame_header(OPCODE_TEXT, head.len() + body.len());
-        let mut parts = [&header[..header_len], head, body];
+        self.parts(OPCODE_TEXT, [head, body]).await
+    }
+
+    /// A compressed text message (permessage-deflate: RSV1 set) whose payload
+    /// is `head` then `body` (DEFLATE segments, the last one's trailer off).
+    pub async fn compressed_text(&mut self, head: &[u8], body: &[u8]) -> io::Result<()> {
+        self.parts(RSV1 | OPCODE_TEXT, [head, body]).await
+    }
+
+    /// One frame whose payload is `payload`'s parts, written without copying
+    /// them together.
+    async fn parts(&mut self, first: u8, payload: [&[u8]; 2]) -> io::Result<()> {
+        let (header, header_len) = frame_header(first, payload[0].len() + payload[1].len());
+        let mut parts = [&header[..header_len], payload[0], payload[1]];
         while parts.iter().any(|p| !p.is_empty()) {
             let written = self.socket.write_vectored(&parts.map(IoSlice::new)).await?;
             if written == 0 {
@@ -264,6 +326,15 @@ impl ClientWriter {
     }
 }
 
+/// What a client's upgrade settled.
+#[derive(Clone, Copy, Debug)]
+pub struct Negotiated {
+    /// The protocol it speaks.
+    pub protocol: Protocol,
+    /// permessage-deflate: messages either way may come compressed.
+    pub deflate: bool,
+}
+
 /// The protocol a client asked for in its upgrade request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -299,10 +370,61 @@ impl Protocol {
     }
 }
 
-/// A final, unmasked frame's header: (bytes, length used).
-fn frame_header(opcode: u8, len: usize) -> ([u8; 10], usize) {
+/// permessage-deflate as the server answers it (RFC 7692): no context
+/// takeover either way, so one compressed payload is right for every member
+/// and no connection keeps a compressor.
+pub const DEFLATE_RESPONSE: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+/// Whether the client offers permessage-deflate in a form this server can
+/// accept: one of its offers (`Sec-WebSocket-Extensions`, comma-separated,
+/// possibly repeated) names it with known parameters, none twice, and no
+/// `server_max_window_bits` (this server's payloads are compressed once for
+/// everyone, with the full window; every browser offers the plain form).
+pub fn deflate_offered(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get_all(hyper::header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(acceptable_deflate_offer)
+}
+
+fn acceptable_deflate_offer(offer: &str) -> bool {
+    let mut parts = offer.split(';').map(str::trim);
+    if parts.next() != Some("permessage-deflate") {
+        return false;
+    }
+    let mut seen = Vec::new();
+    for param in parts {
+        let (name, value) = match param.split_once('=') {
+            Some((name, value)) => (name.trim(), Some(value.trim().trim_matches('"'))),
+            None => (param, None),
+        };
+        if seen.contains(&name) {
+            return false;
+        }
+        seen.push(name);
+        let ok = match name {
+            "server_no_context_takeover" | "client_no_context_takeover" => value.is_none(),
+            // The client may limit its own window: any is inflated here.
+            "client_max_window_bits" => value.is_none_or(|v| {
+                v.parse::<u8>().is_ok_and(|bits| (8..=15).contains(&bits)) && !v.starts_with('0')
+            }),
+            _ => false,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// A final, unmasked frame's header: (bytes, length used). `first` is the
+/// opcode, with [`RSV1`] for a compressed message.
+fn frame_header(first: u8, len: usize) -> ([u8; 10], usize) {
     let mut header = [0u8; 10];
-    header[0] = 0x80 | opcode; // FIN
+    header[0] = 0x80 | first; // FIN
     let used = if len < 126 {
         header[1] = len as u8;
         2
@@ -321,6 +443,38 @@ fn frame_header(opcode: u8, len: usize) -> ([u8; 10], usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deflate_is_accepted_in_the_forms_clients_offer_it() {
+        use hyper::header::{HeaderMap, HeaderValue, SEC_WEBSOCKET_EXTENSIONS};
+        let offer = |values: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append(SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_static(v));
+            }
+            deflate_offered(&headers)
+        };
+        assert!(!offer(&[]));
+        // Chromium and Firefox; Node's ws.
+        assert!(offer(&["permessage-deflate; client_max_window_bits"]));
+        assert!(offer(&["permessage-deflate"]));
+        assert!(offer(&["permessage-deflate; client_max_window_bits=10"]));
+        assert!(offer(&[
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        ]));
+        // A second offer this server can take.
+        assert!(offer(&[
+            "permessage-deflate; server_max_window_bits=10, permessage-deflate"
+        ]));
+        assert!(offer(&["x-webkit-deflate-frame", "permessage-deflate"]));
+        assert!(!offer(&["permessage-deflate; server_max_window_bits=10"]));
+        assert!(!offer(&["permessage-deflate; client_max_window_bits=16"]));
+        assert!(!offer(&[
+            "permessage-deflate; client_max_window_bits; client_max_window_bits"
+        ]));
+        assert!(!offer(&["permessage-deflate; mystery"]));
+        assert!(!offer(&["permessage-deflatex"]));
+    }
 
     #[test]
     fn v2_is_chosen_only_when_offered() {

@@ -111,6 +111,7 @@ fn stamped(seq: u64, op: &Op) -> Stamped {
             conn: ConnId(*c),
             user_id: format!("user{u}"),
             v2: c % 2 == 0,
+            deflate: c % 3 == 0,
         },
         Op::Leave(c) => RoomEvent::Leave { conn: ConnId(*c) },
         Op::Send(c, text) => RoomEvent::Message {

@@ -856,9 +856,11 @@ impl WorkerCore {
                 continue;
             }
             slot.last_snapshot_at = Some(now);
+            let (json, deflated) = slot.room.snapshot();
             out.push(FromWorker::Snapshot {
-                json: slot.room.snapshot_json(),
+                json,
                 ops: slot.room.take_ops(),
+                deflated,
                 room: room_id,
             });
         }
@@ -1189,6 +1191,7 @@ mod tests {
                 conn: ConnId(1),
                 user_id: "a".into(),
                 v2: false,
+                deflate: false,
             });
         }
 
@@ -1201,6 +1204,7 @@ mod tests {
                     conn: ConnId(conn),
                     user_id: format!("u{conn}"),
                     v2: false,
+                    deflate: false,
                 });
             }
             h.run_until(t0 + Duration::from_millis(10)).await;

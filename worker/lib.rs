@@ -5,6 +5,7 @@
 
 #![deny(missing_docs)]
 
+pub mod compressed;
 pub mod core;
 pub mod persist;
 pub mod room;
@@ -313,7 +314,14 @@ struct Output {
 /// About how many KiB a message takes in the output queue.
 fn size_kib(msg: &FromWorker) -> usize {
     let bytes = match msg {
-        FromWorker::Snapshot { json, ops, .. } => json.len() + ops.as_ref().map_or(0, String::len),
+        FromWorker::Snapshot {
+            json,
+            ops,
+            deflated,
+            ..
+        } => {
+            json.len() + ops.as_ref().map_or(0, String::len) + deflated.as_ref().map_or(0, Vec::len)
+        }
         FromWorker::Checkpoint { image, .. } => image.len(),
         _ => 0,
     };

@@ -5,6 +5,9 @@
 
 use indexmap::IndexMap;
 
+use crate::compressed::CompressedShapes;
+
+use contract::deflate::MIN_COMPRESSED_BYTES;
 use contract::ipc::{ConnId, JoinRejection, MAX_FRAME_LEN, RoomEvent, RoomId, Stamped};
 use contract::protocol::{
     ClientMessage, DEFAULT_FILL, DEFAULT_STROKE, IgnoredReason, InvalidMessage, MAX_BOARD_BYTES,
@@ -13,8 +16,9 @@ use contract::protocol::{
 };
 
 // A snapshot (or a checkpoint, which holds the same shapes) within the budgets
-// always fits an IPC frame, with a margin for the frame's other fields.
-const _: () = assert!(MAX_SNAPSHOT_BYTES + 1024 * 1024 < MAX_FRAME_LEN);
+// always fits an IPC frame, with a margin for the frame's other fields; so
+// does a snapshot with its compressed form, which is sent only when smaller.
+const _: () = assert!(2 * MAX_SNAPSHOT_BYTES + 1024 * 1024 < MAX_FRAME_LEN);
 
 /// What applying one event did.
 #[derive(Debug, PartialEq)]
@@ -98,8 +102,8 @@ pub struct RoomImage {
     pub id_seed: u64,
     /// The last event applied.
     pub last_seq: u64,
-    /// (connection, user, speaks v2)
-    pub members: Vec<(ConnId, String, bool)>,
+    /// (connection, user, speaks v2, takes compressed snapshots)
+    pub members: Vec<(ConnId, String, bool, bool)>,
     /// (user, x, y, time in ms since the Unix epoch), in first-move order.
     pub cursors: Vec<(String, f64, f64, i64)>,
     /// The shapes, as the JSON array the store keeps.
@@ -113,6 +117,9 @@ struct Member {
     user_id: String,
     /// Speaks protocol v2: while one member does, the room records ops.
     v2: bool,
+    /// Negotiated permessage-deflate: while one member did, snapshots come
+    /// compressed too.
+    deflate: bool,
 }
 
 /// A cursor and its JSON encoding, made when it moves (a room's snapshots
@@ -153,6 +160,11 @@ struct Shape {
     /// but not updated. Nothing stored is ever dropped.
     fields: Option<ShapeFields>,
     json: String,
+    /// Names this version of the shape within its room (a new one for each
+    /// change): compressed chunks of the board are kept while their shapes'
+    /// revisions are the same (see `compressed`). Not part of the room's
+    /// state: a restored room numbers its shapes afresh.
+    rev: u64,
 }
 
 #[derive(Clone)]
@@ -197,6 +209,12 @@ pub struct Room {
     ops_continuous: bool,
     /// Members speaking v2 (ops are recorded only while there is one).
     v2_members: usize,
+    /// Members taking compressed snapshots (compressed only while there is one).
+    deflate_members: usize,
+    /// The last compressed snapshot's chunks of shapes, reused while unchanged.
+    compressed: CompressedShapes,
+    /// The next shape revision (see `Shape::rev`).
+    next_rev: u64,
     /// The server's memory budget is nearly spent: creates are refused.
     memory_full: bool,
 }
@@ -220,8 +238,17 @@ impl Room {
             ops: String::new(),
             ops_continuous: false,
             v2_members: 0,
+            deflate_members: 0,
+            compressed: CompressedShapes::default(),
+            next_rev: 0,
             memory_full: false,
         }
+    }
+
+    /// A revision no shape of the room had (see `Shape::rev`).
+    fn new_rev(&mut self) -> u64 {
+        self.next_rev += 1;
+        self.next_rev
     }
 
     /// The ops since the previous call, comma-separated (see `ops`), or `None`
@@ -298,6 +325,10 @@ impl Room {
             keep(&mut merged, id, shape);
         }
         self.shapes = merged;
+        for index in 0..self.shapes.len() {
+            let rev = self.new_rev();
+            self.shapes[index].rev = rev;
+        }
         // Not expressed as ops: members get a snapshot.
         self.ops_continuous = false;
         self.ops = String::new();
@@ -361,7 +392,12 @@ impl Room {
     pub fn apply_counted(&mut self, stamped: &Stamped) -> (Effect, Option<MessageKind>) {
         self.last_seq = stamped.seq;
         match &stamped.event {
-            RoomEvent::Join { conn, user_id, v2 } => (self.join(*conn, user_id, *v2), None),
+            RoomEvent::Join {
+                conn,
+                user_id,
+                v2,
+                deflate,
+            } => (self.join(*conn, user_id, *v2, *deflate), None),
             RoomEvent::Leave { conn } => (self.leave(*conn), None),
             RoomEvent::Message { conn, text } => {
                 let Some(user_id) = self.user_of(*conn) else {
@@ -390,7 +426,7 @@ impl Room {
             .map(|m| m.user_id.as_str())
     }
 
-    fn join(&mut self, conn: ConnId, user_id: &str, v2: bool) -> Effect {
+    fn join(&mut self, conn: ConnId, user_id: &str, v2: bool, deflate: bool) -> Effect {
         if self.members.iter().any(|m| m.user_id == user_id) {
             return Effect::Rejected(JoinRejection::DuplicateUser);
         }
@@ -401,8 +437,10 @@ impl Room {
             conn,
             user_id: user_id.to_owned(),
             v2,
+            deflate,
         });
         self.v2_members += usize::from(v2);
+        self.deflate_members += usize::from(deflate);
         self.push_op(|out| {
             out.push_str("\"join\",\"userId\":");
             push_json_string(out, user_id);
@@ -417,6 +455,10 @@ impl Room {
         };
         let member = self.members.remove(pos);
         self.v2_members -= usize::from(member.v2);
+        self.deflate_members -= usize::from(member.deflate);
+        if self.deflate_members == 0 {
+            self.compressed.clear();
+        }
         self.cursors.shift_remove(&member.user_id);
         self.push_op(|out| {
             out.push_str("\"leave\",\"userId\":");
@@ -469,7 +511,8 @@ impl Room {
                     fill: non_empty_or(fill, DEFAULT_FILL),
                     stroke: non_empty_or(stroke, DEFAULT_STROKE),
                 };
-                let shape = Shape::new(&id, fields);
+                let mut shape = Shape::new(&id, fields);
+                shape.rev = self.new_rev();
                 if self.board_bytes() + Shape::board_bytes(&shape.json) > MAX_BOARD_BYTES {
                     return Effect::Ignored(Ignored::BoardFull);
                 }
@@ -483,6 +526,7 @@ impl Room {
             }
             ClientMessage::ShapeUpdate { shape_id, changes } => {
                 let board_bytes = self.board_bytes();
+                let rev = self.new_rev();
                 let Some(shape) = self.shapes.get_mut(&shape_id) else {
                     return Effect::Ignored(Ignored::UnknownShape);
                 };
@@ -502,6 +546,7 @@ impl Room {
                     return Effect::Ignored(Ignored::BoardFull);
                 }
                 shape.json = json;
+                shape.rev = rev;
                 self.push_op(|out| {
                     out.push_str("\"update\",\"id\":");
                     push_json_string(out, &shape_id);
@@ -547,7 +592,7 @@ impl Room {
             members: self
                 .members
                 .iter()
-                .map(|m| (m.conn, m.user_id.clone(), m.v2))
+                .map(|m| (m.conn, m.user_id.clone(), m.v2, m.deflate))
                 .collect(),
             cursors: self
                 .cursors
@@ -566,9 +611,15 @@ impl Room {
         room.members = image
             .members
             .into_iter()
-            .map(|(conn, user_id, v2)| Member { conn, user_id, v2 })
+            .map(|(conn, user_id, v2, deflate)| Member {
+                conn,
+                user_id,
+                v2,
+                deflate,
+            })
             .collect();
         room.v2_members = room.members.iter().filter(|m| m.v2).count();
+        room.deflate_members = room.members.iter().filter(|m| m.deflate).count();
         room.cursors = image
             .cursors
             .into_iter()
@@ -586,6 +637,28 @@ impl Room {
 
     /// The snapshot every member gets, as JSON text.
     pub fn snapshot_json(&self) -> String {
+        self.snapshot_and_head().0
+    }
+
+    /// The snapshot every member gets, as JSON text, and while a member
+    /// negotiated permessage-deflate its compressed form (see
+    /// `FromWorker::Snapshot`): made from the shapes' chunks compressed for
+    /// earlier snapshots where unchanged, and sent only if smaller.
+    pub fn snapshot(&mut self) -> (String, Option<Vec<u8>>) {
+        let (json, head_end) = self.snapshot_and_head();
+        if self.deflate_members == 0 || json.len() < MIN_COMPRESSED_BYTES {
+            return (json, None);
+        }
+        let mut deflated = Vec::with_capacity(json.len() / 8);
+        let shapes = self.shapes.values().map(|s| (s.rev, s.json.as_str()));
+        self.compressed
+            .snapshot(&json[1..head_end], shapes, &mut deflated);
+        let smaller = deflated.len() < json.len();
+        (json, smaller.then_some(deflated))
+    }
+
+    /// The snapshot's JSON, and where its shapes start (after `"shapes":[`).
+    fn snapshot_and_head(&self) -> (String, usize) {
         let mut out = String::with_capacity(64 + self.shapes_len() + 96 * self.cursors.len());
         out.push_str("{\"connectedUsers\":[");
         push_separated(&mut out, &self.members, |out, member| {
@@ -596,9 +669,10 @@ impl Room {
             out.push_str(&cursor.json)
         });
         out.push_str("],\"shapes\":");
+        let head_end = out.len() + 1;
         self.push_shapes(&mut out);
         out.push('}');
-        out
+        (out, head_end)
     }
 }
 
@@ -682,6 +756,7 @@ impl Shape {
         Shape {
             fields: Some(fields),
             json,
+            rev: 0,
         }
     }
 
@@ -699,6 +774,7 @@ impl Shape {
         let shape = Shape {
             fields: None,
             json: value.to_string(),
+            rev: 0,
         };
         (id, shape)
     }
@@ -877,6 +953,7 @@ mod tests {
                 conn: ConnId(conn),
                 user_id: user.into(),
                 v2,
+                deflate: false,
             })
         }
 
@@ -890,6 +967,60 @@ mod tests {
         fn snapshot(&self) -> String {
             self.room.snapshot_json()
         }
+    }
+
+    /// A compressed snapshot's segments, inflated, with the `{` put back.
+    fn inflated(deflated: &[u8]) -> String {
+        let payload = &deflated[..deflated.len() - 4];
+        let json = contract::deflate::inflate_message(payload, 1 << 24).unwrap();
+        format!("{{{}", String::from_utf8(json).unwrap())
+    }
+
+    #[test]
+    fn snapshots_come_compressed_too_only_while_a_member_negotiated_it() {
+        let mut s = Script::new();
+        s.join_speaking(1, "ann", false);
+        for i in 0..20 {
+            s.send(1, &format!(r#"{{"type":"shape_create","shapeType":"text","x":{i},"y":0,"width":1,"height":1,"text":"雪🎉"}}"#));
+        }
+        let (json, deflated) = s.room.snapshot();
+        assert_eq!(json, s.snapshot());
+        assert_eq!(deflated, None, "nobody asked for it");
+        s.apply(RoomEvent::Join {
+            conn: ConnId(2),
+            user_id: "bob".into(),
+            v2: false,
+            deflate: true,
+        });
+        let (json, deflated) = s.room.snapshot();
+        let deflated = deflated.expect("bob takes compressed snapshots");
+        assert!(
+            deflated.len() * 3 < json.len(),
+            "{} of {}",
+            deflated.len(),
+            json.len()
+        );
+        assert_eq!(inflated(&deflated), json);
+        // A cursor move and a shape update: still the same JSON once inflated.
+        s.send(2, r#"{"type":"cursor_move","x":5,"y":6}"#);
+        let first = s.room.shapes.get_index(0).unwrap().0.clone();
+        s.send(
+            2,
+            &format!(r#"{{"type":"shape_update","shapeId":"{first}","x":99}}"#),
+        );
+        let (json, deflated) = s.room.snapshot();
+        assert_eq!(inflated(&deflated.unwrap()), json);
+        // A restored room keeps who asked for it.
+        let mut restored = Room::from_image(RoomId("r".into()), s.room.image());
+        let (json, deflated) = restored.snapshot();
+        assert_eq!(inflated(&deflated.unwrap()), json);
+        s.apply(RoomEvent::Leave { conn: ConnId(2) });
+        assert_eq!(s.room.snapshot().1, None, "bob left");
+        assert_eq!(
+            s.room.compressed.chunk_count(),
+            0,
+            "nothing kept for nobody"
+        );
     }
 
     #[test]

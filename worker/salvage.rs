@@ -272,6 +272,7 @@ mod tests {
                 conn: ConnId(1),
                 user_id: "a".into(),
                 v2: false,
+                deflate: false,
             },
         );
         let request = Salvage {

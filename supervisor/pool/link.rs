@@ -173,8 +173,21 @@ pub(super) async fn read_frames(
 fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &WorkerSlot) {
     let worker = slot.id;
     match msg {
-        FromWorker::Snapshot { room, json, ops } => {
-            registry.publish(&room, Bytes::from(json), ops.map(Bytes::from))
+        FromWorker::Snapshot {
+            room,
+            json,
+            ops,
+            deflated,
+        } => {
+            if deflated.is_some() {
+                metrics.snapshots_compressed.inc();
+            }
+            registry.publish(
+                &room,
+                Bytes::from(json),
+                ops.map(Bytes::from),
+                deflated.map(Bytes::from),
+            )
         }
         FromWorker::JoinAccepted { room, conn } => registry.admit(&room, conn),
         FromWorker::JoinRejected { room, conn, reason } => registry.reject(&room, conn, reason),

@@ -110,6 +110,7 @@ async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
                 room: RoomId("big".into()),
                 json,
                 ops: None,
+                deflated: None,
             };
             w_writer.send(snapshot).await.unwrap();
         }

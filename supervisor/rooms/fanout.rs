@@ -19,6 +19,9 @@ pub type SnapshotCell = Option<Published>;
 pub struct Published {
     /// The snapshot's JSON, shared by every member's session.
     pub message: Bytes,
+    /// For members that negotiated permessage-deflate: the snapshot without
+    /// its `{`, as DEFLATE segments (see `FromWorker::Snapshot`), shared too.
+    pub deflated: Option<Bytes>,
     /// When the supervisor received it (for the fan-out latency).
     pub at: Instant,
     /// Counts the room's snapshots, so a member can tell how many it skipped.
@@ -102,7 +105,7 @@ impl Batches {
 impl RoomEntry {
     /// Publishes the room's newest snapshot to its members, and for v2 members
     /// the ops that lead to it from the previous one (`None`: none do).
-    pub(super) fn publish(&self, snapshot: Bytes, ops: Option<Bytes>) {
+    pub(super) fn publish(&self, snapshot: Bytes, ops: Option<Bytes>, deflated: Option<Bytes>) {
         self.snapshots.send_modify(|cell| {
             let version = cell.as_ref().map_or(1, |p| p.version + 1);
             // Under the watch's lock, so batches are kept in version order.
@@ -115,6 +118,7 @@ impl RoomEntry {
             }
             *cell = Some(Published {
                 message: snapshot,
+                deflated,
                 at: Instant::now(),
                 version,
             });
@@ -187,11 +191,11 @@ mod tests {
         let entry = registry
             .register(&room("v2"), ConnId(1), "u".into(), commands().0)
             .unwrap();
-        registry.publish(&room("v2"), Bytes::from_static(b"{}"), None);
+        registry.publish(&room("v2"), Bytes::from_static(b"{}"), None, None);
         entry.v2_session(ConnId(1), true);
         entry.v2_session(ConnId(2), true);
         for n in ["a", "b", "c"] {
-            registry.publish(&room("v2"), Bytes::from_static(b"{}"), ops(n));
+            registry.publish(&room("v2"), Bytes::from_static(b"{}"), ops(n), None);
         }
         assert_eq!(entry.batches().entries.len(), 3);
         entry.v2_session(ConnId(1), false);
@@ -199,7 +203,7 @@ mod tests {
         entry.v2_session(ConnId(2), false);
         assert!(entry.batches().entries.is_empty());
         assert_eq!(entry.batches().bytes, 0);
-        registry.publish(&room("v2"), Bytes::from_static(b"{}"), ops("d"));
+        registry.publish(&room("v2"), Bytes::from_static(b"{}"), ops("d"), None);
         assert!(
             entry.batches().entries.is_empty(),
             "none kept without v2 members"

@@ -104,10 +104,10 @@ impl RoomHandle {
         if state.lost {
             return Err(RoomLost);
         }
-        let Some((user_id, v2)) = state
+        let Some((user_id, v2, deflate)) = state
             .conns
             .get(&conn)
-            .map(|m| (m.user_id.to_string(), m.v2))
+            .map(|m| (m.user_id.to_string(), m.v2, m.deflate))
         else {
             return Err(RoomLost);
         };
@@ -142,9 +142,15 @@ impl RoomHandle {
                 permits.next().expect("reserved").send(open);
             }
         }
-        let join = state
-            .recovery
-            .stamp(&entry.id, RoomEvent::Join { conn, user_id, v2 });
+        let join = state.recovery.stamp(
+            &entry.id,
+            RoomEvent::Join {
+                conn,
+                user_id,
+                v2,
+                deflate,
+            },
+        );
         state.joined += 1;
         if let Some(member) = state.conns.get_mut(&conn) {
             member.joined = true;
@@ -240,6 +246,14 @@ impl RoomHandle {
         }
     }
 
+    /// The session of `conn` negotiated permessage-deflate: its join (sent
+    /// after this) asks the worker for compressed snapshots too.
+    pub fn deflate_session(&self, conn: ConnId) {
+        if let Some(member) = lock(&self.0.state).conns.get_mut(&conn) {
+            member.deflate = true;
+        }
+    }
+
     /// The v2 session of `conn` starts (`true`: before its join, so that the
     /// join tells the worker to record ops) or ends (`false`).
     pub fn v2_session(&self, conn: ConnId, starts: bool) {
@@ -307,12 +321,14 @@ mod tests {
                     conn: ConnId(1),
                     user_id: "u".into(),
                     v2: false,
+                    deflate: false,
                 },
                 RoomEvent::Leave { conn: ConnId(1) },
                 RoomEvent::Join {
                     conn: ConnId(2),
                     user_id: "u".into(),
                     v2: false,
+                    deflate: false,
                 },
             ]
         );

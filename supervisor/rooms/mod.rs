@@ -275,10 +275,16 @@ impl Registry {
 
     /// Publishes the room's newest snapshot to its members, and for v2 members
     /// the ops that lead to it from the previous one (`None`: none do).
-    pub fn publish(&self, room: &RoomId, snapshot: Bytes, ops: Option<Bytes>) {
+    pub fn publish(
+        &self,
+        room: &RoomId,
+        snapshot: Bytes,
+        ops: Option<Bytes>,
+        deflated: Option<Bytes>,
+    ) {
         let entry = lock(&self.table).rooms.get(room).cloned();
         if let Some(entry) = entry {
-            entry.publish(snapshot, ops);
+            entry.publish(snapshot, ops, deflated);
         }
     }
 

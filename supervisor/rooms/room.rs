@@ -123,6 +123,8 @@ pub(super) struct Member {
     pub(super) joined: bool,
     /// Speaks protocol v2 (told to the worker with its join).
     pub(super) v2: bool,
+    /// Negotiated permessage-deflate (told to the worker with its join).
+    pub(super) deflate: bool,
     /// Set while newer connections of the same user wait to learn whether this
     /// one is alive: set to true when its client is heard from, dropped when it
     /// leaves.
@@ -136,6 +138,7 @@ impl Member {
             user_id: user_id.into(),
             joined: false,
             v2: false,
+            deflate: false,
             probe: None,
         }
     }
