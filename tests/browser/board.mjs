@@ -150,6 +150,17 @@ try {
     if (says !== "v2") throw new Error(`${name}'s page says ${says}, not v2: the server did not accept the whiteboard.v2 subprotocol`);
   }
   step("alice's and bob's pages speak v2");
+
+  // Chromium offers permessage-deflate on every WebSocket: the three pages'
+  // connections took it, and their messages (the 15 s drag's) came compressed.
+  const metrics = await (await fetch(`${base}/metrics`)).text();
+  const metric = (name) => Number((metrics.match(new RegExp(`^${name} (\\S+)$`, "m")) ?? [])[1] ?? 0);
+  const compressed = metric("session_server_connections_compressed");
+  if (compressed !== 3) throw new Error(`${compressed} of the 3 pages' connections negotiated permessage-deflate`);
+  const inflated = metric("session_server_messages_inflated_total");
+  const sent = metric("session_server_messages_compressed_total");
+  if (inflated < 1 || sent < 1) throw new Error(`compressed messages: ${inflated} from the pages, ${sent} to them`);
+  step(`the 3 pages negotiated permessage-deflate: ${inflated} compressed messages from them, ${sent} to them`);
   step("pass");
 } catch (e) {
   console.error(`[browser] FAIL: ${e.stack || e}`);

@@ -66,3 +66,13 @@ fn the_board_speaks_v2_to_a_v2_server() {
     let server = Server::start_raw(&["--dev", "--workers", "1"], &[]);
     run_script("board-v2-fake.mjs", &server, "[browser-v2] pass");
 }
+
+/// permessage-deflate with Node's `ws` (`tests/browser/ws-deflate.mjs`): a
+/// client compressing everything it sends and one that does not see the same
+/// room byte for byte, and a zip bomb is closed with 1009.
+#[test]
+#[ignore = "needs node and tests/browser/node_modules (installed by .ci/run)"]
+fn node_ws_with_per_message_deflate_sees_the_same_room() {
+    let server = Server::start_raw(&["--dev", "--workers", "1"], &[]);
+    run_script("ws-deflate.mjs", &server, "[ws-deflate] pass");
+}

@@ -1,8 +1,10 @@
 //! The client protocol (PROTOCOL.md §1–4), one test per rule, with the real
 //! binary (a supervisor and its worker processes) and real WebSocket clients;
 //! the WebSocket framing the protocol rides on (pings, closes, fragments, big
-//! frames); connection liveness in `liveness`, protocol v2 in `v2`.
+//! frames); connection liveness in `liveness`, protocol v2 in `v2`,
+//! permessage-deflate in `compression`.
 
+mod compression;
 mod liveness;
 mod v2;
 

@@ -3,6 +3,7 @@
 //! clients, and kills it (by pid) when dropped.
 
 pub mod backend;
+pub mod raw;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
