@@ -125,10 +125,16 @@ pub struct ServeArgs {
     /// refused with 1008 "Duplicate user".
     #[arg(long, env = "TAKEOVER_WAIT_MS", default_value_t = 2_000)]
     pub takeover_wait_ms: u64,
-    /// Messages per second each member gets at most (always the newest state;
-    /// a quiet room's changes still go out at once). 0: no cap.
+    /// Messages per second a member gets at most once its room sends it more
+    /// than `--member-bytes-per-sec` (always the newest state). 0: no cap.
     #[arg(long, env = "MAX_SNAPSHOT_HZ", default_value_t = 60)]
     pub max_snapshot_hz: u32,
+    /// What a member may be sent per second before `--max-snapshot-hz`
+    /// applies: the bytes of every change its room makes (compressed where
+    /// compressed) plus 512 for each message. Below it, every change goes
+    /// out at once. 0: the rate always applies.
+    #[arg(long, env = "MEMBER_BYTES_PER_SEC", default_value_t = 256 * 1024)]
+    pub member_bytes_per_sec: u64,
     /// permessage-deflate (RFC 7692) with clients that offer it (every
     /// browser does): snapshots compressed once per room version for all
     /// such members, client messages inflated within `--max-message-bytes`.
@@ -291,8 +297,11 @@ pub struct Config {
     pub require_host_claim: bool,
     /// Between pings to an idle client; silent for two, it is dropped.
     pub ping_interval: Duration,
-    /// Least time between two messages to one member (`--max-snapshot-hz`).
+    /// Least time between two messages to one member (`--max-snapshot-hz`),
+    /// once its room sends it more than `member_bytes_per_sec`.
     pub snapshot_spacing: Option<Duration>,
+    /// A member's byte budget (`--member-bytes-per-sec`).
+    pub member_bytes_per_sec: u64,
     /// Negotiate permessage-deflate with clients that offer it (`--compression`).
     pub compression: bool,
     /// From the shutdown signal to exit, everything included.
@@ -674,6 +683,7 @@ impl ServeArgs {
             snapshot_spacing: (self.max_snapshot_hz > 0)
                 .then(|| Duration::from_secs(1) / self.max_snapshot_hz),
             compression: self.compression == Switch::On,
+            member_bytes_per_sec: self.member_bytes_per_sec,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
             dev: self.dev,
             admin_token: self.admin_token.filter(|t| !t.is_empty()),

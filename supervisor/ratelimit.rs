@@ -2,6 +2,9 @@
 //! instead of dropping its messages, and a flood detector that tells when a
 //! client's input has stayed far beyond any real client's for too long. Pure
 //! over instants; the session decides what waiting means (see `Backlog`).
+//! The other direction too: a member's byte budget ([`SendBudget`]), which
+//! decides when what its room sends it is capped to the newest state at
+//! `--max-snapshot-hz`.
 //!
 //! Why these shapes: the real client sends a `cursor_move` per display frame
 //! (60–240/s) and a `shape_update` every 50 ms while dragging, and a paste sends
@@ -189,6 +192,65 @@ impl Backlog {
     }
 }
 
+/// What a member's room would send it, against `--member-bytes-per-sec`
+/// (a token bucket of bytes, a quarter of a second's worth deep): while
+/// within it, every change goes out at once; over it, the session sends the
+/// newest state at the capped rate (`--max-snapshot-hz`). Charged with what
+/// the room *would* send, versions skipped under the cap included, so a
+/// busy room stays capped rather than flipping in and out of it.
+pub struct SendBudget {
+    per_sec: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+/// What each message costs besides its bytes: its frame, its TCP segment,
+/// the write, and the client's parse and render of one more state. It is
+/// why a stream of tiny messages (a v2 member's cursor ops, 600 a second in
+/// a busy room) is batched while a quiet room's snapshots are not.
+pub const MESSAGE_COST: u64 = 512;
+
+impl SendBudget {
+    /// A full budget of `per_sec` bytes a second (0: always over).
+    pub fn new(per_sec: u64, now: Instant) -> SendBudget {
+        let per_sec = per_sec as f64;
+        SendBudget {
+            per_sec,
+            tokens: per_sec / 4.0,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.per_sec / 4.0);
+        self.last = now;
+    }
+
+    /// Whether the member is within its budget (changes go out at once).
+    pub fn within(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens > 0.0
+    }
+
+    /// Charges one message of `bytes` that brings the member `versions`
+    /// versions forward (`bytes_per_version`: a snapshot stands for each of
+    /// the versions it skipped; an ops message holds all of theirs already).
+    /// The debt is bounded by a second's budget: a room that quiets down is
+    /// uncapped again within a second.
+    pub fn charge(&mut self, bytes: u64, versions: u64, bytes_per_version: bool, now: Instant) {
+        self.refill(now);
+        let versions = versions.max(1);
+        let payload = if bytes_per_version {
+            bytes * versions
+        } else {
+            bytes
+        };
+        let cost = payload + versions * MESSAGE_COST;
+        self.tokens = (self.tokens - cost as f64).max(-self.per_sec);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,5 +351,48 @@ mod tests {
         assert!(!backlog.may_read());
         assert_eq!(backlog.pop(), Some(Released::Spent));
         assert_eq!(backlog.pop(), None);
+    }
+
+    #[test]
+    fn a_member_within_its_byte_budget_gets_every_change_and_a_busy_room_stays_capped() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // The default: a room of 10 moving cursors at 10 Hz (100 snapshots
+        // of ~1 KB a second, uncompressed) stays within it.
+        let mut budget = SendBudget::new(256 * 1024, t0);
+        for i in 0..1000 {
+            assert!(budget.within(ms(i * 10)), "change {i}");
+            budget.charge(1100, 1, true, ms(i * 10));
+        }
+        // A v2 member of a busy room: 600 ops messages of 125 bytes a second
+        // is over it; capped at 60 Hz, the skipped versions keep it over.
+        let mut budget = SendBudget::new(256 * 1024, t0);
+        let mut over_at = None;
+        for i in 0..600 {
+            let now = t0 + Duration::from_micros(i * 1667);
+            if !budget.within(now) {
+                over_at = Some(i);
+                break;
+            }
+            budget.charge(125, 1, false, now);
+        }
+        let over_at = over_at.expect("over the budget within a second");
+        let start = t0 + Duration::from_micros(over_at * 1667);
+        for tick in 1..=120 {
+            // At the end of each period, the newest state: 10 versions
+            // folded into one ops message of 350 bytes…
+            let now = start + Duration::from_micros(tick * 16_667);
+            budget.charge(350, 10, false, now);
+            // …and the next change, just after, is held again.
+            assert!(
+                !budget.within(now + Duration::from_micros(1667)),
+                "still capped at tick {tick}"
+            );
+        }
+        // The room quiets down: within a second and a quarter, back to at once.
+        let quiet = start + Duration::from_micros(120 * 16_667);
+        assert!(budget.within(quiet + Duration::from_millis(1250)));
+        // 0: always capped.
+        assert!(!SendBudget::new(0, t0).within(ms(5000)));
     }
 }

@@ -23,7 +23,7 @@ use tracing::{Instrument, debug, info, info_span};
 use super::Shared;
 use super::auth::Identity;
 use super::metrics::Rejection;
-use super::ratelimit::{Backlog, Budget, Held, Released};
+use super::ratelimit::{Backlog, Budget, Held, Released, SendBudget};
 use super::rooms::{ConnState, Holder, Membership, Published, RoomHandle, SnapshotCell};
 use super::shutdown::Phase;
 use super::websocket::{ClientReader, ClientWriter, Negotiated, Protocol};
@@ -100,7 +100,7 @@ pub fn run(
         let replace = take_over(&shared, &room, conn).await;
         let joined = room.join(conn, replace).await.is_ok();
         let end = if joined {
-            let outbox = Outbox::new(v2, negotiated.deflate, shared.config.snapshot_spacing);
+            let outbox = Outbox::new(v2, negotiated.deflate, &shared.config);
             serve(
                 &shared,
                 &room,
@@ -473,8 +473,11 @@ fn stored_brace() -> &'static [u8] {
 /// they are smaller than the snapshot, else a `snapshot`; always a snapshot
 /// first, and after a `resync`.
 pub(crate) struct Outbox {
-    /// Least time between two messages (`None`: no cap).
+    /// Least time between two messages once over the budget (`None`: no cap).
     spacing: Option<Duration>,
+    /// What the room would send this member, against `--member-bytes-per-sec`:
+    /// within it, every change goes out at once.
+    budget: SendBudget,
     /// When the last message was sent (kept only with a cap).
     last_sent: Option<Instant>,
     /// Wakes the session when the period ends, while a change waits for it
@@ -515,9 +518,10 @@ enum V2Message {
 }
 
 impl Outbox {
-    fn new(v2: bool, deflate: bool, spacing: Option<Duration>) -> Outbox {
+    fn new(v2: bool, deflate: bool, config: &contract::config::Config) -> Outbox {
         Outbox {
-            spacing,
+            spacing: config.snapshot_spacing,
+            budget: SendBudget::new(config.member_bytes_per_sec, Instant::now()),
             last_sent: None,
             timer: None,
             timer_armed: false,
@@ -528,12 +532,14 @@ impl Outbox {
     }
 
     /// Whether the member's rate holds a change back; if so, starts the timer
-    /// that sends the newest state when the period ends.
+    /// that sends the newest state when the period ends. Never while its room
+    /// sends it less than its byte budget.
     fn hold(&mut self) -> bool {
         let Some(at) = self.last_sent.zip(self.spacing).map(|(l, s)| l + s) else {
             return false;
         };
-        if at <= Instant::now() {
+        let now = Instant::now();
+        if at <= now || self.budget.within(now) {
             return false;
         }
         match &mut self.timer {
@@ -653,13 +659,21 @@ impl Outbox {
         };
         match tokio::time::timeout(WRITE_TIMEOUT, written).await {
             Ok(Ok(())) => {
-                if let Some(head) = &compressed_head {
+                let (wire_bytes, per_version) = match (&message, &compressed_head) {
+                    (Some(V2Message::Ops(_)), Some(payload)) => (payload.len(), false),
+                    (Some(V2Message::Ops(ops)), None) => (ops.len(), false),
+                    (_, Some(head)) => (head.len() + deflated.map_or(0, <[u8]>::len), true),
+                    (Some(V2Message::Snapshot(head)), None) => {
+                        (head.len() + snapshot.message.len() - 1, true)
+                    }
+                    (None, None) => (snapshot.message.len(), true),
+                };
+                let versions = last_version.map_or(1, |last| snapshot.version.saturating_sub(last));
+                self.budget
+                    .charge(wire_bytes as u64, versions, per_version, Instant::now());
+                if compressed_head.is_some() {
                     metrics.messages_compressed.inc();
-                    let body = match &message {
-                        Some(V2Message::Ops(_)) => 0,
-                        _ => deflated.map_or(0, <[u8]>::len),
-                    };
-                    metrics.compressed_bytes.inc_by((head.len() + body) as u64);
+                    metrics.compressed_bytes.inc_by(wire_bytes as u64);
                 }
                 match message {
                     Some(V2Message::Ops(ops)) => {

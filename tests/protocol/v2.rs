@@ -2,7 +2,8 @@
 //! (`--max-snapshot-hz`), against the real server binary: v1 stays the default
 //! and byte-for-byte what it was; a v2 client that applies the ops it gets keeps
 //! the room a v1 client sees; a fast room sends each v1 member at most 60
-//! snapshots a second and never loses the last one.
+//! snapshots a second and never loses the last one, a calm one every change
+//! at once (`--member-bytes-per-sec`).
 
 use std::time::{Duration, Instant};
 
@@ -340,6 +341,51 @@ async fn a_quiet_room_sends_v1_members_every_change_byte_for_byte() {
     }
 }
 
+/// Bursts of three changes 2 ms apart, 50 ms between bursts: what a v1
+/// member skipped of them (`snapshots_skipped_total`).
+async fn skipped_in_bursts(server: &Server, room: &str) -> f64 {
+    let mut watcher = server.join("watcher", room).await;
+    let mut movers = Vec::new();
+    for m in 0..3 {
+        movers.push(server.join(&format!("mover{m}"), room).await);
+    }
+    watcher
+        .until(|s| s["connectedUsers"].as_array().unwrap().len() == 4)
+        .await;
+    let before = metric(server, "session_server_snapshots_skipped_total").await;
+    for burst in 0..40 {
+        for mover in &mut movers {
+            mover
+                .send(json!({"type":"cursor_move","x":burst,"y":1}))
+                .await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        while watcher
+            .next_text_within(Duration::from_millis(50))
+            .await
+            .is_some()
+        {}
+    }
+    metric(server, "session_server_snapshots_skipped_total").await - before
+}
+
+/// A room that sends its members less than their byte budget
+/// (`--member-bytes-per-sec`) is not capped: three changes within 5 ms reach
+/// a member as three snapshots, none folded. With the budget at 0 the 60 Hz
+/// cap applies to every room, and folds them.
+#[tokio::test]
+async fn a_room_within_the_byte_budget_sends_every_change_at_once() {
+    let server = Server::start(&[]);
+    let skipped = skipped_in_bursts(&server, "calm").await;
+    assert!(skipped <= 4.0, "{skipped} of 120 changes skipped");
+    let capped = Server::start(&["--member-bytes-per-sec", "0"]);
+    let skipped = skipped_in_bursts(&capped, "calm").await;
+    assert!(
+        skipped >= 20.0,
+        "{skipped} of 120 changes skipped under the cap"
+    );
+}
+
 /// Cursors moving at 144 Hz: what a v1 member gets in `window`, and its last
 /// snapshot once the movers stop. Returns (snapshots, seconds, last snapshot,
 /// final x of every mover).
@@ -379,9 +425,11 @@ async fn watch_movers_at_144_hz(server: &Server, room: &str) -> (usize, f64, Val
     (count, seconds, last, f64::from(TICKS - 1))
 }
 
+/// Over its byte budget (here 0: always over), a member gets the newest
+/// state at the capped rate.
 #[tokio::test]
-async fn at_144_hz_a_v1_member_gets_at_most_60_snapshots_a_second_and_the_last_state() {
-    let server = Server::start(&[]);
+async fn over_its_byte_budget_a_v1_member_gets_at_most_60_snapshots_a_second_and_the_last_state() {
+    let server = Server::start(&["--member-bytes-per-sec", "0"]);
     let (count, seconds, last, final_x) = watch_movers_at_144_hz(&server, "fast").await;
     let rate = count as f64 / seconds;
     // At most one per 1/60 s (the timer never fires early), plus the first.
@@ -400,20 +448,25 @@ async fn at_144_hz_a_v1_member_gets_at_most_60_snapshots_a_second_and_the_last_s
     }
 }
 
+/// Without the cap, or with the defaults (three cursors at 144 Hz send a
+/// member about 100 KB/s of snapshots, within its 256 KiB/s budget), the
+/// same room sends far more: every change the worker publishes.
 #[tokio::test]
-async fn without_the_cap_the_same_room_sends_far_more() {
-    let server = Server::start(&["--max-snapshot-hz", "0"]);
-    let (count, seconds, last, final_x) = watch_movers_at_144_hz(&server, "fast").await;
-    assert!(
-        count as f64 > seconds * 100.0,
-        "{count} snapshots in {seconds:.2} s"
-    );
-    for m in 0..3 {
-        assert_eq!(
-            cursor_x(&last, &format!("mover{m}")),
-            Some(final_x),
-            "{last}"
+async fn without_the_cap_or_within_the_budget_the_same_room_sends_far_more() {
+    for args in [&["--max-snapshot-hz", "0"][..], &[]] {
+        let server = Server::start(args);
+        let (count, seconds, last, final_x) = watch_movers_at_144_hz(&server, "fast").await;
+        assert!(
+            count as f64 > seconds * 100.0,
+            "{args:?}: {count} snapshots in {seconds:.2} s"
         );
+        for m in 0..3 {
+            assert_eq!(
+                cursor_x(&last, &format!("mover{m}")),
+                Some(final_x),
+                "{last}"
+            );
+        }
     }
 }
 
