@@ -113,6 +113,8 @@ struct RoomSlot {
     last_save_ms: Option<i64>,
     /// When the room's last snapshot was sent (for coalescing).
     last_snapshot_at: Option<Instant>,
+    /// Bytes of that snapshot (a big room's snapshots are spaced by size).
+    last_snapshot_bytes: usize,
     /// The fallback written at a drain's end, and a hash of the shapes it
     /// holds: a later drain (the worker orphaned after answering) writes none
     /// unless the shapes changed since (members leaving change nothing).
@@ -130,6 +132,14 @@ const MAX_FALLBACKS_PER_TICK: usize = 8;
 /// `Outbox` in `supervisor/session.rs`): this one saves the worker encoding and
 /// sending a big busy room's snapshots, that one bounds what each member gets.
 const DELIVERIES_PER_ROOM_PER_SEC: u32 = 20_000;
+
+/// Snapshot bytes per second one room may have encoded and carried over IPC:
+/// a room's snapshots are at least their size ÷ this apart. A 4 MB board
+/// gets a snapshot every 125 ms (its members see others' changes at 8 Hz; a
+/// 12 MB one at under 3 Hz) and takes an eighth of the worker's time at
+/// most, so the other rooms of its worker keep their latency. Rooms under
+/// 32 KB are not held back by it (under a millisecond).
+const SNAPSHOT_BYTES_PER_ROOM_PER_SEC: usize = 32 * 1024 * 1024;
 
 /// Below this spacing a room is not held back: the worker's timer is not finer,
 /// and rooms this small (up to 20 members) are cheap to fan out.
@@ -154,6 +164,7 @@ impl RoomSlot {
             pending_syncs: Vec::new(),
             last_save_ms: None,
             last_snapshot_at: None,
+            last_snapshot_bytes: 0,
             drain_fallback: None,
         }
     }
@@ -161,7 +172,11 @@ impl RoomSlot {
     /// When the next snapshot of this room may be sent, if it must wait.
     fn snapshot_not_before(&self) -> Option<Instant> {
         let members = self.room.member_count() as u32;
-        let spacing = Duration::from_secs(1) * members / DELIVERIES_PER_ROOM_PER_SEC;
+        let by_members = Duration::from_secs(1) * members / DELIVERIES_PER_ROOM_PER_SEC;
+        let by_bytes = Duration::from_secs_f64(
+            self.last_snapshot_bytes as f64 / SNAPSHOT_BYTES_PER_ROOM_PER_SEC as f64,
+        );
+        let spacing = by_members.max(by_bytes);
         if spacing < MIN_SNAPSHOT_SPACING {
             return None;
         }
@@ -857,6 +872,7 @@ impl WorkerCore {
             }
             slot.last_snapshot_at = Some(now);
             let (json, deflated) = slot.room.snapshot();
+            slot.last_snapshot_bytes = json.len();
             out.push(FromWorker::Snapshot {
                 json,
                 ops: slot.room.take_ops(),
@@ -1342,6 +1358,49 @@ mod tests {
         small.create(1);
         small.create(2);
         assert_eq!(small.snapshots().len(), 2);
+    }
+
+    /// A 4 MB board's snapshots are at least 4 MB ÷ 32 MiB/s (125 ms) apart,
+    /// however few its members: cursor moves in between are folded.
+    #[tokio::test(start_paused = true)]
+    async fn a_big_board_s_snapshots_are_spaced_by_their_size() {
+        let mut h = Harness::with_members(1).await;
+        let text = "板".repeat(20_000); // 60 KB
+        for x in 0..70 {
+            h.event(RoomEvent::Message {
+                conn: ConnId(1),
+                text: json!({"type":"shape_create","shapeType":"text","x":x,"y":0,"width":1,"height":1,"text":text}).to_string(),
+            });
+            h.run_until(Instant::now() + Duration::from_millis(200))
+                .await;
+        }
+        assert_eq!(
+            h.snapshots().len(),
+            70,
+            "each create 200 ms apart: all sent"
+        );
+        let bytes = h.core.rooms[&room()].last_snapshot_bytes;
+        assert!(bytes > 4_000_000, "{bytes}");
+        h.output.clear();
+        let t1 = Instant::now();
+        for x in 0..30 {
+            h.event(RoomEvent::Message {
+                conn: ConnId(1),
+                text: json!({"type":"cursor_move","x":x,"y":0}).to_string(),
+            });
+            h.run_until(t1 + Duration::from_millis(7 * (x + 1))).await;
+        }
+        // 210 ms of moves at 144 Hz: the first at once, then one 125 ms later.
+        let spacing = Duration::from_secs_f64(bytes as f64 / (32.0 * 1024.0 * 1024.0));
+        assert!(spacing > Duration::from_millis(120), "{spacing:?}");
+        assert_eq!(h.snapshots().len(), 2);
+        h.run_until(t1 + spacing * 2).await;
+        let snaps = h.snapshots();
+        assert_eq!(snaps.len(), 3);
+        assert_eq!(
+            snaps[2]["cursors"][0]["x"], 29,
+            "the last move is never lost"
+        );
     }
 
     #[tokio::test(start_paused = true)]

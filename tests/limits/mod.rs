@@ -4,6 +4,7 @@
 //! attack the server still serves a normal client. What real clients do must
 //! never trip a limit: `real_clients`.
 
+mod big_rooms;
 mod lockout;
 mod memory;
 mod real_clients;

@@ -1,0 +1,83 @@
+//! A big room does not slow its neighbours (issue 24): while a member of a
+//! 4 MB room moves at 144 Hz, a member of a small room on the same worker
+//! still sees its own moves come back quickly. The big room's snapshots are
+//! spaced by their size (`SNAPSHOT_BYTES_PER_ROOM_PER_SEC` in the worker).
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4_mb_room_moving_at_144_hz_leaves_its_neighbour_s_latency_alone() {
+    let server = Server::start_raw(&["--workers", "1"], &[("JWT_SECRET", SECRET)]);
+    let mut mover = server.join("mover", "big").await;
+    let mut watcher = server.join("watcher", "big").await;
+    let text = "板".repeat(20_000); // 60 KB
+    for x in 0..70 {
+        mover
+            .send(json!({"type":"shape_create","shapeType":"text","x":x,"y":0,"width":1,"height":1,"text":text}))
+            .await;
+    }
+    mover.until(|s| shapes(s).len() == 70).await;
+    let board = mover.last.as_ref().unwrap().len();
+    assert!(board > 4_000_000, "{board} bytes");
+    // Both members read everything they are sent, as a browser would.
+    let moving = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / 144.0));
+        for t in 0..(144 * 6) {
+            tick.tick().await;
+            mover.send(json!({"type":"cursor_move","x":t,"y":1})).await;
+            while mover
+                .next_text_within(Duration::from_millis(1))
+                .await
+                .is_some()
+            {}
+        }
+        mover
+    });
+    let watching = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(7);
+        let mut snapshots = 0;
+        while Instant::now() < deadline {
+            if watcher
+                .next_text_within(Duration::from_millis(500))
+                .await
+                .is_none()
+            {
+                break;
+            }
+            snapshots += 1;
+        }
+        snapshots
+    });
+
+    // The neighbour: its own cursor, 20 times a second, each move timed
+    // until it comes back.
+    let mut small = server.join("small", "neighbour").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut latencies = Vec::new();
+    for i in 0..100 {
+        let sent = Instant::now();
+        small.send(json!({"type":"cursor_move","x":i,"y":2})).await;
+        small.until(|s| s["cursors"][0]["x"] == i).await;
+        latencies.push(sent.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    latencies.sort();
+    let at = |p: usize| latencies[latencies.len() * p / 100];
+    let (p50, p95, p99) = (at(50), at(95), at(99));
+    let _ = moving.await.unwrap();
+    let big_snapshots = watching.await.unwrap();
+    eprintln!(
+        "neighbour p50 {p50:?} p95 {p95:?} p99 {p99:?}; the big room's watcher got {big_snapshots} snapshots"
+    );
+    // The target (p99 < 25 ms) is a benchmark's, on a release build
+    // (BENCHMARKS.md); here, in a debug build sharing two cores with other
+    // tests, a bound the unspaced room breaks (p95 over 60 ms when measured).
+    assert!(
+        p95 < Duration::from_millis(50),
+        "neighbour p50 {p50:?} p95 {p95:?} p99 {p99:?}"
+    );
+}
