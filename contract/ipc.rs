@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 /// Version of the frame definitions below. The supervisor and a worker exchange it
 /// in their first frames and refuse to talk on a mismatch. Bump it on any change to
 /// [`ToWorker`] or [`FromWorker`].
-pub const IPC_VERSION: u32 = 13;
+pub const IPC_VERSION: u32 = 14;
 
 /// Largest IPC frame body accepted. A snapshot of a full room with its
 /// compressed form (never larger than the snapshot: see
@@ -314,6 +314,23 @@ pub enum FromWorker {
         /// (so the frame stays under twice a snapshot's bound).
         #[serde(with = "serde_bytes")]
         deflated: Option<Vec<u8>>,
+    },
+    /// A v2 member's valid message was refused by a room limit (the board's
+    /// byte budget, its shape count, the server's memory budget): its session
+    /// tells the client with a v2 `error` message (PROTOCOL-v2.md). Sent
+    /// again when a restored room replays the event; the supervisor tells
+    /// the client once per `seq`.
+    Refused {
+        /// The member's room.
+        room: RoomId,
+        /// The member.
+        conn: ConnId,
+        /// The refused event.
+        seq: u64,
+        /// What the message asked.
+        kind: crate::protocol::MessageKind,
+        /// Which limit refused it.
+        reason: crate::protocol::IgnoredReason,
     },
     /// The room has been freed after a `CloseRoom`.
     RoomClosed {

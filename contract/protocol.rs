@@ -453,6 +453,23 @@ pub mod v2 {
         out
     }
 
+    /// `{"type":"error","op":KIND,"reason":REASON,"count":N}`: N of the
+    /// client's messages were refused by a room limit, the last of them a
+    /// `KIND` (a `type` of v1 §3) refused for `REASON` (`board_full`,
+    /// `shape_limit`, `memory_full`). Outside the `seq` order: it changes
+    /// no state.
+    pub fn error_message(
+        kind: super::MessageKind,
+        reason: super::IgnoredReason,
+        count: u32,
+    ) -> String {
+        format!(
+            r#"{{"type":"error","op":"{}","reason":"{}","count":{count}}}"#,
+            kind.label(),
+            reason.label()
+        )
+    }
+
     /// `{"type":"ops","seq":N,"ops":[…]}` from batches of comma-separated ops
     /// as the worker writes them (empty batches are skipped). A user's cursor
     /// ops that follow each other (no join or leave of the user in between) are

@@ -201,6 +201,9 @@ pub struct Metrics {
     pub compressed_bytes: Counter,
     /// `messages_inflated_total`: compressed messages clients sent.
     pub messages_inflated: Counter,
+    /// `refusals_told_total`: v2 `error` messages telling a client a room
+    /// limit refused its messages.
+    pub refusals_told: Counter,
     /// `ops_sent_total`: protocol v2 ops messages written to clients.
     pub ops_sent: Counter,
     /// `ops_bytes_total`: bytes of those ops messages.
@@ -278,6 +281,7 @@ impl Metrics {
             messages_compressed: Counter::default(),
             compressed_bytes: Counter::default(),
             messages_inflated: Counter::default(),
+            refusals_told: Counter::default(),
             ops_sent: Counter::default(),
             ops_bytes: Counter::default(),
             resyncs: Counter::default(),
@@ -435,6 +439,11 @@ impl Metrics {
             "compressed_bytes",
             "Payload bytes of the messages written compressed, as sent",
             m.compressed_bytes.clone(),
+        );
+        registry.register(
+            "refusals_told",
+            "v2 error messages telling a client a room limit refused its messages",
+            m.refusals_told.clone(),
         );
         registry.register(
             "messages_inflated",

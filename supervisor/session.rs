@@ -221,6 +221,8 @@ async fn serve(
     // seen, and whether one waits for the client to be heard from.
     let mut probes_seen = 0;
     let mut probe_waiting = false;
+    // A v2 `error` message to send (see `ConnState::refused`).
+    let mut refusal: Option<String> = None;
     let mut phase = shared.shutdown.subscribe();
     phase.mark_changed();
     let mut reading = true;
@@ -247,8 +249,20 @@ async fn serve(
                         }
                         Membership::Closed { code, reason } => return End::Close(*code, reason),
                     }
+                    if let (Some(v2), Some((kind, reason))) = (outbox.v2.as_mut(), state.last_refused) {
+                        refusal = (state.refused > v2.refused_told)
+                            .then(|| contract::protocol::v2::error_message(kind, reason, state.refused - v2.refused_told));
+                        v2.refused_told = state.refused;
+                    }
                     std::mem::replace(&mut probes_seen, state.probes) != state.probes
                 };
+                // A v2 client is told of its messages a room limit refused.
+                if let Some(error) = refusal.take() {
+                    shared.metrics.refusals_told.inc();
+                    if !matches!(tokio::time::timeout(WRITE_TIMEOUT, sink.text(error.as_bytes())).await, Ok(Ok(()))) {
+                        return End::ClientGone;
+                    }
+                }
                 if probed {
                     if last_heard.elapsed() < shared.config.takeover_wait {
                         // Heard from just now: alive, no need to ask.
@@ -508,6 +522,8 @@ struct V2Outbox {
     resync_version: Option<u64>,
     /// When that snapshot was made ([`RESYNC_EVERY`]).
     resync_answered_at: Option<Instant>,
+    /// Refused messages the client was told of (`ConnState::refused`).
+    refused_told: u32,
 }
 
 /// The first part of a v2 message: a snapshot's prefix (the v1 snapshot follows

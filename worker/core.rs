@@ -443,6 +443,19 @@ impl WorkerCore {
             Effect::Ignored(why) => {
                 self.ignored_frames += 1;
                 *self.ignored_by_reason.entry(why.reason()).or_default() += 1;
+                let limit = matches!(
+                    why,
+                    Ignored::BoardFull | Ignored::ShapeLimit | Ignored::MemoryFull
+                );
+                if let Some(kind) = kind.filter(|_| limit && slot.room.speaks_v2(conn)) {
+                    self.replies.push(FromWorker::Refused {
+                        room: stamped.room.clone(),
+                        conn,
+                        seq: stamped.seq,
+                        kind,
+                        reason: why.reason(),
+                    });
+                }
                 debug!(room = %stamped.room, %conn, ?why, total = self.ignored_frames, "client frame ignored");
             }
         }

@@ -419,6 +419,11 @@ impl Room {
         }
     }
 
+    /// Whether `conn` is a member speaking protocol v2.
+    pub fn speaks_v2(&self, conn: ConnId) -> bool {
+        self.members.iter().any(|m| m.conn == conn && m.v2)
+    }
+
     fn user_of(&self, conn: ConnId) -> Option<&str> {
         self.members
             .iter()

@@ -190,6 +190,13 @@ fn dispatch(msg: FromWorker, registry: &Registry, metrics: &Metrics, slot: &Work
             )
         }
         FromWorker::JoinAccepted { room, conn } => registry.admit(&room, conn),
+        FromWorker::Refused {
+            room,
+            conn,
+            seq,
+            kind,
+            reason,
+        } => registry.refused(&room, conn, seq, (kind, reason)),
         FromWorker::JoinRejected { room, conn, reason } => registry.reject(&room, conn, reason),
         FromWorker::RoomClosed { room } | FromWorker::CloseCancelled { room } => {
             registry.close_resolved(&room, worker)

@@ -36,7 +36,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use contract::ipc::{ConnId, JoinRejection, RoomId, RoomSummary, ToWorker, WorkerId};
-use contract::protocol::{CLOSE_INTERNAL_ERROR, CLOSE_POLICY};
+use contract::protocol::{CLOSE_INTERNAL_ERROR, CLOSE_POLICY, IgnoredReason, MessageKind};
 
 pub use fanout::{Published, SnapshotCell};
 pub use handle::{RoomHandle, RoomLost};
@@ -254,6 +254,31 @@ impl Registry {
         });
     }
 
+    /// The worker refused a v2 member's message (event `seq`) by a room
+    /// limit: its session tells the client, once per event.
+    pub fn refused(
+        &self,
+        room: &RoomId,
+        conn: ConnId,
+        seq: u64,
+        refusal: (MessageKind, IgnoredReason),
+    ) {
+        let Some(entry) = lock(&self.table).rooms.get(room).cloned() else {
+            return;
+        };
+        let mut state = lock(&entry.state);
+        if seq <= state.refused_up_to {
+            return; // a replayed event, told already
+        }
+        state.refused_up_to = seq;
+        if let Some(member) = state.conns.get(&conn) {
+            member.state.send_modify(|s| {
+                s.refused += 1;
+                s.last_refused = Some(refusal);
+            });
+        }
+    }
+
     /// Tells a joined connection's session the worker's verdict. A connection that
     /// was closed meanwhile (replaced, or its room lost) stays closed.
     fn tell(&self, room: &RoomId, conn: ConnId, membership: impl FnOnce(&RoomEntry) -> Membership) {
@@ -403,6 +428,30 @@ impl Table {
 mod tests {
     use super::testing::*;
     use super::*;
+
+    /// A restored room replays its journal and refuses the same events
+    /// again: the member is told of each refused event once.
+    #[tokio::test]
+    async fn a_refusal_is_told_once_per_event_even_when_replayed() {
+        let (registry, _frames) = registry(1, 10, 10);
+        let (_handle, state) = joined(&registry, "full", 1).await;
+        let board_full = (MessageKind::ShapeCreate, IgnoredReason::BoardFull);
+        for seq in [5, 6, 5, 6, 4] {
+            registry.refused(&room("full"), ConnId(1), seq, board_full);
+        }
+        assert_eq!(state.borrow().refused, 2);
+        registry.refused(
+            &room("full"),
+            ConnId(1),
+            7,
+            (MessageKind::ShapeUpdate, IgnoredReason::BoardFull),
+        );
+        assert_eq!(state.borrow().refused, 3);
+        assert_eq!(
+            state.borrow().last_refused,
+            Some((MessageKind::ShapeUpdate, IgnoredReason::BoardFull))
+        );
+    }
 
     #[test]
     fn rooms_spread_over_workers_and_refuse_when_full() {

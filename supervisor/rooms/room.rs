@@ -12,6 +12,7 @@ use super::Table;
 use super::fanout::{Batches, SnapshotCell};
 use super::recovery::Recovery;
 use contract::ipc::{ConnId, RoomId, RoomSummary, ToWorker, WorkerId};
+use contract::protocol::{IgnoredReason, MessageKind};
 
 /// What the supervisor tells a connection's session: its membership, which only
 /// moves forward (pending → admitted → closed), and how many times a newer
@@ -27,6 +28,12 @@ pub struct ConnState {
     /// with [`RoomHandle::alive`](super::RoomHandle::alive) when its client is
     /// next heard from.
     pub probes: u32,
+    /// The client's messages refused by a room limit so far (see
+    /// `FromWorker::Refused`), and what the last one asked and why: a v2
+    /// session tells its client of the ones it has not told yet.
+    pub refused: u32,
+    /// The last refused message's kind and reason.
+    pub last_refused: Option<(MessageKind, IgnoredReason)>,
 }
 
 impl ConnState {
@@ -35,6 +42,8 @@ impl ConnState {
         ConnState {
             membership: Membership::Pending,
             probes: 0,
+            refused: 0,
+            last_refused: None,
         }
     }
 }
@@ -166,6 +175,9 @@ pub(super) struct RoomState {
     pub(super) lost: bool,
     /// The worker's latest summary of the room (for the monitor).
     pub(super) summary: Option<RoomSummary>,
+    /// The last event whose refusal a member was told of: a restored room
+    /// replays its journal, and refuses the same events again.
+    pub(super) refused_up_to: u64,
     /// What rebuilds the room if its worker fails.
     pub(super) recovery: Recovery,
 }

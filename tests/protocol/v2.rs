@@ -506,3 +506,83 @@ async fn after_a_worker_crash_a_v2_member_gets_a_snapshot_and_stays_equal() {
     );
     assert_eq!(bob.resyncs, 0);
 }
+
+/// A v2 client is told when a room limit refuses its messages: an `error`
+/// message naming the refused op, outside the `seq` order (the ops that
+/// follow it go on without a gap); a v1 member of the same room gets only
+/// snapshots, as v1 always did.
+#[tokio::test]
+async fn a_v2_client_is_told_of_creates_the_board_budget_refused() {
+    let server = Server::start(&[]);
+    let mut pat = server.raw_client("pat", "full", None).await;
+    let mut ann = server
+        .raw_client_with("ann", "full", "Sec-WebSocket-Protocol: whiteboard.v2\r\n")
+        .await;
+    let text = "\u{1}".repeat(10_000); // 60 KB escaped
+    const PASTES: usize = 215;
+    // Both read as they go, as browsers do (what they were sent is kept).
+    let (mut ann_frames, mut pat_frames) = (Vec::new(), Vec::new());
+    for x in 0..PASTES {
+        let create = json!({"type":"shape_create","shapeType":"text","x":x,"y":0,"width":1,"height":1,"text":text});
+        ann.send_text(&create.to_string()).await;
+        if x % 10 == 9 {
+            ann_frames.extend(ann.frames_within(Duration::from_millis(5)).await);
+            pat_frames.extend(pat.frames_within(Duration::from_millis(5)).await);
+        }
+    }
+    ann.send_text(&json!({"type":"cursor_move","x":-5,"y":0}).to_string())
+        .await;
+    // Ann's messages up to her cursor: ops and snapshots in seq order, and
+    // the errors.
+    let (mut refused, mut added, mut last_seq, mut moved) = (0, 0, None::<u64>, false);
+    let mut ann_frames = ann_frames.into_iter();
+    while !(moved && refused as usize + added == PASTES) {
+        let frame = match ann_frames.next() {
+            Some(frame) => frame,
+            None => ann.next_text_frame().await,
+        };
+        if frame.opcode() != 0x1 {
+            continue;
+        }
+        let message: Value = serde_json::from_str(&frame.text()).unwrap();
+        match message["type"].as_str().unwrap() {
+            "error" => {
+                assert_eq!(message["op"], "shape_create", "{message}");
+                assert_eq!(message["reason"], "board_full", "{message}");
+                assert!(message.get("seq").is_none(), "{message}");
+                refused += message["count"].as_u64().unwrap();
+                continue;
+            }
+            "snapshot" => added = message["shapes"].as_array().unwrap().len(),
+            "ops" => {
+                let ops = message["ops"].as_array().unwrap();
+                added += ops.iter().filter(|op| op["op"] == "add").count();
+            }
+            other => panic!("unexpected {other}"),
+        }
+        let seq = message["seq"].as_u64().unwrap();
+        assert_eq!(last_seq.map_or(0, |s| s + 1), seq, "no gap");
+        last_seq = Some(seq);
+        moved |= message.to_string().contains("\"x\":-5");
+    }
+    assert!((200..215).contains(&added), "{added} kept");
+    assert!(refused >= 1);
+    assert!(metric(&server, "session_server_refusals_told_total").await >= 1.0);
+    // Pat, in v1, sees the same board and nothing else.
+    let mut pat_frames = pat_frames.into_iter();
+    loop {
+        let frame = match pat_frames.next() {
+            Some(frame) => frame,
+            None => pat.next_text_frame().await,
+        };
+        if frame.opcode() != 0x1 {
+            continue;
+        }
+        let text = frame.text();
+        let snap: Value = serde_json::from_str(&text).expect("a snapshot");
+        assert!(snap.get("type").is_none(), "{}", &text[..80]);
+        if shapes(&snap).len() == added && snap["cursors"][0]["x"] == -5 {
+            break;
+        }
+    }
+}

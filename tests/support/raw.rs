@@ -177,6 +177,16 @@ impl RawClient {
         }
     }
 
+    /// The frames that come until none has for `quiet` (to keep reading
+    /// while sending much).
+    pub async fn frames_within(&mut self, quiet: std::time::Duration) -> Vec<RawFrame> {
+        let mut frames = Vec::new();
+        while let Ok(frame) = tokio::time::timeout(quiet, self.next_frame()).await {
+            frames.push(frame);
+        }
+        frames
+    }
+
     /// The next text message (pings and pongs skipped).
     pub async fn next_text_frame(&mut self) -> RawFrame {
         let deadline = Instant::now() + PATIENCE;
