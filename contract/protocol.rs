@@ -46,7 +46,7 @@ pub const MAX_COORDINATE: f64 = 1e9;
 /// as one client message (`--max-message-bytes`: a pasted paragraph, 5,000 CJK
 /// characters, 10,000 escaped control characters); a create or an update that
 /// would take the board past this budget is refused. It keeps a snapshot under
-/// the 16 MiB IPC frame limit (see [`MAX_SNAPSHOT_BYTES`]).
+/// the IPC frame limit, with its compressed form (see [`MAX_SNAPSHOT_BYTES`]).
 pub const MAX_BOARD_BYTES: usize = 12 * 1024 * 1024;
 /// Upper bound of a snapshot's JSON: the board at its budget (and a comma per
 /// shape), plus members and cursors (100 each, ids at most [`MAX_ID_BYTES`]
