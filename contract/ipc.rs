@@ -315,23 +315,6 @@ pub enum FromWorker {
         #[serde(with = "serde_bytes")]
         deflated: Option<Vec<u8>>,
     },
-    /// A v2 member's valid message was refused by a room limit (the board's
-    /// byte budget, its shape count, the server's memory budget): its session
-    /// tells the client with a v2 `error` message (PROTOCOL-v2.md). Sent
-    /// again when a restored room replays the event; the supervisor tells
-    /// the client once per `seq`.
-    Refused {
-        /// The member's room.
-        room: RoomId,
-        /// The member.
-        conn: ConnId,
-        /// The refused event.
-        seq: u64,
-        /// What the message asked.
-        kind: crate::protocol::MessageKind,
-        /// Which limit refused it.
-        reason: crate::protocol::IgnoredReason,
-    },
     /// The room has been freed after a `CloseRoom`.
     RoomClosed {
         /// The room freed.
@@ -416,6 +399,23 @@ pub enum FromWorker {
     StoreUnusable {
         /// Why, with its causes, for the log and the start-up error.
         error: String,
+    },
+    /// A v2 member's valid message was refused by a room limit (the board's
+    /// byte budget, its shape count, the server's memory budget): its session
+    /// tells the client with a v2 `error` message (PROTOCOL-v2.md). Sent
+    /// again when a restored room replays the event; the supervisor tells
+    /// the client once per `seq`.
+    Refused {
+        /// The member's room.
+        room: RoomId,
+        /// The member.
+        conn: ConnId,
+        /// The refused event.
+        seq: u64,
+        /// What the message asked.
+        kind: crate::protocol::MessageKind,
+        /// Which limit refused it.
+        reason: crate::protocol::IgnoredReason,
     },
 }
 

@@ -199,6 +199,37 @@ async fn a_wss_client_gets_the_same_snapshots_as_a_ws_client() {
     );
 }
 
+/// permessage-deflate works over TLS as over plain TCP: compressed snapshots
+/// out, a compressed message in.
+#[tokio::test]
+async fn a_wss_client_compresses_both_ways() {
+    use crate::support::raw::RawClient;
+    let ca = ca();
+    let dir = temp_dir("tls");
+    let (cert, key, _) = leaf(&ca, false);
+    let (cert_path, key_path) = write_pair(&dir, &cert, &key);
+    let server = tls_server(&cert_path, &key_path);
+    let host = format!("localhost:{}", server.port);
+    let token = sign(json!({"userId": "zoe", "roomId": "z", "host": host}));
+    let tls = tls_connect(server.port, &ca).await.unwrap();
+    let offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
+    let mut zoe = RawClient::upgrade(tls, &host, &token, offer).await;
+    assert!(
+        zoe.extensions
+            .as_deref()
+            .unwrap()
+            .starts_with("permessage-deflate")
+    );
+    zoe.next_text_frame().await;
+    let text = "雪".repeat(3000);
+    let create = json!({"type":"shape_create","shapeType":"text","x":1,"y":1,"width":1,"height":1,"text":text});
+    zoe.send_compressed(&create.to_string()).await;
+    let frame = zoe.next_text_frame().await;
+    assert!(frame.compressed());
+    let snap: Value = serde_json::from_str(&frame.text()).unwrap();
+    assert_eq!(snap["shapes"][0]["text"], text);
+}
+
 #[tokio::test]
 async fn the_certificate_rotates_when_its_files_change_and_a_bad_one_is_not_taken() {
     let ca = ca();

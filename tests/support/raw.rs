@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{PATIENCE, Server};
@@ -85,8 +85,9 @@ pub fn deflate(text: &[u8]) -> Vec<u8> {
     out
 }
 
-pub struct RawClient {
-    stream: TcpStream,
+/// A client over `S`: a TCP stream, or a TLS one (`RawClient::upgrade`).
+pub struct RawClient<S = TcpStream> {
+    stream: S,
     buf: Vec<u8>,
     /// The `Sec-WebSocket-Extensions` the server answered, if any.
     pub extensions: Option<String>,
@@ -105,12 +106,18 @@ impl Server {
     /// Connects `user` to `room` by hand with `headers` (whole lines, each
     /// ending in CRLF) added to the upgrade request.
     pub async fn raw_client_with(&self, user: &str, room: &str, offer: &str) -> RawClient {
-        let mut stream = TcpStream::connect(self.host()).await.unwrap();
+        let stream = TcpStream::connect(self.host()).await.unwrap();
+        RawClient::upgrade(stream, &self.host(), &self.token(user, room), offer).await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
+    /// Upgrades `stream` with `token` for `host`, with `offer` (whole header
+    /// lines) added to the request.
+    pub async fn upgrade(mut stream: S, host: &str, token: &str, offer: &str) -> RawClient<S> {
         let request = format!(
-            "GET /?token={} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{offer}\r\n",
-            self.token(user, room),
-            self.host()
+            "GET /?token={token} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{offer}\r\n"
         );
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut client = RawClient {
@@ -136,9 +143,7 @@ impl Server {
             .map(|l| l["sec-websocket-extensions:".len()..].trim().to_owned());
         client
     }
-}
 
-impl RawClient {
     async fn fill(&mut self) {
         let mut chunk = [0u8; 16384];
         let n = tokio::time::timeout(PATIENCE, self.stream.read(&mut chunk))
