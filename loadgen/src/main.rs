@@ -8,11 +8,16 @@
 //! before it could) are counted. The server's CPU seconds and RSS (supervisor plus
 //! its worker processes, from /proc) are sampled around the measured window.
 //!
+//! With `--deflate` every member offers permessage-deflate and reads compressed
+//! messages inflated (see `deflate.rs`); what the messages took on the wire is
+//! reported next to their inflated bytes.
+//!
 //! ```text
 //! loadgen fanout --url ws://127.0.0.1:8000 --secret S --rooms 10 --members 10 --hz 10 --seconds 10 --server-pid PID
 //! ```
 
 mod ceiling;
+mod deflate;
 mod hold;
 mod memory;
 
@@ -90,6 +95,10 @@ struct FanoutArgs {
     /// applied to a copy of the room.
     #[arg(long, default_value_t = false)]
     v2: bool,
+    /// Members offer permessage-deflate (RFC 7692), as browsers do, and
+    /// inflate the messages that come compressed.
+    #[arg(long, default_value_t = false)]
+    deflate: bool,
 }
 
 #[derive(clap::Args, Clone)]
@@ -276,6 +285,10 @@ struct Seen {
     newest: HashMap<u64, u64>,
     snapshots: u64,
     bytes: u64,
+    /// What the messages took on the wire (see [`Wire`]).
+    wire_bytes: u64,
+    /// Messages that came compressed.
+    compressed: u64,
     /// Moves seen, per sender.
     moves_seen: u64,
     /// v2 gaps (see `v2_gaps`).
@@ -365,15 +378,43 @@ fn tls_connector() -> tokio_rustls::TlsConnector {
 /// Connects (`ws://` or `wss://`) with [`client_config`] and `TCP_NODELAY` (as
 /// browsers do).
 async fn connect(url: String) -> Result<(Socket, ()), Box<dyn std::error::Error + Send + Sync>> {
-    connect_offering(url, None).await
+    let (ws, _) = connect_offering(url, None, false).await?;
+    Ok((ws, ()))
+}
+
+/// What a member's text messages took on the wire, taken in the order
+/// tungstenite yields them: logged by the transcoder with `--deflate`; else
+/// each is one unmasked frame (what the server sends), its header computed.
+#[derive(Clone, Default)]
+struct Wire(Option<Arc<deflate::WireLog>>);
+
+impl Wire {
+    /// The next text message's wire size; `len` its bytes as read. Call once
+    /// for every text message read.
+    fn next(&self, len: usize) -> deflate::Received {
+        match &self.0 {
+            Some(log) => log.take().expect("the transcoder logs every text message"),
+            None => deflate::Received {
+                wire_bytes: deflate::plain_wire_bytes(len),
+                compressed: false,
+            },
+        }
+    }
+
+    /// Compressed messages that failed to inflate (the connection ended then).
+    fn errors(&self) -> u64 {
+        self.0.as_ref().map_or(0, |log| log.errors())
+    }
 }
 
 /// Connects offering a WebSocket subprotocol (fails if the server does not
-/// choose it).
+/// choose it) and, with `deflate`, permessage-deflate (fails if the server does
+/// not accept it).
 async fn connect_offering(
     url: String,
     subprotocol: Option<&str>,
-) -> Result<(Socket, ()), Box<dyn std::error::Error + Send + Sync>> {
+    deflate: bool,
+) -> Result<(Socket, Wire), Box<dyn std::error::Error + Send + Sync>> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let (tls, rest) = match url.strip_prefix("wss://") {
         Some(rest) => (true, rest),
@@ -392,15 +433,38 @@ async fn connect_offering(
     } else {
         Box::new(tcp)
     };
+    let mut wire = Wire::default();
+    let io: Box<dyn Io> = if deflate {
+        let log = Arc::new(deflate::WireLog::default());
+        wire = Wire(Some(log.clone()));
+        Box::new(deflate::Inflating::new(io, log))
+    } else {
+        io
+    };
     let mut request = url.into_client_request()?;
     if let Some(subprotocol) = subprotocol {
         request
             .headers_mut()
             .insert("Sec-WebSocket-Protocol", subprotocol.parse()?);
     }
-    let (ws, _) =
+    if deflate {
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Extensions", deflate::OFFER.parse()?);
+    }
+    let (ws, response) =
         tokio_tungstenite::client_async_with_config(request, io, Some(client_config())).await?;
-    Ok((ws, ()))
+    if deflate {
+        let accepted = response
+            .headers()
+            .get_all("Sec-WebSocket-Extensions")
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.contains("permessage-deflate")));
+        if !accepted {
+            return Err("the server did not accept permessage-deflate".into());
+        }
+    }
+    Ok((ws, wire))
 }
 
 /// The `host:port` of a `ws://` or `wss://` URL (the token's `host` claim).
@@ -427,6 +491,7 @@ async fn fanout(args: FanoutArgs) -> Value {
     let mut sockets = Vec::with_capacity(total);
     // v2: each member's copy of its room.
     let mut replicas = Vec::with_capacity(total);
+    let mut wires = Vec::with_capacity(total);
     for i in 0..total {
         let room = format!("room-{}", i / args.members);
         let user = format!("m{i}");
@@ -435,10 +500,14 @@ async fn fanout(args: FanoutArgs) -> Value {
             args.url.trim_end_matches('/'),
             token(&args.secret, &host, &user, &room)
         );
-        let (mut ws, _) = connect_offering(url, args.v2.then_some(v2::SUBPROTOCOL))
-            .await
-            .expect("connect");
+        let (mut ws, wire) =
+            connect_offering(url, args.v2.then_some(v2::SUBPROTOCOL), args.deflate)
+                .await
+                .expect("connect");
         let first = ws.next().await.expect("first snapshot").expect("no error");
+        if let Message::Text(text) = &first {
+            wire.next(text.len());
+        }
         let mut replica = Replica::default();
         if args.v2 {
             replica
@@ -447,6 +516,7 @@ async fn fanout(args: FanoutArgs) -> Value {
         }
         sockets.push(ws);
         replicas.push(replica);
+        wires.push(wire);
     }
     let mut slow = Vec::with_capacity(args.rooms * args.slow_members);
     for room in 0..args.rooms {
@@ -457,7 +527,9 @@ async fn fanout(args: FanoutArgs) -> Value {
                 args.url.trim_end_matches('/'),
                 token(&args.secret, &host, &user, &format!("room-{room}"))
             );
-            let (ws, _) = connect(url).await.expect("connect");
+            let (ws, _) = connect_offering(url, None, args.deflate)
+                .await
+                .expect("connect");
             slow.push(ws); // held, never read
         }
     }
@@ -465,6 +537,7 @@ async fn fanout(args: FanoutArgs) -> Value {
         create_shapes(
             &mut sockets,
             &mut replicas,
+            &wires,
             args.v2,
             args.members,
             args.shapes,
@@ -481,7 +554,8 @@ async fn fanout(args: FanoutArgs) -> Value {
     let measure_start = Instant::now();
     let period = Duration::from_secs_f64(1.0 / args.hz);
     let mut tasks = Vec::new();
-    for (i, (ws, mut replica)) in sockets.into_iter().zip(replicas).enumerate() {
+    let members = sockets.into_iter().zip(replicas).zip(wires.clone());
+    for (i, ((ws, mut replica), wire)) in members.enumerate() {
         let (mut sink, mut stream) = ws.split();
         let v2 = args.v2;
         let sent = sent.clone();
@@ -518,6 +592,9 @@ async fn fanout(args: FanoutArgs) -> Value {
                 let now = start.elapsed().as_micros() as u64;
                 seen.snapshots += 1;
                 seen.bytes += text.len() as u64;
+                let wire = wire.next(text.len());
+                seen.wire_bytes += wire.wire_bytes;
+                seen.compressed += u64::from(wire.compressed);
                 let cursors: Vec<(f64, f64)> = if v2 {
                     if replica.receive(&text).expect("v2 message") == Applied::NeedResync {
                         seen.gaps += 1;
@@ -576,6 +653,8 @@ async fn fanout(args: FanoutArgs) -> Value {
         all.latencies_us.extend(seen.latencies_us);
         all.snapshots += seen.snapshots;
         all.bytes += seen.bytes;
+        all.wire_bytes += seen.wire_bytes;
+        all.compressed += seen.compressed;
         all.moves_seen += seen.moves_seen;
         all.gaps += seen.gaps;
     }
@@ -597,6 +676,7 @@ async fn fanout(args: FanoutArgs) -> Value {
         "rooms": args.rooms, "members": args.members, "hz": args.hz, "seconds": args.seconds,
         "shapes": args.shapes, "slow_members": args.slow_members,
         "protocol": if args.v2 { "v2" } else { "v1" },
+        "deflate": args.deflate,
         "messages_sent": sent,
         "snapshots_received": all.snapshots,
         "bytes_per_snapshot": all.bytes as f64 / all.snapshots.max(1) as f64,
@@ -606,6 +686,16 @@ async fn fanout(args: FanoutArgs) -> Value {
         "bytes_per_sec": all.bytes as f64 / window,
         "bytes_per_sec_per_member": all.bytes as f64 / window / total as f64,
         "messages_per_sec_per_member": all.snapshots as f64 / window / total as f64,
+        // On the wire: each message's frame headers (2–10 bytes) and payloads
+        // as sent, i.e. compressed where compressed; without --deflate, the
+        // payloads above and one header each. Next to `bytes_per_sec_per_member`
+        // (inflated), the ratio is what compression saved.
+        "wire_bytes_per_snapshot": all.wire_bytes as f64 / all.snapshots.max(1) as f64,
+        "wire_bytes_per_sec_per_member": all.wire_bytes as f64 / window / total as f64,
+        "messages_compressed": all.compressed,
+        // Compressed messages that did not inflate, or broke the extension's
+        // framing (each ended its connection; the generator says which).
+        "deflate_errors": wires.iter().map(Wire::errors).sum::<u64>(),
         // v2: batches a member could not apply (then it waits for a snapshot).
         "v2_gaps": all.gaps,
         "moves_expected": expected,
@@ -635,6 +725,7 @@ async fn fanout(args: FanoutArgs) -> Value {
 async fn create_shapes<S>(
     sockets: &mut [tokio_tungstenite::WebSocketStream<S>],
     replicas: &mut [Replica],
+    wires: &[Wire],
     v2: bool,
     members: usize,
     count: usize,
@@ -653,7 +744,7 @@ async fn create_shapes<S>(
             creator.send(Message::text(msg)).await.expect("send shape");
         }
     }
-    for (ws, replica) in sockets.iter_mut().zip(replicas) {
+    for ((ws, replica), wire) in sockets.iter_mut().zip(replicas).zip(wires) {
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
                 .await
@@ -661,6 +752,7 @@ async fn create_shapes<S>(
                 .expect("open")
                 .expect("no error");
             let Message::Text(text) = msg else { continue };
+            wire.next(text.len());
             let snapshot: Value = if v2 {
                 replica.receive(&text).expect("v2 message");
                 replica.state.clone().unwrap_or_default()

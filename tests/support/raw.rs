@@ -192,6 +192,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
         frames
     }
 
+    /// Reads and drops whatever comes within `wait` (framing is lost: for a
+    /// client that only needs to keep its socket drained); the bytes read.
+    pub async fn discard_for(&mut self, wait: std::time::Duration) -> usize {
+        let mut total = std::mem::take(&mut self.buf).len();
+        let mut chunk = vec![0u8; 1 << 16];
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await
+        {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        total
+    }
+
     /// The next text message (pings and pongs skipped).
     pub async fn next_text_frame(&mut self) -> RawFrame {
         let deadline = Instant::now() + PATIENCE;
