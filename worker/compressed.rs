@@ -47,17 +47,16 @@ impl CompressedShapes {
     ) {
         deflate_segment(head.as_bytes(), out);
         let mut kept = std::mem::take(&mut self.chunks).into_iter().peekable();
-        let mut text = String::new();
-        let mut revs = Vec::new();
+        // The chunk being gathered: its shapes' JSON (not copied until it
+        // must be compressed) and revisions.
+        let (mut jsons, mut revs, mut bytes) = (Vec::new(), Vec::new(), 0);
         let mut start = 0;
         let count = shapes.len();
         for (index, (rev, json)) in shapes.enumerate() {
-            if index > 0 {
-                text.push(',');
-            }
-            text.push_str(json);
+            jsons.push(json);
             revs.push(rev);
-            if text.len() < CHUNK_BYTES && index + 1 < count {
+            bytes += json.len() + 1;
+            if bytes < CHUNK_BYTES && index + 1 < count {
                 continue;
             }
             // A chunk ends here: the kept one that starts where it does, if
@@ -66,6 +65,13 @@ impl CompressedShapes {
             let chunk = match kept.next_if(|c| c.start == start && c.revs == revs) {
                 Some(chunk) => chunk,
                 None => {
+                    let mut text = String::with_capacity(bytes);
+                    for (i, json) in jsons.iter().enumerate() {
+                        if start + i > 0 {
+                            text.push(',');
+                        }
+                        text.push_str(json);
+                    }
                     let mut deflated = Vec::new();
                     deflate_segment(text.as_bytes(), &mut deflated);
                     deflated.shrink_to_fit();
@@ -78,9 +84,9 @@ impl CompressedShapes {
             };
             out.extend_from_slice(&chunk.deflated);
             self.chunks.push(chunk);
-            text.clear();
+            (bytes, start) = (0, index + 1);
+            jsons.clear();
             revs.clear();
-            start = index + 1;
         }
         stored_segment(b"]}", out);
     }

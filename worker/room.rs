@@ -664,7 +664,11 @@ impl Room {
 
     /// The snapshot's JSON, and where its shapes start (after `"shapes":[`).
     fn snapshot_and_head(&self) -> (String, usize) {
-        let mut out = String::with_capacity(64 + self.shapes_len() + 96 * self.cursors.len());
+        // Sized to fit (ids that need escaping aside): a 12 MB board's
+        // snapshot must not grow, and double, at its end.
+        let members: usize = self.members.iter().map(|m| m.user_id.len() + 3).sum();
+        let cursors: usize = self.cursors.values().map(|c| c.json.len() + 1).sum();
+        let mut out = String::with_capacity(64 + members + cursors + self.shapes_len());
         out.push_str("{\"connectedUsers\":[");
         push_separated(&mut out, &self.members, |out, member| {
             push_json_string(out, &member.user_id)
@@ -998,6 +1002,7 @@ mod tests {
             deflate: true,
         });
         let (json, deflated) = s.room.snapshot();
+        assert!(json.capacity() < json.len() + 64, "sized to fit, not grown");
         let deflated = deflated.expect("bob takes compressed snapshots");
         assert!(
             deflated.len() * 3 < json.len(),
