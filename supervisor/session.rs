@@ -92,9 +92,15 @@ pub fn run(
             shared.metrics.connections_v2.inc();
         }
         if negotiated.deflate {
-            // Before the join, which asks the worker for compressed snapshots.
-            room.deflate_session(conn);
             shared.metrics.connections_compressed.inc();
+            // Before the join, which asks the worker for compressed snapshots.
+            // Not for v2: it takes ops, compressed here, and a snapshot only
+            // now and then; its room's every version compressed for that
+            // would be spent for nothing. (A v2 member gets the compressed
+            // snapshot when a v1 member of its room asked for one.)
+            if !v2 {
+                room.deflate_session(conn);
+            }
         }
         debug!(?negotiated, "session opened");
         let replace = take_over(&shared, &room, conn).await;

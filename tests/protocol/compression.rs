@@ -113,7 +113,32 @@ async fn a_client_offering_deflate_gets_compressed_snapshots_equal_to_the_plain_
 #[tokio::test]
 async fn a_v2_client_gets_its_snapshot_and_ops_compressed() {
     let server = Server::start(&[]);
-    let mut ann = server.raw_client("ann", "v2", None).await;
+    // A v2 member alone in its room takes ops compressed and its snapshots
+    // plain: the room's versions are compressed only for v1 members.
+    let mut solo = server
+        .raw_client_with(
+            "solo",
+            "v2-only",
+            &format!(
+                "Sec-WebSocket-Extensions: {BROWSER_OFFER}\r\nSec-WebSocket-Protocol: whiteboard.v2\r\n"
+            ),
+        )
+        .await;
+    let first = solo.next_text_frame().await;
+    assert!(first.text().starts_with(r#"{"type":"snapshot""#));
+    for x in 0..5 {
+        solo.send_text(&rect(x)).await;
+    }
+    solo.send_text(&cursor(3.0)).await;
+    frames_until(&mut solo, |m| m.to_string().contains(r#""x":3"#)).await;
+    assert_eq!(
+        metric(&server, "session_server_snapshots_compressed_total").await,
+        0.0
+    );
+
+    // A v1 member that negotiated it: the room's versions come compressed,
+    // and a v2 member's snapshot is made of them.
+    let mut ann = server.raw_client("ann", "v2", Some(BROWSER_OFFER)).await;
     for x in 0..50 {
         ann.send_text(&rect(x)).await;
     }
