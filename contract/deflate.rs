@@ -122,8 +122,13 @@ pub fn inflate_message(payload: &[u8], limit: usize) -> Result<Vec<u8>, InflateE
                     return Err(InflateError::TooBig);
                 }
                 if status == Status::StreamEnd {
-                    // A final block ends the message (allowed; rarely sent).
-                    return Ok(out);
+                    // A final block ends the message (allowed; rarely sent),
+                    // and nothing but the trailer may follow it.
+                    return if input.len() == SYNC_TRAILER.len() || consumed == input.len() {
+                        Ok(out)
+                    } else {
+                        Err(InflateError::Corrupt)
+                    };
                 }
                 let stalled = consumed == input.len() && out.len() < out.capacity();
                 let no_progress = inflater.total_in() == in_before && out.len() == out_before;

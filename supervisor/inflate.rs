@@ -16,6 +16,18 @@ use prometheus_client::metrics::counter::Counter;
 
 use contract::deflate::{InflateError, inflate_message};
 
+/// Why a client's compressed input was refused; the session closes with the
+/// code it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InflateFailure {
+    /// Too big once inflated (1009), or not DEFLATE data (1007).
+    #[error(transparent)]
+    Inflate(#[from] InflateError),
+    /// A compressed message's frames break RFC 6455 or 7692 (1002).
+    #[error("a compressed message's frames break the WebSocket protocol")]
+    Protocol,
+}
+
 /// Frame opcodes (RFC 6455 §5.2) this needs to tell apart.
 const OPCODE_CONTINUATION: u8 = 0x0;
 const OPCODE_CONTROL: u8 = 0x8;
@@ -55,8 +67,9 @@ impl Inflater {
         }
     }
 
-    /// Takes bytes read from the socket.
-    pub fn push(&mut self, bytes: &[u8]) -> Result<(), InflateError> {
+    /// Takes bytes read from the socket (call only once `process` has
+    /// left nothing ready: it then needs more bytes).
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), InflateFailure> {
         self.raw.extend_from_slice(bytes);
         self.process()
     }
@@ -85,8 +98,12 @@ impl Inflater {
         self.ready.extend_from_slice(&rest);
     }
 
-    fn process(&mut self) -> Result<(), InflateError> {
-        loop {
+    /// Moves what it can from `raw` to `ready`, but never more than one
+    /// inflated message ahead of tungstenite: a client's tiny compressed
+    /// frames must not inflate into megabytes before its session has read
+    /// the first (backpressure reaches compressed input as it does plain).
+    pub fn process(&mut self) -> Result<(), InflateFailure> {
+        while self.ready.is_empty() {
             if self.passing > 0 {
                 let n = (self.passing.min(self.raw.len() as u64)) as usize;
                 if n == 0 {
@@ -100,15 +117,19 @@ impl Inflater {
             let Some(head) = FrameHead::parse(&self.raw) else {
                 break;
             };
+            if !head.masked {
+                return Err(InflateFailure::Protocol); // RFC 6455 §5.1
+            }
             let compressed_start =
                 head.rsv1 && head.opcode != OPCODE_CONTINUATION && !head.is_control();
-            let continues_compressed =
-                self.message.is_some() && head.opcode == OPCODE_CONTINUATION && !head.rsv1;
-            if !(compressed_start || continues_compressed) || !head.masked {
-                if self.message.is_some() && !head.is_control() {
-                    // A new message (or a reserved bit) inside a compressed one.
-                    return Err(InflateError::Corrupt);
+            let in_message = self.message.is_some();
+            if in_message && !head.is_control() {
+                // Only continuations, without RSV1, may follow the first
+                // frame of a compressed message (RFC 7692 §6.1).
+                if head.opcode != OPCODE_CONTINUATION || head.rsv1 {
+                    return Err(InflateFailure::Protocol);
                 }
+            } else if !compressed_start {
                 // Not ours to change: tungstenite reads it (and refuses what
                 // breaks the protocol, RSV1 on a control frame included).
                 self.ready.extend_from_slice(&self.raw[..head.len]);
@@ -116,9 +137,12 @@ impl Inflater {
                 self.passing = head.payload;
                 continue;
             }
+            if head.rsv23 {
+                return Err(InflateFailure::Protocol); // no extension uses them
+            }
             let gathered = self.message.as_ref().map_or(0, |(_, p)| p.len() as u64);
             if gathered + head.payload > compressed_limit(self.limit) as u64 {
-                return Err(InflateError::TooBig);
+                return Err(InflateError::TooBig.into());
             }
             let whole = head.len + head.payload as usize;
             if self.raw.len() < whole {
@@ -172,6 +196,8 @@ impl Inflater {
 struct FrameHead {
     fin: bool,
     rsv1: bool,
+    /// RSV2 or RSV3: no extension here uses them.
+    rsv23: bool,
     opcode: u8,
     masked: bool,
     mask: [u8; 4],
@@ -206,6 +232,7 @@ impl FrameHead {
         Some(FrameHead {
             fin: first & 0x80 != 0,
             rsv1: first & 0x40 != 0,
+            rsv23: first & 0x30 != 0,
             opcode: first & 0x0f,
             masked,
             mask,
@@ -250,7 +277,10 @@ mod tests {
         loop {
             let n = inflater.take_ready(&mut chunk);
             if n == 0 {
-                return out;
+                inflater.process().unwrap();
+                if !inflater.has_ready() {
+                    return out;
+                }
             }
             out.extend_from_slice(&chunk[..n]);
         }
@@ -302,12 +332,47 @@ mod tests {
         assert!(inflater.raw.is_empty() && inflater.message.is_none());
     }
 
+    /// Tiny compressed frames that each inflate to 64 KiB: a socket read of
+    /// many of them inflates one, not all (the red team's 47 per 4 KiB read
+    /// held 3 MiB per connection).
+    #[test]
+    fn at_most_one_message_is_inflated_ahead_of_tungstenite() {
+        let big = format!(
+            r#"{{"type":"cursor_move","x":1,"y":1,"pad":"{}"}}"#,
+            " ".repeat(65_000)
+        );
+        let one = frame(0xc1, &deflate_message(big.as_bytes()));
+        assert!(one.len() < 1000, "{}", one.len());
+        let mut inflater = Inflater::new(65_536, Counter::default());
+        inflater.push(&one.repeat(40)).unwrap();
+        assert!(
+            inflater.ready.len() < 65_600,
+            "{} ready",
+            inflater.ready.len()
+        );
+        let mut taken = vec![0; 70_000];
+        let mut messages = 0;
+        loop {
+            let n = inflater.take_ready(&mut taken);
+            if n == 0 {
+                inflater.process().unwrap();
+                if !inflater.has_ready() {
+                    break;
+                }
+                continue;
+            }
+            messages += 1;
+            assert!(inflater.ready.len() < 65_600);
+        }
+        assert_eq!(messages, 40, "every message, one at a time");
+    }
+
     #[test]
     fn a_message_that_inflates_past_the_limit_or_is_not_deflate_is_refused() {
         let bomb = frame(0xc1, &deflate_message(&vec![b' '; 1_000_000]));
         assert_eq!(
             Inflater::new(65_536, Counter::default()).push(&bomb),
-            Err(InflateError::TooBig)
+            Err(InflateError::TooBig.into())
         );
         // Compressed bytes past the bound are refused before they are gathered.
         let mut head = vec![0xc1, 0x80 | 127];
@@ -315,19 +380,42 @@ mod tests {
         head.extend_from_slice(&[1, 2, 3, 4]);
         assert_eq!(
             Inflater::new(65_536, Counter::default()).push(&head),
-            Err(InflateError::TooBig)
+            Err(InflateError::TooBig.into())
         );
         let garbage = frame(0xc1, &[0xff; 40]);
         assert_eq!(
             Inflater::new(65_536, Counter::default()).push(&garbage),
-            Err(InflateError::Corrupt)
+            Err(InflateError::Corrupt.into())
         );
-        // A text frame inside a compressed message.
-        let mut bytes = frame(0x41, &deflate_message(b"abc"));
-        bytes.extend(frame(0x81, b"x"));
+        // Framing a compressed message may not have: a new message (plain
+        // or compressed) before its end, RSV1 on its continuation, RSV2 or
+        // RSV3, an unmasked frame.
+        let start = frame(0x41, &deflate_message(b"abc"));
+        for next in [
+            frame(0x81, b"x"),
+            frame(0xc1, &deflate_message(b"y")),
+            frame(0xc0, b"z"),
+        ] {
+            let mut bytes = start.clone();
+            bytes.extend(next);
+            assert_eq!(
+                Inflater::new(65_536, Counter::default()).push(&bytes),
+                Err(InflateFailure::Protocol)
+            );
+        }
+        for first in [0xe1, 0xd1] {
+            assert_eq!(
+                Inflater::new(65_536, Counter::default())
+                    .push(&frame(first, &deflate_message(b"a"))),
+                Err(InflateFailure::Protocol),
+                "{first:#x}"
+            );
+        }
+        let mut unmasked = vec![0xc1, 3];
+        unmasked.extend_from_slice(b"abc");
         assert_eq!(
-            Inflater::new(65_536, Counter::default()).push(&bytes),
-            Err(InflateError::Corrupt)
+            Inflater::new(65_536, Counter::default()).push(&unmasked),
+            Err(InflateFailure::Protocol)
         );
         // RSV1 on a control frame is tungstenite's to refuse: passed on as is.
         let mut inflater = Inflater::new(65_536, Counter::default());

@@ -22,6 +22,7 @@ use tracing::{Instrument, debug, info, info_span};
 
 use super::Shared;
 use super::auth::Identity;
+use super::inflate::InflateFailure;
 use super::metrics::Rejection;
 use super::ratelimit::{Backlog, Budget, Held, Released, SendBudget};
 use super::rooms::{ConnState, Holder, Membership, Published, RoomHandle, SnapshotCell};
@@ -408,15 +409,16 @@ async fn serve(
                     }
                     // permessage-deflate (`inflate`): a message inflating
                     // past the limit is too big however small it came.
-                    Some(Err(WsError::Io(e))) if inflate_error(&e).is_some() => {
-                        let why = inflate_error(&e).expect("guarded");
+                    Some(Err(WsError::Io(e))) if inflate_failure(&e).is_some() => {
+                        let why = inflate_failure(&e).expect("guarded");
                         info!(error = %why, "client sent a compressed message that cannot be taken");
                         return match why {
-                            InflateError::TooBig => {
+                            InflateFailure::Inflate(InflateError::TooBig) => {
                                 shared.metrics.reject(Rejection::MessageTooBig);
                                 End::Close(CLOSE_TOO_BIG, "Message too big")
                             }
-                            InflateError::Corrupt => End::Close(CLOSE_INVALID_DATA, "Invalid compressed data"),
+                            InflateFailure::Inflate(InflateError::Corrupt) => End::Close(CLOSE_INVALID_DATA, "Invalid compressed data"),
+                            InflateFailure::Protocol => End::Close(CLOSE_PROTOCOL_ERROR, "Protocol error"),
                         };
                     }
                     Some(Err(e)) => {
@@ -458,9 +460,9 @@ async fn serve(
     }
 }
 
-/// Why the inflater refused a client's message, if that is what `e` is.
-fn inflate_error(e: &std::io::Error) -> Option<InflateError> {
-    e.get_ref()?.downcast_ref::<InflateError>().copied()
+/// Why the inflater refused a client's input, if that is what `e` is.
+fn inflate_failure(e: &std::io::Error) -> Option<InflateFailure> {
+    e.get_ref()?.downcast_ref::<InflateFailure>().copied()
 }
 
 /// A stored DEFLATE segment of `{`: a v1 message compressed is this and the

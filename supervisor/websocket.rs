@@ -196,6 +196,8 @@ impl AsyncRead for ReadSide {
             return socket.poll_read(cx, buf);
         };
         loop {
+            // What is gathered first, one message at a time; then the socket.
+            inflater.process().map_err(io::Error::other)?;
             let n = inflater.take_ready(buf.initialize_unfilled());
             if n > 0 {
                 buf.advance(n);
