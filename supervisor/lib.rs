@@ -22,6 +22,7 @@ pub mod session;
 pub mod shutdown;
 pub mod tls;
 pub mod websocket;
+pub mod worker_queue;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;

@@ -2,6 +2,7 @@
 //! ends (killing it when it stops answering pings), replace it when it fails,
 //! and stop it when the server stops.
 
+use crate::worker_queue::WorkerFrames;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -196,7 +197,7 @@ impl Ended {
 /// still runs at the plan's `exit_by`.
 pub(super) async fn supervise(
     slot: Arc<WorkerSlot>,
-    mut frames: mpsc::Receiver<ToWorker>,
+    mut frames: WorkerFrames,
     mut worker: WorkerSpec,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
@@ -285,7 +286,7 @@ pub(super) async fn supervise(
 /// One worker process's life, with what it needs from its slot.
 struct Serve<'a> {
     slot: &'a WorkerSlot,
-    frames: &'a mut mpsc::Receiver<ToWorker>,
+    frames: &'a mut WorkerFrames,
     worker: &'a mut WorkerSpec,
     registry: &'a Registry,
     metrics: &'a Metrics,

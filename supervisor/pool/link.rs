@@ -2,6 +2,7 @@
 //! batches queued frames onto it, the reader that routes the worker's replies,
 //! and the pings that tell a live worker from a stuck one.
 
+use crate::worker_queue::WorkerFrames;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -111,7 +112,7 @@ pub(super) async fn watchdog(
 /// ahead of the queue. Marks each restore whose first frame it takes.
 pub(super) async fn write_frames(
     carry: Vec<ToWorker>,
-    frames: &mut mpsc::Receiver<ToWorker>,
+    frames: &mut WorkerFrames,
     pings: &mut mpsc::Receiver<ToWorker>,
     writer: &mut Writer,
     slot: &WorkerSlot,

@@ -29,22 +29,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tracing::error;
 
 use super::metrics::Metrics;
 use super::rooms::Registry;
 use super::shutdown::Shutdown;
+use crate::worker_queue::{WorkerFrames, WorkerQueue};
 use contract::config::PersistSettings;
 use contract::ipc::{Fallback, RoomId, ToWorker, WorkerId};
 pub use lifecycle::WorkerProgram;
 use lifecycle::{StoreIdentity, WorkerExit, WorkerSpec, supervise};
 use recovery::InFlight;
 
-/// Frames queued per worker before senders wait. Large enough to absorb bursts
-/// from many rooms; when full, each session waits (backpressure on its client).
-const WORKER_QUEUE: usize = 8192;
 /// A worker answers a drain this long before the supervisor stops waiting, so
 /// the answer (and the unsaved rooms it names) arrives in time.
 const DRAIN_ANSWER_MARGIN: Duration = Duration::from_millis(250);
@@ -56,7 +54,7 @@ pub struct WorkerSlot {
     /// The position's id (`w0`, `w1`…), which each of its processes takes.
     pub id: WorkerId,
     /// Frames for this worker's rooms.
-    pub queue: mpsc::Sender<ToWorker>,
+    pub queue: WorkerQueue,
     /// Pid of the running process, 0 while none runs.
     pid: AtomicU32,
     /// Processes started after the first one.
@@ -89,7 +87,7 @@ pub struct DrainReport {
 }
 
 impl WorkerSlot {
-    fn new(id: WorkerId, queue: mpsc::Sender<ToWorker>) -> WorkerSlot {
+    fn new(id: WorkerId, queue: WorkerQueue) -> WorkerSlot {
         WorkerSlot {
             id,
             queue,
@@ -143,8 +141,8 @@ impl WorkerSlot {
 
 /// Each worker's frame queue: the senders (sessions reach them through the
 /// [`Registry`]) and the receivers (for [`WorkerPool::start`]).
-pub fn worker_queues(count: usize) -> (Vec<mpsc::Sender<ToWorker>>, Vec<mpsc::Receiver<ToWorker>>) {
-    (0..count).map(|_| mpsc::channel(WORKER_QUEUE)).unzip()
+pub fn worker_queues(count: usize) -> (Vec<WorkerQueue>, Vec<WorkerFrames>) {
+    (0..count).map(|_| crate::worker_queue::channel()).unzip()
 }
 
 /// The worker processes, one per slot, each run by its own task for the
@@ -184,7 +182,7 @@ impl WorkerPool {
     /// Starts one worker per queue of `frames` (see [`worker_queues`]) and waits
     /// until each has completed its handshake.
     pub async fn start(
-        frames: Vec<mpsc::Receiver<ToWorker>>,
+        frames: Vec<WorkerFrames>,
         mut settings: PersistSettings,
         program: WorkerProgram,
         registry: Arc<Registry>,

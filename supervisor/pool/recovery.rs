@@ -3,12 +3,13 @@
 //! and a crash during restores is blamed on the rooms whose frames the worker
 //! had started taking, so a room that keeps killing workers is found and closed.
 
+use crate::worker_queue::WorkerFrames;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use super::lifecycle::WorkerSpec;
@@ -54,7 +55,7 @@ impl Recovery {
         &mut self,
         blamed: &[RoomId],
         suspected: &[RoomId],
-        frames: &mut mpsc::Receiver<ToWorker>,
+        frames: &mut WorkerFrames,
         registry: &Registry,
         slot: &WorkerSlot,
         worker: &WorkerSpec,
@@ -202,7 +203,7 @@ pub(super) async fn restore_room(
         token,
     };
     for frame in frames.into_iter().chain([sync]) {
-        if slot.queue.send(frame).await.is_err() {
+        if slot.queue.send_charged(frame).await.is_err() {
             return;
         }
     }
@@ -219,7 +220,7 @@ pub(super) async fn restore_room(
         };
         let (frames, done) = registry.finish_restore(entry, permit);
         for frame in frames {
-            if slot.queue.send(frame).await.is_err() {
+            if slot.queue.send_charged(frame).await.is_err() {
                 return;
             }
         }

@@ -9,6 +9,7 @@ use super::link::{LinkEnd, PING_QUEUE, Reader, Writer, read_frames, write_frames
 use super::recovery::restore_room;
 use super::*;
 use contract::ipc::{FromWorker, IPC_VERSION};
+use tokio::sync::mpsc;
 use transport::IpcCodec;
 use transport::{IpcReader, IpcWriter};
 
@@ -164,7 +165,7 @@ async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
 async fn only_restores_taken_and_unanswered_are_blamed() {
     let ((mut reader, mut writer), (mut w_reader, mut w_writer)) = socket_pair().await;
     let metrics = Metrics::new(&Default::default());
-    let (queue, mut frames) = mpsc::channel(16);
+    let (queue, mut frames) = crate::worker_queue::channel();
     let registry = Registry::new(vec![queue.clone()], 1, 1);
     let slot = WorkerSlot::new(WorkerId(0), queue);
     for (token, name) in [(1, "answered"), (2, "taken"), (3, "queued-only")] {

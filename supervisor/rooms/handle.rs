@@ -165,6 +165,8 @@ impl RoomHandle {
     /// worker's queue is full (backpressure on this client only).
     pub async fn forward(&self, conn: ConnId, text: String) -> Result<(), RoomLost> {
         let entry = &*self.0;
+        // Its bytes first (see `worker_queue`), then its place.
+        let charge = entry.queue.charge(text.len()).await.map_err(|_| RoomLost)?;
         let permit = entry.queue.reserve().await.map_err(|_| RoomLost)?;
         let mut state = lock(&entry.state);
         if state.lost {
@@ -179,6 +181,7 @@ impl RoomHandle {
             .stamp(&entry.id, RoomEvent::Message { conn, text });
         if !state.recovery.restoring {
             permit.send(frame);
+            charge.sent();
             if std::mem::take(&mut state.recovery.checkpoint_wanted) {
                 // Best effort: if the queue is full, the journal asks again later.
                 let _ = entry.queue.try_send(ToWorker::CheckpointRequest {

@@ -28,14 +28,15 @@ pub mod saves;
 #[cfg(test)]
 mod testing;
 
+use crate::worker_queue::WorkerQueue;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use contract::ipc::{ConnId, JoinRejection, RoomId, RoomSummary, ToWorker, WorkerId};
+use contract::ipc::{ConnId, JoinRejection, RoomId, RoomSummary, WorkerId};
 use contract::protocol::{CLOSE_INTERNAL_ERROR, CLOSE_POLICY, IgnoredReason, MessageKind};
 
 pub use fanout::{Published, SnapshotCell};
@@ -92,7 +93,7 @@ pub struct Registry {
     table: Arc<Mutex<Table>>,
     /// Each worker's frame queue (the pool's slot queue; it outlives the
     /// worker's processes). A placed room holds its worker's.
-    queues: Vec<mpsc::Sender<ToWorker>>,
+    queues: Vec<WorkerQueue>,
     rooms_per_worker: usize,
     /// Total rooms across workers.
     max_rooms: usize,
@@ -124,11 +125,7 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Registry {
     /// A registry for one worker per queue, each holding at most
     /// `rooms_per_worker` rooms, and at most `max_rooms` in all.
-    pub fn new(
-        queues: Vec<mpsc::Sender<ToWorker>>,
-        rooms_per_worker: usize,
-        max_rooms: usize,
-    ) -> Registry {
+    pub fn new(queues: Vec<WorkerQueue>, rooms_per_worker: usize, max_rooms: usize) -> Registry {
         let workers = queues.len();
         Registry {
             table: Arc::new(Mutex::new(Table {
@@ -161,7 +158,7 @@ impl Registry {
     }
 
     /// The frame queue of `worker`.
-    pub fn queue(&self, worker: WorkerId) -> &mpsc::Sender<ToWorker> {
+    pub fn queue(&self, worker: WorkerId) -> &WorkerQueue {
         &self.queues[worker.0 as usize]
     }
 
@@ -428,6 +425,7 @@ impl Table {
 mod tests {
     use super::testing::*;
     use super::*;
+    use contract::ipc::ToWorker;
 
     /// A restored room replays its journal and refuses the same events
     /// again: the member is told of each refused event once.

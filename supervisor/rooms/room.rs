@@ -2,16 +2,17 @@
 //! snapshots. Sessions reach it through a [`RoomHandle`](super::RoomHandle);
 //! the IPC reader through the [`Registry`](super::Registry).
 
+use crate::worker_queue::WorkerQueue;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Mutex, Weak};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::Table;
 use super::fanout::{Batches, SnapshotCell};
 use super::recovery::Recovery;
-use contract::ipc::{ConnId, RoomId, RoomSummary, ToWorker, WorkerId};
+use contract::ipc::{ConnId, RoomId, RoomSummary, WorkerId};
 use contract::protocol::{IgnoredReason, MessageKind};
 
 /// What the supervisor tells a connection's session: its membership, which only
@@ -90,7 +91,7 @@ pub struct RoomEntry {
     /// rooms are restored on its slot's replacement).
     pub worker: WorkerId,
     /// The worker's frame queue (its slot's: it outlives the worker's processes).
-    pub(super) queue: mpsc::Sender<ToWorker>,
+    pub(super) queue: WorkerQueue,
     /// The placement table, to free the room's place when its last member
     /// leaves (weak: the table holds the entry).
     pub(super) table: Weak<Mutex<Table>>,
@@ -106,7 +107,7 @@ impl RoomEntry {
     pub(super) fn new(
         id: RoomId,
         worker: WorkerId,
-        queue: mpsc::Sender<ToWorker>,
+        queue: WorkerQueue,
         table: Weak<Mutex<Table>>,
     ) -> RoomEntry {
         RoomEntry {

@@ -1,6 +1,8 @@
 //! Helpers for the registry's unit tests.
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
+
+use crate::worker_queue::{self, WorkerFrames};
 
 use super::{ConnState, ConnStateSender, Registry, RoomHandle};
 use contract::ipc::{ConnId, RoomId, ToWorker};
@@ -19,8 +21,8 @@ pub fn registry(
     workers: usize,
     rooms_per_worker: usize,
     max_rooms: usize,
-) -> (Registry, Vec<mpsc::Receiver<ToWorker>>) {
-    let (queues, frames) = (0..workers).map(|_| mpsc::channel(64)).unzip();
+) -> (Registry, Vec<WorkerFrames>) {
+    let (queues, frames) = (0..workers).map(|_| worker_queue::channel()).unzip();
     (Registry::new(queues, rooms_per_worker, max_rooms), frames)
 }
 
