@@ -150,7 +150,11 @@ mod ten_cursors {
         bencher.bench_local(|| {
             seq += 1;
             cursor_move(&mut room, seq);
-            let (json, compressed) = room.snapshot();
+            let worker::room::Snapshot {
+                json,
+                deflated: compressed,
+                ..
+            } = room.snapshot();
             assert!(compressed.is_some());
             divan::black_box((json, compressed))
         });
@@ -270,7 +274,7 @@ mod room_4mb {
     /// once, as the room's first snapshot after the join does).
     fn compressed_room() -> (Room, u64, String) {
         let (mut room, seq, middle) = room(true);
-        room.snapshot().1.expect("smaller compressed");
+        room.snapshot().deflated.expect("smaller compressed");
         (room, seq, middle)
     }
 
@@ -287,7 +291,11 @@ mod room_4mb {
             } else {
                 cursor_move(&mut room, seq);
             }
-            let (json, compressed) = room.snapshot();
+            let worker::room::Snapshot {
+                json,
+                deflated: compressed,
+                ..
+            } = room.snapshot();
             let compressed = compressed.expect("smaller compressed");
             let payload = compressed
                 .strip_suffix(&SYNC_TRAILER)
@@ -328,7 +336,11 @@ mod room_4mb {
         bencher.bench_local(|| {
             seq += 1;
             cursor_move(&mut room, seq);
-            let (json, compressed) = room.snapshot();
+            let worker::room::Snapshot {
+                json,
+                deflated: compressed,
+                ..
+            } = room.snapshot();
             assert!(compressed.is_some());
             divan::black_box((json, compressed))
         });
@@ -346,7 +358,11 @@ mod room_4mb {
                 seq,
                 format!(r#"{{"type":"shape_update","shapeId":"{middle}","x":{seq}}}"#),
             );
-            let (json, compressed) = room.snapshot();
+            let worker::room::Snapshot {
+                json,
+                deflated: compressed,
+                ..
+            } = room.snapshot();
             assert!(compressed.is_some());
             divan::black_box((json, compressed))
         });

@@ -44,6 +44,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 /// A v2 connection gets at most one snapshot for a `resync` this often; a
 /// later request waits for the end of the period (it is never dropped).
 const RESYNC_EVERY: Duration = Duration::from_secs(1);
+/// A v2 `ops` message is compressed for its member only up to this size: it
+/// is each member's own (a busy room's cursor batches are ~1 KB); a big one
+/// (a paste's shapes) would cost the supervisor a compression per member.
+const MAX_COMPRESSED_OPS_BYTES: usize = 16 * 1024;
 /// How long to wait for the client's answer to our close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// When a user's earlier connection proves alive, how long a new connection of
@@ -660,8 +664,13 @@ impl Outbox {
                 stored_segment(head, &mut prefix);
                 Some(prefix)
             }
-            (Some(V2Message::Ops(ops)), _) if self.deflate && ops.len() >= MIN_COMPRESSED_BYTES => {
-                Some(deflate_message(ops))
+            // Each member's own, so compressed only while that is cheap, and
+            // sent so only if it came out smaller.
+            (Some(V2Message::Ops(ops)), _)
+                if self.deflate
+                    && (MIN_COMPRESSED_BYTES..=MAX_COMPRESSED_OPS_BYTES).contains(&ops.len()) =>
+            {
+                Some(deflate_message(ops)).filter(|payload| payload.len() < ops.len())
             }
             _ => None,
         };

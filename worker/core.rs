@@ -141,6 +141,14 @@ const DELIVERIES_PER_ROOM_PER_SEC: u32 = 20_000;
 /// 32 KB are not held back by it (under a millisecond).
 const SNAPSHOT_BYTES_PER_ROOM_PER_SEC: usize = 32 * 1024 * 1024;
 
+/// What a byte compressed counts for against
+/// [`SNAPSHOT_BYTES_PER_ROOM_PER_SEC`], against one copied: zlib-rs at
+/// level 2 does 100–200 MB/s, copying and carrying a snapshot a few GB/s. A
+/// room whose members make its board's chunks be compressed again (a drag, a
+/// text edit, shapes deleted and drawn again) has its snapshots spaced for
+/// that work too.
+const COMPRESSION_COST: usize = 16;
+
 /// Below this spacing a room is not held back: the worker's timer is not finer,
 /// and rooms this small (up to 20 members) are cheap to fan out.
 const MIN_SNAPSHOT_SPACING: Duration = Duration::from_millis(1);
@@ -884,12 +892,14 @@ impl WorkerCore {
                 continue;
             }
             slot.last_snapshot_at = Some(now);
-            let (json, deflated) = slot.room.snapshot();
-            slot.last_snapshot_bytes = json.len();
+            let snapshot = slot.room.snapshot();
+            // Compressing costs about what copying 16 times the bytes does.
+            slot.last_snapshot_bytes =
+                snapshot.json.len() + COMPRESSION_COST * snapshot.compressed_bytes;
             out.push(FromWorker::Snapshot {
-                json,
+                json: snapshot.json,
                 ops: slot.room.take_ops(),
-                deflated,
+                deflated: snapshot.deflated,
                 room: room_id,
             });
         }

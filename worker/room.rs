@@ -86,6 +86,19 @@ impl From<InvalidMessage> for Ignored {
     }
 }
 
+/// A room's snapshot, as [`Room::snapshot`] makes it.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The JSON every member gets.
+    pub json: String,
+    /// Its compressed form (see `FromWorker::Snapshot`), if a member asked
+    /// for it and it is smaller.
+    pub deflated: Option<Vec<u8>>,
+    /// Bytes compressed to make it (chunks kept from earlier snapshots cost
+    /// nothing): the work that counts against the room's spacing.
+    pub compressed_bytes: usize,
+}
+
 /// What [`Room::merge_stored`] did.
 #[derive(Debug, Default)]
 pub struct Merged {
@@ -649,17 +662,26 @@ impl Room {
     /// negotiated permessage-deflate its compressed form (see
     /// `FromWorker::Snapshot`): made from the shapes' chunks compressed for
     /// earlier snapshots where unchanged, and sent only if smaller.
-    pub fn snapshot(&mut self) -> (String, Option<Vec<u8>>) {
+    pub fn snapshot(&mut self) -> Snapshot {
         let (json, head_end) = self.snapshot_and_head();
         if self.deflate_members == 0 || json.len() < MIN_COMPRESSED_BYTES {
-            return (json, None);
+            return Snapshot {
+                json,
+                deflated: None,
+                compressed_bytes: 0,
+            };
         }
         let mut deflated = Vec::with_capacity(json.len() / 8);
         let shapes = self.shapes.values().map(|s| (s.rev, s.json.as_str()));
-        self.compressed
+        let compressed_bytes = self
+            .compressed
             .snapshot(&json[1..head_end], shapes, &mut deflated);
         let smaller = deflated.len() < json.len();
-        (json, smaller.then_some(deflated))
+        Snapshot {
+            json,
+            deflated: smaller.then_some(deflated),
+            compressed_bytes,
+        }
     }
 
     /// The snapshot's JSON, and where its shapes start (after `"shapes":[`).
@@ -992,7 +1014,7 @@ mod tests {
         for i in 0..20 {
             s.send(1, &format!(r#"{{"type":"shape_create","shapeType":"text","x":{i},"y":0,"width":1,"height":1,"text":"雪🎉"}}"#));
         }
-        let (json, deflated) = s.room.snapshot();
+        let Snapshot { json, deflated, .. } = s.room.snapshot();
         assert_eq!(json, s.snapshot());
         assert_eq!(deflated, None, "nobody asked for it");
         s.apply(RoomEvent::Join {
@@ -1001,7 +1023,7 @@ mod tests {
             v2: false,
             deflate: true,
         });
-        let (json, deflated) = s.room.snapshot();
+        let Snapshot { json, deflated, .. } = s.room.snapshot();
         assert!(json.capacity() < json.len() + 64, "sized to fit, not grown");
         let deflated = deflated.expect("bob takes compressed snapshots");
         assert!(
@@ -1018,14 +1040,14 @@ mod tests {
             2,
             &format!(r#"{{"type":"shape_update","shapeId":"{first}","x":99}}"#),
         );
-        let (json, deflated) = s.room.snapshot();
+        let Snapshot { json, deflated, .. } = s.room.snapshot();
         assert_eq!(inflated(&deflated.unwrap()), json);
         // A restored room keeps who asked for it.
         let mut restored = Room::from_image(RoomId("r".into()), s.room.image());
-        let (json, deflated) = restored.snapshot();
+        let Snapshot { json, deflated, .. } = restored.snapshot();
         assert_eq!(inflated(&deflated.unwrap()), json);
         s.apply(RoomEvent::Leave { conn: ConnId(2) });
-        assert_eq!(s.room.snapshot().1, None, "bob left");
+        assert_eq!(s.room.snapshot().deflated, None, "bob left");
         assert_eq!(
             s.room.compressed.chunk_count(),
             0,
