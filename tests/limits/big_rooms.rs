@@ -64,7 +64,7 @@ async fn a_4_mb_room_moving_at_144_hz_leaves_its_neighbour_s_latency_alone() {
     // (BENCHMARKS.md); here, in a debug build sharing two cores with other
     // tests, a bound the unspaced room breaks (p95 100-116 ms when measured).
     assert!(
-        p95 < Duration::from_millis(50),
+        p95 < Duration::from_millis(60),
         "neighbour p50 {p50:?} p95 {p95:?} p99 {p99:?}"
     );
 }
