@@ -310,7 +310,7 @@ pub enum FromWorker {
         /// (`contract::deflate`), for members that negotiated it: a v1
         /// message is a stored `{` and these, a v2 snapshot its prefix and
         /// these. Only while such a member is in the room, for snapshots of
-        /// at least `MIN_COMPRESSED_BYTES`, and only if smaller than `json`
+        /// at least `MIN_COMPRESSED_SNAPSHOT_BYTES`, and only if smaller than `json`
         /// (so the frame stays under twice a snapshot's bound).
         #[serde(with = "serde_bytes")]
         deflated: Option<Vec<u8>>,

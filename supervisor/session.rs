@@ -29,7 +29,7 @@ use super::rooms::{ConnState, Holder, Membership, Published, RoomHandle, Snapsho
 use super::shutdown::Phase;
 use super::websocket::{ClientReader, ClientWriter, Negotiated, Protocol};
 use contract::deflate::{
-    InflateError, MIN_COMPRESSED_BYTES, SYNC_TRAILER, deflate_message, stored_segment,
+    InflateError, MIN_COMPRESSED_OPS_BYTES, SYNC_TRAILER, deflate_message, stored_segment,
 };
 use contract::ipc::{ConnId, Escaped};
 use contract::protocol::{
@@ -519,7 +519,7 @@ pub(crate) struct Outbox {
     v2: Option<Box<V2Outbox>>,
     /// permessage-deflate was negotiated: snapshots go compressed (the
     /// worker's shared segments), and so do v2 ops messages of at least
-    /// [`MIN_COMPRESSED_BYTES`] (each member's own, compressed here).
+    /// [`MIN_COMPRESSED_OPS_BYTES`] (each member's own, compressed here).
     deflate: bool,
 }
 
@@ -668,7 +668,8 @@ impl Outbox {
             // sent so only if it came out smaller.
             (Some(V2Message::Ops(ops)), _)
                 if self.deflate
-                    && (MIN_COMPRESSED_BYTES..=MAX_COMPRESSED_OPS_BYTES).contains(&ops.len()) =>
+                    && (MIN_COMPRESSED_OPS_BYTES..=MAX_COMPRESSED_OPS_BYTES)
+                        .contains(&ops.len()) =>
             {
                 Some(deflate_message(ops)).filter(|payload| payload.len() < ops.len())
             }

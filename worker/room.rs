@@ -7,7 +7,7 @@ use indexmap::IndexMap;
 
 use crate::compressed::CompressedShapes;
 
-use contract::deflate::MIN_COMPRESSED_BYTES;
+use contract::deflate::MIN_COMPRESSED_SNAPSHOT_BYTES;
 use contract::ipc::{ConnId, JoinRejection, MAX_FRAME_LEN, RoomEvent, RoomId, Stamped};
 use contract::protocol::{
     ClientMessage, DEFAULT_FILL, DEFAULT_STROKE, IgnoredReason, InvalidMessage, MAX_BOARD_BYTES,
@@ -664,7 +664,7 @@ impl Room {
     /// earlier snapshots where unchanged, and sent only if smaller.
     pub fn snapshot(&mut self) -> Snapshot {
         let (json, head_end) = self.snapshot_and_head();
-        if self.deflate_members == 0 || json.len() < MIN_COMPRESSED_BYTES {
+        if self.deflate_members == 0 || json.len() < MIN_COMPRESSED_SNAPSHOT_BYTES {
             return Snapshot {
                 json,
                 deflated: None,

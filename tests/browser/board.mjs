@@ -153,6 +153,21 @@ try {
 
   // Chromium offers permessage-deflate on every WebSocket: the three pages'
   // connections took it, and their messages (the 15 s drag's) came compressed.
+  // A paste from outside the browser makes the board big enough (past 1 KiB)
+  // that what the pages get comes compressed too: carol's v1 snapshots, and
+  // alice's and bob's `add` op; each page must show the text as pasted.
+  const { default: WebSocket } = await import("ws");
+  const dana = await (await fetch(`${base}/dev/token?userId=dana&roomId=r1`)).json();
+  const paste = "协作白板 🎨 ".repeat(300);
+  // Without the extension, so the pages' count below is the pages' alone.
+  const ws = new WebSocket(`${base.replace("http:", "ws:")}/?token=${dana.token}`, { perMessageDeflate: false });
+  await new Promise((resolve, reject) => { ws.on("open", resolve); ws.on("error", reject); });
+  ws.send(JSON.stringify({ type: "shape_create", shapeType: "text", x: 40, y: 40, width: 200, height: 60, text: paste }));
+  for (const page of [alice, bob, carol]) {
+    await page.waitForFunction((text) => window.board.state.snapshot.shapes.some((s) => s.text === text), paste, { timeout: 10000 });
+  }
+  ws.close();
+  step("a 3.3 KB paste from another client reaches the three pages as pasted");
   const metrics = await (await fetch(`${base}/metrics`)).text();
   const metric = (name) => Number((metrics.match(new RegExp(`^${name} (\\S+)$`, "m")) ?? [])[1] ?? 0);
   const compressed = metric("session_server_connections_compressed");
