@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use super::{Socket, connect, host_of, token};
+use super::{Socket, connect_offering, host_of, token};
 
 #[derive(clap::Args, Clone)]
 pub struct MemoryArgs {
@@ -79,6 +79,14 @@ pub struct MemoryArgs {
     /// 0: no edits.
     #[arg(long, default_value_t = 0)]
     edit_every_ms: u64,
+    /// Texts of pseudo-random CJK characters instead of `x`s (`--text-chars`
+    /// bytes, 3 a character): what compresses least of what users paste.
+    #[arg(long, default_value_t = false)]
+    cjk: bool,
+    /// Members offer permessage-deflate, as browsers do (the worker then
+    /// keeps its rooms' compressed chunks, and snapshots carry both forms).
+    #[arg(long, default_value_t = false)]
+    deflate: bool,
     /// Prefix of the room ids (rooms are `<prefix>-<n>`).
     #[arg(long, default_value = "mem")]
     room_prefix: String,
@@ -219,6 +227,13 @@ fn shape_message(args: &MemoryArgs, k: usize) -> String {
     // `newlines` line breaks spread evenly over `text_chars` bytes, and the
     // shape's number first so texts differ.
     let mut text = format!("{k} ");
+    if args.cjk {
+        let mut state = k as u32 ^ 0x9e37_79b9;
+        while text.len() + 3 <= args.text_chars {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            text.push(char::from_u32(0x4e00 + (state >> 8) % 20_000).expect("a CJK character"));
+        }
+    }
     let every = (args.text_chars / args.newlines.max(1)).max(1);
     let mut line_breaks = 0;
     while text.len() < args.text_chars {
@@ -311,7 +326,9 @@ pub async fn run(args: MemoryArgs) -> Value {
                 args.url.trim_end_matches('/'),
                 token(&args.secret, &host, &format!("u{r}-{m}"), &room)
             );
-            let (mut ws, _) = connect(url).await.expect("connect");
+            let (mut ws, _) = connect_offering(url, None, args.deflate)
+                .await
+                .expect("connect");
             let first = ws.next().await.expect("first snapshot").expect("no error");
             let text = first.into_text().expect("a text snapshot");
             let (sink, stream) = ws.split();
@@ -407,6 +424,8 @@ pub async fn run(args: MemoryArgs) -> Value {
         "filled_seconds": filled_seconds,
         "settle_secs": args.settle_secs,
         "edit_every_ms": args.edit_every_ms,
+        "deflate": args.deflate,
+        "cjk": args.cjk,
         "busy_max_total_rss_kib": busy_max,
         "before": before,
         "during": during,
