@@ -25,6 +25,18 @@ fn main() {
 /// A room of 10 members and `shapes` rectangles; with `deflate`, its first
 /// member negotiated permessage-deflate.
 fn room_with(shapes: u64, deflate: bool) -> (Room, u64) {
+    let creates = (0..shapes).map(|i| {
+        format!(
+            r#"{{"type":"shape_create","shapeType":"rectangle","x":{i},"y":{},"width":150,"height":100,"text":"shape {i}"}}"#,
+            i * 3
+        )
+    });
+    room_of(deflate, creates)
+}
+
+/// A room of 10 members (with `deflate`, the first negotiated it) after
+/// `creates`, sent by its members in turn; and its last sequence number.
+fn room_of(deflate: bool, creates: impl IntoIterator<Item = String>) -> (Room, u64) {
     let mut room = Room::new(RoomId("bench".into()), 7);
     let mut seq = 0;
     let mut apply = |room: &mut Room, event: RoomEvent| {
@@ -43,19 +55,16 @@ fn room_with(shapes: u64, deflate: bool) -> (Room, u64) {
                 conn: ConnId(m),
                 user_id: format!("user-{m}"),
                 v2: false,
+                // One member is enough for the room to compress.
                 deflate: deflate && m == 0,
             },
         );
     }
-    for i in 0..shapes {
-        let text = format!(
-            r#"{{"type":"shape_create","shapeType":"rectangle","x":{i},"y":{},"width":150,"height":100,"text":"shape {i}"}}"#,
-            i * 3
-        );
+    for (i, text) in creates.into_iter().enumerate() {
         apply(
             &mut room,
             RoomEvent::Message {
-                conn: ConnId(i % 10),
+                conn: ConnId(i as u64 % 10),
                 text,
             },
         );
@@ -207,43 +216,14 @@ mod room_4mb {
 
     /// The room, its last sequence number, and the id of its middle shape.
     fn room(deflate: bool) -> (Room, u64, String) {
-        let mut room = Room::new(RoomId("bench".into()), 7);
-        let mut seq = 0;
-        let mut apply = |room: &mut Room, event: RoomEvent| {
-            seq += 1;
-            room.apply(&Stamped {
-                room: RoomId("bench".into()),
-                seq,
-                time_ms: 1_704_110_400_000 + seq as i64,
-                event,
-            });
-        };
-        for m in 0..10 {
-            apply(
-                &mut room,
-                RoomEvent::Join {
-                    conn: ConnId(m),
-                    user_id: format!("user-{m}"),
-                    v2: false,
-                    // One member is enough for the room to compress.
-                    deflate: deflate && m == 0,
-                },
-            );
-        }
-        for i in 0..SHAPES {
-            let text = format!(
+        let creates = (0..SHAPES).map(|i| {
+            format!(
                 r#"{{"type":"shape_create","shapeType":"text","x":{i},"y":{},"width":400,"height":300,"text":"{}"}}"#,
                 i * 3,
                 text(i)
-            );
-            apply(
-                &mut room,
-                RoomEvent::Message {
-                    conn: ConnId(i % 10),
-                    text,
-                },
-            );
-        }
+            )
+        });
+        let (room, seq) = super::room_of(deflate, creates);
         assert_eq!(room.shape_count(), SHAPES as usize, "every shape created");
         // Shape ids are `{seed:x}-{seq:x}`; shapes were created at seqs 11…
         let middle = format!("7-{:x}", 11 + SHAPES / 2);
