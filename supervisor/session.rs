@@ -111,7 +111,6 @@ pub fn run(
         let replace = take_over(&shared, &room, conn).await;
         let joined = room.join(conn, replace).await.is_ok();
         let end = if joined {
-            let outbox = Outbox::new(v2, negotiated.deflate, &shared.config);
             serve(
                 &shared,
                 &room,
@@ -119,7 +118,7 @@ pub fn run(
                 &mut sink,
                 &mut stream,
                 conn_state,
-                outbox,
+                negotiated,
             )
             .await
         } else {
@@ -205,8 +204,12 @@ async fn serve(
     sink: &mut ClientWriter,
     stream: &mut ClientReader,
     mut conn_state: watch::Receiver<ConnState>,
-    mut outbox: Outbox,
+    negotiated: Negotiated,
 ) -> End {
+    // Made here, not passed in: a value moved into an `async fn` keeps a slot
+    // in the caller's future too, and every connection pays for both.
+    let v2 = negotiated.protocol == Protocol::V2;
+    let mut outbox = Outbox::new(v2, negotiated.deflate, &shared.config);
     let ping_every = shared.config.ping_interval;
     let mut ping = tokio::time::interval(ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
