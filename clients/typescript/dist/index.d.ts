@@ -124,6 +124,17 @@ export interface ApplyResult {
     resync: boolean;
     /** Why the frame was not applied, when it was not. */
     problem?: string;
+    /** v2 `error`: messages of this client a room limit refused (PROTOCOL-v2.md). */
+    refused?: Refused;
+}
+/** What a v2 `error` message says: `count` messages refused, the last a `op`, for `reason`. */
+export interface Refused {
+    /** The refused message's `type` (`shape_create`, `shape_update`). */
+    op: string;
+    /** `board_full`, `shape_limit` or `memory_full`. */
+    reason: string;
+    /** How many since the last `error`. */
+    count: number;
 }
 /** An empty room, frozen all the way down (its arrays too): for comparisons. */
 export declare const EMPTY_ROOM: RoomState;
@@ -217,6 +228,8 @@ export interface ClientStats {
     sent: number;
     /** The last frame that was not applied, and why. */
     lastProblem: string | null;
+    /** This client's messages a room limit refused (v2 `error` messages). */
+    refused: number;
 }
 /** The close codes a browser lets a page send (others throw): 1000 and 3000-4999. */
 export declare function validCloseCode(code: number | undefined): number;

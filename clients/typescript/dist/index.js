@@ -200,6 +200,14 @@ export function applyFrame(sync, data, protocol) {
                 resync: false,
             };
         }
+        case "error": {
+            // Outside the seq order, no state: counted, nothing else.
+            const { op, reason, count } = msg;
+            if (typeof op !== "string" || typeof reason !== "string" || !isSeq(count)) {
+                return { sync, changed: false, resync: false, problem: "error without op, reason and count" };
+            }
+            return { sync, changed: false, resync: false, refused: { op, reason, count } };
+        }
         default:
             // Not in PROTOCOL-v2.md: ignored, so that a newer server can add types.
             return { sync, changed: false, resync: false, problem: `unknown type ${JSON.stringify(msg.type)}` };
@@ -234,7 +242,7 @@ export class SessionClient {
         this.protocol = null;
         /** How the connection closed; null while it is open or opening. */
         this.closeInfo = null;
-        this.stats = { frames: 0, changes: 0, resyncs: 0, sent: 0, lastProblem: null };
+        this.stats = { frames: 0, changes: 0, resyncs: 0, sent: 0, lastProblem: null, refused: 0 };
         /** Attempts that offered v2 and failed before opening, then retried as v1 (0 or 1). */
         this.fallbacks = 0;
         /** v1 connections made again after a `1008 Duplicate user` right after the fallback (0 or 1). */
@@ -438,6 +446,8 @@ export class SessionClient {
         this.sync = result.sync;
         if (result.problem)
             this.stats.lastProblem = result.problem;
+        if (result.refused)
+            this.stats.refused += result.refused.count;
         if (result.resync) {
             this.resync();
             this.startResyncRetry();

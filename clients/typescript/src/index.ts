@@ -135,6 +135,18 @@ export interface ApplyResult {
   resync: boolean;
   /** Why the frame was not applied, when it was not. */
   problem?: string;
+  /** v2 `error`: messages of this client a room limit refused (PROTOCOL-v2.md). */
+  refused?: Refused;
+}
+
+/** What a v2 `error` message says: `count` messages refused, the last a `op`, for `reason`. */
+export interface Refused {
+  /** The refused message's `type` (`shape_create`, `shape_update`). */
+  op: string;
+  /** `board_full`, `shape_limit` or `memory_full`. */
+  reason: string;
+  /** How many since the last `error`. */
+  count: number;
 }
 
 /** An empty room, frozen all the way down (its arrays too): for comparisons. */
@@ -316,6 +328,14 @@ export function applyFrame(sync: SyncState, data: string, protocol: Protocol): A
         resync: false,
       };
     }
+    case "error": {
+      // Outside the seq order, no state: counted, nothing else.
+      const { op, reason, count } = msg as { op?: unknown; reason?: unknown; count?: unknown };
+      if (typeof op !== "string" || typeof reason !== "string" || !isSeq(count)) {
+        return { sync, changed: false, resync: false, problem: "error without op, reason and count" };
+      }
+      return { sync, changed: false, resync: false, refused: { op, reason, count } };
+    }
     default:
       // Not in PROTOCOL-v2.md: ignored, so that a newer server can add types.
       return { sync, changed: false, resync: false, problem: `unknown type ${JSON.stringify(msg.type)}` };
@@ -397,6 +417,8 @@ export interface ClientStats {
   sent: number;
   /** The last frame that was not applied, and why. */
   lastProblem: string | null;
+  /** This client's messages a room limit refused (v2 `error` messages). */
+  refused: number;
 }
 
 const OPEN = 1;
@@ -436,7 +458,7 @@ export class SessionClient {
   readonly opened: Promise<Protocol>;
   /** Resolves when the connection closes. */
   readonly closed: Promise<CloseInfo>;
-  readonly stats: ClientStats = { frames: 0, changes: 0, resyncs: 0, sent: 0, lastProblem: null };
+  readonly stats: ClientStats = { frames: 0, changes: 0, resyncs: 0, sent: 0, lastProblem: null, refused: 0 };
 
   /** Attempts that offered v2 and failed before opening, then retried as v1 (0 or 1). */
   fallbacks = 0;
@@ -654,6 +676,7 @@ export class SessionClient {
     const result = applyFrame(this.sync, data, this.protocol ?? "v1");
     this.sync = result.sync;
     if (result.problem) this.stats.lastProblem = result.problem;
+    if (result.refused) this.stats.refused += result.refused.count;
     if (result.resync) {
       this.resync();
       this.startResyncRetry();

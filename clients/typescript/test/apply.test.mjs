@@ -209,6 +209,20 @@ test("an unreadable v2 frame asks for a resync; an unknown message type is ignor
   assert.equal(applyFrame(unknown.sync, ops(2, [{ op: "remove", id: "s1" }]), "v2").sync.state.shapes.length, 1);
 });
 
+test("a v2 error message is counted, changes nothing and takes no seq", () => {
+  const start = feed([snapshot(1, room1)]).sync;
+  const error = applyFrame(start, JSON.stringify({ type: "error", op: "shape_create", reason: "board_full", count: 3 }), "v2");
+  assert.equal(error.sync, start);
+  assert.equal(error.resync, false);
+  assert.equal(error.problem, undefined);
+  assert.deepEqual(error.refused, { op: "shape_create", reason: "board_full", count: 3 });
+  // The next batch follows the snapshot's seq, as if the error were not there.
+  assert.equal(applyFrame(error.sync, ops(2, [{ op: "remove", id: "s1" }]), "v2").sync.state.shapes.length, 1);
+  const bad = applyFrame(start, JSON.stringify({ type: "error", op: 1 }), "v2");
+  assert.equal(bad.resync, false);
+  assert.match(bad.problem, /error without/);
+});
+
 test("v1: every message is a full snapshot; no resync is ever asked", () => {
   const a = JSON.stringify(room1);
   const b = JSON.stringify({ connectedUsers: ["bob"], cursors: [], shapes: [rect("s9", "bob")] });
