@@ -9,6 +9,7 @@
 //! `ratelimit`); a user whose earlier connection vanished without a close takes
 //! its place once it fails to answer a ping (`take_over`).
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -660,12 +661,13 @@ impl Outbox {
             .as_deref()
             .filter(|_| self.deflate)
             .map(|d| d.strip_suffix(&SYNC_TRAILER).unwrap_or(d));
-        let compressed_head = match (&message, deflated) {
-            (None, Some(_)) => Some(stored_brace().to_vec()),
+        // A v1 message's head is shared by every member; a v2 one is its own.
+        let compressed_head: Option<Cow<'static, [u8]>> = match (&message, deflated) {
+            (None, Some(_)) => Some(Cow::Borrowed(stored_brace())),
             (Some(V2Message::Snapshot(head)), Some(_)) => {
                 let mut prefix = Vec::with_capacity(head.len() + 10);
                 stored_segment(head, &mut prefix);
-                Some(prefix)
+                Some(Cow::Owned(prefix))
             }
             // Each member's own, so compressed only while that is cheap, and
             // sent so only if it came out smaller.
@@ -674,7 +676,9 @@ impl Outbox {
                     && (MIN_COMPRESSED_OPS_BYTES..=MAX_COMPRESSED_OPS_BYTES)
                         .contains(&ops.len()) =>
             {
-                Some(deflate_message(ops)).filter(|payload| payload.len() < ops.len())
+                Some(deflate_message(ops))
+                    .filter(|payload| payload.len() < ops.len())
+                    .map(Cow::Owned)
             }
             _ => None,
         };

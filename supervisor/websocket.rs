@@ -262,7 +262,7 @@ impl ClientWriter {
     }
 
     /// One frame whose payload is `payload`'s parts, written without copying
-    /// them together.
+    /// them together (one `writev` when the socket takes it all, the usual case).
     async fn parts(&mut self, first: u8, payload: [&[u8]; 2]) -> io::Result<()> {
         let (header, header_len) = frame_header(first, payload[0].len() + payload[1].len());
         let mut parts = [&header[..header_len], payload[0], payload[1]];
@@ -309,22 +309,7 @@ impl ClientWriter {
     /// One frame: header and payload in one `writev` when the socket takes it
     /// all, which is the usual case.
     async fn frame(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
-        let (header, header_len) = frame_header(opcode, payload.len());
-        let mut head = &header[..header_len];
-        let mut body = payload;
-        while !head.is_empty() || !body.is_empty() {
-            let written = self
-                .socket
-                .write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
-                .await?;
-            if written == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            let from_head = written.min(head.len());
-            head = &head[from_head..];
-            body = &body[written - from_head..];
-        }
-        Ok(())
+        self.parts(opcode, [payload, &[]]).await
     }
 }
 
