@@ -1,8 +1,15 @@
 /*
  * @session-server/client: the reference client of session-server's whiteboard
  * protocol. It offers the delta protocol v2 (PROTOCOL-v2.md) and falls back to
- * v1 (PROTOCOL.md §3-§4) when the server does not speak it; either way `state`
- * is shaped like a v1 snapshot.
+ * v1 (PROTOCOL.md §3-§4) when the server does not speak it; either way the room
+ * is shaped like a v1 snapshot. Two ways in:
+ *
+ * - `connect(url, options)`: a `RoomConnection`, for new apps;
+ * - `SessionClient`: the public React client's session class, same surface,
+ *   for a drop-in switch (one import, or this file copied over its
+ *   `sessionClient.ts`).
+ *
+ * Both reconnect by themselves after an unexpected close (`RECONNECT_CODES`).
  *
  * dist/ is GENERATED from this file by `npm run build` (tsc) and committed (the
  * dev board serves it): do not edit dist/ by hand. `npm test` fails when the
@@ -218,6 +225,39 @@ function askResync(sync, problem) {
         return { sync, changed: false, resync: false, problem };
     return { sync: { ...sync, awaitingSnapshot: true }, changed: false, resync: true, problem };
 }
+/**
+ * Whether a frame is a v1 snapshot (an object with the three arrays and no
+ * `type`). A server that echoes every offered subprotocol but speaks v1 (the
+ * Node.js server's `ws` does) is found by its first frame being one.
+ */
+export function isV1Snapshot(data) {
+    let msg;
+    try {
+        msg = JSON.parse(data);
+    }
+    catch {
+        return false;
+    }
+    return isObject(msg) && msg.type === undefined && roomOf(msg) !== null;
+}
+/**
+ * The close codes after which the client reconnects by itself: 1001 Going Away
+ * (this server's drain, a proxy going down), 1005 (no code), 1006 (no close
+ * frame: a crash, a lost network), 1011 Internal Error, 1012 Service Restart,
+ * 1013 Try Again Later, 1014 Bad Gateway. Any other code is final: 1000, 1008
+ * (a full room, a duplicate user, a rate limit), 1002/1003/1007/1009 (what was
+ * sent was refused; it would be again), 4000 (replaced by a newer connection of
+ * the same user), 4001-4999 and 3000-3999 (the server's or a proxy's refusals).
+ */
+export const RECONNECT_CODES = Object.freeze([1001, 1005, 1006, 1011, 1012, 1013, 1014]);
+/** The reconnect settings when an option is left out. */
+export const RECONNECT_DEFAULTS = Object.freeze({
+    initialDelayMs: 250,
+    maxDelayMs: 3000,
+    attemptTimeoutMs: 10000,
+    giveUpAfterMs: 60000,
+    maxQueued: 1000,
+});
 /** How soon after the fallback connection opens a `1008 Duplicate user` counts as its own echo. */
 const DUPLICATE_AFTER_FALLBACK_MS = 2000;
 const OPEN = 1;
@@ -232,25 +272,39 @@ function reportError(error) {
     globalThis.console?.error("session client: a change listener threw", error);
 }
 /**
- * One connection to a room. `state` is the room as a v1 snapshot; it starts
- * empty and changes with every message (see `subscribe`). No reconnection: a
- * closed client stays closed (make a new one), as the public React client does.
+ * One connection to a room, reconnecting by itself after an unexpected close
+ * (see `ConnectOptions.reconnect`). `state` is the room as a v1 snapshot; it
+ * starts empty and changes with every message (see `subscribe`); while
+ * reconnecting it stays as it was, and the new connection's first snapshot
+ * replaces it.
  */
-export class SessionClient {
+export class RoomConnection {
     constructor(url, options = {}) {
-        /** "v2" or "v1" once open; null before. */
+        /** "v2" or "v1" on the current socket once known; null before the first. */
         this.protocol = null;
-        /** How the connection closed; null while it is open or opening. */
+        /** Where the connection is (see `ConnectionStatus`). */
+        this.status = "connecting";
+        /** How the connection closed for good; null until then. */
         this.closeInfo = null;
-        this.stats = { frames: 0, changes: 0, resyncs: 0, sent: 0, lastProblem: null, refused: 0 };
-        /** Attempts that offered v2 and failed before opening, then retried as v1 (0 or 1). */
+        this.stats = {
+            frames: 0, changes: 0, resyncs: 0, sent: 0, lastProblem: null, refused: 0, reconnects: 0, v1ByContent: 0,
+            queueFull: 0,
+        };
+        /** Attempts that offered v2 and failed before opening, then retried as v1. */
         this.fallbacks = 0;
         /** v1 connections made again after a `1008 Duplicate user` right after the fallback (0 or 1). */
         this.duplicateRetries = 0;
         this.sync = initialSync();
+        this.attempt = null;
         this.closing = false;
-        /** A retry after a duplicate waiting for its timer: close() ends it at once. */
-        this.pendingRetry = null;
+        /** A wait before the next attempt (after a duplicate, or reconnecting), and what the connection closes with if it ends during it. */
+        this.waiting = null;
+        /** The connect timeout of the attempt in flight. */
+        this.attemptTimer = null;
+        /** Reconnecting since (ms), the failed attempts so far, and the close that started it. */
+        this.lost = null;
+        this.queue = [];
+        this.queuedCursor = null;
         this.listeners = new Set();
         this.resyncTimer = null;
         /** Same as `state`, for `useSyncExternalStore(client.subscribe, client.getState)`. */
@@ -266,112 +320,24 @@ export class SessionClient {
         if (!Ctor) {
             throw new Error("no WebSocket: pass options.WebSocket (e.g. the `ws` package's) where there is no global one");
         }
+        this.Ctor = Ctor;
+        this.url = url;
+        this.options = options;
+        this.preferred = options.protocol ?? "v2";
+        this.reconnectOptions =
+            options.reconnect === false
+                ? null
+                : { ...RECONNECT_DEFAULTS, ...(typeof options.reconnect === "object" ? options.reconnect : {}) };
         if (options.onChange)
             this.listeners.add(options.onChange);
         this.onError = options.onError ?? reportError;
         this.resyncRetryMs = options.resyncRetryMs ?? 2000;
-        const fallbackRetryMs = options.fallbackRetryMs ?? 1000;
-        let opened;
-        let failed;
-        let closed;
-        this.opened = new Promise((resolve, reject) => ((opened = resolve), (failed = reject)));
+        this.fallbackRetryMs = options.fallbackRetryMs ?? 1000;
+        this.opened = new Promise((resolve, reject) => (this.settleOpened = { resolve, reject }));
         this.opened.catch(() => { }); // a caller that never awaits it must not see an unhandled rejection
-        this.closed = new Promise((resolve) => (closed = resolve));
-        const finish = (info) => {
-            if (this.closeInfo)
-                return;
-            this.closeInfo = info;
-            this.stopResyncRetry();
-            failed(new Error(`closed before it opened: ${info.code} ${info.reason}`));
-            closed(info);
-            options.onClose?.(info);
-        };
-        // One attempt: v2 offers the subprotocol. Browsers (and Node's WebSocket, and
-        // the `ws` package) FAIL a handshake whose answer lacks an offered subprotocol,
-        // which is what a v1 server sends: so when an attempt offering v2 fails before
-        // it opens, the client tries once more without the offer (v1).
-        const attempt = (wanted) => {
-            const ws = wanted === "v2" ? new Ctor(url, [SUBPROTOCOL_V2]) : new Ctor(url);
-            this.ws = ws;
-            let open = false;
-            let openedAt = 0;
-            let done = false;
-            // Handlers as properties: every WebSocket implementation has them.
-            const handlers = ws;
-            // After a fallback, the server may still hold the failed v2 attempt (an
-            // older server behind a slow proxy sees its close late) and turn the v1
-            // connection away as a duplicate of it: one more v1 attempt, a little later.
-            const duplicateOfFallback = (info) => wanted === "v1" &&
-                this.fallbacks > 0 &&
-                this.duplicateRetries === 0 &&
-                !this.closing &&
-                info.code === 1008 &&
-                info.reason === "Duplicate user" &&
-                (!open || Date.now() - openedAt < DUPLICATE_AFTER_FALLBACK_MS);
-            const retryLater = (info) => {
-                this.duplicateRetries++;
-                const timer = timers.setTimeout(() => {
-                    this.pendingRetry = null;
-                    attempt("v1");
-                }, fallbackRetryMs);
-                this.pendingRetry = { timer, giveUp: () => finish(info) };
-            };
-            const failedBeforeOpen = (info) => {
-                if (done)
-                    return;
-                done = true;
-                handlers.onopen = handlers.onmessage = handlers.onclose = handlers.onerror = null;
-                if (duplicateOfFallback(info)) {
-                    retryLater(info);
-                }
-                else if (wanted === "v2" && !this.closing) {
-                    this.fallbacks++;
-                    try {
-                        ws.close();
-                    }
-                    catch {
-                        // already closed
-                    }
-                    attempt("v1");
-                }
-                else {
-                    finish(info);
-                }
-            };
-            handlers.onopen = () => {
-                if (done)
-                    return;
-                open = true;
-                openedAt = Date.now();
-                this.protocol = wanted === "v2" && ws.protocol === SUBPROTOCOL_V2 ? "v2" : "v1";
-                opened(this.protocol);
-            };
-            handlers.onmessage = (event) => {
-                if (open && !done)
-                    this.receive(event.data);
-            };
-            // Before it opens, an error is a failed handshake (Node 20's WebSocket sends
-            // no close event after it); after, a close event follows.
-            handlers.onerror = () => {
-                if (!open)
-                    failedBeforeOpen({ code: 1006, reason: "", wasClean: false });
-            };
-            handlers.onclose = (event) => {
-                const info = { code: event.code, reason: event.reason, wasClean: event.wasClean };
-                if (!open)
-                    return failedBeforeOpen(info);
-                if (done)
-                    return;
-                done = true;
-                if (duplicateOfFallback(info)) {
-                    handlers.onopen = handlers.onmessage = handlers.onclose = handlers.onerror = null;
-                    return retryLater(info);
-                }
-                finish(info);
-            };
-            return ws;
-        };
-        this.ws = attempt(options.protocol ?? "v2");
+        this.closed = new Promise((resolve) => (this.settleClosed = resolve));
+        this.dial(this.preferred);
+        this.startAttemptTimer(options.connectTimeoutMs ?? 30000);
     }
     /** The room as a v1 snapshot (do not mutate it). */
     get state() {
@@ -381,9 +347,9 @@ export class SessionClient {
     get lastSeq() {
         return this.sync.lastSeq;
     }
-    /** Whether the connection is open (the send helpers return false when it is not). */
+    /** Whether a socket is open now (messages go out at once). */
     get isOpen() {
-        return this.ws.readyState === OPEN;
+        return this.attempt?.ws.readyState === OPEN && this.attempt.open;
     }
     moveCursor(x, y) {
         return this.send({ type: "cursor_move", x, y });
@@ -399,47 +365,315 @@ export class SessionClient {
     }
     /** Asks a v2 server for a fresh snapshot (a v1 server ignores it). */
     resync() {
-        const sent = this.send({ type: "resync" });
-        if (sent)
-            this.stats.resyncs++;
-        return sent;
-    }
-    /** Sends any client message; false (and nothing sent) when the connection is not open. */
-    send(message) {
-        if (this.ws.readyState !== OPEN)
+        const attempt = this.attempt;
+        if (!attempt || !this.isOpen)
             return false;
-        this.ws.send(JSON.stringify(message));
-        this.stats.sent++;
+        this.write(attempt, { type: "resync" });
+        this.stats.resyncs++;
         return true;
     }
     /**
-     * Closes the connection. A code a browser would refuse (anything but 1000 and
-     * 3000-4999: it throws and the socket stays open) becomes 1000.
+     * Sends any client message. Open: it goes out at once. Reconnecting: it waits
+     * for the new connection (see `ReconnectOptions.maxQueued`; a resync does not
+     * wait). Otherwise (connecting the first time, closed) nothing is sent. True
+     * when sent or waiting, false when not.
+     */
+    send(message) {
+        const attempt = this.attempt;
+        if (attempt && this.isOpen) {
+            this.write(attempt, message);
+            return true;
+        }
+        // A socket closing (its close event not yet here) counts as reconnecting:
+        // the event starts the reconnect, and a final close drops what waits.
+        const reconnecting = this.status === "reconnecting" || (this.status === "open" && this.reconnectOptions !== null && !this.closing);
+        return reconnecting && this.enqueue(message);
+    }
+    /**
+     * Closes the connection for good. A code a browser would refuse (anything but
+     * 1000 and 3000-4999: it throws and the socket stays open) becomes 1000.
      */
     close(code, reason) {
+        if (this.closeInfo)
+            return;
         this.closing = true;
         this.stopResyncRetry();
-        if (this.pendingRetry) {
+        const valid = validCloseCode(code);
+        const attempt = this.attempt;
+        if (!attempt) {
             // Between two attempts: nothing is open, the connection ends here.
-            const { timer, giveUp } = this.pendingRetry;
-            this.pendingRetry = null;
-            timers.clearTimeout(timer);
-            giveUp();
+            this.finish(this.waiting?.info ?? { code: valid, reason: reason ?? "", wasClean: true });
             return;
         }
-        const valid = validCloseCode(code);
+        // The socket's close event finishes the connection.
         try {
-            this.ws.close(valid, reason);
+            attempt.ws.close(valid, reason);
         }
         catch {
             // A reason a browser refuses (over 123 bytes of UTF-8): close without it.
-            this.ws.close(valid);
+            attempt.ws.close(valid);
         }
     }
-    receive(data) {
+    // --- sockets -------------------------------------------------------------
+    dial(wanted) {
+        const ws = wanted === "v2" ? new this.Ctor(this.url, [SUBPROTOCOL_V2]) : new this.Ctor(this.url);
+        const attempt = { ws, wanted, open: false, openedAt: 0, sniffing: false, heard: false };
+        this.attempt = attempt;
+        // Handlers as properties: every WebSocket implementation has them.
+        const handlers = ws;
+        handlers.onopen = () => {
+            if (this.attempt === attempt)
+                this.opening(attempt);
+        };
+        handlers.onmessage = (event) => {
+            if (this.attempt === attempt && attempt.open)
+                this.receive(attempt, event.data);
+        };
+        // Before it opens, an error is a failed handshake (Node 20's WebSocket sends
+        // no close event after it); after, a close event follows.
+        handlers.onerror = () => {
+            if (this.attempt === attempt && !attempt.open)
+                this.ended(attempt, { code: 1006, reason: "", wasClean: false });
+        };
+        handlers.onclose = (event) => {
+            if (this.attempt === attempt) {
+                this.ended(attempt, { code: event.code, reason: event.reason, wasClean: event.wasClean });
+            }
+        };
+    }
+    /** Forgets a socket: its events are ignored from now on. */
+    detach(attempt) {
+        const handlers = attempt.ws;
+        handlers.onopen = handlers.onmessage = handlers.onclose = handlers.onerror = null;
+        if (this.attempt === attempt)
+            this.attempt = null;
+    }
+    opening(attempt) {
+        this.stopAttemptTimer();
+        attempt.open = true;
+        attempt.openedAt = Date.now();
+        this.protocol = attempt.wanted === "v2" && attempt.ws.protocol === SUBPROTOCOL_V2 ? "v2" : "v1";
+        attempt.sniffing = this.protocol === "v2";
+        // A new socket: its first snapshot replaces the state (kept until then).
+        this.sync = { state: this.sync.state, lastSeq: null, awaitingSnapshot: false };
+        this.setStatus("open");
+        this.settleOpened.resolve(this.protocol);
+        this.flush(attempt);
+    }
+    ended(attempt, info) {
+        this.detach(attempt);
+        this.stopResyncRetry();
+        if (this.duplicateOfFallback(attempt, info)) {
+            this.duplicateRetries++;
+            this.wait(this.fallbackRetryMs, info, () => this.dial("v1"));
+        }
+        else if (this.closing) {
+            this.finish(info);
+        }
+        else if (!attempt.open && attempt.wanted === "v2") {
+            // Browsers (and Node's WebSocket, and the `ws` package) FAIL a handshake
+            // whose answer lacks an offered subprotocol, which is what a v1 server
+            // sends: try once more without the offer.
+            this.fallbacks++;
+            try {
+                attempt.ws.close();
+            }
+            catch {
+                // already closed
+            }
+            this.dial("v1");
+        }
+        else if (!attempt.open) {
+            this.attemptFailed(info);
+        }
+        else if (this.reconnectOptions && RECONNECT_CODES.includes(info.code)) {
+            this.reconnect(info);
+        }
+        else {
+            this.finish(info);
+        }
+    }
+    // After a fallback, the server may still hold the failed v2 attempt (an
+    // older server behind a slow proxy sees its close late) and turn the v1
+    // connection away as a duplicate of it: one more v1 attempt, a little later.
+    duplicateOfFallback(attempt, info) {
+        return (attempt.wanted === "v1" &&
+            this.fallbacks > 0 &&
+            this.duplicateRetries === 0 &&
+            !this.closing &&
+            info.code === 1008 &&
+            info.reason === "Duplicate user" &&
+            (!attempt.open || Date.now() - attempt.openedAt < DUPLICATE_AFTER_FALLBACK_MS));
+    }
+    // --- reconnecting --------------------------------------------------------
+    /** An open socket closed with a code that says "come back". */
+    reconnect(info) {
+        // Lost again before the room came back: the same series (its backoff goes on).
+        this.lost ?? (this.lost = { since: Date.now(), failures: 0, info });
+        this.setStatus("reconnecting");
+        this.scheduleAttempt();
+    }
+    /** An attempt failed before it opened (or timed out). */
+    attemptFailed(info) {
+        this.stopAttemptTimer();
+        if (this.lost)
+            this.scheduleAttempt();
+        else
+            this.finish(info); // the first connection never opened: `opened` rejects
+    }
+    scheduleAttempt() {
+        const lost = this.lost;
+        const settings = this.reconnectOptions;
+        const ceiling = Math.min(settings.maxDelayMs, settings.initialDelayMs * 2 ** Math.min(lost.failures, 30));
+        const delay = ceiling * (0.5 + Math.random() / 2);
+        lost.failures++;
+        if (Date.now() + delay - lost.since > settings.giveUpAfterMs) {
+            this.finish(lost.info);
+            return;
+        }
+        this.wait(delay, lost.info, () => void this.redial());
+    }
+    async redial() {
+        const lost = this.lost;
+        // The first attempt reuses the URL; once it failed, ask for a new one.
+        if (lost.failures > 1 && this.options.resolve) {
+            let url;
+            try {
+                url = await this.options.resolve();
+            }
+            catch {
+                if (!this.closing && !this.closeInfo)
+                    this.scheduleAttempt();
+                return;
+            }
+            if (this.closing || this.closeInfo)
+                return;
+            if (typeof url === "string" && url !== "")
+                this.url = url;
+        }
+        try {
+            this.dial(this.preferred);
+        }
+        catch {
+            this.scheduleAttempt(); // a URL the WebSocket refuses
+            return;
+        }
+        this.startAttemptTimer(this.reconnectOptions.attemptTimeoutMs);
+    }
+    wait(ms, info, then) {
+        const timer = timers.setTimeout(() => {
+            this.waiting = null;
+            then();
+        }, ms);
+        this.waiting = { timer, info };
+    }
+    startAttemptTimer(ms) {
+        if (!(ms > 0))
+            return;
+        this.attemptTimer = timers.setTimeout(() => {
+            this.attemptTimer = null;
+            const attempt = this.attempt;
+            if (!attempt || attempt.open)
+                return;
+            this.detach(attempt);
+            try {
+                attempt.ws.close();
+            }
+            catch {
+                // not open: nothing to close
+            }
+            this.attemptFailed({ code: 1006, reason: `connect timeout after ${ms} ms`, wasClean: false });
+        }, ms);
+    }
+    stopAttemptTimer() {
+        if (this.attemptTimer !== null)
+            timers.clearTimeout(this.attemptTimer);
+        this.attemptTimer = null;
+    }
+    /** The connection ends for good. */
+    finish(info) {
+        if (this.closeInfo)
+            return;
+        if (this.attempt)
+            this.detach(this.attempt);
+        if (this.waiting)
+            timers.clearTimeout(this.waiting.timer);
+        this.waiting = null;
+        this.stopAttemptTimer();
+        this.stopResyncRetry();
+        this.queue = [];
+        this.queuedCursor = null;
+        this.closeInfo = info;
+        this.setStatus("closed");
+        this.settleOpened.reject(new Error(`closed before it opened: ${info.code} ${info.reason}`));
+        this.settleClosed(info);
+        this.options.onClose?.(info);
+    }
+    setStatus(status) {
+        if (this.status === status)
+            return;
+        this.status = status;
+        try {
+            this.options.onStatus?.(status);
+        }
+        catch (error) {
+            this.onError(error);
+        }
+    }
+    // --- messages ------------------------------------------------------------
+    write(attempt, message) {
+        attempt.ws.send(JSON.stringify(message));
+        this.stats.sent++;
+    }
+    enqueue(message) {
+        if (message.type === "resync")
+            return false;
+        if (message.type === "cursor_move") {
+            this.queuedCursor = message;
+            return true;
+        }
+        const last = this.queue[this.queue.length - 1];
+        if (message.type === "shape_update" && last?.type === "shape_update" && last.shapeId === message.shapeId) {
+            this.queue[this.queue.length - 1] = { ...last, ...message };
+            return true;
+        }
+        if (this.queue.length >= this.reconnectOptions.maxQueued) {
+            this.stats.queueFull++;
+            return false;
+        }
+        this.queue.push(message);
+        return true;
+    }
+    /** What waited while reconnecting goes out on the new socket: shape ops in order, then the newest cursor. */
+    flush(attempt) {
+        const queued = this.queue;
+        const cursor = this.queuedCursor;
+        this.queue = [];
+        this.queuedCursor = null;
+        for (const message of queued)
+            this.write(attempt, message);
+        if (cursor)
+            this.write(attempt, cursor);
+    }
+    receive(attempt, data) {
         if (typeof data !== "string") {
             this.stats.lastProblem = "binary frame";
             return;
+        }
+        if (attempt.sniffing) {
+            attempt.sniffing = false;
+            if (isV1Snapshot(data)) {
+                this.protocol = "v1";
+                this.stats.v1ByContent++;
+            }
+        }
+        if (!attempt.heard) {
+            attempt.heard = true;
+            if (this.lost) {
+                // The room is back: the next loss starts a new series.
+                this.lost = null;
+                this.stats.reconnects++;
+            }
         }
         this.stats.frames++;
         const result = applyFrame(this.sync, data, this.protocol ?? "v1");
@@ -496,5 +730,145 @@ export class SessionClient {
 }
 /** Opens a connection: `url` is the server's WebSocket URL with the token (`wss://host/?token=…`). */
 export function connect(url, options = {}) {
-    return new SessionClient(url, options);
+    return new RoomConnection(url, options);
+}
+/** The public client's default `fill` and `stroke` for a new shape (PROTOCOL.md §3). */
+const DEFAULT_FILL = "#3b82f6";
+const DEFAULT_STROKE = "#1d4ed8";
+/**
+ * The public React client's session class (`client/src/sessionClient.ts`), with
+ * the same surface, over `RoomConnection`: switching is one changed import (or
+ * this file copied over that one). What differs is what a user sees: it speaks
+ * v2 where the server does, and it comes back by itself after a server restart
+ * or a lost network (see `RECONNECT_CODES`), calling `onClose` only when the
+ * connection ends for good.
+ */
+export class SessionClient {
+    constructor(host, options = {}) {
+        this.connection = null;
+        this.messageCallback = null;
+        this.closeCallback = null;
+        this.statusCallback = null;
+        this.host = host;
+        this.options = options;
+        this.statusCallback = options.onStatus ?? null;
+    }
+    static create(host, options = {}) {
+        return new SessionClient(host, options);
+    }
+    /** Where the connection is; "closed" before `connect`. */
+    get status() {
+        return this.connection?.status ?? "closed";
+    }
+    /** The protocol of the current socket ("v2" or "v1"), null before the first. */
+    get protocol() {
+        return this.connection?.protocol ?? null;
+    }
+    /** The connection underneath (null before `connect`): its `state`, `stats`, `subscribe`. */
+    get room() {
+        return this.connection;
+    }
+    /**
+     * Opens `ws(s)://host/?token=…`. Resolves when the socket opens; rejects when
+     * it fails first, or is still not open after `timeoutMs` (then nothing is
+     * left open). A connection that never opened does not call `onClose`.
+     */
+    connect(token, timeoutMs = 30000) {
+        const previous = this.connection;
+        this.connection = null;
+        previous?.close(); // a second connect replaces the first, without its onClose
+        const secure = this.options.secure ?? globalThis.location?.protocol === "https:";
+        const url = (host, token) => `${secure ? "wss" : "ws"}://${host}/?token=${token}`;
+        const resolveUrl = this.options.resolve;
+        let opened = false;
+        return new Promise((resolve, reject) => {
+            const connection = new RoomConnection(url(this.host, token), {
+                protocol: this.options.protocol,
+                WebSocket: this.options.WebSocket,
+                reconnect: this.options.reconnect,
+                connectTimeoutMs: timeoutMs,
+                resolve: resolveUrl
+                    ? async () => {
+                        const next = await resolveUrl();
+                        this.host = next.host;
+                        return url(next.host, next.token);
+                    }
+                    : undefined,
+                onChange: (state) => {
+                    if (this.connection === connection)
+                        this.messageCallback?.(state);
+                },
+                onStatus: (status) => {
+                    if (status === "open" && !opened) {
+                        opened = true;
+                        resolve();
+                    }
+                    if (this.connection === connection)
+                        this.statusCallback?.(status);
+                },
+                onClose: (info) => {
+                    if (!opened) {
+                        reject(new Error(info.reason.startsWith("connect timeout")
+                            ? `WebSocket connection timeout after ${timeoutMs}ms`
+                            : `WebSocket connection failed (${info.code}${info.reason ? ` ${info.reason}` : ""})`));
+                    }
+                    else if (this.connection === connection) {
+                        this.closeCallback?.();
+                    }
+                },
+            });
+            this.connection = connection;
+        });
+    }
+    /**
+     * `callback` gets the room as a v1 snapshot at every change (the first
+     * snapshot, and after a reconnect the new first one). Type it as your app
+     * types its snapshots: timestamps are ISO strings, as the server sends them.
+     */
+    onMessage(callback) {
+        this.messageCallback = callback;
+    }
+    /** `callback` is called once when the connection ends for good (not while it reconnects). */
+    onClose(callback) {
+        this.closeCallback = callback;
+    }
+    /** `callback` is called at every change of `status` (not in the public client: for a "reconnecting" banner). */
+    onStatus(callback) {
+        this.statusCallback = callback;
+    }
+    sendCursorMove(x, y) {
+        return this.send({ type: "cursor_move", x, y });
+    }
+    sendShapeCreate(shapeType, x, y, width, height, options = {}) {
+        return this.send({
+            type: "shape_create",
+            shapeType,
+            x,
+            y,
+            width,
+            height,
+            text: options.text,
+            fill: options.fill || DEFAULT_FILL,
+            stroke: options.stroke || DEFAULT_STROKE,
+        });
+    }
+    sendShapeUpdate(shapeId, updates) {
+        return this.send({ type: "shape_update", shapeId, ...updates });
+    }
+    sendShapeDelete(shapeId) {
+        return this.send({ type: "shape_delete", shapeId });
+    }
+    /** Closes the connection for good (`onClose` is called if it had opened). */
+    close() {
+        this.connection?.close();
+    }
+    /** Sent at once when open, queued while reconnecting; otherwise a warning and false, as the public client. */
+    send(message) {
+        if (this.connection?.send(message))
+            return true;
+        globalThis.console?.warn(this.connection?.status === "reconnecting"
+            ? "Cannot send message: too many messages wait for the reconnection"
+            : "Cannot send message: socket not connected");
+        return false;
+    }
 }

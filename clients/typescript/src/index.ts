@@ -1,8 +1,15 @@
 /*
  * @session-server/client: the reference client of session-server's whiteboard
  * protocol. It offers the delta protocol v2 (PROTOCOL-v2.md) and falls back to
- * v1 (PROTOCOL.md §3-§4) when the server does not speak it; either way `state`
- * is shaped like a v1 snapshot.
+ * v1 (PROTOCOL.md §3-§4) when the server does not speak it; either way the room
+ * is shaped like a v1 snapshot. Two ways in:
+ *
+ * - `connect(url, options)`: a `RoomConnection`, for new apps;
+ * - `SessionClient`: the public React client's session class, same surface,
+ *   for a drop-in switch (one import, or this file copied over its
+ *   `sessionClient.ts`).
+ *
+ * Both reconnect by themselves after an unexpected close (`RECONNECT_CODES`).
  *
  * dist/ is GENERATED from this file by `npm run build` (tsc) and committed (the
  * dev board serves it): do not edit dist/ by hand. `npm test` fails when the
@@ -347,6 +354,21 @@ function askResync(sync: SyncState, problem: string): ApplyResult {
   return { sync: { ...sync, awaitingSnapshot: true }, changed: false, resync: true, problem };
 }
 
+/**
+ * Whether a frame is a v1 snapshot (an object with the three arrays and no
+ * `type`). A server that echoes every offered subprotocol but speaks v1 (the
+ * Node.js server's `ws` does) is found by its first frame being one.
+ */
+export function isV1Snapshot(data: string): boolean {
+  let msg: unknown;
+  try {
+    msg = JSON.parse(data);
+  } catch {
+    return false;
+  }
+  return isObject(msg) && msg.type === undefined && roomOf(msg) !== null;
+}
+
 // ---------------------------------------------------------------------------
 // The connection.
 
@@ -367,25 +389,98 @@ export interface CloseInfo {
   wasClean: boolean;
 }
 
+/**
+ * Where a connection is: `connecting` (the first time), `open`, `reconnecting`
+ * (it was open, closed unexpectedly, and the client is getting it back), and
+ * `closed` (for good).
+ */
+export type ConnectionStatus = "connecting" | "open" | "reconnecting" | "closed";
+
+/**
+ * The close codes after which the client reconnects by itself: 1001 Going Away
+ * (this server's drain, a proxy going down), 1005 (no code), 1006 (no close
+ * frame: a crash, a lost network), 1011 Internal Error, 1012 Service Restart,
+ * 1013 Try Again Later, 1014 Bad Gateway. Any other code is final: 1000, 1008
+ * (a full room, a duplicate user, a rate limit), 1002/1003/1007/1009 (what was
+ * sent was refused; it would be again), 4000 (replaced by a newer connection of
+ * the same user), 4001-4999 and 3000-3999 (the server's or a proxy's refusals).
+ */
+export const RECONNECT_CODES: readonly number[] = Object.freeze([1001, 1005, 1006, 1011, 1012, 1013, 1014]);
+
+/** Reconnecting after a close with one of [`RECONNECT_CODES`]. */
+export interface ReconnectOptions {
+  /** The delay before the first attempt, in ms; it doubles after each failed attempt. Default 250. */
+  initialDelayMs?: number;
+  /** The longest delay between two attempts, in ms. Default 3000. Every delay is jittered down to half of it. */
+  maxDelayMs?: number;
+  /** An attempt not open after this many ms is abandoned (a server that accepts and never answers). Default 10000. */
+  attemptTimeoutMs?: number;
+  /**
+   * The client gives up (the connection closes for good: `onClose`, `closed`)
+   * when no attempt has brought the room back this many ms after the close.
+   * Default 60000.
+   */
+  giveUpAfterMs?: number;
+  /**
+   * Messages sent while reconnecting wait, in order, and go out when the new
+   * connection opens: at most this many (default 1000; `send` returns false past
+   * it). Cursor moves do not count: only the newest waits. Consecutive updates of
+   * one shape wait as one.
+   */
+  maxQueued?: number;
+}
+
+/** The reconnect settings when an option is left out. */
+export const RECONNECT_DEFAULTS: Readonly<Required<ReconnectOptions>> = Object.freeze({
+  initialDelayMs: 250,
+  maxDelayMs: 3000,
+  attemptTimeoutMs: 10000,
+  giveUpAfterMs: 60000,
+  maxQueued: 1000,
+});
+
 export interface ConnectOptions {
   /**
    * "v2" (the default) offers `whiteboard.v2`; when that attempt fails before it
    * opens (a v1 server answers without the subprotocol, which WebSocket
    * implementations treat as a failed handshake), one more attempt offers nothing
-   * and the connection is v1. "v1" offers nothing (v1 only, for comparison).
+   * and the connection is v1. A server that accepts the offer but sends a v1
+   * snapshot first is taken as v1 on that socket. "v1" offers nothing.
    */
   protocol?: Protocol;
   /** The WebSocket to use; default `globalThis.WebSocket`. */
   WebSocket?: WebSocketConstructor;
-  /** Called after every change of `state`. */
+  /** Called after every change of `state` (also with the first snapshot after a reconnect). */
   onChange?: (state: RoomState) => void;
-  /** Called once when the connection closes (also when it never opened). */
+  /**
+   * Called once when the connection closes for good: a final close code, the
+   * app's `close()`, or reconnecting given up (also when it never opened).
+   */
   onClose?: (info: CloseInfo) => void;
+  /** Called after every change of `status`. */
+  onStatus?: (status: ConnectionStatus) => void;
   /**
    * Called with what a change listener (`onChange`, `subscribe`) threw; the
    * other listeners are still called. Default: `console.error`.
    */
   onError?: (error: unknown) => void;
+  /**
+   * The first connection closes (1006, `opened` rejects) when it is not open
+   * this many ms after `connect`. Default 30000, as the public client; 0: none.
+   */
+  connectTimeoutMs?: number;
+  /**
+   * Reconnect by itself after an unexpected close (see `RECONNECT_CODES`).
+   * Default true (with `RECONNECT_DEFAULTS`); false: every close is final.
+   */
+  reconnect?: boolean | ReconnectOptions;
+  /**
+   * Where to reconnect: the first attempt after a close reuses the URL (and its
+   * token); when it fails, every further attempt first asks this for a URL (an
+   * app asks its backend for the room's server and a fresh token). A throw or a
+   * rejection counts as a failed attempt. Without it, every attempt reuses the URL.
+   */
+  resolve?: () => string | Promise<string>;
   /**
    * v2: when a resync the client asked for brings no snapshot within this many
    * milliseconds (the request or the answer was lost), it asks again, at most
@@ -413,12 +508,18 @@ export interface ClientStats {
   changes: number;
   /** Resync requests sent (by the client after a gap, or by `resync()`). */
   resyncs: number;
-  /** Messages sent (resyncs included). */
+  /** Messages sent (resyncs and queued messages included). */
   sent: number;
   /** The last frame that was not applied, and why. */
   lastProblem: string | null;
   /** This client's messages a room limit refused (v2 `error` messages). */
   refused: number;
+  /** Times the room came back after an unexpected close (a first frame on a new socket). */
+  reconnects: number;
+  /** Sockets whose handshake said v2 and whose first frame was a v1 snapshot. */
+  v1ByContent: number;
+  /** Messages refused while reconnecting because the queue was full. */
+  queueFull: number;
 }
 
 const OPEN = 1;
@@ -444,146 +545,99 @@ function reportError(error: unknown): void {
   );
 }
 
-/**
- * One connection to a room. `state` is the room as a v1 snapshot; it starts
- * empty and changes with every message (see `subscribe`). No reconnection: a
- * closed client stays closed (make a new one), as the public React client does.
- */
-export class SessionClient {
-  /** "v2" or "v1" once open; null before. */
-  protocol: Protocol | null = null;
-  /** How the connection closed; null while it is open or opening. */
-  closeInfo: CloseInfo | null = null;
-  /** Resolves with the protocol when the connection opens; rejects if it closes first. */
-  readonly opened: Promise<Protocol>;
-  /** Resolves when the connection closes. */
-  readonly closed: Promise<CloseInfo>;
-  readonly stats: ClientStats = { frames: 0, changes: 0, resyncs: 0, sent: 0, lastProblem: null, refused: 0 };
+/** One socket of a connection (the v2 offer, its v1 fallback, each reconnect). */
+interface Attempt {
+  readonly ws: WebSocketLike;
+  readonly wanted: Protocol;
+  open: boolean;
+  openedAt: number;
+  /** The handshake said v2: the first frame says whether the server really speaks it. */
+  sniffing: boolean;
+  /** A frame has arrived on it. */
+  heard: boolean;
+}
 
-  /** Attempts that offered v2 and failed before opening, then retried as v1 (0 or 1). */
+/**
+ * One connection to a room, reconnecting by itself after an unexpected close
+ * (see `ConnectOptions.reconnect`). `state` is the room as a v1 snapshot; it
+ * starts empty and changes with every message (see `subscribe`); while
+ * reconnecting it stays as it was, and the new connection's first snapshot
+ * replaces it.
+ */
+export class RoomConnection {
+  /** "v2" or "v1" on the current socket once known; null before the first. */
+  protocol: Protocol | null = null;
+  /** Where the connection is (see `ConnectionStatus`). */
+  status: ConnectionStatus = "connecting";
+  /** How the connection closed for good; null until then. */
+  closeInfo: CloseInfo | null = null;
+  /**
+   * Resolves with the handshake's protocol once the first socket is open;
+   * rejects if the connection closes first. (A server that accepted the v2
+   * offer but sends a v1 snapshot first is read as v1 from that frame on:
+   * `protocol` says so.)
+   */
+  readonly opened: Promise<Protocol>;
+  /** Resolves when the connection closes for good. */
+  readonly closed: Promise<CloseInfo>;
+  readonly stats: ClientStats = {
+    frames: 0, changes: 0, resyncs: 0, sent: 0, lastProblem: null, refused: 0, reconnects: 0, v1ByContent: 0,
+    queueFull: 0,
+  };
+  /** The URL of the current (or next) attempt: the first, or the last one `resolve` gave. */
+  url: string;
+
+  /** Attempts that offered v2 and failed before opening, then retried as v1. */
   fallbacks = 0;
   /** v1 connections made again after a `1008 Duplicate user` right after the fallback (0 or 1). */
   duplicateRetries = 0;
 
   private sync: SyncState = initialSync();
-  private ws!: WebSocketLike;
+  private attempt: Attempt | null = null;
   private closing = false;
-  /** A retry after a duplicate waiting for its timer: close() ends it at once. */
-  private pendingRetry: { timer: TimerId; giveUp: () => void } | null = null;
+  /** A wait before the next attempt (after a duplicate, or reconnecting), and what the connection closes with if it ends during it. */
+  private waiting: { timer: TimerId; info: CloseInfo } | null = null;
+  /** The connect timeout of the attempt in flight. */
+  private attemptTimer: TimerId | null = null;
+  /** Reconnecting since (ms), the failed attempts so far, and the close that started it. */
+  private lost: { since: number; failures: number; info: CloseInfo } | null = null;
+  private queue: ClientMessage[] = [];
+  private queuedCursor: ClientMessage | null = null;
   private readonly listeners = new Set<(state: RoomState) => void>();
+  private readonly Ctor: WebSocketConstructor;
+  private readonly preferred: Protocol;
+  private readonly reconnectOptions: Readonly<Required<ReconnectOptions>> | null;
+  private readonly options: ConnectOptions;
   private readonly onError: (error: unknown) => void;
   private readonly resyncRetryMs: number;
+  private readonly fallbackRetryMs: number;
   private resyncTimer: TimerId | null = null;
+  private settleOpened!: { resolve: (p: Protocol) => void; reject: (e: Error) => void };
+  private settleClosed!: (info: CloseInfo) => void;
 
   constructor(url: string, options: ConnectOptions = {}) {
-    const Ctor =
-      options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
+    const Ctor = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
     if (!Ctor) {
       throw new Error("no WebSocket: pass options.WebSocket (e.g. the `ws` package's) where there is no global one");
     }
+    this.Ctor = Ctor;
+    this.url = url;
+    this.options = options;
+    this.preferred = options.protocol ?? "v2";
+    this.reconnectOptions =
+      options.reconnect === false
+        ? null
+        : { ...RECONNECT_DEFAULTS, ...(typeof options.reconnect === "object" ? options.reconnect : {}) };
     if (options.onChange) this.listeners.add(options.onChange);
     this.onError = options.onError ?? reportError;
     this.resyncRetryMs = options.resyncRetryMs ?? 2000;
-    const fallbackRetryMs = options.fallbackRetryMs ?? 1000;
-    let opened!: (p: Protocol) => void;
-    let failed!: (e: Error) => void;
-    let closed!: (info: CloseInfo) => void;
-    this.opened = new Promise((resolve, reject) => ((opened = resolve), (failed = reject)));
+    this.fallbackRetryMs = options.fallbackRetryMs ?? 1000;
+    this.opened = new Promise((resolve, reject) => (this.settleOpened = { resolve, reject }));
     this.opened.catch(() => {}); // a caller that never awaits it must not see an unhandled rejection
-    this.closed = new Promise((resolve) => (closed = resolve));
+    this.closed = new Promise((resolve) => (this.settleClosed = resolve));
 
-    const finish = (info: CloseInfo) => {
-      if (this.closeInfo) return;
-      this.closeInfo = info;
-      this.stopResyncRetry();
-      failed(new Error(`closed before it opened: ${info.code} ${info.reason}`));
-      closed(info);
-      options.onClose?.(info);
-    };
-
-    // One attempt: v2 offers the subprotocol. Browsers (and Node's WebSocket, and
-    // the `ws` package) FAIL a handshake whose answer lacks an offered subprotocol,
-    // which is what a v1 server sends: so when an attempt offering v2 fails before
-    // it opens, the client tries once more without the offer (v1).
-    const attempt = (wanted: Protocol): WebSocketLike => {
-      const ws = wanted === "v2" ? new Ctor(url, [SUBPROTOCOL_V2]) : new Ctor(url);
-      this.ws = ws;
-      let open = false;
-      let openedAt = 0;
-      let done = false;
-      // Handlers as properties: every WebSocket implementation has them.
-      const handlers = ws as unknown as {
-        onopen: (() => void) | null;
-        onmessage: ((event: { data: unknown }) => void) | null;
-        onclose: ((event: { code: number; reason: string; wasClean: boolean }) => void) | null;
-        onerror: (() => void) | null;
-      };
-      // After a fallback, the server may still hold the failed v2 attempt (an
-      // older server behind a slow proxy sees its close late) and turn the v1
-      // connection away as a duplicate of it: one more v1 attempt, a little later.
-      const duplicateOfFallback = (info: CloseInfo) =>
-        wanted === "v1" &&
-        this.fallbacks > 0 &&
-        this.duplicateRetries === 0 &&
-        !this.closing &&
-        info.code === 1008 &&
-        info.reason === "Duplicate user" &&
-        (!open || Date.now() - openedAt < DUPLICATE_AFTER_FALLBACK_MS);
-      const retryLater = (info: CloseInfo) => {
-        this.duplicateRetries++;
-        const timer = timers.setTimeout(() => {
-          this.pendingRetry = null;
-          attempt("v1");
-        }, fallbackRetryMs);
-        this.pendingRetry = { timer, giveUp: () => finish(info) };
-      };
-      const failedBeforeOpen = (info: CloseInfo) => {
-        if (done) return;
-        done = true;
-        handlers.onopen = handlers.onmessage = handlers.onclose = handlers.onerror = null;
-        if (duplicateOfFallback(info)) {
-          retryLater(info);
-        } else if (wanted === "v2" && !this.closing) {
-          this.fallbacks++;
-          try {
-            ws.close();
-          } catch {
-            // already closed
-          }
-          attempt("v1");
-        } else {
-          finish(info);
-        }
-      };
-      handlers.onopen = () => {
-        if (done) return;
-        open = true;
-        openedAt = Date.now();
-        this.protocol = wanted === "v2" && ws.protocol === SUBPROTOCOL_V2 ? "v2" : "v1";
-        opened(this.protocol);
-      };
-      handlers.onmessage = (event) => {
-        if (open && !done) this.receive(event.data);
-      };
-      // Before it opens, an error is a failed handshake (Node 20's WebSocket sends
-      // no close event after it); after, a close event follows.
-      handlers.onerror = () => {
-        if (!open) failedBeforeOpen({ code: 1006, reason: "", wasClean: false });
-      };
-      handlers.onclose = (event) => {
-        const info = { code: event.code, reason: event.reason, wasClean: event.wasClean };
-        if (!open) return failedBeforeOpen(info);
-        if (done) return;
-        done = true;
-        if (duplicateOfFallback(info)) {
-          handlers.onopen = handlers.onmessage = handlers.onclose = handlers.onerror = null;
-          return retryLater(info);
-        }
-        finish(info);
-      };
-      return ws;
-    };
-    this.ws = attempt(options.protocol ?? "v2");
+    this.dial(this.preferred);
+    this.startAttemptTimer(options.connectTimeoutMs ?? 30000);
   }
 
   /** The room as a v1 snapshot (do not mutate it). */
@@ -607,9 +661,9 @@ export class SessionClient {
     };
   };
 
-  /** Whether the connection is open (the send helpers return false when it is not). */
+  /** Whether a socket is open now (messages go out at once). */
   get isOpen(): boolean {
-    return this.ws.readyState === OPEN;
+    return this.attempt?.ws.readyState === OPEN && this.attempt.open;
   }
 
   moveCursor(x: number, y: number): boolean {
@@ -630,47 +684,314 @@ export class SessionClient {
 
   /** Asks a v2 server for a fresh snapshot (a v1 server ignores it). */
   resync(): boolean {
-    const sent = this.send({ type: "resync" });
-    if (sent) this.stats.resyncs++;
-    return sent;
-  }
-
-  /** Sends any client message; false (and nothing sent) when the connection is not open. */
-  send(message: ClientMessage): boolean {
-    if (this.ws.readyState !== OPEN) return false;
-    this.ws.send(JSON.stringify(message));
-    this.stats.sent++;
+    const attempt = this.attempt;
+    if (!attempt || !this.isOpen) return false;
+    this.write(attempt, { type: "resync" });
+    this.stats.resyncs++;
     return true;
   }
 
   /**
-   * Closes the connection. A code a browser would refuse (anything but 1000 and
-   * 3000-4999: it throws and the socket stays open) becomes 1000.
+   * Sends any client message. Open: it goes out at once. Reconnecting: it waits
+   * for the new connection (see `ReconnectOptions.maxQueued`; a resync does not
+   * wait). Otherwise (connecting the first time, closed) nothing is sent. True
+   * when sent or waiting, false when not.
+   */
+  send(message: ClientMessage): boolean {
+    const attempt = this.attempt;
+    if (attempt && this.isOpen) {
+      this.write(attempt, message);
+      return true;
+    }
+    // A socket closing (its close event not yet here) counts as reconnecting:
+    // the event starts the reconnect, and a final close drops what waits.
+    const reconnecting =
+      this.status === "reconnecting" || (this.status === "open" && this.reconnectOptions !== null && !this.closing);
+    return reconnecting && this.enqueue(message);
+  }
+
+  /**
+   * Closes the connection for good. A code a browser would refuse (anything but
+   * 1000 and 3000-4999: it throws and the socket stays open) becomes 1000.
    */
   close(code?: number, reason?: string): void {
+    if (this.closeInfo) return;
     this.closing = true;
     this.stopResyncRetry();
-    if (this.pendingRetry) {
+    const valid = validCloseCode(code);
+    const attempt = this.attempt;
+    if (!attempt) {
       // Between two attempts: nothing is open, the connection ends here.
-      const { timer, giveUp } = this.pendingRetry;
-      this.pendingRetry = null;
-      timers.clearTimeout(timer);
-      giveUp();
+      this.finish(this.waiting?.info ?? { code: valid, reason: reason ?? "", wasClean: true });
       return;
     }
-    const valid = validCloseCode(code);
+    // The socket's close event finishes the connection.
     try {
-      this.ws.close(valid, reason);
+      attempt.ws.close(valid, reason);
     } catch {
       // A reason a browser refuses (over 123 bytes of UTF-8): close without it.
-      this.ws.close(valid);
+      attempt.ws.close(valid);
     }
   }
 
-  private receive(data: unknown): void {
+  // --- sockets -------------------------------------------------------------
+
+  private dial(wanted: Protocol): void {
+    const ws = wanted === "v2" ? new this.Ctor(this.url, [SUBPROTOCOL_V2]) : new this.Ctor(this.url);
+    const attempt: Attempt = { ws, wanted, open: false, openedAt: 0, sniffing: false, heard: false };
+    this.attempt = attempt;
+    // Handlers as properties: every WebSocket implementation has them.
+    const handlers = ws as unknown as {
+      onopen: (() => void) | null;
+      onmessage: ((event: { data: unknown }) => void) | null;
+      onclose: ((event: { code: number; reason: string; wasClean: boolean }) => void) | null;
+      onerror: (() => void) | null;
+    };
+    handlers.onopen = () => {
+      if (this.attempt === attempt) this.opening(attempt);
+    };
+    handlers.onmessage = (event) => {
+      if (this.attempt === attempt && attempt.open) this.receive(attempt, event.data);
+    };
+    // Before it opens, an error is a failed handshake (Node 20's WebSocket sends
+    // no close event after it); after, a close event follows.
+    handlers.onerror = () => {
+      if (this.attempt === attempt && !attempt.open) this.ended(attempt, { code: 1006, reason: "", wasClean: false });
+    };
+    handlers.onclose = (event) => {
+      if (this.attempt === attempt) {
+        this.ended(attempt, { code: event.code, reason: event.reason, wasClean: event.wasClean });
+      }
+    };
+  }
+
+  /** Forgets a socket: its events are ignored from now on. */
+  private detach(attempt: Attempt): void {
+    const handlers = attempt.ws as unknown as Record<"onopen" | "onmessage" | "onclose" | "onerror", null>;
+    handlers.onopen = handlers.onmessage = handlers.onclose = handlers.onerror = null;
+    if (this.attempt === attempt) this.attempt = null;
+  }
+
+  private opening(attempt: Attempt): void {
+    this.stopAttemptTimer();
+    attempt.open = true;
+    attempt.openedAt = Date.now();
+    this.protocol = attempt.wanted === "v2" && attempt.ws.protocol === SUBPROTOCOL_V2 ? "v2" : "v1";
+    attempt.sniffing = this.protocol === "v2";
+    // A new socket: its first snapshot replaces the state (kept until then).
+    this.sync = { state: this.sync.state, lastSeq: null, awaitingSnapshot: false };
+    this.setStatus("open");
+    this.settleOpened.resolve(this.protocol);
+    this.flush(attempt);
+  }
+
+  private ended(attempt: Attempt, info: CloseInfo): void {
+    this.detach(attempt);
+    this.stopResyncRetry();
+    if (this.duplicateOfFallback(attempt, info)) {
+      this.duplicateRetries++;
+      this.wait(this.fallbackRetryMs, info, () => this.dial("v1"));
+    } else if (this.closing) {
+      this.finish(info);
+    } else if (!attempt.open && attempt.wanted === "v2") {
+      // Browsers (and Node's WebSocket, and the `ws` package) FAIL a handshake
+      // whose answer lacks an offered subprotocol, which is what a v1 server
+      // sends: try once more without the offer.
+      this.fallbacks++;
+      try {
+        attempt.ws.close();
+      } catch {
+        // already closed
+      }
+      this.dial("v1");
+    } else if (!attempt.open) {
+      this.attemptFailed(info);
+    } else if (this.reconnectOptions && RECONNECT_CODES.includes(info.code)) {
+      this.reconnect(info);
+    } else {
+      this.finish(info);
+    }
+  }
+
+  // After a fallback, the server may still hold the failed v2 attempt (an
+  // older server behind a slow proxy sees its close late) and turn the v1
+  // connection away as a duplicate of it: one more v1 attempt, a little later.
+  private duplicateOfFallback(attempt: Attempt, info: CloseInfo): boolean {
+    return (
+      attempt.wanted === "v1" &&
+      this.fallbacks > 0 &&
+      this.duplicateRetries === 0 &&
+      !this.closing &&
+      info.code === 1008 &&
+      info.reason === "Duplicate user" &&
+      (!attempt.open || Date.now() - attempt.openedAt < DUPLICATE_AFTER_FALLBACK_MS)
+    );
+  }
+
+  // --- reconnecting --------------------------------------------------------
+
+  /** An open socket closed with a code that says "come back". */
+  private reconnect(info: CloseInfo): void {
+    // Lost again before the room came back: the same series (its backoff goes on).
+    this.lost ??= { since: Date.now(), failures: 0, info };
+    this.setStatus("reconnecting");
+    this.scheduleAttempt();
+  }
+
+  /** An attempt failed before it opened (or timed out). */
+  private attemptFailed(info: CloseInfo): void {
+    this.stopAttemptTimer();
+    if (this.lost) this.scheduleAttempt();
+    else this.finish(info); // the first connection never opened: `opened` rejects
+  }
+
+  private scheduleAttempt(): void {
+    const lost = this.lost!;
+    const settings = this.reconnectOptions!;
+    const ceiling = Math.min(settings.maxDelayMs, settings.initialDelayMs * 2 ** Math.min(lost.failures, 30));
+    const delay = ceiling * (0.5 + Math.random() / 2);
+    lost.failures++;
+    if (Date.now() + delay - lost.since > settings.giveUpAfterMs) {
+      this.finish(lost.info);
+      return;
+    }
+    this.wait(delay, lost.info, () => void this.redial());
+  }
+
+  private async redial(): Promise<void> {
+    const lost = this.lost!;
+    // The first attempt reuses the URL; once it failed, ask for a new one.
+    if (lost.failures > 1 && this.options.resolve) {
+      let url: string;
+      try {
+        url = await this.options.resolve();
+      } catch {
+        if (!this.closing && !this.closeInfo) this.scheduleAttempt();
+        return;
+      }
+      if (this.closing || this.closeInfo) return;
+      if (typeof url === "string" && url !== "") this.url = url;
+    }
+    try {
+      this.dial(this.preferred);
+    } catch {
+      this.scheduleAttempt(); // a URL the WebSocket refuses
+      return;
+    }
+    this.startAttemptTimer(this.reconnectOptions!.attemptTimeoutMs);
+  }
+
+  private wait(ms: number, info: CloseInfo, then: () => void): void {
+    const timer = timers.setTimeout(() => {
+      this.waiting = null;
+      then();
+    }, ms);
+    this.waiting = { timer, info };
+  }
+
+  private startAttemptTimer(ms: number): void {
+    if (!(ms > 0)) return;
+    this.attemptTimer = timers.setTimeout(() => {
+      this.attemptTimer = null;
+      const attempt = this.attempt;
+      if (!attempt || attempt.open) return;
+      this.detach(attempt);
+      try {
+        attempt.ws.close();
+      } catch {
+        // not open: nothing to close
+      }
+      this.attemptFailed({ code: 1006, reason: `connect timeout after ${ms} ms`, wasClean: false });
+    }, ms);
+  }
+
+  private stopAttemptTimer(): void {
+    if (this.attemptTimer !== null) timers.clearTimeout(this.attemptTimer);
+    this.attemptTimer = null;
+  }
+
+  /** The connection ends for good. */
+  private finish(info: CloseInfo): void {
+    if (this.closeInfo) return;
+    if (this.attempt) this.detach(this.attempt);
+    if (this.waiting) timers.clearTimeout(this.waiting.timer);
+    this.waiting = null;
+    this.stopAttemptTimer();
+    this.stopResyncRetry();
+    this.queue = [];
+    this.queuedCursor = null;
+    this.closeInfo = info;
+    this.setStatus("closed");
+    this.settleOpened.reject(new Error(`closed before it opened: ${info.code} ${info.reason}`));
+    this.settleClosed(info);
+    this.options.onClose?.(info);
+  }
+
+  private setStatus(status: ConnectionStatus): void {
+    if (this.status === status) return;
+    this.status = status;
+    try {
+      this.options.onStatus?.(status);
+    } catch (error) {
+      this.onError(error);
+    }
+  }
+
+  // --- messages ------------------------------------------------------------
+
+  private write(attempt: Attempt, message: ClientMessage): void {
+    attempt.ws.send(JSON.stringify(message));
+    this.stats.sent++;
+  }
+
+  private enqueue(message: ClientMessage): boolean {
+    if (message.type === "resync") return false;
+    if (message.type === "cursor_move") {
+      this.queuedCursor = message;
+      return true;
+    }
+    const last = this.queue[this.queue.length - 1];
+    if (message.type === "shape_update" && last?.type === "shape_update" && last.shapeId === message.shapeId) {
+      this.queue[this.queue.length - 1] = { ...last, ...message };
+      return true;
+    }
+    if (this.queue.length >= this.reconnectOptions!.maxQueued) {
+      this.stats.queueFull++;
+      return false;
+    }
+    this.queue.push(message);
+    return true;
+  }
+
+  /** What waited while reconnecting goes out on the new socket: shape ops in order, then the newest cursor. */
+  private flush(attempt: Attempt): void {
+    const queued = this.queue;
+    const cursor = this.queuedCursor;
+    this.queue = [];
+    this.queuedCursor = null;
+    for (const message of queued) this.write(attempt, message);
+    if (cursor) this.write(attempt, cursor);
+  }
+
+  private receive(attempt: Attempt, data: unknown): void {
     if (typeof data !== "string") {
       this.stats.lastProblem = "binary frame";
       return;
+    }
+    if (attempt.sniffing) {
+      attempt.sniffing = false;
+      if (isV1Snapshot(data)) {
+        this.protocol = "v1";
+        this.stats.v1ByContent++;
+      }
+    }
+    if (!attempt.heard) {
+      attempt.heard = true;
+      if (this.lost) {
+        // The room is back: the next loss starts a new series.
+        this.lost = null;
+        this.stats.reconnects++;
+      }
     }
     this.stats.frames++;
     const result = applyFrame(this.sync, data, this.protocol ?? "v1");
@@ -721,6 +1042,217 @@ export class SessionClient {
 }
 
 /** Opens a connection: `url` is the server's WebSocket URL with the token (`wss://host/?token=…`). */
-export function connect(url: string, options: ConnectOptions = {}): SessionClient {
-  return new SessionClient(url, options);
+export function connect(url: string, options: ConnectOptions = {}): RoomConnection {
+  return new RoomConnection(url, options);
+}
+
+// ---------------------------------------------------------------------------
+// The drop-in for the public React client's session class.
+
+/** Options of the drop-in `SessionClient` (all optional: `SessionClient.create(host)` needs none). */
+export interface SessionClientOptions {
+  /**
+   * `wss` (true) or `ws` (false). Default: `wss` on an `https:` page, `ws` on
+   * any other page and where there is no page (Node).
+   */
+  secure?: boolean;
+  /** "v2" (default: offered, v1 when the server does not speak it) or "v1". */
+  protocol?: Protocol;
+  /** The WebSocket to use; default `globalThis.WebSocket`. */
+  WebSocket?: WebSocketConstructor;
+  /** Reconnecting (see `ReconnectOptions`); default on, false: every close is final. */
+  reconnect?: boolean | ReconnectOptions;
+  /**
+   * The room's server and a fresh token for a reconnect attempt, from the
+   * app's backend (the lookup its Reconnect button does), asked for once
+   * reconnecting to the same host failed (e.g. after an Agones drain). `host`
+   * then changes to the one returned.
+   */
+  resolve?: () => { host: string; token: string } | Promise<{ host: string; token: string }>;
+  /** Called after every change of `status`. */
+  onStatus?: (status: ConnectionStatus) => void;
+}
+
+/**
+ * A v1 snapshot as the public client types it (its `BoardSessionData`): what
+ * `onMessage` hands out. The arrays and their objects are shared with the
+ * client's next snapshots: read them, do not modify them in place.
+ */
+export interface BoardSessionData {
+  connectedUsers: string[];
+  cursors: Cursor[];
+  shapes: Shape[];
+}
+
+/** The public client's name for a cursor. */
+export type CursorPosition = Cursor;
+
+/** The public client's default `fill` and `stroke` for a new shape (PROTOCOL.md §3). */
+const DEFAULT_FILL = "#3b82f6";
+const DEFAULT_STROKE = "#1d4ed8";
+
+/**
+ * The public React client's session class (`client/src/sessionClient.ts`), with
+ * the same surface, over `RoomConnection`: switching is one changed import (or
+ * this file copied over that one). What differs is what a user sees: it speaks
+ * v2 where the server does, and it comes back by itself after a server restart
+ * or a lost network (see `RECONNECT_CODES`), calling `onClose` only when the
+ * connection ends for good.
+ */
+export class SessionClient {
+  /** `address:port`, as the backend's scheduler gave it (changes when `resolve` gives another). */
+  host: string;
+  private connection: RoomConnection | null = null;
+  private messageCallback: ((snapshot: BoardSessionData) => void) | null = null;
+  private closeCallback: (() => void) | null = null;
+  private statusCallback: ((status: ConnectionStatus) => void) | null = null;
+  private readonly options: SessionClientOptions;
+
+  constructor(host: string, options: SessionClientOptions = {}) {
+    this.host = host;
+    this.options = options;
+    this.statusCallback = options.onStatus ?? null;
+  }
+
+  static create(host: string, options: SessionClientOptions = {}): SessionClient {
+    return new SessionClient(host, options);
+  }
+
+  /** Where the connection is; "closed" before `connect`. */
+  get status(): ConnectionStatus {
+    return this.connection?.status ?? "closed";
+  }
+
+  /** The protocol of the current socket ("v2" or "v1"), null before the first. */
+  get protocol(): Protocol | null {
+    return this.connection?.protocol ?? null;
+  }
+
+  /** The connection underneath (null before `connect`): its `state`, `stats`, `subscribe`. */
+  get room(): RoomConnection | null {
+    return this.connection;
+  }
+
+  /**
+   * Opens `ws(s)://host/?token=…`. Resolves when the socket opens; rejects when
+   * it fails first, or is still not open after `timeoutMs` (then nothing is
+   * left open). A connection that never opened does not call `onClose`.
+   */
+  connect(token: string, timeoutMs = 30000): Promise<void> {
+    const previous = this.connection;
+    this.connection = null;
+    previous?.close(); // a second connect replaces the first, without its onClose
+    const secure =
+      this.options.secure ?? (globalThis as { location?: { protocol?: string } }).location?.protocol === "https:";
+    const url = (host: string, token: string) => `${secure ? "wss" : "ws"}://${host}/?token=${token}`;
+    const resolveUrl = this.options.resolve;
+    let opened = false;
+    return new Promise<void>((resolve, reject) => {
+      const connection: RoomConnection = new RoomConnection(url(this.host, token), {
+        protocol: this.options.protocol,
+        WebSocket: this.options.WebSocket,
+        reconnect: this.options.reconnect,
+        connectTimeoutMs: timeoutMs,
+        resolve: resolveUrl
+          ? async () => {
+              const next = await resolveUrl();
+              this.host = next.host;
+              return url(next.host, next.token);
+            }
+          : undefined,
+        onChange: (state) => {
+          if (this.connection === connection) this.messageCallback?.(state as BoardSessionData);
+        },
+        onStatus: (status) => {
+          if (status === "open" && !opened) {
+            opened = true;
+            resolve();
+          }
+          if (this.connection === connection) this.statusCallback?.(status);
+        },
+        onClose: (info) => {
+          if (!opened) {
+            reject(
+              new Error(
+                info.reason.startsWith("connect timeout")
+                  ? `WebSocket connection timeout after ${timeoutMs}ms`
+                  : `WebSocket connection failed (${info.code}${info.reason ? ` ${info.reason}` : ""})`,
+              ),
+            );
+          } else if (this.connection === connection) {
+            this.closeCallback?.();
+          }
+        },
+      });
+      this.connection = connection;
+    });
+  }
+
+  /**
+   * `callback` gets the room as a v1 snapshot at every change (the first
+   * snapshot, and after a reconnect the new first one). Type it as your app
+   * types its snapshots: timestamps are ISO strings, as the server sends them.
+   */
+  onMessage<S = BoardSessionData>(callback: (snapshot: S) => void): void {
+    this.messageCallback = callback as unknown as (snapshot: BoardSessionData) => void;
+  }
+
+  /** `callback` is called once when the connection ends for good (not while it reconnects). */
+  onClose(callback: () => void): void {
+    this.closeCallback = callback;
+  }
+
+  /** `callback` is called at every change of `status` (not in the public client: for a "reconnecting" banner). */
+  onStatus(callback: (status: ConnectionStatus) => void): void {
+    this.statusCallback = callback;
+  }
+
+  sendCursorMove(x: number, y: number): boolean {
+    return this.send({ type: "cursor_move", x, y });
+  }
+
+  sendShapeCreate(
+    shapeType: ShapeType,
+    x: number,
+    y: number,
+    width: number,
+    height: number,
+    options: { text?: string; fill?: string; stroke?: string } = {},
+  ): boolean {
+    return this.send({
+      type: "shape_create",
+      shapeType,
+      x,
+      y,
+      width,
+      height,
+      text: options.text,
+      fill: options.fill || DEFAULT_FILL,
+      stroke: options.stroke || DEFAULT_STROKE,
+    });
+  }
+
+  sendShapeUpdate(shapeId: string, updates: ShapeChanges): boolean {
+    return this.send({ type: "shape_update", shapeId, ...updates });
+  }
+
+  sendShapeDelete(shapeId: string): boolean {
+    return this.send({ type: "shape_delete", shapeId });
+  }
+
+  /** Closes the connection for good (`onClose` is called if it had opened). */
+  close(): void {
+    this.connection?.close();
+  }
+
+  /** Sent at once when open, queued while reconnecting; otherwise a warning and false, as the public client. */
+  private send(message: ClientMessage): boolean {
+    if (this.connection?.send(message)) return true;
+    (globalThis as { console?: { warn(...data: unknown[]): void } }).console?.warn(
+      this.connection?.status === "reconnecting"
+        ? "Cannot send message: too many messages wait for the reconnection"
+        : "Cannot send message: socket not connected",
+    );
+    return false;
+  }
 }

@@ -3,7 +3,7 @@
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import WebSocket, { WebSocketServer } from "ws";
-import { connect, SessionClient } from "../build/index.js";
+import { connect, RoomConnection } from "../build/index.js";
 import { until } from "./lib.mjs";
 
 const T0 = "2026-01-01T12:00:00.000Z";
@@ -182,7 +182,7 @@ test("without a global WebSocket and without the option, connect says what to do
   } finally {
     globalThis.WebSocket = saved;
   }
-  assert.equal(typeof SessionClient, "function");
+  assert.equal(typeof RoomConnection, "function");
 });
 
 test("subscribe and getState fit React's useSyncExternalStore; unsubscribe stops the calls", async () => {

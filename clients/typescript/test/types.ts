@@ -4,7 +4,7 @@
 import WsWebSocket from "ws";
 import {
   applyFrame, connect, initialSync,
-  type ApplyResult, type CloseInfo, type Cursor, type Protocol, type RoomState, type SessionClient, type Shape,
+  type ApplyResult, type CloseInfo, type Cursor, type Protocol, type RoomState, type RoomConnection, type Shape,
 } from "../src/index.js";
 
 // What a v1 client declares today (PROTOCOL.md §4).
@@ -24,8 +24,8 @@ interface ReadonlyV1Snapshot {
   readonly shapes: readonly V1Shape[];
 }
 
-const browser: SessionClient = connect("ws://h/?token=t", { WebSocket: WebSocket });
-const node: SessionClient = connect("ws://h/?token=t", { WebSocket: WsWebSocket, protocol: "v1" });
+const browser: RoomConnection = connect("ws://h/?token=t", { WebSocket: WebSocket });
+const node: RoomConnection = connect("ws://h/?token=t", { WebSocket: WsWebSocket, protocol: "v1" });
 const snapshot: ReadonlyV1Snapshot = browser.state;
 // @ts-expect-error: TypeScript never lets a readonly array pass for a mutable one
 const mutable: V1Snapshot = browser.state;
