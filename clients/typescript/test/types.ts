@@ -3,8 +3,8 @@
 // its state must be usable as the v1 snapshot type a client already has.
 import WsWebSocket from "ws";
 import {
-  applyFrame, connect, initialSync,
-  type ApplyResult, type CloseInfo, type Cursor, type Protocol, type RoomState, type RoomConnection, type Shape,
+  applyFrame, connect, initialSync, SessionClient,
+  type ApplyResult, type BoardSessionData, type CursorPosition, type CloseInfo, type Cursor, type Protocol, type RoomState, type RoomConnection, type Shape,
 } from "../src/index.js";
 
 // What a v1 client declares today (PROTOCOL.md §4).
@@ -49,4 +49,23 @@ node.createShape({ shapeType: "hexagon", x: 0, y: 0, width: 1, height: 1 });
 node.send({ type: "shape_update", shapeId: "a", id: "b" });
 node.close(1001); // any number: the client turns what a browser refuses into 1000
 connect("ws://h/?token=t", { onError: (e: unknown) => void e, resyncRetryMs: 50, fallbackRetryMs: 50 });
-void [cursors, shapes, unsubscribe, opened, closed, result, mutable, copied];
+
+// The public React client's Session.tsx, as it uses its own SessionClient (the
+// names it imports from "../sessionClient" are all here).
+async function sessionTsx(host: string, token: string): Promise<void> {
+  const client = SessionClient.create(host);
+  let board: BoardSessionData | null = null;
+  client.onMessage((data: BoardSessionData) => (board = data));
+  client.onClose(() => void "Disconnected");
+  await client.connect(token, 45000);
+  client.sendCursorMove(1, 2);
+  client.sendShapeCreate("rectangle", 0, 0, 10, 10, { fill: "#fff" });
+  client.sendShapeCreate("text", 0, 0, 10, 10, { text: "hi", fill: undefined, stroke: "" });
+  client.sendShapeUpdate("id", { x: 5, text: "t" });
+  client.sendShapeDelete("id");
+  const cursor: CursorPosition | undefined = (board as BoardSessionData | null)?.cursors[0];
+  const where: string = client.host;
+  client.close();
+  void [cursor, where];
+}
+void [cursors, shapes, unsubscribe, opened, closed, result, mutable, copied, sessionTsx];
