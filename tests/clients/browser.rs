@@ -67,6 +67,37 @@ fn the_board_speaks_v2_to_a_v2_server() {
     run_script("board-v2-fake.mjs", &server, "[browser-v2] pass");
 }
 
+/// Issue 25: pages using the TypeScript client's drop-in `SessionClient` as the
+/// public React client uses its own, while the server is stopped with SIGTERM
+/// and started again 3 s later on the same port and data dir
+/// (`tests/browser/restart.mjs` runs the server itself): the board is back by
+/// itself within 5 s with every shape, `onClose` never called; after `1008` and
+/// `4000` the page does not reconnect. Prints the time from the restart to the
+/// board (shown with `--nocapture`).
+#[test]
+#[ignore = "needs chromium and tests/browser/node_modules (installed by .ci/run)"]
+fn pages_come_back_by_themselves_after_a_server_restart() {
+    let binary = std::env::var("TEST_SERVER_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_session-server").to_string());
+    let output = Command::new("node")
+        .arg(format!(
+            "{}/tests/browser/restart.mjs",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .arg(binary)
+        .arg(ARTIFACTS)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "restart.mjs failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("[restart] pass"), "{stdout}");
+    eprintln!("{stdout}");
+}
+
 /// permessage-deflate with Node's `ws` (`tests/browser/ws-deflate.mjs`): a
 /// client compressing everything it sends and one that does not see the same
 /// room byte for byte, and a zip bomb is closed with 1009.
