@@ -441,11 +441,11 @@ export const RECONNECT_DEFAULTS: Readonly<Required<ReconnectOptions>> = Object.f
 
 export interface ConnectOptions {
   /**
-   * "v2" (the default) offers `whiteboard.v2`; when that attempt fails before it
-   * opens (a v1 server answers without the subprotocol, which WebSocket
-   * implementations treat as a failed handshake), one more attempt offers nothing
-   * and the connection is v1. A server that accepts the offer but sends a v1
-   * snapshot first is taken as v1 on that socket. "v1" offers nothing.
+   * "v2" (the default) offers `whiteboard.v2`. A v1 server that echoes the offer
+   * (the Node.js server: npm `ws` accepts the first offered subprotocol) sends a
+   * v1 snapshot first: that socket is v1. One that answers without the
+   * subprotocol fails the handshake (WebSocket implementations require it): one
+   * more attempt offers nothing, and the connection is v1. "v1" offers nothing.
    */
   protocol?: Protocol;
   /** The WebSocket to use; default `globalThis.WebSocket`. */
