@@ -219,10 +219,10 @@ export interface ReconnectOptions {
      */
     giveUpAfterMs?: number;
     /**
-     * Messages sent while reconnecting wait, in order, and go out when the new
-     * connection opens: at most this many (default 1000; `send` returns false past
-     * it). Cursor moves do not count: only the newest waits. Consecutive updates of
-     * one shape wait as one.
+     * Messages sent while reconnecting wait, in order, and go out when the room is
+     * back (the new socket's first frame): at most this many (default 1000; `send`
+     * returns false past it). Cursor moves do not count: only the newest waits.
+     * Updates of a shape already waiting merge into its waiting update.
      */
     maxQueued?: number;
 }
@@ -270,6 +270,11 @@ export interface ConnectOptions {
      * rejection counts as a failed attempt. Without it, every attempt reuses the URL.
      */
     resolve?: () => string | Promise<string>;
+    /**
+     * Messages to send first, when the first socket opens: what an earlier
+     * connection left unsent (its `unsent`), e.g. after it gave up.
+     */
+    pending?: readonly ClientMessage[];
     /**
      * v2: when a resync the client asked for brings no snapshot within this many
      * milliseconds (the request or the answer was lost), it asks again, at most
@@ -341,6 +346,17 @@ export declare class RoomConnection {
     private sync;
     private attempt;
     private closing;
+    /** What the app's `close()` asked for: the connection ends with it. */
+    private closeRequest;
+    /** Ends the reconnect series when the room is not back in time (`giveUpAfterMs`). */
+    private giveUpTimer;
+    /** When the room last came back, and after how many failed attempts (see `STABLE_AFTER_MS`). */
+    private cameBack;
+    /** The last socket was v1 after its v2 offer failed the handshake (a server that does not echo the offer). */
+    private lastFellBack;
+    /** `resolve` gave a URL this series (another server, maybe of another kind). */
+    private movedThisSeries;
+    private unsentMessages;
     /** A wait before the next attempt (after a duplicate, or reconnecting), and what the connection closes with if it ends during it. */
     private waiting;
     /** The connect timeout of the attempt in flight. */
@@ -357,6 +373,7 @@ export declare class RoomConnection {
     private readonly onError;
     private readonly resyncRetryMs;
     private readonly fallbackRetryMs;
+    private readonly connectTimeoutMs;
     private resyncTimer;
     private settleOpened;
     private settleClosed;
@@ -369,8 +386,10 @@ export declare class RoomConnection {
     getState: () => RoomState;
     /** Calls `listener` after every change of `state`; returns the unsubscribe function. */
     subscribe: (listener: (state: RoomState) => void) => (() => void);
-    /** Whether a socket is open now (messages go out at once). */
+    /** Whether a socket is open now and the room on it (messages go out at once). */
     get isOpen(): boolean;
+    /** What was waiting to be sent when the connection ended for good (it was not sent). */
+    get unsent(): readonly ClientMessage[];
     moveCursor(x: number, y: number): boolean;
     createShape(shape: NewShape): boolean;
     updateShape(shapeId: string, changes: ShapeChanges): boolean;
@@ -393,10 +412,18 @@ export declare class RoomConnection {
     /** Forgets a socket: its events are ignored from now on. */
     private detach;
     private opening;
+    /** Messages go straight out on `attempt` from now on; what waited goes first. */
+    private ready;
     private ended;
+    private mayFallBack;
     private duplicateOfFallback;
     /** An open socket closed with a code that says "come back". */
     private reconnect;
+    /** The room is back on `attempt` (its first frame): the series ends. */
+    private cameBackOn;
+    /** No attempt brought the room back in time: the connection ends with the close that started the series. */
+    private giveUp;
+    private stopGiveUpTimer;
     /** An attempt failed before it opened (or timed out). */
     private attemptFailed;
     private scheduleAttempt;
@@ -406,6 +433,8 @@ export declare class RoomConnection {
     private stopAttemptTimer;
     /** The connection ends for good. */
     private finish;
+    /** Hands what an app callback threw to `onError` (which must not throw either). */
+    private report;
     private setStatus;
     private write;
     private enqueue;

@@ -250,6 +250,12 @@ export function isV1Snapshot(data) {
  * the same user), 4001-4999 and 3000-3999 (the server's or a proxy's refusals).
  */
 export const RECONNECT_CODES = Object.freeze([1001, 1005, 1006, 1011, 1012, 1013, 1014]);
+/**
+ * A socket that brought the room back and closed again within this many ms
+ * does not start a new series: the backoff goes on growing (a server or room
+ * that crashes as soon as it is joined is not hammered).
+ */
+const STABLE_AFTER_MS = 5000;
 /** The reconnect settings when an option is left out. */
 export const RECONNECT_DEFAULTS = Object.freeze({
     initialDelayMs: 250,
@@ -297,6 +303,17 @@ export class RoomConnection {
         this.sync = initialSync();
         this.attempt = null;
         this.closing = false;
+        /** What the app's `close()` asked for: the connection ends with it. */
+        this.closeRequest = null;
+        /** Ends the reconnect series when the room is not back in time (`giveUpAfterMs`). */
+        this.giveUpTimer = null;
+        /** When the room last came back, and after how many failed attempts (see `STABLE_AFTER_MS`). */
+        this.cameBack = null;
+        /** The last socket was v1 after its v2 offer failed the handshake (a server that does not echo the offer). */
+        this.lastFellBack = false;
+        /** `resolve` gave a URL this series (another server, maybe of another kind). */
+        this.movedThisSeries = false;
+        this.unsentMessages = [];
         /** A wait before the next attempt (after a duplicate, or reconnecting), and what the connection closes with if it ends during it. */
         this.waiting = null;
         /** The connect timeout of the attempt in flight. */
@@ -333,11 +350,13 @@ export class RoomConnection {
         this.onError = options.onError ?? reportError;
         this.resyncRetryMs = options.resyncRetryMs ?? 2000;
         this.fallbackRetryMs = options.fallbackRetryMs ?? 1000;
+        this.connectTimeoutMs = options.connectTimeoutMs ?? 30000;
         this.opened = new Promise((resolve, reject) => (this.settleOpened = { resolve, reject }));
         this.opened.catch(() => { }); // a caller that never awaits it must not see an unhandled rejection
         this.closed = new Promise((resolve) => (this.settleClosed = resolve));
+        this.queue = [...(options.pending ?? [])];
         this.dial(this.preferred);
-        this.startAttemptTimer(options.connectTimeoutMs ?? 30000);
+        this.startAttemptTimer(this.connectTimeoutMs);
     }
     /** The room as a v1 snapshot (do not mutate it). */
     get state() {
@@ -347,9 +366,13 @@ export class RoomConnection {
     get lastSeq() {
         return this.sync.lastSeq;
     }
-    /** Whether a socket is open now (messages go out at once). */
+    /** Whether a socket is open now and the room on it (messages go out at once). */
     get isOpen() {
-        return this.attempt?.ws.readyState === OPEN && this.attempt.open;
+        return this.attempt?.ws.readyState === OPEN && this.attempt.ready;
+    }
+    /** What was waiting to be sent when the connection ended for good (it was not sent). */
+    get unsent() {
+        return this.unsentMessages;
     }
     moveCursor(x, y) {
         return this.send({ type: "cursor_move", x, y });
@@ -394,15 +417,16 @@ export class RoomConnection {
      * 1000 and 3000-4999: it throws and the socket stays open) becomes 1000.
      */
     close(code, reason) {
-        if (this.closeInfo)
+        if (this.closeInfo || this.closing)
             return;
         this.closing = true;
         this.stopResyncRetry();
         const valid = validCloseCode(code);
+        this.closeRequest = { code: valid, reason: reason ?? "", wasClean: true };
         const attempt = this.attempt;
         if (!attempt) {
             // Between two attempts: nothing is open, the connection ends here.
-            this.finish(this.waiting?.info ?? { code: valid, reason: reason ?? "", wasClean: true });
+            this.finish(this.closeRequest);
             return;
         }
         // The socket's close event finishes the connection.
@@ -417,7 +441,7 @@ export class RoomConnection {
     // --- sockets -------------------------------------------------------------
     dial(wanted) {
         const ws = wanted === "v2" ? new this.Ctor(this.url, [SUBPROTOCOL_V2]) : new this.Ctor(this.url);
-        const attempt = { ws, wanted, open: false, openedAt: 0, sniffing: false, heard: false };
+        const attempt = { ws, wanted, open: false, openedAt: 0, sniffing: false, heard: false, ready: false };
         this.attempt = attempt;
         // Handlers as properties: every WebSocket implementation has them.
         const handlers = ws;
@@ -449,31 +473,50 @@ export class RoomConnection {
             this.attempt = null;
     }
     opening(attempt) {
-        this.stopAttemptTimer();
         attempt.open = true;
         attempt.openedAt = Date.now();
         this.protocol = attempt.wanted === "v2" && attempt.ws.protocol === SUBPROTOCOL_V2 ? "v2" : "v1";
+        this.lastFellBack = attempt.wanted === "v1" && this.preferred === "v2";
         attempt.sniffing = this.protocol === "v2";
         // A new socket: its first snapshot replaces the state (kept until then).
         this.sync = { state: this.sync.state, lastSeq: null, awaitingSnapshot: false };
-        this.setStatus("open");
         this.settleOpened.resolve(this.protocol);
+        // Reconnecting, an open socket is not yet the room: a server may open and
+        // then close it (a room that cannot be placed, a drain). Its first frame is
+        // (`receive`); until then messages keep waiting and the attempt can time out.
+        if (this.lost)
+            return;
+        this.stopAttemptTimer();
+        this.ready(attempt);
+    }
+    /** Messages go straight out on `attempt` from now on; what waited goes first. */
+    ready(attempt) {
+        attempt.ready = true;
+        this.setStatus("open");
         this.flush(attempt);
     }
     ended(attempt, info) {
         this.detach(attempt);
         this.stopResyncRetry();
+        // Reconnecting, each attempt has its own timeout; a first connection's
+        // covers its fallback too (`connect(token, timeoutMs)` is one deadline).
+        if (this.lost)
+            this.stopAttemptTimer();
         if (this.duplicateOfFallback(attempt, info)) {
             this.duplicateRetries++;
-            this.wait(this.fallbackRetryMs, info, () => this.dial("v1"));
+            this.setStatus(this.lost ? "reconnecting" : "connecting");
+            this.wait(this.fallbackRetryMs, info, () => {
+                this.dial("v1");
+                this.startAttemptTimer(this.lost ? this.reconnectOptions.attemptTimeoutMs : this.connectTimeoutMs);
+            });
         }
         else if (this.closing) {
-            this.finish(info);
+            this.finish(this.closeRequest ?? info);
         }
-        else if (!attempt.open && attempt.wanted === "v2") {
+        else if (!attempt.open && attempt.wanted === "v2" && this.mayFallBack()) {
             // Browsers (and Node's WebSocket, and the `ws` package) FAIL a handshake
             // whose answer lacks an offered subprotocol, which is what a v1 server
-            // sends: try once more without the offer.
+            // that does not echo the offer sends: try once more without the offer.
             this.fallbacks++;
             try {
                 attempt.ws.close();
@@ -482,6 +525,8 @@ export class RoomConnection {
                 // already closed
             }
             this.dial("v1");
+            if (this.lost)
+                this.startAttemptTimer(this.reconnectOptions.attemptTimeoutMs);
         }
         else if (!attempt.open) {
             this.attemptFailed(info);
@@ -492,6 +537,14 @@ export class RoomConnection {
         else {
             this.finish(info);
         }
+    }
+    // A v2 attempt that fails before it opens is retried at once without the
+    // offer on a first connection, or when the room's server may be of another
+    // kind: the last socket fell back, or `resolve` moved the room. Otherwise,
+    // reconnecting to the server that spoke v2 or echoed the offer, a failure is
+    // the server still being down: one socket per attempt, not two.
+    mayFallBack() {
+        return !this.lost || this.lastFellBack || this.movedThisSeries;
     }
     // After a fallback, the server may still hold the failed v2 attempt (an
     // older server behind a slow proxy sees its close late) and turn the v1
@@ -509,9 +562,51 @@ export class RoomConnection {
     /** An open socket closed with a code that says "come back". */
     reconnect(info) {
         // Lost again before the room came back: the same series (its backoff goes on).
-        this.lost ?? (this.lost = { since: Date.now(), failures: 0, info });
+        if (!this.lost) {
+            const now = Date.now();
+            const flapping = this.cameBack !== null && now - this.cameBack.at < STABLE_AFTER_MS;
+            this.lost = { since: now, failures: flapping ? this.cameBack.failures : 0, info };
+            this.movedThisSeries = false;
+            this.giveUpTimer = timers.setTimeout(() => {
+                this.giveUpTimer = null;
+                this.giveUp();
+            }, this.reconnectOptions.giveUpAfterMs);
+        }
         this.setStatus("reconnecting");
         this.scheduleAttempt();
+    }
+    /** The room is back on `attempt` (its first frame): the series ends. */
+    cameBackOn(attempt) {
+        const lost = this.lost;
+        this.stopAttemptTimer();
+        this.stopGiveUpTimer();
+        this.cameBack = { at: Date.now(), failures: lost.failures };
+        this.lost = null;
+        this.duplicateRetries = 0;
+        this.stats.reconnects++;
+        this.ready(attempt);
+    }
+    /** No attempt brought the room back in time: the connection ends with the close that started the series. */
+    giveUp() {
+        const lost = this.lost;
+        if (!lost || this.closeInfo)
+            return;
+        const attempt = this.attempt;
+        if (attempt) {
+            this.detach(attempt);
+            try {
+                attempt.ws.close();
+            }
+            catch {
+                // not open: nothing to close
+            }
+        }
+        this.finish(lost.info);
+    }
+    stopGiveUpTimer() {
+        if (this.giveUpTimer !== null)
+            timers.clearTimeout(this.giveUpTimer);
+        this.giveUpTimer = null;
     }
     /** An attempt failed before it opened (or timed out). */
     attemptFailed(info) {
@@ -528,10 +623,12 @@ export class RoomConnection {
         const delay = ceiling * (0.5 + Math.random() / 2);
         lost.failures++;
         if (Date.now() + delay - lost.since > settings.giveUpAfterMs) {
-            this.finish(lost.info);
+            this.giveUp();
             return;
         }
-        this.wait(delay, lost.info, () => void this.redial());
+        this.wait(delay, lost.info, () => {
+            this.redial().catch((error) => this.report(error));
+        });
     }
     async redial() {
         const lost = this.lost;
@@ -546,10 +643,15 @@ export class RoomConnection {
                     this.scheduleAttempt();
                 return;
             }
-            if (this.closing || this.closeInfo)
+            if (this.closing || this.closeInfo || this.lost !== lost)
                 return;
-            if (typeof url === "string" && url !== "")
-                this.url = url;
+            if (typeof url !== "string" || url === "") {
+                this.scheduleAttempt(); // nothing usable: a failed attempt
+                return;
+            }
+            if (url !== this.url)
+                this.movedThisSeries = true;
+            this.url = url;
         }
         try {
             this.dial(this.preferred);
@@ -568,12 +670,13 @@ export class RoomConnection {
         this.waiting = { timer, info };
     }
     startAttemptTimer(ms) {
+        this.stopAttemptTimer();
         if (!(ms > 0))
             return;
         this.attemptTimer = timers.setTimeout(() => {
             this.attemptTimer = null;
             const attempt = this.attempt;
-            if (!attempt || attempt.open)
+            if (!attempt || attempt.ready)
                 return;
             this.detach(attempt);
             try {
@@ -600,14 +703,32 @@ export class RoomConnection {
             timers.clearTimeout(this.waiting.timer);
         this.waiting = null;
         this.stopAttemptTimer();
+        this.stopGiveUpTimer();
         this.stopResyncRetry();
+        // Not sent: kept for the app (`unsent`), e.g. for the next connection's `pending`.
+        this.unsentMessages = this.queuedCursor ? [...this.queue, this.queuedCursor] : this.queue;
         this.queue = [];
         this.queuedCursor = null;
+        this.lost = null;
         this.closeInfo = info;
         this.setStatus("closed");
         this.settleOpened.reject(new Error(`closed before it opened: ${info.code} ${info.reason}`));
         this.settleClosed(info);
-        this.options.onClose?.(info);
+        try {
+            this.options.onClose?.(info);
+        }
+        catch (error) {
+            this.report(error);
+        }
+    }
+    /** Hands what an app callback threw to `onError` (which must not throw either). */
+    report(error) {
+        try {
+            this.onError(error);
+        }
+        catch {
+            // an onError that throws: nothing more to do
+        }
     }
     setStatus(status) {
         if (this.status === status)
@@ -617,7 +738,7 @@ export class RoomConnection {
             this.options.onStatus?.(status);
         }
         catch (error) {
-            this.onError(error);
+            this.report(error);
         }
     }
     // --- messages ------------------------------------------------------------
@@ -632,10 +753,22 @@ export class RoomConnection {
             this.queuedCursor = message;
             return true;
         }
-        const last = this.queue[this.queue.length - 1];
-        if (message.type === "shape_update" && last?.type === "shape_update" && last.shapeId === message.shapeId) {
-            this.queue[this.queue.length - 1] = { ...last, ...message };
-            return true;
+        if (message.type === "shape_update") {
+            // Updates of different shapes commute: one waiting update per shape (a
+            // drag of two shapes at once stays two messages), up to a delete of it.
+            for (let i = this.queue.length - 1; i >= 0; i--) {
+                const waiting = this.queue[i];
+                if (waiting.type === "shape_delete" && waiting.shapeId === message.shapeId)
+                    break;
+                if (waiting.type === "shape_update" && waiting.shapeId === message.shapeId) {
+                    const merged = { ...waiting };
+                    for (const [key, value] of Object.entries(message))
+                        if (value !== undefined)
+                            merged[key] = value;
+                    this.queue[i] = merged;
+                    return true;
+                }
+            }
         }
         if (this.queue.length >= this.reconnectOptions.maxQueued) {
             this.stats.queueFull++;
@@ -669,11 +802,8 @@ export class RoomConnection {
         }
         if (!attempt.heard) {
             attempt.heard = true;
-            if (this.lost) {
-                // The room is back: the next loss starts a new series.
-                this.lost = null;
-                this.stats.reconnects++;
-            }
+            if (this.lost)
+                this.cameBackOn(attempt);
         }
         this.stats.frames++;
         const result = applyFrame(this.sync, data, this.protocol ?? "v1");
@@ -698,12 +828,7 @@ export class RoomConnection {
                     listener(state);
                 }
                 catch (error) {
-                    try {
-                        this.onError(error);
-                    }
-                    catch {
-                        // an onError that throws: nothing more to do
-                    }
+                    this.report(error);
                 }
             }
         }
@@ -731,6 +856,26 @@ export class RoomConnection {
 /** Opens a connection: `url` is the server's WebSocket URL with the token (`wss://host/?token=…`). */
 export function connect(url, options = {}) {
     return new RoomConnection(url, options);
+}
+/**
+ * What connections that ended for good left unsent, by room and user: the
+ * app's Reconnect makes a new `SessionClient` for the same room, whose
+ * connection sends them first. In this page's memory only.
+ */
+const leftovers = new Map();
+/** The room and user a token names (read, not verified: the server does that), or null. */
+function sessionKey(token) {
+    try {
+        const decode = globalThis.atob;
+        const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+        const claims = JSON.parse(decode(payload));
+        return typeof claims.roomId === "string" && typeof claims.userId === "string"
+            ? `${claims.roomId}\n${claims.userId}`
+            : null;
+    }
+    catch {
+        return null;
+    }
 }
 /** The public client's default `fill` and `stroke` for a new shape (PROTOCOL.md §3). */
 const DEFAULT_FILL = "#3b82f6";
@@ -780,6 +925,10 @@ export class SessionClient {
         const secure = this.options.secure ?? globalThis.location?.protocol === "https:";
         const url = (host, token) => `${secure ? "wss" : "ws"}://${host}/?token=${token}`;
         const resolveUrl = this.options.resolve;
+        const key = sessionKey(token);
+        const pending = key === null ? undefined : leftovers.get(key);
+        if (key !== null)
+            leftovers.delete(key);
         let opened = false;
         return new Promise((resolve, reject) => {
             const connection = new RoomConnection(url(this.host, token), {
@@ -787,9 +936,13 @@ export class SessionClient {
                 WebSocket: this.options.WebSocket,
                 reconnect: this.options.reconnect,
                 connectTimeoutMs: timeoutMs,
+                pending,
                 resolve: resolveUrl
                     ? async () => {
                         const next = await resolveUrl();
+                        if (typeof next?.host !== "string" || next.host === "" || typeof next.token !== "string") {
+                            throw new Error("resolve() gave no host and token");
+                        }
                         this.host = next.host;
                         return url(next.host, next.token);
                     }
@@ -807,6 +960,8 @@ export class SessionClient {
                         this.statusCallback?.(status);
                 },
                 onClose: (info) => {
+                    if (key !== null && connection.unsent.length > 0)
+                        leftovers.set(key, connection.unsent);
                     if (!opened) {
                         reject(new Error(info.reason.startsWith("connect timeout")
                             ? `WebSocket connection timeout after ${timeoutMs}ms`

@@ -422,13 +422,20 @@ export interface ReconnectOptions {
    */
   giveUpAfterMs?: number;
   /**
-   * Messages sent while reconnecting wait, in order, and go out when the new
-   * connection opens: at most this many (default 1000; `send` returns false past
-   * it). Cursor moves do not count: only the newest waits. Consecutive updates of
-   * one shape wait as one.
+   * Messages sent while reconnecting wait, in order, and go out when the room is
+   * back (the new socket's first frame): at most this many (default 1000; `send`
+   * returns false past it). Cursor moves do not count: only the newest waits.
+   * Updates of a shape already waiting merge into its waiting update.
    */
   maxQueued?: number;
 }
+
+/**
+ * A socket that brought the room back and closed again within this many ms
+ * does not start a new series: the backoff goes on growing (a server or room
+ * that crashes as soon as it is joined is not hammered).
+ */
+const STABLE_AFTER_MS = 5000;
 
 /** The reconnect settings when an option is left out. */
 export const RECONNECT_DEFAULTS: Readonly<Required<ReconnectOptions>> = Object.freeze({
@@ -481,6 +488,11 @@ export interface ConnectOptions {
    * rejection counts as a failed attempt. Without it, every attempt reuses the URL.
    */
   resolve?: () => string | Promise<string>;
+  /**
+   * Messages to send first, when the first socket opens: what an earlier
+   * connection left unsent (its `unsent`), e.g. after it gave up.
+   */
+  pending?: readonly ClientMessage[];
   /**
    * v2: when a resync the client asked for brings no snapshot within this many
    * milliseconds (the request or the answer was lost), it asks again, at most
@@ -555,6 +567,11 @@ interface Attempt {
   sniffing: boolean;
   /** A frame has arrived on it. */
   heard: boolean;
+  /**
+   * Messages go straight out on it: from its open on the first connection,
+   * from its first frame (the room is back) on a reconnect.
+   */
+  ready: boolean;
 }
 
 /**
@@ -595,6 +612,17 @@ export class RoomConnection {
   private sync: SyncState = initialSync();
   private attempt: Attempt | null = null;
   private closing = false;
+  /** What the app's `close()` asked for: the connection ends with it. */
+  private closeRequest: CloseInfo | null = null;
+  /** Ends the reconnect series when the room is not back in time (`giveUpAfterMs`). */
+  private giveUpTimer: TimerId | null = null;
+  /** When the room last came back, and after how many failed attempts (see `STABLE_AFTER_MS`). */
+  private cameBack: { at: number; failures: number } | null = null;
+  /** The last socket was v1 after its v2 offer failed the handshake (a server that does not echo the offer). */
+  private lastFellBack = false;
+  /** `resolve` gave a URL this series (another server, maybe of another kind). */
+  private movedThisSeries = false;
+  private unsentMessages: ClientMessage[] = [];
   /** A wait before the next attempt (after a duplicate, or reconnecting), and what the connection closes with if it ends during it. */
   private waiting: { timer: TimerId; info: CloseInfo } | null = null;
   /** The connect timeout of the attempt in flight. */
@@ -611,6 +639,7 @@ export class RoomConnection {
   private readonly onError: (error: unknown) => void;
   private readonly resyncRetryMs: number;
   private readonly fallbackRetryMs: number;
+  private readonly connectTimeoutMs: number;
   private resyncTimer: TimerId | null = null;
   private settleOpened!: { resolve: (p: Protocol) => void; reject: (e: Error) => void };
   private settleClosed!: (info: CloseInfo) => void;
@@ -632,12 +661,14 @@ export class RoomConnection {
     this.onError = options.onError ?? reportError;
     this.resyncRetryMs = options.resyncRetryMs ?? 2000;
     this.fallbackRetryMs = options.fallbackRetryMs ?? 1000;
+    this.connectTimeoutMs = options.connectTimeoutMs ?? 30000;
     this.opened = new Promise((resolve, reject) => (this.settleOpened = { resolve, reject }));
     this.opened.catch(() => {}); // a caller that never awaits it must not see an unhandled rejection
     this.closed = new Promise((resolve) => (this.settleClosed = resolve));
+    this.queue = [...(options.pending ?? [])];
 
     this.dial(this.preferred);
-    this.startAttemptTimer(options.connectTimeoutMs ?? 30000);
+    this.startAttemptTimer(this.connectTimeoutMs);
   }
 
   /** The room as a v1 snapshot (do not mutate it). */
@@ -661,9 +692,14 @@ export class RoomConnection {
     };
   };
 
-  /** Whether a socket is open now (messages go out at once). */
+  /** Whether a socket is open now and the room on it (messages go out at once). */
   get isOpen(): boolean {
-    return this.attempt?.ws.readyState === OPEN && this.attempt.open;
+    return this.attempt?.ws.readyState === OPEN && this.attempt.ready;
+  }
+
+  /** What was waiting to be sent when the connection ended for good (it was not sent). */
+  get unsent(): readonly ClientMessage[] {
+    return this.unsentMessages;
   }
 
   moveCursor(x: number, y: number): boolean {
@@ -715,14 +751,15 @@ export class RoomConnection {
    * 1000 and 3000-4999: it throws and the socket stays open) becomes 1000.
    */
   close(code?: number, reason?: string): void {
-    if (this.closeInfo) return;
+    if (this.closeInfo || this.closing) return;
     this.closing = true;
     this.stopResyncRetry();
     const valid = validCloseCode(code);
+    this.closeRequest = { code: valid, reason: reason ?? "", wasClean: true };
     const attempt = this.attempt;
     if (!attempt) {
       // Between two attempts: nothing is open, the connection ends here.
-      this.finish(this.waiting?.info ?? { code: valid, reason: reason ?? "", wasClean: true });
+      this.finish(this.closeRequest);
       return;
     }
     // The socket's close event finishes the connection.
@@ -738,7 +775,7 @@ export class RoomConnection {
 
   private dial(wanted: Protocol): void {
     const ws = wanted === "v2" ? new this.Ctor(this.url, [SUBPROTOCOL_V2]) : new this.Ctor(this.url);
-    const attempt: Attempt = { ws, wanted, open: false, openedAt: 0, sniffing: false, heard: false };
+    const attempt: Attempt = { ws, wanted, open: false, openedAt: 0, sniffing: false, heard: false, ready: false };
     this.attempt = attempt;
     // Handlers as properties: every WebSocket implementation has them.
     const handlers = ws as unknown as {
@@ -773,30 +810,48 @@ export class RoomConnection {
   }
 
   private opening(attempt: Attempt): void {
-    this.stopAttemptTimer();
     attempt.open = true;
     attempt.openedAt = Date.now();
     this.protocol = attempt.wanted === "v2" && attempt.ws.protocol === SUBPROTOCOL_V2 ? "v2" : "v1";
+    this.lastFellBack = attempt.wanted === "v1" && this.preferred === "v2";
     attempt.sniffing = this.protocol === "v2";
     // A new socket: its first snapshot replaces the state (kept until then).
     this.sync = { state: this.sync.state, lastSeq: null, awaitingSnapshot: false };
-    this.setStatus("open");
     this.settleOpened.resolve(this.protocol);
+    // Reconnecting, an open socket is not yet the room: a server may open and
+    // then close it (a room that cannot be placed, a drain). Its first frame is
+    // (`receive`); until then messages keep waiting and the attempt can time out.
+    if (this.lost) return;
+    this.stopAttemptTimer();
+    this.ready(attempt);
+  }
+
+  /** Messages go straight out on `attempt` from now on; what waited goes first. */
+  private ready(attempt: Attempt): void {
+    attempt.ready = true;
+    this.setStatus("open");
     this.flush(attempt);
   }
 
   private ended(attempt: Attempt, info: CloseInfo): void {
     this.detach(attempt);
     this.stopResyncRetry();
+    // Reconnecting, each attempt has its own timeout; a first connection's
+    // covers its fallback too (`connect(token, timeoutMs)` is one deadline).
+    if (this.lost) this.stopAttemptTimer();
     if (this.duplicateOfFallback(attempt, info)) {
       this.duplicateRetries++;
-      this.wait(this.fallbackRetryMs, info, () => this.dial("v1"));
+      this.setStatus(this.lost ? "reconnecting" : "connecting");
+      this.wait(this.fallbackRetryMs, info, () => {
+        this.dial("v1");
+        this.startAttemptTimer(this.lost ? this.reconnectOptions!.attemptTimeoutMs : this.connectTimeoutMs);
+      });
     } else if (this.closing) {
-      this.finish(info);
-    } else if (!attempt.open && attempt.wanted === "v2") {
+      this.finish(this.closeRequest ?? info);
+    } else if (!attempt.open && attempt.wanted === "v2" && this.mayFallBack()) {
       // Browsers (and Node's WebSocket, and the `ws` package) FAIL a handshake
       // whose answer lacks an offered subprotocol, which is what a v1 server
-      // sends: try once more without the offer.
+      // that does not echo the offer sends: try once more without the offer.
       this.fallbacks++;
       try {
         attempt.ws.close();
@@ -804,6 +859,7 @@ export class RoomConnection {
         // already closed
       }
       this.dial("v1");
+      if (this.lost) this.startAttemptTimer(this.reconnectOptions!.attemptTimeoutMs);
     } else if (!attempt.open) {
       this.attemptFailed(info);
     } else if (this.reconnectOptions && RECONNECT_CODES.includes(info.code)) {
@@ -811,6 +867,15 @@ export class RoomConnection {
     } else {
       this.finish(info);
     }
+  }
+
+  // A v2 attempt that fails before it opens is retried at once without the
+  // offer on a first connection, or when the room's server may be of another
+  // kind: the last socket fell back, or `resolve` moved the room. Otherwise,
+  // reconnecting to the server that spoke v2 or echoed the offer, a failure is
+  // the server still being down: one socket per attempt, not two.
+  private mayFallBack(): boolean {
+    return !this.lost || this.lastFellBack || this.movedThisSeries;
   }
 
   // After a fallback, the server may still hold the failed v2 attempt (an
@@ -833,9 +898,51 @@ export class RoomConnection {
   /** An open socket closed with a code that says "come back". */
   private reconnect(info: CloseInfo): void {
     // Lost again before the room came back: the same series (its backoff goes on).
-    this.lost ??= { since: Date.now(), failures: 0, info };
+    if (!this.lost) {
+      const now = Date.now();
+      const flapping = this.cameBack !== null && now - this.cameBack.at < STABLE_AFTER_MS;
+      this.lost = { since: now, failures: flapping ? this.cameBack!.failures : 0, info };
+      this.movedThisSeries = false;
+      this.giveUpTimer = timers.setTimeout(() => {
+        this.giveUpTimer = null;
+        this.giveUp();
+      }, this.reconnectOptions!.giveUpAfterMs);
+    }
     this.setStatus("reconnecting");
     this.scheduleAttempt();
+  }
+
+  /** The room is back on `attempt` (its first frame): the series ends. */
+  private cameBackOn(attempt: Attempt): void {
+    const lost = this.lost!;
+    this.stopAttemptTimer();
+    this.stopGiveUpTimer();
+    this.cameBack = { at: Date.now(), failures: lost.failures };
+    this.lost = null;
+    this.duplicateRetries = 0;
+    this.stats.reconnects++;
+    this.ready(attempt);
+  }
+
+  /** No attempt brought the room back in time: the connection ends with the close that started the series. */
+  private giveUp(): void {
+    const lost = this.lost;
+    if (!lost || this.closeInfo) return;
+    const attempt = this.attempt;
+    if (attempt) {
+      this.detach(attempt);
+      try {
+        attempt.ws.close();
+      } catch {
+        // not open: nothing to close
+      }
+    }
+    this.finish(lost.info);
+  }
+
+  private stopGiveUpTimer(): void {
+    if (this.giveUpTimer !== null) timers.clearTimeout(this.giveUpTimer);
+    this.giveUpTimer = null;
   }
 
   /** An attempt failed before it opened (or timed out). */
@@ -852,10 +959,12 @@ export class RoomConnection {
     const delay = ceiling * (0.5 + Math.random() / 2);
     lost.failures++;
     if (Date.now() + delay - lost.since > settings.giveUpAfterMs) {
-      this.finish(lost.info);
+      this.giveUp();
       return;
     }
-    this.wait(delay, lost.info, () => void this.redial());
+    this.wait(delay, lost.info, () => {
+      this.redial().catch((error) => this.report(error));
+    });
   }
 
   private async redial(): Promise<void> {
@@ -869,8 +978,13 @@ export class RoomConnection {
         if (!this.closing && !this.closeInfo) this.scheduleAttempt();
         return;
       }
-      if (this.closing || this.closeInfo) return;
-      if (typeof url === "string" && url !== "") this.url = url;
+      if (this.closing || this.closeInfo || this.lost !== lost) return;
+      if (typeof url !== "string" || url === "") {
+        this.scheduleAttempt(); // nothing usable: a failed attempt
+        return;
+      }
+      if (url !== this.url) this.movedThisSeries = true;
+      this.url = url;
     }
     try {
       this.dial(this.preferred);
@@ -890,11 +1004,12 @@ export class RoomConnection {
   }
 
   private startAttemptTimer(ms: number): void {
+    this.stopAttemptTimer();
     if (!(ms > 0)) return;
     this.attemptTimer = timers.setTimeout(() => {
       this.attemptTimer = null;
       const attempt = this.attempt;
-      if (!attempt || attempt.open) return;
+      if (!attempt || attempt.ready) return;
       this.detach(attempt);
       try {
         attempt.ws.close();
@@ -917,14 +1032,31 @@ export class RoomConnection {
     if (this.waiting) timers.clearTimeout(this.waiting.timer);
     this.waiting = null;
     this.stopAttemptTimer();
+    this.stopGiveUpTimer();
     this.stopResyncRetry();
+    // Not sent: kept for the app (`unsent`), e.g. for the next connection's `pending`.
+    this.unsentMessages = this.queuedCursor ? [...this.queue, this.queuedCursor] : this.queue;
     this.queue = [];
     this.queuedCursor = null;
+    this.lost = null;
     this.closeInfo = info;
     this.setStatus("closed");
     this.settleOpened.reject(new Error(`closed before it opened: ${info.code} ${info.reason}`));
     this.settleClosed(info);
-    this.options.onClose?.(info);
+    try {
+      this.options.onClose?.(info);
+    } catch (error) {
+      this.report(error);
+    }
+  }
+
+  /** Hands what an app callback threw to `onError` (which must not throw either). */
+  private report(error: unknown): void {
+    try {
+      this.onError(error);
+    } catch {
+      // an onError that throws: nothing more to do
+    }
   }
 
   private setStatus(status: ConnectionStatus): void {
@@ -933,7 +1065,7 @@ export class RoomConnection {
     try {
       this.options.onStatus?.(status);
     } catch (error) {
-      this.onError(error);
+      this.report(error);
     }
   }
 
@@ -950,10 +1082,19 @@ export class RoomConnection {
       this.queuedCursor = message;
       return true;
     }
-    const last = this.queue[this.queue.length - 1];
-    if (message.type === "shape_update" && last?.type === "shape_update" && last.shapeId === message.shapeId) {
-      this.queue[this.queue.length - 1] = { ...last, ...message };
-      return true;
+    if (message.type === "shape_update") {
+      // Updates of different shapes commute: one waiting update per shape (a
+      // drag of two shapes at once stays two messages), up to a delete of it.
+      for (let i = this.queue.length - 1; i >= 0; i--) {
+        const waiting = this.queue[i];
+        if (waiting.type === "shape_delete" && waiting.shapeId === message.shapeId) break;
+        if (waiting.type === "shape_update" && waiting.shapeId === message.shapeId) {
+          const merged: Record<string, unknown> = { ...waiting };
+          for (const [key, value] of Object.entries(message)) if (value !== undefined) merged[key] = value;
+          this.queue[i] = merged as ClientMessage;
+          return true;
+        }
+      }
     }
     if (this.queue.length >= this.reconnectOptions!.maxQueued) {
       this.stats.queueFull++;
@@ -987,11 +1128,7 @@ export class RoomConnection {
     }
     if (!attempt.heard) {
       attempt.heard = true;
-      if (this.lost) {
-        // The room is back: the next loss starts a new series.
-        this.lost = null;
-        this.stats.reconnects++;
-      }
+      if (this.lost) this.cameBackOn(attempt);
     }
     this.stats.frames++;
     const result = applyFrame(this.sync, data, this.protocol ?? "v1");
@@ -1012,11 +1149,7 @@ export class RoomConnection {
         try {
           listener(state);
         } catch (error) {
-          try {
-            this.onError(error);
-          } catch {
-            // an onError that throws: nothing more to do
-          }
+          this.report(error);
         }
       }
     }
@@ -1087,6 +1220,27 @@ export interface BoardSessionData {
 /** The public client's name for a cursor. */
 export type CursorPosition = Cursor;
 
+/**
+ * What connections that ended for good left unsent, by room and user: the
+ * app's Reconnect makes a new `SessionClient` for the same room, whose
+ * connection sends them first. In this page's memory only.
+ */
+const leftovers = new Map<string, readonly ClientMessage[]>();
+
+/** The room and user a token names (read, not verified: the server does that), or null. */
+function sessionKey(token: string): string | null {
+  try {
+    const decode = (globalThis as { atob?: (data: string) => string }).atob;
+    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(decode!(payload)) as { roomId?: unknown; userId?: unknown };
+    return typeof claims.roomId === "string" && typeof claims.userId === "string"
+      ? `${claims.roomId}\n${claims.userId}`
+      : null;
+  } catch {
+    return null;
+  }
+}
+
 /** The public client's default `fill` and `stroke` for a new shape (PROTOCOL.md §3). */
 const DEFAULT_FILL = "#3b82f6";
 const DEFAULT_STROKE = "#1d4ed8";
@@ -1146,6 +1300,9 @@ export class SessionClient {
       this.options.secure ?? (globalThis as { location?: { protocol?: string } }).location?.protocol === "https:";
     const url = (host: string, token: string) => `${secure ? "wss" : "ws"}://${host}/?token=${token}`;
     const resolveUrl = this.options.resolve;
+    const key = sessionKey(token);
+    const pending = key === null ? undefined : leftovers.get(key);
+    if (key !== null) leftovers.delete(key);
     let opened = false;
     return new Promise<void>((resolve, reject) => {
       const connection: RoomConnection = new RoomConnection(url(this.host, token), {
@@ -1153,9 +1310,13 @@ export class SessionClient {
         WebSocket: this.options.WebSocket,
         reconnect: this.options.reconnect,
         connectTimeoutMs: timeoutMs,
+        pending,
         resolve: resolveUrl
           ? async () => {
               const next = await resolveUrl();
+              if (typeof next?.host !== "string" || next.host === "" || typeof next.token !== "string") {
+                throw new Error("resolve() gave no host and token");
+              }
               this.host = next.host;
               return url(next.host, next.token);
             }
@@ -1171,6 +1332,7 @@ export class SessionClient {
           if (this.connection === connection) this.statusCallback?.(status);
         },
         onClose: (info) => {
+          if (key !== null && connection.unsent.length > 0) leftovers.set(key, connection.unsent);
           if (!opened) {
             reject(
               new Error(

@@ -103,8 +103,10 @@ export async function startV1Server() {
     const frame = snapshot(room);
     for (const socket of room.members.values()) socket.send(frame);
   };
+  const server = {};
   wss.on("connection", (socket, req) => {
     offered.push(req.headers["sec-websocket-protocol"] ?? null);
+    if (server.intercept?.(socket)) return;
     const jwt = new URL(req.url, "http://x").searchParams.get("token") ?? "";
     let claims;
     try {
@@ -155,14 +157,12 @@ export async function startV1Server() {
     broadcast(room);
   });
   await new Promise((r) => wss.once("listening", r));
-  return {
+  return Object.assign(server, {
+    /** When set, sees each new socket first; returning true takes it out of the room (the test handles it). */
+    intercept: null,
     host: `127.0.0.1:${wss.address().port}`,
     /** The subprotocol header of every connection so far (null: none offered). */
     offered,
-    /** Open sockets. */
-    get sockets() {
-      return [...wss.clients];
-    },
     /** Closes every open socket with `code` (the server keeps listening). */
     closeAll(code, reason = "") {
       for (const socket of wss.clients) socket.close(code, reason);
@@ -172,5 +172,5 @@ export async function startV1Server() {
       for (const socket of wss.clients) socket.terminate();
       await new Promise((r) => wss.close(r));
     },
-  };
+  });
 }

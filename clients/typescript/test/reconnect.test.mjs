@@ -114,6 +114,131 @@ test("the first attempt reuses the host; when it fails, resolve() gives the room
   assert.equal(alice.closes, 0);
 });
 
+test("the give-up bound holds while resolve() hangs, and against a server that opens and never sends a frame", async () => {
+  const server = await nodeLikeServer();
+  const hanging = await session(server.host, "alice", "hang", {
+    reconnect: { ...FAST, giveUpAfterMs: 500 },
+    resolve: () => new Promise(() => {}),
+  });
+  const silent = await session(server.host, "bob", "silent", { reconnect: { ...FAST, giveUpAfterMs: 500, attemptTimeoutMs: 5000 } });
+  await until(() => last(hanging)?.connectedUsers.length === 1 && last(silent)?.connectedUsers.length === 1, "both in");
+  // From now on the server opens sockets and says nothing; the first reuse of
+  // the URL fails, then alice's resolve() never answers.
+  server.intercept = () => true;
+  const startedAt = Date.now();
+  server.closeAll(1001);
+  await until(() => silent.client.status === "reconnecting", "reconnecting");
+  assert.equal(silent.client.sendShapeCreate("oval", 1, 1, 1, 1), true, "queued");
+  await until(() => hanging.closes === 1 && silent.closes === 1, "both giving up", 3000);
+  const took = Date.now() - startedAt;
+  assert.ok(took < 1500, `gave up after ${took} ms (bound 500 ms)`);
+  assert.equal(silent.client.room.stats.sent, 0, "nothing was written into the silent socket");
+  assert.equal(silent.client.room.unsent.length, 1, "the queued shape is kept as unsent");
+});
+
+test("a socket that opens and closes before its first frame takes nothing queued with it: the shape arrives on the next one", async () => {
+  const server = await nodeLikeServer();
+  const alice = await session(server.host, "alice", "unavailable");
+  await until(() => last(alice)?.connectedUsers.length === 1, "the first snapshot");
+  let refused = 0;
+  server.intercept = (socket) => {
+    if (refused >= 2) return false;
+    refused++;
+    socket.close(1011, "Room unavailable");
+    return true;
+  };
+  server.closeAll(1001);
+  await until(() => alice.client.status === "reconnecting", "reconnecting");
+  assert.equal(alice.client.sendShapeCreate("rectangle", 7, 7, 7, 7), true);
+  await until(() => last(alice).shapes.length === 1, () => JSON.stringify(last(alice)));
+  assert.equal(refused, 2);
+  assert.equal(alice.closes, 0);
+});
+
+test("while reconnecting, a drag of two shapes at once waits as one update per shape; a later update does not erase a field with undefined", async () => {
+  const server = await nodeLikeServer();
+  const alice = await session(server.host, "alice", "two-drags");
+  alice.client.sendShapeCreate("text", 0, 0, 10, 10, { text: "a" });
+  alice.client.sendShapeCreate("oval", 0, 0, 10, 10);
+  await until(() => last(alice)?.shapes.length === 2, "two shapes");
+  const [a, b] = last(alice).shapes;
+  server.closeAll(1012);
+  await until(() => alice.client.status === "reconnecting", "reconnecting");
+  for (let i = 1; i <= 8640; i++) { // 60 s of a 144 Hz drag of both
+    assert.equal(alice.client.sendShapeUpdate(a.id, { x: i, y: i }), true);
+    assert.equal(alice.client.sendShapeUpdate(b.id, { x: -i, y: -i }), true);
+    alice.client.sendCursorMove(i, i);
+  }
+  alice.client.sendShapeUpdate(a.id, { text: "edited" });
+  alice.client.sendShapeUpdate(a.id, { text: undefined, rotation: 5 });
+  await until(() => alice.client.status === "open" && last(alice).shapes[0].rotation === 5, () => JSON.stringify(last(alice)));
+  assert.deepEqual(last(alice).shapes.map(({ x, y, text, rotation }) => ({ x, y, text, rotation })), [
+    { x: 8640, y: 8640, text: "edited", rotation: 5 },
+    { x: -8640, y: -8640, text: undefined, rotation: 0 },
+  ]);
+  assert.equal(alice.client.room.stats.queueFull, 0);
+});
+
+test("a room that drops every socket right after its first frame is not hammered: the backoff goes on growing", async () => {
+  const server = await nodeLikeServer();
+  const alice = await session(server.host, "alice", "flap", { reconnect: { initialDelayMs: 50, maxDelayMs: 400 } });
+  await until(() => last(alice)?.connectedUsers.length === 1, "the first snapshot");
+  server.intercept = (socket) => {
+    socket.send(JSON.stringify({ connectedUsers: ["alice"], cursors: [], shapes: [] }));
+    setTimeout(() => socket.terminate(), 5);
+    return true;
+  };
+  const before = server.offered.length;
+  server.closeAll(1001);
+  await sleep(3000);
+  const connections = server.offered.length - before;
+  // Without the carried backoff: one connection every 25-50 ms (60-120).
+  assert.ok(connections >= 3 && connections <= 14, `${connections} connections in 3 s`);
+  assert.equal(alice.closes, 0, "each came back: not given up");
+});
+
+test("an onClose that throws goes to onError; what a connection left unsent when it gave up goes out with the next client for the same room and user", async () => {
+  const server = await nodeLikeServer();
+  const errors = [];
+  const host = server.host;
+  const first = SessionClient.create(host, { reconnect: { ...FAST, giveUpAfterMs: 300 } });
+  first.onClose(() => {
+    throw new Error("an app bug");
+  });
+  first.room; // null before connect
+  await first.connect(token({ userId: "alice", roomId: "leftover", host }), 5000);
+  first.room.subscribe(() => {});
+  await until(() => first.room.state.connectedUsers.length === 1, "in");
+  const originalError = console.error;
+  console.error = (...args) => errors.push(args.map(String).join(" "));
+  try {
+    server.intercept = () => true; // silent: the room never comes back
+    server.closeAll(1001);
+    await until(() => first.status === "reconnecting", "reconnecting");
+    assert.equal(first.sendShapeCreate("arrow", 3, 3, 3, 3), true);
+    await until(() => first.status === "closed", "giving up");
+  } finally {
+    console.error = originalError;
+  }
+  assert.match(errors.join("\n"), /an app bug/);
+  // The app's Reconnect: a new client, same room and user.
+  server.intercept = null;
+  const second = await session(host, "alice", "leftover");
+  await until(() => last(second)?.shapes.length === 1, () => JSON.stringify(last(second)));
+  assert.equal(last(second).shapes[0].type, "arrow");
+});
+
+test("reconnecting to a server that is down dials one socket per attempt (no v1 fallback against a server that spoke v2)", async () => {
+  const server = await startServer();
+  cleanup.push(() => server.stop());
+  const host = `127.0.0.1:${server.port}`;
+  const alice = await session(host, "alice", "down", { reconnect: { initialDelayMs: 100, maxDelayMs: 200, giveUpAfterMs: 1500 } });
+  assert.equal(alice.client.protocol, "v2");
+  await server.stop();
+  await until(() => alice.closes === 1, "giving up", 5000);
+  assert.equal(alice.client.room.fallbacks, 0);
+});
+
 test("connect(token, 300) rejects after 300 ms against a server that accepts TCP and never answers the upgrade; nothing is left open", async () => {
   // Node's WebSocket (undici) opens a spare TCP connection when an attempt is
   // aborted; what counts is the upgrade requests.
