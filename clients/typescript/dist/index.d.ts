@@ -419,6 +419,8 @@ export declare class RoomConnection {
     private duplicateOfFallback;
     /** An open socket closed with a code that says "come back". */
     private reconnect;
+    /** The connection has ended, or the app has closed it. */
+    private get over();
     /** The room is back on `attempt` (its first frame): the series ends. */
     private cameBackOn;
     /** No attempt brought the room back in time: the connection ends with the close that started the series. */

@@ -543,6 +543,20 @@ export function validCloseCode(code: number | undefined): number {
     : 1000;
 }
 
+/**
+ * Drops a socket the client gave up on: closed, and torn down where the
+ * implementation can (the `ws` package's `terminate`), so a peer that never
+ * answers the close frame does not hold it (or a Node process) open.
+ */
+function abandon(ws: WebSocketLike): void {
+  try {
+    ws.close();
+  } catch {
+    // not open: nothing to close
+  }
+  (ws as { terminate?: () => void }).terminate?.();
+}
+
 // The ES2020 lib declares no timers; every runtime the client runs in has them.
 type TimerId = number | { unref?(): void };
 const timers = globalThis as unknown as {
@@ -739,11 +753,16 @@ export class RoomConnection {
       this.write(attempt, message);
       return true;
     }
-    // A socket closing (its close event not yet here) counts as reconnecting:
-    // the event starts the reconnect, and a final close drops what waits.
-    const reconnecting =
-      this.status === "reconnecting" || (this.status === "open" && this.reconnectOptions !== null && !this.closing);
-    return reconnecting && this.enqueue(message);
+    if (this.closeInfo || this.closing) return false;
+    // Waiting for the room: reconnecting; a socket open whose first frame is
+    // not here (messages from an earlier connection wait ahead); or a socket
+    // closing (its close event not yet here), which will reconnect or keep
+    // what waits in `unsent`.
+    const waiting =
+      this.status === "reconnecting" ||
+      (attempt !== null && attempt.open) ||
+      (this.status === "open" && this.reconnectOptions !== null);
+    return waiting && this.enqueue(message);
   }
 
   /**
@@ -753,22 +772,25 @@ export class RoomConnection {
   close(code?: number, reason?: string): void {
     if (this.closeInfo || this.closing) return;
     this.closing = true;
-    this.stopResyncRetry();
     const valid = validCloseCode(code);
     this.closeRequest = { code: valid, reason: reason ?? "", wasClean: true };
+    // The connection ends here, whatever the socket does next (a peer that
+    // never answers the close frame must not keep it alive, or reconnecting).
     const attempt = this.attempt;
-    if (!attempt) {
-      // Between two attempts: nothing is open, the connection ends here.
-      this.finish(this.closeRequest);
-      return;
+    if (attempt) {
+      this.detach(attempt);
+      try {
+        attempt.ws.close(valid, reason);
+      } catch {
+        // A reason a browser refuses (over 123 bytes of UTF-8): close without it.
+        try {
+          attempt.ws.close(valid);
+        } catch {
+          // already closed
+        }
+      }
     }
-    // The socket's close event finishes the connection.
-    try {
-      attempt.ws.close(valid, reason);
-    } catch {
-      // A reason a browser refuses (over 123 bytes of UTF-8): close without it.
-      attempt.ws.close(valid);
-    }
+    this.finish(this.closeRequest);
   }
 
   // --- sockets -------------------------------------------------------------
@@ -823,14 +845,20 @@ export class RoomConnection {
     // (`receive`); until then messages keep waiting and the attempt can time out.
     if (this.lost) return;
     this.stopAttemptTimer();
+    if (this.queue.length > 0) {
+      // Messages of an earlier connection (`pending`) wait for the room too,
+      // and what the app sends now waits behind them.
+      this.setStatus("open");
+      return;
+    }
     this.ready(attempt);
   }
 
   /** Messages go straight out on `attempt` from now on; what waited goes first. */
   private ready(attempt: Attempt): void {
     attempt.ready = true;
-    this.setStatus("open");
     this.flush(attempt);
+    this.setStatus("open");
   }
 
   private ended(attempt: Attempt, info: CloseInfo): void {
@@ -842,6 +870,7 @@ export class RoomConnection {
     if (this.duplicateOfFallback(attempt, info)) {
       this.duplicateRetries++;
       this.setStatus(this.lost ? "reconnecting" : "connecting");
+      if (this.over) return; // the app closed from its onStatus
       this.wait(this.fallbackRetryMs, info, () => {
         this.dial("v1");
         this.startAttemptTimer(this.lost ? this.reconnectOptions!.attemptTimeoutMs : this.connectTimeoutMs);
@@ -903,13 +932,20 @@ export class RoomConnection {
       const flapping = this.cameBack !== null && now - this.cameBack.at < STABLE_AFTER_MS;
       this.lost = { since: now, failures: flapping ? this.cameBack!.failures : 0, info };
       this.movedThisSeries = false;
+      this.duplicateRetries = 0;
       this.giveUpTimer = timers.setTimeout(() => {
         this.giveUpTimer = null;
         this.giveUp();
       }, this.reconnectOptions!.giveUpAfterMs);
     }
     this.setStatus("reconnecting");
+    if (this.over) return; // the app closed from its onStatus
     this.scheduleAttempt();
+  }
+
+  /** The connection has ended, or the app has closed it. */
+  private get over(): boolean {
+    return this.closeInfo !== null || this.closing;
   }
 
   /** The room is back on `attempt` (its first frame): the series ends. */
@@ -931,11 +967,7 @@ export class RoomConnection {
     const attempt = this.attempt;
     if (attempt) {
       this.detach(attempt);
-      try {
-        attempt.ws.close();
-      } catch {
-        // not open: nothing to close
-      }
+      abandon(attempt.ws);
     }
     this.finish(lost.info);
   }
@@ -948,6 +980,7 @@ export class RoomConnection {
   /** An attempt failed before it opened (or timed out). */
   private attemptFailed(info: CloseInfo): void {
     this.stopAttemptTimer();
+    if (this.over) return;
     if (this.lost) this.scheduleAttempt();
     else this.finish(info); // the first connection never opened: `opened` rejects
   }
@@ -1011,11 +1044,7 @@ export class RoomConnection {
       const attempt = this.attempt;
       if (!attempt || attempt.ready) return;
       this.detach(attempt);
-      try {
-        attempt.ws.close();
-      } catch {
-        // not open: nothing to close
-      }
+      abandon(attempt.ws);
       this.attemptFailed({ code: 1006, reason: `connect timeout after ${ms} ms`, wasClean: false });
     }, ms);
   }
@@ -1129,6 +1158,8 @@ export class RoomConnection {
     if (!attempt.heard) {
       attempt.heard = true;
       if (this.lost) this.cameBackOn(attempt);
+      else if (!attempt.ready) this.ready(attempt);
+      if (this.attempt !== attempt) return; // the app closed from its onStatus
     }
     this.stats.frames++;
     const result = applyFrame(this.sync, data, this.protocol ?? "v1");
@@ -1223,9 +1254,11 @@ export type CursorPosition = Cursor;
 /**
  * What connections that ended for good left unsent, by room and user: the
  * app's Reconnect makes a new `SessionClient` for the same room, whose
- * connection sends them first. In this page's memory only.
+ * connection sends them first. In this page's memory only, and for
+ * `LEFTOVERS_KEPT_MS`: older edits would overwrite what others did since.
  */
-const leftovers = new Map<string, readonly ClientMessage[]>();
+const leftovers = new Map<string, { at: number; messages: readonly ClientMessage[] }>();
+const LEFTOVERS_KEPT_MS = 5 * 60_000;
 
 /** The room and user a token names (read, not verified: the server does that), or null. */
 function sessionKey(token: string): string | null {
@@ -1301,7 +1334,8 @@ export class SessionClient {
     const url = (host: string, token: string) => `${secure ? "wss" : "ws"}://${host}/?token=${token}`;
     const resolveUrl = this.options.resolve;
     const key = sessionKey(token);
-    const pending = key === null ? undefined : leftovers.get(key);
+    const left = key === null ? undefined : leftovers.get(key);
+    const pending = left && Date.now() - left.at < LEFTOVERS_KEPT_MS ? left.messages : undefined;
     if (key !== null) leftovers.delete(key);
     let opened = false;
     return new Promise<void>((resolve, reject) => {
@@ -1332,7 +1366,9 @@ export class SessionClient {
           if (this.connection === connection) this.statusCallback?.(status);
         },
         onClose: (info) => {
-          if (key !== null && connection.unsent.length > 0) leftovers.set(key, connection.unsent);
+          if (key !== null && connection.unsent.length > 0) {
+            leftovers.set(key, { at: Date.now(), messages: connection.unsent });
+          }
           if (!opened) {
             reject(
               new Error(

@@ -239,6 +239,45 @@ test("reconnecting to a server that is down dials one socket per attempt (no v1 
   assert.equal(alice.client.room.fallbacks, 0);
 });
 
+test("close() from onStatus('reconnecting') ends the connection there, with the app's code; no socket follows", async () => {
+  const server = await nodeLikeServer();
+  const alice = await session(server.host, "alice", "close-in-status");
+  await until(() => last(alice)?.connectedUsers.length === 1, "the first snapshot");
+  alice.client.onStatus((status) => {
+    if (status === "reconnecting") alice.client.close();
+  });
+  const connections = server.offered.length;
+  server.closeAll(1001);
+  await until(() => alice.closes === 1, "onClose");
+  await sleep(300);
+  assert.equal(server.offered.length, connections);
+  assert.equal(alice.client.room.closeInfo.code, 1000);
+});
+
+test("messages an earlier connection left wait for the room's first frame: a socket closed before it takes none of them", async () => {
+  const server = await nodeLikeServer();
+  const host = server.host;
+  const first = SessionClient.create(host, { reconnect: { ...FAST, giveUpAfterMs: 200 } });
+  await first.connect(token({ userId: "bob", roomId: "pending", host }), 5000);
+  server.intercept = () => true; // silent
+  server.closeAll(1001);
+  await until(() => first.status === "reconnecting", "reconnecting");
+  first.sendShapeCreate("oval", 4, 4, 4, 4);
+  await until(() => first.status === "closed", "giving up");
+  // The next client's first socket opens and is closed 1011 before any frame.
+  let refused = 0;
+  server.intercept = (socket) => {
+    if (refused > 0) return false;
+    refused++;
+    socket.close(1011, "Room unavailable");
+    return true;
+  };
+  const second = await session(host, "bob", "pending");
+  await until(() => last(second)?.shapes.length === 1, () => JSON.stringify(last(second)));
+  assert.equal(refused, 1);
+  assert.equal(second.closes, 0);
+});
+
 test("connect(token, 300) rejects after 300 ms against a server that accepts TCP and never answers the upgrade; nothing is left open", async () => {
   // Node's WebSocket (undici) opens a spare TCP connection when an attempt is
   // aborted; what counts is the upgrade requests.
