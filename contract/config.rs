@@ -188,6 +188,12 @@ pub struct ServeArgs {
     /// back to the fleet's pool, `shutdown` ends it (one-session servers).
     #[arg(long, env = "AGONES_WHEN_EMPTY", value_enum, default_value_t = WhenEmpty::Ready)]
     pub agones_when_empty: WhenEmpty,
+    /// How an Agones game server tells the fleet its rooms: `list`, a List
+    /// `rooms` of their ids (an allocation finds a room's server with
+    /// `containsValue`), or `counter`, a Counter `rooms` of how many (fleets
+    /// that declare only the Counter).
+    #[arg(long, env = "AGONES_ROOMS", value_enum, default_value_t = RoomsModel::List)]
+    pub agones_rooms: RoomsModel,
     /// After this long, an Agones game server takes no more allocations and shuts
     /// down once it is empty (GameFabric recommends at most 24 h). Unset: never.
     #[arg(long, env = "AGONES_MAX_LIFETIME_SECS")]
@@ -225,6 +231,15 @@ pub enum WhenEmpty {
     Shutdown,
 }
 
+/// How an Agones game server tells the fleet its rooms (`--agones-rooms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoomsModel {
+    /// A List `rooms`: the ids of the rooms held; capacity `--max-rooms`.
+    List,
+    /// A Counter `rooms`: how many rooms are held; capacity `--max-rooms`.
+    Counter,
+}
+
 /// The Agones SDK lifecycle (`--agones`).
 #[derive(Debug, Clone)]
 pub struct AgonesSettings {
@@ -232,6 +247,8 @@ pub struct AgonesSettings {
     pub sdk_port: Option<u16>,
     /// What to do when the last room closes (`--agones-when-empty`).
     pub when_empty: WhenEmpty,
+    /// The List or the Counter (`--agones-rooms`).
+    pub rooms: RoomsModel,
     /// Past this, no more allocations, and shut down once empty.
     pub max_lifetime: Option<Duration>,
     /// How long an allocation waits for its room, and an allocated server
@@ -655,6 +672,7 @@ impl ServeArgs {
             Some(AgonesSettings {
                 sdk_port: self.agones_sdk_port,
                 when_empty: self.agones_when_empty,
+                rooms: self.agones_rooms,
                 max_lifetime: self.agones_max_lifetime_secs.map(Duration::from_secs),
                 empty_grace: Duration::from_millis(self.agones_empty_grace_ms),
                 health_interval: Duration::from_millis(self.agones_health_interval_ms),

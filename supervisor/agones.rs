@@ -7,13 +7,21 @@
 //!   every worker runs and answers its pings: a wedged or crash-looping server
 //!   goes quiet and Agones replaces it. (A wedged worker is itself replaced within
 //!   5 s; a worker restoring rooms after a crash counts as healthy.)
-//! - The `rooms` Counter: capacity `--max-rooms`; count = the rooms placed here
-//!   (open, saving or restoring) plus allocations whose room has not opened yet.
-//!   An allocation increments the count to reserve a place (the high-density
-//!   pattern); the server only ever changes the count by differences (a room
-//!   that opened without a reservation: +1; a room that closed: −1), so it never
-//!   erases a reservation made meanwhile. A reservation whose room does not open
-//!   within `--agones-empty-grace-ms` is given back.
+//! - The `rooms` List (`--agones-rooms list`, the default): capacity
+//!   `--max-rooms`; values = the ids of the rooms placed here (open, saving or
+//!   restoring) plus ids an allocation added for a room that has not opened yet
+//!   (a reservation: `deploy/agones/allocation.yaml` adds the room's id, so the
+//!   next allocation for it finds this server with `containsValue`). A room's id
+//!   is added when it is placed and removed when it is freed; a reservation whose
+//!   room does not open within `--agones-empty-grace-ms` is removed.
+//! - Or the `rooms` Counter (`--agones-rooms counter`, for fleets that declare
+//!   only it): count = the rooms placed here plus reservations. An allocation
+//!   increments it; the server only ever changes the count by differences (a
+//!   room that opened without a reservation: +1; a room that closed: −1), so it
+//!   never erases a reservation made meanwhile.
+//! - At start, before the first `Ready()`, the List (or the count) is set to
+//!   what the server holds: values left from an earlier life are not
+//!   reservations (nothing allocates a server that is not Ready).
 //! - The first room (or reservation) makes the server `Allocated`; once it has
 //!   held nothing for `--agones-empty-grace-ms` (a reload, a client still
 //!   connecting keep it), it goes back to `Ready()` or `Shutdown()`s
@@ -23,6 +31,7 @@
 //! - Every shutdown (a signal, the two above) tells Agones `Shutdown()` and then
 //!   runs the usual drain: rooms saved, clients closed, exit 0.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,10 +43,10 @@ use tracing::{error, info, warn};
 use super::Shared;
 use super::rooms::Placed;
 use super::shutdown::Phase;
-use contract::config::{AgonesSettings, WhenEmpty};
+use contract::config::{AgonesSettings, RoomsModel, WhenEmpty};
 
-/// The Counter a fleet declares for this server (see `deploy/agones/fleet.yaml`).
-pub const ROOMS_COUNTER: &str = "rooms";
+/// The List (or Counter) a fleet declares for this server (see `deploy/agones/fleet.yaml`).
+pub const ROOMS_KEY: &str = "rooms";
 /// The SDK server's port when neither `--agones-sdk-port` nor the environment
 /// names one (the SDK's own default).
 const DEFAULT_SDK_PORT: u16 = 9357;
@@ -151,9 +160,41 @@ async fn bounded<T>(
 ) -> Result<T, String> {
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(describe(e)),
         Err(_) => Err(format!("no answer in {CALL_TIMEOUT:?}")),
     }
+}
+
+/// Several SDK calls within [`CALL_TIMEOUT`], their errors already in words.
+async fn within<T>(
+    calls: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::time::timeout(CALL_TIMEOUT, calls)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer in {CALL_TIMEOUT:?}")))
+}
+
+/// An SDK error in words: for an RPC, its gRPC code and the SDK server's
+/// message (the crate's own `Display` says only "rpc failure").
+fn describe(error: agones::errors::Error) -> String {
+    match error {
+        agones::errors::Error::Rpc(status) => format!(
+            "gRPC {:?} ({}): {}",
+            status.code(),
+            i32::from(status.code()),
+            status.message()
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// What the SDK server answers when a value is already in the List, or not in
+/// it: nothing to do (it answers UNKNOWN with these words, in a cluster as in
+/// local mode).
+fn already_so(error: &str) -> bool {
+    error.contains("already exists")
+        || error.contains("already in List")
+        || error.contains("not found")
 }
 
 /// The SDK's lifecycle calls.
@@ -166,13 +207,19 @@ enum Call {
 
 struct Lifecycle {
     sdk: Sdk,
+    model: RoomsModel,
     when_empty: WhenEmpty,
     grace: Duration,
     max_rooms: i64,
     /// The registry's rooms, as last seen.
     placed: Placed,
-    /// Rooms closed since the counter was last updated for them.
+    /// Counter: rooms closed since the counter was last updated for them.
     closed_unaccounted: i64,
+    /// List: the room ids this server listed for its own rooms (removed at once
+    /// when the room is freed), and since when each other value (a
+    /// reservation) has been seen.
+    listed: HashSet<String>,
+    reservations: HashMap<String, Instant>,
     /// Allocations whose room has not opened (Agones' count less our rooms), and
     /// since when that number has not changed.
     reserved: i64,
@@ -185,8 +232,8 @@ struct Lifecycle {
     empty_since: Option<Instant>,
     /// Past the maximum lifetime.
     retiring: bool,
-    /// The last counter update failed (and was logged).
-    counter_failing: bool,
+    /// The last List or Counter update failed (and was logged).
+    rooms_failing: bool,
     shut_down: bool,
 }
 
@@ -194,18 +241,21 @@ impl Lifecycle {
     fn new(sdk: Sdk, shared: &Shared, settings: &AgonesSettings) -> Lifecycle {
         Lifecycle {
             sdk,
+            model: settings.rooms,
             when_empty: settings.when_empty,
             grace: settings.empty_grace,
             max_rooms: shared.registry.max_rooms() as i64,
             placed: Placed::default(),
             closed_unaccounted: 0,
+            listed: HashSet::new(),
+            reservations: HashMap::new(),
             reserved: 0,
             reserved_since: Instant::now(),
             allocated: false,
             ready_due: false,
             empty_since: None,
             retiring: false,
-            counter_failing: false,
+            rooms_failing: false,
             shut_down: false,
         }
     }
@@ -213,7 +263,7 @@ impl Lifecycle {
     async fn run(&mut self, shared: &Shared, tick_every: Duration, retire_at: Option<Instant>) {
         let mut placed = shared.registry.placed_rooms();
         self.placed = *placed.borrow_and_update();
-        self.reconcile_counter().await;
+        self.reconcile(shared, true).await;
         if self.call(Call::Ready).await {
             info!(capacity = self.max_rooms, "agones: Ready");
         } else {
@@ -232,10 +282,10 @@ impl Lifecycle {
                         break;
                     }
                     let now = *placed.borrow_and_update();
-                    self.rooms_changed(now).await;
+                    self.rooms_changed(shared, now).await;
                 }
                 _ = tick.tick() => {
-                    self.reconcile_counter().await;
+                    self.reconcile(shared, false).await;
                     if self.ready_due && self.holds_nothing() && self.call(Call::Ready).await {
                         self.ready_due = false;
                         self.allocated = false;
@@ -245,7 +295,7 @@ impl Lifecycle {
                 _ = async { tokio::time::sleep_until(retire_at.expect("guarded")).await }, if retire_at.is_some() && !self.retiring => {
                     self.retiring = true;
                     info!(rooms = self.placed.now, "agones: maximum lifetime reached; no more allocations, shutting down once no room is left");
-                    self.reconcile_counter().await;
+                    self.reconcile(shared, false).await;
                 }
             }
             match self.when_empty_now() {
@@ -274,7 +324,7 @@ impl Lifecycle {
 
     /// The registry's rooms changed: rooms opened (maybe and closed again
     /// since the last look) and closed.
-    async fn rooms_changed(&mut self, now: Placed) {
+    async fn rooms_changed(&mut self, shared: &Shared, now: Placed) {
         let before = std::mem::replace(&mut self.placed, now);
         let opened = now.opened - before.opened;
         let closed = before.now as u64 + opened - now.now as u64;
@@ -282,7 +332,7 @@ impl Lifecycle {
         if opened > 0 && !self.allocated {
             self.allocate().await;
         }
-        self.reconcile_counter().await;
+        self.reconcile(shared, false).await;
     }
 
     /// The action due when the server has held nothing long enough.
@@ -326,25 +376,137 @@ impl Lifecycle {
         }
     }
 
+    /// Brings the `rooms` List or Counter in line with the rooms held. At start
+    /// (`initial`), what it holds from before is not a reservation.
+    async fn reconcile(&mut self, shared: &Shared, initial: bool) {
+        match self.model {
+            RoomsModel::List => {
+                self.reconcile_list(shared.registry.placed_ids(), initial)
+                    .await
+            }
+            RoomsModel::Counter => self.reconcile_counter(initial).await,
+        }
+    }
+
+    /// Brings the `rooms` List in line: every room held listed, a room freed
+    /// removed at once, values an allocation added for a room to come
+    /// (reservations) kept for the grace and then removed, and the capacity
+    /// `--max-rooms` (the length, once retiring). Only values it sees change
+    /// are touched, so a value an allocation adds meanwhile stays.
+    async fn reconcile_list(&mut self, held: Vec<String>, initial: bool) {
+        let mut beta = self.sdk.beta().clone();
+        let read = bounded(async {
+            let values = beta.get_list_values(ROOMS_KEY).await?;
+            let capacity = beta.get_list_capacity(ROOMS_KEY).await?;
+            Ok((values, capacity))
+        })
+        .await;
+        let (values, capacity) = match read {
+            Ok(list) => list,
+            Err(error) => return self.rooms_failed("read", error),
+        };
+        let held: HashSet<String> = held.into_iter().collect();
+        let listed: HashSet<&String> = values.iter().collect();
+        let mut remove = Vec::new();
+        self.reservations
+            .retain(|value, _| listed.contains(value) && !held.contains(value));
+        for value in values.iter().filter(|value| !held.contains(*value)) {
+            if initial || self.listed.contains(value) {
+                remove.push(value.clone());
+                continue;
+            }
+            let since = *self
+                .reservations
+                .entry(value.clone())
+                .or_insert_with(Instant::now);
+            if since.elapsed() >= self.grace {
+                warn!(room = %value, "agones: an allocation added this room's id and the room never opened here; the place is given back");
+                remove.push(value.clone());
+            }
+        }
+        let add: Vec<&String> = held.iter().filter(|room| !listed.contains(room)).collect();
+        let length = values.len() - remove.len() + add.len();
+        let want_capacity = if self.retiring {
+            length as i64
+        } else {
+            self.max_rooms
+        };
+        // Agones refuses a value past the capacity: removals first, then the
+        // capacity when it grows, the additions, the capacity when it shrinks.
+        let result = within(async {
+            for value in &remove {
+                match beta
+                    .delete_list_value(ROOMS_KEY, value)
+                    .await
+                    .map_err(describe)
+                {
+                    Err(error) if !already_so(&error) => return Err(error),
+                    _ => {}
+                }
+            }
+            if want_capacity > capacity {
+                beta.set_list_capacity(ROOMS_KEY, want_capacity)
+                    .await
+                    .map_err(describe)?;
+            }
+            for value in &add {
+                match beta
+                    .append_list_value(ROOMS_KEY, value)
+                    .await
+                    .map_err(describe)
+                {
+                    Err(error) if !already_so(&error) => return Err(error),
+                    _ => {}
+                }
+            }
+            if want_capacity < capacity {
+                beta.set_list_capacity(ROOMS_KEY, want_capacity)
+                    .await
+                    .map_err(describe)?;
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(error) = result {
+            return self.rooms_failed("update", error);
+        }
+        for value in &remove {
+            self.reservations.remove(value);
+        }
+        self.listed = held;
+        let reserved = self.reservations.len() as i64;
+        if reserved > self.reserved {
+            // Agones allocated this server for a room to come.
+            self.allocated = true;
+        }
+        self.reserved = reserved;
+        self.rooms_in_line(length as i64, want_capacity);
+    }
+
     /// Brings the `rooms` Counter in line: every room counted, closed rooms'
     /// places given back, reservations kept until they open or expire, and the
     /// capacity `--max-rooms` (the count, once retiring). Changes the count only
     /// by differences, so an allocation's increment made meanwhile stays.
-    async fn reconcile_counter(&mut self) {
+    async fn reconcile_counter(&mut self, initial: bool) {
         let mut beta = self.sdk.beta().clone();
         let read = bounded(async {
-            let count = beta.get_counter_count(ROOMS_COUNTER).await?;
-            let capacity = beta.get_counter_capacity(ROOMS_COUNTER).await?;
+            let count = beta.get_counter_count(ROOMS_KEY).await?;
+            let capacity = beta.get_counter_capacity(ROOMS_KEY).await?;
             Ok((count, capacity))
         })
         .await;
         let (count, capacity) = match read {
             Ok(counter) => counter,
-            Err(error) => return self.counter_failed("read", error),
+            Err(error) => return self.rooms_failed("read", error),
         };
         let rooms = self.placed.now as i64;
-        // Every open room counted; closed rooms' places back.
-        let mut want = (count - self.closed_unaccounted).max(rooms);
+        // Every open room counted; closed rooms' places back; at start, a count
+        // from before is no reservation.
+        let mut want = if initial {
+            rooms
+        } else {
+            (count - self.closed_unaccounted).max(rooms)
+        };
         let reserved = want - rooms;
         if reserved != self.reserved {
             if reserved > 0 {
@@ -371,15 +533,14 @@ impl Lifecycle {
                 if step == 0 {
                     match want - count {
                         0 => Ok(()),
-                        up if up > 0 => beta.increment_counter(ROOMS_COUNTER, up).await,
-                        down => beta.decrement_counter(ROOMS_COUNTER, -down).await,
+                        up if up > 0 => beta.increment_counter(ROOMS_KEY, up).await,
+                        down => beta.decrement_counter(ROOMS_KEY, -down).await,
                     }
                 } else {
                     if want_capacity == capacity {
                         return Ok(());
                     }
-                    beta.set_counter_capacity(ROOMS_COUNTER, want_capacity)
-                        .await
+                    beta.set_counter_capacity(ROOMS_KEY, want_capacity).await
                 }
             };
             match bounded(update).await {
@@ -388,22 +549,39 @@ impl Lifecycle {
                         self.closed_unaccounted = 0;
                     }
                 }
-                Err(error) => return self.counter_failed("update", error),
+                Err(error) => return self.rooms_failed("update", error),
             }
         }
-        if std::mem::replace(&mut self.counter_failing, false) {
+        self.rooms_in_line(want, want_capacity);
+    }
+
+    /// Said once after a streak of failures.
+    fn rooms_in_line(&mut self, count: i64, capacity: i64) {
+        if std::mem::replace(&mut self.rooms_failing, false) {
             info!(
-                count = want,
-                capacity = want_capacity,
-                "agones: the `{ROOMS_COUNTER}` counter is in line again"
+                count,
+                capacity,
+                "agones: the `{ROOMS_KEY}` {} is in line again",
+                self.model_name()
             );
         }
     }
 
     /// Said once per streak of failures, not on every retry.
-    fn counter_failed(&mut self, what: &str, error: String) {
-        if !std::mem::replace(&mut self.counter_failing, true) {
-            error!(%error, "agones: cannot {what} the `{ROOMS_COUNTER}` counter (is it declared in the Fleet's spec.template.spec.counters?); trying again every health interval");
+    fn rooms_failed(&mut self, what: &str, error: String) {
+        if !std::mem::replace(&mut self.rooms_failing, true) {
+            let (model, field) = match self.model {
+                RoomsModel::List => ("List", "lists"),
+                RoomsModel::Counter => ("Counter", "counters"),
+            };
+            error!(%error, "agones: cannot {what} the `{ROOMS_KEY}` {model} (is it declared in the Fleet's spec.template.spec.{field}? `--agones-rooms` says which one the server uses); trying again every health interval");
+        }
+    }
+
+    fn model_name(&self) -> &'static str {
+        match self.model {
+            RoomsModel::List => "List",
+            RoomsModel::Counter => "Counter",
         }
     }
 

@@ -174,6 +174,15 @@ impl Registry {
         lock(&self.table).placed.subscribe()
     }
 
+    /// The ids of the rooms placed now (the Agones `rooms` List).
+    pub fn placed_ids(&self) -> Vec<String> {
+        lock(&self.table)
+            .rooms
+            .keys()
+            .map(|room| room.0.clone())
+            .collect()
+    }
+
     /// The most rooms this server holds at once (`--max-rooms`).
     pub fn max_rooms(&self) -> usize {
         self.max_rooms

@@ -257,8 +257,11 @@ mod with_agones {
             &self,
             request: Request<sdk::beta::GetCounterRequest>,
         ) -> Answer<sdk::beta::Counter> {
-            if request.get_ref().name != "rooms" {
-                return Err(Status::not_found("no such counter"));
+            let name = &request.get_ref().name;
+            if name != "rooms" {
+                return Err(Status::unknown(format!(
+                    "not found. {name} Counter not found"
+                )));
             }
             let (count, capacity) = self.counter();
             Ok(Response::new(sdk::beta::Counter {
@@ -267,8 +270,9 @@ mod with_agones {
                 capacity,
             }))
         }
-        /// As the Agones SDK server: NOT_FOUND for an undeclared counter,
-        /// OUT_OF_RANGE for a count outside [0, capacity].
+        /// As the Agones SDK server (local mode and the cluster's sidecar alike):
+        /// UNKNOWN with words for an undeclared counter and for a count outside
+        /// [0, capacity].
         async fn update_counter(
             &self,
             request: Request<sdk::beta::UpdateCounterRequest>,
@@ -279,14 +283,19 @@ mod with_agones {
                 .ok_or_else(|| Status::invalid_argument("no update"))?;
             if update.name != "rooms" {
                 self.record(Call::Refused(format!("unknown counter {}", update.name)));
-                return Err(Status::not_found("no such counter"));
+                return Err(Status::unknown(format!(
+                    "not found. {} Counter not found",
+                    update.name
+                )));
             }
             let (count, capacity) = self.counter();
             let capacity = update.capacity.unwrap_or(capacity);
             let count = update.count.unwrap_or(count) + update.count_diff;
             if count < 0 || count > capacity {
                 self.record(Call::Refused(format!("count {count} capacity {capacity}")));
-                return Err(Status::out_of_range("count out of range"));
+                return Err(Status::unknown(format!(
+                    "out of range. Count must be within range [0,Capacity]. Found Count: {count}, Capacity: {capacity}"
+                )));
             }
             {
                 let mut r = self.recorded.lock().unwrap();
@@ -327,6 +336,8 @@ mod with_agones {
     /// pod), two workers, at most 5 rooms, health every 200 ms, and the flags
     /// given (tests of what happens when empty give `--agones-empty-grace-ms`).
     fn start_under(fake: &FakeSdk, extra: &[&str]) -> Server {
+        // The fake declares the Counter only (the List is tested against the
+        // real SDK server in `agones_local`).
         let mut args = vec![
             "--workers",
             "2",
@@ -334,6 +345,8 @@ mod with_agones {
             "5",
             "--agones-health-interval-ms",
             "200",
+            "--agones-rooms",
+            "counter",
         ];
         args.extend_from_slice(extra);
         let port = fake.env_port();

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use contract::config::{Cli, Config, Host, Secret};
+use contract::config::{Cli, Config, Host, RoomsModel, Secret};
 use yaml_rust2::{Yaml, YamlLoader};
 
 /// Every document of a manifest file.
@@ -146,20 +146,23 @@ fn the_agones_fleet_matches_the_server() {
     );
     assert!(int(&gs["health"]["failureThreshold"], "failureThreshold") >= 2);
 
-    // The `rooms` Counter: capacity = the server's room limit, starting at 0.
-    let rooms = &gs["counters"]["rooms"];
-    assert_eq!(int(&rooms["count"], "rooms.count"), 0);
+    // The `rooms` List: capacity = the server's room limit, starting empty,
+    // and the server keeps the List (not the Counter) by default.
+    let rooms = &gs["lists"]["rooms"];
+    assert_eq!(rooms["values"].as_vec().map(Vec::len), Some(0));
     assert_eq!(
         int(&rooms["capacity"], "rooms.capacity"),
         config.max_rooms as i64,
-        "the rooms counter's capacity must be the server's --max-rooms"
+        "the rooms List's capacity must be the server's --max-rooms"
     );
+    let (_, args) = server_config(&containers[0]);
+    let cli =
+        Cli::try_parse_from(std::iter::once("session-server".to_owned()).chain(args)).unwrap();
+    assert_eq!(cli.serve.agones_rooms, RoomsModel::List);
 
     check_grace(pod, &config);
     // A lifetime no longer than GameFabric advises.
-    let (_, args) = server_config(&containers[0]);
-    let lifetime = Cli::try_parse_from(std::iter::once("session-server".to_owned()).chain(args))
-        .unwrap()
+    let lifetime = cli
         .serve
         .agones_max_lifetime_secs
         .expect("a maximum lifetime");
@@ -173,7 +176,7 @@ fn the_agones_fleet_matches_the_server() {
 }
 
 #[test]
-fn the_autoscaler_and_the_allocation_use_the_fleet_s_rooms_counter() {
+fn the_autoscaler_and_the_allocation_use_the_fleet_s_rooms_list() {
     let fleet_docs = load("deploy/agones/fleet.yaml");
     let fleet = kind(&fleet_docs, "Fleet");
     let fleet_name = text(&fleet["metadata"]["name"], "fleet name");
@@ -185,21 +188,21 @@ fn the_autoscaler_and_the_allocation_use_the_fleet_s_rooms_counter() {
         fleet_name
     );
     let policy = &autoscaler["spec"]["policy"];
-    assert_eq!(text(&policy["type"], "policy.type"), "Counter");
-    assert_eq!(text(&policy["counter"]["key"], "counter.key"), "rooms");
+    assert_eq!(text(&policy["type"], "policy.type"), "List");
+    assert_eq!(text(&policy["list"]["key"], "list.key"), "rooms");
     let capacity = int(
-        &fleet["spec"]["template"]["spec"]["counters"]["rooms"]["capacity"],
+        &fleet["spec"]["template"]["spec"]["lists"]["rooms"]["capacity"],
         "capacity",
     );
-    let buffer = int(&policy["counter"]["bufferSize"], "bufferSize");
-    assert!(buffer >= 1 && buffer <= int(&policy["counter"]["maxCapacity"], "maxCapacity"));
+    let buffer = int(&policy["list"]["bufferSize"], "bufferSize");
+    assert!(buffer >= 1 && buffer <= int(&policy["list"]["maxCapacity"], "maxCapacity"));
     // Capacities are whole servers' worth of rooms.
     assert_eq!(
-        int(&policy["counter"]["minCapacity"], "minCapacity") % capacity,
+        int(&policy["list"]["minCapacity"], "minCapacity") % capacity,
         0
     );
     assert_eq!(
-        int(&policy["counter"]["maxCapacity"], "maxCapacity") % capacity,
+        int(&policy["list"]["maxCapacity"], "maxCapacity") % capacity,
         0
     );
 
@@ -207,35 +210,47 @@ fn the_autoscaler_and_the_allocation_use_the_fleet_s_rooms_counter() {
     let allocation = kind(&docs, "GameServerAllocation");
     let spec = &allocation["spec"];
     let selectors = spec["selectors"].as_vec().expect("selectors");
-    // Allocated servers with a free room first, then Ready ones.
+    // The room's own server first (its List holds the room, Allocated or
+    // Ready), then Allocated servers with a free place, then Ready ones.
     let states: Vec<&str> = selectors
         .iter()
         .map(|s| text(&s["gameServerState"], "gameServerState"))
         .collect();
-    assert_eq!(states, ["Allocated", "Ready"]);
+    assert_eq!(states, ["Allocated", "Ready", "Allocated", "Ready"]);
     for selector in selectors {
         assert_eq!(
             text(&selector["matchLabels"]["agones.dev/fleet"], "fleet label"),
             fleet_name
         );
+    }
+    let room = text(
+        &selectors[0]["lists"]["rooms"]["containsValue"],
+        "containsValue",
+    );
+    assert_eq!(
+        text(
+            &selectors[1]["lists"]["rooms"]["containsValue"],
+            "containsValue"
+        ),
+        room
+    );
+    for selector in &selectors[2..] {
         assert_eq!(
-            int(
-                &selector["counters"]["rooms"]["minAvailable"],
-                "minAvailable"
-            ),
+            int(&selector["lists"]["rooms"]["minAvailable"], "minAvailable"),
             1
         );
     }
+    // The room's id goes into the chosen server's List.
+    let added = spec["lists"]["rooms"]["addValues"]
+        .as_vec()
+        .expect("addValues");
+    assert_eq!(added.len(), 1);
+    assert_eq!(text(&added[0], "addValues[0]"), room);
     // Fullest first (the fewest free places), so other servers empty out.
     let priorities = spec["priorities"].as_vec().expect("priorities");
-    assert_eq!(text(&priorities[0]["type"], "priority type"), "Counter");
+    assert_eq!(text(&priorities[0]["type"], "priority type"), "List");
     assert_eq!(text(&priorities[0]["key"], "priority key"), "rooms");
     assert_eq!(text(&priorities[0]["order"], "priority order"), "Ascending");
-    assert_eq!(
-        text(&spec["counters"]["rooms"]["action"], "action"),
-        "Increment"
-    );
-    assert_eq!(int(&spec["counters"]["rooms"]["amount"], "amount"), 1);
 }
 
 #[tokio::test]

@@ -1,9 +1,11 @@
 //! Operating the server: metrics that count what happened, JSON logs, the
 //! operational endpoints and the room monitor behind the admin token, health
 //! for load balancers; shutdown in `shutdown`, TLS in `tls`, the deployment
-//! manifests in `deploy`, the Agones lifecycle in `agones`.
+//! manifests in `deploy`, the Agones lifecycle in `agones` (a fake SDK server) and
+//! `agones_local` (Agones' own SDK server in local mode).
 
 mod agones;
+mod agones_local;
 mod deploy;
 mod shutdown;
 mod tls;
