@@ -231,6 +231,9 @@ pub enum WhenEmpty {
     Shutdown,
 }
 
+/// The most values an Agones List holds (its capacity's upper bound).
+pub const AGONES_LIST_MAX: usize = 1000;
+
 /// How an Agones game server tells the fleet its rooms (`--agones-rooms`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RoomsModel {
@@ -578,6 +581,11 @@ pub enum ConfigError {
     /// A health interval too short to be useful.
     #[error("--agones-health-interval-ms must be at least 10")]
     AgonesHealthTooShort,
+    /// More rooms than an Agones List holds (the room limit given).
+    #[error(
+        "--max-rooms {0} is more than an Agones List holds (1000): lower it, or count rooms with --agones-rooms counter"
+    )]
+    AgonesListTooSmall(usize),
     /// Dev mode with a real `JWT_SECRET` on an address other than loopback
     /// (the address given).
     #[error(
@@ -668,6 +676,9 @@ impl ServeArgs {
         let agones = if self.agones || self.agones_sdk_port.is_some() {
             if self.agones_health_interval_ms < 10 {
                 return Err(ConfigError::AgonesHealthTooShort);
+            }
+            if self.agones_rooms == RoomsModel::List && max_rooms > AGONES_LIST_MAX {
+                return Err(ConfigError::AgonesListTooSmall(max_rooms));
             }
             Some(AgonesSettings {
                 sdk_port: self.agones_sdk_port,
@@ -880,6 +891,35 @@ mod tests {
                 path: "/tmp/x/boards.sqlite3".into()
             }
         );
+    }
+
+    #[test]
+    fn an_agones_list_holds_at_most_1000_rooms_and_the_counter_any_number() {
+        let args = [
+            "--jwt-secret",
+            "a-long-enough-secret",
+            "--agones",
+            "--max-rooms",
+            "1001",
+        ];
+        let serve = parse(&args).serve;
+        assert_eq!(serve.agones_rooms, RoomsModel::List);
+        assert!(matches!(
+            serve.validate(&host()),
+            Err(ConfigError::AgonesListTooSmall(1001))
+        ));
+        let serve = parse(&[&args[..], &["--agones-rooms", "counter"]].concat()).serve;
+        let config = serve.validate(&host()).unwrap();
+        assert_eq!(config.agones.unwrap().rooms, RoomsModel::Counter);
+        let serve = parse(&[
+            "--jwt-secret",
+            "a-long-enough-secret",
+            "--agones",
+            "--max-rooms",
+            "1000",
+        ])
+        .serve;
+        assert!(serve.validate(&host()).is_ok());
     }
 
     #[test]

@@ -234,6 +234,10 @@ struct Lifecycle {
     retiring: bool,
     /// The last List or Counter update failed (and was logged).
     rooms_failing: bool,
+    /// The List or Counter has been brought in line once: until then, what it
+    /// holds is from before this server (a failed first read must not turn a
+    /// stale value into a reservation later).
+    settled: bool,
     shut_down: bool,
 }
 
@@ -256,6 +260,7 @@ impl Lifecycle {
             empty_since: None,
             retiring: false,
             rooms_failing: false,
+            settled: false,
             shut_down: false,
         }
     }
@@ -377,8 +382,10 @@ impl Lifecycle {
     }
 
     /// Brings the `rooms` List or Counter in line with the rooms held. At start
-    /// (`initial`), what it holds from before is not a reservation.
+    /// (`initial`), and until it has once gone through, what it holds from
+    /// before is not a reservation.
     async fn reconcile(&mut self, shared: &Shared, initial: bool) {
+        let initial = initial || !self.settled;
         match self.model {
             RoomsModel::List => {
                 self.reconcile_list(shared.registry.placed_ids(), initial)
@@ -557,6 +564,7 @@ impl Lifecycle {
 
     /// Said once after a streak of failures.
     fn rooms_in_line(&mut self, count: i64, capacity: i64) {
+        self.settled = true;
         if std::mem::replace(&mut self.rooms_failing, false) {
             info!(
                 count,
