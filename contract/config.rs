@@ -105,7 +105,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
     /// Accept secrets shorter than 16 bytes (for development only).
-    #[arg(long, env = "ALLOW_WEAK_SECRET", default_value_t = false, action = ArgAction::Set)]
+    #[arg(long, env = "ALLOW_WEAK_SECRET", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub allow_weak_secret: bool,
     /// Secret that verifies client tokens (HS256). Prefer the environment variable.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
@@ -113,7 +113,7 @@ pub struct ServeArgs {
     /// Require the token's `host` claim (and check it against the Host header).
     /// Set to false for backends that do not set the claim; a present claim is
     /// still checked.
-    #[arg(long, env = "REQUIRE_HOST_CLAIM", default_value_t = true, action = ArgAction::Set)]
+    #[arg(long, env = "REQUIRE_HOST_CLAIM", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub require_host_claim: bool,
     /// Interval between pings to an idle client; a client silent for two
     /// intervals is dropped.
@@ -890,6 +890,40 @@ mod tests {
             StoreConfig::Embedded {
                 path: "/tmp/x/boards.sqlite3".into()
             }
+        );
+    }
+
+    #[test]
+    fn every_boolean_flag_is_a_bare_switch_and_still_takes_a_value() {
+        let secret = ["--jwt-secret", "a-long-enough-secret"];
+        let with = |extra: &[&str]| parse(&[&secret[..], extra].concat()).serve;
+        let bare = with(&[
+            "--dev",
+            "--allow-weak-secret",
+            "--agones",
+            "--require-host-claim",
+        ]);
+        assert!(bare.dev && bare.allow_weak_secret && bare.agones && bare.require_host_claim);
+        let off = with(&[
+            "--dev=false",
+            "--allow-weak-secret=false",
+            "--agones=false",
+            "--require-host-claim=false",
+        ]);
+        assert!(!off.dev && !off.allow_weak_secret && !off.agones && !off.require_host_claim);
+        let spaced = with(&[
+            "--allow-weak-secret",
+            "false",
+            "--require-host-claim",
+            "false",
+        ]);
+        assert!(!spaced.allow_weak_secret && !spaced.require_host_claim);
+        let defaults = with(&[]);
+        assert!(
+            !defaults.dev
+                && !defaults.allow_weak_secret
+                && !defaults.agones
+                && defaults.require_host_claim
         );
     }
 
