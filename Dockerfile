@@ -49,6 +49,8 @@ RUN apt-get update \
  && mkdir -p /app/data \
  && chown app:app /app/data
 COPY --from=build /src/target/release/session-server /usr/local/bin/session-server
+# The same program under the name the design gives it: `supervisor --workers 4`.
+RUN ln -s session-server /usr/local/bin/supervisor
 WORKDIR /app
 USER 10001
 ENV PORT=8000 \

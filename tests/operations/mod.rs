@@ -287,3 +287,53 @@ async fn the_internal_port_answers_probes_while_clients_hold_every_place() {
     assert!(internal("/").await.starts_with("HTTP/1.1 404"));
     drop(idle);
 }
+
+/// The command the design names (`supervisor --workers N`) is the same program:
+/// it starts its workers and serves a room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_supervisor_command_the_design_names_starts_its_workers_and_serves() {
+    use std::io::BufRead;
+    let data = temp_dir("supervisor-name");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_supervisor"))
+        .args(["--workers", "2", "--port", "0", "--bind", "127.0.0.1"])
+        .arg("--data-dir")
+        .arg(data.as_os_str())
+        .env("JWT_SECRET", SECRET)
+        .env_remove("PORT")
+        .env_remove("AGONES_SDK_GRPC_PORT")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the supervisor binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(port) = line.split("Listening on *:").nth(1) {
+                let _ = tx.send(port.trim().parse::<u16>().unwrap());
+            }
+        }
+    });
+    let port = rx.recv_timeout(PATIENCE).expect("it listens");
+    let host = format!("127.0.0.1:{port}");
+    let token = sign(json!({"userId": "alice", "roomId": "designed", "host": host, "iat": now()}));
+    let mut alice = Client::connect_to(&format!("ws://{host}/?token={token}")).await;
+    let snapshot = alice.next_snapshot().await;
+    assert_eq!(users(&snapshot), ["alice"]);
+    // Every worker runs: /readyz says so.
+    let mut http = TcpStream::connect(&host).await.unwrap();
+    http.write_all(
+        format!("GET /readyz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    http.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    send_signal(child.id(), "TERM");
+    let exited = child.wait().unwrap();
+    assert_eq!(exited.code(), Some(0));
+}
