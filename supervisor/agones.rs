@@ -89,10 +89,50 @@ pub async fn connect(settings: &AgonesSettings) -> Result<Sdk, SdkUnreachable> {
     })
 }
 
-/// Runs the lifecycle until the server stops; then tells Agones `Shutdown()`.
+/// Runs the lifecycle until the server stops, and tells Agones `Shutdown()` as
+/// soon as the stop begins, whatever the lifecycle is waiting for (a slow
+/// sidecar must not keep Agones from hearing it).
 pub async fn run(sdk: Sdk, shared: Arc<Shared>, settings: AgonesSettings) {
+    let told = Arc::new(Told::default());
+    let mut lifecycle = tokio::spawn(lifecycle(
+        sdk.clone(),
+        shared.clone(),
+        settings,
+        told.clone(),
+    ));
+    shared.shutdown.wait_for(Phase::Draining).await;
+    tell_shutdown(sdk, &told).await;
+    // The lifecycle ends by itself once it sees the stop; one stuck in a call
+    // is not waited for.
+    if tokio::time::timeout(CALL_TIMEOUT, &mut lifecycle)
+        .await
+        .is_err()
+    {
+        lifecycle.abort();
+    }
+}
+
+/// Whether `Shutdown()` was sent. The state calls (`Ready`, `Allocate`,
+/// `Shutdown`) are made under its lock, so that none follows `Shutdown()`:
+/// the lifecycle's own calls and the stop's run in two tasks.
+type Told = tokio::sync::Mutex<bool>;
+
+/// `Shutdown()`, once per server whoever asks first.
+async fn tell_shutdown(mut sdk: Sdk, told: &Told) {
+    let mut told = told.lock().await;
+    if std::mem::replace(&mut *told, true) {
+        return;
+    }
+    match bounded(sdk.shutdown()).await {
+        Ok(()) => info!("agones: Shutdown"),
+        Err(error) => warn!(%error, "agones: Shutdown() failed"),
+    }
+}
+
+/// The lifecycle proper (see the module's comment).
+async fn lifecycle(sdk: Sdk, shared: Arc<Shared>, settings: AgonesSettings, told: Arc<Told>) {
     let started = Instant::now();
-    let mut lifecycle = Lifecycle::new(sdk, &shared, &settings);
+    let mut lifecycle = Lifecycle::new(sdk, &shared, &settings, told);
     // Ready only once every worker is up (they start in parallel with this).
     while !workers_answering(&shared) {
         tokio::select! {
@@ -202,7 +242,6 @@ fn already_so(error: &str) -> bool {
 enum Call {
     Ready,
     Allocate,
-    Shutdown,
 }
 
 struct Lifecycle {
@@ -238,11 +277,12 @@ struct Lifecycle {
     /// holds is from before this server (a failed first read must not turn a
     /// stale value into a reservation later).
     settled: bool,
-    shut_down: bool,
+    /// `Shutdown()` was sent (here or by `run` when the stop began).
+    told: Arc<Told>,
 }
 
 impl Lifecycle {
-    fn new(sdk: Sdk, shared: &Shared, settings: &AgonesSettings) -> Lifecycle {
+    fn new(sdk: Sdk, shared: &Shared, settings: &AgonesSettings, told: Arc<Told>) -> Lifecycle {
         Lifecycle {
             sdk,
             model: settings.rooms,
@@ -261,7 +301,7 @@ impl Lifecycle {
             retiring: false,
             rooms_failing: false,
             settled: false,
-            shut_down: false,
+            told,
         }
     }
 
@@ -274,9 +314,7 @@ impl Lifecycle {
         } else {
             self.ready_due = true;
         }
-        if self.placed.now > 0 {
-            self.allocate().await;
-        }
+        // The first tick is at once: a room already held is Allocated then.
         let mut tick = tokio::time::interval(tick_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -302,6 +340,11 @@ impl Lifecycle {
                     info!(rooms = self.placed.now, "agones: maximum lifetime reached; no more allocations, shutting down once no room is left");
                     self.reconcile(shared, false).await;
                 }
+            }
+            // Holding a room or a reservation: Allocated (again, after a failed
+            // call, or when our own Ready() raced an allocation).
+            if !self.allocated && !self.holds_nothing() {
+                self.allocate().await;
             }
             match self.when_empty_now() {
                 Some(WhenEmpty::Ready) => {
@@ -334,8 +377,9 @@ impl Lifecycle {
         let opened = now.opened - before.opened;
         let closed = before.now as u64 + opened - now.now as u64;
         self.closed_unaccounted += closed as i64;
-        if opened > 0 && !self.allocated {
-            self.allocate().await;
+        if opened > 0 {
+            // A room opened (maybe closed again since): not empty since before.
+            self.empty_since = None;
         }
         self.reconcile(shared, false).await;
     }
@@ -358,15 +402,20 @@ impl Lifecycle {
 
     /// One lifecycle call, bounded; a failure is logged. True if it succeeded.
     async fn call(&mut self, call: Call) -> bool {
+        let told = self.told.clone();
+        let told = told.lock().await;
+        if *told {
+            return false; // the server is stopping: nothing after Shutdown()
+        }
         let sdk = &mut self.sdk;
         let answer = bounded(async {
             match call {
                 Call::Ready => sdk.ready().await,
                 Call::Allocate => sdk.allocate().await,
-                Call::Shutdown => sdk.shutdown().await,
             }
         })
         .await;
+        drop(told);
         if let Err(error) = &answer {
             warn!(%error, "agones: {call:?}() failed; trying again");
         }
@@ -377,7 +426,11 @@ impl Lifecycle {
         if self.call(Call::Allocate).await {
             self.allocated = true;
             self.ready_due = false;
-            info!("agones: a room opened; Allocated");
+            info!(
+                rooms = self.placed.now,
+                reserved = self.reserved,
+                "agones: holding a room; Allocated"
+            );
         }
     }
 
@@ -433,6 +486,9 @@ impl Lifecycle {
         }
         let add: Vec<&String> = held.iter().filter(|room| !listed.contains(room)).collect();
         let length = values.len() - remove.len() + add.len();
+        // Rooms of ours from now on, even if the update stops halfway (an id
+        // appended before a failure is freed at once when its room closes).
+        self.listed.extend(held.iter().cloned());
         let want_capacity = if self.retiring {
             length as i64
         } else {
@@ -481,12 +537,7 @@ impl Lifecycle {
             self.reservations.remove(value);
         }
         self.listed = held;
-        let reserved = self.reservations.len() as i64;
-        if reserved > self.reserved {
-            // Agones allocated this server for a room to come.
-            self.allocated = true;
-        }
-        self.reserved = reserved;
+        self.reserved = self.reservations.len() as i64;
         self.rooms_in_line(length as i64, want_capacity);
     }
 
@@ -516,10 +567,6 @@ impl Lifecycle {
         };
         let reserved = want - rooms;
         if reserved != self.reserved {
-            if reserved > 0 {
-                // Agones allocated this server for a room to come.
-                self.allocated = true;
-            }
             self.reserved = reserved;
             self.reserved_since = Instant::now();
         } else if reserved > 0 && self.reserved_since.elapsed() >= self.grace {
@@ -582,7 +629,17 @@ impl Lifecycle {
                 RoomsModel::List => ("List", "lists"),
                 RoomsModel::Counter => ("Counter", "counters"),
             };
-            error!(%error, "agones: cannot {what} the `{ROOMS_KEY}` {model} (is it declared in the Fleet's spec.template.spec.{field}? `--agones-rooms` says which one the server uses); trying again every health interval");
+            // The hint that fits what the SDK server said.
+            let hint = if error.contains("not found") {
+                format!(
+                    "is it declared in the Fleet's spec.template.spec.{field}? `--agones-rooms` says which one the server uses"
+                )
+            } else if error.contains("capacity") || error.contains("out of range") {
+                "more rooms and reservations than its capacity (--max-rooms)".to_owned()
+            } else {
+                "the SDK server did not answer as expected".to_owned()
+            };
+            error!(%error, "agones: cannot {what} the `{ROOMS_KEY}` {model} ({hint}); trying again every health interval");
         }
     }
 
@@ -595,9 +652,7 @@ impl Lifecycle {
 
     /// Tells Agones `Shutdown()` (once), then starts the server's own drain.
     async fn shutdown(&mut self, shared: &Shared) {
-        if !std::mem::replace(&mut self.shut_down, true) && self.call(Call::Shutdown).await {
-            info!("agones: Shutdown");
-        }
+        tell_shutdown(self.sdk.clone(), &self.told).await;
         shared.shutdown.stop();
     }
 }

@@ -346,9 +346,15 @@ pub async fn run(
     let _ = acceptor.await;
     shared.pool.stopped().await;
     #[cfg(feature = "agones")]
-    if let Some(task) = agones_task {
-        // It told Agones `Shutdown()` when the stop began; wait for nothing more.
-        task.abort();
+    if let Some(mut task) = agones_task {
+        // It told Agones `Shutdown()` when the stop began; a sidecar slow to
+        // answer gets a little longer, not the whole grace.
+        if tokio::time::timeout(Duration::from_secs(2), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
     }
     info!("stopped");
     Ok(outcome)

@@ -395,6 +395,62 @@ mod with_sdk_server {
         .await;
     }
 
+    /// A sidecar frozen for a while (SIGSTOP): the room opened meanwhile still
+    /// makes the server Allocated once it answers (the failed `Allocate()` is
+    /// tried again), and its id reaches the List.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_room_opened_while_the_sidecar_was_frozen_is_listed_and_allocated_once_it_answers() {
+        let Some(sdk) = SdkServer::start(Some(&[]), 0).await else {
+            return;
+        };
+        let server = sdk.serve(&[]);
+        until_state(&sdk, "Ready").await;
+        send_signal(sdk.child.id(), "STOP");
+        let _erin = server.join("erin", "while-frozen").await;
+        // Longer than an SDK call's bound (5 s): the Allocate() in flight fails.
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        send_signal(sdk.child.id(), "CONT");
+        sdk.until(
+            "the state",
+            Duration::from_secs(10),
+            || sdk.state(),
+            "Allocated".to_owned(),
+        )
+        .await;
+        sdk.until(
+            "the List",
+            Duration::from_secs(5),
+            || sdk.list(),
+            (vec!["while-frozen".to_owned()], 5),
+        )
+        .await;
+    }
+
+    /// SIGTERM while the sidecar is frozen: `Shutdown()` goes out when the stop
+    /// begins, not after whatever the lifecycle was waiting for, and reaches
+    /// Agones once the sidecar answers again; the server still exits 0 in time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sigterm_while_the_sidecar_is_frozen_still_says_shutdown() {
+        let Some(sdk) = SdkServer::start(Some(&[]), 0).await else {
+            return;
+        };
+        let mut server = sdk.serve(&[]);
+        until_state(&sdk, "Ready").await;
+        send_signal(sdk.child.id(), "STOP");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        server.signal("TERM");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        send_signal(sdk.child.id(), "CONT");
+        assert_eq!(server.wait_exit(Duration::from_secs(10)), Some(0));
+        sdk.until(
+            "the state",
+            Duration::from_secs(5),
+            || sdk.state(),
+            "Shutdown".to_owned(),
+        )
+        .await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_sdk_error_is_logged_with_its_grpc_code_and_message() {
         // A fleet that declares only the Counter, and a server left at
