@@ -248,6 +248,15 @@ pub fn monitor_json<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
     respond(StatusCode::OK, "application/json", body.to_string())
 }
 
+/// `GET /admin/history`: the monitor's last 15 minutes, one sample a second.
+pub fn history_json<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
+    if let Some(refused) = admin_only(req, shared) {
+        return refused;
+    }
+    let body = super::rooms::lock(&shared.history).to_json().to_string();
+    respond(StatusCode::OK, "application/json", body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -219,11 +219,12 @@ where
 
 /// Every path this server answers. Each takes GET and HEAD (load balancers
 /// probe with HEAD); any other method gets 405 with `Allow`.
-const PATHS: [&str; 8] = [
+const PATHS: [&str; 9] = [
     "/",
     "/dev/token",
     "/admin",
     "/admin/rooms",
+    "/admin/history",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -247,6 +248,7 @@ fn route(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) -> R
         "/dev/token" => super::dev::token(&req, &shared),
         "/admin" => super::dev::monitor_page(&shared),
         "/admin/rooms" => super::dev::monitor_json(&req, &shared),
+        "/admin/history" => super::dev::history_json(&req, &shared),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => ready(&shared),
         // Operational endpoints: see `dev::admin_only`.

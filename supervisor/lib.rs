@@ -10,6 +10,7 @@ pub mod agones;
 pub mod auth;
 pub mod budgets;
 pub mod dev;
+pub mod history;
 pub mod host;
 pub mod http;
 pub mod inflate;
@@ -65,6 +66,8 @@ pub struct Shared {
     /// The main port's `--max-connections` places: the pre-auth share and the
     /// sessions' places.
     pub budgets: Arc<budgets::ConnectionBudgets>,
+    /// The monitor's last 15 minutes (`/admin`, `/admin/history`).
+    pub history: std::sync::Mutex<history::History>,
 }
 
 impl Shared {
@@ -275,6 +278,7 @@ pub async fn run(
         sessions: TaskTracker::new(),
         shutdown: shutdown.clone(),
         budgets,
+        history: Default::default(),
     });
 
     let port = listener.local_addr()?.port();
@@ -291,6 +295,7 @@ pub async fn run(
         tokio::spawn(accept(listener, shared.clone(), Port::Internal));
     }
     tokio::spawn(memory::return_freed_memory(shared.registry.placed_rooms()));
+    tokio::spawn(history::sample(shared.clone()));
     if let Some(limit) = shared.config.limits.memory_limit {
         info!(
             limit_mib = limit >> 20,

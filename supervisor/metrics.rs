@@ -221,6 +221,9 @@ pub struct Metrics {
     /// `fanout_latency_seconds`: from a snapshot reaching the supervisor to
     /// its write to a client (buckets 50 µs to ~0.8 s).
     pub fanout_latency: Histogram,
+    /// The same deliveries by bucket, for the monitor's p50 and p99 per second
+    /// (not at `/metrics`).
+    pub fanout_counts: crate::history::LatencyCounts,
     /// `ipc_queue_depth{worker}`: frames queued for each worker, not yet
     /// written to its socket (set at scrape time).
     pub ipc_queue_depth: Family<Worker, Gauge>,
@@ -291,6 +294,7 @@ impl Metrics {
             save_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             // 50 µs .. ~0.8 s
             fanout_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 15)),
+            fanout_counts: Default::default(),
             ipc_queue_depth: Family::default(),
             pre_auth_connections: Gauge::default(),
             pre_auth_closed: Family::default(),

@@ -732,9 +732,9 @@ impl Outbox {
                         metrics.snapshot_bytes.inc_by(snapshot.message.len() as u64);
                     }
                 }
-                metrics
-                    .fanout_latency
-                    .observe(snapshot.at.elapsed().as_secs_f64());
+                let latency = snapshot.at.elapsed().as_secs_f64();
+                metrics.fanout_latency.observe(latency);
+                metrics.fanout_counts.observe(latency);
                 Ok(())
             }
             Ok(Err(e)) => {

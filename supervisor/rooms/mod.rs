@@ -372,6 +372,16 @@ impl Registry {
         rooms
     }
 
+    /// Client events journaled and not yet checkpointed, over every room
+    /// (what worker crashes would replay now): the monitor's journal series.
+    pub fn journal_total(&self) -> u64 {
+        let rooms: Vec<Arc<RoomEntry>> = lock(&self.table).rooms.values().cloned().collect();
+        rooms
+            .iter()
+            .map(|entry| lock(&entry.state).recovery.journal.len() as u64)
+            .sum()
+    }
+
     /// Rooms per worker, sorted, for the status endpoint.
     pub fn rooms_by_worker(&self) -> Vec<Vec<RoomId>> {
         let table = lock(&self.table);

@@ -212,6 +212,61 @@ async fn the_monitor_needs_the_admin_token_outside_dev_mode() {
     assert_eq!(code, 401);
 }
 
+/// `/admin/history`: the same access as the monitor; one sample a second whose
+/// connections series ends at the live count and whose message rate saw the
+/// traffic (issue 27).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_s_history_samples_every_second_behind_the_admin_token() {
+    let server = Server::start_raw(
+        &["--workers", "1"],
+        &[
+            ("JWT_SECRET", SECRET),
+            ("ADMIN_TOKEN", "history-token-1234"),
+        ],
+    );
+    assert_eq!(server.get_with("/admin/history", &[]).await.0, 401);
+    let mut alice = server.join("alice", "r1").await;
+    let _bob = server.join("bob", "r1").await;
+    for i in 0..50 {
+        alice
+            .send(json!({"type": "cursor_move", "x": i, "y": i}))
+            .await;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let history = || async {
+        let (code, body) = server
+            .get_with(
+                "/admin/history",
+                &[("Authorization", "Bearer history-token-1234")],
+            )
+            .await;
+        assert_eq!(code, 200);
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let json = history().await;
+        let samples = json["samples"].as_array().unwrap();
+        let seen_traffic = samples
+            .iter()
+            .any(|s| s["messagesInPerSec"].as_f64().unwrap() > 0.0);
+        let last = samples.last().unwrap();
+        if seen_traffic && last["connections"] == 2 && last["rooms"] == 1 {
+            assert_eq!(json["everyMs"], 1000);
+            // About one a second.
+            let at = |i: usize| samples[i]["atMs"].as_u64().unwrap();
+            if samples.len() >= 3 {
+                let step = at(samples.len() - 1) - at(samples.len() - 2);
+                assert!((500..=2500).contains(&step), "{step} ms between samples");
+            }
+            assert!(samples.iter().any(|s| s["fanoutP99Ms"].as_f64().is_some()));
+            break;
+        }
+        assert!(Instant::now() < deadline, "{json}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The internal port (`--internal-port`) has connections of its own: with
 /// every pre-auth place of the main port held by stalled sockets (an
 /// attacker's, each a byte into its request), `/healthz`, `/readyz` and
