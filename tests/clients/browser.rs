@@ -17,12 +17,18 @@ const ARTIFACTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/browser-art
 /// Runs `tests/browser/<script>` (playwright-core driving chromium) against the
 /// dev server `server`; returns what it printed, after checking it passed.
 fn run_script(script: &str, server: &Server, pass: &str) -> String {
+    run_node(script, &format!("http://127.0.0.1:{}", server.port), pass)
+}
+
+/// Runs `node tests/browser/<script> <first> <artifacts>`; returns what it
+/// printed, after checking it exited 0 and printed `pass`.
+fn run_node(script: &str, first: &str, pass: &str) -> String {
     let output = Command::new("node")
         .arg(format!(
             "{}/tests/browser/{script}",
             env!("CARGO_MANIFEST_DIR")
         ))
-        .arg(format!("http://127.0.0.1:{}", server.port))
+        .arg(first)
         .arg(ARTIFACTS)
         .output()
         .expect("node runs");
@@ -77,25 +83,7 @@ fn the_board_speaks_v2_to_a_v2_server() {
 #[test]
 #[ignore = "needs chromium and tests/browser/node_modules (installed by .ci/run)"]
 fn pages_come_back_by_themselves_after_a_server_restart() {
-    let binary = std::env::var("TEST_SERVER_BIN")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_session-server").to_string());
-    let output = Command::new("node")
-        .arg(format!(
-            "{}/tests/browser/restart.mjs",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .arg(binary)
-        .arg(ARTIFACTS)
-        .output()
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "restart.mjs failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    assert!(stdout.contains("[restart] pass"), "{stdout}");
-    eprintln!("{stdout}");
+    run_node("restart.mjs", &server_binary(), "[restart] pass");
 }
 
 /// permessage-deflate with Node's `ws` (`tests/browser/ws-deflate.mjs`): a

@@ -206,6 +206,17 @@ mod with_sdk_server {
             (number(&counter["count"]), number(&counter["capacity"]))
         }
 
+        /// Polls `/gameserver` until the GameServer is in `state`.
+        async fn until_state(&self, state: &str) {
+            self.until(
+                "the state",
+                Duration::from_secs(15),
+                || self.state(),
+                state.to_owned(),
+            )
+            .await;
+        }
+
         /// Polls `read` until it returns `want`, for up to `within`.
         async fn until<T: PartialEq + std::fmt::Debug, F: std::future::Future<Output = T>>(
             &self,
@@ -244,19 +255,6 @@ mod with_sdk_server {
             .unwrap_or(-1)
     }
 
-    /// Polls `/gameserver` until `state`, then reads the List (what was set
-    /// before the state changed, and nothing since: no room is open yet).
-    async fn until_state(sdk: &SdkServer, state: &str) -> (Vec<String>, i64) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if sdk.state().await == state {
-                return sdk.list().await;
-            }
-            assert!(Instant::now() < deadline, "not {state} after 15 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     // Multi-threaded: the harness blocks this thread waiting for the server.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_rooms_list_follows_the_rooms_and_a_stale_one_is_set_right_before_ready() {
@@ -264,8 +262,10 @@ mod with_sdk_server {
             return;
         };
         let mut server = sdk.serve(&[]);
-        // Ready, and by then the List says what the server holds: nothing.
-        let at_ready = until_state(&sdk, "Ready").await;
+        // Ready, and by then the List says what the server holds: nothing
+        // (read after the state changed: no room is open yet).
+        sdk.until_state("Ready").await;
+        let at_ready = sdk.list().await;
         assert_eq!(at_ready, (vec![], 5), "the List when the server went Ready");
 
         let alice = server.join("alice", "room-1").await;
@@ -292,13 +292,7 @@ mod with_sdk_server {
         // SIGTERM: Agones is told Shutdown.
         server.signal("TERM");
         assert_eq!(server.wait_exit(Duration::from_secs(15)), Some(0));
-        sdk.until(
-            "the state",
-            Duration::from_secs(5),
-            || sdk.state(),
-            "Shutdown".to_owned(),
-        )
-        .await;
+        sdk.until_state("Shutdown").await;
         drop(bob);
     }
 
@@ -309,7 +303,7 @@ mod with_sdk_server {
             return;
         };
         let server = sdk.serve(&[]);
-        until_state(&sdk, "Ready").await;
+        sdk.until_state("Ready").await;
 
         // An allocation for room-a, whose user arrives: the id stays, now a room.
         sdk.http(
@@ -359,14 +353,8 @@ mod with_sdk_server {
             "--agones-when-empty",
             "shutdown",
         ]);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let at_ready = loop {
-            if sdk.state().await == "Ready" {
-                break sdk.counter().await;
-            }
-            assert!(Instant::now() < deadline, "not Ready after 15 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        sdk.until_state("Ready").await;
+        let at_ready = sdk.counter().await;
         assert_eq!(
             at_ready,
             (0, 5),
@@ -404,19 +392,13 @@ mod with_sdk_server {
             return;
         };
         let server = sdk.serve(&[]);
-        until_state(&sdk, "Ready").await;
+        sdk.until_state("Ready").await;
         send_signal(sdk.child.id(), "STOP");
         let _erin = server.join("erin", "while-frozen").await;
         // Longer than an SDK call's bound (5 s): the Allocate() in flight fails.
         tokio::time::sleep(Duration::from_secs(7)).await;
         send_signal(sdk.child.id(), "CONT");
-        sdk.until(
-            "the state",
-            Duration::from_secs(10),
-            || sdk.state(),
-            "Allocated".to_owned(),
-        )
-        .await;
+        sdk.until_state("Allocated").await;
         sdk.until(
             "the List",
             Duration::from_secs(5),
@@ -435,20 +417,14 @@ mod with_sdk_server {
             return;
         };
         let mut server = sdk.serve(&[]);
-        until_state(&sdk, "Ready").await;
+        sdk.until_state("Ready").await;
         send_signal(sdk.child.id(), "STOP");
         tokio::time::sleep(Duration::from_millis(500)).await;
         server.signal("TERM");
         tokio::time::sleep(Duration::from_millis(1000)).await;
         send_signal(sdk.child.id(), "CONT");
         assert_eq!(server.wait_exit(Duration::from_secs(10)), Some(0));
-        sdk.until(
-            "the state",
-            Duration::from_secs(5),
-            || sdk.state(),
-            "Shutdown".to_owned(),
-        )
-        .await;
+        sdk.until_state("Shutdown").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,6 +39,13 @@ pub struct Server {
 /// The admin token the harness sets when a test does not set its own.
 pub const HARNESS_ADMIN_TOKEN: &str = "harness-admin-token-0123456789";
 
+/// The server binary the tests run: this build's, or `TEST_SERVER_BIN`
+/// (another build, e.g. a release one to measure what production would do).
+pub fn server_binary() -> String {
+    std::env::var("TEST_SERVER_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_session-server").to_string())
+}
+
 /// A fresh folder under the system temp dir, never shared by two tests, removed
 /// when dropped (see [`TempDir`]).
 pub fn temp_dir(what: &str) -> TempDir {
@@ -149,10 +156,7 @@ impl Server {
         env: &[(&str, &str)],
         own_group: bool,
     ) -> Server {
-        // `TEST_SERVER_BIN` runs the tests against another build of the server
-        // (a release one, to measure what production would do).
-        let binary = std::env::var("TEST_SERVER_BIN")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_session-server").to_string());
+        let binary = server_binary();
         let binary = binary.as_str();
         let mut cmd = match launcher {
             Launcher::Direct => Command::new(binary),
