@@ -4,7 +4,7 @@
 //! the last 15 minutes, in rings of fixed size: no storage, nothing to
 //! install, and memory that stays flat however long the server runs.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -20,6 +20,8 @@ use contract::protocol::MessageKind;
 pub const SAMPLES_KEPT: usize = 900;
 /// Worker restarts kept (as events on the time axis).
 pub const EVENTS_KEPT: usize = 200;
+/// Each room's rates kept, for its sparkline: the last minute.
+pub const ROOM_SAMPLES_KEPT: usize = 60;
 /// Between two samples.
 pub const EVERY: Duration = Duration::from_secs(1);
 
@@ -74,7 +76,7 @@ pub struct Totals {
     pub messages_in: u64,
     /// Snapshots and v2 ops messages sent.
     pub messages_out: u64,
-    /// Their bytes, as sent.
+    /// Bytes written to clients, as sent (compressed or not).
     pub bytes_out: u64,
     /// Saves that succeeded.
     pub saves_ok: u64,
@@ -138,18 +140,32 @@ pub struct Event {
     pub count: u64,
 }
 
+/// One room's traffic at one instant: (room, messages in, bytes out) since
+/// it was placed.
+pub type RoomTraffic = (String, u64, u64);
+
+/// A room's last minute, and its totals at the last sample.
+#[derive(Default)]
+struct RoomSeries {
+    totals: (u64, u64),
+    messages_in_per_sec: VecDeque<f64>,
+    bytes_out_per_sec: VecDeque<f64>,
+}
+
 /// The rings.
 #[derive(Default)]
 pub struct History {
     samples: VecDeque<Sample>,
     events: VecDeque<Event>,
     last: Option<(u64, Totals)>,
+    /// The rooms placed at the last sample (a room freed leaves with it).
+    rooms: HashMap<String, RoomSeries>,
 }
 
 impl History {
-    /// A sample at `at_ms` from the totals and levels read then: rates over
-    /// the interval since the last one.
-    pub fn record(&mut self, at_ms: u64, totals: Totals, levels: Levels) {
+    /// A sample at `at_ms` from the totals, levels and rooms' traffic read
+    /// then: rates over the interval since the last one.
+    pub fn record(&mut self, at_ms: u64, totals: Totals, levels: Levels, rooms: Vec<RoomTraffic>) {
         let (before_ms, before) = self.last.unwrap_or((at_ms, totals));
         let seconds = (at_ms.saturating_sub(before_ms) as f64 / 1000.0).max(0.001);
         let rate = |now: u64, then: u64| now.saturating_sub(then) as f64 / seconds;
@@ -184,21 +200,52 @@ impl History {
         };
         push_bounded(&mut self.samples, sample, SAMPLES_KEPT);
         self.last = Some((at_ms, totals));
+        let mut before = std::mem::take(&mut self.rooms);
+        for (room, messages_in, bytes_out) in rooms {
+            // A room new since the last sample counts from 0.
+            let mut series = before.remove(&room).unwrap_or_default();
+            let (messages_before, bytes_before) = series.totals;
+            push_bounded(
+                &mut series.messages_in_per_sec,
+                rate(messages_in, messages_before),
+                ROOM_SAMPLES_KEPT,
+            );
+            push_bounded(
+                &mut series.bytes_out_per_sec,
+                rate(bytes_out, bytes_before),
+                ROOM_SAMPLES_KEPT,
+            );
+            series.totals = (messages_in, bytes_out);
+            self.rooms.insert(room, series);
+        }
     }
 
     /// What `/admin/history` serves.
     pub fn to_json(&self) -> serde_json::Value {
+        let mut rooms: Vec<_> = self
+            .rooms
+            .iter()
+            .map(|(room, series)| {
+                serde_json::json!({
+                    "room": room,
+                    "messagesInPerSec": series.messages_in_per_sec,
+                    "bytesOutPerSec": series.bytes_out_per_sec,
+                })
+            })
+            .collect();
+        rooms.sort_by(|a, b| a["room"].as_str().cmp(&b["room"].as_str()));
         serde_json::json!({
             "everyMs": EVERY.as_millis() as u64,
             "kept": SAMPLES_KEPT,
             "samples": self.samples,
             "events": self.events,
+            "rooms": rooms,
         })
     }
 
-    /// Samples and events held now (for the bounds' test).
-    pub fn held(&self) -> (usize, usize) {
-        (self.samples.len(), self.events.len())
+    /// Samples, events and rooms held now (for the bounds' test).
+    pub fn held(&self) -> (usize, usize, usize) {
+        (self.samples.len(), self.events.len(), self.rooms.len())
     }
 }
 
@@ -240,7 +287,7 @@ fn totals(metrics: &Metrics, workers: usize) -> Totals {
     Totals {
         messages_in,
         messages_out: metrics.snapshots_sent.get() + metrics.ops_sent.get(),
-        bytes_out: metrics.snapshot_bytes.get() + metrics.ops_bytes.get(),
+        bytes_out: metrics.bytes_sent.load(Ordering::Relaxed),
         saves_ok: saves("ok"),
         saves_failed: saves("failed"),
         worker_restarts,
@@ -263,7 +310,8 @@ pub async fn sample(shared: Arc<Shared>) {
             rooms: shared.registry.placed_rooms().borrow().now as i64,
             journal: shared.registry.journal_total(),
         };
-        super::rooms::lock(&shared.history).record(at_ms, totals, levels);
+        let rooms = shared.registry.traffic();
+        super::rooms::lock(&shared.history).record(at_ms, totals, levels, rooms);
     }
 }
 
@@ -295,7 +343,11 @@ mod tests {
             journal: 3,
         };
         for second in 0..=40 {
-            history.record(1_000 * second, totals_at(second), levels);
+            let rooms = vec![
+                ("hot".to_owned(), 9 * second, 4_000 * second),
+                ("calm".to_owned(), second, 1_000 * second),
+            ];
+            history.record(1_000 * second, totals_at(second), levels, rooms);
         }
         let json = history.to_json();
         let last = &json["samples"][40];
@@ -313,6 +365,19 @@ mod tests {
             json["events"],
             serde_json::json!([{"atMs": 30_000, "kind": "worker_restart", "count": 1}])
         );
+        // Per room, the last minute's rates (sorted by room).
+        assert_eq!(json["rooms"][1]["room"], "hot");
+        assert_eq!(json["rooms"][1]["messagesInPerSec"][40], 9.0);
+        assert_eq!(json["rooms"][1]["bytesOutPerSec"][40], 4000.0);
+        assert_eq!(json["rooms"][0]["messagesInPerSec"][40], 1.0);
+        // A room freed leaves the history with its last sample.
+        history.record(
+            41_000,
+            totals_at(41),
+            levels,
+            vec![("hot".to_owned(), 369, 164_000)],
+        );
+        assert_eq!(history.held().2, 1);
     }
 
     #[test]
@@ -347,12 +412,26 @@ mod tests {
                 worker_restarts: restarts,
                 ..totals_at(second)
             };
-            history.record(1_000 * second, totals, Levels::default());
+            // 20 rooms at a time, a new one every minute (freed ones leave).
+            let rooms = (0..20)
+                .map(|r| (format!("room-{}", second / 60 + r), second, 100 * second))
+                .collect();
+            history.record(1_000 * second, totals, Levels::default(), rooms);
             assert!(history.held().0 <= SAMPLES_KEPT);
         }
         assert_eq!(started.elapsed(), Duration::from_secs(3_600));
-        assert_eq!(history.held(), (SAMPLES_KEPT, EVENTS_KEPT));
+        assert_eq!(history.held(), (SAMPLES_KEPT, EVENTS_KEPT, 20));
         let json = history.to_json();
+        assert_eq!(
+            json["rooms"][0]["messagesInPerSec"]
+                .as_array()
+                .unwrap()
+                .len(),
+            ROOM_SAMPLES_KEPT
+        );
+        for room in json["rooms"].as_array().unwrap() {
+            assert!(room["messagesInPerSec"].as_array().unwrap().len() <= ROOM_SAMPLES_KEPT);
+        }
         // The oldest kept is 15 minutes before the newest.
         assert_eq!(json["samples"][0]["atMs"], 2_700_000);
         assert_eq!(json["samples"][SAMPLES_KEPT - 1]["atMs"], 3_599_000);

@@ -224,6 +224,9 @@ pub struct Metrics {
     /// The same deliveries by bucket, for the monitor's p50 and p99 per second
     /// (not at `/metrics`).
     pub fanout_counts: crate::history::LatencyCounts,
+    /// Bytes written to clients as sent, compressed or not (the monitor's
+    /// bytes out; not at `/metrics`, where the kinds are counted apart).
+    pub bytes_sent: std::sync::atomic::AtomicU64,
     /// `ipc_queue_depth{worker}`: frames queued for each worker, not yet
     /// written to its socket (set at scrape time).
     pub ipc_queue_depth: Family<Worker, Gauge>,
@@ -295,6 +298,7 @@ impl Metrics {
             // 50 µs .. ~0.8 s
             fanout_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 15)),
             fanout_counts: Default::default(),
+            bytes_sent: Default::default(),
             ipc_queue_depth: Family::default(),
             pre_auth_connections: Gauge::default(),
             pre_auth_closed: Family::default(),

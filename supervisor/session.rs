@@ -709,6 +709,10 @@ impl Outbox {
                     }
                     (None, None) => (snapshot.message.len(), true),
                 };
+                room.sent(wire_bytes);
+                metrics
+                    .bytes_sent
+                    .fetch_add(wire_bytes as u64, std::sync::atomic::Ordering::Relaxed);
                 let versions = last_version.map_or(1, |last| snapshot.version.saturating_sub(last));
                 self.budget
                     .charge(wire_bytes as u64, versions, per_version, Instant::now());

@@ -40,6 +40,14 @@ impl RoomHandle {
         &self.0.id
     }
 
+    /// `bytes` were written to one of its members (the monitor's rates).
+    pub fn sent(&self, bytes: usize) {
+        self.0
+            .traffic
+            .bytes_out
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
     /// The worker the room is placed on.
     pub fn worker(&self) -> WorkerId {
         self.0.worker
@@ -176,6 +184,7 @@ impl RoomHandle {
             // Replaced by a newer connection of its user; its session is closing.
             return Ok(());
         }
+        entry.traffic.messages_in.fetch_add(1, Ordering::Relaxed);
         let frame = state
             .recovery
             .stamp(&entry.id, RoomEvent::Message { conn, text });

@@ -365,11 +365,28 @@ impl Registry {
                     "restoring": state.recovery.restoring,
                     "journal": state.recovery.journal.len(),
                     "journalBytes": state.recovery.journal.bytes(),
+                    "messagesIn": entry.traffic.messages_in.load(Ordering::Relaxed),
+                    "bytesOut": entry.traffic.bytes_out.load(Ordering::Relaxed),
                 })
             })
             .collect();
         rooms.sort_by(|a, b| a["room"].as_str().cmp(&b["room"].as_str()));
         rooms
+    }
+
+    /// Each room's traffic since it was placed: (room, messages in, bytes out).
+    pub fn traffic(&self) -> Vec<(String, u64, u64)> {
+        lock(&self.table)
+            .rooms
+            .values()
+            .map(|entry| {
+                (
+                    entry.id.0.clone(),
+                    entry.traffic.messages_in.load(Ordering::Relaxed),
+                    entry.traffic.bytes_out.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
     }
 
     /// Client events journaled and not yet checkpointed, over every room

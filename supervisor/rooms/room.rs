@@ -4,7 +4,7 @@
 
 use crate::worker_queue::WorkerQueue;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Mutex, Weak};
 
 use tokio::sync::watch;
@@ -101,6 +101,17 @@ pub struct RoomEntry {
     pub(super) v2_sessions: AtomicUsize,
     pub(super) batches: Mutex<Batches>,
     pub(super) state: Mutex<RoomState>,
+    /// Its traffic, for the monitor's rates (relaxed counters, no lock).
+    pub(super) traffic: Traffic,
+}
+
+/// A room's traffic since it was placed.
+#[derive(Default)]
+pub struct Traffic {
+    /// Client messages forwarded to its worker.
+    pub messages_in: AtomicU64,
+    /// Bytes written to its members, as sent (compressed or not).
+    pub bytes_out: AtomicU64,
 }
 
 impl RoomEntry {
@@ -119,6 +130,7 @@ impl RoomEntry {
             v2_sessions: AtomicUsize::new(0),
             batches: Mutex::default(),
             state: Mutex::new(RoomState::default()),
+            traffic: Traffic::default(),
         }
     }
 }

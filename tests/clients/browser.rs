@@ -86,6 +86,21 @@ fn pages_come_back_by_themselves_after_a_server_restart() {
     run_node("restart.mjs", &server_binary(), "[restart] pass");
 }
 
+/// Issue 27: the monitor (`/admin`) while two rooms are driven plots
+/// `/admin/history`'s samples (the connections line ends at the live count)
+/// and puts the hottest room first, with its sparkline
+/// (`tests/browser/monitor.mjs`; screenshot `monitor.png`).
+#[test]
+#[ignore = "needs chromium and tests/browser/node_modules (installed by .ci/run)"]
+fn the_monitor_plots_its_history_and_puts_the_hottest_room_first() {
+    let server = Server::start_raw(&["--dev", "--workers", "2"], &[]);
+    run_script("monitor.mjs", &server, "[monitor] pass");
+    let size = std::fs::metadata(format!("{ARTIFACTS}/monitor.png"))
+        .unwrap()
+        .len();
+    assert!(size > 1000, "monitor.png is {size} bytes");
+}
+
 /// permessage-deflate with Node's `ws` (`tests/browser/ws-deflate.mjs`): a
 /// client compressing everything it sends and one that does not see the same
 /// room byte for byte, and a zip bomb is closed with 1009.
