@@ -28,46 +28,48 @@ export class AgonesSchedulerError extends Error {
 }
 const SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount";
 /**
+ * The allocation's four selectors, in order, with the state names of the API
+ * they go to: the room's server (Allocated, or Ready when its own Ready() raced
+ * an allocation), then a server with a free place (Allocated first, then Ready).
+ */
+function selectors(roomId, p, [allocated, ready]) {
+    const matchLabels = { "agones.dev/fleet": p.fleet };
+    const holds = { [p.listName]: { containsValue: roomId } };
+    const hasRoom = { [p.listName]: { minAvailable: 1 } };
+    return [
+        [allocated, holds],
+        [ready, holds],
+        [allocated, hasRoom],
+        [ready, hasRoom],
+    ].map(([gameServerState, lists]) => ({ matchLabels, gameServerState, lists }));
+}
+/** Fullest first: a List priority orders by free places, `Ascending` = fewest. */
+const priorities = (p) => [{ type: "List", key: p.listName, order: "Ascending" }];
+/**
  * The allocator service's request (proto/allocation/allocation.proto `AllocationRequest`, JSON as
  * its REST gateway reads it: proto field names, enums by name). Selectors are tried in order;
  * within one, GameServers are searched in Packed order (Allocated first, most used nodes first,
  * then `priorities`: List `Ascending` = least free places = fullest first).
  */
 export function buildAllocationRequest(roomId, p) {
-    const matchLabels = { "agones.dev/fleet": p.fleet };
-    const holds = { [p.listName]: { containsValue: roomId } };
-    const hasRoom = { [p.listName]: { minAvailable: 1 } };
     return {
         namespace: p.namespace,
         scheduling: "Packed",
-        priorities: [{ type: "List", key: p.listName, order: "Ascending" }],
-        gameServerSelectors: [
-            { matchLabels, gameServerState: "ALLOCATED", lists: holds },
-            { matchLabels, gameServerState: "READY", lists: holds },
-            { matchLabels, gameServerState: "ALLOCATED", lists: hasRoom },
-            { matchLabels, gameServerState: "READY", lists: hasRoom },
-        ],
+        priorities: priorities(p),
+        gameServerSelectors: selectors(roomId, p, ["ALLOCATED", "READY"]),
         lists: { [p.listName]: { addValues: [roomId] } },
     };
 }
 /** The same allocation as a Kubernetes `GameServerAllocation` object (CRD field names). */
 export function buildGameServerAllocation(roomId, p) {
-    const matchLabels = { "agones.dev/fleet": p.fleet };
-    const holds = { [p.listName]: { containsValue: roomId } };
-    const hasRoom = { [p.listName]: { minAvailable: 1 } };
     return {
         apiVersion: "allocation.agones.dev/v1",
         kind: "GameServerAllocation",
         metadata: { namespace: p.namespace },
         spec: {
             scheduling: "Packed",
-            priorities: [{ type: "List", key: p.listName, order: "Ascending" }],
-            selectors: [
-                { matchLabels, gameServerState: "Allocated", lists: holds },
-                { matchLabels, gameServerState: "Ready", lists: holds },
-                { matchLabels, gameServerState: "Allocated", lists: hasRoom },
-                { matchLabels, gameServerState: "Ready", lists: hasRoom },
-            ],
+            priorities: priorities(p),
+            selectors: selectors(roomId, p, ["Allocated", "Ready"]),
             lists: { [p.listName]: { addValues: [roomId] } },
         },
     };
