@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::Shared;
 use super::metrics::{Kind, Metrics, Outcome, Worker};
+use super::rooms::RoomTraffic;
 use contract::ipc::WorkerId;
 use contract::protocol::MessageKind;
 
@@ -140,10 +141,6 @@ pub struct Event {
     pub count: u64,
 }
 
-/// One room's traffic at one instant: (room, messages in, bytes out) since
-/// it was placed.
-pub type RoomTraffic = (String, u64, u64);
-
 /// A room's last minute, and its totals at the last sample.
 #[derive(Default)]
 struct RoomSeries {
@@ -201,7 +198,13 @@ impl History {
         push_bounded(&mut self.samples, sample, SAMPLES_KEPT);
         self.last = Some((at_ms, totals));
         let mut before = std::mem::take(&mut self.rooms);
-        for (room, messages_in, bytes_out) in rooms {
+        for RoomTraffic {
+            room,
+            messages_in,
+            bytes_out,
+            ..
+        } in rooms
+        {
             // A room new since the last sample counts from 0.
             let mut series = before.remove(&room).unwrap_or_default();
             let (messages_before, bytes_before) = series.totals;
@@ -305,12 +308,12 @@ pub async fn sample(shared: Arc<Shared>) {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let totals = totals(&shared.metrics, shared.config.workers);
+        let rooms = shared.registry.traffic();
         let levels = Levels {
             connections: shared.metrics.connections.get(),
             rooms: shared.registry.placed_rooms().borrow().now as i64,
-            journal: shared.registry.journal_total(),
+            journal: rooms.iter().map(|room| room.journal).sum(),
         };
-        let rooms = shared.registry.traffic();
         super::rooms::lock(&shared.history).record(at_ms, totals, levels, rooms);
     }
 }
@@ -318,6 +321,15 @@ pub async fn sample(shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn room(id: &str, messages_in: u64, bytes_out: u64) -> RoomTraffic {
+        RoomTraffic {
+            room: id.to_owned(),
+            messages_in,
+            bytes_out,
+            journal: 0,
+        }
+    }
 
     fn totals_at(second: u64) -> Totals {
         let mut fanout = [0; LATENCY_BUCKETS];
@@ -344,8 +356,8 @@ mod tests {
         };
         for second in 0..=40 {
             let rooms = vec![
-                ("hot".to_owned(), 9 * second, 4_000 * second),
-                ("calm".to_owned(), second, 1_000 * second),
+                room("hot", 9 * second, 4_000 * second),
+                room("calm", second, 1_000 * second),
             ];
             history.record(1_000 * second, totals_at(second), levels, rooms);
         }
@@ -375,7 +387,7 @@ mod tests {
             41_000,
             totals_at(41),
             levels,
-            vec![("hot".to_owned(), 369, 164_000)],
+            vec![room("hot", 369, 164_000)],
         );
         assert_eq!(history.held().2, 1);
     }
@@ -414,7 +426,7 @@ mod tests {
             };
             // 20 rooms at a time, a new one every minute (freed ones leave).
             let rooms = (0..20)
-                .map(|r| (format!("room-{}", second / 60 + r), second, 100 * second))
+                .map(|r| room(&format!("room-{}", second / 60 + r), second, 100 * second))
                 .collect();
             history.record(1_000 * second, totals, Levels::default(), rooms);
             assert!(history.held().0 <= SAMPLES_KEPT);

@@ -63,6 +63,19 @@ pub enum PlacementError {
     MemoryBudget,
 }
 
+/// One room at one instant, as the registry reads it for the monitor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoomTraffic {
+    /// The room's id.
+    pub room: String,
+    /// Client messages forwarded to its worker since it was placed.
+    pub messages_in: u64,
+    /// Bytes written to its members since it was placed.
+    pub bytes_out: u64,
+    /// Client events journaled and not yet checkpointed.
+    pub journal: u64,
+}
+
 /// Rooms placed on this server: now, and since it started (so that a room that
 /// opened and closed between two looks is still seen).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -365,8 +378,6 @@ impl Registry {
                     "restoring": state.recovery.restoring,
                     "journal": state.recovery.journal.len(),
                     "journalBytes": state.recovery.journal.bytes(),
-                    "messagesIn": entry.traffic.messages_in.load(Ordering::Relaxed),
-                    "bytesOut": entry.traffic.bytes_out.load(Ordering::Relaxed),
                 })
             })
             .collect();
@@ -374,29 +385,20 @@ impl Registry {
         rooms
     }
 
-    /// Each room's traffic since it was placed: (room, messages in, bytes out).
-    pub fn traffic(&self) -> Vec<(String, u64, u64)> {
-        lock(&self.table)
-            .rooms
-            .values()
-            .map(|entry| {
-                (
-                    entry.id.0.clone(),
-                    entry.traffic.messages_in.load(Ordering::Relaxed),
-                    entry.traffic.bytes_out.load(Ordering::Relaxed),
-                )
-            })
-            .collect()
-    }
-
-    /// Client events journaled and not yet checkpointed, over every room
-    /// (what worker crashes would replay now): the monitor's journal series.
-    pub fn journal_total(&self) -> u64 {
+    /// What the monitor samples of each room, in one pass: its traffic since
+    /// it was placed, and the client events journaled and not yet
+    /// checkpointed (what a worker crash would replay).
+    pub fn traffic(&self) -> Vec<RoomTraffic> {
         let rooms: Vec<Arc<RoomEntry>> = lock(&self.table).rooms.values().cloned().collect();
         rooms
             .iter()
-            .map(|entry| lock(&entry.state).recovery.journal.len() as u64)
-            .sum()
+            .map(|entry| RoomTraffic {
+                room: entry.id.0.clone(),
+                messages_in: entry.traffic.messages_in.load(Ordering::Relaxed),
+                bytes_out: entry.traffic.bytes_out.load(Ordering::Relaxed),
+                journal: lock(&entry.state).recovery.journal.len() as u64,
+            })
+            .collect()
     }
 
     /// Rooms per worker, sorted, for the status endpoint.
