@@ -471,11 +471,29 @@ pub mod v2 {
     }
 
     /// `{"type":"ops","seq":N,"ops":[…]}` from batches of comma-separated ops
-    /// as the worker writes them (empty batches are skipped). A user's cursor
-    /// ops that follow each other (no join or leave of the user in between) are
-    /// folded into one: the first one's place (where an absent cursor would be
-    /// appended) with the last one's values, which gives the same state.
+    /// as the worker writes them (empty batches are skipped): [`ops_head`]
+    /// then [`ops_body`].
     pub fn ops_message<'a>(seq: u64, batches: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+        let mut out = ops_head(seq);
+        out.extend_from_slice(&ops_body(batches));
+        out
+    }
+
+    /// `{"type":"ops","seq":N`: the part of an `ops` message that is each
+    /// member's own.
+    pub fn ops_head(seq: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(40);
+        out.extend_from_slice(b"{\"type\":\"ops\",\"seq\":");
+        out.extend_from_slice(seq.to_string().as_bytes());
+        out
+    }
+
+    /// `,"ops":[…]}`: the part of an `ops` message that members at the same
+    /// version share. A user's cursor ops that follow each other (no join or
+    /// leave of the user in between) are folded into one: the first one's
+    /// place (where an absent cursor would be appended) with the last one's
+    /// values, which gives the same state.
+    pub fn ops_body<'a>(batches: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
         let mut ops: Vec<&[u8]> = Vec::new();
         // A user's cursor op in `ops`, while it may absorb later ones.
         let mut cursor_at: Vec<(&[u8], usize)> = Vec::new();
@@ -500,9 +518,7 @@ pub mod v2 {
             }
         }
         let len: usize = ops.iter().map(|op| op.len() + 1).sum();
-        let mut out = Vec::with_capacity(len + 40);
-        out.extend_from_slice(b"{\"type\":\"ops\",\"seq\":");
-        out.extend_from_slice(seq.to_string().as_bytes());
+        let mut out = Vec::with_capacity(len + 12);
         out.extend_from_slice(b",\"ops\":[");
         for (i, op) in ops.iter().enumerate() {
             if i > 0 {

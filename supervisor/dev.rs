@@ -2,7 +2,8 @@
 //! token endpoint it uses (dev mode only), and a read-only view of workers, rooms
 //! and connections (dev mode, or with `ADMIN_TOKEN`).
 
-use std::sync::LazyLock;
+use std::pin::Pin;
+use std::sync::{Arc, LazyLock};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -234,18 +235,25 @@ pub fn monitor_page(shared: &Shared) -> Response<Body> {
 }
 
 /// `GET /admin/rooms`: workers, rooms and connections, as JSON.
-pub fn monitor_json<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
+/// (Answered once every slot's task has listed its rooms.)
+pub fn monitor_json<B>(
+    req: &Request<B>,
+    shared: &Arc<Shared>,
+) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
     if let Some(refused) = admin_only(req, shared) {
-        return refused;
+        return Box::pin(std::future::ready(refused));
     }
-    let workers = shared.workers_json();
-    let body = json!({
-        "workers": workers,
-        "rooms": shared.registry.monitor(),
-        "connections": shared.metrics.connections.get(),
-        "draining": shared.shutdown.is_stopping(),
-    });
-    respond(StatusCode::OK, "application/json", body.to_string())
+    let shared = shared.clone();
+    Box::pin(async move {
+        let rooms = shared.registry.monitor().await;
+        let body = json!({
+            "workers": shared.workers_json(),
+            "rooms": rooms,
+            "connections": shared.metrics.connections.get(),
+            "draining": shared.shutdown.is_stopping(),
+        });
+        respond(StatusCode::OK, "application/json", body.to_string())
+    })
 }
 
 /// `GET /admin/history`: the monitor's last 15 minutes, one sample a second.

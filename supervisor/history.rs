@@ -308,7 +308,7 @@ pub async fn sample(shared: Arc<Shared>) {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let totals = totals(&shared.metrics, shared.config.workers);
-        let rooms = shared.registry.traffic();
+        let rooms = shared.registry.traffic().await;
         let levels = Levels {
             connections: shared.metrics.connections.get(),
             rooms: shared.registry.placed_rooms().borrow().now as i64,

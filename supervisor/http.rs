@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -172,7 +173,20 @@ async fn serve_tls(
 }
 
 /// Answers one request on a connection holding `place`.
-type Router = fn(Request<Incoming>, Arc<Shared>, &PreAuthPlace) -> Response<Body>;
+type Router = fn(Request<Incoming>, Arc<Shared>, &PreAuthPlace) -> Answer;
+
+/// A route's response: ready now, or once the slots' tasks have answered
+/// (the room monitor).
+enum Answer {
+    Now(Response<Body>),
+    Later(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
+}
+
+impl From<Response<Body>> for Answer {
+    fn from(response: Response<Body>) -> Answer {
+        Answer::Now(response)
+    }
+}
 
 async fn serve_http<S>(io: S, shared: Arc<Shared>, place: Arc<PreAuthPlace>, port: Port)
 where
@@ -188,18 +202,24 @@ where
     let service = service_fn(move |req| {
         let shared = shared.clone();
         place.requested();
-        let mut response = router(req, shared, &place);
-        // One request per main-port connection unless it upgrades: the port
-        // is the clients'; a kept-alive or pipelining client (one that never
-        // reads its answers) would hold a pre-auth place and buffers for
-        // nothing. (Not hyper's `keep_alive(false)`: it would also replace
-        // the 101's `Connection: Upgrade`.)
-        if port == Port::Main && response.status() != StatusCode::SWITCHING_PROTOCOLS {
-            response
-                .headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
+        let answer = router(req, shared, &place);
+        async move {
+            let mut response = match answer {
+                Answer::Now(response) => response,
+                Answer::Later(response) => response.await,
+            };
+            // One request per main-port connection unless it upgrades: the port
+            // is the clients'; a kept-alive or pipelining client (one that never
+            // reads its answers) would hold a pre-auth place and buffers for
+            // nothing. (Not hyper's `keep_alive(false)`: it would also replace
+            // the 101's `Connection: Upgrade`.)
+            if port == Port::Main && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
         }
-        async move { Ok::<_, Infallible>(response) }
     });
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -231,7 +251,16 @@ const PATHS: [&str; 9] = [
     "/status",
 ];
 
-fn route(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) -> Response<Body> {
+fn route(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) -> Answer {
+    let read = req.method() == Method::GET || req.method() == Method::HEAD;
+    if req.uri().path() == "/admin/rooms" && read {
+        return Answer::Later(super::dev::monitor_json(&req, &shared));
+    }
+    respond(req, shared, place).into()
+}
+
+/// The response of every route but `/admin/rooms`.
+fn respond(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) -> Response<Body> {
     let path = req.uri().path();
     if !PATHS.contains(&path) {
         return text(StatusCode::NOT_FOUND, "not found\n");
@@ -247,7 +276,6 @@ fn route(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) -> R
         "/" => websocket(req, shared, place),
         "/dev/token" => super::dev::token(&req, &shared),
         "/admin" => super::dev::monitor_page(&shared),
-        "/admin/rooms" => super::dev::monitor_json(&req, &shared),
         "/admin/history" => super::dev::history_json(&req, &shared),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => ready(&shared),
@@ -259,13 +287,9 @@ fn route(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) -> R
 
 /// The internal port's paths: every one of [`route`]'s but the client's (the
 /// WebSocket, the dev board and its tokens).
-fn route_internal(
-    req: Request<Incoming>,
-    shared: Arc<Shared>,
-    place: &PreAuthPlace,
-) -> Response<Body> {
+fn route_internal(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) -> Answer {
     match req.uri().path() {
-        "/" | "/dev/token" => text(StatusCode::NOT_FOUND, "not found\n"),
+        "/" | "/dev/token" => text(StatusCode::NOT_FOUND, "not found\n").into(),
         _ => route(req, shared, place),
     }
 }
@@ -326,7 +350,7 @@ fn metrics(shared: &Shared) -> Response<Body> {
         m.rooms_by_worker
             .get_or_create(&worker)
             .set(rooms.len() as i64);
-        let depth = slot.queue.max_capacity() - slot.queue.capacity();
+        let depth = slot.queue_depth();
         m.ipc_queue_depth.get_or_create(&worker).set(depth as i64);
         up += i64::from(slot.pid().is_some());
     }
@@ -464,7 +488,7 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) 
             }
             Err(e) => {
                 debug!(error = %e, "upgrade failed");
-                room.leave(conn).await;
+                room.leave(conn);
             }
         }
         drop(permit);

@@ -9,6 +9,7 @@
 pub mod agones;
 pub mod auth;
 pub mod budgets;
+mod close;
 pub mod dev;
 pub mod history;
 pub mod host;
@@ -186,12 +187,9 @@ pub async fn run(
         };
     let connection_capacity = raise_fd_limit(config.limits.max_connections);
     info!(store = %config.persistence.store, "persistence");
-    let (queues, frames) = pool::worker_queues(config.workers);
-    let registry = Arc::new(Registry::new(
-        queues,
-        config.rooms_per_worker,
-        config.max_rooms,
-    ));
+    let (registry, inboxes) =
+        Registry::new(config.workers, config.rooms_per_worker, config.max_rooms);
+    let registry = Arc::new(registry);
     let metrics = Arc::new(metrics::Metrics::new(&config.hathora));
     // Descriptors past `--max-connections` (and the internal port's) hold
     // lingering sockets, at most as many as `--max-connections` (a socket's
@@ -209,7 +207,7 @@ pub async fn run(
         .with_lingering(spare_descriptors as usize),
     );
     let pool = WorkerPool::start(
-        frames,
+        inboxes,
         config.persistence.clone(),
         program,
         registry.clone(),
@@ -375,12 +373,15 @@ async fn save_every_room(shared: &Shared, plan: &ShutdownPlan) -> StopOutcome {
     // Every lost worker's rooms at once: the clients' time is all they get.
     let reports =
         futures_util::future::join_all(drained.into_iter().map(|(worker, report)| async move {
-            let mut report = report.unwrap_or_else(|| DrainReport {
-                saved: 0,
-                unsaved: shared.registry.unconfirmed_rooms(worker),
-                lost: true,
-                fallback: Vec::new(),
-            });
+            let mut report = match report {
+                Some(report) => report,
+                None => DrainReport {
+                    saved: 0,
+                    unsaved: shared.registry.unconfirmed_rooms(worker).await,
+                    lost: true,
+                    fallback: Vec::new(),
+                },
+            };
             if report.lost {
                 report.fallback = shared
                     .pool

@@ -95,8 +95,7 @@ pub async fn enforce_budget(shared: Arc<Shared>, limit: u64) {
         }
         shared
             .registry
-            .set_memory_pressure(rooms.on, shapes_changed.then_some(shapes.on))
-            .await;
+            .set_memory_pressure(rooms.on, shapes_changed.then_some(shapes.on));
     }
 }
 

@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::time::Sleep;
@@ -23,20 +24,17 @@ use tracing::{Instrument, debug, info, info_span};
 
 use super::Shared;
 use super::auth::Identity;
+use super::close::CloseReason;
 use super::inflate::InflateFailure;
-use super::metrics::Rejection;
+use super::metrics::Metrics;
 use super::ratelimit::{Backlog, Budget, Held, Released, SendBudget};
 use super::rooms::{ConnState, Holder, Membership, Published, RoomHandle, SnapshotCell};
-use super::shutdown::Phase;
+use super::shutdown::{Phase, Shutdown};
 use super::websocket::{ClientReader, ClientWriter, Negotiated, Protocol};
 use contract::deflate::{
     InflateError, MIN_COMPRESSED_OPS_BYTES, SYNC_TRAILER, deflate_message, stored_segment,
 };
 use contract::ipc::{ConnId, Escaped};
-use contract::protocol::{
-    CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, CLOSE_POLICY, REASON_DUPLICATE_USER, REASON_RATE_LIMIT,
-    REASON_ROOM_FULL,
-};
 
 /// A send that cannot complete in this time means the client is not reading at
 /// all; it is dropped. (A slow client only ever gets the newest snapshot, so it
@@ -56,20 +54,27 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// close), checking every `LEAVING_POLL`.
 const LEAVING_GRACE: Duration = Duration::from_millis(500);
 const LEAVING_POLL: Duration = Duration::from_millis(20);
-/// WebSocket close code for a message over the size limit.
-const CLOSE_TOO_BIG: u16 = 1009;
-/// RFC 6455 §7.4.1: the client broke the protocol (unmasked or reserved frames,
-/// a fragmented control frame…).
-const CLOSE_PROTOCOL_ERROR: u16 = 1002;
-/// RFC 6455 §7.4.1: a text message that is not UTF-8.
-const CLOSE_INVALID_DATA: u16 = 1007;
-
 /// Why the session ended, and what close frame (if any) the client gets.
 enum End {
     /// The client closed or vanished; nothing more to send.
     ClientGone,
-    /// Close the connection with this code and reason.
-    Close(u16, &'static str),
+    /// Close the connection for this reason.
+    Close(CloseReason),
+}
+
+impl From<CloseReason> for End {
+    fn from(reason: CloseReason) -> End {
+        End::Close(reason)
+    }
+}
+
+/// What a session reads of the server: its settings, its metrics, its
+/// shutdown phase.
+#[derive(Clone, Copy)]
+pub(crate) struct SessionContext<'a> {
+    pub(crate) config: &'a contract::config::Config,
+    pub(crate) metrics: &'a Metrics,
+    pub(crate) shutdown: &'a Shutdown,
 }
 
 /// A session as `negotiated` at the upgrade (see [`Protocol::negotiate`] and
@@ -77,7 +82,7 @@ enum End {
 ///
 /// Not an `async fn`: that would keep a second copy of the arguments in the
 /// future, which every connection pays for its whole life.
-pub fn run(
+pub(crate) fn run(
     shared: Arc<Shared>,
     (mut stream, mut sink): (ClientReader, ClientWriter),
     room: RoomHandle,
@@ -89,70 +94,57 @@ pub fn run(
     let span = info_span!("session", room = %room.id(), user = %Escaped(&identity.user_id), %conn, worker = %room.worker());
     async move {
         let started = Instant::now();
-        shared.metrics.connections_accepted.inc();
-        shared.metrics.connections.inc();
+        let context = SessionContext {
+            config: &shared.config,
+            metrics: &shared.metrics,
+            shutdown: &shared.shutdown,
+        };
+        let metrics = context.metrics;
+        metrics.connections_accepted.inc();
+        metrics.connections.inc();
         let v2 = negotiated.protocol == Protocol::V2;
         if v2 {
-            // Before the join: batches are kept from the room's next publish.
-            room.v2_session(conn, true);
-            shared.metrics.connections_v2.inc();
+            metrics.connections_v2.inc();
         }
         if negotiated.deflate {
-            shared.metrics.connections_compressed.inc();
-            // Before the join, which asks the worker for compressed snapshots.
-            // Not for v2: it takes ops, compressed here, and a snapshot only
-            // now and then; its room's every version compressed for that
-            // would be spent for nothing. (A v2 member gets the compressed
-            // snapshot when a v1 member of its room asked for one.)
-            if !v2 {
-                room.deflate_session(conn);
-            }
+            metrics.connections_compressed.inc();
         }
         debug!(?negotiated, "session opened");
-        let replace = take_over(&shared, &room, conn).await;
-        let joined = room.join(conn, replace).await.is_ok();
-        let end = if joined {
-            serve(
-                &shared,
-                &room,
-                conn,
-                &mut sink,
-                &mut stream,
-                conn_state,
-                negotiated,
-            )
-            .await
-        } else {
-            End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable")
-        };
-        if let End::Close(code, reason) = end {
+        let replace = take_over(context, &room, conn).await;
+        // A v2 join has the worker record ops (batches are kept from the
+        // room's next publish). Compressed snapshots are asked for v1 only:
+        // v2 takes ops, compressed here, and a snapshot only now and then;
+        // its room's every version compressed for that would be spent for
+        // nothing. (A v2 member gets the compressed snapshot when a v1 member
+        // of its room asked for one.)
+        room.join(conn, replace, v2, negotiated.deflate && !v2);
+        let end = Session::new(context, &room, conn, &mut sink, negotiated)
+            .serve(&mut stream, conn_state)
+            .await;
+        if let End::Close(reason) = end {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                if sink.close(code, reason).await.is_ok() {
+                if sink.close(reason.code(), reason.text()).await.is_ok() {
                     // Let the client answer so it sees a clean close handshake.
                     while let Some(Ok(_)) = stream.next().await {}
                 }
             })
             .await;
         }
-        room.leave(conn).await;
-        shared.metrics.connections.dec();
+        room.leave(conn);
+        metrics.connections.dec();
         if v2 {
-            room.v2_session(conn, false);
-            shared.metrics.connections_v2.dec();
+            metrics.connections_v2.dec();
         }
         if negotiated.deflate {
-            shared.metrics.connections_compressed.dec();
+            metrics.connections_compressed.dec();
         }
         let how = match end {
             End::ClientGone => "client gone".to_owned(),
-            End::Close(code, reason) => {
-                match reason {
-                    REASON_ROOM_FULL => shared.metrics.reject(Rejection::RoomFull),
-                    REASON_DUPLICATE_USER => shared.metrics.reject(Rejection::DuplicateUser),
-                    REASON_RATE_LIMIT => shared.metrics.reject(Rejection::RateLimit),
-                    _ => {}
+            End::Close(reason) => {
+                if let Some(rejection) = reason.rejection() {
+                    metrics.reject(rejection);
                 }
-                format!("closed {code} {reason}")
+                format!("closed {} {}", reason.code(), reason.text())
             }
         };
         debug!(
@@ -169,21 +161,21 @@ pub fn run(
 /// silent for `--takeover-wait-ms`, this connection takes its place (returned).
 /// If it answers, this one joins as usual and the worker refuses it as a
 /// duplicate; if it leaves meanwhile, this one simply joins.
-async fn take_over(shared: &Shared, room: &RoomHandle, conn: ConnId) -> Option<ConnId> {
+async fn take_over(context: SessionContext<'_>, room: &RoomHandle, conn: ConnId) -> Option<ConnId> {
     let Holder::Probed {
         conn: old,
         mut answer,
-    } = room.probe_holder(conn)
+    } = room.probe_holder(conn).await
     else {
         return None;
     };
     let alive = async { answer.wait_for(|alive| *alive).await.is_ok() };
-    match tokio::time::timeout(shared.config.takeover_wait, alive).await {
+    match tokio::time::timeout(context.config.takeover_wait, alive).await {
         Ok(true) => {
             // Alive, or heard from just now: perhaps a reloading page whose close
             // is on its way. Give it a moment to leave before the worker decides.
             let until = Instant::now() + LEAVING_GRACE;
-            while Instant::now() < until && room.is_joined(old) {
+            while Instant::now() < until && room.is_joined(old).await {
                 tokio::time::sleep(LEAVING_POLL).await;
             }
             info!(%old, "the user's earlier connection is alive");
@@ -192,279 +184,390 @@ async fn take_over(shared: &Shared, room: &RoomHandle, conn: ConnId) -> Option<C
         Ok(false) => None,
         Err(_) => {
             info!(%old, "the user's earlier connection did not answer a ping; replacing it");
-            shared.metrics.connections_replaced.inc();
+            context.metrics.connections_replaced.inc();
             Some(old)
         }
     }
 }
 
-async fn serve(
-    shared: &Shared,
-    room: &RoomHandle,
+/// One client's session once joined: what it holds between two wakes, and
+/// one method per thing that wakes it (see [`serve`](Self::serve)).
+struct Session<'a> {
+    context: SessionContext<'a>,
+    room: &'a RoomHandle,
     conn: ConnId,
-    sink: &mut ClientWriter,
-    stream: &mut ClientReader,
-    mut conn_state: watch::Receiver<ConnState>,
-    negotiated: Negotiated,
-) -> End {
-    // Made here, not passed in: a value moved into an `async fn` keeps a slot
-    // in the caller's future too, and every connection pays for both.
-    let v2 = negotiated.protocol == Protocol::V2;
-    let mut outbox = Outbox::new(v2, negotiated.deflate, &shared.config);
-    let ping_every = shared.config.ping_interval;
-    let mut ping = tokio::time::interval(ping_every);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
-    // Set once the worker admits the join; until then nothing is sent.
-    let mut snapshots: Option<watch::Receiver<SnapshotCell>> = None;
-    let limits = &shared.config.limits;
-    let mut budget = Budget::new(
-        limits.rate_per_sec,
-        limits.rate_burst,
-        limits.rate_close_after,
-        Instant::now(),
-    );
-    // Messages that found the budget empty, waiting for it.
-    let mut backlog = Backlog::default();
-    // Wakes the session when the budget allows the oldest held message. Boxed and
-    // only there while messages are held: an idle connection pays 8 bytes for it,
-    // and a session that is within its budget never touches the timer wheel.
-    let mut budget_timer: Option<Pin<Box<Sleep>>> = None;
-    // A v2 `resync` that came within RESYNC_EVERY of the last one answered.
-    let mut resync_timer: Option<Pin<Box<Sleep>>> = None;
-    // Probes (a newer connection of this user asking whether this one is alive)
-    // seen, and whether one waits for the client to be heard from.
-    let mut probes_seen = 0;
-    let mut probe_waiting = false;
-    // A v2 `error` message to send (see `ConnState::refused`).
-    let mut refusal: Option<String> = None;
-    let mut phase = shared.shutdown.subscribe();
-    phase.mark_changed();
-    let mut reading = true;
+    sink: &'a mut ClientWriter,
+    /// What the client is sent, and when.
+    outbox: Outbox,
+    /// The room's snapshots, once the worker admitted the join; until then
+    /// nothing is sent.
+    snapshots: Option<watch::Receiver<SnapshotCell>>,
+    /// The client's message budget, and the messages that found it empty.
+    budget: Budget,
+    backlog: Backlog,
+    /// Wakes the session when the budget allows the oldest held message.
+    /// Boxed and only there while messages are held: an idle connection pays
+    /// 8 bytes for it, and a session within its budget never touches the
+    /// timer wheel.
+    budget_timer: Option<Pin<Box<Sleep>>>,
+    /// A v2 `resync` that came within [`RESYNC_EVERY`] of the last one answered.
+    resync_timer: Option<Pin<Box<Sleep>>>,
+    /// When the client was last heard from.
+    last_heard: Instant,
+    /// Probes (a newer connection of this user asking whether this one is
+    /// alive) seen, and whether one waits for the client to be heard from.
+    probes_seen: u32,
+    probe_waiting: bool,
+}
 
-    loop {
-        tokio::select! {
-            changed = phase.changed() => match (changed, *phase.borrow_and_update()) {
-                (Ok(()), Phase::Running) => {}
-                (Ok(()), Phase::Draining) => reading = false,
-                _ => return End::Close(CLOSE_GOING_AWAY, "Going Away"),
-            },
-            changed = conn_state.changed() => {
-                if changed.is_err() {
-                    return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable");
-                }
-                let probed = {
-                    let state = conn_state.borrow_and_update();
-                    match &state.membership {
-                        Membership::Pending => {}
-                        Membership::Admitted(rx) => {
-                            if snapshots.is_none() {
-                                snapshots = Some(rx.clone());
-                            }
-                        }
-                        Membership::Closed { code, reason } => return End::Close(*code, reason),
-                    }
-                    if let (Some(v2), Some((kind, reason))) = (outbox.v2.as_mut(), state.last_refused) {
-                        refusal = (state.refused > v2.refused_told)
-                            .then(|| contract::protocol::v2::error_message(kind, reason, state.refused - v2.refused_told));
-                        v2.refused_told = state.refused;
-                    }
-                    std::mem::replace(&mut probes_seen, state.probes) != state.probes
-                };
-                // A v2 client is told of its messages a room limit refused.
-                if let Some(error) = refusal.take() {
-                    shared.metrics.refusals_told.inc();
-                    if !matches!(tokio::time::timeout(WRITE_TIMEOUT, sink.text(error.as_bytes())).await, Ok(Ok(()))) {
-                        return End::ClientGone;
-                    }
-                }
-                if probed {
-                    if last_heard.elapsed() < shared.config.takeover_wait {
-                        // Heard from just now: alive, no need to ask.
-                        room.alive(conn);
-                    } else {
-                        probe_waiting = true;
-                        if !matches!(tokio::time::timeout(WRITE_TIMEOUT, sink.ping()).await, Ok(Ok(()))) {
-                            return End::ClientGone;
-                        }
-                    }
-                }
-            }
-            // A resync held to one a second: answered now.
-            _ = async { resync_timer.as_mut().expect("guarded").await }, if resync_timer.is_some() => {
-                resync_timer = None;
-                if let Err(end) = outbox.answer_resync(shared, room, sink, snapshots.as_mut()).await {
-                    return end;
-                }
-            }
-            // The budget allows the oldest held message: it goes below.
-            _ = async { budget_timer.as_mut().expect("guarded").await }, if budget_timer.is_some() => {
-                budget_timer = None;
-            }
-            // The member's rate allows the newest state, held back since a change.
-            _ = async { outbox.timer.as_mut().expect("guarded").await }, if outbox.timer_armed => {
-                outbox.timer_armed = false;
-                let rx = snapshots.as_mut().expect("a timer only runs once admitted");
-                if let Err(end) = outbox.send_newest(shared, room, sink, rx).await {
-                    return end;
-                }
-            }
-            // Not polled while the rate holds a change back: the watch keeps the
-            // newest state, which the timer's branch sends.
-            changed = async { snapshots.as_mut().expect("guarded").changed().await }, if snapshots.is_some() && !outbox.timer_armed => {
-                if changed.is_err() {
-                    return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable");
-                }
-                if !outbox.hold() {
-                    let rx = snapshots.as_mut().expect("guarded");
-                    if let Err(end) = outbox.send_newest(shared, room, sink, rx).await {
-                        return end;
-                    }
-                }
-            }
-            // Not read while a frame waits for the budget: TCP then slows the
-            // client down, and nothing it sent is lost. Nor while rooms are saved
-            // for a shutdown.
-            frame = stream.next(), if reading && backlog.may_read() => {
-                let now = Instant::now();
-                last_heard = now;
-                if probe_waiting && matches!(frame, Some(Ok(ref m)) if !m.is_close()) {
-                    probe_waiting = false;
-                    room.alive(conn);
-                }
-                let within_budget = backlog.is_empty() && budget.has_token(now);
-                if !within_budget && matches!(frame, Some(Ok(ref m)) if m.is_text() || m.is_binary() || m.is_ping() || m.is_pong()) {
-                    shared.metrics.frames_rate_limited.inc();
-                }
-                match frame {
-                    Some(Ok(Message::Text(text))) if outbox.v2.is_some() && contract::protocol::v2::is_resync(text.as_str()) => {
-                        // Answered here, not forwarded (the room does not
-                        // change), but it counts against the budget.
-                        shared.metrics.resyncs.inc();
-                        backlog.spend();
-                        // One answer per room version: a resync flood in a quiet
-                        // room costs one snapshot, not one each.
-                        let answered = snapshots.as_ref().is_some_and(|rx| outbox.resync_answered(rx));
-                        let v2 = outbox.v2.as_mut().expect("guarded");
-                        let too_soon = v2.resync_answered_at.map(|at| at + RESYNC_EVERY).filter(|due| *due > now);
-                        if let (false, Some(due)) = (answered, too_soon) {
-                            // Answered once the period is over (a later
-                            // request within it joins this one).
-                            if resync_timer.is_none() {
-                                resync_timer = Some(Box::pin(tokio::time::sleep_until(due.into())));
-                            }
-                        } else if let Err(end) = outbox.answer_resync(shared, room, sink, snapshots.as_mut()).await {
-                            return end;
-                        }
-                    }
-                    Some(Ok(Message::Text(text))) => {
-                        let text = String::from(text.as_str());
-                        if within_budget {
-                            backlog.pass(text);
-                        } else {
-                            match backlog.hold(text) {
-                                Held::Waiting => {}
-                                held => {
-                                    if held == Held::Folded {
-                                        shared.metrics.cursor_moves_folded.inc();
-                                    }
-                                    if budget.over(now) {
-                                        info!("client kept sending cursor moves far over its message budget; closing it");
-                                        return End::Close(CLOSE_POLICY, REASON_RATE_LIMIT);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    Some(Ok(Message::Binary(bytes))) => {
-                        shared.metrics.binary_frames.inc();
-                        debug!(len = bytes.len(), "binary frame ignored (the protocol is text)");
-                        // Ignored, but not free: it counts against the budget.
-                        backlog.spend();
-                    }
-                    Some(Ok(Message::Ping(payload))) => {
-                        if !matches!(tokio::time::timeout(WRITE_TIMEOUT, sink.pong(&payload)).await, Ok(Ok(()))) {
-                            return End::ClientGone;
-                        }
-                        backlog.spend();
-                    }
-                    Some(Ok(Message::Pong(_))) => backlog.spend(),
-                    Some(Ok(Message::Frame(_))) => {}
-                    Some(Ok(Message::Close(frame))) => {
-                        // Echo the client's close code, as RFC 6455 §5.5.1 asks.
-                        let code = frame.map_or(1000, |f| u16::from(f.code));
-                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close(code, "")).await;
-                        return End::ClientGone;
-                    }
-                    None => return End::ClientGone,
-                    Some(Err(WsError::Capacity(e))) => {
-                        shared.metrics.reject(Rejection::MessageTooBig);
-                        info!(error = %e, "client frame over the size limit");
-                        return End::Close(CLOSE_TOO_BIG, "Message too big");
-                    }
-                    // The client broke RFC 6455: told so with its close code
-                    // (§7.4.1) rather than a dropped connection.
-                    Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
-                        return End::ClientGone;
-                    }
-                    Some(Err(WsError::Protocol(e))) => {
-                        info!(error = %e, "client broke the WebSocket protocol");
-                        return End::Close(CLOSE_PROTOCOL_ERROR, "Protocol error");
-                    }
-                    Some(Err(WsError::Utf8(e))) => {
-                        info!(error = %e, "client sent a text frame that is not UTF-8");
-                        return End::Close(CLOSE_INVALID_DATA, "Invalid UTF-8");
-                    }
-                    // permessage-deflate (`inflate`): a message inflating
-                    // past the limit is too big however small it came.
-                    Some(Err(WsError::Io(e))) if inflate_failure(&e).is_some() => {
-                        let why = inflate_failure(&e).expect("guarded");
-                        info!(error = %why, "client sent a compressed message that cannot be taken");
-                        return match why {
-                            InflateFailure::Inflate(InflateError::TooBig) => {
-                                shared.metrics.reject(Rejection::MessageTooBig);
-                                End::Close(CLOSE_TOO_BIG, "Message too big")
-                            }
-                            InflateFailure::Inflate(InflateError::Corrupt) => End::Close(CLOSE_INVALID_DATA, "Invalid compressed data"),
-                            InflateFailure::Protocol => End::Close(CLOSE_PROTOCOL_ERROR, "Protocol error"),
-                        };
-                    }
-                    Some(Err(e)) => {
-                        debug!(error = %e, "read failed");
-                        return End::ClientGone;
-                    }
-                }
-            }
-            _ = ping.tick() => {
-                let silent = last_heard.elapsed();
-                if silent >= 2 * ping_every {
-                    info!(silent_ms = silent.as_millis() as u64, "client silent; dropping it");
-                    return End::ClientGone;
-                }
-                // Half an interval, not a whole one: the pong to the previous ping
-                // arrives just after that tick, so at this tick the client has been
-                // silent for a little less than an interval, and must be pinged
-                // again to be heard before the next tick's check.
-                if silent >= ping_every / 2
-                    && !matches!(tokio::time::timeout(WRITE_TIMEOUT, sink.ping()).await, Ok(Ok(())))
-                {
-                    return End::ClientGone;
-                }
-            }
+impl<'a> Session<'a> {
+    fn new(
+        context: SessionContext<'a>,
+        room: &'a RoomHandle,
+        conn: ConnId,
+        sink: &'a mut ClientWriter,
+        negotiated: Negotiated,
+    ) -> Session<'a> {
+        let v2 = negotiated.protocol == Protocol::V2;
+        let limits = &context.config.limits;
+        Session {
+            context,
+            room,
+            conn,
+            sink,
+            outbox: Outbox::new(v2, negotiated.deflate, context.config),
+            snapshots: None,
+            budget: Budget::new(
+                limits.rate_per_sec,
+                limits.rate_burst,
+                limits.rate_close_after,
+                Instant::now(),
+            ),
+            backlog: Backlog::default(),
+            budget_timer: None,
+            resync_timer: None,
+            last_heard: Instant::now(),
+            probes_seen: 0,
+            probe_waiting: false,
         }
-        // The one place client messages go to the room's worker: what the budget
-        // allows, oldest first.
-        while !backlog.is_empty() && budget.try_take(Instant::now()) {
-            if let Some(Released::Message(text)) = backlog.pop()
-                && room.forward(conn, text).await.is_err()
+    }
+
+    /// Serves the session until either side ends it. Reading and writing run
+    /// under one `select!`, so their fates are tied.
+    async fn serve(
+        mut self,
+        stream: &mut ClientReader,
+        mut conn_state: watch::Receiver<ConnState>,
+    ) -> End {
+        let ping_every = self.context.config.ping_interval;
+        let mut ping = tokio::time::interval(ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut phase = self.context.shutdown.subscribe();
+        phase.mark_changed();
+        // Not read while rooms are saved for a shutdown.
+        let mut reading = true;
+        loop {
+            let step = tokio::select! {
+                changed = phase.changed() => match (changed, *phase.borrow_and_update()) {
+                    (Ok(()), Phase::Running) => Ok(()),
+                    (Ok(()), Phase::Draining) => {
+                        reading = false;
+                        Ok(())
+                    }
+                    _ => Err(CloseReason::GoingAway.into()),
+                },
+                changed = conn_state.changed() => match changed {
+                    Ok(()) => self.on_conn_state(&mut conn_state).await,
+                    Err(_) => Err(room_gone(&conn_state)),
+                },
+                // A resync held to one a second: answered now.
+                _ = async { self.resync_timer.as_mut().expect("guarded").await }, if self.resync_timer.is_some() => {
+                    self.resync_timer = None;
+                    self.answer_resync().await
+                }
+                // The budget allows the oldest held message: it goes below.
+                _ = async { self.budget_timer.as_mut().expect("guarded").await }, if self.budget_timer.is_some() => {
+                    self.budget_timer = None;
+                    Ok(())
+                }
+                // The member's rate allows the newest state, held back since a change.
+                _ = async { self.outbox.timer.as_mut().expect("guarded").await }, if self.outbox.timer_armed => {
+                    self.outbox.timer_armed = false;
+                    self.send_newest().await
+                }
+                // Not polled while the rate holds a change back: the watch keeps
+                // the newest state, which the timer's branch sends.
+                changed = async { self.snapshots.as_mut().expect("guarded").changed().await }, if self.snapshots.is_some() && !self.outbox.timer_armed => match changed {
+                    Ok(()) if self.outbox.hold() => Ok(()),
+                    Ok(()) => self.send_newest().await,
+                    Err(_) => Err(room_gone(&conn_state)),
+                },
+                // Not read while a frame waits for the budget: TCP then slows the
+                // client down, and nothing it sent is lost.
+                frame = stream.next(), if reading && self.backlog.may_read() => self.on_frame(frame).await,
+                _ = ping.tick() => self.on_ping_tick(ping_every).await,
+            };
+            if let Err(end) = step {
+                return end;
+            }
+            self.forward_what_the_budget_allows().await;
+        }
+    }
+
+    /// The supervisor told the session something: its membership, a refusal
+    /// to tell a v2 client, a probe.
+    async fn on_conn_state(
+        &mut self,
+        conn_state: &mut watch::Receiver<ConnState>,
+    ) -> Result<(), End> {
+        let (refusal, probed) = {
+            let state = conn_state.borrow_and_update();
+            match &state.membership {
+                Membership::Pending => {}
+                Membership::Admitted(rx) => {
+                    if self.snapshots.is_none() {
+                        self.snapshots = Some(rx.clone());
+                    }
+                }
+                Membership::Closed(reason) => return Err((*reason).into()),
+            }
+            let mut refusal = None;
+            if let (Some(v2), Some((kind, reason))) = (self.outbox.v2.as_mut(), state.last_refused)
             {
-                return End::Close(CLOSE_INTERNAL_ERROR, "Room unavailable");
+                refusal = (state.refused > v2.refused_told).then(|| {
+                    contract::protocol::v2::error_message(
+                        kind,
+                        reason,
+                        state.refused - v2.refused_told,
+                    )
+                });
+                v2.refused_told = state.refused;
+            }
+            let probed = std::mem::replace(&mut self.probes_seen, state.probes) != state.probes;
+            (refusal, probed)
+        };
+        // A v2 client is told of its messages a room limit refused.
+        if let Some(error) = refusal {
+            self.context.metrics.refusals_told.inc();
+            written(self.sink.text(error.as_bytes())).await?;
+        }
+        if probed {
+            if self.last_heard.elapsed() < self.context.config.takeover_wait {
+                // Heard from just now: alive, no need to ask.
+                self.room.alive(self.conn);
+            } else {
+                self.probe_waiting = true;
+                written(self.sink.ping()).await?;
             }
         }
-        if !backlog.is_empty() && budget_timer.is_none() {
-            let at = budget.next_token_at().into();
-            budget_timer = Some(Box::pin(tokio::time::sleep_until(at)));
+        Ok(())
+    }
+
+    /// v2: answers a `resync` (see [`Outbox::answer_resync`]).
+    async fn answer_resync(&mut self) -> Result<(), End> {
+        let metrics = self.context.metrics;
+        self.outbox
+            .answer_resync(metrics, self.room, self.sink, self.snapshots.as_mut())
+            .await
+    }
+
+    /// Sends the room's newest state (see [`Outbox::send_newest`]).
+    async fn send_newest(&mut self) -> Result<(), End> {
+        let rx = self.snapshots.as_mut().expect("only once admitted");
+        let metrics = self.context.metrics;
+        self.outbox
+            .send_newest(metrics, self.room, self.sink, rx)
+            .await
+    }
+
+    /// A frame from the client, or its end.
+    async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), End> {
+        let metrics = self.context.metrics;
+        let now = Instant::now();
+        self.last_heard = now;
+        if self.probe_waiting && matches!(frame, Some(Ok(ref m)) if !m.is_close()) {
+            self.probe_waiting = false;
+            self.room.alive(self.conn);
         }
+        let within_budget = self.backlog.is_empty() && self.budget.has_token(now);
+        if !within_budget
+            && matches!(frame, Some(Ok(ref m)) if m.is_text() || m.is_binary() || m.is_ping() || m.is_pong())
+        {
+            metrics.frames_rate_limited.inc();
+        }
+        match frame {
+            Some(Ok(Message::Text(text)))
+                if self.outbox.v2.is_some() && contract::protocol::v2::is_resync(text.as_str()) =>
+            {
+                // Answered here, not forwarded (the room does not change),
+                // but it counts against the budget.
+                metrics.resyncs.inc();
+                self.backlog.spend();
+                // One answer per room version: a resync flood in a quiet room
+                // costs one snapshot, not one each.
+                let answered = self
+                    .snapshots
+                    .as_ref()
+                    .is_some_and(|rx| self.outbox.resync_answered(rx));
+                let v2 = self.outbox.v2.as_mut().expect("guarded");
+                let too_soon = v2
+                    .resync_answered_at
+                    .map(|at| at + RESYNC_EVERY)
+                    .filter(|due| *due > now);
+                if let (false, Some(due)) = (answered, too_soon) {
+                    // Answered once the period is over (a later request
+                    // within it joins this one).
+                    if self.resync_timer.is_none() {
+                        self.resync_timer = Some(Box::pin(tokio::time::sleep_until(due.into())));
+                    }
+                    Ok(())
+                } else {
+                    self.answer_resync().await
+                }
+            }
+            Some(Ok(Message::Text(text))) => {
+                let text = String::from(text.as_str());
+                if within_budget {
+                    self.backlog.pass(text);
+                    return Ok(());
+                }
+                match self.backlog.hold(text) {
+                    Held::Waiting => Ok(()),
+                    held => {
+                        if held == Held::Folded {
+                            metrics.cursor_moves_folded.inc();
+                        }
+                        if self.budget.over(now) {
+                            info!(
+                                "client kept sending cursor moves far over its message budget; closing it"
+                            );
+                            return Err(CloseReason::RateLimit.into());
+                        }
+                        Ok(())
+                    }
+                }
+            }
+            Some(Ok(Message::Binary(bytes))) => {
+                metrics.binary_frames.inc();
+                debug!(
+                    len = bytes.len(),
+                    "binary frame ignored (the protocol is text)"
+                );
+                // Ignored, but not free: it counts against the budget.
+                self.backlog.spend();
+                Ok(())
+            }
+            Some(Ok(Message::Ping(payload))) => {
+                written(self.sink.pong(&payload)).await?;
+                self.backlog.spend();
+                Ok(())
+            }
+            Some(Ok(Message::Pong(_))) => {
+                self.backlog.spend();
+                Ok(())
+            }
+            Some(Ok(Message::Frame(_))) => Ok(()),
+            Some(Ok(Message::Close(frame))) => {
+                // Echo the client's close code, as RFC 6455 §5.5.1 asks.
+                let code = frame.map_or(1000, |f| u16::from(f.code));
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.sink.close(code, "")).await;
+                Err(End::ClientGone)
+            }
+            None => Err(End::ClientGone),
+            Some(Err(e)) => Err(read_failed(e)),
+        }
+    }
+
+    /// The ping interval: drops a client silent for two intervals, pings one
+    /// silent for half of one.
+    async fn on_ping_tick(&mut self, ping_every: Duration) -> Result<(), End> {
+        let silent = self.last_heard.elapsed();
+        if silent >= 2 * ping_every {
+            info!(
+                silent_ms = silent.as_millis() as u64,
+                "client silent; dropping it"
+            );
+            return Err(End::ClientGone);
+        }
+        // Half an interval, not a whole one: the pong to the previous ping
+        // arrives just after that tick, so at this tick the client has been
+        // silent for a little less than an interval, and must be pinged again
+        // to be heard before the next tick's check.
+        if silent >= ping_every / 2 {
+            written(self.sink.ping()).await?;
+        }
+        Ok(())
+    }
+
+    /// The one place client messages go to the room's worker: what the budget
+    /// allows, oldest first; the timer is set for the rest.
+    async fn forward_what_the_budget_allows(&mut self) {
+        while !self.backlog.is_empty() && self.budget.try_take(Instant::now()) {
+            if let Some(Released::Message(text)) = self.backlog.pop() {
+                // Fails only if the server is gone: its stop closes the session.
+                let _ = self.room.forward(self.conn, text).await;
+            }
+        }
+        if !self.backlog.is_empty() && self.budget_timer.is_none() {
+            let at = self.budget.next_token_at().into();
+            self.budget_timer = Some(Box::pin(tokio::time::sleep_until(at)));
+        }
+    }
+}
+
+/// A write to the client that must complete within [`WRITE_TIMEOUT`]: else
+/// the client is not reading at all, and is dropped.
+async fn written<E>(write: impl Future<Output = Result<(), E>>) -> Result<(), End> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(End::ClientGone),
+    }
+}
+
+/// How a failed read ends the session.
+fn read_failed(e: WsError) -> End {
+    match e {
+        WsError::Capacity(e) => {
+            info!(error = %e, "client frame over the size limit");
+            CloseReason::TooBig.into()
+        }
+        // The client broke RFC 6455: told so with its close code (§7.4.1)
+        // rather than a dropped connection.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::ClientGone,
+        WsError::Protocol(e) => {
+            info!(error = %e, "client broke the WebSocket protocol");
+            CloseReason::ProtocolError.into()
+        }
+        WsError::Utf8(e) => {
+            info!(error = %e, "client sent a text frame that is not UTF-8");
+            CloseReason::InvalidUtf8.into()
+        }
+        // permessage-deflate (`inflate`): a message inflating past the limit
+        // is too big however small it came.
+        WsError::Io(e) if inflate_failure(&e).is_some() => {
+            let why = inflate_failure(&e).expect("guarded");
+            info!(error = %why, "client sent a compressed message that cannot be taken");
+            match why {
+                InflateFailure::Inflate(InflateError::TooBig) => CloseReason::TooBig.into(),
+                InflateFailure::Inflate(InflateError::Corrupt) => {
+                    CloseReason::InvalidCompressed.into()
+                }
+                InflateFailure::Protocol => CloseReason::ProtocolError.into(),
+            }
+        }
+        e => {
+            debug!(error = %e, "read failed");
+            End::ClientGone
+        }
+    }
+}
+
+/// The room went (its slot's task dropped it): with the close it asked for,
+/// if it asked for one.
+fn room_gone(conn_state: &watch::Receiver<ConnState>) -> End {
+    match &conn_state.borrow().membership {
+        Membership::Closed(reason) => End::Close(*reason),
+        _ => End::Close(CloseReason::RoomUnavailable),
     }
 }
 
@@ -542,11 +645,12 @@ struct V2Outbox {
     refused_told: u32,
 }
 
-/// The first part of a v2 message: a snapshot's prefix (the v1 snapshot follows
-/// without its `{`), or a whole `ops` message.
+/// A v2 message: a snapshot's prefix (the v1 snapshot follows without its
+/// `{`), or an `ops` message as its member's own head and a body (shared by
+/// every member at the same version).
 enum V2Message {
     Snapshot(Vec<u8>),
-    Ops(Vec<u8>),
+    Ops { head: Vec<u8>, body: Bytes },
 }
 
 impl Outbox {
@@ -587,7 +691,7 @@ impl Outbox {
     /// allows (the timer's branch sends it then).
     async fn answer_resync(
         &mut self,
-        shared: &Shared,
+        metrics: &Metrics,
         room: &RoomHandle,
         sink: &mut ClientWriter,
         snapshots: Option<&mut watch::Receiver<SnapshotCell>>,
@@ -601,7 +705,7 @@ impl Outbox {
         v2.resync = !answered;
         match snapshots {
             Some(rx) if v2.resync && !self.timer_armed && !self.hold() => {
-                self.send_newest(shared, room, sink, rx).await
+                self.send_newest(metrics, room, sink, rx).await
             }
             _ => Ok(()),
         }
@@ -621,7 +725,7 @@ impl Outbox {
     /// in v2, asked for a snapshot).
     async fn send_newest(
         &mut self,
-        shared: &Shared,
+        metrics: &Metrics,
         room: &RoomHandle,
         sink: &mut ClientWriter,
         rx: &mut watch::Receiver<SnapshotCell>,
@@ -629,7 +733,6 @@ impl Outbox {
         let Some(snapshot) = rx.borrow_and_update().clone() else {
             return Ok(());
         };
-        let metrics = &shared.metrics;
         if let Some(last) = self.last_version {
             if last == snapshot.version && !self.v2.as_ref().is_some_and(|v2| v2.resync) {
                 return Ok(());
@@ -640,7 +743,7 @@ impl Outbox {
         }
         let last_version = self.last_version;
         let message = if let Some(v2) = self.v2.as_mut() {
-            match v2.message(last_version, room, &snapshot) {
+            match v2.message(last_version, &snapshot) {
                 Some(message) => Some(message),
                 None => {
                     // Publishes that changed nothing: nothing to send.
@@ -671,20 +774,20 @@ impl Outbox {
             }
             // Each member's own, so compressed only while that is cheap, and
             // sent so only if it came out smaller.
-            (Some(V2Message::Ops(ops)), _)
+            (Some(V2Message::Ops { head, body }), _)
                 if self.deflate
                     && (MIN_COMPRESSED_OPS_BYTES..=MAX_COMPRESSED_OPS_BYTES)
-                        .contains(&ops.len()) =>
+                        .contains(&(head.len() + body.len())) =>
             {
-                Some(deflate_message(ops))
-                    .filter(|payload| payload.len() < ops.len())
+                Some(deflate_message(&[&head[..], &body[..]].concat()))
+                    .filter(|payload| payload.len() < head.len() + body.len())
                     .map(Cow::Owned)
             }
             _ => None,
         };
         let written = async {
             match (&message, &compressed_head) {
-                (Some(V2Message::Ops(_)), Some(payload)) => {
+                (Some(V2Message::Ops { .. }), Some(payload)) => {
                     sink.compressed_text(payload, &[]).await
                 }
                 (_, Some(head)) => {
@@ -695,14 +798,14 @@ impl Outbox {
                 (Some(V2Message::Snapshot(head)), None) => {
                     sink.text_parts(head, &snapshot.message[1..]).await
                 }
-                (Some(V2Message::Ops(ops)), None) => sink.text(ops).await,
+                (Some(V2Message::Ops { head, body }), None) => sink.text_parts(head, body).await,
             }
         };
         match tokio::time::timeout(WRITE_TIMEOUT, written).await {
             Ok(Ok(())) => {
                 let (wire_bytes, per_version) = match (&message, &compressed_head) {
-                    (Some(V2Message::Ops(_)), Some(payload)) => (payload.len(), false),
-                    (Some(V2Message::Ops(ops)), None) => (ops.len(), false),
+                    (Some(V2Message::Ops { .. }), Some(payload)) => (payload.len(), false),
+                    (Some(V2Message::Ops { head, body }), None) => (head.len() + body.len(), false),
                     (_, Some(head)) => (head.len() + deflated.map_or(0, <[u8]>::len), true),
                     (Some(V2Message::Snapshot(head)), None) => {
                         (head.len() + snapshot.message.len() - 1, true)
@@ -721,9 +824,9 @@ impl Outbox {
                     metrics.compressed_bytes.inc_by(wire_bytes as u64);
                 }
                 match message {
-                    Some(V2Message::Ops(ops)) => {
+                    Some(V2Message::Ops { head, body }) => {
                         metrics.ops_sent.inc();
-                        metrics.ops_bytes.inc_by(ops.len() as u64);
+                        metrics.ops_bytes.inc_by((head.len() + body.len()) as u64);
                     }
                     Some(V2Message::Snapshot(head)) => {
                         metrics.snapshots_sent.inc();
@@ -756,38 +859,38 @@ impl Outbox {
 impl V2Outbox {
     /// The v2 message that brings the client to `snapshot` (`None` if the
     /// publishes since its last message changed nothing).
-    fn message(
-        &mut self,
-        last_version: Option<u64>,
-        room: &RoomHandle,
-        snapshot: &Published,
-    ) -> Option<V2Message> {
+    fn message(&mut self, last_version: Option<u64>, snapshot: &Published) -> Option<V2Message> {
+        use contract::protocol::v2::{ops_body, ops_head, snapshot_prefix};
         if self.resync {
             self.resync_version = Some(snapshot.version);
             self.resync_answered_at = Some(Instant::now());
         }
-        let batches = match last_version {
-            Some(last) if !std::mem::take(&mut self.resync) => {
-                room.batches()
-                    .between(last, snapshot.version, snapshot.message.len())
-            }
-            _ => None,
-        };
-        self.resync = false;
-        if batches
-            .as_ref()
-            .is_some_and(|b| b.iter().all(|ops| ops.is_empty()))
-        {
+        // A resync, or the first message, is a snapshot.
+        let last = last_version.filter(|_| !std::mem::take(&mut self.resync));
+        let limit = snapshot.message.len();
+        let body = (|| {
+            let batches = snapshot
+                .batches
+                .as_ref()
+                .and_then(|batches| batches.between(last?, snapshot.version, limit))?;
+            // Publishes that changed nothing: nothing to send.
+            Some(if batches.iter().all(|ops| ops.is_empty()) {
+                Bytes::new()
+            } else {
+                Bytes::from(ops_body(batches.iter().map(|b| &b[..])))
+            })
+        })();
+        if body.as_ref().is_some_and(Bytes::is_empty) {
             return None;
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        Some(match batches {
-            Some(batches) => V2Message::Ops(contract::protocol::v2::ops_message(
-                seq,
-                batches.iter().map(|b| &b[..]),
-            )),
-            None => V2Message::Snapshot(contract::protocol::v2::snapshot_prefix(seq)),
+        Some(match body {
+            Some(body) => V2Message::Ops {
+                head: ops_head(seq),
+                body,
+            },
+            None => V2Message::Snapshot(snapshot_prefix(seq)),
         })
     }
 }

@@ -1,187 +1,205 @@
-//! A worker's frame queue, bounded twice: by frames (the channel's capacity)
-//! and by the bytes of the client messages it holds. The count alone let
-//! 8,192 messages of 64 KiB (512 MiB) wait for one worker, and with
-//! permessage-deflate a client uploads such a message in a few hundred
-//! bytes; the bytes bound keeps what waits for a worker under
-//! [`MESSAGE_KIB`], whatever the clients send. A session over it waits, as
-//! it does for a full queue: backpressure on its client, nothing dropped.
-//!
-//! A message's bytes are taken when it is queued (a [`Charge`], kept only
-//! once the frame is sent) and given back when the frame leaves the queue.
+//! A worker slot's two queues: the **inbox** of the slot's rooms (sessions →
+//! the slot's task, which owns the rooms) and the **frame queue** (that task →
+//! the writer of the worker's socket). Both are unbounded channels, so the
+//! slot's task never waits on a send: reading the worker's replies never waits
+//! on writing to it. What bounds them is the bytes of the client messages they
+//! hold: a session takes a message's share of [`MESSAGE_KIB`] (a [`Charge`],
+//! waiting while it is spent: backpressure on that client only, nothing
+//! dropped) before the message enters the inbox, and the share is given back
+//! when the writer takes the frame (or when the message is journaled without
+//! being sent, during a restore). The count alone let 8,192 messages of 64 KiB
+//! (512 MiB) wait for one worker, and with permessage-deflate a client uploads
+//! such a message in a few hundred bytes. Every other frame is bounded by what
+//! causes it (a connection's join and leave, a room's open and close, a
+//! journal's restore).
 
-use std::ops::Deref;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::sync::mpsc::error::TryRecvError;
-use tokio::sync::{AcquireError, Semaphore, SemaphorePermit, mpsc};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc};
 
-use contract::ipc::{RoomEvent, Stamped, ToWorker};
-
-/// Frames queued per worker before senders wait. Large enough to absorb bursts
-/// from many rooms; when full, each session waits (backpressure on its client).
-pub const FRAMES: usize = 8192;
+use contract::ipc::ToWorker;
 
 /// KiB of client messages queued per worker before senders wait: 32 MiB,
 /// about a second of a worker's work at its fastest (`BENCHMARKS.md`).
 pub const MESSAGE_KIB: u32 = 32 * 1024;
-
-/// A new queue: its sending and receiving ends.
-pub fn channel() -> (WorkerQueue, WorkerFrames) {
-    let (frames, receiver) = mpsc::channel(FRAMES);
-    let message_kib = Arc::new(Semaphore::new(MESSAGE_KIB as usize));
-    (
-        WorkerQueue {
-            frames,
-            message_kib: message_kib.clone(),
-        },
-        WorkerFrames {
-            frames: receiver,
-            message_kib,
-        },
-    )
-}
 
 /// KiB a client message of `len` bytes takes of [`MESSAGE_KIB`] (at least one).
 fn kib(len: usize) -> u32 {
     len.div_ceil(1024).max(1) as u32
 }
 
-/// The client message a frame carries, if any.
-fn message_len(frame: &ToWorker) -> Option<usize> {
-    match frame {
-        ToWorker::Event(Stamped {
-            event: RoomEvent::Message { text, .. },
-            ..
-        }) => Some(text.len()),
-        _ => None,
+/// A client message's share of its worker's [`MESSAGE_KIB`], held until the
+/// writer takes its frame (or it is dropped unsent).
+#[derive(Debug)]
+pub struct Charge(#[allow(dead_code)] OwnedSemaphorePermit);
+
+/// The bytes budget of one worker's client messages, shared by its room
+/// handles (which charge it) and its frame queue (which gives it back).
+#[derive(Clone, Debug)]
+pub struct MessageBudget(Arc<Semaphore>);
+
+impl Default for MessageBudget {
+    fn default() -> Self {
+        MessageBudget(Arc::new(Semaphore::new(MESSAGE_KIB as usize)))
     }
 }
 
-/// The sending end: the channel (used as it is for every frame) and the
-/// bytes budget, which a client message is [`charge`](Self::charge)d to
-/// first.
+impl MessageBudget {
+    /// Waits until the budget has room for a client message of `len` bytes.
+    /// Fails only if the budget is closed (it never is).
+    pub async fn charge(&self, len: usize) -> Result<Charge, AcquireError> {
+        self.0
+            .clone()
+            .acquire_many_owned(kib(len))
+            .await
+            .map(Charge)
+    }
+
+    /// KiB free now (for tests).
+    #[cfg(test)]
+    pub fn available_kib(&self) -> usize {
+        self.0.available_permits()
+    }
+}
+
+/// What a queued frame carries besides itself.
+#[derive(Debug, Default)]
+pub enum Ticket {
+    /// Nothing.
+    #[default]
+    None,
+    /// A client message's share of the bytes budget, given back when the
+    /// writer takes the frame.
+    Charge(Charge),
+    /// A restore's first frame: set when the writer takes it, so a crash is
+    /// blamed only on restores the worker had started reading.
+    Taken(Arc<AtomicBool>),
+}
+
+/// One frame for the worker, with its [`Ticket`].
+#[derive(Debug)]
+pub struct Outgoing {
+    /// The frame.
+    pub frame: ToWorker,
+    /// What the writer gives back or marks when it takes the frame.
+    pub ticket: Ticket,
+}
+
+/// A new frame queue: its sending and receiving ends.
+pub fn channel() -> (WorkerQueue, WorkerFrames) {
+    let (frames, receiver) = mpsc::unbounded_channel();
+    let depth = Arc::new(AtomicUsize::new(0));
+    (
+        WorkerQueue {
+            frames,
+            depth: depth.clone(),
+        },
+        WorkerFrames {
+            frames: receiver,
+            depth,
+        },
+    )
+}
+
+/// The sending end of a worker's frame queue.
 #[derive(Clone, Debug)]
 pub struct WorkerQueue {
-    frames: mpsc::Sender<ToWorker>,
-    message_kib: Arc<Semaphore>,
-}
-
-/// A client message's share of the budget, taken for a frame about to be
-/// queued: [`sent`](Self::sent) once it is, else given back when dropped.
-#[must_use]
-pub struct Charge<'a>(SemaphorePermit<'a>);
-
-impl Charge<'_> {
-    /// The frame is queued: its share stays taken until it leaves the queue.
-    pub fn sent(self) {
-        self.0.forget();
-    }
+    frames: mpsc::UnboundedSender<Outgoing>,
+    /// Frames queued and not yet taken (`/metrics`).
+    depth: Arc<AtomicUsize>,
 }
 
 impl WorkerQueue {
-    /// Waits until the budget has room for a client message of `len` bytes.
-    /// Fails only if the budget is closed (it never is).
-    pub async fn charge(&self, len: usize) -> Result<Charge<'_>, AcquireError> {
-        self.message_kib.acquire_many(kib(len)).await.map(Charge)
+    /// Frames queued and not yet taken by the writer.
+    pub fn depth(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
     }
 
-    /// Sends `frame`, charged first if it carries a client message (the
-    /// frames that rebuild a restored room).
-    pub async fn send_charged(&self, frame: ToWorker) -> Result<(), ()> {
-        let charge = match message_len(&frame) {
-            Some(len) => Some(self.charge(len).await.map_err(|_| ())?),
-            None => None,
-        };
-        self.frames.send(frame).await.map_err(|_| ())?;
-        if let Some(charge) = charge {
-            charge.sent();
+    /// Queues `frame` (never waits). False if the queue is gone (the server
+    /// is stopping).
+    pub fn send(&self, frame: ToWorker) -> bool {
+        self.send_with(frame, Ticket::None)
+    }
+
+    /// Queues `frame` with its ticket.
+    pub fn send_with(&self, frame: ToWorker, ticket: Ticket) -> bool {
+        let sent = self.frames.send(Outgoing { frame, ticket }).is_ok();
+        if sent {
+            self.depth.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(())
+        sent
     }
 }
 
-impl Deref for WorkerQueue {
-    type Target = mpsc::Sender<ToWorker>;
-
-    fn deref(&self) -> &mpsc::Sender<ToWorker> {
-        &self.frames
-    }
-}
-
-/// The receiving end: each frame taken gives its client message's bytes back.
+/// The receiving end: each frame taken gives its ticket back.
 pub struct WorkerFrames {
-    frames: mpsc::Receiver<ToWorker>,
-    message_kib: Arc<Semaphore>,
+    frames: mpsc::UnboundedReceiver<Outgoing>,
+    depth: Arc<AtomicUsize>,
 }
 
 impl WorkerFrames {
     /// The next frame (`None` once every sender is gone).
     pub async fn recv(&mut self) -> Option<ToWorker> {
-        let frame = self.frames.recv().await?;
-        self.taken(&frame);
-        Some(frame)
+        let next = self.frames.recv().await?;
+        Some(self.taken(next))
     }
 
     /// The next frame if one is queued.
     pub fn try_recv(&mut self) -> Result<ToWorker, TryRecvError> {
-        let frame = self.frames.try_recv()?;
-        self.taken(&frame);
-        Ok(frame)
+        let next = self.frames.try_recv()?;
+        Ok(self.taken(next))
     }
 
-    fn taken(&self, frame: &ToWorker) {
-        if let Some(len) = message_len(frame) {
-            self.message_kib.add_permits(kib(len) as usize);
+    /// A frame leaves the queue: its charge is given back, its restore marked.
+    fn taken(&self, outgoing: Outgoing) -> ToWorker {
+        self.depth.fetch_sub(1, Ordering::Relaxed);
+        if let Ticket::Taken(flag) = &outgoing.ticket {
+            flag.store(true, Ordering::Relaxed);
         }
+        outgoing.frame
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use contract::ipc::{ConnId, RoomId};
+    use contract::ipc::RoomId;
     use std::time::Duration;
 
-    fn message(len: usize) -> ToWorker {
-        ToWorker::Event(Stamped {
-            room: RoomId("r".into()),
-            seq: 1,
-            time_ms: 0,
-            event: RoomEvent::Message {
-                conn: ConnId(1),
-                text: "x".repeat(len),
-            },
-        })
-    }
-
-    /// 32 MiB of 64 KiB messages fill the budget long before the 8,192
-    /// frames; the next waits until one leaves the queue, and a charge
-    /// that is not sent is given back.
+    /// 32 MiB of 64 KiB messages fill the budget; the next waits until one
+    /// leaves the queue, and a charge that is not sent is given back.
     #[tokio::test]
-    async fn client_messages_wait_for_bytes_not_only_for_places() {
+    async fn client_messages_wait_for_bytes_and_give_them_back_when_taken() {
+        let budget = MessageBudget::default();
         let (queue, mut frames) = channel();
         let per = 64 * 1024;
         let fit = (MESSAGE_KIB / 64) as usize;
+        let close = || ToWorker::CloseRoom {
+            room: RoomId("r".into()),
+        };
         for _ in 0..fit {
-            queue.send_charged(message(per)).await.unwrap();
+            let charge = budget.charge(per).await.unwrap();
+            assert!(queue.send_with(close(), Ticket::Charge(charge)));
         }
-        let next =
-            tokio::time::timeout(Duration::from_millis(50), queue.send_charged(message(per)));
+        let next = tokio::time::timeout(Duration::from_millis(50), budget.charge(per));
         assert!(next.await.is_err(), "the 513th 64 KiB message waits");
         // A frame without a client message is not held by the bytes.
-        queue
-            .send(ToWorker::CloseRoom {
-                room: RoomId("r".into()),
-            })
-            .await
-            .unwrap();
+        assert!(queue.send(close()));
         // One leaves: one more fits.
         frames.recv().await.unwrap();
-        queue.send_charged(message(per)).await.unwrap();
+        let charge = budget.charge(per).await.unwrap();
         // A charge dropped unsent is given back.
-        frames.recv().await.unwrap();
-        drop(queue.charge(per).await.unwrap());
-        queue.charge(per).await.unwrap().sent();
-        assert_eq!(queue.message_kib.available_permits(), 0);
+        drop(charge);
+        let _kept = budget.charge(per).await.unwrap();
+        assert_eq!(budget.available_kib(), 0);
+        // A restore's first frame is marked when taken.
+        while frames.try_recv().is_ok() {}
+        let flag = Arc::new(AtomicBool::new(false));
+        queue.send_with(close(), Ticket::Taken(flag.clone()));
+        assert!(!flag.load(Ordering::Relaxed));
+        frames.try_recv().unwrap();
+        assert!(flag.load(Ordering::Relaxed));
     }
 }

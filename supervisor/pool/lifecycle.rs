@@ -19,12 +19,12 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use super::link::{self, LinkEnd, PING_QUEUE, Reader, Writer, read_frames, watchdog, write_frames};
-use super::recovery::{RESTORE_ANSWER_MARGIN, Recovery, restore_rooms};
+use super::link::{self, LinkEnd, PING_QUEUE, Reader, Writer, watchdog, write_frames};
 use super::salvage::Salvages;
+use super::slot_task::Control;
 use super::{DrainReport, WorkerSlot, lock};
 use crate::metrics::Metrics;
-use crate::rooms::Registry;
+use crate::rooms::{RESTORE_ANSWER_MARGIN, Registry};
 use crate::shutdown::{Phase, Shutdown};
 use contract::config::{PersistSettings, WORKER_NONCE_ENV};
 use contract::ipc::{CodecError, FromWorker, IPC_VERSION, RoomId, ToWorker, WorkerId};
@@ -195,9 +195,11 @@ impl Ended {
 /// slot sees it: from [`Phase::Draining`] a worker that ends is not replaced;
 /// at [`Phase::Stopped`] its socket is closed, and the process is killed if it
 /// still runs at the plan's `exit_by`.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn supervise(
     slot: Arc<WorkerSlot>,
     mut frames: WorkerFrames,
+    control: mpsc::UnboundedSender<Control>,
     mut worker: WorkerSpec,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
@@ -206,7 +208,6 @@ pub(super) async fn supervise(
 ) {
     let mut ready = Some(ready);
     let mut delay = Duration::ZERO;
-    let mut recovery = Recovery::default();
     loop {
         let started = Instant::now();
         // Serving ends by itself at the shutdown deadline; this bounds a worker
@@ -214,12 +215,11 @@ pub(super) async fn supervise(
         let mut serve = Serve {
             slot: &slot,
             frames: &mut frames,
+            control: &control,
             worker: &mut worker,
             registry: &registry,
-            metrics: &metrics,
             shutdown: &shutdown,
             ready: &mut ready,
-            recovery: &mut recovery,
         };
         let ended = tokio::select! {
             biased;
@@ -236,7 +236,7 @@ pub(super) async fn supervise(
         }
         if shutdown.is_stopping() {
             // A replacement would only be killed again; rooms are not restored.
-            let unsaved = registry.unconfirmed_rooms(slot.id);
+            let unsaved = registry.unconfirmed_rooms(slot.id).await;
             error!(worker = %slot.id, ?unsaved, "worker ended during shutdown ({}); not replaced; these rooms are replayed into fallback files from the supervisor's journal", ended.how);
             slot.answer_drain(DrainReport {
                 saved: 0,
@@ -263,8 +263,25 @@ pub(super) async fn supervise(
                 (&[], &[])
             }
         };
-        recovery.worker_failed(blamed, suspected, &mut frames, &registry, &slot, &worker);
-        let rooms = recovery.rooms();
+        let (answer, answered) = oneshot::channel();
+        let _ = control.send(Control::Failed {
+            blamed: blamed.to_vec(),
+            suspected: suspected.to_vec(),
+            answer,
+        });
+        let (rooms, quarantined) = answered.await.unwrap_or_default();
+        for room in quarantined {
+            worker.salvages.spawn(
+                worker.program.clone(),
+                worker.settings.data_dir.clone(),
+                room,
+            );
+        }
+        // Frames queued for the dead process: its rooms' are in their journals
+        // (every room of the slot is restored, and nothing is queued for them
+        // until then), the others (pings, checkpoint requests) are moot.
+        while frames.try_recv().is_ok() {}
+        let rooms: Vec<&str> = rooms.iter().map(|room| room.0.as_str()).collect();
         error!(worker = %slot.id, rooms = ?rooms, "worker failed ({}); restoring its rooms on a replacement", ended.how);
         if started.elapsed() > STABLE_RUN {
             delay = Duration::ZERO;
@@ -287,12 +304,11 @@ pub(super) async fn supervise(
 struct Serve<'a> {
     slot: &'a WorkerSlot,
     frames: &'a mut WorkerFrames,
+    control: &'a mpsc::UnboundedSender<Control>,
     worker: &'a mut WorkerSpec,
     registry: &'a Registry,
-    metrics: &'a Metrics,
     shutdown: &'a Shutdown,
     ready: &'a mut Option<oneshot::Sender<Result<StoreIdentity, WorkerExit>>>,
-    recovery: &'a mut Recovery,
 }
 
 /// Waits until the server is [`Phase::Stopped`]; returns when its workers must
@@ -391,7 +407,6 @@ impl Serve<'_> {
         *lock(&slot.last_pong) = Instant::now();
         slot.unresponsive.store(false, Ordering::Relaxed);
         self.registry.set_unresponsive(slot.id, false);
-        lock(&slot.restores).clear();
         slot.pid.store(pid, Ordering::Relaxed);
         info!(worker = %slot.id, pid, "worker ready");
         if let Some(ready) = self.ready.take() {
@@ -399,26 +414,25 @@ impl Serve<'_> {
         }
 
         let (pinger, mut pings) = mpsc::channel(PING_QUEUE);
-        let (carry, rooms) = self.recovery.take_next();
-        let wait = Duration::from_millis(self.worker.settings.load_wait_ms) + RESTORE_ANSWER_MARGIN;
-        let (registry, metrics, suspects) = (self.registry, self.metrics, self.recovery.suspects());
-        // Runs alongside reading and writing, never in their way; once done it
-        // only waits for the others to end.
-        let restores = async {
-            restore_rooms(rooms, suspects, registry, slot, wait).await;
-            slot.restoring.store(false, Ordering::Relaxed);
-            std::future::pending::<()>().await
-        };
+        // The slot's task reads the worker's replies and restores the rooms
+        // it inherits (alongside writing, never in its way).
+        let restore_wait =
+            Duration::from_millis(self.worker.settings.load_wait_ms) + RESTORE_ANSWER_MARGIN;
+        let (ended, mut link_ended) = oneshot::channel();
+        let _ = self.control.send(Control::Attach {
+            reader,
+            ended,
+            restore_wait,
+        });
         let ended = tokio::select! {
-            why = write_frames(carry, self.frames, &mut pings, &mut writer, slot) => EndCause::Link(why),
-            why = read_frames(&mut reader, registry, metrics, slot) => EndCause::Link(why),
+            why = write_frames(self.frames, &mut pings, &mut writer) => EndCause::Link(why),
+            why = &mut link_ended => EndCause::Link(why.unwrap_or(LinkEnd::Closed)),
             silent = watchdog(slot, self.registry, pinger) => EndCause::Unresponsive(silent),
-            () = restores => unreachable!("restoring ends by waiting forever"),
             _ = child.wait() => EndCause::ProcessExited,
             deadline = exit_requested(self.shutdown) => {
                 // Closing the socket tells the worker to exit.
                 drop(writer);
-                drop(reader);
+                self.detach().await;
                 match tokio::time::timeout_at(deadline, child.wait()).await {
                     Ok(status) => return Ended::plain(WorkerExit::Stopped { pid, status }),
                     Err(_) => {
@@ -428,7 +442,7 @@ impl Serve<'_> {
                 }
             }
         };
-        let restoring = slot.take_in_flight();
+        let restoring = self.detach().await;
         // Whatever ended first, make sure the process is gone and reaped.
         let _ = child.start_kill();
         let status = child.wait().await;
@@ -440,6 +454,16 @@ impl Serve<'_> {
             },
             restoring,
         }
+    }
+}
+
+impl Serve<'_> {
+    /// Stops the slot's task reading the process; returns the rooms whose
+    /// restore it had started reading and not answered.
+    async fn detach(&self) -> Vec<RoomId> {
+        let (answer, answered) = oneshot::channel();
+        let _ = self.control.send(Control::Detach(answer));
+        answered.await.unwrap_or_default()
     }
 }
 

@@ -5,43 +5,39 @@
 //! Each worker slot has one queue that outlives its processes, so sessions keep a
 //! valid sender across a respawn.
 //!
-//! Nothing here waits on its own writes: while a worker is served, its socket is
-//! read, written, pinged and its inherited rooms restored by separate branches of
-//! one `select!`, so a full socket in one direction never stops the other
-//! (restores go through the slot's queue like every other frame).
-//!
-//! The pool's three jobs, one module each: `lifecycle` (spawn, handshake,
-//! respawn, the watchdog's kill, stop), `link` (framing, the reader and the
-//! writer, pings) and `recovery` (restoring a failed worker's rooms on its
-//! replacement, blaming a crash on the rooms being restored).
+//! Each slot has two tasks: its **slot task** (`slot_task`) owns the slot's
+//! rooms and reads the worker's replies; its **lifecycle** task (`lifecycle`)
+//! spawns the process, writes its frames, pings it, and replaces it when it
+//! fails (the slot task then restores its rooms on the replacement). Neither
+//! waits on the other's socket direction: a full socket one way never stops
+//! the other. `link` holds the framing, the writer and the pings; `salvage`
+//! replays rooms into fallback files.
 
 mod lifecycle;
 mod link;
-mod recovery;
 mod salvage;
+mod slot_task;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use tracing::error;
 
 use super::metrics::Metrics;
-use super::rooms::Registry;
+use super::rooms::{Registry, SlotInboxReceiver, SlotRooms};
 use super::shutdown::Shutdown;
-use crate::worker_queue::{WorkerFrames, WorkerQueue};
+use crate::worker_queue::WorkerQueue;
 use contract::config::PersistSettings;
 use contract::ipc::{Fallback, RoomId, ToWorker, WorkerId};
 pub use lifecycle::WorkerProgram;
 use lifecycle::{StoreIdentity, WorkerExit, WorkerSpec, supervise};
-use recovery::InFlight;
 
 /// A worker answers a drain this long before the supervisor stops waiting, so
 /// the answer (and the unsaved rooms it names) arrives in time.
@@ -53,8 +49,8 @@ const DRAIN_ANSWER_MARGIN: Duration = Duration::from_millis(250);
 pub struct WorkerSlot {
     /// The position's id (`w0`, `w1`…), which each of its processes takes.
     pub id: WorkerId,
-    /// Frames for this worker's rooms.
-    pub queue: WorkerQueue,
+    /// Frames for this worker (its rooms' are queued by the slot's task).
+    queue: WorkerQueue,
     /// Pid of the running process, 0 while none runs.
     pid: AtomicU32,
     /// Processes started after the first one.
@@ -67,9 +63,6 @@ pub struct WorkerSlot {
     unresponsive: AtomicBool,
     /// The slot's process failed and its rooms are not all restored yet.
     restoring: AtomicBool,
-    /// Restores under way on the running process, by room: a crash is blamed on
-    /// those whose frames had started going to it.
-    restores: Mutex<HashMap<RoomId, InFlight>>,
 }
 
 /// A worker's answer to a drain.
@@ -97,7 +90,6 @@ impl WorkerSlot {
             last_pong: Mutex::new(Instant::now()),
             unresponsive: AtomicBool::new(false),
             restoring: AtomicBool::new(false),
-            restores: Mutex::new(HashMap::new()),
         }
     }
 
@@ -110,6 +102,11 @@ impl WorkerSlot {
     /// Processes started after the slot's first, each replacing one that ended.
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Frames queued for the worker and not yet written (`/metrics`).
+    pub fn queue_depth(&self) -> usize {
+        self.queue.depth()
     }
 
     /// The slot's process runs and answers pings (restoring rooms or not): what
@@ -139,17 +136,12 @@ impl WorkerSlot {
     }
 }
 
-/// Each worker's frame queue: the senders (sessions reach them through the
-/// [`Registry`]) and the receivers (for [`WorkerPool::start`]).
-pub fn worker_queues(count: usize) -> (Vec<WorkerQueue>, Vec<WorkerFrames>) {
-    (0..count).map(|_| crate::worker_queue::channel()).unzip()
-}
-
 /// The worker processes, one per slot, each run by its own task for the
 /// server's life. Started once by [`run`](crate::run) and held in
 /// [`Shared`](crate::Shared): the HTTP endpoints and the Agones lifecycle
 /// read its slots, and the stop drains it and waits for it. Sessions never
-/// reach it: they send through their [`RoomHandle`](crate::rooms::RoomHandle).
+/// reach it: they send through their [`RoomHandle`](crate::rooms::RoomHandle)
+/// to the slot's task.
 /// The workers follow the server's [`Shutdown`]: from
 /// `Phase::Draining` a worker that ends is not replaced; at `Phase::Stopped`
 /// every worker's socket is closed, and those still running at the plan's
@@ -179,10 +171,11 @@ fn started(
 }
 
 impl WorkerPool {
-    /// Starts one worker per queue of `frames` (see [`worker_queues`]) and waits
-    /// until each has completed its handshake.
-    pub async fn start(
-        frames: Vec<WorkerFrames>,
+    /// Starts one slot per inbox of the registry's (see [`Registry::new`]):
+    /// its task, which owns its rooms, and its worker process; waits until
+    /// each worker has completed its handshake.
+    pub(crate) async fn start(
+        inboxes: Vec<SlotInboxReceiver>,
         mut settings: PersistSettings,
         program: WorkerProgram,
         registry: Arc<Registry>,
@@ -191,15 +184,27 @@ impl WorkerPool {
     ) -> anyhow::Result<WorkerPool> {
         let tasks = TaskTracker::new();
         let salvages = Arc::new(salvage::Salvages::default());
-        let mut slots = Vec::with_capacity(frames.len());
-        let mut ready = Vec::with_capacity(frames.len());
-        for (i, frames) in frames.into_iter().enumerate() {
+        let mut slots = Vec::with_capacity(inboxes.len());
+        let mut ready = Vec::with_capacity(inboxes.len());
+        for (i, inbox) in inboxes.into_iter().enumerate() {
             let id = WorkerId(i as u32);
-            let slot = Arc::new(WorkerSlot::new(id, registry.queue(id).clone()));
+            let (queue, frames) = crate::worker_queue::channel();
+            let slot = Arc::new(WorkerSlot::new(id, queue.clone()));
+            let (control, controlled) = mpsc::unbounded_channel();
+            // For the server's life: sessions and the stop need it until the end.
+            tokio::spawn(slot_task::run(
+                SlotRooms::new(id, queue, registry.clone()),
+                inbox,
+                controlled,
+                slot.clone(),
+                registry.clone(),
+                metrics.clone(),
+            ));
             let (ready_tx, ready_rx) = oneshot::channel();
             tasks.spawn(supervise(
                 slot.clone(),
                 frames,
+                control,
                 WorkerSpec {
                     settings: settings.clone(),
                     program: program.clone(),
@@ -255,13 +260,12 @@ impl WorkerPool {
             let drain = ToWorker::Drain {
                 grace_ms: grace.as_millis() as u64,
             };
-            let sent = tokio::time::timeout_at(deadline, slot.queue.send(drain)).await;
-            let report = match sent {
-                Ok(Ok(())) => tokio::time::timeout_at(deadline, rx)
+            let report = match slot.queue.send(drain) {
+                true => tokio::time::timeout_at(deadline, rx)
                     .await
                     .ok()
                     .and_then(Result::ok),
-                _ => None,
+                false => None,
             };
             (slot.id, report)
         });
@@ -280,7 +284,7 @@ impl WorkerPool {
         worker: WorkerId,
         deadline: tokio::time::Instant,
     ) -> Vec<Fallback> {
-        let rooms = self.registry.unconfirmed_salvage(worker);
+        let rooms = self.registry.unconfirmed_salvage(worker).await;
         let salvages = rooms.into_iter().map(|room| async {
             let id = room.room.clone();
             let salvaged = salvage::salvage(&self.program, self.data_dir.clone(), room);

@@ -5,8 +5,8 @@ use interprocess::local_socket::{GenericNamespaced, ListenerOptions, ToNsName};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::lifecycle::handshake;
-use super::link::{LinkEnd, PING_QUEUE, Reader, Writer, read_frames, write_frames};
-use super::recovery::restore_room;
+use super::link::{PING_QUEUE, Reader, Writer, write_frames};
+use super::slot_task::{self, Control};
 use super::*;
 use contract::ipc::{FromWorker, IPC_VERSION};
 use tokio::sync::mpsc;
@@ -67,42 +67,63 @@ async fn handshake_with(reply: FromWorker) -> anyhow::Result<()> {
 
 /// Both directions full at once: the worker writes 4 MB of snapshots before
 /// it reads anything, while a room with a 4 MB journal is restored into it.
-/// The restore completes (the supervisor reads while it writes) and every
-/// snapshot reaches the room.
+/// The restore completes (the slot's task reads while the writer writes) and
+/// every snapshot reaches the room.
 #[tokio::test]
 async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
-    use crate::rooms::ConnState;
+    use crate::rooms::{ConnState, Membership};
+    use contract::ipc::ConnId;
     const EVENTS: usize = 4000;
     const SNAPSHOTS: usize = 16;
     const SNAPSHOT_BYTES: usize = 256 * 1024;
-    let ((mut reader, mut writer), (mut w_reader, mut w_writer)) = socket_pair().await;
-    let (queues, frames) = worker_queues(1);
-    let mut frames = frames.into_iter().next().unwrap();
-    let registry = Registry::new(queues, 1, 1);
-    let metrics = Metrics::new(&Default::default());
-    let slot = WorkerSlot::new(WorkerId(0), registry.queue(WorkerId(0)).clone());
+    let ((reader, mut writer), (mut w_reader, mut w_writer)) = socket_pair().await;
+    let (registry, inboxes) = Registry::new(1, 1, 1);
+    let registry = Arc::new(registry);
+    let metrics = Arc::new(Metrics::new(&Default::default()));
+    let (queue, mut frames) = crate::worker_queue::channel();
+    let slot = Arc::new(WorkerSlot::new(WorkerId(0), queue.clone()));
+    let (control, controlled) = mpsc::unbounded_channel();
+    tokio::spawn(slot_task::run(
+        SlotRooms::new(WorkerId(0), queue, registry.clone()),
+        inboxes.into_iter().next().unwrap(),
+        controlled,
+        slot.clone(),
+        registry.clone(),
+        metrics,
+    ));
     let room = RoomId("big".into());
     let (conn_state, mut conn) = tokio::sync::watch::channel(ConnState::pending());
     let handle = registry
-        .register(&room, contract::ipc::ConnId(1), "u".into(), conn_state)
+        .register(&room, ConnId(1), "u".into(), conn_state)
         .unwrap();
-    handle.join(contract::ipc::ConnId(1), None).await.unwrap();
+    handle.join(ConnId(1), None, false, false);
     for _ in 0..EVENTS {
-        let text = "x".repeat(1000);
-        handle
-            .forward(contract::ipc::ConnId(1), text)
-            .await
-            .unwrap();
+        handle.forward(ConnId(1), "x".repeat(1000)).await.unwrap();
     }
+    let (answer, answered) = oneshot::channel();
+    control
+        .send(Control::Failed {
+            blamed: Vec::new(),
+            suspected: Vec::new(),
+            answer,
+        })
+        .unwrap_or_else(|_| panic!("the slot's task runs"));
+    let (restoring, _) = answered.await.unwrap();
+    assert_eq!(restoring, std::slice::from_ref(&room));
     while frames.try_recv().is_ok() {}
-    let restoring = registry.worker_failed(WorkerId(0));
-    assert_eq!(restoring.len(), 1);
-    let entry = &restoring[0];
+    let (ended, _link_ended) = oneshot::channel();
+    control
+        .send(Control::Attach {
+            reader,
+            ended,
+            restore_wait: Duration::from_secs(30),
+        })
+        .unwrap_or_else(|_| panic!("the slot's task runs"));
 
     let fake_worker = async {
         let admit = FromWorker::JoinAccepted {
             room: RoomId("big".into()),
-            conn: contract::ipc::ConnId(1),
+            conn: ConnId(1),
         };
         w_writer.send(admit).await.unwrap();
         for i in 0..SNAPSHOTS {
@@ -133,11 +154,18 @@ async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
         (w_reader, w_writer)
     };
     let (_pinger, mut pings) = mpsc::channel(PING_QUEUE);
+    let restored = async {
+        loop {
+            if registry.monitor().await[0]["restoring"] == false {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
     let serve = async {
         tokio::select! {
-            why = write_frames(Vec::new(), &mut frames, &mut pings, &mut writer, &slot) => panic!("{why}"),
-            why = read_frames(&mut reader, &registry, &metrics, &slot) => panic!("{why}"),
-            () = restore_room(entry, &registry, &slot, Duration::from_secs(30)) => {}
+            why = write_frames(&mut frames, &mut pings, &mut writer) => panic!("{why}"),
+            () = restored => {}
         }
     };
     let (_, _keep_open) = tokio::time::timeout(Duration::from_secs(20), async {
@@ -145,80 +173,28 @@ async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
     })
     .await
     .expect("restore and snapshots went through (no deadlock)");
-    let crate::rooms::Membership::Admitted(snapshots) = conn.borrow_and_update().membership.clone()
-    else {
-        panic!("member not admitted");
-    };
+    let snapshots = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Membership::Admitted(rx) = conn.borrow_and_update().membership.clone()
+                && rx
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|p| p.version == SNAPSHOTS as u64)
+            {
+                return rx;
+            }
+            conn.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("admitted, and every snapshot published");
     let newest = snapshots.borrow().clone().unwrap();
-    assert_eq!(newest.version, SNAPSHOTS as u64);
     assert!(
         newest
             .message
             .starts_with(format!("{:04}", SNAPSHOTS - 1).as_bytes())
     );
-    assert_eq!(registry.monitor()[0]["restoring"], false);
-}
-
-/// A crash is blamed only on restores the worker had started taking and not
-/// answered: not on one it answered, nor on one whose frames it never got.
-#[tokio::test]
-async fn only_restores_taken_and_unanswered_are_blamed() {
-    let ((mut reader, mut writer), (mut w_reader, mut w_writer)) = socket_pair().await;
-    let metrics = Metrics::new(&Default::default());
-    let (queue, mut frames) = crate::worker_queue::channel();
-    let registry = Registry::new(vec![queue.clone()], 1, 1);
-    let slot = WorkerSlot::new(WorkerId(0), queue);
-    for (token, name) in [(1, "answered"), (2, "taken"), (3, "queued-only")] {
-        let (answered, _answer) = oneshot::channel();
-        lock(&slot.restores).insert(
-            RoomId(name.into()),
-            InFlight {
-                token,
-                taken: false,
-                answered: Some(answered),
-            },
-        );
-    }
-    for (token, name) in [(1, "answered"), (2, "taken")] {
-        let room = RoomId(name.into());
-        let restore = ToWorker::RestoreRoom {
-            room: room.clone(),
-            id_seed: 0,
-            image: None,
-        };
-        slot.queue.send(restore).await.unwrap();
-        slot.queue
-            .send(ToWorker::Sync { room, token })
-            .await
-            .unwrap();
-    }
-    // Reads both restores, answers the first, then dies.
-    let fake_worker = async move {
-        for _ in 0..4 {
-            w_reader.next().await.unwrap().unwrap();
-        }
-        let room = RoomId("answered".into());
-        w_writer
-            .send(FromWorker::Synced { room, token: 1 })
-            .await
-            .unwrap();
-    };
-    let (_pinger, mut pings) = mpsc::channel(PING_QUEUE);
-    let serve = async {
-        tokio::select! {
-            why = write_frames(Vec::new(), &mut frames, &mut pings, &mut writer, &slot) => why,
-            why = read_frames(&mut reader, &registry, &metrics, &slot) => why,
-        }
-    };
-    let (why, ()) = tokio::time::timeout(Duration::from_secs(10), async {
-        tokio::join!(serve, fake_worker)
-    })
-    .await
-    .unwrap();
-    assert!(matches!(why, LinkEnd::Closed), "{why:?}");
-    assert_eq!(why.to_string(), "IPC socket closed by worker");
-    assert_eq!(slot.take_in_flight(), [RoomId("taken".into())]);
-    assert!(lock(&slot.restores).is_empty());
+    assert!(!slot.restoring.load(Ordering::Relaxed));
 }
 
 #[tokio::test]

@@ -2,13 +2,12 @@
 //! them, and (while it has protocol v2 members) its recent ops batches.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::lock;
-use super::room::RoomEntry;
+use super::room::Room;
 
 /// The newest snapshot of a room, shared by all its members (one encoding, one
 /// allocation; each member clones a reference).
@@ -26,6 +25,10 @@ pub struct Published {
     pub at: Instant,
     /// Counts the room's snapshots, so a member can tell how many it skipped.
     pub version: u64,
+    /// The room's recent ops batches up to this version, while it has v2
+    /// members (shared: one copy per publish, read by each v2 member without
+    /// a lock).
+    pub batches: Option<Arc<Batches>>,
 }
 
 /// Batches of protocol v2 ops kept per room: at most this many…
@@ -36,7 +39,7 @@ const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// A room's recent ops batches (see `FromWorker::Snapshot`), one per published
 /// version, so that a v2 member that missed some versions gets their ops
 /// instead of a snapshot. Kept only while the room has v2 members.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Batches {
     /// The snapshot of this version cannot be reached by ops from an earlier
     /// one (the room was new or restored, or no batches were kept before it).
@@ -102,27 +105,42 @@ impl Batches {
     }
 }
 
-impl RoomEntry {
+impl Room {
     /// Publishes the room's newest snapshot to its members, and for v2 members
     /// the ops that lead to it from the previous one (`None`: none do).
-    pub(super) fn publish(&self, snapshot: Bytes, ops: Option<Bytes>, deflated: Option<Bytes>) {
-        self.snapshots.send_modify(|cell| {
-            let version = cell.as_ref().map_or(1, |p| p.version + 1);
-            // Under the watch's lock, so batches are kept in version order.
-            // Without v2 sessions, none are kept (nor locked): a v2 session
-            // counts itself before it joins, and its first message is a
-            // snapshot; the first batch kept after a pause starts a new chain
-            // (see `Batches::push`).
-            if self.v2_sessions.load(Ordering::Relaxed) > 0 {
-                lock(&self.batches).push(version, ops);
-            }
-            *cell = Some(Published {
-                message: snapshot,
-                deflated,
-                at: Instant::now(),
-                version,
-            });
+    pub(super) fn publish(&mut self, snapshot: Bytes, ops: Option<Bytes>, deflated: Option<Bytes>) {
+        let version = self
+            .snapshots
+            .borrow()
+            .as_ref()
+            .map_or(1, |p| p.version + 1);
+        // Without v2 members, none are kept: a v2 member counts itself with
+        // its join, and its first message is a snapshot; the first batch kept
+        // after a pause starts a new chain (see `Batches::push`).
+        let batches = (self.v2_members > 0).then(|| {
+            self.batches.push(version, ops);
+            Arc::new(self.batches.clone())
         });
+        self.snapshots.send_replace(Some(Published {
+            message: snapshot,
+            deflated,
+            at: Instant::now(),
+            version,
+            batches,
+        }));
+    }
+
+    /// A v2 member joins (`true`) or leaves.
+    pub(super) fn count_v2_member(&mut self, joins: bool) {
+        if joins {
+            self.v2_members += 1;
+        } else {
+            self.v2_members -= 1;
+            if self.v2_members == 0 {
+                // Its batches would only hold memory.
+                self.batches.clear();
+            }
+        }
     }
 }
 
@@ -130,7 +148,6 @@ impl RoomEntry {
 mod tests {
     use super::super::testing::*;
     use super::*;
-    use contract::ipc::ConnId;
 
     fn ops(text: &'static str) -> Option<Bytes> {
         Some(Bytes::from_static(text.as_bytes()))
@@ -187,26 +204,27 @@ mod tests {
 
     #[test]
     fn a_room_keeps_batches_only_while_it_has_v2_members() {
-        let (registry, _frames) = registry(1, 10, 10);
-        let entry = registry
-            .register(&room("v2"), ConnId(1), "u".into(), commands().0)
-            .unwrap();
-        registry.publish(&room("v2"), Bytes::from_static(b"{}"), None, None);
-        entry.v2_session(ConnId(1), true);
-        entry.v2_session(ConnId(2), true);
+        let mut room = Room::new(link("v2"));
+        let kept = |room: &Room| {
+            let published = room.snapshots.borrow().clone().unwrap();
+            published.batches.map(|b| b.entries.len())
+        };
+        room.publish(Bytes::from_static(b"{}"), None, None);
+        assert_eq!(kept(&room), None);
+        room.count_v2_member(true);
+        room.count_v2_member(true);
         for n in ["a", "b", "c"] {
-            registry.publish(&room("v2"), Bytes::from_static(b"{}"), ops(n), None);
+            room.publish(Bytes::from_static(b"{}"), ops(n), None);
         }
-        assert_eq!(entry.batches().entries.len(), 3);
-        entry.v2_session(ConnId(1), false);
-        assert_eq!(entry.batches().entries.len(), 3, "one v2 member is left");
-        entry.v2_session(ConnId(2), false);
-        assert!(entry.batches().entries.is_empty());
-        assert_eq!(entry.batches().bytes, 0);
-        registry.publish(&room("v2"), Bytes::from_static(b"{}"), ops("d"), None);
-        assert!(
-            entry.batches().entries.is_empty(),
-            "none kept without v2 members"
-        );
+        assert_eq!(kept(&room), Some(3));
+        room.count_v2_member(false);
+        room.publish(Bytes::from_static(b"{}"), ops("d"), None);
+        assert_eq!(kept(&room), Some(4), "one v2 member is left");
+        room.count_v2_member(false);
+        assert!(room.batches.entries.is_empty());
+        assert_eq!(room.batches.bytes, 0);
+        room.publish(Bytes::from_static(b"{}"), ops("e"), None);
+        assert_eq!(kept(&room), None, "none kept without v2 members");
+        assert!(room.batches.entries.is_empty());
     }
 }

@@ -1,23 +1,25 @@
 //! The rooms placed on this server, as the supervisor sees them. It never looks
 //! inside room state. One job per module:
 //!
-//! - here, [`Registry`]: **placement**, which worker holds each room (capacity,
-//!   the least loaded worker, avoiding a silent one), and the routing of the
-//!   worker's verdicts and snapshots to the room they name;
-//! - [`handle`]: [`RoomHandle`], what a session uses (join, forward, leave, probe
-//!   the user's earlier connection), holding the room's worker queue;
-//! - [`room`]: one placed room and its members ([`RoomEntry`]);
+//! - here, [`Registry`]: **placement**, which worker slot holds each room
+//!   (capacity, the least loaded worker, avoiding a silent one), and what
+//!   reports rooms reads (`/status`, `/metrics`, the monitor, Agones);
+//! - [`slot`]: [`SlotRooms`], every room of one worker slot, owned by that
+//!   slot's task: sessions' events in, the worker's replies in, frames out;
+//! - [`handle`]: [`RoomHandle`], what a session uses (join, forward, leave,
+//!   probe the user's earlier connection): events sent to the slot's task;
+//! - [`room`]: one placed room and its members;
 //! - [`fanout`]: the room's newest snapshot and its recent v2 ops batches;
 //! - [`recovery`]: what lets a room outlive its worker (stamping, checkpoint
 //!   and [`journal`], restore, crash blame);
-//! - [`saves`]: what the store has confirmed (per room, and its health).
+//! - [`saves`]: whether the store keeps refusing saves.
 //!
-//! Ordering: every frame for a room is stamped and queued to its worker while the
-//! room's lock is held, so sequence numbers follow queue order, and `OpenRoom` /
+//! Ordering: each slot's task handles its events one at a time, in the order
+//! they came, so sequence numbers follow queue order and `OpenRoom` /
 //! `CloseRoom` are decided together with the joins and leaves they depend on.
-//! Queue slots are reserved *before* taking the lock (reserving may wait), so no
-//! lock is ever held across an `.await`. Locks are taken in one order: the
-//! placement table, then a room's state.
+//! Nothing on the message path takes a lock; the placement table's lock is
+//! taken once per connection (its registration) and once per room (its
+//! release).
 
 pub mod fanout;
 pub mod handle;
@@ -25,28 +27,30 @@ pub mod journal;
 pub mod recovery;
 pub mod room;
 pub mod saves;
+pub mod slot;
 #[cfg(test)]
 mod testing;
 
-use crate::worker_queue::WorkerQueue;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use bytes::Bytes;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
-use contract::ipc::{ConnId, JoinRejection, RoomId, RoomSummary, WorkerId};
-use contract::protocol::{CLOSE_INTERNAL_ERROR, CLOSE_POLICY, IgnoredReason, MessageKind};
+use crate::worker_queue::MessageBudget;
+use contract::ipc::{ConnId, RoomId, WorkerId};
 
-pub use fanout::{Published, SnapshotCell};
+pub use fanout::{Batches, Published, SnapshotCell};
 pub use handle::{RoomHandle, RoomLost};
-pub use recovery::{POISON_CRASHES, POISON_WINDOW, RoomSalvage};
-pub use room::{ConnState, ConnStateSender, Holder, Membership, RoomEntry};
+pub use recovery::{POISON_CRASHES, POISON_WINDOW, RESTORE_ANSWER_MARGIN, RoomSalvage};
+pub use room::{ConnState, ConnStateSender, Holder, Membership};
 pub use saves::SAVES_FAILING_UNREADY_AFTER;
+pub(crate) use slot::{SlotInboxReceiver, SlotRooms};
 
-use room::{Member, RoomState};
+use handle::{RoomLink, SlotInbox};
+use room::Traffic;
 use saves::SaveHealth;
+use slot::{Query, SlotEvent};
 
 /// Why a new room could not be placed.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -86,27 +90,22 @@ pub struct Placed {
     pub opened: u64,
 }
 
-/// The rooms placed on this server's workers: which worker holds each room and
-/// which connections are registered for it.
+/// Which worker slot holds each room placed on this server.
 ///
 /// A connection is registered before its WebSocket upgrade
 /// ([`Registry::register`], which places a new room on the least loaded worker
-/// with capacity) and gets a [`RoomHandle`] for its session. The IPC reader
-/// routes each worker message to the room it names (`admit`, `reject`,
-/// `publish`, `close_resolved`, and the [`recovery`] and [`saves`] methods); a
-/// room whose id is no longer placed, or placed on another worker, ignores it.
-/// A room stays placed from its first connection until every connection has
-/// left and its worker has confirmed it freed the room.
+/// with capacity) and gets a [`RoomHandle`] for its session; the registration
+/// goes to the slot's task, which owns the room from then on. A room stays
+/// placed until its slot's task finds it done (every connection gone, freed
+/// on its worker) with no registration on its way to it, or closes it.
 ///
 /// One per server, made by [`run`](crate::run) and shared by the upgrade
-/// handler, the pool (its IPC readers and the restore of a failed worker's
-/// rooms), and what reports rooms (`/status`, `/metrics`, `/readyz`, the
-/// Agones lifecycle).
+/// handler, the slots' tasks, and what reports rooms (`/status`, `/metrics`,
+/// `/readyz`, the monitor, the Agones lifecycle).
 pub struct Registry {
-    table: Arc<Mutex<Table>>,
-    /// Each worker's frame queue (the pool's slot queue; it outlives the
-    /// worker's processes). A placed room holds its worker's.
-    queues: Vec<WorkerQueue>,
+    table: Mutex<Table>,
+    /// Each worker slot's inbox.
+    inboxes: Vec<SlotInbox>,
     rooms_per_worker: usize,
     /// Total rooms across workers.
     max_rooms: usize,
@@ -121,58 +120,72 @@ pub struct Registry {
 }
 
 /// The placement table, under one lock.
-pub(super) struct Table {
-    rooms: HashMap<RoomId, Arc<RoomEntry>>,
+struct Table {
+    rooms: HashMap<RoomId, Placement>,
     /// Rooms placed on each worker (open or still closing).
     load: Vec<usize>,
     /// Rooms placed now and ever, told on every change (the Agones lifecycle).
     placed: watch::Sender<Placed>,
+    next_placement: u64,
 }
 
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// A room placed on a slot.
+struct Placement {
+    link: Arc<RoomLink>,
+    /// Registrations sent to the slot's task.
+    registered: u64,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a lock leaves consistent data here (every update is a
     // few assignments); keep serving rather than cascading the panic.
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Registry {
-    /// A registry for one worker per queue, each holding at most
-    /// `rooms_per_worker` rooms, and at most `max_rooms` in all.
-    pub fn new(queues: Vec<WorkerQueue>, rooms_per_worker: usize, max_rooms: usize) -> Registry {
-        let workers = queues.len();
-        Registry {
-            table: Arc::new(Mutex::new(Table {
+    /// A registry for `workers` slots, each holding at most `rooms_per_worker`
+    /// rooms, and at most `max_rooms` in all; with each slot's inbox, for the
+    /// slot's task.
+    pub(crate) fn new(
+        workers: usize,
+        rooms_per_worker: usize,
+        max_rooms: usize,
+    ) -> (Registry, Vec<SlotInboxReceiver>) {
+        let (inboxes, receivers) = (0..workers)
+            .map(|_| {
+                let (events, receiver) = mpsc::unbounded_channel();
+                let budget = MessageBudget::default();
+                (SlotInbox { events, budget }, receiver)
+            })
+            .unzip();
+        let registry = Registry {
+            table: Mutex::new(Table {
                 rooms: HashMap::new(),
                 load: vec![0; workers],
                 placed: watch::Sender::new(Placed::default()),
-            })),
-            queues,
+                next_placement: 0,
+            }),
+            inboxes,
             rooms_per_worker,
             max_rooms,
             save_health: Mutex::new(SaveHealth::default()),
             unresponsive: (0..workers).map(|_| AtomicBool::new(false)).collect(),
             memory_refuses_rooms: AtomicBool::new(false),
-        }
+        };
+        (registry, receivers)
     }
 
     /// The memory budget's verdict: refuse new rooms (their connections get
     /// 503), and whether every room refuses new shapes: told to each room as
     /// an event, so a room replayed after a crash decides as it did.
-    pub async fn set_memory_pressure(&self, refuse_rooms: bool, refuse_shapes: Option<bool>) {
+    pub fn set_memory_pressure(&self, refuse_rooms: bool, refuse_shapes: Option<bool>) {
         self.memory_refuses_rooms
             .store(refuse_rooms, Ordering::Relaxed);
-        let Some(full) = refuse_shapes else {
-            return;
-        };
-        let rooms: Vec<Arc<RoomEntry>> = lock(&self.table).rooms.values().cloned().collect();
-        for entry in rooms {
-            RoomHandle::new(entry).memory_budget(full).await;
+        if let Some(full) = refuse_shapes {
+            for inbox in &self.inboxes {
+                inbox.send(SlotEvent::MemoryBudget { full });
+            }
         }
-    }
-
-    /// The frame queue of `worker`.
-    pub fn queue(&self, worker: WorkerId) -> &WorkerQueue {
-        &self.queues[worker.0 as usize]
     }
 
     /// The watchdog's view of a worker: new rooms avoid it while it is silent.
@@ -212,174 +225,125 @@ impl Registry {
         user_id: String,
         state: ConnStateSender,
     ) -> Result<RoomHandle, PlacementError> {
-        let member = Member::new(state, user_id);
         let mut table = lock(&self.table);
-        if let Some(entry) = table.rooms.get(room) {
-            lock(&entry.state).conns.insert(conn, member);
-            return Ok(RoomHandle::new(entry.clone()));
-        }
+        let link = match table.rooms.get_mut(room) {
+            Some(placement) => {
+                placement.registered += 1;
+                placement.link.clone()
+            }
+            None => {
+                let link = self.place(&mut table, room)?;
+                table.rooms.insert(
+                    room.clone(),
+                    Placement {
+                        link: link.clone(),
+                        registered: 1,
+                    },
+                );
+                let now = table.rooms.len();
+                table.placed.send_modify(|placed| {
+                    placed.now = now;
+                    placed.opened += 1;
+                });
+                link
+            }
+        };
+        // Under the table's lock: the slot's task sees it before it can
+        // ask to release the room.
+        link.inbox.send(SlotEvent::Register {
+            link: link.clone(),
+            conn,
+            user_id,
+            state,
+        });
+        Ok(RoomHandle(link))
+    }
+
+    /// A new placement of `room` on the least loaded worker with room,
+    /// preferring those answering pings.
+    fn place(&self, table: &mut Table, room: &RoomId) -> Result<Arc<RoomLink>, PlacementError> {
         if table.rooms.len() >= self.max_rooms {
             return Err(PlacementError::AtCapacity(self.max_rooms));
         }
         if self.memory_refuses_rooms.load(Ordering::Relaxed) {
             return Err(PlacementError::MemoryBudget);
         }
-        // The least loaded worker with room, preferring those answering pings.
         let silent = |w: usize| self.unresponsive[w].load(Ordering::Relaxed);
         let worker = (0..table.load.len())
             .filter(|&w| table.load[w] < self.rooms_per_worker)
             .min_by_key(|&w| (silent(w), table.load[w]))
             .ok_or(PlacementError::AllWorkersFull(self.rooms_per_worker))?;
         table.load[worker] += 1;
-        let entry = Arc::new(RoomEntry::new(
-            room.clone(),
-            WorkerId(worker as u32),
-            self.queues[worker].clone(),
-            Arc::downgrade(&self.table),
-        ));
-        lock(&entry.state).conns.insert(conn, member);
-        table.rooms.insert(room.clone(), entry.clone());
-        let now = table.rooms.len();
-        table.placed.send_modify(|placed| {
-            placed.now = now;
-            placed.opened += 1;
-        });
-        Ok(RoomHandle::new(entry))
+        table.next_placement += 1;
+        Ok(Arc::new(RoomLink {
+            id: room.clone(),
+            worker: WorkerId(worker as u32),
+            placement: table.next_placement,
+            inbox: self.inboxes[worker].clone(),
+            traffic: Traffic::default(),
+        }))
     }
 
-    /// The room placed as `room` on `worker`, if it is.
-    fn on_worker(&self, room: &RoomId, worker: WorkerId) -> Option<Arc<RoomEntry>> {
-        lock(&self.table).on_worker(room, worker)
+    /// Whether `link` is the room's current placement.
+    fn is_placed(&self, link: &RoomLink) -> bool {
+        lock(&self.table)
+            .rooms
+            .get(&link.id)
+            .is_some_and(|p| p.link.placement == link.placement)
     }
 
-    /// Whether `room` is placed on `worker`.
-    pub fn placed_on(&self, room: &RoomId, worker: WorkerId) -> bool {
-        self.on_worker(room, worker).is_some()
-    }
-
-    /// The worker admitted `conn`: subscribe it to the room's snapshots. Called in
-    /// IPC order, so the subscription precedes the snapshot that shows the join.
-    pub fn admit(&self, room: &RoomId, conn: ConnId) {
-        self.tell(room, conn, |entry| {
-            Membership::Admitted(entry.snapshots.subscribe())
-        });
-    }
-
-    /// The worker refused `conn`: close it with 1008 and the reason.
-    pub fn reject(&self, room: &RoomId, conn: ConnId, reason: JoinRejection) {
-        self.tell(room, conn, |_| Membership::Closed {
-            code: CLOSE_POLICY,
-            reason: reason.close_reason(),
-        });
-    }
-
-    /// The worker refused a v2 member's message (event `seq`) by a room
-    /// limit: its session tells the client, once per event.
-    pub fn refused(
-        &self,
-        room: &RoomId,
-        conn: ConnId,
-        seq: u64,
-        refusal: (MessageKind, IgnoredReason),
-    ) {
-        let Some(entry) = lock(&self.table).rooms.get(room).cloned() else {
-            return;
-        };
-        let mut state = lock(&entry.state);
-        if seq <= state.refused_up_to {
-            return; // a replayed event, told already
-        }
-        state.refused_up_to = seq;
-        if let Some(member) = state.conns.get(&conn) {
-            member.state.send_modify(|s| {
-                s.refused += 1;
-                s.last_refused = Some(refusal);
-            });
-        }
-    }
-
-    /// Tells a joined connection's session the worker's verdict. A connection that
-    /// was closed meanwhile (replaced, or its room lost) stays closed.
-    fn tell(&self, room: &RoomId, conn: ConnId, membership: impl FnOnce(&RoomEntry) -> Membership) {
-        let Some(entry) = lock(&self.table).rooms.get(room).cloned() else {
-            return;
-        };
-        let state = lock(&entry.state);
-        if let Some(member) = state.conns.get(&conn).filter(|m| m.joined) {
-            let membership = membership(&entry);
-            member.state.send_if_modified(|s| {
-                let open = !matches!(s.membership, Membership::Closed { .. });
-                if open {
-                    s.membership = membership;
-                }
-                open
-            });
-        }
-    }
-
-    /// Publishes the room's newest snapshot to its members, and for v2 members
-    /// the ops that lead to it from the previous one (`None`: none do).
-    pub fn publish(
-        &self,
-        room: &RoomId,
-        snapshot: Bytes,
-        ops: Option<Bytes>,
-        deflated: Option<Bytes>,
-    ) {
-        let entry = lock(&self.table).rooms.get(room).cloned();
-        if let Some(entry) = entry {
-            entry.publish(snapshot, ops, deflated);
-        }
-    }
-
-    /// The worker answered a `CloseRoom`: the room is freed (`RoomClosed`), or
-    /// stays because it was reopened first (`CloseCancelled`).
-    pub fn close_resolved(&self, room: &RoomId, worker: WorkerId) {
+    /// The slot's task found the room done after `registered` registrations:
+    /// frees its place unless another registration is on its way to it.
+    fn release(&self, link: &RoomLink, registered: u64) -> bool {
         let mut table = lock(&self.table);
-        let Some(entry) = table.on_worker(room, worker) else {
-            return;
-        };
-        let mut state = lock(&entry.state);
-        state.closing = state.closing.saturating_sub(1);
-        table.remove_if_done(&entry, &state);
+        let current = table
+            .rooms
+            .get(&link.id)
+            .filter(|p| p.link.placement == link.placement);
+        match current {
+            Some(p) if p.registered != registered => false,
+            Some(_) => {
+                table.remove(link);
+                true
+            }
+            None => true,
+        }
     }
 
-    /// Records the worker's summaries of its rooms.
-    pub fn summaries(&self, worker: WorkerId, summaries: Vec<RoomSummary>) {
-        let table = lock(&self.table);
-        for summary in summaries {
-            if let Some(entry) = table
-                .rooms
-                .get(&summary.room)
-                .filter(|e| e.worker == worker)
-            {
-                lock(&entry.state).summary = Some(summary);
-            }
+    /// Frees a closed room's place at once (its connections were closed).
+    fn forget(&self, link: &RoomLink) {
+        let mut table = lock(&self.table);
+        if table
+            .rooms
+            .get(&link.id)
+            .is_some_and(|p| p.link.placement == link.placement)
+        {
+            table.remove(link);
         }
+    }
+
+    /// Asks every slot's task `query`; their answers in slot order.
+    async fn ask<T>(&self, query: impl Fn(oneshot::Sender<T>) -> Query) -> Vec<T> {
+        let answers = self.inboxes.iter().map(|inbox| {
+            let (answer, answered) = oneshot::channel();
+            inbox.send(SlotEvent::Query(query(answer)));
+            answered
+        });
+        let answers: Vec<_> = answers.collect();
+        futures_util::future::join_all(answers)
+            .await
+            .into_iter()
+            .filter_map(Result::ok)
+            .collect()
     }
 
     /// Every room with what the monitor shows of it, sorted by id.
-    pub fn monitor(&self) -> Vec<serde_json::Value> {
-        let table = lock(&self.table);
-        let mut rooms: Vec<serde_json::Value> = table
-            .rooms
-            .values()
-            .map(|entry| {
-                let state = lock(&entry.state);
-                let summary = state.summary.as_ref();
-                serde_json::json!({
-                    "room": entry.id.0,
-                    "worker": entry.worker.0,
-                    "connections": state.conns.len(),
-                    "members": summary.map(|s| s.members),
-                    "shapes": summary.map(|s| s.shapes),
-                    "unsaved": summary.map(|s| s.unsaved),
-                    "lastSaveMs": summary.and_then(|s| s.last_save_ms),
-                    "restoring": state.recovery.restoring,
-                    "journal": state.recovery.journal.len(),
-                    "journalBytes": state.recovery.journal.bytes(),
-                })
-            })
+    pub async fn monitor(&self) -> Vec<serde_json::Value> {
+        let mut rooms: Vec<serde_json::Value> = self
+            .ask(Query::Monitor)
+            .await
+            .into_iter()
+            .flatten()
             .collect();
         rooms.sort_by(|a, b| a["room"].as_str().cmp(&b["room"].as_str()));
         rooms
@@ -388,25 +352,44 @@ impl Registry {
     /// What the monitor samples of each room, in one pass: its traffic since
     /// it was placed, and the client events journaled and not yet
     /// checkpointed (what a worker crash would replay).
-    pub fn traffic(&self) -> Vec<RoomTraffic> {
-        let rooms: Vec<Arc<RoomEntry>> = lock(&self.table).rooms.values().cloned().collect();
-        rooms
-            .iter()
-            .map(|entry| RoomTraffic {
-                room: entry.id.0.clone(),
-                messages_in: entry.traffic.messages_in.load(Ordering::Relaxed),
-                bytes_out: entry.traffic.bytes_out.load(Ordering::Relaxed),
-                journal: lock(&entry.state).recovery.journal.len() as u64,
-            })
+    pub async fn traffic(&self) -> Vec<RoomTraffic> {
+        self.ask(Query::Traffic)
+            .await
+            .into_iter()
+            .flatten()
             .collect()
+    }
+
+    /// Rooms on `worker` with events since their last confirmed save, sorted:
+    /// those whose changes may be lost if the worker is lost now.
+    pub async fn unconfirmed_rooms(&self, worker: WorkerId) -> Vec<RoomId> {
+        self.ask_one(worker, Query::Unconfirmed).await
+    }
+
+    /// What rebuilds each of those rooms, for a salvage into a fallback file.
+    pub async fn unconfirmed_salvage(&self, worker: WorkerId) -> Vec<RoomSalvage> {
+        self.ask_one(worker, Query::Salvage).await
+    }
+
+    async fn ask_one<T: Default>(
+        &self,
+        worker: WorkerId,
+        query: impl FnOnce(oneshot::Sender<T>) -> Query,
+    ) -> T {
+        let Some(inbox) = self.inboxes.get(worker.0 as usize) else {
+            return T::default();
+        };
+        let (answer, answered) = oneshot::channel();
+        inbox.send(SlotEvent::Query(query(answer)));
+        answered.await.unwrap_or_default()
     }
 
     /// Rooms per worker, sorted, for the status endpoint.
     pub fn rooms_by_worker(&self) -> Vec<Vec<RoomId>> {
         let table = lock(&self.table);
         let mut by_worker = vec![Vec::new(); table.load.len()];
-        for entry in table.rooms.values() {
-            by_worker[entry.worker.0 as usize].push(entry.id.clone());
+        for placement in table.rooms.values() {
+            by_worker[placement.link.worker.0 as usize].push(placement.link.id.clone());
         }
         for rooms in &mut by_worker {
             rooms.sort();
@@ -416,46 +399,12 @@ impl Registry {
 }
 
 impl Table {
-    /// The room named `room` if it is placed on `worker`: a worker's message
-    /// about a room it no longer holds (placed elsewhere since) is ignored.
-    fn on_worker(&self, room: &RoomId, worker: WorkerId) -> Option<Arc<RoomEntry>> {
-        self.rooms
-            .get(room)
-            .filter(|entry| entry.worker == worker)
-            .cloned()
-    }
-
-    /// Closes every connection of a room with 1011 and forgets the room.
-    fn close_room(&mut self, entry: &Arc<RoomEntry>, state: &mut RoomState, reason: &'static str) {
-        state.lost = true;
-        for member in state.conns.values() {
-            member.close(CLOSE_INTERNAL_ERROR, reason);
-        }
-        self.forget(entry);
-    }
-
-    /// Drops the entry once nothing refers to the room any more: no connection,
-    /// not open on the worker, no close awaiting confirmation.
-    fn remove_if_done(&mut self, entry: &Arc<RoomEntry>, state: &RoomState) {
-        if state.lost || !state.conns.is_empty() || state.open || state.closing > 0 {
-            return;
-        }
-        self.forget(entry);
-    }
-
-    /// Removes `entry` from the map (unless a newer entry for the room replaced
-    /// it) and frees its place on its worker.
-    fn forget(&mut self, entry: &Arc<RoomEntry>) {
-        let is_current = self
-            .rooms
-            .get(&entry.id)
-            .is_some_and(|current| Arc::ptr_eq(current, entry));
-        if is_current {
-            self.rooms.remove(&entry.id);
-            self.load[entry.worker.0 as usize] -= 1;
-            let now = self.rooms.len();
-            self.placed.send_modify(|placed| placed.now = now);
-        }
+    /// Removes the room's placement and frees its place on its worker.
+    fn remove(&mut self, link: &RoomLink) {
+        self.rooms.remove(&link.id);
+        self.load[link.worker.0 as usize] -= 1;
+        let now = self.rooms.len();
+        self.placed.send_modify(|placed| placed.now = now);
     }
 }
 
@@ -464,24 +413,27 @@ mod tests {
     use super::testing::*;
     use super::*;
     use contract::ipc::ToWorker;
+    use contract::protocol::{IgnoredReason, MessageKind};
 
     /// A restored room replays its journal and refuses the same events
     /// again: the member is told of each refused event once.
     #[tokio::test]
     async fn a_refusal_is_told_once_per_event_even_when_replayed() {
-        let (registry, _frames) = registry(1, 10, 10);
-        let (_handle, state) = joined(&registry, "full", 1).await;
-        let board_full = (MessageKind::ShapeCreate, IgnoredReason::BoardFull);
+        let (registry, mut slots) = registry(1, 10, 10);
+        let (_handle, state) = joined(&registry, &mut slots, "full", 1);
+        let refused = |seq, kind| contract::ipc::FromWorker::Refused {
+            room: room("full"),
+            conn: ConnId(1),
+            seq,
+            kind,
+            reason: IgnoredReason::BoardFull,
+        };
+        let rooms = slots.rooms(0);
         for seq in [5, 6, 5, 6, 4] {
-            registry.refused(&room("full"), ConnId(1), seq, board_full);
+            rooms.worker_message(refused(seq, MessageKind::ShapeCreate));
         }
         assert_eq!(state.borrow().refused, 2);
-        registry.refused(
-            &room("full"),
-            ConnId(1),
-            7,
-            (MessageKind::ShapeUpdate, IgnoredReason::BoardFull),
-        );
+        rooms.worker_message(refused(7, MessageKind::ShapeUpdate));
         assert_eq!(state.borrow().refused, 3);
         assert_eq!(
             state.borrow().last_refused,
@@ -491,7 +443,7 @@ mod tests {
 
     #[test]
     fn rooms_spread_over_workers_and_refuse_when_full() {
-        let (registry, _frames) = registry(2, 2, 100);
+        let (registry, _slots) = registry(2, 2, 100);
         let workers: Vec<WorkerId> = ["a", "b", "c", "d"]
             .iter()
             .enumerate()
@@ -524,7 +476,7 @@ mod tests {
 
     #[test]
     fn the_total_capacity_is_enforced_across_workers() {
-        let (registry, _frames) = registry(2, 5, 3);
+        let (registry, _slots) = registry(2, 5, 3);
         for (i, r) in ["a", "b", "c"].iter().enumerate() {
             registry
                 .register(&room(r), ConnId(i as u64), "u".into(), commands().0)
@@ -540,16 +492,12 @@ mod tests {
 
     #[tokio::test]
     async fn lifecycle_frames_are_ordered_and_room_freed_after_confirmation() {
-        let (registry, mut frames) = registry(1, 1, 100);
-        let rx = &mut frames[0];
-        let (handle, _) = joined(&registry, "a", 1).await;
+        let (registry, mut slots) = registry(1, 1, 100);
+        let (handle, _) = joined(&registry, &mut slots, "a", 1);
         handle.forward(ConnId(1), "hi".into()).await.unwrap();
-        handle.leave(ConnId(1)).await;
+        handle.leave(ConnId(1));
 
-        let mut frames = Vec::new();
-        while let Ok(f) = rx.try_recv() {
-            frames.push(f);
-        }
+        let frames = slots.frames(0);
         assert!(matches!(&frames[0], ToWorker::OpenRoom { room: r, .. } if r.0 == "a"));
         assert_eq!(events(&frames), [1, 2, 3]);
         assert!(matches!(&frames[4], ToWorker::CloseRoom { room: r } if r.0 == "a"));
@@ -562,7 +510,9 @@ mod tests {
                 .err(),
             Some(PlacementError::AllWorkersFull(1))
         );
-        registry.close_resolved(&room("a"), WorkerId(0));
+        slots
+            .rooms(0)
+            .worker_message(contract::ipc::FromWorker::RoomClosed { room: room("a") });
         assert!(
             registry
                 .register(&room("b"), ConnId(3), "u".into(), commands().0)
@@ -570,9 +520,43 @@ mod tests {
         );
     }
 
+    /// A connection registered while the room's last member leaves keeps the
+    /// room: the slot's task releases it only when no registration is on its
+    /// way, so the new member's join reopens it on the same placement.
+    #[tokio::test]
+    async fn a_registration_on_its_way_keeps_the_room_placed() {
+        let (registry, mut slots) = registry(1, 1, 100);
+        let (first, _) = joined(&registry, &mut slots, "a", 1);
+        first.leave(ConnId(1));
+        slots.pump();
+        // Registered, not yet seen by the slot's task, when the worker
+        // confirms the close.
+        let (tx, second_state) = commands();
+        let second = registry
+            .register(&room("a"), ConnId(2), "u".into(), tx)
+            .unwrap();
+        slots.0[0]
+            .rooms
+            .worker_message(contract::ipc::FromWorker::RoomClosed { room: room("a") });
+        assert_eq!(registry.rooms_by_worker(), vec![vec![room("a")]]);
+        slots.pump();
+        second.join(ConnId(2), None, false, false);
+        let frames = slots.frames(0);
+        assert!(matches!(
+            &frames[..],
+            [.., ToWorker::OpenRoom { .. }, ToWorker::Event(_)]
+        ));
+        assert!(!second_state.has_changed().unwrap(), "not closed");
+        second.leave(ConnId(2));
+        slots
+            .rooms(0)
+            .worker_message(contract::ipc::FromWorker::RoomClosed { room: room("a") });
+        assert_eq!(registry.rooms_by_worker(), vec![Vec::<RoomId>::new()]);
+    }
+
     #[test]
     fn new_rooms_avoid_a_worker_that_does_not_answer() {
-        let (registry, _frames) = registry(2, 2, 100);
+        let (registry, _slots) = registry(2, 2, 100);
         registry.set_unresponsive(WorkerId(0), true);
         let place = |name: &str, conn: u64| {
             registry
@@ -587,5 +571,102 @@ mod tests {
         assert_eq!(place("c", 3), WorkerId(0));
         registry.set_unresponsive(WorkerId(0), false);
         assert_eq!(place("d", 4), WorkerId(0));
+    }
+
+    /// The replaced connection's handle tests (they were on the handle, whose
+    /// work is now the slot's task's).
+    #[tokio::test]
+    async fn a_silent_holder_of_the_user_is_replaced_in_one_step() {
+        let (registry, mut slots) = registry(1, 1, 1);
+        let (handle, old_rx) = joined(&registry, &mut slots, "a", 1);
+        let (new_tx, _new_rx) = commands();
+        registry
+            .register(&room("a"), ConnId(2), "u".into(), new_tx)
+            .unwrap();
+        let Holder::Probed { conn, answer } = slots.ask(handle.probe_holder(ConnId(2))).await
+        else {
+            panic!("the first connection holds the user");
+        };
+        assert_eq!(conn, ConnId(1));
+        assert_eq!(old_rx.borrow().probes, 1);
+        drop(answer);
+        handle.join(ConnId(2), Some(ConnId(1)), false, false);
+        let frames = slots.frames(0);
+        assert!(matches!(
+            old_rx.borrow().membership,
+            Membership::Closed(crate::close::CloseReason::Replaced)
+        ));
+        let events: Vec<contract::ipc::RoomEvent> = frames
+            .into_iter()
+            .filter_map(|f| match f {
+                ToWorker::Event(s) => Some(s.event),
+                _ => None,
+            })
+            .collect();
+        use contract::ipc::RoomEvent;
+        assert_eq!(
+            events,
+            [
+                RoomEvent::Join {
+                    conn: ConnId(1),
+                    user_id: "u".into(),
+                    v2: false,
+                    deflate: false,
+                },
+                RoomEvent::Leave { conn: ConnId(1) },
+                RoomEvent::Join {
+                    conn: ConnId(2),
+                    user_id: "u".into(),
+                    v2: false,
+                    deflate: false,
+                },
+            ]
+        );
+        // The replaced connection's own leave later changes nothing.
+        handle.leave(ConnId(1));
+        assert!(slots.frames(0).is_empty());
+    }
+
+    #[tokio::test]
+    async fn newcomers_share_one_probe_and_a_replaced_connection_stays_closed() {
+        let (registry, mut slots) = registry(1, 1, 1);
+        // Its join is stamped but the worker has not admitted it yet.
+        let (handle, old_rx) = joined(&registry, &mut slots, "a", 1);
+        for conn in [2, 3] {
+            registry
+                .register(&room("a"), ConnId(conn), "u".into(), commands().0)
+                .unwrap();
+        }
+        let (a, b) = slots
+            .ask(async {
+                tokio::join!(
+                    handle.probe_holder(ConnId(2)),
+                    handle.probe_holder(ConnId(3))
+                )
+            })
+            .await;
+        let (Holder::Probed { answer: mut a, .. }, Holder::Probed { answer: mut b, .. }) = (a, b)
+        else {
+            panic!("both find the first connection");
+        };
+        // One ping for both.
+        assert_eq!(old_rx.borrow().probes, 1);
+        handle.alive(ConnId(1));
+        slots.pump();
+        assert!(*a.wait_for(|alive| *alive).await.unwrap());
+        assert!(*b.wait_for(|alive| *alive).await.unwrap());
+
+        // Replaced before the worker's verdict: the late admission does not reopen it.
+        handle.join(ConnId(2), Some(ConnId(1)), false, false);
+        slots
+            .rooms(0)
+            .worker_message(contract::ipc::FromWorker::JoinAccepted {
+                room: room("a"),
+                conn: ConnId(1),
+            });
+        assert!(matches!(
+            old_rx.borrow().membership,
+            Membership::Closed(crate::close::CloseReason::Replaced)
+        ));
     }
 }

@@ -1,18 +1,18 @@
 //! One placed room: its members, what its worker has been sent, and its
-//! snapshots. Sessions reach it through a [`RoomHandle`](super::RoomHandle);
-//! the IPC reader through the [`Registry`](super::Registry).
+//! snapshots, owned by its worker slot's task ([`SlotRooms`](super::SlotRooms));
+//! and what a connection's session is told of it ([`ConnState`]).
 
-use crate::worker_queue::WorkerQueue;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::sync::{Mutex, Weak};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use tokio::sync::watch;
 
-use super::Table;
 use super::fanout::{Batches, SnapshotCell};
+use super::handle::RoomLink;
 use super::recovery::Recovery;
-use contract::ipc::{ConnId, RoomId, RoomSummary, WorkerId};
+use crate::close::CloseReason;
+use contract::ipc::{ConnId, RoomId, RoomSummary};
 use contract::protocol::{IgnoredReason, MessageKind};
 
 /// What the supervisor tells a connection's session: its membership, which only
@@ -56,13 +56,8 @@ pub enum Membership {
     Pending,
     /// The worker admitted the join: from now on, send the room's snapshots.
     Admitted(watch::Receiver<SnapshotCell>),
-    /// Close the connection with this code and reason.
-    Closed {
-        /// The WebSocket close code (e.g. [`CLOSE_POLICY`](contract::protocol::CLOSE_POLICY)).
-        code: u16,
-        /// The close frame's reason, one of the contract's `REASON_` texts.
-        reason: &'static str,
-    },
+    /// Close the connection for this reason.
+    Closed(CloseReason),
 }
 
 /// The registry's end of a connection's [`ConnState`].
@@ -82,29 +77,6 @@ pub enum Holder {
     },
 }
 
-/// A room placed on a worker. Lives from its first connection until every
-/// connection has gone and the worker has confirmed the room is freed.
-pub struct RoomEntry {
-    /// The room's id, from its members' tokens.
-    pub id: RoomId,
-    /// The worker it is placed on (for the room's life: a failed worker's
-    /// rooms are restored on its slot's replacement).
-    pub worker: WorkerId,
-    /// The worker's frame queue (its slot's: it outlives the worker's processes).
-    pub(super) queue: WorkerQueue,
-    /// The placement table, to free the room's place when its last member
-    /// leaves (weak: the table holds the entry).
-    pub(super) table: Weak<Mutex<Table>>,
-    pub(super) snapshots: watch::Sender<SnapshotCell>,
-    /// Sessions of the room that speak protocol v2; while there are none, no
-    /// ops batches are kept.
-    pub(super) v2_sessions: AtomicUsize,
-    pub(super) batches: Mutex<Batches>,
-    pub(super) state: Mutex<RoomState>,
-    /// Its traffic, for the monitor's rates (relaxed counters, no lock).
-    pub(super) traffic: Traffic,
-}
-
 /// A room's traffic since it was placed.
 #[derive(Default)]
 pub struct Traffic {
@@ -112,27 +84,6 @@ pub struct Traffic {
     pub messages_in: AtomicU64,
     /// Bytes written to its members, as sent (compressed or not).
     pub bytes_out: AtomicU64,
-}
-
-impl RoomEntry {
-    pub(super) fn new(
-        id: RoomId,
-        worker: WorkerId,
-        queue: WorkerQueue,
-        table: Weak<Mutex<Table>>,
-    ) -> RoomEntry {
-        RoomEntry {
-            id,
-            worker,
-            queue,
-            table,
-            snapshots: watch::Sender::new(None),
-            v2_sessions: AtomicUsize::new(0),
-            batches: Mutex::default(),
-            state: Mutex::new(RoomState::default()),
-            traffic: Traffic::default(),
-        }
-    }
 }
 
 /// A connection registered for a room (joined or about to).
@@ -145,8 +96,6 @@ pub(super) struct Member {
     pub(super) joined: bool,
     /// Speaks protocol v2 (told to the worker with its join).
     pub(super) v2: bool,
-    /// Negotiated permessage-deflate (told to the worker with its join).
-    pub(super) deflate: bool,
     /// Set while newer connections of the same user wait to learn whether this
     /// one is alive: set to true when its client is heard from, dropped when it
     /// leaves.
@@ -160,21 +109,27 @@ impl Member {
             user_id: user_id.into(),
             joined: false,
             v2: false,
-            deflate: false,
             probe: None,
         }
     }
 
-    pub(super) fn close(&self, code: u16, reason: &'static str) {
+    pub(super) fn close(&self, reason: CloseReason) {
         self.state
-            .send_modify(|s| s.membership = Membership::Closed { code, reason });
+            .send_modify(|s| s.membership = Membership::Closed(reason));
     }
 }
 
-/// A room's state under its lock: its members and what its worker was sent
-/// (membership here; stamping, checkpoint, journal and restore in `recovery`).
-#[derive(Default)]
-pub(super) struct RoomState {
+/// One placed room as its slot's task holds it: its members, what its worker
+/// was sent (membership here; stamping, checkpoint, journal, restore and
+/// blame in `recovery`), and what its members are sent (`fanout`). Lives from
+/// its first connection's registration until every connection has gone and
+/// its worker has confirmed the room is freed.
+pub(super) struct Room {
+    /// What its sessions hold (id, worker, placement, traffic).
+    pub(super) link: Arc<RoomLink>,
+    /// Registrations received (the registry counts those it sent: the room is
+    /// freed only when none is on its way).
+    pub(super) registered: u64,
     /// Connections registered for the room (joined or about to).
     pub(super) conns: HashMap<ConnId, Member>,
     /// Joins sent to the worker and not yet followed by a leave.
@@ -183,9 +138,6 @@ pub(super) struct RoomState {
     pub(super) open: bool,
     /// `CloseRoom`s sent and not yet confirmed by the worker.
     pub(super) closing: usize,
-    /// The room is gone (closed after repeated crashes, or not restorable); the
-    /// entry is no longer in the map.
-    pub(super) lost: bool,
     /// The worker's latest summary of the room (for the monitor).
     pub(super) summary: Option<RoomSummary>,
     /// The last event whose refusal a member was told of: a restored room
@@ -193,4 +145,41 @@ pub(super) struct RoomState {
     pub(super) refused_up_to: u64,
     /// What rebuilds the room if its worker fails.
     pub(super) recovery: Recovery,
+    /// The newest snapshot, for its admitted members.
+    pub(super) snapshots: watch::Sender<SnapshotCell>,
+    /// Members that speak protocol v2; while there are none, no ops batches
+    /// are kept.
+    pub(super) v2_members: usize,
+    /// Its recent ops batches (for v2 members that missed some versions).
+    pub(super) batches: Batches,
+}
+
+impl Room {
+    pub(super) fn new(link: Arc<RoomLink>) -> Room {
+        Room {
+            link,
+            registered: 0,
+            conns: HashMap::new(),
+            joined: 0,
+            open: false,
+            closing: 0,
+            summary: None,
+            refused_up_to: 0,
+            recovery: Recovery::default(),
+            snapshots: watch::Sender::new(None),
+            v2_members: 0,
+            batches: Batches::default(),
+        }
+    }
+
+    /// The room's id.
+    pub(super) fn id(&self) -> &RoomId {
+        &self.link.id
+    }
+
+    /// Nothing refers to the room any more: no connection, not open on the
+    /// worker, no close awaiting confirmation.
+    pub(super) fn done(&self) -> bool {
+        self.conns.is_empty() && !self.open && self.closing == 0
+    }
 }
