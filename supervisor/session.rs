@@ -647,7 +647,7 @@ struct V2Outbox {
 
 /// A v2 message: a snapshot's prefix (the v1 snapshot follows without its
 /// `{`), or an `ops` message as its member's own head and a body (shared by
-/// every member at the same version).
+/// every member one version behind: `Published::step_ops`).
 enum V2Message {
     Snapshot(Vec<u8>),
     Ops { head: Vec<u8>, body: Bytes },
@@ -868,7 +868,11 @@ impl V2Outbox {
         // A resync, or the first message, is a snapshot.
         let last = last_version.filter(|_| !std::mem::take(&mut self.resync));
         let limit = snapshot.message.len();
-        let body = (|| {
+        // One version behind (the usual case): the body every such member shares.
+        let step = snapshot.step_ops.clone().filter(|body| {
+            last.is_some_and(|last| last + 1 == snapshot.version) && body.len() <= limit
+        });
+        let body = step.or_else(|| {
             let batches = snapshot
                 .batches
                 .as_ref()
@@ -879,7 +883,7 @@ impl V2Outbox {
             } else {
                 Bytes::from(ops_body(batches.iter().map(|b| &b[..])))
             })
-        })();
+        });
         if body.as_ref().is_some_and(Bytes::is_empty) {
             return None;
         }

@@ -29,6 +29,10 @@ pub struct Published {
     /// members (shared: one copy per publish, read by each v2 member without
     /// a lock).
     pub batches: Option<Arc<Batches>>,
+    /// While it has v2 members: the body of the `ops` message that brings a
+    /// member from the previous version to this one (`,"ops":[…]}`), made
+    /// once for all of them; `None` if no ops lead here, or they are empty.
+    pub step_ops: Option<Bytes>,
 }
 
 /// Batches of protocol v2 ops kept per room: at most this many…
@@ -117,16 +121,23 @@ impl Room {
         // Without v2 members, none are kept: a v2 member counts itself with
         // its join, and its first message is a snapshot; the first batch kept
         // after a pause starts a new chain (see `Batches::push`).
-        let batches = (self.v2_members > 0).then(|| {
+        let (batches, step_ops) = if self.v2_members > 0 {
+            let step_ops = ops
+                .as_ref()
+                .filter(|ops| !ops.is_empty())
+                .map(|ops| Bytes::from(contract::protocol::v2::ops_body([&ops[..]])));
             self.batches.push(version, ops);
-            Arc::new(self.batches.clone())
-        });
+            (Some(Arc::new(self.batches.clone())), step_ops)
+        } else {
+            (None, None)
+        };
         self.snapshots.send_replace(Some(Published {
             message: snapshot,
             deflated,
             at: Instant::now(),
             version,
             batches,
+            step_ops,
         }));
     }
 
@@ -220,6 +231,12 @@ mod tests {
         room.count_v2_member(false);
         room.publish(Bytes::from_static(b"{}"), ops("d"), None);
         assert_eq!(kept(&room), Some(4), "one v2 member is left");
+        // The step from the previous version, made once for every member.
+        let step = room.snapshots.borrow().as_ref().unwrap().step_ops.clone();
+        assert_eq!(step.as_deref(), Some(&br#","ops":[d]}"#[..]));
+        room.publish(Bytes::from_static(b"{}"), ops(""), None);
+        let step = room.snapshots.borrow().as_ref().unwrap().step_ops.clone();
+        assert_eq!(step, None, "no ops: nothing to share");
         room.count_v2_member(false);
         assert!(room.batches.entries.is_empty());
         assert_eq!(room.batches.bytes, 0);
