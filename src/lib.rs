@@ -27,8 +27,8 @@ pub fn main() -> ExitCode {
         Some(Mode::Salvage(args)) => {
             worker::salvage::main(args.attempt).map(|()| ExitCode::SUCCESS)
         }
-        None => match cli.serve.validate(&supervisor::host::detect()) {
-            Ok(config) if config.agones.is_some() && !supervisor::host::AGONES_BUILT => {
+        None => match cli.serve.validate(&supervisor::detect_host()) {
+            Ok(config) if config.agones.is_some() && !supervisor::AGONES_BUILT => {
                 eprintln!(
                     "session-server: configuration error: {}",
                     ConfigError::AgonesNotBuilt
@@ -37,7 +37,7 @@ pub fn main() -> ExitCode {
             }
             Ok(config) => {
                 // Unusable TLS files are a configuration error like any other.
-                if let Some(Err(e)) = config.tls.as_ref().map(supervisor::tls::load) {
+                if let Some(Err(e)) = config.tls.as_ref().map(supervisor::load_tls) {
                     eprintln!("session-server: configuration error: {e}");
                     return ExitCode::from(2);
                 }

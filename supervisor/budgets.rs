@@ -114,7 +114,6 @@ pub struct ConnectionBudgets {
     nearly_full: usize,
     handshake_timeout: Duration,
     sessions: Arc<Semaphore>,
-    session_places: usize,
     /// Places for closed connections held open a while
     /// ([`ConnectionBudgets::linger`]).
     lingering: Arc<Semaphore>,
@@ -207,7 +206,6 @@ impl ConnectionBudgets {
             nearly_full: (pre_auth_share * NEARLY_FULL_PERCENT).div_ceil(100),
             handshake_timeout,
             sessions: Arc::new(Semaphore::new(session_places)),
-            session_places,
             lingering: Arc::new(Semaphore::new(0)),
         }
     }
@@ -234,9 +232,10 @@ impl ConnectionBudgets {
         self.pre_auth_share
     }
 
-    /// Places for sessions.
+    /// Places for sessions free now (all of them while none is held).
+    #[cfg(test)]
     pub fn session_places(&self) -> usize {
-        self.session_places
+        self.sessions.available_permits()
     }
 
     /// Connections not yet authenticated, now.

@@ -247,6 +247,7 @@ impl History {
     }
 
     /// Samples, events and rooms held now (for the bounds' test).
+    #[cfg(test)]
     pub fn held(&self) -> (usize, usize, usize) {
         (self.samples.len(), self.events.len(), self.rooms.len())
     }

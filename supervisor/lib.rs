@@ -6,25 +6,33 @@
 #![deny(missing_docs)]
 
 #[cfg(feature = "agones")]
-pub mod agones;
-pub mod auth;
-pub mod budgets;
+mod agones;
+mod auth;
+mod budgets;
 mod close;
-pub mod dev;
-pub mod history;
-pub mod host;
-pub mod http;
-pub mod inflate;
-pub mod memory;
-pub mod metrics;
-pub mod pool;
-pub mod ratelimit;
-pub mod rooms;
-pub mod session;
-pub mod shutdown;
-pub mod tls;
-pub mod websocket;
-pub mod worker_queue;
+mod dev;
+mod history;
+mod host;
+mod http;
+mod inflate;
+mod memory;
+mod metrics;
+mod pool;
+mod ratelimit;
+mod rooms;
+mod session;
+mod shutdown;
+mod tls;
+mod websocket;
+mod worker_queue;
+
+// What the binary (`src/`) and the tests use; the rest is the crate's own.
+pub use auth::Authenticator;
+pub use host::{AGONES_BUILT, detect as detect_host};
+pub use memory::ROOMS_REFUSED_AT;
+pub use pool::WorkerProgram;
+pub use shutdown::{Phase, Shutdown};
+pub use tls::load as load_tls;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -35,17 +43,16 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use auth::Authenticator;
 use contract::config::{Config, PersistSettings, StoreConfig};
 use http::Port;
-use pool::{DrainReport, WorkerPool, WorkerProgram};
+use pool::{DrainReport, WorkerPool};
 use rooms::Registry;
-use shutdown::{Phase, Shutdown, ShutdownPlan};
+use shutdown::ShutdownPlan;
 
 /// State shared by every connection task: made once by [`run`], handed to each
 /// accepted connection, and read by the HTTP endpoints, the sessions and the
 /// Agones lifecycle.
-pub struct Shared {
+pub(crate) struct Shared {
     /// The validated command line.
     pub config: Config,
     /// Every metric the server exposes at `/metrics`.

@@ -33,7 +33,7 @@ fn kib(len: usize) -> u32 {
 /// A client message's share of its worker's [`MESSAGE_KIB`], held until the
 /// writer takes its frame (or it is dropped unsent).
 #[derive(Debug)]
-pub struct Charge(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct Charge(#[allow(dead_code)] OwnedSemaphorePermit); // held only to be dropped
 
 /// The bytes budget of one worker's client messages, shared by its room
 /// handles (which charge it) and its frame queue (which gives it back).
@@ -71,8 +71,8 @@ pub enum Ticket {
     #[default]
     None,
     /// A client message's share of the bytes budget, given back when the
-    /// writer takes the frame.
-    Charge(Charge),
+    /// writer takes the frame (held only to be dropped then).
+    Charge(#[allow(dead_code)] Charge),
     /// A restore's first frame: set when the writer takes it, so a crash is
     /// blamed only on restores the worker had started reading.
     Taken(Arc<AtomicBool>),

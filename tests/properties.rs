@@ -9,7 +9,7 @@ use contract::ipc::{self, ConnId, FromWorker, RoomEvent, RoomId, Stamped, ToWork
 use contract::protocol::{ClientMessage, MAX_MEMBERS_PER_ROOM, MAX_SHAPES_PER_ROOM, v2};
 use proptest::prelude::*;
 use serde_json::{Value, json};
-use supervisor::auth::Authenticator;
+use supervisor::Authenticator;
 use worker::room::Room;
 
 const SEED: u64 = 0xab;

@@ -186,11 +186,6 @@ impl Journal {
         self.events.len()
     }
 
-    /// No event held.
-    pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
-    }
-
     /// Bytes held, as counted against [`JOURNAL_MAX_BYTES`] (text plus a fixed
     /// overhead per event).
     pub fn bytes(&self) -> usize {

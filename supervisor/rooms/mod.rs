@@ -40,9 +40,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::worker_queue::MessageBudget;
 use contract::ipc::{ConnId, RoomId, WorkerId};
 
-pub use fanout::{Batches, Published, SnapshotCell};
-pub use handle::{RoomHandle, RoomLost};
-pub use recovery::{POISON_CRASHES, POISON_WINDOW, RESTORE_ANSWER_MARGIN, RoomSalvage};
+pub use fanout::{Published, SnapshotCell};
+pub use handle::RoomHandle;
+pub use recovery::{RESTORE_ANSWER_MARGIN, RoomSalvage};
 pub use room::{ConnState, ConnStateSender, Holder, Membership};
 pub use saves::SAVES_FAILING_UNREADY_AFTER;
 pub(crate) use slot::{SlotInboxReceiver, SlotRooms};

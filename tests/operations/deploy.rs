@@ -92,7 +92,7 @@ fn check_memory(container: &Yaml, config: &Config) {
     );
     let limit = contract::config::parse_memory_size(limit).unwrap() >> 20;
     let needed = IDLE_SERVER_MIB + config.max_rooms as u64 * FULL_ROOM_MIB;
-    let refused_from = limit as f64 * supervisor::memory::ROOMS_REFUSED_AT;
+    let refused_from = limit as f64 * supervisor::ROOMS_REFUSED_AT;
     assert!(
         needed as f64 <= refused_from,
         "{} full rooms need {needed} MiB; the limit of {limit} MiB refuses new rooms from {refused_from:.0} MiB",

@@ -465,8 +465,8 @@ async fn sigterm_drains_readyz_503_new_upgrades_503_then_going_away_and_exits() 
 async fn a_supervisor_run_in_process_serves_and_stops_through_its_phases() {
     use clap::Parser;
     use contract::config::{Cli, Host, Secret};
-    use supervisor::pool::WorkerProgram;
-    use supervisor::shutdown::{Phase, Shutdown};
+    use supervisor::WorkerProgram;
+    use supervisor::{Phase, Shutdown};
 
     let data = temp_dir("in-process");
     let args = [
