@@ -14,6 +14,8 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 
 use super::Shared;
+use super::history::History;
+use contract::config::Config;
 use contract::ipc::Escaped;
 
 const BOARD_PAGE: &str = include_str!("dev/board.html");
@@ -74,8 +76,8 @@ pub fn board_page() -> Response<Body> {
 /// only a loopback `Host` (and `Origin`, when there is one): a page from
 /// another name (DNS rebinding to 127.0.0.1) gets 403. The token carries the
 /// [`DEV_CLAIM`](crate::auth::DEV_CLAIM), which a server not in dev mode refuses.
-pub fn token<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
-    if !shared.config.dev {
+pub fn token<B>(req: &Request<B>, config: &Config) -> Response<Body> {
+    if !config.dev {
         return not_found();
     }
     let header = |name| {
@@ -127,7 +129,7 @@ pub fn token<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
     let token = jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims,
-        &EncodingKey::from_secret(shared.config.jwt_secret.as_str().as_bytes()),
+        &EncodingKey::from_secret(config.jwt_secret.as_str().as_bytes()),
     )
     .expect("HS256 signing cannot fail");
     respond(
@@ -169,11 +171,11 @@ enum Access {
     Allowed,
 }
 
-fn access<B>(req: &Request<B>, shared: &Shared) -> Access {
-    if shared.config.dev {
+fn access<B>(req: &Request<B>, config: &Config) -> Access {
+    if config.dev {
         return Access::Allowed;
     }
-    let Some(expected) = &shared.config.admin_token else {
+    let Some(expected) = &config.admin_token else {
         return Access::Off;
     };
     let given = req
@@ -199,8 +201,8 @@ fn access<B>(req: &Request<B>, shared: &Shared) -> Access {
 /// The refusal for an operational endpoint (`/status`, `/admin/rooms`), if
 /// this request may not see it: 404 when they are off (no `ADMIN_TOKEN`,
 /// outside dev mode), 401 without the right bearer token. `None`: allowed.
-pub fn admin_only<B>(req: &Request<B>, shared: &Shared) -> Option<Response<Body>> {
-    match access(req, shared) {
+pub fn admin_only<B>(req: &Request<B>, config: &Config) -> Option<Response<Body>> {
+    match access(req, config) {
         Access::Off => Some(not_found()),
         Access::Denied => Some(unauthorized()),
         Access::Allowed => None,
@@ -209,8 +211,8 @@ pub fn admin_only<B>(req: &Request<B>, shared: &Shared) -> Option<Response<Body>
 
 /// `/metrics` is for a scraper on a private network: open without
 /// `ADMIN_TOKEN`, and behind it (bearer) once it is set.
-pub fn metrics_access<B>(req: &Request<B>, shared: &Shared) -> Option<Response<Body>> {
-    match access(req, shared) {
+pub fn metrics_access<B>(req: &Request<B>, config: &Config) -> Option<Response<Body>> {
+    match access(req, config) {
         Access::Off | Access::Allowed => None,
         Access::Denied => Some(unauthorized()),
     }
@@ -226,8 +228,8 @@ fn unauthorized() -> Response<Body> {
 
 /// `GET /admin`: the monitor page (it fetches `/admin/rooms` with the token from
 /// the page's `#token=` fragment outside dev mode).
-pub fn monitor_page(shared: &Shared) -> Response<Body> {
-    if shared.config.dev || shared.config.admin_token.is_some() {
+pub fn monitor_page(config: &Config) -> Response<Body> {
+    if config.dev || config.admin_token.is_some() {
         respond(StatusCode::OK, "text/html; charset=utf-8", MONITOR_PAGE)
     } else {
         not_found()
@@ -240,7 +242,7 @@ pub fn monitor_json<B>(
     req: &Request<B>,
     shared: &Arc<Shared>,
 ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
-    if let Some(refused) = admin_only(req, shared) {
+    if let Some(refused) = admin_only(req, &shared.config) {
         return Box::pin(std::future::ready(refused));
     }
     let shared = shared.clone();
@@ -257,11 +259,15 @@ pub fn monitor_json<B>(
 }
 
 /// `GET /admin/history`: the monitor's last 15 minutes, one sample a second.
-pub fn history_json<B>(req: &Request<B>, shared: &Shared) -> Response<Body> {
-    if let Some(refused) = admin_only(req, shared) {
+pub fn history_json<B>(
+    req: &Request<B>,
+    config: &Config,
+    history: &std::sync::Mutex<History>,
+) -> Response<Body> {
+    if let Some(refused) = admin_only(req, config) {
         return refused;
     }
-    let body = super::rooms::lock(&shared.history).to_json().to_string();
+    let body = super::rooms::lock(history).to_json().to_string();
     respond(StatusCode::OK, "application/json", body)
 }
 

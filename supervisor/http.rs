@@ -26,10 +26,12 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{debug, info, warn};
 
-use super::budgets::{PreAuthClosed, PreAuthPlace};
+use super::budgets::{ConnectionBudgets, PreAuthClosed, PreAuthPlace};
 use super::inflate::Inflater;
-use super::metrics::Rejection;
-use super::rooms::{ConnState, PlacementError};
+use super::metrics::{Metrics, Rejection};
+use super::pool::WorkerSlot;
+use super::rooms::{ConnState, PlacementError, Registry};
+use super::shutdown::Shutdown;
 use super::websocket::Negotiated;
 use super::{Shared, session, websocket};
 use contract::ipc::ConnId;
@@ -274,14 +276,18 @@ fn respond(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) ->
     match path {
         "/" if shared.config.dev && !is_websocket_upgrade(&req) => super::dev::board_page(),
         "/" => websocket(req, shared, place),
-        "/dev/token" => super::dev::token(&req, &shared),
-        "/admin" => super::dev::monitor_page(&shared),
-        "/admin/history" => super::dev::history_json(&req, &shared),
+        "/dev/token" => super::dev::token(&req, &shared.config),
+        "/admin" => super::dev::monitor_page(&shared.config),
+        "/admin/history" => super::dev::history_json(&req, &shared.config, &shared.history),
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => ready(&shared),
+        "/readyz" => ready(&shared.registry, shared.pool.slots(), &shared.shutdown),
         // Operational endpoints: see `dev::admin_only`.
-        "/metrics" => super::dev::metrics_access(&req, &shared).unwrap_or_else(|| metrics(&shared)),
-        _ => super::dev::admin_only(&req, &shared).unwrap_or_else(|| status(&shared)),
+        "/metrics" => super::dev::metrics_access(&req, &shared.config).unwrap_or_else(|| {
+            let slots = shared.pool.slots();
+            metrics(&shared.metrics, &shared.registry, slots, &shared.budgets)
+        }),
+        _ => super::dev::admin_only(&req, &shared.config)
+            .unwrap_or_else(|| status(shared.workers_json())),
     }
 }
 
@@ -307,19 +313,13 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 /// 200 when every worker runs, answers pings and holds all its rooms (none is
 /// being replaced or restored), the server is not draining, and the store takes
 /// saves (not failing for [`SAVES_FAILING_UNREADY_AFTER`]).
-fn ready(shared: &Shared) -> Response<Body> {
+fn ready(registry: &Registry, slots: &[Arc<WorkerSlot>], shutdown: &Shutdown) -> Response<Body> {
     use super::rooms::SAVES_FAILING_UNREADY_AFTER;
-    let failing = shared
-        .registry
+    let failing = registry
         .saves_failing_for()
         .filter(|d| *d >= SAVES_FAILING_UNREADY_AFTER);
-    let down = shared
-        .pool
-        .slots()
-        .iter()
-        .filter(|slot| !slot.ready())
-        .count();
-    if shared.shutdown.is_stopping() {
+    let down = slots.iter().filter(|slot| !slot.ready()).count();
+    if shutdown.is_stopping() {
         text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else if down > 0 {
         text(
@@ -339,13 +339,17 @@ fn ready(shared: &Shared) -> Response<Body> {
     }
 }
 
-fn metrics(shared: &Shared) -> Response<Body> {
-    let m = &shared.metrics;
-    let rooms = shared.registry.rooms_by_worker();
+fn metrics(
+    m: &Metrics,
+    registry: &Registry,
+    slots: &[Arc<WorkerSlot>],
+    budgets: &ConnectionBudgets,
+) -> Response<Body> {
+    let rooms = registry.rooms_by_worker();
     m.rooms
         .set(rooms.iter().map(Vec::len).sum::<usize>() as i64);
     let mut up = 0;
-    for (slot, rooms) in shared.pool.slots().iter().zip(&rooms) {
+    for (slot, rooms) in slots.iter().zip(&rooms) {
         let worker = super::metrics::Worker::of(slot.id);
         m.rooms_by_worker
             .get_or_create(&worker)
@@ -356,7 +360,7 @@ fn metrics(shared: &Shared) -> Response<Body> {
     }
     m.workers_up.set(up);
     m.pre_auth_connections
-        .set(shared.budgets.pre_auth_connections() as i64);
+        .set(budgets.pre_auth_connections() as i64);
     let mut res = text(StatusCode::OK, m.encode());
     res.headers_mut().insert(
         CONTENT_TYPE,
@@ -365,8 +369,8 @@ fn metrics(shared: &Shared) -> Response<Body> {
     res
 }
 
-fn status(shared: &Shared) -> Response<Body> {
-    let body = serde_json::json!({ "workers": shared.workers_json() }).to_string();
+fn status(workers: Vec<serde_json::Value>) -> Response<Body> {
+    let body = serde_json::json!({ "workers": workers }).to_string();
     let mut res = text(StatusCode::OK, body);
     res.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -462,7 +466,7 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) 
     // (the task's size is paid by every connection for its whole life).
     let upgrade = hyper::upgrade::on(req);
     let task_shared = shared.clone();
-    shared.sessions.spawn(async move {
+    let task = async move {
         let shared = task_shared;
         let max = shared.config.limits.max_message_bytes;
         let config = WebSocketConfig::default()
@@ -492,7 +496,10 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) 
             }
         }
         drop(permit);
-    });
+    };
+    // What every connection pays for its whole life (BENCHMARKS.md, idle).
+    tracing::trace!(bytes = std::mem::size_of_val(&task), "session task");
+    shared.sessions.spawn(task);
 
     let mut res = Response::new(Full::new(Bytes::new()));
     *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
