@@ -65,7 +65,7 @@ fn room_of(deflate: bool, creates: impl IntoIterator<Item = String>) -> (Room, u
             &mut room,
             RoomEvent::Message {
                 conn: ConnId(i as u64 % 10),
-                text,
+                text: text.into(),
             },
         );
     }
@@ -84,7 +84,7 @@ fn cursor_move_then_snapshot(bencher: divan::Bencher, shapes: u64) {
             time_ms: 1_704_110_400_000 + seq as i64,
             event: RoomEvent::Message {
                 conn: ConnId(3),
-                text: format!(r#"{{"type":"cursor_move","x":{seq},"y":5}}"#),
+                text: format!(r#"{{"type":"cursor_move","x":{seq},"y":5}}"#).into(),
             },
         });
         divan::black_box(room.snapshot_json())
@@ -105,7 +105,7 @@ fn shape_update_then_snapshot(bencher: divan::Bencher, shapes: u64) {
             time_ms: 1_704_110_400_000 + seq as i64,
             event: RoomEvent::Message {
                 conn: ConnId(3),
-                text: format!(r#"{{"type":"shape_update","shapeId":"{target}","x":{seq}}}"#),
+                text: format!(r#"{{"type":"shape_update","shapeId":"{target}","x":{seq}}}"#).into(),
             },
         });
         divan::black_box(room.snapshot_json())
@@ -128,7 +128,7 @@ mod ten_cursors {
             time_ms: 1_704_110_400_000 + seq as i64,
             event: RoomEvent::Message {
                 conn: ConnId(seq % 10),
-                text: format!(r#"{{"type":"cursor_move","x":{seq},"y":5}}"#),
+                text: format!(r#"{{"type":"cursor_move","x":{seq},"y":5}}"#).into(),
             },
         });
     }
@@ -237,7 +237,7 @@ mod room_4mb {
             time_ms: 1_704_110_400_000 + seq as i64,
             event: RoomEvent::Message {
                 conn: ConnId(3),
-                text,
+                text: text.into(),
             },
         });
     }

@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// Version of the frame definitions below. The supervisor and a worker exchange it
@@ -167,6 +167,63 @@ pub struct Stamped {
     pub event: RoomEvent,
 }
 
+/// A client message's text (always UTF-8), shared: a clone copies no bytes,
+/// so the supervisor's journal keeps the very bytes it sends the worker.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct MessageText(Bytes);
+
+impl MessageText {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Built only from `str`s and `String`s (see the `From`s).
+        std::str::from_utf8(&self.0).expect("a MessageText is UTF-8")
+    }
+}
+
+impl std::ops::Deref for MessageText {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<String> for MessageText {
+    fn from(text: String) -> MessageText {
+        MessageText(Bytes::from(text))
+    }
+}
+
+impl From<&str> for MessageText {
+    fn from(text: &str) -> MessageText {
+        MessageText(Bytes::copy_from_slice(text.as_bytes()))
+    }
+}
+
+impl fmt::Debug for MessageText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
+impl fmt::Display for MessageText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
+impl Serialize for MessageText {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for MessageText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<MessageText, D::Error> {
+        String::deserialize(deserializer).map(MessageText::from)
+    }
+}
+
 /// What happens to a room: a connection joins or leaves, or a member sends a
 /// frame. A room's state changes by these alone.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -195,7 +252,7 @@ pub enum RoomEvent {
         /// The connection it came on.
         conn: ConnId,
         /// The frame, as the client sent it.
-        text: String,
+        text: MessageText,
     },
     /// The server's memory budget is nearly spent (`full`), or no longer: while
     /// it is, the room refuses new shapes. An event like the others, so a room

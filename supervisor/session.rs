@@ -283,7 +283,8 @@ impl<'a> Session<'a> {
                 // A resync held to one a second: answered now.
                 _ = async { self.resync_timer.as_mut().expect("guarded").await }, if self.resync_timer.is_some() => {
                     self.resync_timer = None;
-                    self.answer_resync().await
+                    let rx = self.snapshots.as_mut();
+                    self.outbox.answer_resync(self.context.metrics, self.room, self.sink, rx).await
                 }
                 // The budget allows the oldest held message: it goes below.
                 _ = async { self.budget_timer.as_mut().expect("guarded").await }, if self.budget_timer.is_some() => {
@@ -293,18 +294,25 @@ impl<'a> Session<'a> {
                 // The member's rate allows the newest state, held back since a change.
                 _ = async { self.outbox.timer.as_mut().expect("guarded").await }, if self.outbox.timer_armed => {
                     self.outbox.timer_armed = false;
-                    self.send_newest().await
+                    let rx = self.snapshots.as_mut().expect("a timer only runs once admitted");
+                    self.outbox.send_newest(self.context.metrics, self.room, self.sink, rx).await
                 }
                 // Not polled while the rate holds a change back: the watch keeps
                 // the newest state, which the timer's branch sends.
                 changed = async { self.snapshots.as_mut().expect("guarded").changed().await }, if self.snapshots.is_some() && !self.outbox.timer_armed => match changed {
                     Ok(()) if self.outbox.hold() => Ok(()),
-                    Ok(()) => self.send_newest().await,
+                    Ok(()) => {
+                        let rx = self.snapshots.as_mut().expect("guarded");
+                        self.outbox.send_newest(self.context.metrics, self.room, self.sink, rx).await
+                    }
                     Err(_) => Err(room_gone(&conn_state)),
                 },
                 // Not read while a frame waits for the budget: TCP then slows the
                 // client down, and nothing it sent is lost.
-                frame = stream.next(), if reading && self.backlog.may_read() => self.on_frame(frame).await,
+                frame = stream.next(), if reading && self.backlog.may_read() => match self.on_frame(frame) {
+                    Ok(reply) => self.reply(reply).await,
+                    Err(end) => Err(end),
+                },
                 _ = ping.tick() => self.on_ping_tick(ping_every).await,
             };
             if let Err(end) = step {
@@ -363,25 +371,10 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// v2: answers a `resync` (see [`Outbox::answer_resync`]).
-    async fn answer_resync(&mut self) -> Result<(), End> {
-        let metrics = self.context.metrics;
-        self.outbox
-            .answer_resync(metrics, self.room, self.sink, self.snapshots.as_mut())
-            .await
-    }
-
-    /// Sends the room's newest state (see [`Outbox::send_newest`]).
-    async fn send_newest(&mut self) -> Result<(), End> {
-        let rx = self.snapshots.as_mut().expect("only once admitted");
-        let metrics = self.context.metrics;
-        self.outbox
-            .send_newest(metrics, self.room, self.sink, rx)
-            .await
-    }
-
-    /// A frame from the client, or its end.
-    async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), End> {
+    /// A frame from the client, or its end: what to answer it, if anything.
+    /// Not async: the frame (a large value) is gone before any write, which
+    /// keeps it out of the session's future (every connection pays for it).
+    fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<Reply, End> {
         let metrics = self.context.metrics;
         let now = Instant::now();
         self.last_heard = now;
@@ -414,25 +407,27 @@ impl<'a> Session<'a> {
                     .resync_answered_at
                     .map(|at| at + RESYNC_EVERY)
                     .filter(|due| *due > now);
-                if let (false, Some(due)) = (answered, too_soon) {
-                    // Answered once the period is over (a later request
-                    // within it joins this one).
-                    if self.resync_timer.is_none() {
-                        self.resync_timer = Some(Box::pin(tokio::time::sleep_until(due.into())));
-                    }
-                    Ok(())
-                } else {
-                    self.answer_resync().await
+                // Answered by the resync timer's branch: at once, or once
+                // the period is over (a later request within it joins this
+                // one). (Not from here: the answer's write would sit in the
+                // session's future, which every connection pays for.)
+                let due = match (answered, too_soon) {
+                    (false, Some(due)) => due,
+                    _ => now,
+                };
+                if self.resync_timer.is_none() {
+                    self.resync_timer = Some(Box::pin(tokio::time::sleep_until(due.into())));
                 }
+                Ok(Reply::None)
             }
             Some(Ok(Message::Text(text))) => {
                 let text = String::from(text.as_str());
                 if within_budget {
                     self.backlog.pass(text);
-                    return Ok(());
+                    return Ok(Reply::None);
                 }
                 match self.backlog.hold(text) {
-                    Held::Waiting => Ok(()),
+                    Held::Waiting => Ok(Reply::None),
                     held => {
                         if held == Held::Folded {
                             metrics.cursor_moves_folded.inc();
@@ -443,7 +438,7 @@ impl<'a> Session<'a> {
                             );
                             return Err(CloseReason::RateLimit.into());
                         }
-                        Ok(())
+                        Ok(Reply::None)
                     }
                 }
             }
@@ -455,26 +450,35 @@ impl<'a> Session<'a> {
                 );
                 // Ignored, but not free: it counts against the budget.
                 self.backlog.spend();
-                Ok(())
+                Ok(Reply::None)
             }
             Some(Ok(Message::Ping(payload))) => {
-                written(self.sink.pong(&payload)).await?;
                 self.backlog.spend();
-                Ok(())
+                Ok(Reply::Pong(payload))
             }
             Some(Ok(Message::Pong(_))) => {
                 self.backlog.spend();
-                Ok(())
+                Ok(Reply::None)
             }
-            Some(Ok(Message::Frame(_))) => Ok(()),
+            Some(Ok(Message::Frame(_))) => Ok(Reply::None),
+            // Echo the client's close code, as RFC 6455 §5.5.1 asks.
             Some(Ok(Message::Close(frame))) => {
-                // Echo the client's close code, as RFC 6455 §5.5.1 asks.
-                let code = frame.map_or(1000, |f| u16::from(f.code));
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.sink.close(code, "")).await;
-                Err(End::ClientGone)
+                Ok(Reply::Close(frame.map_or(1000, |f| u16::from(f.code))))
             }
             None => Err(End::ClientGone),
             Some(Err(e)) => Err(read_failed(e)),
+        }
+    }
+
+    /// Answers a client's frame (see [`on_frame`](Self::on_frame)).
+    async fn reply(&mut self, reply: Reply) -> Result<(), End> {
+        match reply {
+            Reply::None => Ok(()),
+            Reply::Pong(payload) => written(self.sink.pong(&payload)).await,
+            Reply::Close(code) => {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.sink.close(code, "")).await;
+                Err(End::ClientGone)
+            }
         }
     }
 
@@ -505,7 +509,7 @@ impl<'a> Session<'a> {
         while !self.backlog.is_empty() && self.budget.try_take(Instant::now()) {
             if let Some(Released::Message(text)) = self.backlog.pop() {
                 // Fails only if the server is gone: its stop closes the session.
-                let _ = self.room.forward(self.conn, text).await;
+                let _ = self.room.forward(self.conn, text.into()).await;
             }
         }
         if !self.backlog.is_empty() && self.budget_timer.is_none() {
@@ -513,6 +517,15 @@ impl<'a> Session<'a> {
             self.budget_timer = Some(Box::pin(tokio::time::sleep_until(at)));
         }
     }
+}
+
+/// What a client's frame asks the session to write.
+enum Reply {
+    None,
+    /// The pong to its ping.
+    Pong(Bytes),
+    /// The echo of its close (then the session ends).
+    Close(u16),
 }
 
 /// A write to the client that must complete within [`WRITE_TIMEOUT`]: else
@@ -873,10 +886,7 @@ impl V2Outbox {
             last.is_some_and(|last| last + 1 == snapshot.version) && body.len() <= limit
         });
         let body = step.or_else(|| {
-            let batches = snapshot
-                .batches
-                .as_ref()
-                .and_then(|batches| batches.between(last?, snapshot.version, limit))?;
+            let batches = snapshot.step.as_ref()?.since(last?, limit)?;
             // Publishes that changed nothing: nothing to send.
             Some(if batches.iter().all(|ops| ops.is_empty()) {
                 Bytes::new()

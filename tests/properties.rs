@@ -116,7 +116,7 @@ fn stamped(seq: u64, op: &Op) -> Stamped {
         Op::Leave(c) => RoomEvent::Leave { conn: ConnId(*c) },
         Op::Send(c, text) => RoomEvent::Message {
             conn: ConnId(*c),
-            text: text.clone(),
+            text: text.clone().into(),
         },
     };
     Stamped {
@@ -364,7 +364,7 @@ proptest! {
             room: RoomId(room),
             seq,
             time_ms: time,
-            event: RoomEvent::Message { conn: ConnId(conn), text },
+            event: RoomEvent::Message { conn: ConnId(conn), text: text.into() },
         });
         let mut buf = BytesMut::new();
         ipc::encode(&frame, &mut buf).unwrap();

@@ -1207,7 +1207,7 @@ mod tests {
             self.event(RoomEvent::Message {
                 conn: ConnId(1),
                 text: json!({"type":"shape_create","shapeType":"oval","x":x,"y":0,"width":1,"height":1})
-                    .to_string(),
+                    .to_string().into(),
             });
         }
 
@@ -1392,7 +1392,7 @@ mod tests {
         for x in 0..70 {
             h.event(RoomEvent::Message {
                 conn: ConnId(1),
-                text: json!({"type":"shape_create","shapeType":"text","x":x,"y":0,"width":1,"height":1,"text":text}).to_string(),
+                text: json!({"type":"shape_create","shapeType":"text","x":x,"y":0,"width":1,"height":1,"text":text}).to_string().into(),
             });
             h.run_until(Instant::now() + Duration::from_millis(200))
                 .await;
@@ -1409,7 +1409,7 @@ mod tests {
         for x in 0..30 {
             h.event(RoomEvent::Message {
                 conn: ConnId(1),
-                text: json!({"type":"cursor_move","x":x,"y":0}).to_string(),
+                text: json!({"type":"cursor_move","x":x,"y":0}).to_string().into(),
             });
             h.run_until(t1 + Duration::from_millis(7 * (x + 1))).await;
         }

@@ -255,7 +255,7 @@ mod tests {
             seq,
             RoomEvent::Message {
                 conn: ConnId(1),
-                text: json!({"type":"shape_create","shapeType":"oval","x":x,"y":0,"width":1,"height":1}).to_string(),
+                text: json!({"type":"shape_create","shapeType":"oval","x":x,"y":0,"width":1,"height":1}).to_string().into(),
             },
         )
     }

@@ -18,7 +18,7 @@ use super::link::{LinkEnd, PING_ROOM, Reader};
 use super::{DrainReport, WorkerSlot, lock};
 use crate::metrics::{Kind, Metrics, Outcome, Why};
 use crate::rooms::{Registry, RoomSalvage, SlotInboxReceiver, SlotRooms};
-use contract::ipc::{FromWorker, RoomId};
+use contract::ipc::{FromWorker, RoomId, WorkerId};
 
 /// Sessions' events handled before the worker's socket is looked at again.
 const EVENTS_PER_TURN: usize = 256;
@@ -72,11 +72,11 @@ pub(super) async fn run(
         tokio::select! {
             event = inbox.recv() => {
                 let Some(event) = event else { return };
-                rooms.event(event);
+                contained(slot.id, "a session's event", || rooms.event(event));
                 // What else is queued, up to a bound, before looking again.
                 for _ in 1..EVENTS_PER_TURN {
                     let Ok(event) = inbox.try_recv() else { break };
-                    rooms.event(event);
+                    contained(slot.id, "a session's event", || rooms.event(event));
                 }
             }
             command = control.recv(), if controlled => match command {
@@ -101,7 +101,8 @@ pub(super) async fn run(
                         if matches!(&message, FromWorker::Snapshot { deflated: Some(_), .. }) {
                             metrics.snapshots_compressed.inc();
                         }
-                        if let Some(other) = rooms.worker_message(message) {
+                        let other = contained(slot.id, "a worker's reply", || rooms.worker_message(message));
+                        if let Some(other) = other.flatten() {
                             reply(other, &slot, &registry, &metrics);
                         }
                         None
@@ -121,6 +122,19 @@ pub(super) async fn run(
         }
         if !rooms.restoring() && attached.is_some() {
             slot.restoring.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs one step of the rooms' code; a panic in it (a bug) is logged and
+/// contained, as a panic under a lock was before the slot's task owned the
+/// rooms: the slot's other rooms go on rather than freeze with its task.
+fn contained<T>(worker: WorkerId, what: &str, step: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
+        Ok(done) => Some(done),
+        Err(_) => {
+            tracing::error!(%worker, "a bug: handling {what} panicked; the slot's rooms go on");
+            None
         }
     }
 }

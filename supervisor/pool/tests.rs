@@ -98,7 +98,10 @@ async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
         .unwrap();
     handle.join(ConnId(1), None, false, false);
     for _ in 0..EVENTS {
-        handle.forward(ConnId(1), "x".repeat(1000)).await.unwrap();
+        handle
+            .forward(ConnId(1), "x".repeat(1000).into())
+            .await
+            .unwrap();
     }
     let (answer, answered) = oneshot::channel();
     control

@@ -2,7 +2,7 @@
 //! them, and (while it has protocol v2 members) its recent ops batches.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -25,87 +25,103 @@ pub struct Published {
     pub at: Instant,
     /// Counts the room's snapshots, so a member can tell how many it skipped.
     pub version: u64,
-    /// The room's recent ops batches up to this version, while it has v2
-    /// members (shared: one copy per publish, read by each v2 member without
-    /// a lock).
-    pub batches: Option<Arc<Batches>>,
-    /// While it has v2 members: the body of the `ops` message that brings a
-    /// member from the previous version to this one (`,"ops":[…]}`), made
-    /// once for all of them; `None` if no ops lead here, or they are empty.
+    /// While the room has v2 members: the ops that lead here from the
+    /// previous version, linked to the steps before it the room still keeps
+    /// (`None`: no ops lead here).
+    pub step: Option<Arc<OpsStep>>,
+    /// With `step`: the body of the `ops` message that brings a member from
+    /// the previous version to this one (`,"ops":[…]}`), made once for all
+    /// of them; `None` if the step's ops are empty.
     pub step_ops: Option<Bytes>,
 }
 
-/// Batches of protocol v2 ops kept per room: at most this many…
+/// Ops steps kept per room: at most this many…
 const MAX_BATCHES: usize = 64;
 /// …and this many bytes. A v2 member further behind gets a snapshot.
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
-/// A room's recent ops batches (see `FromWorker::Snapshot`), one per published
-/// version, so that a v2 member that missed some versions gets their ops
-/// instead of a snapshot. Kept only while the room has v2 members.
-#[derive(Clone, Debug, Default)]
+/// The ops batch (see `FromWorker::Snapshot`) that leads to one published
+/// version from the one before, linked back to the previous step while the
+/// room keeps it, so that a v2 member that missed some versions gets their
+/// ops instead of a snapshot. Immutable and shared: members read it without
+/// a lock, and the room publishes a step without copying the others.
+#[derive(Debug)]
+pub struct OpsStep {
+    version: u64,
+    ops: Bytes,
+    /// Weak: only the room's [`Batches`] keeps steps alive, so dropping the
+    /// oldest one there cuts the chain (a member holding a later one does not
+    /// keep the ones before it).
+    prev: Weak<OpsStep>,
+}
+
+impl OpsStep {
+    /// The batches that lead from version `from` to this step's version,
+    /// oldest first, if the room still keeps them all and together they are
+    /// smaller than `limit` bytes.
+    pub fn since(&self, from: u64, limit: usize) -> Option<Vec<Bytes>> {
+        if from >= self.version {
+            return (from == self.version).then(Vec::new);
+        }
+        let mut out = vec![self.ops.clone()];
+        let mut bytes = self.ops.len() + 1;
+        let mut prev = self.prev.upgrade();
+        let mut version = self.version;
+        while version > from + 1 {
+            let step = prev?;
+            bytes += step.ops.len() + 1;
+            if step.version + 1 != version || bytes > limit {
+                return None;
+            }
+            out.push(step.ops.clone());
+            version = step.version;
+            prev = step.prev.upgrade();
+        }
+        (bytes <= limit).then(|| {
+            out.reverse();
+            out
+        })
+    }
+}
+
+/// The steps a room keeps (the newest [`MAX_BATCHES`], within
+/// [`MAX_BATCH_BYTES`]), while it has v2 members.
+#[derive(Debug, Default)]
 pub struct Batches {
-    /// The snapshot of this version cannot be reached by ops from an earlier
-    /// one (the room was new or restored, or no batches were kept before it).
-    base: u64,
-    /// Ops of versions `base + 1 ..`, consecutive, oldest first.
-    entries: VecDeque<(u64, Bytes)>,
+    kept: VecDeque<Arc<OpsStep>>,
     bytes: usize,
 }
 
 impl Batches {
-    /// Records the ops that lead to `version` (`None`: none do).
-    pub(super) fn push(&mut self, version: u64, ops: Option<Bytes>) {
+    /// Records the ops that lead to `version` (`None`: none do, and the
+    /// version cannot be reached by ops from an earlier one); returns its step.
+    pub(super) fn push(&mut self, version: u64, ops: Option<Bytes>) -> Option<Arc<OpsStep>> {
         let Some(ops) = ops else {
-            self.reset(version);
-            return;
+            self.clear();
+            return None;
         };
-        if self.entries.back().map_or(self.base, |(v, _)| *v) + 1 != version {
-            self.reset(version - 1);
-        }
-        self.bytes += ops.len();
-        self.entries.push_back((version, ops));
-        while self.entries.len() > MAX_BATCHES || self.bytes > MAX_BATCH_BYTES {
-            let (v, dropped) = self.entries.pop_front().expect("not empty");
-            self.bytes -= dropped.len();
-            self.base = v;
-        }
-    }
-
-    /// Drops every batch kept (a push after this starts a new chain).
-    pub(super) fn clear(&mut self) {
-        let base = self.base;
-        self.reset(base);
-    }
-
-    fn reset(&mut self, base: u64) {
-        self.base = base;
-        self.entries.clear();
-        self.bytes = 0;
-    }
-
-    /// The batches that lead from version `from` to version `to`, if all are
-    /// kept and together smaller than `limit` bytes.
-    pub fn between(&self, from: u64, to: u64, limit: usize) -> Option<Vec<Bytes>> {
-        let first = self.entries.front()?.0;
-        if from < self.base || from + 1 < first || to < from {
-            return None;
-        }
-        let start = (from + 1 - first) as usize;
-        let count = (to - from) as usize;
-        if start + count > self.entries.len() {
-            return None;
-        }
-        let mut bytes = 0;
-        let mut out = Vec::with_capacity(count);
-        for (_, ops) in self.entries.range(start..start + count) {
-            bytes += ops.len() + 1;
-            if bytes > limit {
-                return None;
+        // A chain goes on only from the version right before.
+        let prev = match self.kept.back() {
+            Some(last) if last.version + 1 == version => Arc::downgrade(last),
+            _ => {
+                self.clear();
+                Weak::new()
             }
-            out.push(ops.clone());
+        };
+        let step = Arc::new(OpsStep { version, ops, prev });
+        self.bytes += step.ops.len();
+        self.kept.push_back(step.clone());
+        while self.kept.len() > MAX_BATCHES || self.bytes > MAX_BATCH_BYTES {
+            let dropped = self.kept.pop_front().expect("not empty");
+            self.bytes -= dropped.ops.len();
         }
-        Some(out)
+        Some(step)
+    }
+
+    /// Drops every step kept (a push after this starts a new chain).
+    pub(super) fn clear(&mut self) {
+        self.kept.clear();
+        self.bytes = 0;
     }
 }
 
@@ -121,13 +137,13 @@ impl Room {
         // Without v2 members, none are kept: a v2 member counts itself with
         // its join, and its first message is a snapshot; the first batch kept
         // after a pause starts a new chain (see `Batches::push`).
-        let (batches, step_ops) = if self.v2_members > 0 {
-            let step_ops = ops
+        let (step, step_ops) = if self.v2_members > 0 {
+            let step = self.batches.push(version, ops);
+            let step_ops = step
                 .as_ref()
-                .filter(|ops| !ops.is_empty())
-                .map(|ops| Bytes::from(contract::protocol::v2::ops_body([&ops[..]])));
-            self.batches.push(version, ops);
-            (Some(Arc::new(self.batches.clone())), step_ops)
+                .filter(|step| !step.ops.is_empty())
+                .map(|step| Bytes::from(contract::protocol::v2::ops_body([&step.ops[..]])));
+            (step, step_ops)
         } else {
             (None, None)
         };
@@ -136,7 +152,7 @@ impl Room {
             deflated,
             at: Instant::now(),
             version,
-            batches,
+            step,
             step_ops,
         }));
     }
@@ -164,22 +180,29 @@ mod tests {
         Some(Bytes::from_static(text.as_bytes()))
     }
 
+    /// The batches from version `from` to version `to`, as a member at
+    /// `from` given the step of `to` would read them.
+    fn between(b: &Batches, from: u64, to: u64, limit: usize) -> Option<Vec<Bytes>> {
+        let step = b.kept.iter().find(|step| step.version == to)?;
+        step.since(from, limit)
+    }
+
     #[test]
     fn batches_lead_from_a_kept_version_to_a_newer_one_or_not_at_all() {
         let mut b = Batches::default();
-        assert_eq!(b.between(0, 1, 1000), None, "nothing kept");
+        assert_eq!(between(&b, 0, 1, 1000), None, "nothing kept");
         b.push(1, None); // a new room: its first snapshot has no ops
         b.push(2, ops("a"));
         b.push(3, ops("b"));
         b.push(4, ops("c"));
-        let got = |b: &Batches, from, to| b.between(from, to, 1000).map(|v| v.concat());
+        let got = |b: &Batches, from, to| between(b, from, to, 1000).map(|v| v.concat());
         assert_eq!(got(&b, 1, 4).as_deref(), Some(&b"abc"[..]));
         assert_eq!(got(&b, 2, 3).as_deref(), Some(&b"b"[..]));
         assert_eq!(got(&b, 4, 4).as_deref(), Some(&b""[..]), "nothing missed");
         assert_eq!(got(&b, 0, 4), None, "version 1 is not reached by ops");
         assert_eq!(got(&b, 3, 5), None, "not published yet");
         assert_eq!(
-            b.between(1, 4, 5),
+            between(&b, 1, 4, 5),
             None,
             "more than the limit: a snapshot is smaller"
         );
@@ -198,28 +221,29 @@ mod tests {
     fn batches_are_bounded_by_count_and_bytes() {
         let mut b = Batches::default();
         b.push(1, None);
-        for v in 2..200 {
+        // A member holding an old step does not keep the ones before it.
+        let held = b.push(2, ops("x"));
+        for v in 3..200 {
             b.push(v, ops("x"));
         }
-        assert_eq!(b.entries.len(), MAX_BATCHES);
-        assert!(b.between(199 - MAX_BATCHES as u64, 199, 1000).is_some());
-        assert_eq!(b.between(198 - MAX_BATCHES as u64, 199, 1000), None);
+        assert_eq!(b.kept.len(), MAX_BATCHES);
+        assert!(between(&b, 199 - MAX_BATCHES as u64, 199, 1000).is_some());
+        assert_eq!(between(&b, 198 - MAX_BATCHES as u64, 199, 1000), None);
+        assert_eq!(held.unwrap().prev.upgrade().map(|s| s.version), None);
         let big = Bytes::from(vec![b'y'; MAX_BATCH_BYTES / 2 + 1]);
         b.push(200, Some(big.clone()));
         b.push(201, Some(big));
-        assert_eq!(b.entries.len(), 1);
+        assert_eq!(b.kept.len(), 1);
         assert!(b.bytes <= MAX_BATCH_BYTES);
-        assert!(b.between(200, 201, usize::MAX).is_some());
-        assert_eq!(b.between(199, 201, usize::MAX), None);
+        assert!(between(&b, 200, 201, usize::MAX).is_some());
+        assert_eq!(between(&b, 199, 201, usize::MAX), None);
     }
 
     #[test]
     fn a_room_keeps_batches_only_while_it_has_v2_members() {
         let mut room = Room::new(link("v2"));
-        let kept = |room: &Room| {
-            let published = room.snapshots.borrow().clone().unwrap();
-            published.batches.map(|b| b.entries.len())
-        };
+        let published = |room: &Room| room.snapshots.borrow().clone().unwrap();
+        let kept = |room: &Room| published(room).step.map(|_| room.batches.kept.len());
         room.publish(Bytes::from_static(b"{}"), None, None);
         assert_eq!(kept(&room), None);
         room.count_v2_member(true);
@@ -231,17 +255,18 @@ mod tests {
         room.count_v2_member(false);
         room.publish(Bytes::from_static(b"{}"), ops("d"), None);
         assert_eq!(kept(&room), Some(4), "one v2 member is left");
+        let step = published(&room).step.unwrap();
+        assert_eq!(step.since(3, 100).unwrap().concat(), b"cd");
         // The step from the previous version, made once for every member.
-        let step = room.snapshots.borrow().as_ref().unwrap().step_ops.clone();
-        assert_eq!(step.as_deref(), Some(&br#","ops":[d]}"#[..]));
+        let step_ops = published(&room).step_ops;
+        assert_eq!(step_ops.as_deref(), Some(&br#","ops":[d]}"#[..]));
         room.publish(Bytes::from_static(b"{}"), ops(""), None);
-        let step = room.snapshots.borrow().as_ref().unwrap().step_ops.clone();
-        assert_eq!(step, None, "no ops: nothing to share");
+        assert_eq!(published(&room).step_ops, None, "no ops: nothing to share");
         room.count_v2_member(false);
-        assert!(room.batches.entries.is_empty());
+        assert!(room.batches.kept.is_empty());
         assert_eq!(room.batches.bytes, 0);
         room.publish(Bytes::from_static(b"{}"), ops("e"), None);
         assert_eq!(kept(&room), None, "none kept without v2 members");
-        assert!(room.batches.entries.is_empty());
+        assert!(room.batches.kept.is_empty());
     }
 }

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::room::{Holder, Traffic};
 use super::slot::{SessionEvent, SlotEvent};
 use crate::worker_queue::MessageBudget;
-use contract::ipc::{ConnId, RoomId, WorkerId};
+use contract::ipc::{ConnId, MessageText, RoomId, WorkerId};
 
 /// A worker slot's inbox: where its room handles send their sessions'
 /// events, and the bytes budget their client messages are charged to.
@@ -125,7 +125,7 @@ impl RoomHandle {
     /// Forwards a client's text frame to the room's worker. Waits while the
     /// worker's queued client messages fill their bytes budget (backpressure
     /// on this client only).
-    pub async fn forward(&self, conn: ConnId, text: String) -> Result<(), RoomLost> {
+    pub async fn forward(&self, conn: ConnId, text: MessageText) -> Result<(), RoomLost> {
         let charge = self
             .0
             .inbox

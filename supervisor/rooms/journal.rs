@@ -104,7 +104,7 @@ fn journal_form(stamped: &Stamped) -> Stamped {
     Stamped {
         event: RoomEvent::Message {
             conn: *conn,
-            text: compact,
+            text: compact.into(),
         },
         ..stamped.clone()
     }
@@ -206,7 +206,7 @@ mod tests {
             time_ms: 0,
             event: RoomEvent::Message {
                 conn: ConnId(1),
-                text,
+                text: text.into(),
             },
         }
     }
@@ -316,7 +316,7 @@ mod tests {
             kept.event,
             RoomEvent::Message {
                 conn: ConnId(1),
-                text: String::new()
+                text: "".into()
             }
         );
         // Small messages are kept as they came.

@@ -628,7 +628,10 @@ mod tests {
             .journal
             .restorable()
         {
-            handle.forward(ConnId(1), big.clone()).await.unwrap();
+            handle
+                .forward(ConnId(1), big.as_str().into())
+                .await
+                .unwrap();
             sent += 1;
             assert!(sent < 5_000, "the journal never overflowed");
         }

@@ -17,7 +17,7 @@ use super::room::{ConnStateSender, Holder, Member, Membership, Room};
 use super::{Registry, RoomTraffic};
 use crate::close::CloseReason;
 use crate::worker_queue::{Charge, Ticket, WorkerQueue};
-use contract::ipc::{ConnId, FromWorker, RoomEvent, RoomId, ToWorker, WorkerId};
+use contract::ipc::{ConnId, FromWorker, MessageText, RoomEvent, RoomId, ToWorker, WorkerId};
 
 /// What a slot's task is told through its inbox.
 pub(crate) enum SlotEvent {
@@ -50,7 +50,7 @@ pub(crate) enum SessionEvent {
         deflate: bool,
     },
     Message {
-        text: String,
+        text: MessageText,
         charge: Charge,
     },
     Leave,
@@ -77,7 +77,9 @@ pub(crate) type SlotInboxReceiver = mpsc::UnboundedReceiver<SlotEvent>;
 /// Every room placed on one worker slot, owned by the slot's task.
 pub(crate) struct SlotRooms {
     pub(super) worker: WorkerId,
-    pub(super) rooms: HashMap<RoomId, Room>,
+    /// Boxed: a room is large, and the map's spare capacity would hold
+    /// room-sized slots (measured: idle memory per room).
+    pub(super) rooms: HashMap<RoomId, Box<Room>>,
     /// The slot's frame queue, to its worker's socket.
     pub(super) queue: WorkerQueue,
     pub(super) registry: Arc<Registry>,
@@ -136,7 +138,7 @@ impl SlotRooms {
                 if !self.registry.is_placed(&link) {
                     return;
                 }
-                let mut room = Room::new(link.clone());
+                let mut room = Box::new(Room::new(link.clone()));
                 room.recovery.restoring = self.down;
                 self.rooms.entry(link.id.clone()).or_insert(room)
             }
@@ -319,7 +321,7 @@ impl SlotRooms {
     fn answer(&self, query: Query) {
         match query {
             Query::Monitor(answer) => {
-                drop(answer.send(self.rooms.values().map(Room::monitor).collect()))
+                drop(answer.send(self.rooms.values().map(|room| room.monitor()).collect()))
             }
             Query::Traffic(answer) => {
                 let traffic = self.rooms.values().map(|room| RoomTraffic {
