@@ -21,9 +21,14 @@ use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use contract::ipc::ToWorker;
 
-/// KiB of client messages queued per worker before senders wait: 32 MiB,
-/// about a second of a worker's work at its fastest (`BENCHMARKS.md`).
-pub const MESSAGE_KIB: u32 = 32 * 1024;
+/// KiB of client messages queued per worker before senders wait: 8 MiB,
+/// about a quarter of a second of a worker's work at its fastest
+/// (`BENCHMARKS.md`). At most half a room's journal bound
+/// (`journal::JOURNAL_MAX_BYTES`, 16 MiB): a room's checkpoint request waits
+/// behind what is queued, so one busy room whose queued messages could reach
+/// that bound would drop its journal over and over, and a worker crash would
+/// then close it (1011) instead of restoring it.
+pub const MESSAGE_KIB: u32 = 8 * 1024;
 
 /// KiB a client message of `len` bytes takes of [`MESSAGE_KIB`] (at least one).
 fn kib(len: usize) -> u32 {
@@ -168,7 +173,7 @@ mod tests {
     use contract::ipc::RoomId;
     use std::time::Duration;
 
-    /// 32 MiB of 64 KiB messages fill the budget; the next waits until one
+    /// 8 MiB of 64 KiB messages fill the budget; the next waits until one
     /// leaves the queue, and a charge that is not sent is given back.
     #[tokio::test]
     async fn client_messages_wait_for_bytes_and_give_them_back_when_taken() {
@@ -184,7 +189,7 @@ mod tests {
             assert!(queue.send_with(close(), Ticket::Charge(charge)));
         }
         let next = tokio::time::timeout(Duration::from_millis(50), budget.charge(per));
-        assert!(next.await.is_err(), "the 513th 64 KiB message waits");
+        assert!(next.await.is_err(), "the 129th 64 KiB message waits");
         // A frame without a client message is not held by the bytes.
         assert!(queue.send(close()));
         // One leaves: one more fits.

@@ -23,6 +23,9 @@ pub const CHECKPOINT_EVERY_BYTES: usize = 1 << 20;
 pub const JOURNAL_MAX_EVENTS: usize = 50_000;
 /// The bytes' half of those bounds: 16 MiB, counted as [`Journal::bytes`].
 pub const JOURNAL_MAX_BYTES: usize = 16 << 20;
+// A room's queued messages (at most the worker's budget) must fit twice in
+// its journal: see `worker_queue::MESSAGE_KIB`.
+const _: () = assert!(2 * crate::worker_queue::MESSAGE_KIB as usize * 1024 <= JOURNAL_MAX_BYTES);
 /// What an event costs besides its text (ids, seq, time, queue slot).
 const EVENT_OVERHEAD_BYTES: usize = 96;
 /// Messages longer than this are journaled as the fields the room reads. Below

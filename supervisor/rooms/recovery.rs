@@ -85,6 +85,12 @@ impl Recovery {
         }
     }
 
+    /// Whether the room has had an instance on a worker (a seed). A room
+    /// placed while its slot's worker was down has none until its first join.
+    pub(super) fn has_instance(&self) -> bool {
+        self.id_seed != 0
+    }
+
     /// Whether the room was blamed for, or suspected of, a crash within
     /// [`POISON_WINDOW`]: it is restored alone.
     fn suspect(&self, now: Instant) -> bool {
@@ -95,7 +101,8 @@ impl Recovery {
     /// Starts a new instance of the room on its worker (not a reopening of one
     /// that is still closing, which keeps its state).
     pub(super) fn new_instance(&mut self) -> u64 {
-        self.id_seed = rand::random::<u64>();
+        // Never 0: that is a room with no instance yet (see `has_instance`).
+        self.id_seed = rand::random::<u64>().max(1);
         self.checkpoint = None;
         self.journal.clear();
         self.id_seed
@@ -581,6 +588,35 @@ mod tests {
         rooms.restores_overdue(deadline);
         assert!(!rooms.restoring());
         assert_eq!(events(&slots.frames(0)), [2]);
+    }
+
+    /// A room first placed while its slot's worker is down gets an instance
+    /// of its own (a seed), restored with its journal: two such instances of
+    /// one room never make the same shape ids (which would overwrite the
+    /// saved shapes of the first).
+    #[tokio::test]
+    async fn a_room_placed_while_its_worker_is_down_gets_an_instance_of_its_own() {
+        let (registry, mut slots) = registry(1, 2, 2);
+        let mut seeds = Vec::new();
+        for conn in [1, 2] {
+            slots.rooms(0).worker_failed(&[], &[]);
+            let (handle, _) = joined(&registry, &mut slots, "late", conn);
+            slots.rooms(0).start_restores(Duration::from_secs(30));
+            let frames = slots.frames(0);
+            let ToWorker::RestoreRoom { id_seed, image, .. } = &frames[0] else {
+                panic!("{frames:?}");
+            };
+            assert_eq!((image, events(&frames).len()), (&None, 1), "its join");
+            seeds.push(*id_seed);
+            // It closes (everyone left), so the next one is a new instance.
+            handle.leave(ConnId(conn));
+            slots
+                .rooms(0)
+                .worker_message(FromWorker::RoomClosed { room: room("late") });
+            slots.frames(0);
+        }
+        assert!(seeds.iter().all(|seed| *seed != 0), "{seeds:?}");
+        assert_ne!(seeds[0], seeds[1]);
     }
 
     /// The only member reloads while the room is being restored: the rejoin

@@ -398,9 +398,12 @@ impl Room {
             self.open = true;
             // A room being restored, or still closing on its worker, keeps its
             // instance: a rejoin must not drop the checkpoint and journal that
-            // rebuild it.
+            // rebuild it. One placed while its worker was down has none yet:
+            // it gets one (its own seed, so its shape ids never collide with
+            // an earlier instance's saved ones).
             let restoring = self.recovery.restoring;
-            let id_seed = if self.closing == 0 && !restoring {
+            let new = self.closing == 0 && (!restoring || !self.recovery.has_instance());
+            let id_seed = if new {
                 self.recovery.new_instance()
             } else {
                 self.recovery.id_seed
