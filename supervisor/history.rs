@@ -6,13 +6,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use super::Shared;
-use super::metrics::{Kind, Metrics, Outcome, Worker};
+use super::metrics::{Kind, LATENCY_BUCKETS, Metrics, Outcome, Worker};
 use super::rooms::RoomTraffic;
 use contract::ipc::WorkerId;
 use contract::protocol::MessageKind;
@@ -25,32 +25,6 @@ pub const EVENTS_KEPT: usize = 200;
 pub const ROOM_SAMPLES_KEPT: usize = 60;
 /// Between two samples.
 pub const EVERY: Duration = Duration::from_secs(1);
-
-/// Fan-out latency buckets: upper bounds 50 µs × 2^i (the `/metrics`
-/// histogram's), the last one for anything slower.
-pub const LATENCY_BUCKETS: usize = 16;
-
-/// Fan-out latencies counted by bucket, so that the sampler can tell the
-/// last second's p50 and p99 (the `/metrics` histogram cannot be read back).
-#[derive(Default)]
-pub struct LatencyCounts([AtomicU64; LATENCY_BUCKETS]);
-
-impl LatencyCounts {
-    /// One delivery `seconds` after its change was ready.
-    pub fn observe(&self, seconds: f64) {
-        let mut bound = 0.000_05;
-        let mut bucket = 0;
-        while bucket < LATENCY_BUCKETS - 1 && seconds > bound {
-            bound *= 2.0;
-            bucket += 1;
-        }
-        self.0[bucket].fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn read(&self) -> [u64; LATENCY_BUCKETS] {
-        std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
-    }
-}
 
 /// The `q` quantile of the counts (per bucket), in milliseconds: the upper
 /// bound of the bucket it falls in; None without a delivery.
@@ -322,6 +296,7 @@ pub async fn sample(shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::LatencyCounts;
 
     fn room(id: &str, messages_in: u64, bytes_out: u64) -> RoomTraffic {
         RoomTraffic {

@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -223,7 +224,7 @@ pub struct Metrics {
     pub fanout_latency: Histogram,
     /// The same deliveries by bucket, for the monitor's p50 and p99 per second
     /// (not at `/metrics`).
-    pub fanout_counts: crate::history::LatencyCounts,
+    pub fanout_counts: LatencyCounts,
     /// Bytes written to clients as sent, compressed or not (the monitor's
     /// bytes out; not at `/metrics`, where the kinds are counted apart).
     pub bytes_sent: std::sync::atomic::AtomicU64,
@@ -537,6 +538,32 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// Fan-out latency buckets: upper bounds 50 µs × 2^i (the `/metrics`
+/// histogram's), the last one for anything slower.
+pub const LATENCY_BUCKETS: usize = 16;
+
+/// Fan-out latencies counted by bucket, so that the monitor's sampler
+/// (`history`) can tell the last second's p50 and p99 (the `/metrics` histogram cannot be read back).
+#[derive(Default)]
+pub struct LatencyCounts([AtomicU64; LATENCY_BUCKETS]);
+
+impl LatencyCounts {
+    /// One delivery `seconds` after its change was ready.
+    pub fn observe(&self, seconds: f64) {
+        let mut bound = 0.000_05;
+        let mut bucket = 0;
+        while bucket < LATENCY_BUCKETS - 1 && seconds > bound {
+            bound *= 2.0;
+            bucket += 1;
+        }
+        self.0[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn read(&self) -> [u64; LATENCY_BUCKETS] {
+        std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
     }
 }
 

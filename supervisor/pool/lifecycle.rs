@@ -4,7 +4,6 @@
 
 use crate::worker_queue::WorkerFrames;
 use std::fmt;
-use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::link::{self, LinkEnd, PING_QUEUE, Reader, Writer, watchdog, write_frames};
+use super::program::WorkerProgram;
 use super::salvage::Salvages;
 use super::slot_task::Control;
 use super::{DrainReport, WorkerSlot, lock};
@@ -328,38 +328,6 @@ pub(super) struct WorkerSpec {
     pub(super) program: WorkerProgram,
     /// Where quarantined rooms' salvages are kept track of (the pool's).
     pub(super) salvages: Arc<Salvages>,
-}
-
-/// The program a worker process runs (in worker mode).
-#[derive(Clone, Debug, Default)]
-pub enum WorkerProgram {
-    /// This same executable, so workers are always the same build as their
-    /// supervisor: the server's only choice.
-    #[default]
-    ThisExecutable,
-    /// The server binary at this path: for tests that run the supervisor in
-    /// their own process (whose executable is the test, not the server).
-    Binary(PathBuf),
-}
-
-impl WorkerProgram {
-    /// The path to execute and the `argv[0]` to show (`ps` shows what runs).
-    pub(super) fn path(&self) -> std::io::Result<(PathBuf, PathBuf)> {
-        match self {
-            // `/proc/self/exe` names the image this process runs even if the
-            // file was replaced since (a new build); argv[0] is its real path.
-            WorkerProgram::ThisExecutable => {
-                let shown = std::env::current_exe().unwrap_or_else(|_| "session-server".into());
-                let proc_exe = Path::new("/proc/self/exe");
-                if proc_exe.exists() {
-                    Ok((proc_exe.to_path_buf(), shown))
-                } else {
-                    Ok((std::env::current_exe()?, shown))
-                }
-            }
-            WorkerProgram::Binary(path) => Ok((path.clone(), path.clone())),
-        }
-    }
 }
 
 impl Serve<'_> {

@@ -15,6 +15,7 @@
 
 mod lifecycle;
 mod link;
+mod program;
 mod salvage;
 mod slot_task;
 #[cfg(test)]
@@ -36,8 +37,8 @@ use super::shutdown::Shutdown;
 use crate::worker_queue::WorkerQueue;
 use contract::config::PersistSettings;
 use contract::ipc::{Fallback, RoomId, ToWorker, WorkerId};
-pub use lifecycle::WorkerProgram;
 use lifecycle::{StoreIdentity, WorkerExit, WorkerSpec, supervise};
+pub use program::WorkerProgram;
 
 /// A worker answers a drain this long before the supervisor stops waiting, so
 /// the answer (and the unsaved rooms it names) arrives in time.
@@ -111,6 +112,7 @@ impl WorkerSlot {
 
     /// The slot's process runs and answers pings (restoring rooms or not): what
     /// the Agones `Health()` pings stand for.
+    #[cfg(feature = "agones")]
     pub fn answering(&self) -> bool {
         self.pid().is_some() && !self.unresponsive.load(Ordering::Relaxed)
     }

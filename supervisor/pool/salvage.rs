@@ -16,7 +16,7 @@ use tokio::process::Command;
 use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
 
-use super::lifecycle::WorkerProgram;
+use super::program::WorkerProgram;
 use crate::rooms::RoomSalvage;
 use contract::ipc::{RoomId, SALVAGE_FILE, SALVAGE_NO_FILE, Salvage};
 

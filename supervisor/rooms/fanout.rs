@@ -7,8 +7,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::room::Room;
-
 /// The newest snapshot of a room, shared by all its members (one encoding, one
 /// allocation; each member clones a reference).
 pub type SnapshotCell = Option<Published>;
@@ -56,6 +54,11 @@ pub struct OpsStep {
 }
 
 impl OpsStep {
+    /// The ops that lead to this step's version from the one before.
+    pub fn ops(&self) -> &[u8] {
+        &self.ops
+    }
+
     /// The batches that lead from version `from` to this step's version,
     /// oldest first, if the room still keeps them all and together they are
     /// smaller than `limit` bytes.
@@ -125,54 +128,9 @@ impl Batches {
     }
 }
 
-impl Room {
-    /// Publishes the room's newest snapshot to its members, and for v2 members
-    /// the ops that lead to it from the previous one (`None`: none do).
-    pub(super) fn publish(&mut self, snapshot: Bytes, ops: Option<Bytes>, deflated: Option<Bytes>) {
-        let version = self
-            .snapshots
-            .borrow()
-            .as_ref()
-            .map_or(1, |p| p.version + 1);
-        // Without v2 members, none are kept: a v2 member counts itself with
-        // its join, and its first message is a snapshot; the first batch kept
-        // after a pause starts a new chain (see `Batches::push`).
-        let (step, step_ops) = if self.v2_members > 0 {
-            let step = self.batches.push(version, ops);
-            let step_ops = step
-                .as_ref()
-                .filter(|step| !step.ops.is_empty())
-                .map(|step| Bytes::from(contract::protocol::v2::ops_body([&step.ops[..]])));
-            (step, step_ops)
-        } else {
-            (None, None)
-        };
-        self.snapshots.send_replace(Some(Published {
-            message: snapshot,
-            deflated,
-            at: Instant::now(),
-            version,
-            step,
-            step_ops,
-        }));
-    }
-
-    /// A v2 member joins (`true`) or leaves.
-    pub(super) fn count_v2_member(&mut self, joins: bool) {
-        if joins {
-            self.v2_members += 1;
-        } else {
-            self.v2_members -= 1;
-            if self.v2_members == 0 {
-                // Its batches would only hold memory.
-                self.batches.clear();
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::room::Room;
     use super::super::testing::*;
     use super::*;
 

@@ -1,15 +1,157 @@
-//! What a session holds of its room: [`RoomHandle`], which sends the
-//! session's events to the task that owns the room (its worker slot's).
+//! What a session holds of its room, and how the two talk: [`RoomHandle`]
+//! sends the session's events ([`SlotEvent`]) to the task that owns the room
+//! (its worker slot's), which tells the session its [`ConnState`].
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use super::room::{Holder, Traffic};
-use super::slot::{SessionEvent, SlotEvent};
-use crate::worker_queue::MessageBudget;
+use super::fanout::SnapshotCell;
+use super::recovery::RoomSalvage;
+use crate::close::CloseReason;
+use crate::worker_queue::{Charge, MessageBudget};
 use contract::ipc::{ConnId, MessageText, RoomId, WorkerId};
+use contract::protocol::{IgnoredReason, MessageKind};
+
+/// What the supervisor tells a connection's session: its membership, which only
+/// moves forward (pending → admitted → closed), and how many times a newer
+/// connection of the same user asked whether this one is still alive. A `watch`
+/// carries it: a session that sees only the last value has missed nothing it
+/// needs. (A `watch` costs a few hundred bytes per connection; an `mpsc` channel
+/// allocates a 32-slot block.)
+#[derive(Debug, Clone)]
+pub struct ConnState {
+    /// Where the connection stands in its room.
+    pub membership: Membership,
+    /// Bumped to ask the session to ping its client at once; the session answers
+    /// with [`RoomHandle::alive`](super::RoomHandle::alive) when its client is
+    /// next heard from.
+    pub probes: u32,
+    /// The client's messages refused by a room limit so far (see
+    /// `FromWorker::Refused`), and what the last one asked and why: a v2
+    /// session tells its client of the ones it has not told yet.
+    pub refused: u32,
+    /// The last refused message's kind and reason.
+    pub last_refused: Option<(MessageKind, IgnoredReason)>,
+}
+
+impl ConnState {
+    /// A connection registered and not yet admitted.
+    pub fn pending() -> ConnState {
+        ConnState {
+            membership: Membership::Pending,
+            probes: 0,
+            refused: 0,
+            last_refused: None,
+        }
+    }
+}
+
+/// A connection's standing in its room.
+#[derive(Debug, Clone)]
+pub enum Membership {
+    /// Waiting for the worker to admit the join.
+    Pending,
+    /// The worker admitted the join: from now on, send the room's snapshots.
+    Admitted(watch::Receiver<SnapshotCell>),
+    /// Close the connection for this reason.
+    Closed(CloseReason),
+}
+
+/// The registry's end of a connection's [`ConnState`].
+pub type ConnStateSender = watch::Sender<ConnState>;
+
+/// What a connection joining a room finds of its user.
+pub enum Holder {
+    /// The user is not in the room.
+    None,
+    /// Another connection holds the user's place: the receiver turns true if it
+    /// is alive, and fails if it leaves.
+    Probed {
+        /// The connection that holds it.
+        conn: ConnId,
+        /// Its answer to the probe.
+        answer: watch::Receiver<bool>,
+    },
+}
+
+/// A room's traffic since it was placed.
+#[derive(Default)]
+pub struct Traffic {
+    /// Client messages forwarded to its worker.
+    pub messages_in: AtomicU64,
+    /// Bytes written to its members, as sent (compressed or not).
+    pub bytes_out: AtomicU64,
+}
+
+/// One room at one instant, as the registry reads it for the monitor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoomTraffic {
+    /// The room's id.
+    pub room: String,
+    /// Client messages forwarded to its worker since it was placed.
+    pub messages_in: u64,
+    /// Bytes written to its members since it was placed.
+    pub bytes_out: u64,
+    /// Client events journaled and not yet checkpointed.
+    pub journal: u64,
+}
+
+/// What a slot's task is told through its inbox.
+pub(crate) enum SlotEvent {
+    /// A connection was registered for a room placed on this slot (by
+    /// [`Registry::register`]): the room is created with its first.
+    Register {
+        link: Arc<RoomLink>,
+        conn: ConnId,
+        user_id: String,
+        state: ConnStateSender,
+    },
+    /// A session's event for its room.
+    Session {
+        link: Arc<RoomLink>,
+        conn: ConnId,
+        event: SessionEvent,
+    },
+    /// The memory budget refuses new shapes (`full`), or no longer: told to
+    /// each room as a stamped event.
+    MemoryBudget { full: bool },
+    /// What the monitor, the stop and the history read of the rooms.
+    Query(Query),
+}
+
+/// A session's event (see [`RoomHandle`](super::RoomHandle)).
+pub(crate) enum SessionEvent {
+    Join {
+        replace: Option<ConnId>,
+        v2: bool,
+        deflate: bool,
+    },
+    Message {
+        text: MessageText,
+        charge: Charge,
+    },
+    Leave,
+    Alive,
+    Probe(oneshot::Sender<Holder>),
+    IsJoined(oneshot::Sender<bool>),
+}
+
+/// A question to a slot's task, answered at once.
+pub(crate) enum Query {
+    /// Each room as the monitor shows it.
+    Monitor(oneshot::Sender<Vec<serde_json::Value>>),
+    /// Each room's traffic and journal.
+    Traffic(oneshot::Sender<Vec<RoomTraffic>>),
+    /// Rooms with events since their last confirmed save.
+    Unconfirmed(oneshot::Sender<Vec<RoomId>>),
+    /// What rebuilds each of those.
+    Salvage(oneshot::Sender<Vec<RoomSalvage>>),
+}
+
+/// The receiving end of a slot's inbox (for the slot's task).
+pub(crate) type SlotInboxReceiver = mpsc::UnboundedReceiver<SlotEvent>;
 
 /// A worker slot's inbox: where its room handles send their sessions'
 /// events, and the bytes budget their client messages are charged to.

@@ -4,87 +4,16 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::time::Instant;
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
-use super::fanout::{Batches, SnapshotCell};
-use super::handle::RoomLink;
+use super::fanout::{Batches, Published, SnapshotCell};
+use super::handle::{ConnStateSender, Membership, RoomLink};
 use super::recovery::Recovery;
 use crate::close::CloseReason;
 use contract::ipc::{ConnId, RoomId, RoomSummary};
-use contract::protocol::{IgnoredReason, MessageKind};
-
-/// What the supervisor tells a connection's session: its membership, which only
-/// moves forward (pending → admitted → closed), and how many times a newer
-/// connection of the same user asked whether this one is still alive. A `watch`
-/// carries it: a session that sees only the last value has missed nothing it
-/// needs. (A `watch` costs a few hundred bytes per connection; an `mpsc` channel
-/// allocates a 32-slot block.)
-#[derive(Debug, Clone)]
-pub struct ConnState {
-    /// Where the connection stands in its room.
-    pub membership: Membership,
-    /// Bumped to ask the session to ping its client at once; the session answers
-    /// with [`RoomHandle::alive`](super::RoomHandle::alive) when its client is
-    /// next heard from.
-    pub probes: u32,
-    /// The client's messages refused by a room limit so far (see
-    /// `FromWorker::Refused`), and what the last one asked and why: a v2
-    /// session tells its client of the ones it has not told yet.
-    pub refused: u32,
-    /// The last refused message's kind and reason.
-    pub last_refused: Option<(MessageKind, IgnoredReason)>,
-}
-
-impl ConnState {
-    /// A connection registered and not yet admitted.
-    pub fn pending() -> ConnState {
-        ConnState {
-            membership: Membership::Pending,
-            probes: 0,
-            refused: 0,
-            last_refused: None,
-        }
-    }
-}
-
-/// A connection's standing in its room.
-#[derive(Debug, Clone)]
-pub enum Membership {
-    /// Waiting for the worker to admit the join.
-    Pending,
-    /// The worker admitted the join: from now on, send the room's snapshots.
-    Admitted(watch::Receiver<SnapshotCell>),
-    /// Close the connection for this reason.
-    Closed(CloseReason),
-}
-
-/// The registry's end of a connection's [`ConnState`].
-pub type ConnStateSender = watch::Sender<ConnState>;
-
-/// What a connection joining a room finds of its user.
-pub enum Holder {
-    /// The user is not in the room.
-    None,
-    /// Another connection holds the user's place: the receiver turns true if it
-    /// is alive, and fails if it leaves.
-    Probed {
-        /// The connection that holds it.
-        conn: ConnId,
-        /// Its answer to the probe.
-        answer: watch::Receiver<bool>,
-    },
-}
-
-/// A room's traffic since it was placed.
-#[derive(Default)]
-pub struct Traffic {
-    /// Client messages forwarded to its worker.
-    pub messages_in: AtomicU64,
-    /// Bytes written to its members, as sent (compressed or not).
-    pub bytes_out: AtomicU64,
-}
 
 /// A connection registered for a room (joined or about to).
 pub(super) struct Member {
@@ -181,5 +110,51 @@ impl Room {
     /// worker, no close awaiting confirmation.
     pub(super) fn done(&self) -> bool {
         self.conns.is_empty() && !self.open && self.closing == 0
+    }
+}
+
+impl Room {
+    /// Publishes the room's newest snapshot to its members, and for v2 members
+    /// the ops that lead to it from the previous one (`None`: none do).
+    pub(super) fn publish(&mut self, snapshot: Bytes, ops: Option<Bytes>, deflated: Option<Bytes>) {
+        let version = self
+            .snapshots
+            .borrow()
+            .as_ref()
+            .map_or(1, |p| p.version + 1);
+        // Without v2 members, none are kept: a v2 member counts itself with
+        // its join, and its first message is a snapshot; the first batch kept
+        // after a pause starts a new chain (see `Batches::push`).
+        let (step, step_ops) = if self.v2_members > 0 {
+            let step = self.batches.push(version, ops);
+            let step_ops = step
+                .as_ref()
+                .filter(|step| !step.ops().is_empty())
+                .map(|step| Bytes::from(contract::protocol::v2::ops_body([step.ops()])));
+            (step, step_ops)
+        } else {
+            (None, None)
+        };
+        self.snapshots.send_replace(Some(Published {
+            message: snapshot,
+            deflated,
+            at: Instant::now(),
+            version,
+            step,
+            step_ops,
+        }));
+    }
+
+    /// A v2 member joins (`true`) or leaves.
+    pub(super) fn count_v2_member(&mut self, joins: bool) {
+        if joins {
+            self.v2_members += 1;
+        } else {
+            self.v2_members -= 1;
+            if self.v2_members == 0 {
+                // Its batches would only hold memory.
+                self.batches.clear();
+            }
+        }
     }
 }

@@ -9,70 +9,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 
-use super::handle::RoomLink;
-use super::recovery::{Restores, RoomSalvage};
-use super::room::{ConnStateSender, Holder, Member, Membership, Room};
-use super::{Registry, RoomTraffic};
+use super::handle::{
+    ConnStateSender, Holder, Membership, Query, RoomLink, RoomTraffic, SessionEvent, SlotEvent,
+};
+use super::recovery::Restores;
+use super::registry::Registry;
+use super::room::{Member, Room};
 use crate::close::CloseReason;
-use crate::worker_queue::{Charge, Ticket, WorkerQueue};
-use contract::ipc::{ConnId, FromWorker, MessageText, RoomEvent, RoomId, ToWorker, WorkerId};
-
-/// What a slot's task is told through its inbox.
-pub(crate) enum SlotEvent {
-    /// A connection was registered for a room placed on this slot (by
-    /// [`Registry::register`]): the room is created with its first.
-    Register {
-        link: Arc<RoomLink>,
-        conn: ConnId,
-        user_id: String,
-        state: ConnStateSender,
-    },
-    /// A session's event for its room.
-    Session {
-        link: Arc<RoomLink>,
-        conn: ConnId,
-        event: SessionEvent,
-    },
-    /// The memory budget refuses new shapes (`full`), or no longer: told to
-    /// each room as a stamped event.
-    MemoryBudget { full: bool },
-    /// What the monitor, the stop and the history read of the rooms.
-    Query(Query),
-}
-
-/// A session's event (see [`RoomHandle`](super::RoomHandle)).
-pub(crate) enum SessionEvent {
-    Join {
-        replace: Option<ConnId>,
-        v2: bool,
-        deflate: bool,
-    },
-    Message {
-        text: MessageText,
-        charge: Charge,
-    },
-    Leave,
-    Alive,
-    Probe(oneshot::Sender<Holder>),
-    IsJoined(oneshot::Sender<bool>),
-}
-
-/// A question to a slot's task, answered at once.
-pub(crate) enum Query {
-    /// Each room as the monitor shows it.
-    Monitor(oneshot::Sender<Vec<serde_json::Value>>),
-    /// Each room's traffic and journal.
-    Traffic(oneshot::Sender<Vec<RoomTraffic>>),
-    /// Rooms with events since their last confirmed save.
-    Unconfirmed(oneshot::Sender<Vec<RoomId>>),
-    /// What rebuilds each of those.
-    Salvage(oneshot::Sender<Vec<RoomSalvage>>),
-}
-
-/// The receiving end of a slot's inbox (for the slot's task).
-pub(crate) type SlotInboxReceiver = mpsc::UnboundedReceiver<SlotEvent>;
+use crate::worker_queue::{Ticket, WorkerQueue};
+use contract::ipc::{ConnId, FromWorker, RoomEvent, RoomId, ToWorker, WorkerId};
 
 /// Every room placed on one worker slot, owned by the slot's task.
 pub(crate) struct SlotRooms {

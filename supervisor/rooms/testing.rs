@@ -8,10 +8,8 @@ use tokio::sync::watch;
 
 use crate::worker_queue::{self, WorkerFrames};
 
-use super::handle::{RoomLink, SlotInbox};
-use super::room::Traffic;
-use super::slot::SlotInboxReceiver;
-use super::{ConnState, ConnStateSender, Registry, RoomHandle, SlotRooms};
+use super::handle::{ConnStateSender, RoomLink, SlotInbox, SlotInboxReceiver, Traffic};
+use super::{ConnState, Registry, RoomHandle, SlotRooms};
 use contract::ipc::{ConnId, RoomId, ToWorker, WorkerId};
 
 pub fn room(name: &str) -> RoomId {
