@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use super::journal::{Journal, Recorded};
+use crate::worker_queue::{Charge, Ticket};
 use contract::ipc::{RoomEvent, RoomId, Stamped, ToWorker};
 use contract::protocol::unix_time_ms;
 
@@ -46,6 +47,24 @@ pub(super) struct Recovery {
     pub(super) suspected_at: Option<Instant>,
     /// Last event covered by a save the worker confirmed (0: none yet).
     pub(super) saved_seq: u64,
+    /// While restoring: each journaled client message's share of the
+    /// worker's byte budget, by seq, kept until the restore sends the
+    /// message. An outage then holds the senders back (their clients' TCP)
+    /// at the budget instead of letting the journal grow to its bound (which
+    /// would close the room, 1011).
+    pub(super) held: VecDeque<(u64, Charge)>,
+}
+
+/// The ticket to send journaled event `seq` with: its held charge, if any
+/// (charges of events before it that were not sent are given back).
+pub(super) fn held_ticket(held: &mut VecDeque<(u64, Charge)>, seq: u64) -> Ticket {
+    while held.front().is_some_and(|(s, _)| *s < seq) {
+        held.pop_front();
+    }
+    match held.front() {
+        Some((s, _)) if *s == seq => Ticket::Charge(held.pop_front().expect("front").1),
+        _ => Ticket::None,
+    }
 }
 
 impl Recovery {
@@ -60,6 +79,10 @@ impl Recovery {
         };
         if self.journal.record(&stamped) == Recorded::WantsCheckpoint {
             self.checkpoint_wanted = true;
+        }
+        if !self.journal.restorable() {
+            // Dropped events are never sent: their charges go back.
+            self.held.clear();
         }
         ToWorker::Event(stamped)
     }
@@ -96,6 +119,7 @@ impl Recovery {
         self.id_seed = rand::random::<u64>().max(1);
         self.checkpoint = None;
         self.journal.clear();
+        self.held.clear();
         self.id_seed
     }
 }

@@ -312,6 +312,10 @@ impl Room {
                     room: self.link.id.clone(),
                 });
             }
+        } else if let Ticket::Charge(charge) = ticket {
+            // Held until the restore sends it (see `Recovery::held`).
+            let seq = self.recovery.last_seq;
+            self.recovery.held.push_back((seq, charge));
         }
     }
 
