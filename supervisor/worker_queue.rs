@@ -6,10 +6,11 @@
 //! hold: a session takes a message's share of [`MESSAGE_KIB`] (a [`Charge`],
 //! waiting while it is spent: backpressure on that client only, nothing
 //! dropped) before the message enters the inbox, and the share is given back
-//! when the writer takes the frame (or when the message is journaled without
-//! being sent, during a restore). The count alone let 8,192 messages of 64 KiB
-//! (512 MiB) wait for one worker, and with permessage-deflate a client uploads
-//! such a message in a few hundred bytes. Every other frame is bounded by what
+//! when the writer takes the frame (a message journaled while its room waits
+//! for a restore keeps it until the restore sends it: `Recovery::held`). A
+//! count alone let 8,192 messages of 64 KiB (512 MiB) wait for one worker,
+//! and with permessage-deflate a client uploads such a message in a few
+//! hundred bytes. Every other frame is bounded by what
 //! causes it (a connection's join and leave, a room's open and close, a
 //! journal's restore).
 
