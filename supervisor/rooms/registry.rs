@@ -277,12 +277,11 @@ impl Registry {
 
     /// Asks every slot's task `query`; their answers in slot order.
     async fn ask<T>(&self, query: impl Fn(oneshot::Sender<T>) -> Query) -> Vec<T> {
-        let answers = self.inboxes.iter().map(|inbox| {
-            let (answer, answered) = oneshot::channel();
-            inbox.send(SlotEvent::Query(query(answer)));
-            answered
-        });
-        let answers: Vec<_> = answers.collect();
+        let answers: Vec<_> = self
+            .inboxes
+            .iter()
+            .map(|inbox| asked(inbox, &query))
+            .collect();
         futures_util::future::join_all(answers)
             .await
             .into_iter()
@@ -332,9 +331,7 @@ impl Registry {
         let Some(inbox) = self.inboxes.get(worker.0 as usize) else {
             return T::default();
         };
-        let (answer, answered) = oneshot::channel();
-        inbox.send(SlotEvent::Query(query(answer)));
-        answered.await.unwrap_or_default()
+        asked(inbox, query).await.unwrap_or_default()
     }
 
     /// Rooms per worker, sorted, for the status endpoint.
@@ -349,6 +346,17 @@ impl Registry {
         }
         by_worker
     }
+}
+
+/// Sends `query` to a slot's task; its answer comes through the receiver
+/// (an error if the task is gone).
+fn asked<T>(
+    inbox: &SlotInbox,
+    query: impl FnOnce(oneshot::Sender<T>) -> Query,
+) -> oneshot::Receiver<T> {
+    let (answer, answered) = oneshot::channel();
+    inbox.send(SlotEvent::Query(query(answer)));
+    answered
 }
 
 impl Table {
