@@ -417,11 +417,58 @@ pub fn unix_time_ms() -> i64 {
 
 /// Appends a timestamp as a JSON string in JavaScript's `toISOString()` form:
 /// `"2024-01-01T12:00:00.000Z"`.
+///
+/// Written digit by digit for years 0–9999 (every snapshot carries a timestamp
+/// per cursor and shape; chrono's formatter interprets its format string each
+/// time, ~3 µs a message in the worker); other years (a client's shape may say
+/// anything) go through chrono, whose output this matches.
 #[inline]
 pub fn push_json_timestamp(out: &mut String, time_ms: i64) {
-    use std::fmt::Write;
-    let t = chrono::DateTime::from_timestamp_millis(time_ms).unwrap_or_default();
-    let _ = write!(out, "\"{}\"", t.format("%Y-%m-%dT%H:%M:%S%.3fZ"));
+    const MS_PER_DAY: i64 = 86_400_000;
+    let days = time_ms.div_euclid(MS_PER_DAY);
+    let ms_of_day = time_ms.rem_euclid(MS_PER_DAY);
+    let (year, month, day) = civil_from_days(days);
+    if !(0..=9999).contains(&year) {
+        use std::fmt::Write;
+        let t = chrono::DateTime::from_timestamp_millis(time_ms).unwrap_or_default();
+        let _ = write!(out, "\"{}\"", t.format("%Y-%m-%dT%H:%M:%S%.3fZ"));
+        return;
+    }
+    let mut text = *b"\"0000-00-00T00:00:00.000Z\"";
+    let mut put = |at: usize, width: usize, mut value: i64| {
+        for i in (at..at + width).rev() {
+            text[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(1, 4, year);
+    put(6, 2, month);
+    put(9, 2, day);
+    put(12, 2, ms_of_day / 3_600_000);
+    put(15, 2, ms_of_day / 60_000 % 60);
+    put(18, 2, ms_of_day / 1000 % 60);
+    put(21, 3, ms_of_day % 1000);
+    out.push_str(std::str::from_utf8(&text).expect("ASCII digits"));
+}
+
+/// The proleptic Gregorian (year, month, day) of a count of days since
+/// 1970-01-01 (H. Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 /// Protocol v2 (PROTOCOL-v2.md): its subprotocol name and message framing.
@@ -842,6 +889,42 @@ mod tests {
         s.clear();
         push_json_timestamp(&mut s, 1_704_110_400_007);
         assert_eq!(s, "\"2024-01-01T12:00:00.007Z\"");
+        s.clear();
+        push_json_timestamp(&mut s, 951_825_599_999);
+        assert_eq!(s, "\"2000-02-29T11:59:59.999Z\"");
+        s.clear();
+        push_json_timestamp(&mut s, -1);
+        assert_eq!(s, "\"1969-12-31T23:59:59.999Z\"");
+    }
+
+    #[test]
+    fn timestamps_are_written_as_chrono_writes_them() {
+        let chrono_text = |time_ms: i64| {
+            let t = chrono::DateTime::from_timestamp_millis(time_ms).unwrap_or_default();
+            format!("\"{}\"", t.format("%Y-%m-%dT%H:%M:%S%.3fZ"))
+        };
+        // Days and leap years across the fast path's range and past its ends
+        // (years 0 and 9999, negative and five-digit years, chrono's own ends).
+        let mut cases = vec![
+            i64::MIN,
+            i64::MAX,
+            -62_167_219_200_001,
+            -62_167_219_200_000,
+            253_402_300_799_999,
+            253_402_300_800_000,
+            8_210_266_876_799_999,
+            8_210_266_876_800_000,
+        ];
+        let mut t: i64 = -62_200_000_000_000;
+        while t < 253_500_000_000_000 {
+            cases.push(t);
+            t += 13_337_777_777; // ~154 days and some milliseconds: every month, every day of the week
+        }
+        for time_ms in cases {
+            let mut s = String::new();
+            push_json_timestamp(&mut s, time_ms);
+            assert_eq!(s, chrono_text(time_ms), "{time_ms}");
+        }
     }
 
     #[test]
