@@ -98,32 +98,39 @@ impl Shared {
     }
 }
 
+/// How long the exit waits for blocking threads after the stop (see
+/// `pool::program::start`).
+const EXIT_WAIT_FOR_BLOCKING: Duration = Duration::from_secs(2);
+
 /// Entry point: binds the port, handles signals, runs the server.
 pub fn main(config: Config) -> anyhow::Result<StopOutcome> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime
-        .block_on(async {
-            let listener = TcpListener::bind((config.bind, config.port))
-                .await
-                .with_context(|| format!("cannot listen on {}:{}", config.bind, config.port))?;
-            let shutdown = Shutdown::new(config.shutdown_grace);
-            tokio::spawn(watch_signals(shutdown.clone()));
-            run(config, listener, shutdown, WorkerProgram::ThisExecutable).await
-        })
-        .inspect_err(|e| {
-            // Another server owns the data: a configuration error, one line, exit 2.
-            if let Some(in_use) = e.downcast_ref::<DataDirInUse>() {
-                eprintln!("session-server: {in_use}");
-                std::process::exit(2);
-            }
-            #[cfg(feature = "agones")]
-            if let Some(unreachable) = e.downcast_ref::<agones::SdkUnreachable>() {
-                eprintln!("session-server: {unreachable}");
-                std::process::exit(2);
-            }
-        })
+    let outcome = runtime.block_on(async {
+        let listener = TcpListener::bind((config.bind, config.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", config.bind, config.port))?;
+        let shutdown = Shutdown::new(config.shutdown_grace);
+        tokio::spawn(watch_signals(shutdown.clone()));
+        run(config, listener, shutdown, WorkerProgram::ThisExecutable).await
+    });
+    // Everything the stop needed has been awaited; a blocking thread still
+    // running is one waiting on a child stopped before its exec, which must
+    // not keep the process from exiting.
+    runtime.shutdown_timeout(EXIT_WAIT_FOR_BLOCKING);
+    outcome.inspect_err(|e| {
+        // Another server owns the data: a configuration error, one line, exit 2.
+        if let Some(in_use) = e.downcast_ref::<DataDirInUse>() {
+            eprintln!("session-server: {in_use}");
+            std::process::exit(2);
+        }
+        #[cfg(feature = "agones")]
+        if let Some(unreachable) = e.downcast_ref::<agones::SdkUnreachable>() {
+            eprintln!("session-server: {unreachable}");
+            std::process::exit(2);
+        }
+    })
 }
 
 /// SIGTERM, SIGINT or SIGHUP starts a graceful stop; a second one exits at once.

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::link::{self, LinkEnd, PING_QUEUE, Reader, Writer, watchdog, write_frames};
-use super::program::WorkerProgram;
+use super::program::{self, WorkerProgram};
 use super::salvage::Salvages;
 use super::slot_task::Control;
 use super::{DrainReport, WorkerSlot, lock};
@@ -451,7 +451,8 @@ async fn spawn_and_connect(
         .with_context(|| format!("creating IPC socket {name}"))?;
     let nonce = rand::random::<u64>();
     let (path, shown_name) = program.path()?;
-    let mut child = Command::new(path)
+    let mut command = Command::new(path);
+    command
         .arg0(shown_name)
         .arg("worker")
         .arg("--ipc")
@@ -459,8 +460,9 @@ async fn spawn_and_connect(
         .arg("--worker-id")
         .arg(id.0.to_string())
         .env(WORKER_NONCE_ENV, nonce.to_string())
-        .kill_on_drop(true)
-        .spawn()
+        .kill_on_drop(true);
+    let mut child = program::start(command, HANDSHAKE_TIMEOUT)
+        .await
         .context("spawning worker process")?;
     let stream = tokio::select! {
         accepted = listener.accept() => accepted.context("accepting worker connection")?,

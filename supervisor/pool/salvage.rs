@@ -10,19 +10,23 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
 
-use super::program::WorkerProgram;
+use super::program::{self, WorkerProgram};
 use crate::rooms::RoomSalvage;
 use contract::ipc::{RoomId, SALVAGE_FILE, SALVAGE_NO_FILE, Salvage};
 
 /// Salvage processes started at most for one room: one that is killed from
 /// outside before its result (the OOM killer) is started again.
 const MAX_RUNS: usize = 3;
+/// How long a salvage process may take to start (fork to exec): one stopped
+/// before it counts as a run that ended without its result.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The salvages of quarantined rooms under way, and those that failed: a stop
 /// waits for the first (within its budget) and counts both as not saved, so
@@ -121,15 +125,19 @@ pub(super) async fn salvage(
 /// server exits finishes its file.
 async fn run(program: &WorkerProgram, request: &Salvage) -> Option<Result<String, String>> {
     let bytes = request.encode();
-    let spawned = program.path().and_then(|(path, shown)| {
-        Command::new(path)
-            .arg0(shown)
-            .arg("salvage")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(false)
-            .spawn()
-    });
+    let spawned = match program.path() {
+        Ok((path, shown)) => {
+            let mut command = Command::new(path);
+            command
+                .arg0(shown)
+                .arg("salvage")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .kill_on_drop(false);
+            program::start(command, START_TIMEOUT).await
+        }
+        Err(e) => Err(e),
+    };
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
