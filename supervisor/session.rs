@@ -12,10 +12,11 @@
 use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio::time::Sleep;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -88,7 +89,7 @@ pub(crate) fn run(
     room: RoomHandle,
     conn: ConnId,
     identity: Identity,
-    conn_state: watch::Receiver<ConnState>,
+    mut conn_state: watch::Receiver<ConnState>,
     negotiated: Negotiated,
 ) -> impl Future<Output = ()> {
     let span = info_span!("session", room = %room.id(), user = %Escaped(&identity.user_id), %conn, worker = %room.worker());
@@ -118,9 +119,12 @@ pub(crate) fn run(
         // nothing. (A v2 member gets the compressed snapshot when a v1 member
         // of its room asked for one.)
         room.join(conn, replace, v2, negotiated.deflate && !v2);
-        let end = Session::new(context, &room, conn, &mut sink, negotiated)
-            .serve(&mut stream, conn_state)
-            .await;
+        // Held here and served by reference: a session moved into `serve`
+        // would be kept twice in the future (its argument and its local).
+        let end = {
+            let mut session = Session::new(context, &room, conn, &mut sink, negotiated);
+            session.serve(&mut stream, &mut conn_state).await
+        };
         if let End::Close(reason) = end {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
                 if sink.close(reason.code(), reason.text()).await.is_ok() {
@@ -255,9 +259,9 @@ impl<'a> Session<'a> {
     /// Serves the session until either side ends it. Reading and writing run
     /// under one `select!`, so their fates are tied.
     async fn serve(
-        mut self,
+        &mut self,
         stream: &mut ClientReader,
-        mut conn_state: watch::Receiver<ConnState>,
+        conn_state: &mut watch::Receiver<ConnState>,
     ) -> End {
         let ping_every = self.context.config.ping_interval;
         let mut ping = tokio::time::interval(ping_every);
@@ -277,8 +281,8 @@ impl<'a> Session<'a> {
                     _ => Err(CloseReason::GoingAway.into()),
                 },
                 changed = conn_state.changed() => match changed {
-                    Ok(()) => self.on_conn_state(&mut conn_state).await,
-                    Err(_) => Err(room_gone(&conn_state)),
+                    Ok(()) => self.on_conn_state(conn_state).await,
+                    Err(_) => Err(room_gone(conn_state)),
                 },
                 // A resync held to one a second: answered now.
                 _ = async { self.resync_timer.as_mut().expect("guarded").await }, if self.resync_timer.is_some() => {
@@ -305,7 +309,7 @@ impl<'a> Session<'a> {
                         let rx = self.snapshots.as_mut().expect("guarded");
                         self.outbox.send_newest(self.context.metrics, self.room, self.sink, rx).await
                     }
-                    Err(_) => Err(room_gone(&conn_state)),
+                    Err(_) => Err(room_gone(conn_state)),
                 },
                 // Not read while a frame waits for the budget: TCP then slows the
                 // client down, and nothing it sent is lost.
@@ -476,7 +480,7 @@ impl<'a> Session<'a> {
             Reply::None => Ok(()),
             Reply::Pong(payload) => written(self.sink.pong(&payload)).await,
             Reply::Close(code) => {
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.sink.close(code, "")).await;
+                let _ = within(CLOSE_TIMEOUT, self.sink.close(code, "")).await;
                 Err(End::ClientGone)
             }
         }
@@ -530,10 +534,51 @@ enum Reply {
 
 /// A write to the client that must complete within [`WRITE_TIMEOUT`]: else
 /// the client is not reading at all, and is dropped.
-async fn written<E>(write: impl Future<Output = Result<(), E>>) -> Result<(), End> {
-    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-        Ok(Ok(())) => Ok(()),
+fn written<E>(write: impl Future<Output = Result<(), E>>) -> impl Future<Output = Result<(), End>> {
+    within(WRITE_TIMEOUT, write).map(|written| match written {
+        Some(Ok(())) => Ok(()),
         _ => Err(End::ClientGone),
+    })
+}
+
+/// `future`'s output if it comes within `limit` (`None` if not), as
+/// `tokio::time::timeout` gives it, with two differences that matter to a
+/// session's future (which every connection keeps for its life, sized for its
+/// largest write): the timer is made only once the future waits (a write to a
+/// client usually completes at its first poll), and boxed, so it takes 8
+/// bytes of the future rather than a timer's few hundred. Not an `async fn`:
+/// that would keep `future` twice (its argument and its local).
+fn within<F: Future>(limit: Duration, future: F) -> Within<F> {
+    Within {
+        future,
+        limit,
+        timer: None,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`within`].
+    struct Within<F> {
+        #[pin]
+        future: F,
+        limit: Duration,
+        timer: Option<Pin<Box<Sleep>>>,
+    }
+}
+
+impl<F: Future> Future for Within<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(output) = this.future.poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        let limit = *this.limit;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        timer.as_mut().poll(cx).map(|()| None)
     }
 }
 
@@ -814,8 +859,8 @@ impl Outbox {
                 (Some(V2Message::Ops { head, body }), None) => sink.text_parts(head, body).await,
             }
         };
-        match tokio::time::timeout(WRITE_TIMEOUT, written).await {
-            Ok(Ok(())) => {
+        match within(WRITE_TIMEOUT, written).await {
+            Some(Ok(())) => {
                 let (wire_bytes, per_version) = match (&message, &compressed_head) {
                     (Some(V2Message::Ops { .. }), Some(payload)) => (payload.len(), false),
                     (Some(V2Message::Ops { head, body }), None) => (head.len() + body.len(), false),
@@ -857,11 +902,11 @@ impl Outbox {
                 metrics.fanout_counts.observe(latency);
                 Ok(())
             }
-            Ok(Err(e)) => {
+            Some(Err(e)) => {
                 debug!(error = %e, "write failed");
                 Err(End::ClientGone)
             }
-            Err(_) => {
+            None => {
                 info!("client not reading for {WRITE_TIMEOUT:?}; dropping it");
                 Err(End::ClientGone)
             }
@@ -906,5 +951,31 @@ impl V2Outbox {
             },
             None => V2Message::Snapshot(snapshot_prefix(seq)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn within_gives_the_output_or_none_once_the_limit_is_past() {
+        let limit = Duration::from_secs(10);
+        // Ready at its first poll: its output, and no timer was made.
+        let mut ready = std::pin::pin!(within(limit, async { 7 }));
+        let waker = std::task::Waker::noop();
+        let polled = ready.as_mut().poll(&mut Context::from_waker(waker));
+        assert_eq!(polled, Poll::Ready(Some(7)));
+        assert!(ready.timer.is_none());
+        // Ready after a while within the limit.
+        let started = tokio::time::Instant::now();
+        let late = within(limit, tokio::time::sleep(Duration::from_secs(9))).await;
+        assert_eq!(late, Some(()));
+        assert_eq!(started.elapsed(), Duration::from_secs(9));
+        // Never ready: `None` at the limit.
+        let started = tokio::time::Instant::now();
+        let never = within(limit, std::future::pending::<()>()).await;
+        assert_eq!(never, None);
+        assert_eq!(started.elapsed(), limit);
     }
 }

@@ -245,52 +245,32 @@ pub struct ClientWriter {
 
 impl ClientWriter {
     /// One text frame of `payload` (a snapshot, an ops batch, a reply).
-    pub async fn text(&mut self, payload: &[u8]) -> io::Result<()> {
-        self.frame(OPCODE_TEXT, payload).await
+    pub fn text<'a>(&'a mut self, payload: &'a [u8]) -> WriteFrame<'a> {
+        self.frame(OPCODE_TEXT, [payload, &[]])
     }
 
     /// A text frame of `head` then `body`, without copying them together (a
     /// v2 snapshot is a short prefix and the shared v1 snapshot's bytes).
-    pub async fn text_parts(&mut self, head: &[u8], body: &[u8]) -> io::Result<()> {
-        self.parts(OPCODE_TEXT, [head, body]).await
+    pub fn text_parts<'a>(&'a mut self, head: &'a [u8], body: &'a [u8]) -> WriteFrame<'a> {
+        self.frame(OPCODE_TEXT, [head, body])
     }
 
     /// A compressed text message (permessage-deflate: RSV1 set) whose payload
     /// is `head` then `body` (DEFLATE segments, the last one's trailer off).
-    pub async fn compressed_text(&mut self, head: &[u8], body: &[u8]) -> io::Result<()> {
-        self.parts(RSV1 | OPCODE_TEXT, [head, body]).await
-    }
-
-    /// One frame whose payload is `payload`'s parts, written without copying
-    /// them together (one `writev` when the socket takes it all, the usual case).
-    async fn parts(&mut self, first: u8, payload: [&[u8]; 2]) -> io::Result<()> {
-        let (header, header_len) = frame_header(first, payload[0].len() + payload[1].len());
-        let mut parts = [&header[..header_len], payload[0], payload[1]];
-        while parts.iter().any(|p| !p.is_empty()) {
-            let written = self.socket.write_vectored(&parts.map(IoSlice::new)).await?;
-            if written == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            let mut left = written;
-            for part in &mut parts {
-                let n = left.min(part.len());
-                *part = &part[n..];
-                left -= n;
-            }
-        }
-        Ok(())
+    pub fn compressed_text<'a>(&'a mut self, head: &'a [u8], body: &'a [u8]) -> WriteFrame<'a> {
+        self.frame(RSV1 | OPCODE_TEXT, [head, body])
     }
 
     /// An empty ping: a silent client's pong says it is still there (the
     /// keep-alive, and the probe when its user connects again).
-    pub async fn ping(&mut self) -> io::Result<()> {
-        self.frame(OPCODE_PING, &[]).await
+    pub fn ping(&mut self) -> WriteFrame<'_> {
+        self.frame(OPCODE_PING, [&[], &[]])
     }
 
     /// Answers a client's ping with its payload.
-    pub async fn pong(&mut self, payload: &[u8]) -> io::Result<()> {
+    pub fn pong<'a>(&'a mut self, payload: &'a [u8]) -> WriteFrame<'a> {
         let payload = &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)];
-        self.frame(OPCODE_PONG, payload).await
+        self.frame(OPCODE_PONG, [payload, &[]])
     }
 
     /// A close frame with a code and a reason (cut to fit a control frame).
@@ -302,14 +282,68 @@ impl ClientWriter {
             cut -= 1;
         }
         payload.extend_from_slice(&reason.as_bytes()[..cut]);
-        self.frame(OPCODE_CLOSE, &payload).await?;
+        self.frame(OPCODE_CLOSE, [&payload, &[]]).await?;
         self.socket.flush().await
     }
 
-    /// One frame: header and payload in one `writev` when the socket takes it
-    /// all, which is the usual case.
-    async fn frame(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
-        self.parts(opcode, [payload, &[]]).await
+    /// One frame whose payload is `payload`'s parts.
+    fn frame<'a>(&'a mut self, first: u8, payload: [&'a [u8]; 2]) -> WriteFrame<'a> {
+        let (header, header_len) = frame_header(first, payload[0].len() + payload[1].len());
+        WriteFrame {
+            socket: &mut self.socket,
+            header,
+            header_at: 0,
+            header_len: header_len as u8,
+            payload,
+        }
+    }
+}
+
+/// A frame on its way to the client: its header and its payload's parts,
+/// written without copying them together (one `writev` when the socket takes
+/// it all, the usual case). A plain future rather than an `async fn`: it is
+/// part of the session's future, which every connection keeps for its life,
+/// and an `async fn` would keep its arguments twice and its slices array on
+/// top.
+#[must_use = "a frame is written only when awaited"]
+pub struct WriteFrame<'a> {
+    socket: &'a mut WriteHalf,
+    header: [u8; 10],
+    /// How much of the header is written.
+    header_at: u8,
+    header_len: u8,
+    /// What is left of the payload.
+    payload: [&'a [u8]; 2],
+}
+
+impl Future for WriteFrame<'_> {
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            let header = &this.header[this.header_at as usize..this.header_len as usize];
+            if header.is_empty() && this.payload.iter().all(|part| part.is_empty()) {
+                return Poll::Ready(Ok(()));
+            }
+            let slices = [
+                IoSlice::new(header),
+                IoSlice::new(this.payload[0]),
+                IoSlice::new(this.payload[1]),
+            ];
+            let written = ready!(Pin::new(&mut *this.socket).poll_write_vectored(cx, &slices))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            let from_header = written.min(header.len());
+            this.header_at += from_header as u8;
+            let mut left = written - from_header;
+            for part in &mut this.payload {
+                let n = left.min(part.len());
+                *part = &part[n..];
+                left -= n;
+            }
+        }
     }
 }
 
@@ -483,6 +517,49 @@ mod tests {
         assert_eq!(
             Protocol::V2.response_header().unwrap(),
             HeaderValue::from_static("whiteboard.v2")
+        );
+    }
+
+    /// A frame larger than the socket takes at once is written across many
+    /// partial `writev`s (and waits while the peer does not read), and arrives
+    /// whole: header, then both parts, in order.
+    #[tokio::test]
+    async fn a_frame_is_written_whole_across_partial_writes() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (mut client, (server, _)) = (client.unwrap(), accepted.unwrap());
+        let (_read, write) = server.into_split();
+        let mut writer = ClientWriter {
+            socket: Half::Plain(write),
+        };
+        let head: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        let body: Vec<u8> = (0..4_000_000u32).map(|i| (i % 241) as u8).collect();
+        let reading = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut chunk = vec![0; 64 * 1024];
+            while got.len() < 10 + 1000 + 4_000_000 {
+                // Slowly at first, so the writer finds the socket full.
+                if got.len() < 1_000_000 {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                let n = client.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the connection ended early");
+                got.extend_from_slice(&chunk[..n]);
+            }
+            got
+        });
+        writer.text_parts(&head, &body).await.unwrap();
+        writer.ping().await.unwrap();
+        let got = reading.await.unwrap();
+        let (header, n) = frame_header(OPCODE_TEXT, head.len() + body.len());
+        assert_eq!(n, 10);
+        assert_eq!(&got[..10], &header[..10]);
+        assert!(got[10..1010] == head[..], "the head arrived as written");
+        assert!(
+            got[1010..4_001_010] == body[..],
+            "the body arrived as written"
         );
     }
 
