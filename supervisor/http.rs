@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
@@ -21,7 +23,6 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{debug, info, warn};
@@ -433,7 +434,7 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) 
         return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
     };
     let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
-    let (conn_state_tx, conn_state) = watch::channel(ConnState::pending());
+    let (conn_state_tx, conn_state) = ConnState::channel();
     let room = match shared.registry.register(
         &identity.room,
         conn,
@@ -465,38 +466,47 @@ fn websocket(req: Request<Incoming>, shared: Arc<Shared>, place: &PreAuthPlace) 
     // Taken now so the session's task holds the upgrade, not the whole request
     // (the task's size is paid by every connection for its whole life).
     let upgrade = hyper::upgrade::on(req);
+    let max = shared.config.limits.max_message_bytes;
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+        .read_buffer_size(READ_BUFFER_BYTES);
+    let inflater = deflate.then(|| Inflater::new(max, shared.metrics.messages_inflated.clone()));
+    // Boxed: the upgrade's and the handshake's futures are large and needed
+    // only until the session starts; inline, the task would keep their space
+    // for the connection's whole life.
+    let accepted = Box::pin(async move {
+        match upgrade.await {
+            Ok(upgraded) => websocket::accept(upgraded, config, inflater).await,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    });
+    // Chained, not one `async` block: a block awaiting the upgrade and then
+    // the session would keep the socket twice (its local and the session's)
+    // for the connection's whole life; `then` holds one future at a time.
     let task_shared = shared.clone();
-    let task = async move {
-        let shared = task_shared;
-        let max = shared.config.limits.max_message_bytes;
-        let config = WebSocketConfig::default()
-            .max_message_size(Some(max))
-            .max_frame_size(Some(max))
-            .read_buffer_size(READ_BUFFER_BYTES);
-        // Boxed: the upgrade's and the handshake's futures are large and needed
-        // only until the session starts; inline, the task would keep their space
-        // for the connection's whole life.
-        let inflater =
-            deflate.then(|| Inflater::new(max, shared.metrics.messages_inflated.clone()));
-        let socket = Box::pin(async move {
-            match upgrade.await {
-                Ok(upgraded) => websocket::accept(upgraded, config, inflater).await,
-                Err(e) => Err(std::io::Error::other(e)),
-            }
-        })
-        .await;
-        match socket {
+    let task = accepted
+        .then(move |socket| match socket {
             Ok(socket) => {
                 let negotiated = Negotiated { protocol, deflate };
-                session::run(shared, socket, room, conn, identity, conn_state, negotiated).await
+                Either::Left(session::run(
+                    task_shared,
+                    socket,
+                    room,
+                    conn,
+                    identity,
+                    conn_state,
+                    negotiated,
+                ))
             }
             Err(e) => {
                 debug!(error = %e, "upgrade failed");
                 room.leave(conn);
+                Either::Right(std::future::ready(()))
             }
-        }
-        drop(permit);
-    };
+        })
+        // The session place is held for the session's life.
+        .map(move |()| drop(permit));
     // What every connection pays for its whole life (BENCHMARKS.md, idle).
     tracing::trace!(bytes = std::mem::size_of_val(&task), "session task");
     shared.sessions.spawn(task);

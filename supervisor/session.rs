@@ -29,7 +29,7 @@ use super::close::CloseReason;
 use super::inflate::InflateFailure;
 use super::metrics::Metrics;
 use super::ratelimit::{Backlog, Budget, Held, Released, SendBudget};
-use super::rooms::{ConnState, Holder, Membership, Published, RoomHandle, SnapshotCell};
+use super::rooms::{ConnStateReceiver, Holder, Membership, Published, RoomHandle, SnapshotCell};
 use super::shutdown::{Phase, Shutdown};
 use super::websocket::{ClientReader, ClientWriter, Negotiated, Protocol};
 use contract::deflate::{
@@ -89,7 +89,7 @@ pub(crate) fn run(
     room: RoomHandle,
     conn: ConnId,
     identity: Identity,
-    mut conn_state: watch::Receiver<ConnState>,
+    mut conn_state: ConnStateReceiver,
     negotiated: Negotiated,
 ) -> impl Future<Output = ()> {
     let span = info_span!("session", room = %room.id(), user = %Escaped(&identity.user_id), %conn, worker = %room.worker());
@@ -261,7 +261,7 @@ impl<'a> Session<'a> {
     async fn serve(
         &mut self,
         stream: &mut ClientReader,
-        conn_state: &mut watch::Receiver<ConnState>,
+        conn_state: &mut ConnStateReceiver,
     ) -> End {
         let ping_every = self.context.config.ping_interval;
         let mut ping = tokio::time::interval(ping_every);
@@ -328,10 +328,7 @@ impl<'a> Session<'a> {
 
     /// The supervisor told the session something: its membership, a refusal
     /// to tell a v2 client, a probe.
-    async fn on_conn_state(
-        &mut self,
-        conn_state: &mut watch::Receiver<ConnState>,
-    ) -> Result<(), End> {
+    async fn on_conn_state(&mut self, conn_state: &mut ConnStateReceiver) -> Result<(), End> {
         let (refusal, probed) = {
             let state = conn_state.borrow_and_update();
             match &state.membership {
@@ -622,7 +619,7 @@ fn read_failed(e: WsError) -> End {
 
 /// The room went (its slot's task dropped it): with the close it asked for,
 /// if it asked for one.
-fn room_gone(conn_state: &watch::Receiver<ConnState>) -> End {
+fn room_gone(conn_state: &ConnStateReceiver) -> End {
     match &conn_state.borrow().membership {
         Membership::Closed(reason) => End::Close(*reason),
         _ => End::Close(CloseReason::RoomUnavailable),

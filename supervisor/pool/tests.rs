@@ -92,7 +92,7 @@ async fn a_restore_goes_through_while_the_worker_writes_without_reading() {
         metrics,
     ));
     let room = RoomId("big".into());
-    let (conn_state, mut conn) = tokio::sync::watch::channel(ConnState::pending());
+    let (conn_state, mut conn) = ConnState::channel();
     let handle = registry
         .register(&room, ConnId(1), "u".into(), conn_state)
         .unwrap();

@@ -7,60 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::fanout::SnapshotCell;
 use super::recovery::RoomSalvage;
-use crate::close::CloseReason;
 use crate::worker_queue::{Charge, MessageBudget};
 use contract::ipc::{ConnId, MessageText, RoomId, WorkerId};
-use contract::protocol::{IgnoredReason, MessageKind};
 
-/// What the supervisor tells a connection's session: its membership, which only
-/// moves forward (pending → admitted → closed), and how many times a newer
-/// connection of the same user asked whether this one is still alive. A `watch`
-/// carries it: a session that sees only the last value has missed nothing it
-/// needs. (A `watch` costs a few hundred bytes per connection; an `mpsc` channel
-/// allocates a 32-slot block.)
-#[derive(Debug, Clone)]
-pub struct ConnState {
-    /// Where the connection stands in its room.
-    pub membership: Membership,
-    /// Bumped to ask the session to ping its client at once; the session answers
-    /// with [`RoomHandle::alive`](super::RoomHandle::alive) when its client is
-    /// next heard from.
-    pub probes: u32,
-    /// The client's messages refused by a room limit so far (see
-    /// `FromWorker::Refused`), and what the last one asked and why: a v2
-    /// session tells its client of the ones it has not told yet.
-    pub refused: u32,
-    /// The last refused message's kind and reason.
-    pub last_refused: Option<(MessageKind, IgnoredReason)>,
-}
-
-impl ConnState {
-    /// A connection registered and not yet admitted.
-    pub fn pending() -> ConnState {
-        ConnState {
-            membership: Membership::Pending,
-            probes: 0,
-            refused: 0,
-            last_refused: None,
-        }
-    }
-}
-
-/// A connection's standing in its room.
-#[derive(Debug, Clone)]
-pub enum Membership {
-    /// Waiting for the worker to admit the join.
-    Pending,
-    /// The worker admitted the join: from now on, send the room's snapshots.
-    Admitted(watch::Receiver<SnapshotCell>),
-    /// Close the connection for this reason.
-    Closed(CloseReason),
-}
-
-/// The registry's end of a connection's [`ConnState`].
-pub type ConnStateSender = watch::Sender<ConnState>;
+pub use super::conn_state::{ConnState, ConnStateReceiver, ConnStateSender, Membership};
 
 /// What a connection joining a room finds of its user.
 pub enum Holder {

@@ -26,6 +26,7 @@
 //! taken once per connection (its registration) and once per room (its
 //! release).
 
+pub mod conn_state;
 pub mod fanout;
 pub mod handle;
 pub mod journal;
@@ -40,7 +41,7 @@ mod testing;
 
 pub use fanout::{Published, SnapshotCell};
 pub(crate) use handle::SlotInboxReceiver;
-pub use handle::{ConnState, Holder, Membership, RoomHandle, RoomTraffic};
+pub use handle::{ConnState, ConnStateReceiver, Holder, Membership, RoomHandle, RoomTraffic};
 pub use recovery::{RESTORE_ANSWER_MARGIN, RoomSalvage};
 pub(crate) use registry::lock;
 pub use registry::{Placed, PlacementError, Registry};

@@ -508,7 +508,7 @@ mod tests {
             &frames[..],
             [.., ToWorker::OpenRoom { .. }, ToWorker::Event(_)]
         ));
-        assert!(!second_state.has_changed().unwrap(), "not closed");
+        assert!(!second_state.has_changed(), "not closed");
         second.leave(ConnId(2));
         slots
             .rooms(0)

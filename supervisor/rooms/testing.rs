@@ -4,12 +4,10 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::sync::watch;
-
 use crate::worker_queue::{self, WorkerFrames};
 
 use super::handle::{ConnStateSender, RoomLink, SlotInbox, SlotInboxReceiver, Traffic};
-use super::{ConnState, Registry, RoomHandle, SlotRooms};
+use super::{ConnState, ConnStateReceiver, Registry, RoomHandle, SlotRooms};
 use contract::ipc::{ConnId, RoomId, ToWorker, WorkerId};
 
 pub fn room(name: &str) -> RoomId {
@@ -17,8 +15,8 @@ pub fn room(name: &str) -> RoomId {
 }
 
 /// A connection's state channel.
-pub fn commands() -> (ConnStateSender, watch::Receiver<ConnState>) {
-    watch::channel(ConnState::pending())
+pub fn commands() -> (ConnStateSender, ConnStateReceiver) {
+    ConnState::channel()
 }
 
 /// A placement of `name` outside any registry (for a room tested alone).
@@ -123,7 +121,7 @@ pub fn joined(
     slots: &mut Slots,
     name: &str,
     conn: u64,
-) -> (RoomHandle, watch::Receiver<ConnState>) {
+) -> (RoomHandle, ConnStateReceiver) {
     let (tx, rx) = commands();
     let handle = registry
         .register(&room(name), ConnId(conn), "u".into(), tx)
