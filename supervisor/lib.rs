@@ -297,6 +297,10 @@ pub async fn run(
     defer_accept_until_data(&listener, shared.config.limits.handshake_timeout);
     // Accepting goes on while draining (so `/readyz` can say 503 and late
     // upgrades get a clear 503); it stops once every client is closed.
+    tokio::spawn(ring_sessions_on_phase(
+        shared.shutdown.clone(),
+        shared.registry.clone(),
+    ));
     let acceptor = tokio::spawn(accept(listener, shared.clone(), Port::Main));
     if let Some(listener) = internal {
         defer_accept_until_data(&listener, shared.config.limits.handshake_timeout);
@@ -446,6 +450,24 @@ fn abandon_start(shutdown: &Shutdown) {
 /// Connections the internal port serves at once (probes, a scraper, an
 /// operator); past them the oldest closes for a new one.
 const INTERNAL_CONNECTIONS: usize = 64;
+
+/// Sessions wait on their own cell, not on the shutdown phase (see
+/// `rooms::conn_state`): each move of the phase rings them all, through
+/// their rooms' slot tasks.
+async fn ring_sessions_on_phase(shutdown: Shutdown, registry: Arc<Registry>) {
+    let mut phase = shutdown.subscribe();
+    // A stop during start-up moved it before this task began.
+    phase.mark_changed();
+    while phase.changed().await.is_ok() {
+        let now = *phase.borrow_and_update();
+        if now > Phase::Running {
+            registry.phase_moved();
+        }
+        if now == Phase::Stopped {
+            return;
+        }
+    }
+}
 
 /// Accepts connections on `port` until the server is [`Phase::Stopped`]. Each
 /// connection takes a place in its port's budget ([`budgets`]), which may close

@@ -29,7 +29,9 @@ use super::close::CloseReason;
 use super::inflate::InflateFailure;
 use super::metrics::Metrics;
 use super::ratelimit::{Backlog, Budget, Held, Released, SendBudget};
-use super::rooms::{ConnStateReceiver, Holder, Membership, Published, RoomHandle, SnapshotCell};
+use super::rooms::{
+    ConnStateReceiver, Holder, Membership, Published, RoomHandle, SnapshotCell, Woken,
+};
 use super::shutdown::{Phase, Shutdown};
 use super::websocket::{ClientReader, ClientWriter, Negotiated, Protocol};
 use contract::deflate::{
@@ -222,6 +224,9 @@ struct Session<'a> {
     /// alive) seen, and whether one waits for the client to be heard from.
     probes_seen: u32,
     probe_waiting: bool,
+    /// The room's publishes do not ring the session's cell (its rate holds
+    /// states back: `outbox.timer_armed`).
+    muted: bool,
 }
 
 impl<'a> Session<'a> {
@@ -253,6 +258,7 @@ impl<'a> Session<'a> {
             last_heard: Instant::now(),
             probes_seen: 0,
             probe_waiting: false,
+            muted: false,
         }
     }
 
@@ -266,22 +272,20 @@ impl<'a> Session<'a> {
         let ping_every = self.context.config.ping_interval;
         let mut ping = tokio::time::interval(ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut phase = self.context.shutdown.subscribe();
-        phase.mark_changed();
         // Not read while rooms are saved for a shutdown.
         let mut reading = true;
         loop {
+            // Every move of the phase rings the session's cell.
+            match self.context.shutdown.phase() {
+                Phase::Running => {}
+                Phase::Draining => reading = false,
+                Phase::Closing | Phase::Stopped => return CloseReason::GoingAway.into(),
+            }
             let step = tokio::select! {
-                changed = phase.changed() => match (changed, *phase.borrow_and_update()) {
-                    (Ok(()), Phase::Running) => Ok(()),
-                    (Ok(()), Phase::Draining) => {
-                        reading = false;
-                        Ok(())
-                    }
-                    _ => Err(CloseReason::GoingAway.into()),
-                },
-                changed = conn_state.changed() => match changed {
-                    Ok(()) => self.on_conn_state(conn_state).await,
+                // The supervisor told the session something, its room
+                // published, or the phase moved (looked at above).
+                woken = conn_state.woken() => match woken {
+                    Ok(woken) => self.on_woken(woken, conn_state).await,
                     Err(_) => Err(room_gone(conn_state)),
                 },
                 // A resync held to one a second: answered now.
@@ -301,16 +305,6 @@ impl<'a> Session<'a> {
                     let rx = self.snapshots.as_mut().expect("a timer only runs once admitted");
                     self.outbox.send_newest(self.context.metrics, self.room, self.sink, rx).await
                 }
-                // Not polled while the rate holds a change back: the watch keeps
-                // the newest state, which the timer's branch sends.
-                changed = async { self.snapshots.as_mut().expect("guarded").changed().await }, if self.snapshots.is_some() && !self.outbox.timer_armed => match changed {
-                    Ok(()) if self.outbox.hold() => Ok(()),
-                    Ok(()) => {
-                        let rx = self.snapshots.as_mut().expect("guarded");
-                        self.outbox.send_newest(self.context.metrics, self.room, self.sink, rx).await
-                    }
-                    Err(_) => Err(room_gone(conn_state)),
-                },
                 // Not read while a frame waits for the budget: TCP then slows the
                 // client down, and nothing it sent is lost.
                 frame = stream.next(), if reading && self.backlog.may_read() => match self.on_frame(frame) {
@@ -322,8 +316,46 @@ impl<'a> Session<'a> {
             if let Err(end) = step {
                 return end;
             }
+            // Muted while the rate holds states back: the room's publishes
+            // do not wake it then. Once unmuted, one may have come unrung.
+            let held = self.outbox.timer_armed;
+            if held != self.muted {
+                conn_state.mute(held);
+                self.muted = held;
+                if !held && let Err(end) = self.send_what_the_room_published().await {
+                    return end;
+                }
+            }
             self.forward_what_the_budget_allows().await;
         }
+    }
+
+    /// The session's cell woke it: its state changed, or it was rung (its
+    /// room published, or the phase moved).
+    async fn on_woken(
+        &mut self,
+        woken: Woken,
+        conn_state: &mut ConnStateReceiver,
+    ) -> Result<(), End> {
+        if woken.state {
+            self.on_conn_state(conn_state).await?;
+        }
+        self.send_what_the_room_published().await
+    }
+
+    /// Sends the room's newest state if the client has not had it, unless
+    /// the member's rate holds it back (the timer's branch sends the newest
+    /// then; the watch keeps it).
+    async fn send_what_the_room_published(&mut self) -> Result<(), End> {
+        let Some(rx) = self.snapshots.as_mut() else {
+            return Ok(());
+        };
+        if self.outbox.timer_armed || !rx.has_changed().unwrap_or(false) || self.outbox.hold() {
+            return Ok(());
+        }
+        self.outbox
+            .send_newest(self.context.metrics, self.room, self.sink, rx)
+            .await
     }
 
     /// The supervisor told the session something: its membership, a refusal

@@ -1,11 +1,14 @@
 //! What the task that owns a room tells each of its connections' sessions
-//! ([`ConnState`]), and the one-slot channel that carries it.
+//! ([`ConnState`]), and the one-slot channel that carries it: also the
+//! session's doorbell, rung when its room publishes a new state or the
+//! server's shutdown phase moves, so a session waits on this one cell (and its
+//! client's socket) rather than on a watch per source.
 //!
 //! Why not a `tokio::sync::watch`: every connection has one for its whole
 //! life, and a `watch` is ~380 bytes (eight `Notify`s for many receivers) and
-//! ~120 more in the session's future while it waits; here there is one
-//! receiver, so one waker is enough: ~130 bytes, and waiting is a poll of
-//! the cell itself.
+//! ~120 more in the session's future while it waits, and each wait registers
+//! in and leaves a locked list; here there is one receiver, so one waker is
+//! enough: ~110 bytes, and waiting is a poll of the cell itself.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -54,6 +57,8 @@ impl ConnState {
         let cell = Arc::new(Cell {
             state: Mutex::new(ConnState::pending()),
             version: AtomicU64::new(0),
+            rung: AtomicBool::new(false),
+            muted: AtomicBool::new(false),
             sender_gone: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
@@ -80,6 +85,11 @@ struct Cell {
     state: Mutex<ConnState>,
     /// Bumped, under the lock, by every change.
     version: AtomicU64,
+    /// Rung since the session last woke (see [`ConnStateSender::ring`]).
+    rung: AtomicBool,
+    /// The session holds the room's new states back for now (its rate): a
+    /// publish does not wake it (see [`ConnStateReceiver::mute`]).
+    muted: AtomicBool,
     sender_gone: AtomicBool,
     /// The session's, while it waits for a change.
     waker: AtomicWaker,
@@ -126,6 +136,23 @@ impl ConnStateSender {
     }
 }
 
+impl ConnStateSender {
+    /// The room published a new state: wakes the session to send it, unless
+    /// it holds states back for now (it sends the newest when its timer ends).
+    pub fn ring(&self) {
+        if !self.cell.muted.load(Ordering::Acquire) {
+            self.ring_always();
+        }
+    }
+
+    /// Wakes the session to look at what it reads outside this cell (the
+    /// shutdown phase), muted or not.
+    pub fn ring_always(&self) {
+        self.cell.rung.store(true, Ordering::Release);
+        self.cell.waker.wake();
+    }
+}
+
 impl Drop for ConnStateSender {
     fn drop(&mut self) {
         self.cell.sender_gone.store(true, Ordering::Release);
@@ -144,33 +171,56 @@ pub struct ConnStateReceiver {
 #[derive(Debug, PartialEq, Eq)]
 pub struct SenderGone;
 
+/// Why a session woke (see [`ConnStateReceiver::woken`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Woken {
+    /// The state changed since it was last read.
+    pub state: bool,
+    /// The cell was rung.
+    pub rung: bool,
+}
+
 impl ConnStateReceiver {
     /// Waits for a change not yet read; `Err` once the sender is gone and
     /// every change has been read (as `watch::Receiver::changed`).
     pub async fn changed(&mut self) -> Result<(), SenderGone> {
-        std::future::poll_fn(|cx| self.poll_changed(cx)).await
+        std::future::poll_fn(|cx| self.poll(cx, false).map_ok(|_| ())).await
     }
 
-    fn poll_changed(&self, cx: &mut Context<'_>) -> Poll<Result<(), SenderGone>> {
-        if let Some(ready) = self.ready() {
+    /// Waits for a change not yet read or a ring (which it takes); `Err` once
+    /// the sender is gone and every change has been read.
+    pub async fn woken(&mut self) -> Result<Woken, SenderGone> {
+        std::future::poll_fn(|cx| self.poll(cx, true)).await
+    }
+
+    fn poll(&self, cx: &mut Context<'_>, rings: bool) -> Poll<Result<Woken, SenderGone>> {
+        if let Some(ready) = self.ready(rings) {
             return Poll::Ready(ready);
         }
         self.cell.waker.register(cx.waker());
         // A change between the first look and the registration woke no one.
-        match self.ready() {
+        match self.ready(rings) {
             Some(ready) => Poll::Ready(ready),
             None => Poll::Pending,
         }
     }
 
-    fn ready(&self) -> Option<Result<(), SenderGone>> {
-        if self.cell.version.load(Ordering::Acquire) != self.seen {
-            Some(Ok(()))
+    fn ready(&self, rings: bool) -> Option<Result<Woken, SenderGone>> {
+        let state = self.cell.version.load(Ordering::Acquire) != self.seen;
+        let rung = rings && self.cell.rung.swap(false, Ordering::AcqRel);
+        if state || rung {
+            Some(Ok(Woken { state, rung }))
         } else if self.cell.sender_gone.load(Ordering::Acquire) {
             Some(Err(SenderGone))
         } else {
             None
         }
+    }
+
+    /// While muted, the room's publishes do not ring (the session holds
+    /// its member's new states back until its rate allows the newest).
+    pub fn mute(&self, muted: bool) {
+        self.cell.muted.store(muted, Ordering::Release);
     }
 
     /// Whether a change has not been read yet.
@@ -228,6 +278,59 @@ mod tests {
             Membership::Closed(CloseReason::GoingAway)
         ));
         assert_eq!(receiver.changed().await, Err(SenderGone));
+    }
+
+    #[tokio::test]
+    async fn a_ring_wakes_the_session_unless_muted_and_is_taken_once() {
+        let (sender, mut receiver) = ConnState::channel();
+        sender.ring();
+        let woken = receiver.woken().await.unwrap();
+        assert_eq!(
+            woken,
+            Woken {
+                state: false,
+                rung: true
+            }
+        );
+        // Taken: the next wait waits.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), receiver.woken()).await;
+        assert!(waiting.is_err(), "woken without a ring");
+        // Muted, a publish's ring does not wake it; a phase's does.
+        receiver.mute(true);
+        sender.ring();
+        let waiting = tokio::time::timeout(Duration::from_millis(50), receiver.woken()).await;
+        assert!(waiting.is_err(), "woken while muted");
+        sender.ring_always();
+        assert_eq!(
+            receiver.woken().await.unwrap(),
+            Woken {
+                state: false,
+                rung: true
+            }
+        );
+        receiver.mute(false);
+        // A change and a ring together: one wake says both.
+        sender.send_modify(|s| s.probes += 1);
+        sender.ring();
+        assert_eq!(
+            receiver.woken().await.unwrap(),
+            Woken {
+                state: true,
+                rung: true
+            }
+        );
+        // `changed` ignores rings and leaves them for `woken`.
+        drop(receiver.borrow_and_update());
+        sender.ring();
+        let waiting = tokio::time::timeout(Duration::from_millis(50), receiver.changed()).await;
+        assert!(waiting.is_err(), "changed() woke for a ring");
+        assert_eq!(
+            receiver.woken().await.unwrap(),
+            Woken {
+                state: false,
+                rung: true
+            }
+        );
     }
 
     #[tokio::test]

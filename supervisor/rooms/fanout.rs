@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 /// The newest snapshot of a room, shared by all its members (one encoding, one
 /// allocation; each member clones a reference).
-pub type SnapshotCell = Option<Published>;
+pub type SnapshotCell = Option<Arc<Published>>;
 
 /// A snapshot as published to a room's members.
 #[derive(Clone, Debug)]
@@ -200,7 +200,7 @@ mod tests {
     #[test]
     fn a_room_keeps_batches_only_while_it_has_v2_members() {
         let mut room = Room::new(link("v2"));
-        let published = |room: &Room| room.snapshots.borrow().clone().unwrap();
+        let published = |room: &Room| Published::clone(&room.snapshots.borrow().clone().unwrap());
         let kept = |room: &Room| published(room).step.map(|_| room.batches.kept.len());
         room.publish(Bytes::from_static(b"{}"), None, None);
         assert_eq!(kept(&room), None);

@@ -68,6 +68,9 @@ pub(crate) enum SlotEvent {
     /// The memory budget refuses new shapes (`full`), or no longer: told to
     /// each room as a stamped event.
     MemoryBudget { full: bool },
+    /// The server's shutdown phase moved: every session is rung to look at
+    /// it (sessions wait on their cell, not on the phase).
+    PhaseMoved,
     /// What the monitor, the stop and the history read of the rooms.
     Query(Query),
 }

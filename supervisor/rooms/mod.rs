@@ -39,6 +39,7 @@ pub mod slot;
 #[cfg(test)]
 mod testing;
 
+pub use conn_state::Woken;
 pub use fanout::{Published, SnapshotCell};
 pub(crate) use handle::SlotInboxReceiver;
 pub use handle::{ConnState, ConnStateReceiver, Holder, Membership, RoomHandle, RoomTraffic};

@@ -126,6 +126,13 @@ impl Registry {
         (registry, receivers)
     }
 
+    /// The shutdown phase moved: every slot's task rings its sessions.
+    pub fn phase_moved(&self) {
+        for inbox in &self.inboxes {
+            inbox.send(SlotEvent::PhaseMoved);
+        }
+    }
+
     /// The memory budget's verdict: refuse new rooms (their connections get
     /// 503), and whether every room refuses new shapes: told to each room as
     /// an event, so a room replayed after a crash decides as it did.

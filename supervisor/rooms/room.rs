@@ -135,14 +135,20 @@ impl Room {
         } else {
             (None, None)
         };
-        self.snapshots.send_replace(Some(Published {
+        // One allocation per publish, so a member's copy is one pointer
+        // (kept in its session's future while it writes).
+        self.snapshots.send_replace(Some(Arc::new(Published {
             message: snapshot,
             deflated,
             at: Instant::now(),
             version,
             step,
             step_ops,
-        }));
+        })));
+        // Each session waits on its own cell, not on the room's watch.
+        for member in self.conns.values() {
+            member.state.ring();
+        }
     }
 
     /// A v2 member joins (`true`) or leaves.

@@ -35,6 +35,9 @@ pub(crate) struct SlotRooms {
     /// journaled and restored with the others.
     pub(super) down: bool,
     pub(super) restores: Restores,
+    /// The shutdown phase has moved past running: a connection registered
+    /// from now on is rung at once to see it.
+    pub(super) phase_moved: bool,
 }
 
 impl SlotRooms {
@@ -47,6 +50,7 @@ impl SlotRooms {
             registry,
             down: false,
             restores: Restores::default(),
+            phase_moved: false,
         }
     }
 
@@ -63,6 +67,12 @@ impl SlotRooms {
             SlotEvent::MemoryBudget { full } => {
                 for room in self.rooms.values_mut() {
                     room.send_event(&self.queue, RoomEvent::MemoryBudget { full }, Ticket::None);
+                }
+            }
+            SlotEvent::PhaseMoved => {
+                self.phase_moved = true;
+                for member in self.rooms.values().flat_map(|room| room.conns.values()) {
+                    member.state.ring_always();
                 }
             }
             SlotEvent::Query(query) => self.answer(query),
@@ -91,6 +101,9 @@ impl SlotRooms {
             }
         };
         room.registered += 1;
+        if self.phase_moved {
+            state.ring_always();
+        }
         room.conns.insert(conn, Member::new(state, user_id));
     }
 
