@@ -182,7 +182,9 @@ pub struct Woken {
 
 impl ConnStateReceiver {
     /// Waits for a change not yet read; `Err` once the sender is gone and
-    /// every change has been read (as `watch::Receiver::changed`).
+    /// every change has been read (as `watch::Receiver::changed`). Rings are
+    /// left for [`woken`](Self::woken), which sessions use.
+    #[cfg(test)]
     pub async fn changed(&mut self) -> Result<(), SenderGone> {
         std::future::poll_fn(|cx| self.poll(cx, false).map_ok(|_| ())).await
     }
