@@ -301,6 +301,11 @@ pub async fn run(
         shared.shutdown.clone(),
         shared.registry.clone(),
     ));
+    tokio::spawn(ring_sessions_for_pings(
+        shared.registry.clone(),
+        shared.config.ping_interval,
+        shared.shutdown.clone(),
+    ));
     let acceptor = tokio::spawn(accept(listener, shared.clone(), Port::Main));
     if let Some(listener) = internal {
         defer_accept_until_data(&listener, shared.config.limits.handshake_timeout);
@@ -465,6 +470,27 @@ async fn ring_sessions_on_phase(shutdown: Shutdown, registry: Arc<Registry>) {
         }
         if now == Phase::Stopped {
             return;
+        }
+    }
+}
+
+/// Sessions have no ping timer of their own (a timer per idle connection is
+/// memory every connection pays): one share of them is rung every
+/// `ping_every` ÷ [`rooms::PING_SHARES`], so each is rung once an interval,
+/// and a session takes a ring as its ping tick (see `session`).
+async fn ring_sessions_for_pings(
+    registry: Arc<Registry>,
+    ping_every: Duration,
+    shutdown: Shutdown,
+) {
+    let mut ticks = tokio::time::interval(ping_every / rooms::PING_SHARES as u32);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stopped = shutdown.wait_for(Phase::Stopped);
+    tokio::pin!(stopped);
+    for tick in 0u64.. {
+        tokio::select! {
+            _ = ticks.tick() => registry.ping_tick(tick % rooms::PING_SHARES),
+            () = &mut stopped => return,
         }
     }
 }

@@ -227,6 +227,8 @@ struct Session<'a> {
     /// The room's publishes do not ring the session's cell (its rate holds
     /// states back: `outbox.timer_armed`).
     muted: bool,
+    /// A ring from then on is a ping tick (see `on_ring_for_pings`).
+    next_ping_tick: Instant,
 }
 
 impl<'a> Session<'a> {
@@ -259,6 +261,7 @@ impl<'a> Session<'a> {
             probes_seen: 0,
             probe_waiting: false,
             muted: false,
+            next_ping_tick: Instant::now() + context.config.ping_interval * 3 / 4,
         }
     }
 
@@ -269,9 +272,6 @@ impl<'a> Session<'a> {
         stream: &mut ClientReader,
         conn_state: &mut ConnStateReceiver,
     ) -> End {
-        let ping_every = self.context.config.ping_interval;
-        let mut ping = tokio::time::interval(ping_every);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Not read while rooms are saved for a shutdown.
         let mut reading = true;
         loop {
@@ -311,7 +311,6 @@ impl<'a> Session<'a> {
                     Ok(reply) => self.reply(reply).await,
                     Err(end) => Err(end),
                 },
-                _ = ping.tick() => self.on_ping_tick(ping_every).await,
             };
             if let Err(end) = step {
                 return end;
@@ -340,7 +339,24 @@ impl<'a> Session<'a> {
         if woken.state {
             self.on_conn_state(conn_state).await?;
         }
+        if woken.rung {
+            self.on_ring_for_pings().await?;
+        }
         self.send_what_the_room_published().await
+    }
+
+    /// Pings are timed by rings (every connection is rung once a ping
+    /// interval, see `ring_sessions_for_pings`): the first ring three
+    /// quarters of an interval or more after the last tick is the next tick
+    /// (a room's publishes ring too, more often).
+    async fn on_ring_for_pings(&mut self) -> Result<(), End> {
+        let now = Instant::now();
+        if now < self.next_ping_tick {
+            return Ok(());
+        }
+        let ping_every = self.context.config.ping_interval;
+        self.next_ping_tick = now + ping_every * 3 / 4;
+        self.on_ping_tick(ping_every).await
     }
 
     /// Sends the room's newest state if the client has not had it, unless

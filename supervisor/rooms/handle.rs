@@ -71,6 +71,10 @@ pub(crate) enum SlotEvent {
     /// The server's shutdown phase moved: every session is rung to look at
     /// it (sessions wait on their cell, not on the phase).
     PhaseMoved,
+    /// Time for the sessions of this share of connections (those whose id
+    /// is `share` modulo [`PING_SHARES`](super::PING_SHARES)) to look at
+    /// their pings: they are rung (sessions have no ping timer of their own).
+    PingTick { share: u64 },
     /// What the monitor, the stop and the history read of the rooms.
     Query(Query),
 }

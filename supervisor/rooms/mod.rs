@@ -27,6 +27,11 @@
 //! release).
 
 pub mod conn_state;
+
+/// Connections are rung for their pings in this many shares, one share every
+/// `--ping-interval-ms` ÷ this: each connection once an interval, and the
+/// pings of thousands of idle connections spread over it rather than at once.
+pub const PING_SHARES: u64 = 16;
 pub mod fanout;
 pub mod handle;
 pub mod journal;

@@ -133,6 +133,13 @@ impl Registry {
         }
     }
 
+    /// Rings the sessions of one share of connections to look at their pings.
+    pub fn ping_tick(&self, share: u64) {
+        for inbox in &self.inboxes {
+            inbox.send(SlotEvent::PingTick { share });
+        }
+    }
+
     /// The memory budget's verdict: refuse new rooms (their connections get
     /// 503), and whether every room refuses new shapes: told to each room as
     /// an event, so a room replayed after a crash decides as it did.

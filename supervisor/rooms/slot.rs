@@ -75,6 +75,14 @@ impl SlotRooms {
                     member.state.ring_always();
                 }
             }
+            SlotEvent::PingTick { share } => {
+                let members = self.rooms.values().flat_map(|room| room.conns.iter());
+                for (conn, member) in members {
+                    if conn.0 % super::PING_SHARES == share {
+                        member.state.ring_always();
+                    }
+                }
+            }
             SlotEvent::Query(query) => self.answer(query),
         }
     }
