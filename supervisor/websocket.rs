@@ -11,20 +11,23 @@
 //!
 //! The read half gives tungstenite a socket whose writes go nowhere: the replies
 //! tungstenite would send by itself (pong, close echo) are sent by the session
-//! instead, through the write half.
+//! instead, through the write half. It is driven as a stream here
+//! ([`ClientReader`]) rather than by tokio-tungstenite's, which allocates two
+//! waker proxies per connection (128 bytes) for a write side this one has not.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
+use futures_util::Stream;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, WebSocket};
 
 use super::inflate::Inflater;
 
@@ -38,8 +41,75 @@ const OPCODE_PONG: u8 = 0xA;
 /// Control frame payloads are at most 125 bytes (RFC 6455 §5.5).
 const MAX_CONTROL_PAYLOAD: usize = 125;
 
-/// The client's frames, parsed by tungstenite.
-pub type ClientReader = WebSocketStream<ReadSide>;
+/// The client's frames, parsed by tungstenite: a stream of messages, which
+/// ends (`None`) once the connection is closed or after its first error
+/// (tungstenite's reader is not to be read again after one).
+pub struct ClientReader {
+    socket: WebSocket<Polled>,
+    ended: bool,
+}
+
+impl Stream for ClientReader {
+    type Item = Result<Message, WsError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let reader = self.get_mut();
+        if reader.ended {
+            return Poll::Ready(None);
+        }
+        let polled = reader.socket.get_mut();
+        if !polled
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            polled.waker = Some(cx.waker().clone());
+        }
+        match reader.socket.read() {
+            Ok(message) => Poll::Ready(Some(Ok(message))),
+            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+            Err(e) => {
+                reader.ended = true;
+                match e {
+                    WsError::ConnectionClosed | WsError::AlreadyClosed => Poll::Ready(None),
+                    e => Poll::Ready(Some(Err(e))),
+                }
+            }
+        }
+    }
+}
+
+/// [`ReadSide`] as the blocking `Read` tungstenite reads from: a read that
+/// would wait says `WouldBlock`, and the task is woken (its waker, kept from
+/// the last poll) when the socket has more. Writes go nowhere (see the module
+/// comment).
+pub struct Polled {
+    side: ReadSide,
+    waker: Option<std::task::Waker>,
+}
+
+impl io::Read for Polled {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let waker = self.waker.as_ref().unwrap_or(std::task::Waker::noop());
+        let mut cx = Context::from_waker(waker);
+        let mut buf = ReadBuf::new(buf);
+        match Pin::new(&mut self.side).poll_read(&mut cx, &mut buf) {
+            Poll::Ready(Ok(())) => Ok(buf.filled().len()),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl io::Write for Polled {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
 
 /// A client connection over TLS.
 type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
@@ -79,7 +149,14 @@ pub async fn accept(
         },
         inflater: inflater.map(Box::new),
     };
-    let reader = WebSocketStream::from_raw_socket(read_side, Role::Server, Some(config)).await;
+    let polled = Polled {
+        side: read_side,
+        waker: None,
+    };
+    let reader = ClientReader {
+        socket: WebSocket::from_raw_socket(polled, Role::Server, Some(config)),
+        ended: false,
+    };
     Ok((reader, ClientWriter { socket: write }))
 }
 
@@ -154,7 +231,6 @@ impl<P: AsyncWrite + Unpin, T: AsyncWrite + Unpin> AsyncWrite for Half<P, T> {
 
 /// The socket's read half, plus any bytes hyper read past the upgrade request,
 /// and with permessage-deflate what inflates the client's compressed messages.
-/// Writes are accepted and dropped (see the module comment).
 pub struct ReadSide {
     socket: SocketSide,
     /// Boxed: only connections that negotiated compression pay for it.
@@ -217,24 +293,6 @@ impl AsyncRead for ReadSide {
             // the code it names (see `session`).
             inflater.push(raw.filled()).map_err(io::Error::other)?;
         }
-    }
-}
-
-impl AsyncWrite for ReadSide {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
     }
 }
 
