@@ -331,18 +331,24 @@ impl<'a> Session<'a> {
 
     /// The session's cell woke it: its state changed, or it was rung (its
     /// room published, or the phase moved).
-    async fn on_woken(
-        &mut self,
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future (see `within`)"
+    )]
+    fn on_woken<'b>(
+        &'b mut self,
         woken: Woken,
-        conn_state: &mut ConnStateReceiver,
-    ) -> Result<(), End> {
-        if woken.state {
-            self.on_conn_state(conn_state).await?;
+        conn_state: &'b mut ConnStateReceiver,
+    ) -> impl Future<Output = Result<(), End>> + 'b {
+        async move {
+            if woken.state {
+                self.on_conn_state(conn_state).await?;
+            }
+            if woken.rung {
+                self.on_ring_for_pings().await?;
+            }
+            self.send_what_the_room_published().await
         }
-        if woken.rung {
-            self.on_ring_for_pings().await?;
-        }
-        self.send_what_the_room_published().await
     }
 
     /// Pings are timed by rings (every connection is rung once a ping
@@ -362,16 +368,22 @@ impl<'a> Session<'a> {
     /// Sends the room's newest state if the client has not had it, unless
     /// the member's rate holds it back (the timer's branch sends the newest
     /// then; the watch keeps it).
-    async fn send_what_the_room_published(&mut self) -> Result<(), End> {
-        let Some(rx) = self.snapshots.as_mut() else {
-            return Ok(());
-        };
-        if self.outbox.timer_armed || !rx.has_changed().unwrap_or(false) || self.outbox.hold() {
-            return Ok(());
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future (see `within`)"
+    )]
+    fn send_what_the_room_published(&mut self) -> impl Future<Output = Result<(), End>> + '_ {
+        async move {
+            let Some(rx) = self.snapshots.as_mut() else {
+                return Ok(());
+            };
+            if self.outbox.timer_armed || !rx.has_changed().unwrap_or(false) || self.outbox.hold() {
+                return Ok(());
+            }
+            self.outbox
+                .send_newest(self.context.metrics, self.room, self.sink, rx)
+                .await
         }
-        self.outbox
-            .send_newest(self.context.metrics, self.room, self.sink, rx)
-            .await
     }
 
     /// The supervisor told the session something: its membership, a refusal
@@ -792,25 +804,31 @@ impl Outbox {
     /// v2: answers a `resync` with a snapshot of the room's newest version,
     /// unless the client has that one already; now, or when the member's rate
     /// allows (the timer's branch sends it then).
-    async fn answer_resync(
-        &mut self,
-        metrics: &Metrics,
-        room: &RoomHandle,
-        sink: &mut ClientWriter,
-        snapshots: Option<&mut watch::Receiver<SnapshotCell>>,
-    ) -> Result<(), End> {
-        let answered = snapshots
-            .as_deref()
-            .is_some_and(|rx| self.resync_answered(rx));
-        let Some(v2) = self.v2.as_mut() else {
-            return Ok(());
-        };
-        v2.resync = !answered;
-        match snapshots {
-            Some(rx) if v2.resync && !self.timer_armed && !self.hold() => {
-                self.send_newest(metrics, room, sink, rx).await
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future (see `within`)"
+    )]
+    fn answer_resync<'a>(
+        &'a mut self,
+        metrics: &'a Metrics,
+        room: &'a RoomHandle,
+        sink: &'a mut ClientWriter,
+        snapshots: Option<&'a mut watch::Receiver<SnapshotCell>>,
+    ) -> impl Future<Output = Result<(), End>> + 'a {
+        async move {
+            let answered = snapshots
+                .as_deref()
+                .is_some_and(|rx| self.resync_answered(rx));
+            let Some(v2) = self.v2.as_mut() else {
+                return Ok(());
+            };
+            v2.resync = !answered;
+            match snapshots {
+                Some(rx) if v2.resync && !self.timer_armed && !self.hold() => {
+                    self.send_newest(metrics, room, sink, rx).await
+                }
+                _ => Ok(()),
             }
-            _ => Ok(()),
         }
     }
 
@@ -826,134 +844,136 @@ impl Outbox {
 
     /// Sends the room's newest state, if the client does not have it yet (or,
     /// in v2, asked for a snapshot).
-    async fn send_newest(
-        &mut self,
-        metrics: &Metrics,
-        room: &RoomHandle,
-        sink: &mut ClientWriter,
-        rx: &mut watch::Receiver<SnapshotCell>,
-    ) -> Result<(), End> {
-        let Some(snapshot) = rx.borrow_and_update().clone() else {
-            return Ok(());
-        };
-        if let Some(last) = self.last_version {
-            if last == snapshot.version && !self.v2.as_ref().is_some_and(|v2| v2.resync) {
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future (see `within`)"
+    )]
+    fn send_newest<'a>(
+        &'a mut self,
+        metrics: &'a Metrics,
+        room: &'a RoomHandle,
+        sink: &'a mut ClientWriter,
+        rx: &'a mut watch::Receiver<SnapshotCell>,
+    ) -> impl Future<Output = Result<(), End>> + 'a {
+        async move {
+            let Some(snapshot) = rx.borrow_and_update().clone() else {
                 return Ok(());
-            }
-            metrics
-                .snapshots_skipped
-                .inc_by(snapshot.version.saturating_sub(last + 1));
-        }
-        let last_version = self.last_version;
-        let message = if let Some(v2) = self.v2.as_mut() {
-            match v2.message(last_version, &snapshot) {
-                Some(message) => Some(message),
-                None => {
-                    // Publishes that changed nothing: nothing to send.
-                    self.last_version = Some(snapshot.version);
+            };
+            if let Some(last) = self.last_version {
+                if last == snapshot.version && !self.v2.as_ref().is_some_and(|v2| v2.resync) {
                     return Ok(());
                 }
-            }
-        } else {
-            None
-        };
-        self.last_version = Some(snapshot.version);
-        if self.spacing.is_some() {
-            self.last_sent = Some(Instant::now());
-        }
-        // The shared segments, their last trailer off (RFC 7692 §7.2.1).
-        let deflated = snapshot
-            .deflated
-            .as_deref()
-            .filter(|_| self.deflate)
-            .map(|d| d.strip_suffix(&SYNC_TRAILER).unwrap_or(d));
-        // A v1 message's head is shared by every member; a v2 one is its own.
-        let compressed_head: Option<Cow<'static, [u8]>> = match (&message, deflated) {
-            (None, Some(_)) => Some(Cow::Borrowed(stored_brace())),
-            (Some(V2Message::Snapshot(head)), Some(_)) => {
-                let mut prefix = Vec::with_capacity(head.len() + 10);
-                stored_segment(head, &mut prefix);
-                Some(Cow::Owned(prefix))
-            }
-            // Each member's own, so compressed only while that is cheap, and
-            // sent so only if it came out smaller.
-            (Some(V2Message::Ops { head, body }), _)
-                if self.deflate
-                    && (MIN_COMPRESSED_OPS_BYTES..=MAX_COMPRESSED_OPS_BYTES)
-                        .contains(&(head.len() + body.len())) =>
-            {
-                Some(deflate_message(&[&head[..], &body[..]].concat()))
-                    .filter(|payload| payload.len() < head.len() + body.len())
-                    .map(Cow::Owned)
-            }
-            _ => None,
-        };
-        let written = async {
-            match (&message, &compressed_head) {
-                (Some(V2Message::Ops { .. }), Some(payload)) => {
-                    sink.compressed_text(payload, &[]).await
-                }
-                (_, Some(head)) => {
-                    sink.compressed_text(head, deflated.expect("a snapshot's head"))
-                        .await
-                }
-                (None, None) => sink.text(&snapshot.message).await,
-                (Some(V2Message::Snapshot(head)), None) => {
-                    sink.text_parts(head, &snapshot.message[1..]).await
-                }
-                (Some(V2Message::Ops { head, body }), None) => sink.text_parts(head, body).await,
-            }
-        };
-        match within(WRITE_TIMEOUT, written).await {
-            Some(Ok(())) => {
-                let (wire_bytes, per_version) = match (&message, &compressed_head) {
-                    (Some(V2Message::Ops { .. }), Some(payload)) => (payload.len(), false),
-                    (Some(V2Message::Ops { head, body }), None) => (head.len() + body.len(), false),
-                    (_, Some(head)) => (head.len() + deflated.map_or(0, <[u8]>::len), true),
-                    (Some(V2Message::Snapshot(head)), None) => {
-                        (head.len() + snapshot.message.len() - 1, true)
-                    }
-                    (None, None) => (snapshot.message.len(), true),
-                };
-                room.sent(wire_bytes);
                 metrics
-                    .bytes_sent
-                    .fetch_add(wire_bytes as u64, std::sync::atomic::Ordering::Relaxed);
-                let versions = last_version.map_or(1, |last| snapshot.version.saturating_sub(last));
-                self.budget
-                    .charge(wire_bytes as u64, versions, per_version, Instant::now());
-                if compressed_head.is_some() {
-                    metrics.messages_compressed.inc();
-                    metrics.compressed_bytes.inc_by(wire_bytes as u64);
-                }
-                match message {
-                    Some(V2Message::Ops { head, body }) => {
-                        metrics.ops_sent.inc();
-                        metrics.ops_bytes.inc_by((head.len() + body.len()) as u64);
-                    }
-                    Some(V2Message::Snapshot(head)) => {
-                        metrics.snapshots_sent.inc();
-                        metrics
-                            .snapshot_bytes
-                            .inc_by((head.len() + snapshot.message.len() - 1) as u64);
-                    }
+                    .snapshots_skipped
+                    .inc_by(snapshot.version.saturating_sub(last + 1));
+            }
+            let last_version = self.last_version;
+            let message = if let Some(v2) = self.v2.as_mut() {
+                match v2.message(last_version, &snapshot) {
+                    Some(message) => Some(message),
                     None => {
-                        metrics.snapshots_sent.inc();
-                        metrics.snapshot_bytes.inc_by(snapshot.message.len() as u64);
+                        // Publishes that changed nothing: nothing to send.
+                        self.last_version = Some(snapshot.version);
+                        return Ok(());
                     }
                 }
-                let latency = snapshot.at.elapsed().as_secs_f64();
-                metrics.fanout_latency.observe(latency);
-                metrics.fanout_counts.observe(latency);
-                Ok(())
+            } else {
+                None
+            };
+            self.last_version = Some(snapshot.version);
+            if self.spacing.is_some() {
+                self.last_sent = Some(Instant::now());
             }
-            Some(Err(e)) => {
-                debug!(error = %e, "write failed");
-                Err(End::ClientGone)
-            }
-            None => {
-                info!("client not reading for {WRITE_TIMEOUT:?}; dropping it");
-                Err(End::ClientGone)
+            // The shared segments, their last trailer off (RFC 7692 §7.2.1).
+            let deflated = snapshot
+                .deflated
+                .as_deref()
+                .filter(|_| self.deflate)
+                .map(|d| d.strip_suffix(&SYNC_TRAILER).unwrap_or(d));
+            // A v1 message's head is shared by every member; a v2 one is its own.
+            let compressed_head: Option<Cow<'static, [u8]>> = match (&message, deflated) {
+                (None, Some(_)) => Some(Cow::Borrowed(stored_brace())),
+                (Some(V2Message::Snapshot(head)), Some(_)) => {
+                    let mut prefix = Vec::with_capacity(head.len() + 10);
+                    stored_segment(head, &mut prefix);
+                    Some(Cow::Owned(prefix))
+                }
+                // Each member's own, so compressed only while that is cheap, and
+                // sent so only if it came out smaller.
+                (Some(V2Message::Ops { head, body }), _)
+                    if self.deflate
+                        && (MIN_COMPRESSED_OPS_BYTES..=MAX_COMPRESSED_OPS_BYTES)
+                            .contains(&(head.len() + body.len())) =>
+                {
+                    Some(deflate_message(&[&head[..], &body[..]].concat()))
+                        .filter(|payload| payload.len() < head.len() + body.len())
+                        .map(Cow::Owned)
+                }
+                _ => None,
+            };
+            let frame = match (&message, &compressed_head) {
+                (Some(V2Message::Ops { .. }), Some(payload)) => sink.compressed_text(payload, &[]),
+                (_, Some(head)) => sink.compressed_text(head, deflated.expect("a snapshot's head")),
+                (None, None) => sink.text(&snapshot.message),
+                (Some(V2Message::Snapshot(head)), None) => {
+                    sink.text_parts(head, &snapshot.message[1..])
+                }
+                (Some(V2Message::Ops { head, body }), None) => sink.text_parts(head, body),
+            };
+            match within(WRITE_TIMEOUT, frame).await {
+                Some(Ok(())) => {
+                    let (wire_bytes, per_version) = match (&message, &compressed_head) {
+                        (Some(V2Message::Ops { .. }), Some(payload)) => (payload.len(), false),
+                        (Some(V2Message::Ops { head, body }), None) => {
+                            (head.len() + body.len(), false)
+                        }
+                        (_, Some(head)) => (head.len() + deflated.map_or(0, <[u8]>::len), true),
+                        (Some(V2Message::Snapshot(head)), None) => {
+                            (head.len() + snapshot.message.len() - 1, true)
+                        }
+                        (None, None) => (snapshot.message.len(), true),
+                    };
+                    room.sent(wire_bytes);
+                    metrics
+                        .bytes_sent
+                        .fetch_add(wire_bytes as u64, std::sync::atomic::Ordering::Relaxed);
+                    let versions =
+                        last_version.map_or(1, |last| snapshot.version.saturating_sub(last));
+                    self.budget
+                        .charge(wire_bytes as u64, versions, per_version, Instant::now());
+                    if compressed_head.is_some() {
+                        metrics.messages_compressed.inc();
+                        metrics.compressed_bytes.inc_by(wire_bytes as u64);
+                    }
+                    match message {
+                        Some(V2Message::Ops { head, body }) => {
+                            metrics.ops_sent.inc();
+                            metrics.ops_bytes.inc_by((head.len() + body.len()) as u64);
+                        }
+                        Some(V2Message::Snapshot(head)) => {
+                            metrics.snapshots_sent.inc();
+                            metrics
+                                .snapshot_bytes
+                                .inc_by((head.len() + snapshot.message.len() - 1) as u64);
+                        }
+                        None => {
+                            metrics.snapshots_sent.inc();
+                            metrics.snapshot_bytes.inc_by(snapshot.message.len() as u64);
+                        }
+                    }
+                    let latency = snapshot.at.elapsed().as_secs_f64();
+                    metrics.fanout_latency.observe(latency);
+                    metrics.fanout_counts.observe(latency);
+                    Ok(())
+                }
+                Some(Err(e)) => {
+                    debug!(error = %e, "write failed");
+                    Err(End::ClientGone)
+                }
+                None => {
+                    info!("client not reading for {WRITE_TIMEOUT:?}; dropping it");
+                    Err(End::ClientGone)
+                }
             }
         }
     }
