@@ -140,7 +140,13 @@ impl ConnStateSender {
     /// The room published a new state: wakes the session to send it, unless
     /// it holds states back for now (it sends the newest when its timer ends).
     pub fn ring(&self) {
-        if !self.cell.muted.load(Ordering::Acquire) {
+        // The room stored its new state before this; the session unmutes,
+        // then looks at the state (`mute`). The fences (one each side) make
+        // sure one of the two sees the other's store: else a publish and an
+        // unmute at once could each miss the other, and the session stay on
+        // an old state until the next publish (a red-team review).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.cell.muted.load(Ordering::Relaxed) {
             self.ring_always();
         }
     }
@@ -221,8 +227,12 @@ impl ConnStateReceiver {
 
     /// While muted, the room's publishes do not ring (the session holds
     /// its member's new states back until its rate allows the newest).
+    /// Unmuted, the session must then look at the room's state itself: a
+    /// publish while it was muted did not ring (see [`ConnStateSender::ring`]
+    /// for the fence that pairs with this one).
     pub fn mute(&self, muted: bool) {
-        self.cell.muted.store(muted, Ordering::Release);
+        self.cell.muted.store(muted, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::SeqCst);
     }
 
     /// Whether a change has not been read yet.
