@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 
-use contract::ipc::{RoomEvent, Stamped};
+use contract::ipc::{RoomEvent, RoomId, Stamped};
 use contract::protocol::ClientMessage;
 
 /// Events, and bytes, after which the worker is asked for a checkpoint (then
@@ -54,7 +54,7 @@ const MESSAGE_FIELDS: [&str; 11] = [
 /// replays it after the checkpoint.
 #[derive(Default)]
 pub struct Journal {
-    events: VecDeque<Stamped>,
+    events: VecDeque<Entry>,
     bytes: usize,
     /// Events and bytes recorded since a checkpoint was last asked for.
     events_since_request: usize,
@@ -62,6 +62,15 @@ pub struct Journal {
     /// Events up to this seq were dropped (the journal outgrew its bounds) and no
     /// checkpoint covers them yet.
     gap_through: Option<u64>,
+}
+
+/// An event as the journal holds it: without its room, which is the
+/// journal's (a room id per event was a heap copy of it per message).
+#[derive(Debug, Clone, PartialEq)]
+struct Entry {
+    seq: u64,
+    time_ms: i64,
+    event: RoomEvent,
 }
 
 /// What the journal needs after recording an event.
@@ -74,9 +83,9 @@ pub enum Recorded {
 }
 
 /// Bytes an event holds in the journal.
-fn size_of(stamped: &Stamped) -> usize {
+fn size_of(event: &RoomEvent) -> usize {
     EVENT_OVERHEAD_BYTES
-        + match &stamped.event {
+        + match event {
             RoomEvent::Message { text, .. } => text.len(),
             RoomEvent::Join { user_id, .. } => user_id.len(),
             RoomEvent::Leave { .. } | RoomEvent::MemoryBudget { .. } => 0,
@@ -86,12 +95,12 @@ fn size_of(stamped: &Stamped) -> usize {
 /// The event as the journal keeps it: a large message reduced to what the room
 /// reads of it, with the same effect when replayed. An invalid one (the room
 /// ignores it) becomes an empty message, which the room ignores too.
-fn journal_form(stamped: &Stamped) -> Stamped {
-    let RoomEvent::Message { conn, text } = &stamped.event else {
-        return stamped.clone();
+fn journal_form(event: &RoomEvent) -> RoomEvent {
+    let RoomEvent::Message { conn, text } = event else {
+        return event.clone();
     };
     if text.len() <= COMPACT_OVER_BYTES {
-        return stamped.clone();
+        return event.clone();
     }
     let compact = match ClientMessage::parse(text) {
         // Valid, so an object without duplicate fields: keeping only the known
@@ -104,12 +113,9 @@ fn journal_form(stamped: &Stamped) -> Stamped {
             .unwrap_or_default(),
         Err(_) => String::new(),
     };
-    Stamped {
-        event: RoomEvent::Message {
-            conn: *conn,
-            text: compact.into(),
-        },
-        ..stamped.clone()
+    RoomEvent::Message {
+        conn: *conn,
+        text: compact.into(),
     }
 }
 
@@ -119,8 +125,12 @@ impl Journal {
     /// restorable until a checkpoint covers them.
     pub fn record(&mut self, stamped: &Stamped) -> Recorded {
         // The one copy the journal keeps (the original goes to the worker).
-        let stamped = journal_form(stamped);
-        let size = size_of(&stamped);
+        let entry = Entry {
+            seq: stamped.seq,
+            time_ms: stamped.time_ms,
+            event: journal_form(&stamped.event),
+        };
+        let size = size_of(&entry.event);
         if self.events.len() >= JOURNAL_MAX_EVENTS || self.bytes + size > JOURNAL_MAX_BYTES {
             tracing::error!(
                 room = %stamped.room,
@@ -135,10 +145,10 @@ impl Journal {
             self.bytes = 0;
             self.events_since_request = 0;
             self.bytes_since_request = 0;
-            self.push(stamped, size);
+            self.push(entry, size);
             return Recorded::WantsCheckpoint;
         }
-        self.push(stamped, size);
+        self.push(entry, size);
         if self.events_since_request >= CHECKPOINT_EVERY_EVENTS
             || self.bytes_since_request >= CHECKPOINT_EVERY_BYTES
         {
@@ -149,8 +159,8 @@ impl Journal {
         Recorded::Kept
     }
 
-    fn push(&mut self, stamped: Stamped, size: usize) {
-        self.events.push_back(stamped);
+    fn push(&mut self, entry: Entry, size: usize) {
+        self.events.push_back(entry);
         self.bytes += size;
         self.events_since_request += 1;
         self.bytes_since_request += size;
@@ -160,8 +170,8 @@ impl Journal {
     /// gap it covers is closed.
     pub fn checkpointed(&mut self, seq: u64) {
         while self.events.front().is_some_and(|s| s.seq <= seq) {
-            if let Some(event) = self.events.pop_front() {
-                self.bytes -= size_of(&event);
+            if let Some(entry) = self.events.pop_front() {
+                self.bytes -= size_of(&entry.event);
             }
         }
         if self.gap_through.is_some_and(|gap| gap <= seq) {
@@ -179,9 +189,21 @@ impl Journal {
         self.gap_through.is_none()
     }
 
-    /// The events held, oldest first: what a restore sends after the checkpoint.
-    pub fn iter(&self) -> impl Iterator<Item = &Stamped> {
-        self.events.iter()
+    /// The events held, oldest first, as `room`'s: what a restore sends
+    /// after the checkpoint.
+    pub fn stamped<'a>(&'a self, room: &'a RoomId) -> impl Iterator<Item = Stamped> + 'a {
+        self.events.iter().map(|entry| Stamped {
+            room: room.clone(),
+            seq: entry.seq,
+            time_ms: entry.time_ms,
+            event: entry.event.clone(),
+        })
+    }
+
+    /// The sequence numbers of the events held, oldest first.
+    #[cfg(test)]
+    pub fn seqs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.events.iter().map(|entry| entry.seq)
     }
 
     /// Events held.
@@ -230,7 +252,7 @@ mod tests {
             .count();
         assert_eq!(asks, 3);
         // 9 KB messages: a checkpoint every MiB, every 115 messages.
-        let size = size_of(&message(1, 9_000)) as u64;
+        let size = size_of(&message(1, 9_000).event) as u64;
         let every = (CHECKPOINT_EVERY_BYTES as u64).div_ceil(size);
         assert_eq!(every, 115);
         let mut journal = Journal::default();
@@ -248,9 +270,9 @@ mod tests {
             journal.record(&message(seq, 100));
         }
         journal.checkpointed(7);
-        let left: Vec<u64> = journal.iter().map(|s| s.seq).collect();
+        let left: Vec<u64> = journal.seqs().collect();
         assert_eq!(left, [8, 9, 10]);
-        assert_eq!(journal.bytes(), 3 * size_of(&message(1, 100)));
+        assert_eq!(journal.bytes(), 3 * size_of(&message(1, 100).event));
     }
 
     #[test]
@@ -264,18 +286,18 @@ mod tests {
         }
         assert_eq!(
             seq,
-            1 + JOURNAL_MAX_BYTES as u64 / size_of(&message(1, 9_000)) as u64
+            1 + JOURNAL_MAX_BYTES as u64 / size_of(&message(1, 9_000).event) as u64
         );
         assert!(journal.bytes() <= JOURNAL_MAX_BYTES);
         // The overflowing event is kept; everything before it was dropped.
-        assert_eq!(journal.iter().map(|s| s.seq).collect::<Vec<_>>(), [seq]);
+        assert_eq!(journal.seqs().collect::<Vec<_>>(), [seq]);
         journal.record(&message(seq + 1, 10));
         // A checkpoint older than the gap does not close it; one covering it does.
         journal.checkpointed(seq - 2);
         assert!(!journal.restorable());
         journal.checkpointed(seq);
         assert!(journal.restorable());
-        assert_eq!(journal.iter().map(|s| s.seq).collect::<Vec<_>>(), [seq + 1]);
+        assert_eq!(journal.seqs().collect::<Vec<_>>(), [seq + 1]);
     }
 
     #[test]
@@ -301,8 +323,8 @@ mod tests {
         ];
         for case in cases {
             let raw = case.to_string();
-            let kept = journal_form(&stamped(1, raw.clone()));
-            let RoomEvent::Message { text: kept, .. } = kept.event else {
+            let kept = journal_form(&stamped(1, raw.clone()).event);
+            let RoomEvent::Message { text: kept, .. } = kept else {
                 panic!("still a message");
             };
             assert!(!kept.contains("pad") && kept.len() < 12_000, "{kept}");
@@ -314,9 +336,9 @@ mod tests {
         // Invalid (duplicate field, unknown type): ignored either way.
         let dup = format!(r#"{{"type":"cursor_move","x":1,"x":2,"y":0,"pad":"{pad}"}}"#);
         assert!(ClientMessage::parse(&dup).is_err());
-        let kept = journal_form(&stamped(2, dup));
+        let kept = journal_form(&stamped(2, dup).event);
         assert_eq!(
-            kept.event,
+            kept,
             RoomEvent::Message {
                 conn: ConnId(1),
                 text: "".into()
@@ -324,6 +346,9 @@ mod tests {
         );
         // Small messages are kept as they came.
         let small = json!({"type":"cursor_move","x":1,"y":2,"extra":1}).to_string();
-        assert_eq!(journal_form(&stamped(3, small.clone())), stamped(3, small));
+        assert_eq!(
+            journal_form(&stamped(3, small.clone()).event),
+            stamped(3, small).event
+        );
     }
 }

@@ -93,7 +93,7 @@ impl Recovery {
             room: room.clone(),
             id_seed: self.id_seed,
             image: self.checkpoint.as_ref().map(|(_, image)| image.clone()),
-            events: self.journal.iter().cloned().collect(),
+            events: self.journal.stamped(room).collect(),
             complete: self.journal.restorable(),
             quarantined,
         }

@@ -223,9 +223,9 @@ impl SlotRooms {
             image: recovery.checkpoint.as_ref().map(|(_, image)| image.clone()),
         };
         self.queue.send_with(restore, Ticket::Taken(taken.clone()));
-        for event in recovery.journal.iter() {
+        for event in recovery.journal.stamped(id) {
             let ticket = held_ticket(&mut recovery.held, event.seq);
-            self.queue.send_with(ToWorker::Event(event.clone()), ticket);
+            self.queue.send_with(ToWorker::Event(event), ticket);
         }
         recovery.restore_sent = recovery.last_seq;
         let token = rand::random::<u64>();
@@ -257,9 +257,9 @@ impl SlotRooms {
         }
         let recovery = &mut room.recovery;
         let sent = recovery.restore_sent;
-        for event in recovery.journal.iter().filter(|s| s.seq > sent) {
+        for event in recovery.journal.stamped(id).filter(|s| s.seq > sent) {
             let ticket = held_ticket(&mut recovery.held, event.seq);
-            self.queue.send_with(ToWorker::Event(event.clone()), ticket);
+            self.queue.send_with(ToWorker::Event(event), ticket);
         }
         recovery.restore_sent = recovery.last_seq;
         recovery.restoring = false;
