@@ -9,7 +9,10 @@
 //!   [`restore`]: how it rebuilds its rooms on a replacement worker;
 //! - [`handle`]: what a session holds of its room ([`RoomHandle`]: join,
 //!   forward, leave, probe the user's earlier connection) and how the two
-//!   talk: the events sent to the slot's task, the [`ConnState`] it is told;
+//!   talk: the events sent to the slot's task;
+//! - [`conn_state`]: what a session is told ([`ConnState`]) and the cell
+//!   that carries it and wakes the session (rung when its room publishes, the
+//!   shutdown phase moves, or its ping is due);
 //! - [`room`]: one placed room and its members;
 //! - [`fanout`]: the room's newest snapshot and its recent v2 ops steps;
 //! - [`recovery`]: what lets a room outlive its worker (stamping, checkpoint
@@ -17,7 +20,7 @@
 //! - [`saves`]: whether the store keeps refusing saves.
 //!
 //! Imports run one way: `registry` and `slot` on top, then `restore`, `room`,
-//! `handle`, and `fanout`, `recovery`, `journal` at the bottom.
+//! `handle`, `conn_state`, and `fanout`, `recovery`, `journal` at the bottom.
 //!
 //! Ordering: each slot's task handles its events one at a time, in the order
 //! they came, so sequence numbers follow queue order and `OpenRoom` /
@@ -27,11 +30,6 @@
 //! release).
 
 pub mod conn_state;
-
-/// Connections are rung for their pings in this many shares, one share every
-/// `--ping-interval-ms` ÷ this: each connection once an interval, and the
-/// pings of thousands of idle connections spread over it rather than at once.
-pub const PING_SHARES: u64 = 16;
 pub mod fanout;
 pub mod handle;
 pub mod journal;
@@ -43,6 +41,11 @@ pub mod saves;
 pub mod slot;
 #[cfg(test)]
 mod testing;
+
+/// Connections are rung for their pings in this many shares, one share every
+/// `--ping-interval-ms` ÷ this: each connection once an interval, and the
+/// pings of thousands of idle connections spread over it rather than at once.
+pub const PING_SHARES: u64 = 16;
 
 pub use conn_state::Woken;
 pub use fanout::{Published, SnapshotCell};
