@@ -224,9 +224,6 @@ struct Session<'a> {
     /// alive) seen, and whether one waits for the client to be heard from.
     probes_seen: u32,
     probe_waiting: bool,
-    /// The room's publishes do not ring the session's cell (its rate holds
-    /// states back: `outbox.timer_armed`).
-    muted: bool,
     /// A ring from then on is a ping tick (see `on_ring_for_pings`).
     next_ping_tick: Instant,
 }
@@ -260,7 +257,6 @@ impl<'a> Session<'a> {
             last_heard: Instant::now(),
             probes_seen: 0,
             probe_waiting: false,
-            muted: false,
             next_ping_tick: Instant::now() + context.config.ping_interval * 3 / 4,
         }
     }
@@ -318,9 +314,8 @@ impl<'a> Session<'a> {
             // Muted while the rate holds states back: the room's publishes
             // do not wake it then. Once unmuted, one may have come unrung.
             let held = self.outbox.timer_armed;
-            if held != self.muted {
+            if held != conn_state.muted() {
                 conn_state.mute(held);
-                self.muted = held;
                 if !held && let Err(end) = self.send_what_the_room_published().await {
                     return end;
                 }

@@ -225,6 +225,12 @@ impl ConnStateReceiver {
         }
     }
 
+    /// Whether the room's publishes do not ring the session (see
+    /// [`mute`](Self::mute)).
+    pub fn muted(&self) -> bool {
+        self.cell.muted.load(Ordering::Relaxed)
+    }
+
     /// While muted, the room's publishes do not ring (the session holds
     /// its member's new states back until its rate allows the newest).
     /// Unmuted, the session must then look at the room's state itself: a
