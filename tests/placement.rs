@@ -89,11 +89,9 @@ async fn hathora_rooms_per_process_caps_rooms_with_503_and_retry_after() {
     );
     // A member of an existing room still gets in.
     let _a2 = server.join("a2", "room-1").await;
-    assert!(
-        server
-            .logs()
-            .contains("the server holds its maximum of 2 rooms")
-    );
+    server
+        .logged("the server holds its maximum of 2 rooms")
+        .await;
     assert!(
         server.logs().contains("hathora_process_id=\"proc-7\"")
             || server.logs().contains("hathora_process_id=proc-7")

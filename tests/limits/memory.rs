@@ -191,7 +191,7 @@ async fn filling_rooms_to_the_memory_limit_refuses_new_rooms_and_kills_nothing()
     for (i, (user, member)) in members.iter_mut().enumerate() {
         assert_eq!(users(&member.sync(user, i as f64).await), [user.as_str()]);
     }
-    assert!(server.logs().contains("memory budget nearly spent"));
+    server.logged("memory budget nearly spent").await;
 }
 
 /// With the budget off, filling rooms past the cgroup's limit makes the

@@ -94,8 +94,7 @@ async fn unsaved_rooms_are_saved_on(signal: &str, target: Target) {
     let (code, took) = exit_within_budget(&mut server, &pids, signalled);
     assert_eq!(code, 0, "{}", server.logs());
     eprintln!("SIG{signal} to the {target}: exit {took:?} after the signal");
-    let logs = server.logs();
-    assert!(logs.contains("shutdown: every room saved"), "{logs}");
+    let logs = server.logged("shutdown: every room saved").await;
     assert!(!logs.contains("restoring its rooms"), "{logs}");
     drop(server);
 
@@ -192,7 +191,7 @@ async fn a_backend_that_never_answers_puts_every_shape_in_a_fallback_file_within
         "{files:?}"
     );
     assert_eq!(fallback_shapes(&files[0]), seen);
-    let logs = server.logs();
+    let logs = server.logged("some rooms could not be saved").await;
     let summary = logs
         .lines()
         .find(|l| l.contains("some rooms could not be saved"))
@@ -450,11 +449,7 @@ async fn sigterm_drains_readyz_503_new_upgrades_503_then_going_away_and_exits() 
         signalled.elapsed() < Duration::from_secs(5),
         "exit within the grace period"
     );
-    assert!(
-        server.logs().contains("some rooms could not be saved"),
-        "{}",
-        server.logs()
-    );
+    server.logged("some rooms could not be saved").await;
 }
 
 /// The supervisor run inside the test's own process, its workers being the

@@ -361,11 +361,7 @@ async fn sigterm_saves_unsaved_edits_then_exits_zero() {
     assert_eq!(code, Some(0));
     assert_eq!(backend.shapes("room-1").unwrap(), a["shapes"]);
     assert_eq!(backend.shapes("room-2").unwrap(), b["shapes"]);
-    assert!(
-        server.logs().contains("shutdown: every room saved"),
-        "{}",
-        server.logs()
-    );
+    server.logged("shutdown: every room saved").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

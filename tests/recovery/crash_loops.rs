@@ -133,7 +133,7 @@ async fn a_poison_room_is_closed_alone_its_edits_kept_and_everything_else_recove
         elsewhere_pid
     );
     assert_eq!(users(&elsewhere.sync("erin", 2.0).await), ["erin"]);
-    assert!(server.logs().contains("room closed for its members (1011)"));
+    server.logged("room closed for its members (1011)").await;
     let rooms: Vec<Value> = server.status().await["workers"]
         .as_array()
         .unwrap()
@@ -184,7 +184,7 @@ async fn a_salvage_under_way_at_a_stop_finishes_its_file_after_the_exit() {
         code,
         Some(supervisor::StopOutcome::NOT_ALL_SAVED_EXIT_CODE as i32)
     );
-    let logs = server.logs();
+    let logs = server.logged("some rooms could not be saved").await;
     let summary = logs
         .lines()
         .find(|l| l.contains("some rooms could not be saved"))

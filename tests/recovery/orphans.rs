@@ -263,5 +263,5 @@ async fn as_a_container_s_pid_1_sigterm_still_drains_and_exits_zero() {
     assert!(matches!(editor.closed().await, Closed::Frame(1001, _)));
     let code = tokio::task::block_in_place(|| server.wait_exit(PATIENCE));
     assert_eq!(code, Some(0), "{}", server.logs());
-    assert!(server.logs().contains("shutdown: every room saved"));
+    server.logged("shutdown: every room saved").await;
 }

@@ -263,6 +263,25 @@ impl Server {
         self.logs.lock().unwrap().join("\n")
     }
 
+    /// Waits (at most [`PATIENCE`]) until the logs hold `needle`, and returns
+    /// them: the harness reads the server's pipes on its own threads, so a
+    /// line written before a reply the test saw (or before the exit) may
+    /// reach the logs just after it.
+    pub async fn logged(&self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let logs = self.logs();
+            if logs.contains(needle) {
+                return logs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?}; logs:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A token for `user` in `room`, with the `host` claim this server expects.
     pub fn token(&self, user: &str, room: &str) -> String {
         sign(json!({"userId": user, "roomId": room, "host": self.host(), "iat": now()}))
