@@ -5,6 +5,11 @@
 //! cursor's raw `x`/`y`) to every member of the room, one `write` each. No JSON
 //! parsing of messages, no routing beyond a room map, no IPC, no validation. It
 //! tells what the kernel and the network stack cost on this machine.
+//!
+//! With `--hop`, every client message goes through a second process and back
+//! before it is applied (the peer sends it straight back; see [`peer`]): the
+//! floor of any design whose rooms live in another process than the sockets,
+//! as the session server's workers do.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -36,23 +41,176 @@ const MAX_SHAPES: usize = 1000;
 
 type Rooms = Rc<RefCell<HashMap<String, Room>>>;
 
-pub fn run(port: u16) {
+/// `--hop`: the socket to the peer process, and what it did not take yet.
+struct Hop {
+    socket: tokio::net::UnixStream,
+    /// Encoded messages the socket did not take at once (the flusher writes
+    /// them once it can).
+    pending: RefCell<Vec<u8>>,
+    flush: tokio::sync::Notify,
+}
+
+impl Hop {
+    /// Starts the peer process (this binary, `ceiling-peer`) on one end of a
+    /// socket pair; its reader applies what comes back.
+    fn start(rooms: Rooms) -> Rc<Hop> {
+        use std::os::fd::AsRawFd;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        // The child inherits its end (std opens sockets close-on-exec).
+        // SAFETY: fcntl on a descriptor this function owns.
+        unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
+        let mut peer = std::process::Command::new(std::env::current_exe().expect("own path"))
+            .args(["ceiling-peer", "--fd", &theirs.as_raw_fd().to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn the ceiling's peer");
+        drop(theirs);
+        // Reaped if it ends first (it ends with the socket, at the ceiling's end).
+        std::thread::spawn(move || peer.wait());
+        ours.set_nonblocking(true).expect("non-blocking");
+        let hop = Rc::new(Hop {
+            socket: tokio::net::UnixStream::from_std(ours).expect("register"),
+            pending: RefCell::default(),
+            flush: tokio::sync::Notify::new(),
+        });
+        tokio::task::spawn_local(hop.clone().flusher());
+        tokio::task::spawn_local(hop.clone().applier(rooms));
+        hop
+    }
+
+    /// Sends `payload` from `user` in `room` to the peer: length, room, user,
+    /// payload (one write while the socket takes it).
+    fn send(&self, room: &str, user: &str, payload: &[u8]) {
+        let mut pending = self.pending.borrow_mut();
+        let flushing = !pending.is_empty();
+        let len = 4 + room.len() + user.len() + payload.len();
+        pending.extend_from_slice(&(len as u32).to_le_bytes());
+        for part in [room.as_bytes(), user.as_bytes()] {
+            pending.extend_from_slice(&(part.len() as u16).to_le_bytes());
+            pending.extend_from_slice(part);
+        }
+        pending.extend_from_slice(payload);
+        if flushing {
+            return; // the flusher writes it after what waits before it
+        }
+        if let Ok(n) = self.socket.try_write(&pending) {
+            pending.drain(..n);
+        }
+        if !pending.is_empty() {
+            self.flush.notify_one();
+        }
+    }
+
+    async fn flusher(self: Rc<Hop>) {
+        loop {
+            self.flush.notified().await;
+            while !self.pending.borrow().is_empty() {
+                if self.socket.writable().await.is_err() {
+                    return;
+                }
+                let mut pending = self.pending.borrow_mut();
+                match self.socket.try_write(&pending) {
+                    Ok(n) => drop(pending.drain(..n)),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+
+    /// Applies each message the peer sends back, then broadcasts its room.
+    async fn applier(self: Rc<Hop>, rooms: Rooms) {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut have = 0;
+        loop {
+            if self.socket.readable().await.is_err() {
+                return;
+            }
+            if have == buf.len() {
+                buf.resize(buf.len() * 2, 0);
+            }
+            match self.socket.try_read(&mut buf[have..]) {
+                Ok(0) => return,
+                Ok(n) => have += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return,
+            }
+            let mut at = 0;
+            while let Some((room, user, payload, used)) = hop_message(&buf[at..have]) {
+                apply(&rooms, room, user, payload);
+                broadcast(&rooms, room);
+                at += used;
+            }
+            buf.copy_within(at..have, 0);
+            have -= at;
+        }
+    }
+}
+
+/// One message at the front of `buf` as [`Hop::send`] encodes it: (room,
+/// user, payload, bytes used).
+fn hop_message(buf: &[u8]) -> Option<(&str, &str, &[u8], usize)> {
+    let len = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?) as usize;
+    let message = buf.get(4..4 + len)?;
+    let mut at = 0;
+    let mut part = || {
+        let n = u16::from_le_bytes(message[at..at + 2].try_into().unwrap()) as usize;
+        let text = std::str::from_utf8(&message[at + 2..at + 2 + n]).unwrap_or("");
+        at += 2 + n;
+        text
+    };
+    let (room, user) = (part(), part());
+    Some((room, user, &message[at..], 4 + len))
+}
+
+/// The peer process of `ceiling --hop`: sends every byte it reads straight
+/// back, each read's worth in one write (as cheap as a hop can be).
+pub fn peer(fd: i32) {
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    // SAFETY: the descriptor was inherited for this process to own.
+    let mut socket = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match socket.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if socket.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A client's message: a created shape or a cursor move.
+fn apply(rooms: &Rooms, room: &str, user: &str, payload: &[u8]) {
+    if payload.windows(14).any(|w| w == b"\"shape_create\"") {
+        shape(rooms, room, user, payload);
+    } else {
+        cursor(rooms, room, user, payload);
+    }
+}
+
+pub fn run(port: u16, hop: bool) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
+        let rooms: Rooms = Rc::default();
+        // Before the line that says it listens: the peer is there by then.
+        let hop = hop.then(|| Hop::start(rooms.clone()));
         let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
         println!(
             "ceiling listening on 127.0.0.1:{}",
             listener.local_addr().unwrap().port()
         );
-        let rooms: Rooms = Rc::default();
         loop {
             let (stream, _) = listener.accept().await.expect("accept");
             let _ = stream.set_nodelay(true);
-            tokio::task::spawn_local(serve(stream, rooms.clone()));
+            tokio::task::spawn_local(serve(stream, rooms.clone(), hop.clone()));
         }
     });
 }
@@ -71,7 +229,7 @@ fn identity(request: &str) -> Option<(String, String)> {
     ))
 }
 
-async fn serve(mut stream: TcpStream, rooms: Rooms) {
+async fn serve(mut stream: TcpStream, rooms: Rooms, hop: Option<Rc<Hop>>) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut have = 0;
     let head_end = loop {
@@ -127,12 +285,13 @@ async fn serve(mut stream: TcpStream, rooms: Rooms) {
                 return;
             }
             if opcode == 1 {
-                if payload.windows(14).any(|w| w == b"\"shape_create\"") {
-                    shape(&rooms, &room, &user, &payload);
-                } else {
-                    cursor(&rooms, &room, &user, &payload);
+                match &hop {
+                    Some(hop) => hop.send(&room, &user, &payload),
+                    None => {
+                        apply(&rooms, &room, &user, &payload);
+                        broadcast(&rooms, &room);
+                    }
                 }
-                broadcast(&rooms, &room);
             }
             buf.copy_within(used..have, 0);
             have -= used;

@@ -60,6 +60,18 @@ enum Scenario {
     Ceiling {
         #[arg(long, default_value_t = 18990)]
         port: u16,
+        /// Pass every client message through a second process (which sends
+        /// it straight back) before applying it: the floor of an architecture
+        /// whose rooms live in another process than the sockets.
+        #[arg(long)]
+        hop: bool,
+    },
+    /// The second process of `ceiling --hop` (started by it: echoes each
+    /// message on the socket inherited as file descriptor FD).
+    #[command(hide = true)]
+    CeilingPeer {
+        #[arg(long)]
+        fd: i32,
     },
 }
 
@@ -800,9 +812,14 @@ fn main() {
         Scenario::Churn(args) => runtime.block_on(churn(args)),
         Scenario::Memory(args) => runtime.block_on(memory::run(args)),
         Scenario::HoldSockets(args) => runtime.block_on(hold::run(args)),
-        Scenario::Ceiling { port } => {
+        Scenario::Ceiling { port, hop } => {
             drop(runtime);
-            ceiling::run(port);
+            ceiling::run(port, hop);
+            return;
+        }
+        Scenario::CeilingPeer { fd } => {
+            drop(runtime);
+            ceiling::peer(fd);
             return;
         }
     };
