@@ -10,6 +10,7 @@
 //! its place once it fails to answer a ping (`take_over`).
 
 use std::borrow::Cow;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -80,6 +81,16 @@ pub(crate) struct SessionContext<'a> {
     pub(crate) shutdown: &'a Shutdown,
 }
 
+impl<'a> SessionContext<'a> {
+    fn of(shared: &'a Shared) -> SessionContext<'a> {
+        SessionContext {
+            config: &shared.config,
+            metrics: &shared.metrics,
+            shutdown: &shared.shutdown,
+        }
+    }
+}
+
 /// A session as `negotiated` at the upgrade (see [`Protocol::negotiate`] and
 /// [`deflate_offered`](super::websocket::deflate_offered)).
 ///
@@ -96,35 +107,32 @@ pub(crate) fn run(
 ) -> impl Future<Output = ()> {
     let span = info_span!("session", room = %room.id(), user = %Escaped(&identity.user_id), %conn, worker = %room.worker());
     async move {
-        let started = Instant::now();
-        let context = SessionContext {
-            config: &shared.config,
-            metrics: &shared.metrics,
-            shutdown: &shared.shutdown,
-        };
-        let metrics = context.metrics;
-        metrics.connections_accepted.inc();
-        metrics.connections.inc();
-        let v2 = negotiated.protocol == Protocol::V2;
-        if v2 {
-            metrics.connections_v2.inc();
-        }
-        if negotiated.deflate {
-            metrics.connections_compressed.inc();
-        }
+        // What is live across this block's awaits is kept by every
+        // connection for its whole life: the context is made where it is
+        // used, not held.
+        let started_secs = clock_secs();
+        shared.metrics.connections_accepted.inc();
+        count_connection(&shared.metrics, negotiated, 1);
         debug!(?negotiated, "session opened");
-        let replace = take_over(context, &room, conn).await;
+        let replace = take_over(SessionContext::of(&shared), &room, conn).await;
         // A v2 join has the worker record ops (batches are kept from the
         // room's next publish). Compressed snapshots are asked for v1 only:
         // v2 takes ops, compressed here, and a snapshot only now and then;
         // its room's every version compressed for that would be spent for
         // nothing. (A v2 member gets the compressed snapshot when a v1 member
         // of its room asked for one.)
+        let v2 = negotiated.protocol == Protocol::V2;
         room.join(conn, replace, v2, negotiated.deflate && !v2);
         // Held here and served by reference: a session moved into `serve`
         // would be kept twice in the future (its argument and its local).
         let end = {
-            let mut session = Session::new(context, &room, conn, &mut sink, negotiated);
+            let mut session = Session::new(
+                SessionContext::of(&shared),
+                &room,
+                conn,
+                &mut sink,
+                negotiated,
+            );
             session.serve(&mut stream, &mut conn_state).await
         };
         if let End::Close(reason) = end {
@@ -137,28 +145,41 @@ pub(crate) fn run(
             .await;
         }
         room.leave(conn);
-        metrics.connections.dec();
-        if v2 {
-            metrics.connections_v2.dec();
-        }
-        if negotiated.deflate {
-            metrics.connections_compressed.dec();
-        }
+        count_connection(&shared.metrics, negotiated, -1);
         let how = match end {
             End::ClientGone => "client gone".to_owned(),
             End::Close(reason) => {
                 if let Some(rejection) = reason.rejection() {
-                    metrics.reject(rejection);
+                    shared.metrics.reject(rejection);
                 }
                 format!("closed {} {}", reason.code(), reason.text())
             }
         };
         debug!(
-            seconds = started.elapsed().as_secs(),
+            seconds = clock_secs().saturating_sub(started_secs),
             "session ended: {how}"
         );
     }
     .instrument(span)
+}
+
+/// A session opens (`by` 1) or ends (-1): the connection gauges.
+fn count_connection(metrics: &Metrics, negotiated: Negotiated, by: i64) {
+    metrics.connections.inc_by(by);
+    if negotiated.protocol == Protocol::V2 {
+        metrics.connections_v2.inc_by(by);
+    }
+    if negotiated.deflate {
+        metrics.connections_compressed.inc_by(by);
+    }
+}
+
+/// Seconds since the first session began: 4 bytes in a session's future,
+/// where an `Instant` takes 16.
+fn clock_secs() -> u32 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let secs = EPOCH.get_or_init(Instant::now).elapsed().as_secs();
+    u32::try_from(secs).unwrap_or(u32::MAX)
 }
 
 /// A user reconnecting after a dropped network (Wi-Fi change, laptop lid, a
@@ -263,64 +284,70 @@ impl<'a> Session<'a> {
 
     /// Serves the session until either side ends it. Reading and writing run
     /// under one `select!`, so their fates are tied.
-    async fn serve(
-        &mut self,
-        stream: &mut ClientReader,
-        conn_state: &mut ConnStateReceiver,
-    ) -> End {
-        // Not read while rooms are saved for a shutdown.
-        let mut reading = true;
-        loop {
-            // Every move of the phase rings the session's cell.
-            match self.context.shutdown.phase() {
-                Phase::Running => {}
-                Phase::Draining => reading = false,
-                Phase::Closing | Phase::Stopped => return CloseReason::GoingAway.into(),
-            }
-            let step = tokio::select! {
-                // The supervisor told the session something, its room
-                // published, or the phase moved (looked at above).
-                woken = conn_state.woken() => match woken {
-                    Ok(woken) => self.on_woken(woken, conn_state).await,
-                    Err(_) => Err(room_gone(conn_state)),
-                },
-                // A resync held to one a second: answered now.
-                _ = async { self.resync_timer.as_mut().expect("guarded").await }, if self.resync_timer.is_some() => {
-                    self.resync_timer = None;
-                    let rx = self.snapshots.as_mut();
-                    self.outbox.answer_resync(self.context.metrics, self.room, self.sink, rx).await
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future (see `within`)"
+    )]
+    fn serve<'b>(
+        &'b mut self,
+        stream: &'b mut ClientReader,
+        conn_state: &'b mut ConnStateReceiver,
+    ) -> impl Future<Output = End> + 'b {
+        async move {
+            // Not read while rooms are saved for a shutdown.
+            let mut reading = true;
+            loop {
+                // Every move of the phase rings the session's cell.
+                match self.context.shutdown.phase() {
+                    Phase::Running => {}
+                    Phase::Draining => reading = false,
+                    Phase::Closing | Phase::Stopped => return CloseReason::GoingAway.into(),
                 }
-                // The budget allows the oldest held message: it goes below.
-                _ = async { self.budget_timer.as_mut().expect("guarded").await }, if self.budget_timer.is_some() => {
-                    self.budget_timer = None;
-                    Ok(())
-                }
-                // The member's rate allows the newest state, held back since a change.
-                _ = async { self.outbox.timer.as_mut().expect("guarded").await }, if self.outbox.timer_armed => {
-                    self.outbox.timer_armed = false;
-                    let rx = self.snapshots.as_mut().expect("a timer only runs once admitted");
-                    self.outbox.send_newest(self.context.metrics, self.room, self.sink, rx).await
-                }
-                // Not read while a frame waits for the budget: TCP then slows the
-                // client down, and nothing it sent is lost.
-                frame = stream.next(), if reading && self.backlog.may_read() => match self.on_frame(frame) {
-                    Ok(reply) => self.reply(reply).await,
-                    Err(end) => Err(end),
-                },
-            };
-            if let Err(end) = step {
-                return end;
-            }
-            // Muted while the rate holds states back: the room's publishes
-            // do not wake it then. Once unmuted, one may have come unrung.
-            let held = self.outbox.timer_armed;
-            if held != conn_state.muted() {
-                conn_state.mute(held);
-                if !held && let Err(end) = self.send_what_the_room_published().await {
+                let step = tokio::select! {
+                    // The supervisor told the session something, its room
+                    // published, or the phase moved (looked at above).
+                    woken = conn_state.woken() => match woken {
+                        Ok(woken) => self.on_woken(woken, conn_state).await,
+                        Err(_) => Err(room_gone(conn_state)),
+                    },
+                    // A resync held to one a second: answered now.
+                    _ = async { self.resync_timer.as_mut().expect("guarded").await }, if self.resync_timer.is_some() => {
+                        self.resync_timer = None;
+                        let rx = self.snapshots.as_mut();
+                        self.outbox.answer_resync(self.context.metrics, self.room, self.sink, rx).await
+                    }
+                    // The budget allows the oldest held message: it goes below.
+                    _ = async { self.budget_timer.as_mut().expect("guarded").await }, if self.budget_timer.is_some() => {
+                        self.budget_timer = None;
+                        Ok(())
+                    }
+                    // The member's rate allows the newest state, held back since a change.
+                    _ = async { self.outbox.timer.as_mut().expect("guarded").await }, if self.outbox.timer_armed => {
+                        self.outbox.timer_armed = false;
+                        let rx = self.snapshots.as_mut().expect("a timer only runs once admitted");
+                        self.outbox.send_newest(self.context.metrics, self.room, self.sink, rx).await
+                    }
+                    // Not read while a frame waits for the budget: TCP then slows the
+                    // client down, and nothing it sent is lost.
+                    frame = stream.next(), if reading && self.backlog.may_read() => match self.on_frame(frame) {
+                        Ok(reply) => self.reply(reply).await,
+                        Err(end) => Err(end),
+                    },
+                };
+                if let Err(end) = step {
                     return end;
                 }
+                // Muted while the rate holds states back: the room's publishes
+                // do not wake it then. Once unmuted, one may have come unrung.
+                let held = self.outbox.timer_armed;
+                if held != conn_state.muted() {
+                    conn_state.mute(held);
+                    if !held && let Err(end) = self.send_what_the_room_published().await {
+                        return end;
+                    }
+                }
+                self.forward_what_the_budget_allows().await;
             }
-            self.forward_what_the_budget_allows().await;
         }
     }
 
@@ -716,8 +743,10 @@ fn stored_brace() -> &'static [u8] {
 /// they are smaller than the snapshot, else a `snapshot`; always a snapshot
 /// first, and after a `resync`.
 pub(crate) struct Outbox {
-    /// Least time between two messages once over the budget (`None`: no cap).
-    spacing: Option<Duration>,
+    /// Least time between two messages once over the budget, in nanoseconds
+    /// (`None`: no cap; at most a second, as `--max-snapshot-hz` is at least
+    /// 1). Four bytes, not a `Duration`'s sixteen: every connection pays.
+    spacing_ns: Option<NonZeroU32>,
     /// What the room would send this member, against `--member-bytes-per-sec`:
     /// within it, every change goes out at once.
     budget: SendBudget,
@@ -729,8 +758,9 @@ pub(crate) struct Outbox {
     timer: Option<Pin<Box<Sleep>>>,
     timer_armed: bool,
     /// Version of the room state the client has, to count the ones skipped
-    /// and, in v2, to know which batches lead from it to the newest.
-    last_version: Option<u64>,
+    /// and, in v2, to know which batches lead from it to the newest
+    /// (versions count from 1: `None` takes no room beside the number).
+    last_version: Option<NonZeroU64>,
     /// A v2 member's own state (`None` for v1: every connection pays for
     /// what is inline here, idle or not).
     v2: Option<Box<V2Outbox>>,
@@ -766,7 +796,9 @@ enum V2Message {
 impl Outbox {
     fn new(v2: bool, deflate: bool, config: &contract::config::Config) -> Outbox {
         Outbox {
-            spacing: config.snapshot_spacing,
+            spacing_ns: config.snapshot_spacing.and_then(|spacing| {
+                NonZeroU32::new(u32::try_from(spacing.as_nanos()).unwrap_or(u32::MAX))
+            }),
             budget: SendBudget::new(config.member_bytes_per_sec, Instant::now()),
             last_sent: None,
             timer: None,
@@ -781,7 +813,10 @@ impl Outbox {
     /// that sends the newest state when the period ends. Never while its room
     /// sends it less than its byte budget.
     fn hold(&mut self) -> bool {
-        let Some(at) = self.last_sent.zip(self.spacing).map(|(l, s)| l + s) else {
+        let spacing = self
+            .spacing_ns
+            .map(|ns| Duration::from_nanos(ns.get().into()));
+        let Some(at) = self.last_sent.zip(spacing).map(|(l, s)| l + s) else {
             return false;
         };
         let now = Instant::now();
@@ -854,7 +889,8 @@ impl Outbox {
             let Some(snapshot) = rx.borrow_and_update().clone() else {
                 return Ok(());
             };
-            if let Some(last) = self.last_version {
+            let last_version = self.last_version.map(NonZeroU64::get);
+            if let Some(last) = last_version {
                 if last == snapshot.version && !self.v2.as_ref().is_some_and(|v2| v2.resync) {
                     return Ok(());
                 }
@@ -862,21 +898,20 @@ impl Outbox {
                     .snapshots_skipped
                     .inc_by(snapshot.version.saturating_sub(last + 1));
             }
-            let last_version = self.last_version;
             let message = if let Some(v2) = self.v2.as_mut() {
                 match v2.message(last_version, &snapshot) {
                     Some(message) => Some(message),
                     None => {
                         // Publishes that changed nothing: nothing to send.
-                        self.last_version = Some(snapshot.version);
+                        self.last_version = NonZeroU64::new(snapshot.version);
                         return Ok(());
                     }
                 }
             } else {
                 None
             };
-            self.last_version = Some(snapshot.version);
-            if self.spacing.is_some() {
+            self.last_version = NonZeroU64::new(snapshot.version);
+            if self.spacing_ns.is_some() {
                 self.last_sent = Some(Instant::now());
             }
             // The shared segments, their last trailer off (RFC 7692 §7.2.1).

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # loadgen idle at 19,000 connections (BENCHMARKS.md's command), base and new alternated; also samples
-# supervisor / worker VmRSS every 0.2 s for the split.  Usage: bash /tmp/ab2/run-idle-ab.sh RUNS
+# supervisor / worker VmRSS every 0.2 s for the split.  Usage: [BASE_BIN=… NEW_BIN=… TAG=…] bash run-idle-ab.sh RUNS
 set -euo pipefail
 RUNS=${1:-2}
 export RUST_BACKTRACE=0
 SECRET=loadgen-secret-0123456789
 LG=/tmp/ab/base-loadgen
-declare -A BIN=([base]=/tmp/ab/base-session-server [new]=/tmp/ab2/new-session-server)
+declare -A BIN=([base]=${BASE_BIN:-/tmp/ab/base-session-server} [new]=${NEW_BIN:-/tmp/ab2/new-session-server})
 OUT=/tmp/ab2/runs; mkdir -p $OUT; J=/tmp/ab2/idle${TAG:-}.jsonl; rm -f $J
 rss() { awk '/^VmRSS:/{print $2}' /proc/$1/status 2>/dev/null || echo 0; }
 for run in $(seq "$RUNS"); do
