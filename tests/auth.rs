@@ -121,7 +121,7 @@ async fn every_bad_token_is_refused_before_the_upgrade_and_counted_by_reason() {
         assert_eq!(count(reason), Some(n), "{reason}");
     }
     // Tokens never reach the logs.
-    let logs = server.logs();
+    let logs = server.logged("connection refused (401)").await;
     for (what, _, token) in &cases {
         let signature = token.rsplit('.').next().unwrap();
         if signature.len() > 8 {

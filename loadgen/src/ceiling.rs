@@ -65,8 +65,14 @@ impl Hop {
             .spawn()
             .expect("spawn the ceiling's peer");
         drop(theirs);
-        // Reaped if it ends first (it ends with the socket, at the ceiling's end).
-        std::thread::spawn(move || peer.wait());
+        // The peer ends with the socket, at the ceiling's end; if it ends
+        // first, nothing is applied any more: end too, rather than measure
+        // a server that drops every message.
+        std::thread::spawn(move || {
+            let status = peer.wait();
+            eprintln!("ceiling: its peer ended ({status:?})");
+            std::process::exit(1);
+        });
         ours.set_nonblocking(true).expect("non-blocking");
         let hop = Rc::new(Hop {
             socket: tokio::net::UnixStream::from_std(ours).expect("register"),
@@ -106,13 +112,13 @@ impl Hop {
             self.flush.notified().await;
             while !self.pending.borrow().is_empty() {
                 if self.socket.writable().await.is_err() {
-                    return;
+                    peer_lost()
                 }
                 let mut pending = self.pending.borrow_mut();
                 match self.socket.try_write(&pending) {
                     Ok(n) => drop(pending.drain(..n)),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => return,
+                    Err(_) => peer_lost(),
                 }
             }
         }
@@ -124,27 +130,42 @@ impl Hop {
         let mut have = 0;
         loop {
             if self.socket.readable().await.is_err() {
-                return;
+                peer_lost()
             }
             if have == buf.len() {
                 buf.resize(buf.len() * 2, 0);
             }
             match self.socket.try_read(&mut buf[have..]) {
-                Ok(0) => return,
+                Ok(0) => peer_lost(),
                 Ok(n) => have += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(_) => return,
+                Err(_) => peer_lost(),
             }
             let mut at = 0;
             while let Some((room, user, payload, used)) = hop_message(&buf[at..have]) {
-                apply(&rooms, room, user, payload);
-                broadcast(&rooms, room);
                 at += used;
+                // A leave (applied at once) can overtake the user's last
+                // moves: those are dropped, not turned into a ghost cursor.
+                let member = rooms
+                    .borrow()
+                    .get(room)
+                    .is_some_and(|r| r.members.iter().any(|m| m.user == user));
+                if member {
+                    apply(&rooms, room, user, payload);
+                    broadcast(&rooms, room);
+                }
             }
             buf.copy_within(at..have, 0);
             have -= at;
         }
     }
+}
+
+/// The socket to the peer failed or ended: nothing would be applied any
+/// more, so the ceiling ends (see `Hop::start`).
+fn peer_lost() -> ! {
+    eprintln!("ceiling: the socket to its peer ended");
+    std::process::exit(1);
 }
 
 /// One message at the front of `buf` as [`Hop::send`] encodes it: (room,

@@ -284,8 +284,7 @@ async fn the_oom_killer_takes_a_worker_whose_rooms_come_back() {
         "boards not back in {RESTORED_WITHIN:?} for members {missing:?}:\n{}",
         server.logs()
     );
-    let logs = server.logs();
-    assert!(logs.contains("SIGKILL"), "{logs}");
+    let logs = server.logged("SIGKILL").await;
     assert!(!logs.contains("room closed for its members"), "{logs}");
     assert!(!logs.contains("attributed to a room"), "{logs}");
 }

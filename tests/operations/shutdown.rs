@@ -275,7 +275,7 @@ async fn a_read_only_data_dir_puts_every_shape_in_the_log_within_ten_seconds() {
     let (code, took) = exit_within_budget(&mut server, &pids, signalled);
     assert_eq!(code, NOT_ALL_SAVED, "{}", server.logs());
     eprintln!("read-only data dir, SIGTERM: exit {took:?} after the signal");
-    let logs = server.logs();
+    let logs = server.logged("\"shapes_json\":").await;
     let line: Value = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -331,7 +331,7 @@ async fn a_worker_killed_during_the_shutdown_is_not_restarted_and_its_rooms_are_
     let (code, took) = exit_within_budget(&mut server, &pids, signalled);
     assert_eq!(code, NOT_ALL_SAVED, "{}", server.logs());
     eprintln!("worker killed during the shutdown: exit {took:?} after the signal");
-    let logs = server.logs();
+    let logs = server.logged("shutdown: the room's worker was lost").await;
     assert!(!logs.contains("restoring its rooms"), "{logs}");
     let not_replaced = logs
         .lines()

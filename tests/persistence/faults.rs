@@ -56,11 +56,8 @@ async fn a_stored_board_over_the_limits_loads_trimmed_and_keeps_the_cut() {
         .await;
     assert_eq!(server.worker_pids().await, pid, "the worker was replaced");
     // The cut is logged and every cut shape is in the fallback file.
-    let logs = server.logs();
-    assert!(
-        logs.contains("stored board over the room's limits") && logs.contains("cut=43444"),
-        "{logs}"
-    );
+    let logs = server.logged("stored board over the room's limits").await;
+    assert!(logs.contains("cut=43444"), "{logs}");
     let files = fallback_files(&data, "big");
     assert_eq!(files.len(), 1, "{files:?}");
     let kept: Value = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
@@ -155,7 +152,7 @@ async fn a_backend_refusing_saves_frees_the_room_into_a_fallback_file() {
     let body: Value = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
     // Exactly the room's unsaved state, in the backend's save format.
     assert_eq!(body, json!({"data":{"shapes":last["shapes"],"cursors":[]}}));
-    let logs = server.logs();
+    let logs = server.logged("the store keeps refusing this room").await;
     let line = logs
         .lines()
         .find(|l| l.contains("the store keeps refusing this room"))

@@ -152,13 +152,9 @@ async fn a_poison_room_is_closed_alone_its_edits_kept_and_everything_else_recove
         "{file:?}"
     );
     assert_eq!(fallback_shapes(&file), acknowledged);
-    let logs = server.logs();
-    assert!(
-        logs.contains(
-            "quarantined room: its shapes, as its members last saw them, are in the file"
-        ),
-        "{logs}"
-    );
+    server
+        .logged("quarantined room: its shapes, as its members last saw them, are in the file")
+        .await;
 }
 
 /// A stop that comes while a quarantined room is being replayed: the stop does
